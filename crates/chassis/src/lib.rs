@@ -1,0 +1,84 @@
+//! `Router` in, production service out: the standards every service meets,
+//! as tower layers composed by one builder.
+//!
+//! # Overview
+//!
+//! `chassis` turns an axum [`Router`](axum::Router) into a service that is
+//! observable, healthy and well-behaved from its first line. This page is the
+//! **standards guide**: what every service must do and why. Each module opens
+//! with its standard and then shows how the chassis meets it, so a team that
+//! uses the [service builder](service) gets all of it by default, and a team
+//! that cannot still knows what to build.
+//!
+//! | standard | every service… | module |
+//! |---|---|---|
+//! | Shape | serves its API under `/<name>/v<N>` and the standard endpoints at the root | [`service`] |
+//! | Configuration | reads typed `CHASSIS_*` / `<SERVICE>_*` variables; on any problem, stops listing them all, exit 78; never prints a secret | [`config`] |
+//! | Correlation | accepts or creates an `x-correlation-id`, returns it, logs it, forwards it; continues W3C trace context | [`correlation`] |
+//! | Logging | writes one JSON object per line to stdout, with the correlation id; one access-log line per request; no credentials | [`telemetry`] |
+//! | Metrics | exports RED metrics by route template and process metrics at `/metrics` | [`metrics`] |
+//! | Health | answers liveness without dependencies and readiness from background checks with hysteresis | [`health`] |
+//! | Errors | answers every error with `application/problem+json` carrying the correlation id, and no internals | [`problem`] |
+//! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
+//! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
+//!
+//! # Example
+//!
+//! A complete service. Run it and it listens on `CHASSIS_BIND`
+//! (`127.0.0.1:8080`), serving `GET /hello/v1/greetings/{name}` plus
+//! `/health/live`, `/health/ready`, `/metrics` and `/info`:
+//!
+//! ```no_run
+//! use axum::{Router, extract::Path, routing::get};
+//! use chassis::service::ServiceBuilder;
+//!
+//! async fn greet(Path(name): Path<String>) -> String {
+//!     format!("hello, {name}")
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
+//!     ServiceBuilder::new("hello", 1)
+//!         .api(Router::new().route("/greetings/{name}", get(greet)))
+//!         .build_info(chassis::build_info!())
+//!         .run()
+//!         .await
+//! }
+//! ```
+//!
+//! # Feature flags
+//!
+//! | feature | default? | what it adds |
+//! |---|---|---|
+//! | `process-metrics` | yes | process CPU, memory, file descriptors and start time at `/metrics` |
+//!
+//! Everything else is what the service builder needs, so it is always built.
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.89. The policy is rolling, as tower's: the MSRV may rise in a minor
+//! release, to a version at least six months old.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![deny(missing_docs)]
+#![warn(clippy::print_stdout)]
+
+#[macro_use]
+mod macros;
+
+pub mod config;
+pub mod correlation;
+pub mod health;
+pub mod metrics;
+pub mod problem;
+pub mod protect;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::Config;
+pub use problem::Problem;
+pub use service::{Service, ServiceBuilder};
+
+/// The error type of protocol-agnostic middleware.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

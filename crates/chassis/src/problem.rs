@@ -1,0 +1,630 @@
+//! Error responses: RFC 9457 `application/problem+json`, everywhere.
+//!
+//! # The standard
+//!
+//! Every error a service returns, whether it comes from the chassis (404, 405,
+//! 413, a timeout, load shedding, a panic) or from a handler, is an
+//! `application/problem+json` document with `type`, `title`, `status`,
+//! `detail` and the request's `correlation_id`. A client therefore parses one
+//! error format, and an operator can find the logs of any failed call from the
+//! body alone. Nothing internal ever reaches `detail`: no stack traces, SQL,
+//! key material or panic messages.
+//!
+//! # How the chassis does it
+//!
+//! * [`Problem`] is the error type handlers return (it implements
+//!   [`IntoResponse`]).
+//! * [`EnsureProblemLayer`] sits just inside the correlation layer and makes
+//!   sure every error response leaving the service is a problem document that
+//!   carries the correlation id:
+//!   - a [`Problem`] rendered without an id is rendered again with it;
+//!   - any other response with status ≥ 400 whose body is not JSON (axum's
+//!     extractor rejections, the router's bare 405, a handler's
+//!     `(StatusCode, String)`) is replaced by a problem document with the same
+//!     status and headers (`Allow`, `Retry-After`, `WWW-Authenticate` are
+//!     kept). For a 4xx the original text becomes `detail`, because
+//!     extractor rejections are written for the client; for a 5xx the text is
+//!     dropped, because it is where internal details leak.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{Router, routing::get, body::Body};
+//! use chassis::{correlation::SetCorrelationIdLayer, problem::{EnsureProblemLayer, Problem}};
+//! use http::{Request, StatusCode};
+//! use http_body_util::BodyExt;
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! async fn handler() -> Result<&'static str, Problem> {
+//!     Err(Problem::new(StatusCode::CONFLICT).with_detail("the ticket is already reserved"))
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let app = Router::new().route("/", get(handler)).layer(
+//!     ServiceBuilder::new()
+//!         .layer(SetCorrelationIdLayer::new())
+//!         .layer(EnsureProblemLayer::new()),
+//! );
+//! let res = app
+//!     .oneshot(Request::get("/").header("x-correlation-id", "abc-123").body(Body::empty()).unwrap())
+//!     .await
+//!     .unwrap();
+//! assert_eq!(res.status(), StatusCode::CONFLICT);
+//! assert_eq!(res.headers()["content-type"], "application/problem+json");
+//! let body: serde_json::Value =
+//!     serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+//! assert_eq!(body["correlation_id"], "abc-123");
+//! assert_eq!(body["detail"], "the ticket is already reserved");
+//! # }
+//! ```
+//!
+//! # Ordering
+//!
+//! [`EnsureProblemLayer`] must be inside [`SetCorrelationIdLayer`] (it reads
+//! the [`CorrelationId`] from the request) and outside every layer that can
+//! produce an error response.
+//!
+//! [`SetCorrelationIdLayer`]: crate::correlation::SetCorrelationIdLayer
+
+use std::{
+    borrow::Cow,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use axum::{
+    body::Body,
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode, header};
+use http_body::Body as _;
+use pin_project_lite::pin_project;
+use serde::Serialize;
+use tower::{Layer, Service};
+
+use crate::correlation::CorrelationId;
+
+/// The media type of a problem document (RFC 9457 §3).
+pub const CONTENT_TYPE: &str = "application/problem+json";
+
+/// The largest non-JSON error body whose text is kept as `detail` of a 4xx.
+const MAX_KEPT_DETAIL: usize = 512;
+
+/// An RFC 9457 problem document, the body of every error response.
+///
+/// The `type` of a chassis problem is a URN, `urn:chassis:problem:<slug>`,
+/// where the slug names the kind of error (`not-found`, `timeout`, ...); a
+/// service may use its own URIs with [`Problem::with_type`]. Extra members
+/// (such as the `reason` code of an authentication failure) are added with
+/// [`Problem::with_member`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    kind: Cow<'static, str>,
+    title: Cow<'static, str>,
+    #[serde(serialize_with = "serialize_status")]
+    status: StatusCode,
+    detail: Cow<'static, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<CorrelationId>,
+    #[serde(flatten)]
+    members: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip)]
+    headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+fn serialize_status<S: serde::Serializer>(status: &StatusCode, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u16(status.as_u16())
+}
+
+/// Marks a response whose body is a [`Problem`], so [`EnsureProblem`] can
+/// render it again with the correlation id when it was built without one.
+#[derive(Debug, Clone)]
+struct RenderedProblem(Problem);
+
+// === impl Problem ===
+
+impl Problem {
+    /// A problem for `status`, with the standard title and type of that status
+    /// and a generic `detail`.
+    pub fn new(status: StatusCode) -> Self {
+        let (slug, detail) = describe(status);
+        Self {
+            kind: Cow::Owned(format!("urn:chassis:problem:{slug}")),
+            title: Cow::Borrowed(status.canonical_reason().unwrap_or("Error")),
+            status,
+            detail: Cow::Borrowed(detail),
+            correlation_id: None,
+            members: serde_json::Map::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// 404: no route matches the request path.
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND)
+    }
+
+    /// 500: a bug or an unexpected failure; the detail never says which.
+    pub fn internal() -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    /// 503 with `Retry-After: <secs>`: the service cannot take the request now.
+    pub fn unavailable(retry_after_secs: u32) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE).with_header(
+            header::RETRY_AFTER,
+            HeaderValue::from(retry_after_secs),
+        )
+    }
+
+    /// Sets the `type` URI.
+    #[must_use]
+    pub fn with_type(mut self, kind: impl Into<Cow<'static, str>>) -> Self {
+        self.kind = kind.into();
+        self
+    }
+
+    /// Sets the `title`, a short summary of the kind of problem.
+    #[must_use]
+    pub fn with_title(mut self, title: impl Into<Cow<'static, str>>) -> Self {
+        self.title = title.into();
+        self
+    }
+
+    /// Sets the `detail`, an explanation of this occurrence for the client.
+    /// Never put internal details (errors of dependencies, SQL, keys) here.
+    #[must_use]
+    pub fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
+    /// Sets the correlation id; [`EnsureProblemLayer`] does it for you.
+    #[must_use]
+    pub fn with_correlation_id(mut self, id: CorrelationId) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Adds an extension member, e.g. `reason` or `permission`.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is one of the standard members, which have their own setters.
+    #[must_use]
+    #[track_caller]
+    pub fn with_member(mut self, name: &str, value: impl Into<serde_json::Value>) -> Self {
+        assert!(
+            !matches!(name, "type" | "title" | "status" | "detail" | "correlation_id"),
+            "`{name}` is a standard problem member; use its own setter"
+        );
+        self.members.insert(name.to_owned(), value.into());
+        self
+    }
+
+    /// Adds a header to the response, e.g. `Retry-After`.
+    #[must_use]
+    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The `type` URI.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The `detail` text.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// An extension member, if set.
+    pub fn member(&self, name: &str) -> Option<&serde_json::Value> {
+        self.members.get(name)
+    }
+
+    fn render(&self) -> Response {
+        // Serializing a map of strings and numbers cannot fail.
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        let mut res = Response::new(Body::from(body));
+        *res.status_mut() = self.status;
+        let headers = res.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        for (name, value) in &self.headers {
+            headers.append(name.clone(), value.clone());
+        }
+        res
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut res = self.render();
+        if self.correlation_id.is_none() {
+            res.extensions_mut().insert(RenderedProblem(self));
+        }
+        res
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.title, self.detail)
+    }
+}
+
+impl std::error::Error for Problem {}
+
+/// The slug and default detail of a status.
+fn describe(status: StatusCode) -> (&'static str, &'static str) {
+    match status.as_u16() {
+        400 => ("bad-request", "The request is not valid."),
+        401 => ("unauthorized", "The request is not authenticated."),
+        403 => ("forbidden", "The caller may not perform this operation."),
+        404 => ("not-found", "No resource matches the request path."),
+        405 => ("method-not-allowed", "The resource does not support this method."),
+        406 => ("not-acceptable", "No acceptable representation is available."),
+        408 => ("request-timeout", "The request took too long to arrive."),
+        409 => ("conflict", "The request conflicts with the current state."),
+        410 => ("gone", "The resource is gone."),
+        411 => ("length-required", "The request needs a Content-Length."),
+        412 => ("precondition-failed", "A precondition of the request failed."),
+        413 => ("payload-too-large", "The request body is larger than the service accepts."),
+        414 => ("uri-too-long", "The request URI is too long."),
+        415 => ("unsupported-media-type", "The request body has an unsupported media type."),
+        422 => ("unprocessable-content", "The request body is not valid."),
+        428 => ("precondition-required", "The request must be conditional."),
+        429 => ("too-many-requests", "Too many requests; retry later."),
+        431 => ("request-header-fields-too-large", "The request headers are too large."),
+        500 => ("internal", "The service failed to handle the request."),
+        501 => ("not-implemented", "The service does not implement this."),
+        502 => ("bad-gateway", "A downstream service failed."),
+        503 => ("unavailable", "The service cannot handle the request now; retry later."),
+        504 => ("timeout", "The request did not complete in time."),
+        s if s >= 500 => ("server-error", "The service failed to handle the request."),
+        _ => ("client-error", "The request cannot be handled."),
+    }
+}
+
+/// Layer that turns every error response into a problem document carrying the
+/// correlation id; see the [module docs](self).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnsureProblemLayer {
+    _priv: (),
+}
+
+impl EnsureProblemLayer {
+    /// Creates the layer.
+    pub const fn new() -> Self {
+        Self { _priv: () }
+    }
+}
+
+impl<S> Layer<S> for EnsureProblemLayer {
+    type Service = EnsureProblem<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        EnsureProblem { inner }
+    }
+}
+
+/// Service built by [`EnsureProblemLayer`].
+#[derive(Debug, Clone)]
+pub struct EnsureProblem<S> {
+    inner: S,
+}
+
+impl<S> EnsureProblem<S> {
+    define_inner_service_accessors!();
+}
+
+impl<S, B> Service<Request<B>> for EnsureProblem<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let id = req.extensions().get::<CorrelationId>().cloned();
+        ResponseFuture {
+            inner: self.inner.call(req),
+            id,
+            state: State::Inner,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`EnsureProblem`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        id: Option<CorrelationId>,
+        state: State,
+    }
+}
+
+enum State {
+    Inner,
+    /// Reading a short non-JSON error body to keep it as `detail`.
+    Collecting {
+        parts: http::response::Parts,
+        body: Pin<Box<http_body_util::Limited<Body>>>,
+        buf: Vec<u8>,
+    },
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state {
+                State::Inner => {
+                    let res = ready!(this.inner.as_mut().poll(cx))?;
+                    if res.status().as_u16() < 400 {
+                        return Poll::Ready(Ok(res));
+                    }
+                    match classify(&res) {
+                        Kind::Problem => {
+                            return Poll::Ready(Ok(with_correlation(res, this.id.as_ref())));
+                        }
+                        Kind::Json => return Poll::Ready(Ok(res)),
+                        Kind::Other => {
+                            let (parts, body) = res.into_parts();
+                            let short = body
+                                .size_hint()
+                                .upper()
+                                .is_some_and(|n| n <= MAX_KEPT_DETAIL as u64);
+                            if parts.status.is_client_error() && short {
+                                *this.state = State::Collecting {
+                                    parts,
+                                    body: Box::pin(http_body_util::Limited::new(
+                                        body,
+                                        MAX_KEPT_DETAIL,
+                                    )),
+                                    buf: Vec::new(),
+                                };
+                                continue;
+                            }
+                            return Poll::Ready(Ok(replace(parts, None, this.id.take())));
+                        }
+                    }
+                }
+                State::Collecting { body, buf, .. } => {
+                    let done = match ready!(body.as_mut().poll_frame(cx)) {
+                        Some(Ok(frame)) => {
+                            if let Some(data) = frame.data_ref() {
+                                buf.extend_from_slice(data);
+                            }
+                            false
+                        }
+                        Some(Err(_)) => {
+                            buf.clear();
+                            true
+                        }
+                        None => true,
+                    };
+                    if done {
+                        let State::Collecting { parts, buf, .. } =
+                            std::mem::replace(this.state, State::Inner)
+                        else {
+                            unreachable!("matched above")
+                        };
+                        let detail = String::from_utf8(buf).ok().filter(|s| !s.trim().is_empty());
+                        return Poll::Ready(Ok(replace(parts, detail, this.id.take())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Kind {
+    Problem,
+    Json,
+    Other,
+}
+
+fn classify(res: &Response) -> Kind {
+    if res.extensions().get::<RenderedProblem>().is_some() {
+        return Kind::Problem;
+    }
+    match res.headers().get(header::CONTENT_TYPE).map(HeaderValue::as_bytes) {
+        Some(ct) if ct.starts_with(CONTENT_TYPE.as_bytes()) => Kind::Json,
+        Some(ct) if ct.starts_with(b"application/json") => Kind::Json,
+        _ => Kind::Other,
+    }
+}
+
+/// Renders a [`Problem`] again, now with the correlation id.
+fn with_correlation(mut res: Response, id: Option<&CorrelationId>) -> Response {
+    let (Some(problem), Some(id)) = (res.extensions_mut().remove::<RenderedProblem>(), id) else {
+        return res;
+    };
+    let fresh = problem.0.with_correlation_id(id.clone()).render();
+    let (mut parts, _) = res.into_parts();
+    let (new_parts, body) = fresh.into_parts();
+    parts.headers = new_parts.headers;
+    Response::from_parts(parts, body)
+}
+
+/// Replaces a non-problem error response with a problem of the same status.
+fn replace(
+    mut parts: http::response::Parts,
+    detail: Option<String>,
+    id: Option<CorrelationId>,
+) -> Response {
+    let mut problem = Problem::new(parts.status);
+    if let Some(detail) = detail {
+        problem = problem.with_detail(detail);
+    }
+    if let Some(id) = id {
+        problem = problem.with_correlation_id(id);
+    }
+    let (fresh, body) = problem.render().into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        fresh.headers[header::CONTENT_TYPE].clone(),
+    );
+    Response::from_parts(parts, body)
+}
+
+/// Turns any response body into [`Bytes`]; used by tests and examples.
+#[doc(hidden)]
+pub async fn body_bytes(body: Body) -> Bytes {
+    use http_body_util::BodyExt;
+    body.collect().await.map(|c| c.to_bytes()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlation::SetCorrelationIdLayer;
+    use axum::{Router, routing::get};
+    use tower::{ServiceBuilder, ServiceExt};
+
+    fn app(router: Router) -> Router {
+        router.layer(
+            ServiceBuilder::new()
+                .layer(SetCorrelationIdLayer::new())
+                .layer(EnsureProblemLayer::new()),
+        )
+    }
+
+    async fn send(app: Router, req: Request<Body>) -> (Response, serde_json::Value) {
+        let res = app.oneshot(req).await.unwrap();
+        let (parts, body) = res.into_parts();
+        let bytes = body_bytes(body).await;
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (Response::from_parts(parts, Body::empty()), json)
+    }
+
+    fn get_req(uri: &str) -> Request<Body> {
+        Request::get(uri)
+            .header("x-correlation-id", "req-1")
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn success_passes_untouched() {
+        let app = app(Router::new().route("/", get(|| async { "hi" })));
+        let res = app.oneshot(get_req("/")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(body_bytes(res.into_body()).await, "hi");
+    }
+
+    #[tokio::test]
+    async fn problem_gets_correlation_id() {
+        let app = app(Router::new().route(
+            "/",
+            get(|| async { Problem::new(StatusCode::CONFLICT).with_member("reason", "taken") }),
+        ));
+        let (res, body) = send(app, get_req("/")).await;
+        assert_eq!(res.status(), StatusCode::CONFLICT);
+        assert_eq!(res.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
+        assert_eq!(body["correlation_id"], "req-1");
+        assert_eq!(body["status"], 409);
+        assert_eq!(body["reason"], "taken");
+        assert_eq!(body["type"], "urn:chassis:problem:conflict");
+    }
+
+    #[tokio::test]
+    async fn client_error_text_becomes_detail() {
+        let app = app(Router::new().route(
+            "/",
+            get(|| async { (StatusCode::BAD_REQUEST, "missing field `name`") }),
+        ));
+        let (res, body) = send(app, get_req("/")).await;
+        assert_eq!(res.status(), 400);
+        assert_eq!(res.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
+        assert_eq!(body["detail"], "missing field `name`");
+        assert_eq!(body["correlation_id"], "req-1");
+    }
+
+    #[tokio::test]
+    async fn server_error_text_never_leaks() {
+        let app = app(Router::new().route(
+            "/",
+            get(|| async {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "SELECT * FROM users failed: password=hunter2",
+                )
+            }),
+        ));
+        let (res, body) = send(app, get_req("/")).await;
+        assert_eq!(res.status(), 500);
+        let text = body.to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("SELECT"), "{text}");
+        assert_eq!(body["title"], "Internal Server Error");
+    }
+
+    #[tokio::test]
+    async fn method_not_allowed_keeps_allow_header() {
+        let app = app(Router::new().route("/", get(|| async { "hi" })));
+        let req = Request::post("/").body(Body::empty()).unwrap();
+        let (res, body) = send(app, req).await;
+        assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(res.headers().contains_key(header::ALLOW));
+        assert_eq!(body["status"], 405);
+        assert!(body["correlation_id"].is_string());
+    }
+
+    #[tokio::test]
+    async fn json_error_bodies_are_left_alone() {
+        let app = app(Router::new().route(
+            "/",
+            get(|| async { (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"x": 1}))) }),
+        ));
+        let (_, body) = send(app, get_req("/")).await;
+        assert_eq!(body, serde_json::json!({"x": 1}));
+    }
+
+    #[tokio::test]
+    async fn long_client_error_text_is_not_kept() {
+        let long = "x".repeat(MAX_KEPT_DETAIL + 1);
+        let app = app(Router::new().route(
+            "/",
+            get(move || async move { (StatusCode::BAD_REQUEST, long) }),
+        ));
+        let (_, body) = send(app, get_req("/")).await;
+        assert_eq!(body["detail"], "The request is not valid.");
+    }
+
+    #[test]
+    #[should_panic(expected = "standard problem member")]
+    fn standard_members_cannot_be_overwritten() {
+        let _ = Problem::not_found().with_member("status", 200);
+    }
+}

@@ -1,0 +1,618 @@
+//! The service builder: a router in, a production service out.
+//!
+//! # The standard
+//!
+//! Every service has the same shape, so that any engineer can operate any
+//! service:
+//!
+//! * a name (`[a-z][a-z0-9-]*`, at most 63 characters) and an API version;
+//!   its API lives under `/<name>/v<N>/...`, so several versions can be served
+//!   side by side and a gateway can route by prefix;
+//! * the standard endpoints at the root, outside the API: `GET /health/live`,
+//!   `GET /health/ready`, `GET /metrics`, `GET /info` (never shed, never
+//!   authenticated);
+//! * the same layers, in the same order, on every request (see
+//!   `docs/architecture.md` and [Ordering](#ordering));
+//! * configuration from `CHASSIS_*` variables, JSON logs, graceful shutdown.
+//!
+//! # Example
+//!
+//! The whole of a service:
+//!
+//! ```no_run
+//! use axum::{Router, extract::Path, routing::get};
+//! use chassis::service::ServiceBuilder;
+//!
+//! async fn greet(Path(name): Path<String>) -> String {
+//!     format!("hello, {name}")
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
+//!     ServiceBuilder::new("hello", 1)
+//!         .api(Router::new().route("/greetings/{name}", get(greet)))
+//!         .build_info(chassis::build_info!())
+//!         .run()
+//!         .await
+//! }
+//! ```
+//!
+//! And how a test drives it without a socket:
+//!
+//! ```
+//! use axum::{Router, body::Body, routing::get};
+//! use chassis::{config::Config, service::ServiceBuilder};
+//! use http::Request;
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let service = ServiceBuilder::new("hello", 1)
+//!     .api(Router::new().route("/greetings", get(|| async { "hello" })))
+//!     .config(Config::default())
+//!     .build()
+//!     .unwrap();
+//! let app = service.router();
+//! let res = app.clone().oneshot(Request::get("/hello/v1/greetings").body(Body::empty()).unwrap()).await.unwrap();
+//! assert_eq!(res.status(), 200);
+//! assert!(res.headers().contains_key("x-correlation-id"));
+//! let res = app.oneshot(Request::get("/nope").body(Body::empty()).unwrap()).await.unwrap();
+//! assert_eq!(res.status(), 404);
+//! assert_eq!(res.headers()["content-type"], "application/problem+json");
+//! # }
+//! ```
+//!
+//! # Ordering
+//!
+//! Outermost first, for every request:
+//!
+//! 1. [`SetCorrelationIdLayer`]: id and trace context;
+//! 2. [`EnsureProblemLayer`]: every error becomes problem+json with the id;
+//! 3. [`ObserveLayer`]: request span, RED metrics, access log;
+//!
+//! and for API routes only:
+//!
+//! 4. [`LoadShedLayer`], [`BodyLimitLayer`], [`RequestTimeoutLayer`];
+//! 5. the layers added with [`ServiceBuilder::api_layer`] (authentication,
+//!    authorization and audit go here), first added outermost;
+//! 6. [`CatchPanicLayer`] around the handler.
+//!
+//! The panic catcher sits around the handler rather than outermost so that a
+//! panic is measured, logged and answered like any other 500, with the
+//! correlation id; the layers outside it are the chassis' own and do not
+//! panic on any input.
+
+use std::{
+    fmt,
+    future::{Future, IntoFuture},
+    net::SocketAddr,
+    pin::Pin,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, State},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder as Stack;
+
+use crate::{
+    config::{Config, Env},
+    correlation::SetCorrelationIdLayer,
+    health::{Check, CheckOptions, Health},
+    metrics::HttpMetrics,
+    problem::{EnsureProblemLayer, Problem},
+    protect::{BodyLimitLayer, CatchPanicLayer, LoadShedLayer, RequestTimeoutLayer},
+    telemetry::ObserveLayer,
+};
+
+/// Exit code when the service cannot be built (`EX_SOFTWARE`).
+pub const EXIT_SOFTWARE: u8 = 70;
+
+/// What a service reports at `/info` about its build.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BuildInfo {
+    /// The package name.
+    pub package: &'static str,
+    /// The package version.
+    pub version: &'static str,
+    /// The git commit, when the build set `CHASSIS_BUILD_GIT_SHA`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git_sha: Option<&'static str>,
+    /// When it was built, when the build set `CHASSIS_BUILD_TIME`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build_time: Option<&'static str>,
+}
+
+/// The [`BuildInfo`] of the crate that calls it: its package name and version
+/// and, when set at compile time, `CHASSIS_BUILD_GIT_SHA` and
+/// `CHASSIS_BUILD_TIME`.
+#[macro_export]
+macro_rules! build_info {
+    () => {
+        $crate::service::BuildInfo {
+            package: env!("CARGO_PKG_NAME"),
+            version: env!("CARGO_PKG_VERSION"),
+            git_sha: option_env!("CHASSIS_BUILD_GIT_SHA"),
+            build_time: option_env!("CHASSIS_BUILD_TIME"),
+        }
+    };
+}
+
+type ApiLayer = Box<dyn FnOnce(Router) -> Router + Send>;
+type TaskFn = Box<dyn FnOnce(CancellationToken) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Builds a [`Service`]; see the [module docs](self).
+#[must_use]
+pub struct ServiceBuilder {
+    name: String,
+    version: u32,
+    api: Router,
+    api_layers: Vec<ApiLayer>,
+    health: Health,
+    tasks: Vec<(String, TaskFn)>,
+    config: Option<Config>,
+    build_info: Option<BuildInfo>,
+}
+
+impl fmt::Debug for ServiceBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceBuilder")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a service could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot build the service:{}", .problems.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
+pub struct BuildError {
+    problems: Vec<String>,
+}
+
+impl BuildError {
+    /// Every problem found.
+    pub fn problems(&self) -> &[String] {
+        &self.problems
+    }
+}
+
+/// Why a service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The server failed.
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ServiceBuilder {
+    /// A service called `name` serving API version `version`.
+    pub fn new(name: &str, version: u32) -> Self {
+        Self {
+            name: name.to_owned(),
+            version,
+            api: Router::new(),
+            api_layers: Vec::new(),
+            health: Health::new(),
+            tasks: Vec::new(),
+            config: None,
+            build_info: None,
+        }
+    }
+
+    /// Adds API routes, mounted under `/<name>/v<version>`.
+    pub fn api(mut self, routes: Router) -> Self {
+        self.api = self.api.merge(routes);
+        self
+    }
+
+    /// Adds a layer around every API route, inside the chassis' protection
+    /// layers and outside the panic catcher: the seam for authentication,
+    /// authorization and audit. Layers added first are outermost.
+    pub fn api_layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: tower::Service<axum::extract::Request, Error = std::convert::Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Response: IntoResponse + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
+    {
+        self.api_layers.push(Box::new(move |r: Router| r.layer(layer)));
+        self
+    }
+
+    /// Registers a readiness check.
+    pub fn health_check(self, name: &str, check: impl Check, options: CheckOptions) -> Self {
+        self.health.register(name, check, options);
+        self
+    }
+
+    /// Adds a background task. It starts when the service starts serving and
+    /// gets a token that is cancelled on shutdown; the service waits for it
+    /// (within the grace period) before exiting.
+    pub fn background<F, Fut>(mut self, name: &str, task: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.push((name.to_owned(), Box::new(move |t| Box::pin(task(t)))));
+        self
+    }
+
+    /// Uses `config` instead of reading `CHASSIS_*` from the environment.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// What `/info` reports about the build; use [`build_info!`](crate::build_info).
+    pub fn build_info(mut self, info: BuildInfo) -> Self {
+        self.build_info = Some(info);
+        self
+    }
+
+    /// Builds the service: validates it, installs the metrics recorder and
+    /// composes the layers.
+    ///
+    /// # Errors
+    ///
+    /// Every problem at once: an invalid name, a version of 0, or (when no
+    /// [`config`](Self::config) was given) invalid `CHASSIS_*` settings.
+    pub fn build(self) -> Result<Service, BuildError> {
+        let mut problems = Vec::new();
+        if !valid_name(&self.name) {
+            problems.push(format!(
+                "service name `{}` must match [a-z][a-z0-9-]* and be at most 63 characters",
+                self.name.escape_default()
+            ));
+        }
+        if self.version == 0 {
+            problems.push("API version must be at least 1".to_owned());
+        }
+        let config = match self.config {
+            Some(c) => c,
+            None => Config::from_env(&Env::process()).unwrap_or_else(|e| {
+                problems.extend(e.problems().iter().map(ToString::to_string));
+                Config::default()
+            }),
+        };
+        if !problems.is_empty() {
+            return Err(BuildError { problems });
+        }
+
+        let prometheus = crate::metrics::install_recorder();
+        let metrics = HttpMetrics::new(self.name.clone());
+        let shed = LoadShedLayer::new(config.max_concurrent_requests);
+        let info = Arc::new(Info {
+            service: self.name.clone(),
+            api_version: self.version,
+            build: self.build_info.unwrap_or_default(),
+            started: SystemTime::now(),
+            started_mono: Instant::now(),
+        });
+
+        let mut api = self.api.layer(CatchPanicLayer::new());
+        for layer in self.api_layers.into_iter().rev() {
+            api = layer(api);
+        }
+        let api = api.layer(
+            Stack::new()
+                .layer(shed.clone())
+                .layer(BodyLimitLayer::new(config.max_body_bytes))
+                .layer(DefaultBodyLimit::max(config.max_body_bytes))
+                .layer(RequestTimeoutLayer::new(config.request_timeout)),
+        );
+        let router = Router::new()
+            .nest(&format!("/{}/v{}", self.name, self.version), api)
+            .route("/health/live", get(crate::health::live))
+            .route(
+                "/health/ready",
+                get(crate::health::ready).with_state(self.health.clone()),
+            )
+            .route("/metrics", get(metrics_endpoint).with_state(prometheus.clone()))
+            .route("/info", get(info_endpoint).with_state(info))
+            .fallback(not_found)
+            .layer(
+                Stack::new()
+                    .layer(SetCorrelationIdLayer::new())
+                    .layer(EnsureProblemLayer::new())
+                    .layer(ObserveLayer::new(metrics)),
+            );
+
+        Ok(Service {
+            name: self.name,
+            version: self.version,
+            router,
+            config,
+            health: self.health,
+            tasks: self.tasks,
+            shed,
+            prometheus,
+        })
+    }
+
+    /// Everything `main` needs: reads `CHASSIS_*` (exit 78 listing every
+    /// problem), sets up logging, builds (exit 70 on a programming error),
+    /// binds `CHASSIS_BIND` and serves until SIGTERM or SIGINT (exit 0).
+    pub async fn run(mut self) -> ExitCode {
+        let config = match self.config.take() {
+            Some(c) => c,
+            None => match Config::from_env(&Env::process()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(crate::config::EXIT_CONFIG);
+                }
+            },
+        };
+        let _telemetry = crate::telemetry::init(&self.name, &config);
+        let service = match self.config(config).build() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the service");
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_SOFTWARE);
+            }
+        };
+        match service.serve().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "service stopped");
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= 63
+        && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A built service, ready to serve.
+pub struct Service {
+    name: String,
+    version: u32,
+    router: Router,
+    config: Config,
+    health: Health,
+    tasks: Vec<(String, TaskFn)>,
+    shed: LoadShedLayer,
+    prometheus: PrometheusHandle,
+}
+
+impl fmt::Debug for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// The complete application with every layer, e.g. to drive with
+    /// `tower::ServiceExt::oneshot` in tests.
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// The readiness state.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The handle that renders `/metrics`.
+    pub fn prometheus(&self) -> &PrometheusHandle {
+        &self.prometheus
+    }
+
+    /// Binds `CHASSIS_BIND` and serves until SIGTERM or SIGINT.
+    ///
+    /// # Errors
+    ///
+    /// If the address cannot be bound, or the server fails.
+    pub async fn serve(self) -> Result<(), ServeError> {
+        let addr = self.config.bind;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        self.serve_with(listener, crate::shutdown::signal()).await
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then shuts down as the
+    /// [`shutdown`](crate::shutdown) module describes.
+    ///
+    /// # Errors
+    ///
+    /// If the server fails.
+    pub async fn serve_with(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let local = listener.local_addr()?;
+        let Self { name, version, router, config, health, tasks, shed, prometheus } = self;
+
+        let stop_tasks = CancellationToken::new();
+        let mut handles: Vec<(String, JoinHandle<()>)> = health
+            .spawn(stop_tasks.clone())
+            .into_iter()
+            .map(|h| ("health-check".to_owned(), h))
+            .collect();
+        handles.push(("metrics-upkeep".to_owned(), tokio::spawn(upkeep(prometheus, stop_tasks.clone()))));
+        for (task_name, task) in tasks {
+            handles.push((task_name, tokio::spawn(task(stop_tasks.clone()))));
+        }
+
+        // The signal flips readiness at once; the listener closes after the delay.
+        let draining = CancellationToken::new();
+        let deadline = Arc::new(std::sync::Mutex::new(None::<Instant>));
+        let close_listener = {
+            let (health, draining, deadline, delay, grace) = (
+                health.clone(),
+                draining.clone(),
+                deadline.clone(),
+                config.shutdown_delay,
+                config.shutdown_grace,
+            );
+            async move {
+                shutdown.await;
+                health.set_shutting_down();
+                let now = Instant::now();
+                *deadline.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(now + grace.max(delay));
+                tracing::info!(
+                    delay_secs = delay.as_secs(),
+                    grace_secs = grace.as_secs(),
+                    "shutting down: readiness is down"
+                );
+                draining.cancel();
+                tokio::time::sleep(delay).await;
+                tracing::info!("listener closed; draining in-flight requests");
+            }
+        };
+
+        tracing::info!(address = %local, service = %name, api_version = version, "listening");
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(close_listener)
+            .into_future();
+        let cut_at_deadline = async {
+            draining.cancelled().await;
+            let at = deadline
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unwrap_or_else(Instant::now);
+            tokio::time::sleep_until(at).await;
+        };
+        tokio::select! {
+            result = server => result?,
+            () = cut_at_deadline => {
+                tracing::warn!(
+                    requests_cut = shed.in_flight(),
+                    "shutdown grace period elapsed; cutting requests still in flight"
+                );
+            }
+        }
+
+        stop_tasks.cancel();
+        let at = deadline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(Instant::now);
+        let mut cut = Vec::new();
+        for (task_name, mut handle) in handles {
+            let remaining = at.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+            if tokio::time::timeout(remaining, &mut handle).await.is_err() {
+                handle.abort();
+                cut.push(task_name);
+            }
+        }
+        if !cut.is_empty() {
+            tracing::warn!(tasks = ?cut, "background tasks cut at the shutdown deadline");
+        }
+        tracing::info!(service = %name, "stopped");
+        Ok(())
+    }
+}
+
+async fn upkeep(handle: PrometheusHandle, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(crate::metrics::UPKEEP_INTERVAL) => handle.run_upkeep(),
+        }
+    }
+}
+
+async fn not_found() -> Problem {
+    Problem::not_found()
+}
+
+async fn metrics_endpoint(State(handle): State<PrometheusHandle>) -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        crate::metrics::render(&handle),
+    )
+        .into_response()
+}
+
+#[derive(Debug)]
+struct Info {
+    service: String,
+    api_version: u32,
+    build: BuildInfo,
+    started: SystemTime,
+    started_mono: Instant,
+}
+
+async fn info_endpoint(State(info): State<Arc<Info>>) -> Response {
+    let started = info
+        .started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Json(serde_json::json!({
+        "service": info.service,
+        "api_version": info.api_version,
+        "api_prefix": format!("/{}/v{}", info.service, info.api_version),
+        "build": info.build,
+        "chassis_version": env!("CARGO_PKG_VERSION"),
+        "started_at_unix": started,
+        "uptime_secs": info.started_mono.elapsed().as_secs(),
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        for ok in ["a", "hello", "order-service2", &"a".repeat(63)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "Hello", "1abc", "-a", "a_b", "a.b", "a/b", "héllo", &"a".repeat(64)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn build_lists_every_problem() {
+        let err = ServiceBuilder::new("Bad Name", 0).config(Config::default()).build().unwrap_err();
+        assert_eq!(err.problems().len(), 2);
+        let text = err.to_string();
+        assert!(text.contains("`Bad Name`"), "{text}");
+        assert!(text.contains("version"), "{text}");
+    }
+}

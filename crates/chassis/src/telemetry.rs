@@ -1,0 +1,606 @@
+//! Logging, the request span and the access log.
+//!
+//! # The standard
+//!
+//! A service writes its logs to stdout, **one JSON object per line**, so any
+//! log pipeline can read them without a parser per service. Every line has
+//! `time` (RFC 3339, UTC, microseconds), `level`, `target`, `service`,
+//! `message` and the event's own fields; every line written while a request is
+//! handled also has its `correlation_id` and `trace_id`, because each request
+//! runs inside a span that carries them. Values are escaped, so an id or a
+//! user-supplied string with a newline cannot forge a second line (CWE-117).
+//! `CHASSIS_LOG` filters (`info` by default, `EnvFilter` syntax), and
+//! `CHASSIS_LOG_FORMAT=pretty` gives readable multi-line output for local
+//! work.
+//!
+//! Every request also produces exactly one **access-log** event (target
+//! `chassis::access`, message `request`) with `method`, `route` (the
+//! template, never the raw path, which may carry identifiers or tokens),
+//! `status` and `latency_ms`. Probes and scrapes of the standard endpoints are
+//! logged at `debug`, the API at `info`.
+//!
+//! Nothing sensitive is logged: the chassis never logs request headers (so no
+//! `Authorization` or `Cookie`), query strings or bodies, and configuration
+//! secrets are [`Secret`](crate::config::Secret)s that print as `[redacted]`.
+//!
+//! Lines are formatted on the request's thread and written to stdout by a
+//! background thread (`tracing-appender`), so a slow terminal or pipe never
+//! blocks a request; if that writer falls behind by more than 128 Ki lines,
+//! lines are dropped rather than requests stalled.
+//!
+//! # How the chassis does it
+//!
+//! [`init`] installs the global subscriber (the service builder calls it).
+//! [`JsonLayer`] is the formatter, usable with any `tracing-subscriber`
+//! registry and writer. [`ObserveLayer`] opens the request span, records the
+//! RED metrics of [`crate::metrics`] and writes the access log; it measures a
+//! request until its response body has been sent (or dropped), except for
+//! bodies of known length, which are measured when the response is ready.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use chassis::telemetry::JsonLayer;
+//! use tracing_subscriber::prelude::*;
+//!
+//! #[derive(Clone, Default)]
+//! struct Buf(Arc<Mutex<Vec<u8>>>);
+//! impl std::io::Write for Buf {
+//!     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> { self.0.lock().unwrap().write(b) }
+//!     fn flush(&mut self) -> std::io::Result<()> { Ok(()) }
+//! }
+//!
+//! let buf = Buf::default();
+//! let out = buf.clone();
+//! let subscriber = tracing_subscriber::registry().with(JsonLayer::new("hello", move || out.clone()));
+//! tracing::subscriber::with_default(subscriber, || {
+//!     tracing::info!(user = "ann\n{\"forged\":1}", "signed in");
+//! });
+//! let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+//! assert_eq!(text.lines().count(), 1);
+//! let line: serde_json::Value = serde_json::from_str(&text).unwrap();
+//! assert_eq!(line["service"], "hello");
+//! assert_eq!(line["message"], "signed in");
+//! assert_eq!(line["user"], "ann\n{\"forged\":1}");
+//! ```
+//!
+//! # Ordering
+//!
+//! [`ObserveLayer`] goes inside the correlation layer (it reads the id) and
+//! outside shedding, timeouts and the panic catcher, so their answers are
+//! measured and logged like any other. It must be applied with
+//! `Router::layer` so that it sees the matched route.
+
+use std::{
+    cell::RefCell,
+    fmt::{self, Write as _},
+    future::Future,
+    io::Write as _,
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::SystemTime,
+};
+
+use axum::{body::Body, extract::MatchedPath, response::Response};
+use bytes::Bytes;
+use http::Request;
+use http_body::{Body as _, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+use tracing::{
+    Event, Span, Subscriber,
+    field::{Field, Visit},
+    span::{Attributes, Id},
+};
+use tracing_subscriber::{
+    EnvFilter, Registry,
+    fmt::MakeWriter,
+    layer::{Context as LayerContext, SubscriberExt},
+    registry::LookupSpan,
+    util::SubscriberInitExt,
+};
+
+use crate::{
+    config::{Config, LogFormat},
+    correlation::{CorrelationId, TraceContext},
+    metrics::{HttpMetrics, UNMATCHED, method_index},
+};
+
+/// Target of the request spans.
+pub const REQUEST_TARGET: &str = "chassis::request";
+/// Target of the access-log events.
+pub const ACCESS_TARGET: &str = "chassis::access";
+/// Lines buffered for the stdout writer before lines are dropped.
+const BUFFERED_LINES: usize = 128 * 1024;
+
+/// Keeps the log writer alive; dropping it flushes buffered lines.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct Telemetry {
+    _guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+impl fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+/// Installs the global subscriber: `CHASSIS_LOG` filter, JSON or pretty
+/// format, stdout through a background writer. If a global subscriber is
+/// already installed (a test harness, or a second call) it is kept.
+pub fn init(service: &str, config: &Config) -> Telemetry {
+    let filter = EnvFilter::builder().parse_lossy(&config.log);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(BUFFERED_LINES)
+        .finish(std::io::stdout());
+    let installed = match config.log_format {
+        LogFormat::Json => Registry::default()
+            .with(filter)
+            .with(JsonLayer::new(service, writer))
+            .try_init(),
+        LogFormat::Pretty => Registry::default()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().pretty().with_writer(writer))
+            .try_init(),
+    };
+    Telemetry { _guard: installed.is_ok().then_some(guard) }
+}
+
+/// The correlation fields of a request span, kept in the span's extensions.
+#[derive(Clone, Default)]
+struct RequestFields {
+    correlation_id: String,
+    trace_id: String,
+}
+
+impl Visit for RequestFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "correlation_id" => value.clone_into(&mut self.correlation_id),
+            "trace_id" => value.clone_into(&mut self.trace_id),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let slot = match field.name() {
+            "correlation_id" => &mut self.correlation_id,
+            "trace_id" => &mut self.trace_id,
+            _ => return,
+        };
+        slot.clear();
+        let _ = write!(slot, "{value:?}");
+    }
+}
+
+/// A `tracing-subscriber` layer that writes one JSON object per event; see
+/// the [module docs](self).
+pub struct JsonLayer<W> {
+    service: Box<str>,
+    make_writer: W,
+}
+
+impl<W> fmt::Debug for JsonLayer<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JsonLayer").field("service", &self.service).finish_non_exhaustive()
+    }
+}
+
+impl<W> JsonLayer<W>
+where
+    W: for<'w> MakeWriter<'w> + 'static,
+{
+    /// Writes the lines of `service` to `make_writer`.
+    pub fn new(service: &str, make_writer: W) -> Self {
+        Self { service: service.into(), make_writer }
+    }
+}
+
+thread_local! {
+    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+}
+
+/// Fields whose names the line itself uses; an event field with one of these
+/// names is written with a `field.` prefix instead of overwriting it.
+const RESERVED: [&str; 6] = ["time", "level", "target", "service", "correlation_id", "trace_id"];
+
+impl<S, W> tracing_subscriber::Layer<S> for JsonLayer<W>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + 'static,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
+        if attrs.metadata().target() != REQUEST_TARGET {
+            return;
+        }
+        let mut fields = RequestFields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: LayerContext<'_, S>) {
+        LINE.with(|line| {
+            // A re-entrant event (logged while formatting) gets its own buffer.
+            let mut fresh = Vec::new();
+            let mut borrowed = line.try_borrow_mut();
+            let buf = match borrowed.as_deref_mut() {
+                Ok(buf) => buf,
+                Err(_) => &mut fresh,
+            };
+            buf.clear();
+            let meta = event.metadata();
+            buf.extend_from_slice(b"{\"time\":\"");
+            write_rfc3339(buf, SystemTime::now());
+            buf.extend_from_slice(b"\",\"level\":\"");
+            buf.extend_from_slice(meta.level().as_str().as_bytes());
+            buf.extend_from_slice(b"\",\"target\":");
+            write_json_str(buf, meta.target());
+            buf.extend_from_slice(b",\"service\":");
+            write_json_str(buf, &self.service);
+            if let Some(scope) = ctx.event_scope(event) {
+                for span in scope {
+                    let ext = span.extensions();
+                    if let Some(f) = ext.get::<RequestFields>() {
+                        buf.extend_from_slice(b",\"correlation_id\":");
+                        write_json_str(buf, &f.correlation_id);
+                        buf.extend_from_slice(b",\"trace_id\":");
+                        write_json_str(buf, &f.trace_id);
+                        break;
+                    }
+                }
+            }
+            event.record(&mut JsonFields { buf });
+            buf.extend_from_slice(b"}\n");
+            let _ = self.make_writer.make_writer_for(meta).write_all(buf);
+        });
+    }
+}
+
+/// Writes event fields as `,"name":value`.
+struct JsonFields<'a> {
+    buf: &'a mut Vec<u8>,
+}
+
+impl JsonFields<'_> {
+    fn key(&mut self, field: &Field) {
+        let name = field.name();
+        self.buf.push(b',');
+        if RESERVED.contains(&name) {
+            self.buf.extend_from_slice(b"\"field.");
+            escape_into(self.buf, name);
+            self.buf.push(b'"');
+        } else {
+            write_json_str(self.buf, name);
+        }
+        self.buf.push(b':');
+    }
+}
+
+impl Visit for JsonFields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.key(field);
+        write_json_str(self.buf, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.key(field);
+        self.buf.extend_from_slice(if value { b"true" } else { b"false" });
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.key(field);
+        let _ = write!(self.buf, "{value}");
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.key(field);
+        let _ = write!(self.buf, "{value}");
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.key(field);
+        if value.is_finite() {
+            let _ = write!(self.buf, "{value}");
+        } else {
+            let _ = write!(self.buf, "\"{value}\"");
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.key(field);
+        self.buf.push(b'"');
+        let mut w = Escaper(self.buf);
+        let _ = write!(w, "{value}");
+        let mut source = value.source();
+        while let Some(s) = source {
+            let _ = write!(w, ": {s}");
+            source = s.source();
+        }
+        self.buf.push(b'"');
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.key(field);
+        self.buf.push(b'"');
+        let _ = write!(Escaper(self.buf), "{value:?}");
+        self.buf.push(b'"');
+    }
+}
+
+/// `fmt::Write` that escapes for the inside of a JSON string.
+struct Escaper<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for Escaper<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        escape_into(self.0, s);
+        Ok(())
+    }
+}
+
+fn write_json_str(buf: &mut Vec<u8>, s: &str) {
+    buf.push(b'"');
+    escape_into(buf, s);
+    buf.push(b'"');
+}
+
+fn escape_into(buf: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f | 0x7f => b"",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[start..i]);
+        if esc.is_empty() {
+            buf.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        } else {
+            buf.extend_from_slice(esc);
+        }
+        start = i + 1;
+    }
+    buf.extend_from_slice(&bytes[start..]);
+}
+
+/// Writes `t` as `YYYY-MM-DDTHH:MM:SS.uuuuuuZ`.
+fn write_rfc3339(buf: &mut Vec<u8>, t: SystemTime) {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        buf,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    );
+}
+
+/// Layer that opens the request span, records RED metrics and writes the
+/// access log; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct ObserveLayer {
+    metrics: HttpMetrics,
+}
+
+impl ObserveLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: HttpMetrics) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe { inner, metrics: self.metrics.clone() }
+    }
+}
+
+/// Service built by [`ObserveLayer`].
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: HttpMetrics,
+}
+
+impl<S> Observe<S> {
+    define_inner_service_accessors!();
+}
+
+/// Whether a route is one of the standard endpoints, whose access logs are
+/// `debug`.
+fn is_standard(route: &str) -> bool {
+    matches!(route, "/health/live" | "/health/ready" | "/metrics" | "/info")
+}
+
+impl<S, B> Service<Request<B>> for Observe<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let method = method_index(req.method());
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let route_str = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+        let standard = is_standard(route_str);
+        let span = {
+            let id = req.extensions().get::<CorrelationId>().map(CorrelationId::as_str);
+            let trace = req.extensions().get::<TraceContext>().map(TraceContext::trace_id);
+            let trace = trace.as_ref().map(|t| t.as_str());
+            if standard {
+                tracing::debug_span!(target: REQUEST_TARGET, "request", method = %req.method(), route = route_str, correlation_id = id, trace_id = trace)
+            } else {
+                tracing::info_span!(target: REQUEST_TARGET, "request", method = %req.method(), route = route_str, correlation_id = id, trace_id = trace)
+            }
+        };
+        self.metrics.active(method).increment(1.0);
+        let inner = {
+            let _enter = span.enter();
+            self.inner.call(req)
+        };
+        ResponseFuture {
+            inner,
+            guard: Some(Guard {
+                start,
+                method,
+                route,
+                standard,
+                span,
+                status: None,
+                metrics: self.metrics.clone(),
+            }),
+        }
+    }
+}
+
+/// Records the request when dropped: at the end of the body, when the
+/// response is ready (bodies of known length), or when the client went away
+/// first (status 499, as nginx logs it).
+struct Guard {
+    start: Instant,
+    method: usize,
+    route: Option<MatchedPath>,
+    standard: bool,
+    span: Span,
+    status: Option<u16>,
+    metrics: HttpMetrics,
+}
+
+/// Status recorded for a request whose client went away before the response.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        let status = self.status.unwrap_or(CLIENT_CLOSED);
+        let route = self.route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+        self.metrics.record(route, self.method, status, elapsed);
+        self.metrics.active(self.method).decrement(1.0);
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        let method = crate::metrics::method_label_of(self.method);
+        let _enter = self.span.enter();
+        if self.standard {
+            tracing::debug!(target: ACCESS_TARGET, method, route, status, latency_ms, "request");
+        } else {
+            tracing::info!(target: ACCESS_TARGET, method, route, status, latency_ms, "request");
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Observe`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<Guard>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = {
+            let _enter = this.guard.as_ref().map(|g| g.span.enter());
+            ready!(this.inner.poll(cx))
+        };
+        let Some(mut guard) = this.guard.take() else {
+            return Poll::Ready(result);
+        };
+        match result {
+            Ok(res) => {
+                guard.status = Some(res.status().as_u16());
+                let known_length = res.body().size_hint().exact().is_some();
+                if known_length || res.body().is_end_stream() {
+                    drop(guard);
+                    Poll::Ready(Ok(res))
+                } else {
+                    Poll::Ready(Ok(res.map(|body| Body::new(ObservedBody { inner: body, guard: Some(guard) }))))
+                }
+            }
+            Err(e) => {
+                guard.status = Some(500);
+                Poll::Ready(Err(e))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A streaming response body that records the request when it ends.
+    struct ObservedBody {
+        #[pin]
+        inner: Body,
+        guard: Option<Guard>,
+    }
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            this.guard.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests;

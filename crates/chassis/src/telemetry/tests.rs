@@ -1,0 +1,219 @@
+use std::sync::{Arc, Mutex};
+
+use axum::{Router, body::Body, routing::get};
+use http::Request;
+use metrics_util::debugging::DebuggingRecorder;
+use tower::{ServiceBuilder, ServiceExt};
+use tracing_subscriber::prelude::*;
+
+use super::*;
+use crate::{correlation::SetCorrelationIdLayer, problem::EnsureProblemLayer};
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn lines(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+fn subscriber(capture: &Capture, filter: &str) -> impl tracing::Subscriber + Send + Sync {
+    let out = capture.clone();
+    tracing_subscriber::registry()
+        .with(EnvFilter::new(filter))
+        .with(JsonLayer::new("svc", move || out.clone()))
+}
+
+fn app(metrics: HttpMetrics) -> Router {
+    Router::new()
+        .route(
+            "/items/{id}",
+            get(|| async {
+                tracing::info!(answer = 42, "inside the handler");
+                "ok"
+            }),
+        )
+        .route("/health/live", get(|| async { "up" }))
+        .route(
+            "/stream",
+            get(|| async {
+                let chunks = vec![Ok::<_, std::io::Error>(Bytes::from("a")), Ok(Bytes::from("b"))];
+                Body::from_stream(futures_util_like(chunks))
+            }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetCorrelationIdLayer::new())
+                .layer(EnsureProblemLayer::new())
+                .layer(ObserveLayer::new(metrics)),
+        )
+}
+
+/// A stream over a vector.
+fn futures_util_like<T: Send + 'static>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Send {
+    struct Iter<T>(std::vec::IntoIter<T>);
+    impl<T> Unpin for Iter<T> {}
+    impl<T> futures_core::Stream for Iter<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<T>> {
+            Poll::Ready(self.0.next())
+        }
+    }
+    Iter(items.into_iter())
+}
+
+async fn send(app: Router, req: Request<Body>) -> http::StatusCode {
+    let res = app.oneshot(req).await.unwrap();
+    let status = res.status();
+    let _ = crate::problem::body_bytes(res.into_body()).await;
+    status
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_access_log_line_per_request_with_correlation() {
+    let capture = Capture::default();
+    let _sub = tracing::subscriber::set_default(subscriber(&capture, "info"));
+    let recorder = DebuggingRecorder::new();
+    let _rec = metrics::set_default_local_recorder(&recorder);
+    let app = app(HttpMetrics::new("svc"));
+
+    let req = Request::get("/items/7?token=abc")
+        .header("x-correlation-id", "corr-1")
+        .header("authorization", "Bearer very-secret-token")
+        .header("cookie", "session=very-secret-cookie")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(app.clone(), req).await, 200);
+    let lines = capture.lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let handler = &lines[0];
+    assert_eq!(handler["message"], "inside the handler");
+    assert_eq!(handler["answer"], 42);
+    assert_eq!(handler["correlation_id"], "corr-1");
+    assert_eq!(handler["trace_id"].as_str().unwrap().len(), 32);
+    assert_eq!(handler["service"], "svc");
+    assert_eq!(handler["level"], "INFO");
+    let access = &lines[1];
+    assert_eq!(access["target"], ACCESS_TARGET);
+    assert_eq!(access["message"], "request");
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["route"], "/items/{id}");
+    assert_eq!(access["status"], 200);
+    assert!(access["latency_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(access["correlation_id"], "corr-1");
+    assert_eq!(access["trace_id"], handler["trace_id"]);
+    let time = access["time"].as_str().unwrap();
+    assert_eq!(time.len(), "2026-11-21T22:36:19.123456Z".len(), "{time}");
+    assert!(time.ends_with('Z'));
+
+    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    for secret in ["very-secret-token", "very-secret-cookie", "token=abc", "/items/7"] {
+        assert!(!text.contains(secret), "{secret} leaked into logs: {text}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn unmatched_paths_and_streams_are_logged_once() {
+    let capture = Capture::default();
+    let _sub = tracing::subscriber::set_default(subscriber(&capture, "info"));
+    let recorder = DebuggingRecorder::new();
+    let _rec = metrics::set_default_local_recorder(&recorder);
+    let app = app(HttpMetrics::new("svc"));
+
+    assert_eq!(send(app.clone(), Request::get("/wp-admin/../etc").body(Body::empty()).unwrap()).await, 404);
+    assert_eq!(send(app.clone(), Request::get("/stream").body(Body::empty()).unwrap()).await, 200);
+    // Probes are debug, so filtered out at info.
+    assert_eq!(send(app, Request::get("/health/live").body(Body::empty()).unwrap()).await, 200);
+    let lines = capture.lines();
+    let access: Vec<_> = lines.iter().filter(|l| l["target"] == ACCESS_TARGET).collect();
+    assert_eq!(access.len(), 2, "{lines:?}");
+    assert_eq!(access[0]["route"], UNMATCHED);
+    assert_eq!(access[0]["status"], 404);
+    assert_eq!(access[1]["route"], "/stream");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropped_requests_are_logged_as_499() {
+    let capture = Capture::default();
+    let _sub = tracing::subscriber::set_default(subscriber(&capture, "info"));
+    let recorder = DebuggingRecorder::new();
+    let _rec = metrics::set_default_local_recorder(&recorder);
+    let app = Router::new()
+        .route("/hang", get(|| std::future::pending::<&'static str>()))
+        .layer(ObserveLayer::new(HttpMetrics::new("svc")));
+    let mut fut = Box::pin(app.oneshot(Request::get("/hang").body(Body::empty()).unwrap()));
+    assert!(futures_poll_once(fut.as_mut()).await.is_none());
+    drop(fut);
+    let lines = capture.lines();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["status"], 499);
+}
+
+async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(match Pin::new(&mut f).poll(cx) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }))
+    .await
+}
+
+// R4: ids and values from queues or bodies cannot forge log lines.
+#[test]
+fn values_are_escaped_into_one_line() {
+    let capture = Capture::default();
+    tracing::subscriber::with_default(subscriber(&capture, "trace"), || {
+        let span = tracing::info_span!(target: REQUEST_TARGET, "request", correlation_id = "a\nb\"c", trace_id = "t");
+        let _e = span.enter();
+        tracing::warn!(
+            body = "line1\n{\"level\":\"ERROR\"}\r\t\u{0}\u{7f}",
+            debug = ?"quoted \"x\"",
+            service = "forged",
+            ratio = f64::NAN,
+            ok = true,
+            n = -3i64,
+            "message with \"quotes\"\nand newline"
+        );
+    });
+    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(line["body"], "line1\n{\"level\":\"ERROR\"}\r\t\u{0}\u{7f}");
+    assert_eq!(line["correlation_id"], "a\nb\"c");
+    assert_eq!(line["service"], "svc");
+    assert_eq!(line["field.service"], "forged");
+    assert_eq!(line["ratio"], "NaN");
+    assert_eq!(line["ok"], true);
+    assert_eq!(line["n"], -3);
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["debug"], "\"quoted \\\"x\\\"\"");
+    assert_eq!(line["message"], "message with \"quotes\"\nand newline");
+}
+
+#[test]
+fn rfc3339_dates() {
+    let cases = [
+        (0u64, "1970-01-01T00:00:00.000000Z"),
+        (951_782_400, "2000-02-29T00:00:00.000000Z"),
+        (1_795_299_379, "2026-11-21T22:16:19.000000Z"),
+        (4_107_542_399, "2100-02-28T23:59:59.000000Z"),
+    ];
+    for (secs, want) in cases {
+        let mut buf = Vec::new();
+        write_rfc3339(&mut buf, SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        assert_eq!(String::from_utf8(buf).unwrap(), want);
+    }
+}
