@@ -1,0 +1,311 @@
+//! A service on a real loopback socket: metrics output, readiness, health
+//! checks, graceful shutdown and header handling over the wire.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, routing};
+use chassis::{
+    Config,
+    health::{CheckOptions, check_fn},
+};
+use http::{Method, StatusCode};
+use support::{builder, eventually, get, send, start};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::Notify,
+};
+
+fn config() -> Config {
+    let mut c = Config::default();
+    c.shutdown_grace = Duration::from_secs(10);
+    c
+}
+
+#[tokio::test]
+async fn metrics_endpoint_follows_the_contract() {
+    let svc = builder("serve-metrics")
+        .api(Router::new().route("/items/{id}", routing::get(|| async { "item" })))
+        .config(config())
+        .build()
+        .unwrap();
+    let running = start(svc).await;
+    assert_eq!(get(&running.url("/serve-metrics/v1/items/1")).await.status, 200);
+    assert_eq!(get(&running.url("/serve-metrics/v1/items/2")).await.status, 200);
+    assert_eq!(get(&running.url("/no/such/path")).await.status, 404);
+    let res = send(Method::from_bytes(b"BREW").unwrap(), &running.url("/serve-metrics/v1/items/3"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(res.status, 405);
+
+    let metrics = get(&running.url("/metrics")).await;
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = metrics.text();
+    let series = parse(&text);
+    let find = |name: &str, labels: &[(&str, &str)]| {
+        series.iter().find(|(n, l, _)| {
+            n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+    };
+    let ok = [
+        ("service", "serve-metrics"),
+        ("http_request_method", "GET"),
+        ("http_route", "/serve-metrics/v1/items/{id}"),
+        ("http_response_status_code", "200"),
+    ];
+    assert_eq!(find("http_server_request_duration_seconds_count", &ok).unwrap().2, 2.0);
+    assert!(find("http_server_request_duration_seconds_sum", &ok).is_some());
+    let mut bucket = ok.to_vec();
+    bucket.push(("le", "0.005"));
+    assert!(find("http_server_request_duration_seconds_bucket", &bucket).is_some(), "{text}");
+    bucket.pop();
+    bucket.push(("le", "+Inf"));
+    assert_eq!(find("http_server_request_duration_seconds_bucket", &bucket).unwrap().2, 2.0);
+    let unmatched = [("service", "serve-metrics"), ("http_route", "unmatched"), ("http_response_status_code", "404")];
+    assert_eq!(find("http_server_request_duration_seconds_count", &unmatched).unwrap().2, 1.0);
+    let other = [("http_request_method", "_OTHER"), ("http_response_status_code", "405")];
+    assert!(find("http_server_request_duration_seconds_count", &other).is_some(), "{text}");
+    let active = [("service", "serve-metrics"), ("http_request_method", "GET")];
+    // The scrape itself is in flight while it renders.
+    assert_eq!(find("http_server_active_requests", &active).unwrap().2, 1.0);
+    assert!(text.contains("# TYPE http_server_request_duration_seconds histogram"));
+    for process in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds"] {
+        assert!(series.iter().any(|(n, ..)| n == process), "{process} missing:\n{text}");
+    }
+    assert!(!text.contains("/no/such/path"));
+}
+
+type Series = (String, Vec<(String, String)>, f64);
+
+/// Parses the Prometheus text format (enough of it for these tests).
+fn parse(text: &str) -> Vec<Series> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|line| {
+            let (head, value) = line.rsplit_once(' ').expect("a sample has a value");
+            let (name, labels) = match head.split_once('{') {
+                Some((n, rest)) => {
+                    let inner = rest.strip_suffix('}').expect("labels close");
+                    let labels = inner
+                        .split("\",")
+                        .filter(|p| !p.is_empty())
+                        .map(|p| {
+                            let (k, v) = p.split_once("=\"").expect("label=value");
+                            (k.to_owned(), v.trim_end_matches('"').to_owned())
+                        })
+                        .collect();
+                    (n.to_owned(), labels)
+                }
+                None => (head.to_owned(), Vec::new()),
+            };
+            (name, labels, value.parse().unwrap_or(f64::NAN))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn readiness_turns_503_while_in_flight_requests_finish() {
+    let entered = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let (e, r) = (entered.clone(), release.clone());
+    let mut cfg = config();
+    // Keep the listener open after the signal so readiness can be observed.
+    cfg.shutdown_delay = Duration::from_secs(3600);
+    let svc = builder("serve-ready")
+        .api(Router::new().route("/slow", routing::get(move || {
+            let (e, r) = (e.clone(), r.clone());
+            async move {
+                e.notify_one();
+                r.notified().await;
+                "finished"
+            }
+        })))
+        .config(cfg)
+        .build()
+        .unwrap();
+    let health = svc.health().clone();
+    let mut running = start(svc).await;
+    assert_eq!(get(&running.url("/health/ready")).await.status, 200);
+
+    let slow_url = running.url("/serve-ready/v1/slow");
+    let slow = tokio::spawn(async move { get(&slow_url).await });
+    entered.notified().await;
+    running.shutdown();
+    eventually("readiness down", || {
+        let h = health.clone();
+        async move { h.is_shutting_down() }
+    })
+    .await;
+    let ready = get(&running.url("/health/ready")).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.json()["status"], "down");
+    assert_eq!(get(&running.url("/health/live")).await.status, 200);
+
+    release.notify_one();
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 200);
+    assert_eq!(slow.text(), "finished");
+    running.task.abort();
+}
+
+#[tokio::test]
+async fn shutdown_closes_the_listener_and_waits_for_in_flight_requests() {
+    let entered = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let (e, r) = (entered.clone(), release.clone());
+    let task_stopped = Arc::new(AtomicBool::new(false));
+    let stopped = task_stopped.clone();
+    let svc = builder("serve-drain")
+        .api(Router::new().route("/slow", routing::get(move || {
+            let (e, r) = (e.clone(), r.clone());
+            async move {
+                e.notify_one();
+                r.notified().await;
+                "finished"
+            }
+        })))
+        .background("worker", move |token| async move {
+            token.cancelled().await;
+            stopped.store(true, Ordering::SeqCst);
+        })
+        .config(config())
+        .build()
+        .unwrap();
+    let mut running = start(svc).await;
+    let slow_url = running.url("/serve-drain/v1/slow");
+    let slow = tokio::spawn(async move { get(&slow_url).await });
+    entered.notified().await;
+    running.shutdown();
+    let addr = running.addr;
+    eventually("listener closed", || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(!running.task.is_finished(), "the in-flight request is still running");
+    release.notify_one();
+    assert_eq!(slow.await.unwrap().status, 200);
+    running.task.await.unwrap().unwrap();
+    assert!(task_stopped.load(Ordering::SeqCst), "background task was cancelled and awaited");
+}
+
+#[tokio::test]
+async fn grace_deadline_cuts_requests_that_never_finish() {
+    let entered = Arc::new(Notify::new());
+    let e = entered.clone();
+    let mut cfg = config();
+    cfg.shutdown_grace = Duration::from_millis(1500);
+    let svc = builder("serve-grace")
+        .api(Router::new().route("/hang", routing::get(move || {
+            let e = e.clone();
+            async move {
+                e.notify_one();
+                std::future::pending::<&'static str>().await
+            }
+        })))
+        .config(cfg)
+        .build()
+        .unwrap();
+    let mut running = start(svc).await;
+    let url = running.url("/serve-grace/v1/hang");
+    let hung = tokio::spawn(async move { send(Method::GET, &url, &[], "").await });
+    entered.notified().await;
+    running.shutdown();
+    // serve_with returns at the deadline even though the request never ends.
+    tokio::time::timeout(Duration::from_secs(30), &mut running.task)
+        .await
+        .expect("shutdown finished within its deadline")
+        .unwrap()
+        .unwrap();
+    hung.abort();
+}
+
+#[tokio::test]
+async fn failing_and_hanging_checks_over_http() {
+    let opts = CheckOptions::default()
+        .interval(Duration::from_millis(50))
+        .timeout(Duration::from_millis(200))
+        .thresholds(1, 1);
+    let svc = builder("serve-checks")
+        .health_check("db", check_fn(|| async { Err("connection refused".into()) }), opts)
+        .health_check(
+            "slow",
+            check_fn(|| async {
+                std::future::pending::<()>().await;
+                Ok(())
+            }),
+            opts,
+        )
+        .health_check("cache", check_fn(|| async { Err("cache down".into()) }), opts.non_critical())
+        .config(config())
+        .build()
+        .unwrap();
+    let running = start(svc).await;
+    let url = running.url("/health/ready");
+    eventually("the hanging check to time out", || {
+        let url = url.clone();
+        async move {
+            let r = get(&url).await;
+            r.json()["checks"]["slow"]["error"] == "timed out after 200 ms"
+        }
+    })
+    .await;
+    let r = get(&url).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers["content-type"], "application/json");
+    let body = r.json();
+    assert_eq!(body["status"], "down");
+    assert_eq!(body["checks"]["db"]["status"], "down");
+    assert_eq!(body["checks"]["db"]["error"], "connection refused");
+    assert_eq!(body["checks"]["cache"]["critical"], false);
+    assert!(body["checks"]["slow"]["duration_ms"].as_u64().unwrap() >= 200);
+    assert_eq!(get(&running.url("/health/live")).await.status, 200);
+    running.task.abort();
+}
+
+#[tokio::test]
+async fn correlation_over_the_wire() {
+    let svc = builder("serve-corr")
+        .api(Router::new().route("/id", routing::get(|id: chassis::correlation::CorrelationId| async move { id.to_string() })))
+        .config(config())
+        .build()
+        .unwrap();
+    let running = start(svc).await;
+    let url = running.url("/serve-corr/v1/id");
+    let r = send(Method::GET, &url, &[("x-correlation-id", "abc-123")], "").await.unwrap();
+    assert_eq!(r.headers["x-correlation-id"], "abc-123");
+    assert_eq!(r.text(), "abc-123");
+
+    // R3: raw bytes with a bare CR trying to smuggle a header.
+    let mut stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    stream
+        .write_all(b"GET /serve-corr/v1/id HTTP/1.1\r\nhost: x\r\nx-correlation-id: abc\rSet-Cookie: x=1\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw).to_lowercase();
+    assert!(text.starts_with("http/1.1 400") || !text.contains("x-correlation-id: abc\r"), "{text}");
+    assert!(!text.contains("set-cookie"), "{text}");
+
+    // Obs-text (0x80-0xff) and overlong values are replaced, not echoed.
+    let mut stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    let long = "z".repeat(200);
+    let mut req = b"GET /serve-corr/v1/id HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-correlation-id: ".to_vec();
+    req.extend_from_slice(long.as_bytes());
+    req.extend_from_slice(b"\xff\r\n\r\n");
+    stream.write_all(&req).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.contains(&long), "{text}");
+    running.task.abort();
+}

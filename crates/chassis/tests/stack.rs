@@ -1,0 +1,247 @@
+//! The composed stack, driven without a socket: every chassis error is
+//! problem+json with the correlation id, and the layers sit in the order the
+//! service builder documents.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{Router, body::Body, routing::get, routing::post};
+use chassis::{Config, ServiceBuilder};
+use http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use tokio::sync::Notify;
+use tower::ServiceExt;
+
+fn config() -> Config {
+    let mut c = Config::default();
+    c.request_timeout = Duration::from_secs(1);
+    c.max_body_bytes = 16;
+    c.max_concurrent_requests = 1;
+    c
+}
+
+fn service(name: &str, hold: Arc<Notify>) -> chassis::Service {
+    let api = Router::new()
+        .route("/ok", get(|| async { "ok" }))
+        .route("/items/{id}", get(|| async { "item" }))
+        .route("/slow", get(|| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "late"
+        }))
+        .route("/panic", get(|| async {
+            if true {
+                panic!("password=hunter2");
+            }
+            "unreachable"
+        }))
+        .route("/echo", post(|body: bytes::Bytes| async move { body }))
+        .route("/json", post(|axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) }))
+        .route("/hold", get(move || {
+            let hold = hold.clone();
+            async move {
+                hold.notified().await;
+                "released"
+            }
+        }));
+    ServiceBuilder::new(name, 1).api(api).config(config()).build().unwrap()
+}
+
+async fn call(app: &Router, req: Request<Body>) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (parts.status, parts.headers, json)
+}
+
+fn req(method: &str, uri: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("x-correlation-id", "stack-test")
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// Asserts the answer is a problem document with the request's id.
+fn assert_problem(status: StatusCode, headers: &http::HeaderMap, body: &serde_json::Value, want: u16) {
+    assert_eq!(status.as_u16(), want, "{body}");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+    assert_eq!(headers["x-correlation-id"], "stack-test");
+    assert_eq!(body["status"], want);
+    assert_eq!(body["correlation_id"], "stack-test");
+    for member in ["type", "title", "detail"] {
+        assert!(body[member].is_string(), "{member} missing: {body}");
+    }
+}
+
+#[tokio::test]
+async fn not_found_and_method_not_allowed() {
+    let app = service("stack-a", Arc::new(Notify::new())).router();
+    let (s, h, b) = call(&app, req("GET", "/nope")).await;
+    assert_problem(s, &h, &b, 404);
+    let (s, h, b) = call(&app, req("GET", "/stack-a/v1/nope")).await;
+    assert_problem(s, &h, &b, 404);
+    let (s, h, b) = call(&app, req("DELETE", "/stack-a/v1/ok")).await;
+    assert_problem(s, &h, &b, 405);
+    assert_eq!(h[header::ALLOW], "GET,HEAD");
+}
+
+#[tokio::test]
+async fn body_too_large() {
+    let app = service("stack-b", Arc::new(Notify::new())).router();
+    let r = Request::post("/stack-b/v1/echo")
+        .header("x-correlation-id", "stack-test")
+        .header(header::CONTENT_LENGTH, "17")
+        .body(Body::from("x".repeat(17)))
+        .unwrap();
+    let (s, h, b) = call(&app, r).await;
+    assert_problem(s, &h, &b, 413);
+    let r = Request::post("/stack-b/v1/echo")
+        .header("x-correlation-id", "stack-test")
+        .body(Body::from("x".repeat(16)))
+        .unwrap();
+    assert_eq!(call(&app, r).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn extractor_rejections_become_problems() {
+    let app = service("stack-c", Arc::new(Notify::new())).router();
+    let r = Request::post("/stack-c/v1/json")
+        .header("x-correlation-id", "stack-test")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{oops"))
+        .unwrap();
+    let (s, h, b) = call(&app, r).await;
+    assert_problem(s, &h, &b, 400);
+    assert!(b["detail"].as_str().unwrap().contains("JSON"), "{b}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_is_504() {
+    let app = service("stack-d", Arc::new(Notify::new())).router();
+    let (s, h, b) = call(&app, req("GET", "/stack-d/v1/slow")).await;
+    assert_problem(s, &h, &b, 504);
+}
+
+#[tokio::test]
+async fn panic_is_500_without_the_message() {
+    let svc = service("stack-e", Arc::new(Notify::new()));
+    let app = svc.router();
+    let (s, h, b) = call(&app, req("GET", "/stack-e/v1/panic")).await;
+    assert_problem(s, &h, &b, 500);
+    assert!(!b.to_string().contains("hunter2"));
+    // Measured like any 500, under its route.
+    let text = svc.prometheus().render();
+    assert!(
+        text.lines().any(|l| l.starts_with("http_server_request_duration_seconds_count")
+            && l.contains("service=\"stack-e\"")
+            && l.contains("http_route=\"/stack-e/v1/panic\"")
+            && l.contains("http_response_status_code=\"500\"")),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn shedding_is_fast_503_counted_and_spares_probes() {
+    let hold = Arc::new(Notify::new());
+    let svc = service("stack-f", hold.clone());
+    let app = svc.router();
+    let held = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, req("GET", "/stack-f/v1/hold")).await }
+    });
+    // Wait until the held request occupies the only place.
+    loop {
+        let (s, ..) = call(&app, req("GET", "/stack-f/v1/ok")).await;
+        if s == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let (s, h, b) = call(&app, req("GET", "/stack-f/v1/ok")).await;
+    assert_problem(s, &h, &b, 503);
+    assert_eq!(h[header::RETRY_AFTER], "1");
+    // Liveness and readiness are never shed.
+    assert_eq!(call(&app, req("GET", "/health/live")).await.0, StatusCode::OK);
+    assert_eq!(call(&app, req("GET", "/health/ready")).await.0, StatusCode::OK);
+    hold.notify_waiters();
+    assert_eq!(held.await.unwrap().0, StatusCode::OK);
+    // Shed requests are in the metrics: the metrics sit outside shedding.
+    let text = svc.prometheus().render();
+    assert!(
+        text.lines().any(|l| l.starts_with("http_server_request_duration_seconds_count")
+            && l.contains("service=\"stack-f\"")
+            && l.contains("http_route=\"/stack-f/v1/ok\"")
+            && l.contains("http_response_status_code=\"503\"")),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn scanners_cannot_create_series() {
+    let svc = service("stack-g", Arc::new(Notify::new()));
+    let app = svc.router();
+    for i in 0..50 {
+        let (s, ..) = call(&app, req("GET", &format!("/scan/{i}/admin.php"))).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+    assert_eq!(call(&app, req("GET", "/stack-g/v1/items/123")).await.0, StatusCode::OK);
+    let text = svc.prometheus().render();
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("http_server_request_duration_seconds_count") && l.contains("service=\"stack-g\""))
+        .collect();
+    assert_eq!(ours.len(), 2, "{ours:?}");
+    assert!(ours.iter().any(|l| l.contains("http_route=\"unmatched\"") && l.ends_with(" 50")), "{ours:?}");
+    assert!(ours.iter().any(|l| l.contains("http_route=\"/stack-g/v1/items/{id}\"")), "{ours:?}");
+    assert!(!text.contains("admin.php"));
+}
+
+#[tokio::test]
+async fn info_describes_the_service() {
+    let svc = ServiceBuilder::new("stack-h", 3)
+        .config(config())
+        .build_info(chassis::build_info!())
+        .build()
+        .unwrap();
+    let (s, _, b) = call(&svc.router(), req("GET", "/info")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["service"], "stack-h");
+    assert_eq!(b["api_version"], 3);
+    assert_eq!(b["api_prefix"], "/stack-h/v3");
+    assert_eq!(b["build"]["package"], "chassis");
+    assert_eq!(b["build"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(b["uptime_secs"].is_u64());
+}
+
+#[tokio::test]
+async fn api_layers_run_inside_the_protection_layers() {
+    use axum::middleware::{Next, from_fn};
+    // A layer at the seam sees the correlation id set by the outer layers,
+    // and its rejections are problem+json too.
+    async fn gate(req: axum::extract::Request, next: Next) -> axum::response::Response {
+        assert!(req.extensions().get::<chassis::correlation::CorrelationId>().is_some());
+        if req.headers().contains_key("x-deny") {
+            return (StatusCode::FORBIDDEN, "denied by gate").into_response();
+        }
+        next.run(req).await
+    }
+    use axum::response::IntoResponse;
+    let svc = ServiceBuilder::new("stack-i", 1)
+        .api(Router::new().route("/ok", get(|| async { "ok" })))
+        .api_layer(from_fn(gate))
+        .config(config())
+        .build()
+        .unwrap();
+    let app = svc.router();
+    assert_eq!(call(&app, req("GET", "/stack-i/v1/ok")).await.0, StatusCode::OK);
+    let mut r = req("GET", "/stack-i/v1/ok");
+    r.headers_mut().insert("x-deny", "1".parse().unwrap());
+    let (s, h, b) = call(&app, r).await;
+    assert_problem(s, &h, &b, 403);
+    assert_eq!(b["detail"], "denied by gate");
+    // The standard endpoints are outside the API and its layers.
+    let mut r = req("GET", "/health/live");
+    r.headers_mut().insert("x-deny", "1".parse().unwrap());
+    assert_eq!(call(&app, r).await.0, StatusCode::OK);
+}
