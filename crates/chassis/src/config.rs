@@ -77,12 +77,7 @@
 //! ```
 
 use std::{
-    collections::HashMap,
-    ffi::OsString,
-    fmt,
-    net::SocketAddr,
-    str::FromStr,
-    time::Duration,
+    collections::HashMap, ffi::OsString, fmt, net::SocketAddr, str::FromStr, time::Duration,
 };
 
 /// Exit code for a configuration error (`EX_CONFIG` from `sysexits.h`).
@@ -103,7 +98,9 @@ enum Source {
 impl Env {
     /// The process environment.
     pub fn process() -> Self {
-        Self { source: Source::Process }
+        Self {
+            source: Source::Process,
+        }
     }
 
     /// A fixed set of variables, e.g. for tests.
@@ -113,7 +110,12 @@ impl Env {
         V: Into<OsString>,
     {
         Self {
-            source: Source::Map(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect()),
+            source: Source::Map(
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect(),
+            ),
         }
     }
 
@@ -236,7 +238,10 @@ pub struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// A reader over `env`.
     pub fn new(env: &'a Env) -> Self {
-        Self { env, problems: Vec::new() }
+        Self {
+            env,
+            problems: Vec::new(),
+        }
     }
 
     /// `name` parsed as `T`, or `default` when unset. An invalid value is
@@ -297,7 +302,10 @@ impl<'a> Reader<'a> {
     /// Records a problem found by the service itself, e.g. two settings that
     /// contradict each other.
     pub fn problem(&mut self, name: &str, message: impl Into<String>) {
-        self.problems.push(ConfigProblem { name: name.to_owned(), message: message.into() });
+        self.problems.push(ConfigProblem {
+            name: name.to_owned(),
+            message: message.into(),
+        });
     }
 
     /// `Err` with every problem found, if any.
@@ -305,7 +313,9 @@ impl<'a> Reader<'a> {
         if self.problems.is_empty() {
             Ok(())
         } else {
-            Err(ConfigError { problems: self.problems })
+            Err(ConfigError {
+                problems: self.problems,
+            })
         }
     }
 
@@ -338,8 +348,15 @@ impl<'a> Reader<'a> {
                 None
             }
             Err(e) => {
-                let shown: String = text.chars().take(64).flat_map(char::escape_default).collect();
-                self.problem(name, format!("invalid value `{shown}` ({description}): {e}"));
+                let shown: String = text
+                    .chars()
+                    .take(64)
+                    .flat_map(char::escape_default)
+                    .collect();
+                self.problem(
+                    name,
+                    format!("invalid value `{shown}` ({description}): {e}"),
+                );
                 None
             }
         }
@@ -442,8 +459,16 @@ impl Config {
     /// Reads the `CHASSIS_*` settings, recording problems in `r`.
     pub fn read(r: &mut Reader<'_>) -> Self {
         let d = Self::default();
-        let bind = r.optional("CHASSIS_BIND", d.bind, "address to listen on, e.g. 0.0.0.0:8080");
-        let log = r.optional("CHASSIS_LOG", Filter(d.log), "log filter, e.g. info,chassis=debug");
+        let bind = r.optional(
+            "CHASSIS_BIND",
+            d.bind,
+            "address to listen on, e.g. 0.0.0.0:8080",
+        );
+        let log = r.optional(
+            "CHASSIS_LOG",
+            Filter(d.log),
+            "log filter, e.g. info,chassis=debug",
+        );
         let log_format = r.optional("CHASSIS_LOG_FORMAT", d.log_format, "json or pretty");
         let grace = r.optional(
             "CHASSIS_SHUTDOWN_GRACE_SECS",
@@ -537,8 +562,14 @@ mod tests {
             ]
         );
         let text = err.to_string();
-        assert!(text.starts_with("invalid configuration (7 problems):"), "{text}");
-        assert!(text.contains("`localhost`"), "non-secret values are shown: {text}");
+        assert!(
+            text.starts_with("invalid configuration (7 problems):"),
+            "{text}"
+        );
+        assert!(
+            text.contains("`localhost`"),
+            "non-secret values are shown: {text}"
+        );
     }
 
     #[test]

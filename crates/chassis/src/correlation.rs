@@ -125,9 +125,9 @@ impl CorrelationId {
         let bytes = value.as_bytes();
         let valid = !bytes.is_empty()
             && bytes.len() <= MAX_LEN
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b':' | b'-'));
+            && bytes.iter().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b':' | b'-')
+            });
         valid.then(|| Self(value.clone()))
     }
 
@@ -407,7 +407,10 @@ fn clean_tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
                 continue;
             }
             let (key, val) = member.split_once('=')?;
-            if key.is_empty() || val.is_empty() || members.iter().any(|m| m.split('=').next() == Some(key)) {
+            if key.is_empty()
+                || val.is_empty()
+                || members.iter().any(|m| m.split('=').next() == Some(key))
+            {
                 // A malformed list or a duplicate key: the spec says to discard it all.
                 return None;
             }
@@ -415,7 +418,12 @@ fn clean_tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
         }
     }
     members.truncate(MAX_TRACESTATE_MEMBERS);
-    let len = |ms: &[&str]| ms.iter().map(|m| m.len() + 1).sum::<usize>().saturating_sub(1);
+    let len = |ms: &[&str]| {
+        ms.iter()
+            .map(|m| m.len() + 1)
+            .sum::<usize>()
+            .saturating_sub(1)
+    };
     if len(&members) > MAX_TRACESTATE_LEN {
         members.retain(|m| m.len() <= MAX_TRACESTATE_MEMBER_LEN);
     }
@@ -531,7 +539,9 @@ pin_project! {
 
 impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("ResponseFuture")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -565,7 +575,9 @@ mod tests {
                     format!(
                         "{id}|{}|{}",
                         t.trace_id(),
-                        t.tracestate().map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+                        t.tracestate()
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .unwrap_or_default()
                     )
                 }),
             )
@@ -696,7 +708,10 @@ mod tests {
         let ctx = TraceContext::from_headers(&h);
         let child = ctx.child_traceparent();
         let (trace, parent, flags) = parse_traceparent(child.as_bytes()).unwrap();
-        assert_eq!(HexId::<32>::new(&trace).as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            HexId::<32>::new(&trace).as_str(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert_ne!(HexId::<16>::new(&parent).as_str(), "00f067aa0ba902b7");
         assert_eq!(flags, 1);
         assert_eq!(ctx.parent_id().unwrap().as_str(), "00f067aa0ba902b7");
@@ -723,7 +738,10 @@ mod tests {
             assert_ne!(body[1], "4bf92f3577b34da6a3ce929d0e0e4736", "{tp}");
             assert_eq!(body[1].len(), 32);
             assert_ne!(body[1], "0".repeat(32));
-            assert_eq!(body[2], "", "tracestate of an invalid traceparent must be dropped ({tp})");
+            assert_eq!(
+                body[2], "",
+                "tracestate of an invalid traceparent must be dropped ({tp})"
+            );
         }
     }
 
@@ -757,7 +775,9 @@ mod tests {
         assert_eq!(body[2].split(',').count(), 32);
         assert!(body[2].starts_with("k0=v,k1=v"));
 
-        let big: Vec<String> = (0..20).map(|i| format!("k{i}={}", "v".repeat(200))).collect();
+        let big: Vec<String> = (0..20)
+            .map(|i| format!("k{i}={}", "v".repeat(200)))
+            .collect();
         let (_, body) = call(with_traceparent(VALID, Some(&big.join(",")))).await;
         assert_eq!(body[2], "", "every member is over 128 chars");
 

@@ -49,7 +49,7 @@
 //! assert!(!health.is_ready(), "nothing has passed yet");
 //!
 //! let stop = CancellationToken::new();
-//! let tasks = health.spawn(stop.clone());
+//! let tasks = health.spawn(&stop);
 //! tokio::time::sleep(Duration::from_millis(10)).await;
 //! let report = health.report();
 //! assert!(report.is_up());
@@ -223,14 +223,15 @@ impl HttpCheck {
     ///
     /// If `url` is not an absolute `http://` URL.
     pub fn get(url: &str) -> Result<Self, CheckError> {
-        let uri: http::Uri = url.parse().map_err(|_| CheckError::new("not a valid URL"))?;
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| CheckError::new("not a valid URL"))?;
         if uri.scheme_str() != Some("http") || uri.authority().is_none() {
             return Err(CheckError::new("expected an absolute http:// URL"));
         }
-        let client = hyper_util::client::legacy::Client::builder(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .build_http();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
         Ok(Self { uri, client })
     }
 }
@@ -248,7 +249,11 @@ impl Check for HttpCheck {
         if res.status().is_success() {
             Ok(())
         } else {
-            Err(CheckError::new(format!("GET {} answered {}", self.uri, res.status().as_u16())))
+            Err(CheckError::new(format!(
+                "GET {} answered {}",
+                self.uri,
+                res.status().as_u16()
+            )))
         }
     }
 }
@@ -408,7 +413,9 @@ struct Inner {
 
 impl fmt::Debug for Health {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Health").field("ready", &self.is_ready()).finish_non_exhaustive()
+        f.debug_struct("Health")
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
     }
 }
 
@@ -442,7 +449,7 @@ impl Health {
     }
 
     /// Starts one task per check; they stop when `stop` is cancelled.
-    pub fn spawn(&self, stop: CancellationToken) -> Vec<JoinHandle<()>> {
+    pub fn spawn(&self, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
         lock(&self.inner.entries)
             .iter()
             .map(|entry| tokio::spawn(run(entry.clone(), stop.clone())))
@@ -490,7 +497,10 @@ impl Health {
                 },
             );
         }
-        Report { status: if ready { Status::Up } else { Status::Down }, checks }
+        Report {
+            status: if ready { Status::Up } else { Status::Down },
+            checks,
+        }
     }
 }
 
@@ -552,7 +562,11 @@ pub async fn live() -> Response {
 /// `GET /health/ready`.
 pub async fn ready(State(health): State<Health>) -> Response {
     let report = health.report();
-    let status = if report.is_up() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if report.is_up() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let mut res = (status, Json(report)).into_response();
     res.headers_mut().insert(
         http::header::CACHE_CONTROL,
@@ -610,7 +624,7 @@ mod tests {
         c.fail.store(true, Ordering::SeqCst);
         health.register("db", c.clone(), OPTS);
         let stop = CancellationToken::new();
-        health.spawn(stop.clone());
+        health.spawn(&stop);
         settle().await;
         assert_eq!(c.runs.load(Ordering::SeqCst), 1);
         assert!(!health.is_ready());
@@ -651,13 +665,19 @@ mod tests {
         c.hang.store(true, Ordering::SeqCst);
         health.register("slow", c.clone(), OPTS.thresholds(1, 1));
         let stop = CancellationToken::new();
-        health.spawn(stop.clone());
+        health.spawn(&stop);
         settle().await;
-        assert!(health.report().checks["slow"].duration_ms.is_none(), "still running");
+        assert!(
+            health.report().checks["slow"].duration_ms.is_none(),
+            "still running"
+        );
         tokio::time::sleep(OPTS.timeout).await;
         settle().await;
         let report = health.report();
-        assert_eq!(report.checks["slow"].error.as_deref(), Some("timed out after 1000 ms"));
+        assert_eq!(
+            report.checks["slow"].error.as_deref(),
+            Some("timed out after 1000 ms")
+        );
         assert_eq!(report.checks["slow"].duration_ms, Some(1000));
         assert!(!report.is_up());
         // The next run starts one interval later, not sooner.
@@ -673,15 +693,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn panicking_check_is_a_failure() {
         let health = Health::new();
-        health.register(
-            "boom",
-            check_fn(|| async { panic!("check bug") }),
-            OPTS,
-        );
+        health.register("boom", check_fn(|| async { panic!("check bug") }), OPTS);
         let stop = CancellationToken::new();
-        health.spawn(stop.clone());
+        health.spawn(&stop);
         settle().await;
-        assert_eq!(health.report().checks["boom"].error.as_deref(), Some("the check panicked"));
+        assert_eq!(
+            health.report().checks["boom"].error.as_deref(),
+            Some("the check panicked")
+        );
         stop.cancel();
     }
 
@@ -693,7 +712,7 @@ mod tests {
         health.register("cache", c, OPTS.non_critical());
         health.register("db", check_fn(|| async { Ok(()) }), OPTS);
         let stop = CancellationToken::new();
-        health.spawn(stop.clone());
+        health.spawn(&stop);
         settle().await;
         let report = health.report();
         assert!(report.is_up());
@@ -712,7 +731,7 @@ mod tests {
         let c = Scripted::default();
         health.register("db", c.clone(), OPTS);
         let stop = CancellationToken::new();
-        health.spawn(stop.clone());
+        health.spawn(&stop);
         settle().await;
         for _ in 0..1000 {
             let res = ready(State(health.clone())).await;
@@ -720,7 +739,10 @@ mod tests {
         }
         assert_eq!(c.runs.load(Ordering::SeqCst), 1);
         health.set_shutting_down();
-        assert_eq!(ready(State(health.clone())).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            ready(State(health.clone())).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         stop.cancel();
     }
 
@@ -737,13 +759,19 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let app = axum::Router::new()
             .route("/health/live", axum::routing::get(|| async { "ok" }))
-            .route("/broken", axum::routing::get(|| async { StatusCode::INTERNAL_SERVER_ERROR }));
+            .route(
+                "/broken",
+                axum::routing::get(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
+            );
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         assert_eq!(TcpCheck::new(addr).check().await, Ok(()));
         let ok = HttpCheck::get(&format!("http://{addr}/health/live")).unwrap();
         assert_eq!(ok.check().await, Ok(()));
         let broken = HttpCheck::get(&format!("http://{addr}/broken")).unwrap();
-        assert_eq!(broken.check().await.unwrap_err().message(), format!("GET http://{addr}/broken answered 500"));
+        assert_eq!(
+            broken.check().await.unwrap_err().message(),
+            format!("GET http://{addr}/broken answered 500")
+        );
         server.abort();
         let _ = server.await;
         // Nothing listens there any more.

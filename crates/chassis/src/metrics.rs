@@ -85,7 +85,9 @@ pub fn install_recorder() -> PrometheusHandle {
             let recorder = builder().build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a global metrics recorder was already installed; /metrics will be empty");
+                tracing::warn!(
+                    "a global metrics recorder was already installed; /metrics will be empty"
+                );
             }
             describe();
             handle
@@ -97,7 +99,10 @@ pub fn install_recorder() -> PrometheusHandle {
 /// their own recorder.
 pub fn builder() -> PrometheusBuilder {
     PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".to_owned()), HTTP_DURATION_BUCKETS)
+        .set_buckets_for_metric(
+            Matcher::Suffix("_duration_seconds".to_owned()),
+            HTTP_DURATION_BUCKETS,
+        )
         .expect("the bucket list is not empty")
 }
 
@@ -144,7 +149,10 @@ const METHODS: [Method; 9] = [
 
 /// Index of a method into the per-method tables; `METHODS.len()` is `_OTHER`.
 pub(crate) fn method_index(method: &Method) -> usize {
-    METHODS.iter().position(|m| m == method).unwrap_or(METHODS.len())
+    METHODS
+        .iter()
+        .position(|m| m == method)
+        .unwrap_or(METHODS.len())
 }
 
 pub(crate) fn method_label_of(index: usize) -> &'static str {
@@ -231,11 +239,11 @@ impl HttpMetrics {
             status,
         };
         let seconds = elapsed.as_secs_f64();
-        if let Ok(map) = self.inner.durations.read() {
-            if let Some(entry) = map.get(&key).filter(|e| &*e.route == route) {
-                entry.histogram.record(seconds);
-                return;
-            }
+        if let Ok(map) = self.inner.durations.read()
+            && let Some(entry) = map.get(&key).filter(|e| &*e.route == route)
+        {
+            entry.histogram.record(seconds);
+            return;
         }
         let histogram = metrics::histogram!(
             HTTP_SERVER_REQUEST_DURATION,
@@ -248,7 +256,13 @@ impl HttpMetrics {
         );
         histogram.record(seconds);
         if let Ok(mut map) = self.inner.durations.write() {
-            map.insert(key, Entry { route: route.into(), histogram });
+            map.insert(
+                key,
+                Entry {
+                    route: route.into(),
+                    histogram,
+                },
+            );
         }
     }
 }
@@ -294,9 +308,19 @@ mod tests {
             let m = HttpMetrics::new("svc");
             let route: &str = "/svc/v1/items/{id}";
             for _ in 0..3 {
-                m.record(route, method_index(&Method::GET), 200, Duration::from_millis(2));
+                m.record(
+                    route,
+                    method_index(&Method::GET),
+                    200,
+                    Duration::from_millis(2),
+                );
             }
-            m.record(route, method_index(&Method::from_bytes(b"BREW").unwrap()), 404, Duration::ZERO);
+            m.record(
+                route,
+                method_index(&Method::from_bytes(b"BREW").unwrap()),
+                404,
+                Duration::ZERO,
+            );
             m.active(0).increment(1.0);
         });
         let snapshot = snapshotter.snapshot().into_vec();
@@ -304,8 +328,11 @@ mod tests {
             .iter()
             .filter(|(k, ..)| k.key().name() == HTTP_SERVER_REQUEST_DURATION)
             .map(|(k, _, _, v)| {
-                let labels: Vec<String> =
-                    k.key().labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+                let labels: Vec<String> = k
+                    .key()
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
                 let n = match v {
                     DebugValue::Histogram(values) => values.len(),
                     _ => 0,
@@ -348,7 +375,10 @@ mod tests {
             .into_vec()
             .into_iter()
             .filter_map(|(k, ..)| {
-                k.key().labels().find(|l| l.key() == "http_route").map(|l| l.value().to_owned())
+                k.key()
+                    .labels()
+                    .find(|l| l.key() == "http_route")
+                    .map(|l| l.value().to_owned())
             })
             .collect();
         assert!(routes.contains(&"/a/{x}".to_owned()));

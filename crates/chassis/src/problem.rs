@@ -155,10 +155,8 @@ impl Problem {
 
     /// 503 with `Retry-After: <secs>`: the service cannot take the request now.
     pub fn unavailable(retry_after_secs: u32) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE).with_header(
-            header::RETRY_AFTER,
-            HeaderValue::from(retry_after_secs),
-        )
+        Self::new(StatusCode::SERVICE_UNAVAILABLE)
+            .with_header(header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
     }
 
     /// Sets the `type` URI.
@@ -199,7 +197,10 @@ impl Problem {
     #[track_caller]
     pub fn with_member(mut self, name: &str, value: impl Into<serde_json::Value>) -> Self {
         assert!(
-            !matches!(name, "type" | "title" | "status" | "detail" | "correlation_id"),
+            !matches!(
+                name,
+                "type" | "title" | "status" | "detail" | "correlation_id"
+            ),
             "`{name}` is a standard problem member; use its own setter"
         );
         self.members.insert(name.to_owned(), value.into());
@@ -259,7 +260,13 @@ impl IntoResponse for Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.title, self.detail)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.title,
+            self.detail
+        )
     }
 }
 
@@ -272,24 +279,45 @@ fn describe(status: StatusCode) -> (&'static str, &'static str) {
         401 => ("unauthorized", "The request is not authenticated."),
         403 => ("forbidden", "The caller may not perform this operation."),
         404 => ("not-found", "No resource matches the request path."),
-        405 => ("method-not-allowed", "The resource does not support this method."),
-        406 => ("not-acceptable", "No acceptable representation is available."),
+        405 => (
+            "method-not-allowed",
+            "The resource does not support this method.",
+        ),
+        406 => (
+            "not-acceptable",
+            "No acceptable representation is available.",
+        ),
         408 => ("request-timeout", "The request took too long to arrive."),
         409 => ("conflict", "The request conflicts with the current state."),
         410 => ("gone", "The resource is gone."),
         411 => ("length-required", "The request needs a Content-Length."),
-        412 => ("precondition-failed", "A precondition of the request failed."),
-        413 => ("payload-too-large", "The request body is larger than the service accepts."),
+        412 => (
+            "precondition-failed",
+            "A precondition of the request failed.",
+        ),
+        413 => (
+            "payload-too-large",
+            "The request body is larger than the service accepts.",
+        ),
         414 => ("uri-too-long", "The request URI is too long."),
-        415 => ("unsupported-media-type", "The request body has an unsupported media type."),
+        415 => (
+            "unsupported-media-type",
+            "The request body has an unsupported media type.",
+        ),
         422 => ("unprocessable-content", "The request body is not valid."),
         428 => ("precondition-required", "The request must be conditional."),
         429 => ("too-many-requests", "Too many requests; retry later."),
-        431 => ("request-header-fields-too-large", "The request headers are too large."),
+        431 => (
+            "request-header-fields-too-large",
+            "The request headers are too large.",
+        ),
         500 => ("internal", "The service failed to handle the request."),
         501 => ("not-implemented", "The service does not implement this."),
         502 => ("bad-gateway", "A downstream service failed."),
-        503 => ("unavailable", "The service cannot handle the request now; retry later."),
+        503 => (
+            "unavailable",
+            "The service cannot handle the request now; retry later.",
+        ),
         504 => ("timeout", "The request did not complete in time."),
         s if s >= 500 => ("server-error", "The service failed to handle the request."),
         _ => ("client-error", "The request cannot be handled."),
@@ -373,7 +401,9 @@ enum State {
 
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("ResponseFuture")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -457,7 +487,11 @@ fn classify(res: &Response) -> Kind {
     if res.extensions().get::<RenderedProblem>().is_some() {
         return Kind::Problem;
     }
-    match res.headers().get(header::CONTENT_TYPE).map(HeaderValue::as_bytes) {
+    match res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(HeaderValue::as_bytes)
+    {
         Some(ct) if ct.starts_with(CONTENT_TYPE.as_bytes()) => Kind::Json,
         Some(ct) if ct.starts_with(b"application/json") => Kind::Json,
         _ => Kind::Other,
@@ -502,7 +536,10 @@ fn replace(
 #[doc(hidden)]
 pub async fn body_bytes(body: Body) -> Bytes {
     use http_body_util::BodyExt;
-    body.collect().await.map(|c| c.to_bytes()).unwrap_or_default()
+    body.collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -605,7 +642,12 @@ mod tests {
     async fn json_error_bodies_are_left_alone() {
         let app = app(Router::new().route(
             "/",
-            get(|| async { (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"x": 1}))) }),
+            get(|| async {
+                (
+                    StatusCode::BAD_REQUEST,
+                    axum::Json(serde_json::json!({"x": 1})),
+                )
+            }),
         ));
         let (_, body) = send(app, get_req("/")).await;
         assert_eq!(body, serde_json::json!({"x": 1}));

@@ -107,7 +107,12 @@ impl LoadShedLayer {
     /// Allows at most `max` requests in flight; every service built by this
     /// layer (and its clones) shares the count.
     pub fn new(max: usize) -> Self {
-        Self { state: Arc::new(ShedState { in_flight: AtomicUsize::new(0), max }) }
+        Self {
+            state: Arc::new(ShedState {
+                in_flight: AtomicUsize::new(0),
+                max,
+            }),
+        }
     }
 
     /// Requests in flight now.
@@ -120,7 +125,10 @@ impl<S> Layer<S> for LoadShedLayer {
     type Service = LoadShed<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LoadShed { inner, state: self.state.clone() }
+        LoadShed {
+            inner,
+            state: self.state.clone(),
+        }
     }
 }
 
@@ -166,9 +174,19 @@ where
             let response = Problem::unavailable(SHED_RETRY_AFTER_SECS)
                 .with_detail("The service is at capacity; retry later.")
                 .into_response();
-            return ShedFuture { kind: Kind::Ready { response: Some(response) }, permit: None };
+            return ShedFuture {
+                kind: Kind::Ready {
+                    response: Some(response),
+                },
+                permit: None,
+            };
         }
-        ShedFuture { kind: Kind::Inner { inner: self.inner.call(req) }, permit: Some(permit) }
+        ShedFuture {
+            kind: Kind::Inner {
+                inner: self.inner.call(req),
+            },
+            permit: Some(permit),
+        }
     }
 }
 
@@ -206,7 +224,9 @@ pin_project! {
 
 impl<F> fmt::Debug for ShedFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ShedFuture").field("admitted", &self.permit.is_some()).finish()
+        f.debug_struct("ShedFuture")
+            .field("admitted", &self.permit.is_some())
+            .finish()
     }
 }
 
@@ -249,7 +269,10 @@ impl<S> Layer<S> for BodyLimitLayer {
     type Service = BodyLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        BodyLimit { inner, max: self.max }
+        BodyLimit {
+            inner,
+            max: self.max,
+        }
     }
 }
 
@@ -289,17 +312,31 @@ where
                     "The request body is {n} bytes; the limit is {} bytes.",
                     self.max
                 ));
-                return ReadyOr { kind: Kind::Ready { response: Some(problem.into_response()) } };
+                ReadyOr {
+                    kind: Kind::Ready {
+                        response: Some(problem.into_response()),
+                    },
+                }
             }
             // hyper enforces a declared length, and an empty body needs nothing.
-            Some(_) => ReadyOr { kind: Kind::Inner { inner: self.inner.call(req) } },
-            None if req.body().is_end_stream() => {
-                ReadyOr { kind: Kind::Inner { inner: self.inner.call(req) } }
-            }
+            Some(_) => ReadyOr {
+                kind: Kind::Inner {
+                    inner: self.inner.call(req),
+                },
+            },
+            None if req.body().is_end_stream() => ReadyOr {
+                kind: Kind::Inner {
+                    inner: self.inner.call(req),
+                },
+            },
             None => {
                 let max = self.max;
                 let req = req.map(|body| Body::new(http_body_util::Limited::new(body, max)));
-                ReadyOr { kind: Kind::Inner { inner: self.inner.call(req) } }
+                ReadyOr {
+                    kind: Kind::Inner {
+                        inner: self.inner.call(req),
+                    },
+                }
             }
         }
     }
@@ -349,7 +386,10 @@ impl<S> Layer<S> for RequestTimeoutLayer {
     type Service = RequestTimeout<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestTimeout { inner, timeout: self.timeout }
+        RequestTimeout {
+            inner,
+            timeout: self.timeout,
+        }
     }
 }
 
@@ -399,7 +439,9 @@ pin_project! {
 
 impl<F> fmt::Debug for TimeoutFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TimeoutFuture").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("TimeoutFuture")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -416,7 +458,10 @@ where
         }
         match this.sleep.poll(cx) {
             Poll::Ready(()) => {
-                tracing::warn!(timeout_ms = this.timeout.as_millis() as u64, "request timed out");
+                tracing::warn!(
+                    timeout_ms = this.timeout.as_millis() as u64,
+                    "request timed out"
+                );
                 Poll::Ready(Ok(Problem::new(StatusCode::GATEWAY_TIMEOUT)
                     .with_detail("The request did not complete in time.")
                     .into_response()))
@@ -474,8 +519,14 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
-            Ok(inner) => PanicFuture { kind: Kind::Inner { inner } },
-            Err(_) => PanicFuture { kind: Kind::Ready { response: Some(panicked()) } },
+            Ok(inner) => PanicFuture {
+                kind: Kind::Inner { inner },
+            },
+            Err(_) => PanicFuture {
+                kind: Kind::Ready {
+                    response: Some(panicked()),
+                },
+            },
         }
     }
 }
@@ -532,7 +583,16 @@ mod tests {
         let r = release.clone();
         let shed = LoadShedLayer::new(2);
         let app = Router::new()
-            .route("/", get(move || { let r = r.clone(); async move { r.notified().await; "ok" } }))
+            .route(
+                "/",
+                get(move || {
+                    let r = r.clone();
+                    async move {
+                        r.notified().await;
+                        "ok"
+                    }
+                }),
+            )
             .layer(shed.clone());
         let a = tokio::spawn(app.clone().oneshot(get_req("/")));
         let b = tokio::spawn(app.clone().oneshot(get_req("/")));
@@ -542,7 +602,10 @@ mod tests {
         let res = app.clone().oneshot(get_req("/")).await.unwrap();
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(res.headers()[header::RETRY_AFTER], "1");
-        assert_eq!(res.headers()[header::CONTENT_TYPE], crate::problem::CONTENT_TYPE);
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            crate::problem::CONTENT_TYPE
+        );
         assert_eq!(shed.in_flight(), 2);
         release.notify_waiters();
         assert_eq!(a.await.unwrap().unwrap().status(), 200);
@@ -560,7 +623,7 @@ mod tests {
     async fn dropped_requests_free_their_place() {
         let shed = LoadShedLayer::new(1);
         let app = Router::new()
-            .route("/", get(|| std::future::pending::<&'static str>()))
+            .route("/", get(std::future::pending::<&'static str>))
             .layer(shed.clone());
         let fut = app.clone().oneshot(get_req("/"));
         let task = tokio::spawn(fut);
@@ -574,7 +637,10 @@ mod tests {
 
     fn limited(max: usize) -> Router {
         Router::new()
-            .route("/", axum::routing::post(|body: bytes::Bytes| async move { body.len().to_string() }))
+            .route(
+                "/",
+                axum::routing::post(|body: bytes::Bytes| async move { body.len().to_string() }),
+            )
             .layer(
                 ServiceBuilder::new()
                     .layer(BodyLimitLayer::new(max))
@@ -590,13 +656,19 @@ mod tests {
             .unwrap();
         let res = limited(10).oneshot(req).await.unwrap();
         assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(res.headers()[header::CONTENT_TYPE], crate::problem::CONTENT_TYPE);
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            crate::problem::CONTENT_TYPE
+        );
     }
 
     #[tokio::test]
     async fn streamed_body_over_limit_is_413() {
         let body = chunked(&["0123456", "789012"]);
-        let res = limited(10).oneshot(Request::post("/").body(body).unwrap()).await.unwrap();
+        let res = limited(10)
+            .oneshot(Request::post("/").body(body).unwrap())
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 
@@ -628,7 +700,12 @@ mod tests {
                 Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
             }
         }
-        Body::new(Chunks(chunks.iter().map(|c| bytes::Bytes::from_static(c.as_bytes())).collect()))
+        Body::new(Chunks(
+            chunks
+                .iter()
+                .map(|c| bytes::Bytes::from_static(c.as_bytes()))
+                .collect(),
+        ))
     }
 
     #[tokio::test(start_paused = true)]
@@ -657,7 +734,10 @@ mod tests {
             .layer(RequestTimeoutLayer::new(Duration::from_secs(5)));
         let res = app.clone().oneshot(get_req("/")).await.unwrap();
         assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert!(dropped.load(Ordering::SeqCst), "the handler's future was dropped");
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the handler's future was dropped"
+        );
         let res = app.oneshot(get_req("/fast")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
     }
@@ -701,7 +781,11 @@ mod tests {
                 panic!("in call")
             }
         }
-        let res = CatchPanicLayer::new().layer(Boom).oneshot(get_req("/")).await.unwrap();
+        let res = CatchPanicLayer::new()
+            .layer(Boom)
+            .oneshot(get_req("/"))
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -238,7 +238,8 @@ impl ServiceBuilder {
         <L::Service as tower::Service<axum::extract::Request>>::Response: IntoResponse + 'static,
         <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
     {
-        self.api_layers.push(Box::new(move |r: Router| r.layer(layer)));
+        self.api_layers
+            .push(Box::new(move |r: Router| r.layer(layer)));
         self
     }
 
@@ -256,7 +257,8 @@ impl ServiceBuilder {
         F: FnOnce(CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.tasks.push((name.to_owned(), Box::new(move |t| Box::pin(task(t)))));
+        self.tasks
+            .push((name.to_owned(), Box::new(move |t| Box::pin(task(t)))));
         self
     }
 
@@ -330,7 +332,10 @@ impl ServiceBuilder {
                 "/health/ready",
                 get(crate::health::ready).with_state(self.health.clone()),
             )
-            .route("/metrics", get(metrics_endpoint).with_state(prometheus.clone()))
+            .route(
+                "/metrics",
+                get(metrics_endpoint).with_state(prometheus.clone()),
+            )
             .route("/info", get(info_endpoint).with_state(info))
             .fallback(not_found)
             .layer(
@@ -462,15 +467,27 @@ impl Service {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let local = listener.local_addr()?;
-        let Self { name, version, router, config, health, tasks, shed, prometheus } = self;
+        let Self {
+            name,
+            version,
+            router,
+            config,
+            health,
+            tasks,
+            shed,
+            prometheus,
+        } = self;
 
         let stop_tasks = CancellationToken::new();
         let mut handles: Vec<(String, JoinHandle<()>)> = health
-            .spawn(stop_tasks.clone())
+            .spawn(&stop_tasks)
             .into_iter()
             .map(|h| ("health-check".to_owned(), h))
             .collect();
-        handles.push(("metrics-upkeep".to_owned(), tokio::spawn(upkeep(prometheus, stop_tasks.clone()))));
+        handles.push((
+            "metrics-upkeep".to_owned(),
+            tokio::spawn(upkeep(prometheus, stop_tasks.clone())),
+        ));
         for (task_name, task) in tasks {
             handles.push((task_name, tokio::spawn(task(stop_tasks.clone()))));
         }
@@ -490,7 +507,9 @@ impl Service {
                 shutdown.await;
                 health.set_shutting_down();
                 let now = Instant::now();
-                *deadline.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                *deadline
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
                     Some(now + grace.max(delay));
                 tracing::info!(
                     delay_secs = delay.as_secs(),
@@ -532,7 +551,9 @@ impl Service {
             .unwrap_or_else(Instant::now);
         let mut cut = Vec::new();
         for (task_name, mut handle) in handles {
-            let remaining = at.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+            let remaining = at
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
             if tokio::time::timeout(remaining, &mut handle).await.is_err() {
                 handle.abort();
                 cut.push(task_name);
@@ -561,7 +582,10 @@ async fn not_found() -> Problem {
 
 async fn metrics_endpoint(State(handle): State<PrometheusHandle>) -> Response {
     (
-        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         crate::metrics::render(&handle),
     )
         .into_response()
@@ -602,14 +626,27 @@ mod tests {
         for ok in ["a", "hello", "order-service2", &"a".repeat(63)] {
             assert!(valid_name(ok), "{ok}");
         }
-        for bad in ["", "Hello", "1abc", "-a", "a_b", "a.b", "a/b", "héllo", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Hello",
+            "1abc",
+            "-a",
+            "a_b",
+            "a.b",
+            "a/b",
+            "héllo",
+            &"a".repeat(64),
+        ] {
             assert!(!valid_name(bad), "{bad}");
         }
     }
 
     #[test]
     fn build_lists_every_problem() {
-        let err = ServiceBuilder::new("Bad Name", 0).config(Config::default()).build().unwrap_err();
+        let err = ServiceBuilder::new("Bad Name", 0)
+            .config(Config::default())
+            .build()
+            .unwrap_err();
         assert_eq!(err.problems().len(), 2);
         let text = err.to_string();
         assert!(text.contains("`Bad Name`"), "{text}");

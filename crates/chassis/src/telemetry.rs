@@ -142,10 +142,34 @@ pub fn init(service: &str, config: &Config) -> Telemetry {
             .try_init(),
         LogFormat::Pretty => Registry::default()
             .with(filter)
-            .with(tracing_subscriber::fmt::layer().pretty().with_writer(writer))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .pretty()
+                    .with_writer(writer),
+            )
             .try_init(),
     };
-    Telemetry { _guard: installed.is_ok().then_some(guard) }
+    if installed.is_ok() {
+        log_panics();
+    }
+    Telemetry {
+        _guard: installed.is_ok().then_some(guard),
+    }
+}
+
+/// Logs panics as `error` events (inside the request span, so with the
+/// correlation id) instead of raw text on stderr.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(non-text payload)");
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        tracing::error!(target: "chassis::panic", panic = message, location, "panicked");
+    }));
 }
 
 /// The correlation fields of a request span, kept in the span's extensions.
@@ -184,7 +208,9 @@ pub struct JsonLayer<W> {
 
 impl<W> fmt::Debug for JsonLayer<W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JsonLayer").field("service", &self.service).finish_non_exhaustive()
+        f.debug_struct("JsonLayer")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
     }
 }
 
@@ -194,7 +220,10 @@ where
 {
     /// Writes the lines of `service` to `make_writer`.
     pub fn new(service: &str, make_writer: W) -> Self {
-        Self { service: service.into(), make_writer }
+        Self {
+            service: service.into(),
+            make_writer,
+        }
     }
 }
 
@@ -204,7 +233,14 @@ thread_local! {
 
 /// Fields whose names the line itself uses; an event field with one of these
 /// names is written with a `field.` prefix instead of overwriting it.
-const RESERVED: [&str; 6] = ["time", "level", "target", "service", "correlation_id", "trace_id"];
+const RESERVED: [&str; 6] = [
+    "time",
+    "level",
+    "target",
+    "service",
+    "correlation_id",
+    "trace_id",
+];
 
 impl<S, W> tracing_subscriber::Layer<S> for JsonLayer<W>
 where
@@ -288,7 +324,8 @@ impl Visit for JsonFields<'_> {
 
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.key(field);
-        self.buf.extend_from_slice(if value { b"true" } else { b"false" });
+        self.buf
+            .extend_from_slice(if value { b"true" } else { b"false" });
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
@@ -363,7 +400,14 @@ fn escape_into(buf: &mut Vec<u8>, s: &str) {
         };
         buf.extend_from_slice(&bytes[start..i]);
         if esc.is_empty() {
-            buf.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+            buf.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]);
         } else {
             buf.extend_from_slice(esc);
         }
@@ -415,7 +459,10 @@ impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe { inner, metrics: self.metrics.clone() }
+        Observe {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -433,7 +480,10 @@ impl<S> Observe<S> {
 /// Whether a route is one of the standard endpoints, whose access logs are
 /// `debug`.
 fn is_standard(route: &str) -> bool {
-    matches!(route, "/health/live" | "/health/ready" | "/metrics" | "/info")
+    matches!(
+        route,
+        "/health/live" | "/health/ready" | "/metrics" | "/info"
+    )
 }
 
 impl<S, B> Service<Request<B>> for Observe<S>
@@ -456,8 +506,14 @@ where
         let route_str = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
         let standard = is_standard(route_str);
         let span = {
-            let id = req.extensions().get::<CorrelationId>().map(CorrelationId::as_str);
-            let trace = req.extensions().get::<TraceContext>().map(TraceContext::trace_id);
+            let id = req
+                .extensions()
+                .get::<CorrelationId>()
+                .map(CorrelationId::as_str);
+            let trace = req
+                .extensions()
+                .get::<TraceContext>()
+                .map(TraceContext::trace_id);
             let trace = trace.as_ref().map(|t| t.as_str());
             if standard {
                 tracing::debug_span!(target: REQUEST_TARGET, "request", method = %req.method(), route = route_str, correlation_id = id, trace_id = trace)
@@ -557,7 +613,12 @@ where
                     drop(guard);
                     Poll::Ready(Ok(res))
                 } else {
-                    Poll::Ready(Ok(res.map(|body| Body::new(ObservedBody { inner: body, guard: Some(guard) }))))
+                    Poll::Ready(Ok(res.map(|body| {
+                        Body::new(ObservedBody {
+                            inner: body,
+                            guard: Some(guard),
+                        })
+                    })))
                 }
             }
             Err(e) => {

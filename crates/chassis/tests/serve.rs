@@ -37,22 +37,41 @@ async fn metrics_endpoint_follows_the_contract() {
         .build()
         .unwrap();
     let running = start(svc).await;
-    assert_eq!(get(&running.url("/serve-metrics/v1/items/1")).await.status, 200);
-    assert_eq!(get(&running.url("/serve-metrics/v1/items/2")).await.status, 200);
+    assert_eq!(
+        get(&running.url("/serve-metrics/v1/items/1")).await.status,
+        200
+    );
+    assert_eq!(
+        get(&running.url("/serve-metrics/v1/items/2")).await.status,
+        200
+    );
     assert_eq!(get(&running.url("/no/such/path")).await.status, 404);
-    let res = send(Method::from_bytes(b"BREW").unwrap(), &running.url("/serve-metrics/v1/items/3"), &[], "")
-        .await
-        .unwrap();
+    let res = send(
+        Method::from_bytes(b"BREW").unwrap(),
+        &running.url("/serve-metrics/v1/items/3"),
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status, 405);
 
     let metrics = get(&running.url("/metrics")).await;
     assert_eq!(metrics.status, 200);
-    assert!(metrics.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        metrics.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = metrics.text();
     let series = parse(&text);
     let find = |name: &str, labels: &[(&str, &str)]| {
         series.iter().find(|(n, l, _)| {
-            n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
         })
     };
     let ok = [
@@ -61,24 +80,60 @@ async fn metrics_endpoint_follows_the_contract() {
         ("http_route", "/serve-metrics/v1/items/{id}"),
         ("http_response_status_code", "200"),
     ];
-    assert_eq!(find("http_server_request_duration_seconds_count", &ok).unwrap().2, 2.0);
+    assert_eq!(
+        find("http_server_request_duration_seconds_count", &ok)
+            .unwrap()
+            .2,
+        2.0
+    );
     assert!(find("http_server_request_duration_seconds_sum", &ok).is_some());
     let mut bucket = ok.to_vec();
     bucket.push(("le", "0.005"));
-    assert!(find("http_server_request_duration_seconds_bucket", &bucket).is_some(), "{text}");
+    assert!(
+        find("http_server_request_duration_seconds_bucket", &bucket).is_some(),
+        "{text}"
+    );
     bucket.pop();
     bucket.push(("le", "+Inf"));
-    assert_eq!(find("http_server_request_duration_seconds_bucket", &bucket).unwrap().2, 2.0);
-    let unmatched = [("service", "serve-metrics"), ("http_route", "unmatched"), ("http_response_status_code", "404")];
-    assert_eq!(find("http_server_request_duration_seconds_count", &unmatched).unwrap().2, 1.0);
-    let other = [("http_request_method", "_OTHER"), ("http_response_status_code", "405")];
-    assert!(find("http_server_request_duration_seconds_count", &other).is_some(), "{text}");
+    assert_eq!(
+        find("http_server_request_duration_seconds_bucket", &bucket)
+            .unwrap()
+            .2,
+        2.0
+    );
+    let unmatched = [
+        ("service", "serve-metrics"),
+        ("http_route", "unmatched"),
+        ("http_response_status_code", "404"),
+    ];
+    assert_eq!(
+        find("http_server_request_duration_seconds_count", &unmatched)
+            .unwrap()
+            .2,
+        1.0
+    );
+    let other = [
+        ("http_request_method", "_OTHER"),
+        ("http_response_status_code", "405"),
+    ];
+    assert!(
+        find("http_server_request_duration_seconds_count", &other).is_some(),
+        "{text}"
+    );
     let active = [("service", "serve-metrics"), ("http_request_method", "GET")];
     // The scrape itself is in flight while it renders.
     assert_eq!(find("http_server_active_requests", &active).unwrap().2, 1.0);
     assert!(text.contains("# TYPE http_server_request_duration_seconds histogram"));
-    for process in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds"] {
-        assert!(series.iter().any(|(n, ..)| n == process), "{process} missing:\n{text}");
+    for process in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            series.iter().any(|(n, ..)| n == process),
+            "{process} missing:\n{text}"
+        );
     }
     assert!(!text.contains("/no/such/path"));
 }
@@ -120,14 +175,17 @@ async fn readiness_turns_503_while_in_flight_requests_finish() {
     // Keep the listener open after the signal so readiness can be observed.
     cfg.shutdown_delay = Duration::from_secs(3600);
     let svc = builder("serve-ready")
-        .api(Router::new().route("/slow", routing::get(move || {
-            let (e, r) = (e.clone(), r.clone());
-            async move {
-                e.notify_one();
-                r.notified().await;
-                "finished"
-            }
-        })))
+        .api(Router::new().route(
+            "/slow",
+            routing::get(move || {
+                let (e, r) = (e.clone(), r.clone());
+                async move {
+                    e.notify_one();
+                    r.notified().await;
+                    "finished"
+                }
+            }),
+        ))
         .config(cfg)
         .build()
         .unwrap();
@@ -164,14 +222,17 @@ async fn shutdown_closes_the_listener_and_waits_for_in_flight_requests() {
     let task_stopped = Arc::new(AtomicBool::new(false));
     let stopped = task_stopped.clone();
     let svc = builder("serve-drain")
-        .api(Router::new().route("/slow", routing::get(move || {
-            let (e, r) = (e.clone(), r.clone());
-            async move {
-                e.notify_one();
-                r.notified().await;
-                "finished"
-            }
-        })))
+        .api(Router::new().route(
+            "/slow",
+            routing::get(move || {
+                let (e, r) = (e.clone(), r.clone());
+                async move {
+                    e.notify_one();
+                    r.notified().await;
+                    "finished"
+                }
+            }),
+        ))
         .background("worker", move |token| async move {
             token.cancelled().await;
             stopped.store(true, Ordering::SeqCst);
@@ -189,11 +250,17 @@ async fn shutdown_closes_the_listener_and_waits_for_in_flight_requests() {
         tokio::net::TcpStream::connect(addr).await.is_err()
     })
     .await;
-    assert!(!running.task.is_finished(), "the in-flight request is still running");
+    assert!(
+        !running.task.is_finished(),
+        "the in-flight request is still running"
+    );
     release.notify_one();
     assert_eq!(slow.await.unwrap().status, 200);
     running.task.await.unwrap().unwrap();
-    assert!(task_stopped.load(Ordering::SeqCst), "background task was cancelled and awaited");
+    assert!(
+        task_stopped.load(Ordering::SeqCst),
+        "background task was cancelled and awaited"
+    );
 }
 
 #[tokio::test]
@@ -203,13 +270,16 @@ async fn grace_deadline_cuts_requests_that_never_finish() {
     let mut cfg = config();
     cfg.shutdown_grace = Duration::from_millis(1500);
     let svc = builder("serve-grace")
-        .api(Router::new().route("/hang", routing::get(move || {
-            let e = e.clone();
-            async move {
-                e.notify_one();
-                std::future::pending::<&'static str>().await
-            }
-        })))
+        .api(Router::new().route(
+            "/hang",
+            routing::get(move || {
+                let e = e.clone();
+                async move {
+                    e.notify_one();
+                    std::future::pending::<&'static str>().await
+                }
+            }),
+        ))
         .config(cfg)
         .build()
         .unwrap();
@@ -234,7 +304,11 @@ async fn failing_and_hanging_checks_over_http() {
         .timeout(Duration::from_millis(200))
         .thresholds(1, 1);
     let svc = builder("serve-checks")
-        .health_check("db", check_fn(|| async { Err("connection refused".into()) }), opts)
+        .health_check(
+            "db",
+            check_fn(|| async { Err("connection refused".into()) }),
+            opts,
+        )
         .health_check(
             "slow",
             check_fn(|| async {
@@ -243,7 +317,11 @@ async fn failing_and_hanging_checks_over_http() {
             }),
             opts,
         )
-        .health_check("cache", check_fn(|| async { Err("cache down".into()) }), opts.non_critical())
+        .health_check(
+            "cache",
+            check_fn(|| async { Err("cache down".into()) }),
+            opts.non_critical(),
+        )
         .config(config())
         .build()
         .unwrap();
@@ -273,13 +351,18 @@ async fn failing_and_hanging_checks_over_http() {
 #[tokio::test]
 async fn correlation_over_the_wire() {
     let svc = builder("serve-corr")
-        .api(Router::new().route("/id", routing::get(|id: chassis::correlation::CorrelationId| async move { id.to_string() })))
+        .api(Router::new().route(
+            "/id",
+            routing::get(|id: chassis::correlation::CorrelationId| async move { id.to_string() }),
+        ))
         .config(config())
         .build()
         .unwrap();
     let running = start(svc).await;
     let url = running.url("/serve-corr/v1/id");
-    let r = send(Method::GET, &url, &[("x-correlation-id", "abc-123")], "").await.unwrap();
+    let r = send(Method::GET, &url, &[("x-correlation-id", "abc-123")], "")
+        .await
+        .unwrap();
     assert_eq!(r.headers["x-correlation-id"], "abc-123");
     assert_eq!(r.text(), "abc-123");
 
@@ -292,13 +375,18 @@ async fn correlation_over_the_wire() {
     let mut raw = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
     let text = String::from_utf8_lossy(&raw).to_lowercase();
-    assert!(text.starts_with("http/1.1 400") || !text.contains("x-correlation-id: abc\r"), "{text}");
+    assert!(
+        text.starts_with("http/1.1 400") || !text.contains("x-correlation-id: abc\r"),
+        "{text}"
+    );
     assert!(!text.contains("set-cookie"), "{text}");
 
     // Obs-text (0x80-0xff) and overlong values are replaced, not echoed.
     let mut stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
     let long = "z".repeat(200);
-    let mut req = b"GET /serve-corr/v1/id HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-correlation-id: ".to_vec();
+    let mut req =
+        b"GET /serve-corr/v1/id HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-correlation-id: "
+            .to_vec();
     req.extend_from_slice(long.as_bytes());
     req.extend_from_slice(b"\xff\r\n\r\n");
     stream.write_all(&req).await.unwrap();

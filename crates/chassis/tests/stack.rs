@@ -23,29 +23,48 @@ fn service(name: &str, hold: Arc<Notify>) -> chassis::Service {
     let api = Router::new()
         .route("/ok", get(|| async { "ok" }))
         .route("/items/{id}", get(|| async { "item" }))
-        .route("/slow", get(|| async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            "late"
-        }))
-        .route("/panic", get(|| async {
-            if true {
-                panic!("password=hunter2");
-            }
-            "unreachable"
-        }))
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "late"
+            }),
+        )
+        .route(
+            "/panic",
+            get(|| async {
+                if true {
+                    panic!("password=hunter2");
+                }
+                "unreachable"
+            }),
+        )
         .route("/echo", post(|body: bytes::Bytes| async move { body }))
-        .route("/json", post(|axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) }))
-        .route("/hold", get(move || {
-            let hold = hold.clone();
-            async move {
-                hold.notified().await;
-                "released"
-            }
-        }));
-    ServiceBuilder::new(name, 1).api(api).config(config()).build().unwrap()
+        .route(
+            "/json",
+            post(|axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) }),
+        )
+        .route(
+            "/hold",
+            get(move || {
+                let hold = hold.clone();
+                async move {
+                    hold.notified().await;
+                    "released"
+                }
+            }),
+        );
+    ServiceBuilder::new(name, 1)
+        .api(api)
+        .config(config())
+        .build()
+        .unwrap()
 }
 
-async fn call(app: &Router, req: Request<Body>) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+async fn call(
+    app: &Router,
+    req: Request<Body>,
+) -> (StatusCode, http::HeaderMap, serde_json::Value) {
     let res = app.clone().oneshot(req).await.unwrap();
     let (parts, body) = res.into_parts();
     let bytes = body.collect().await.unwrap().to_bytes();
@@ -63,7 +82,12 @@ fn req(method: &str, uri: &str) -> Request<Body> {
 }
 
 /// Asserts the answer is a problem document with the request's id.
-fn assert_problem(status: StatusCode, headers: &http::HeaderMap, body: &serde_json::Value, want: u16) {
+fn assert_problem(
+    status: StatusCode,
+    headers: &http::HeaderMap,
+    body: &serde_json::Value,
+    want: u16,
+) {
     assert_eq!(status.as_u16(), want, "{body}");
     assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
     assert_eq!(headers["x-correlation-id"], "stack-test");
@@ -133,10 +157,12 @@ async fn panic_is_500_without_the_message() {
     // Measured like any 500, under its route.
     let text = svc.prometheus().render();
     assert!(
-        text.lines().any(|l| l.starts_with("http_server_request_duration_seconds_count")
-            && l.contains("service=\"stack-e\"")
-            && l.contains("http_route=\"/stack-e/v1/panic\"")
-            && l.contains("http_response_status_code=\"500\"")),
+        text.lines().any(
+            |l| l.starts_with("http_server_request_duration_seconds_count")
+                && l.contains("service=\"stack-e\"")
+                && l.contains("http_route=\"/stack-e/v1/panic\"")
+                && l.contains("http_response_status_code=\"500\"")
+        ),
         "{text}"
     );
 }
@@ -162,17 +188,25 @@ async fn shedding_is_fast_503_counted_and_spares_probes() {
     assert_problem(s, &h, &b, 503);
     assert_eq!(h[header::RETRY_AFTER], "1");
     // Liveness and readiness are never shed.
-    assert_eq!(call(&app, req("GET", "/health/live")).await.0, StatusCode::OK);
-    assert_eq!(call(&app, req("GET", "/health/ready")).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&app, req("GET", "/health/live")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&app, req("GET", "/health/ready")).await.0,
+        StatusCode::OK
+    );
     hold.notify_waiters();
     assert_eq!(held.await.unwrap().0, StatusCode::OK);
     // Shed requests are in the metrics: the metrics sit outside shedding.
     let text = svc.prometheus().render();
     assert!(
-        text.lines().any(|l| l.starts_with("http_server_request_duration_seconds_count")
-            && l.contains("service=\"stack-f\"")
-            && l.contains("http_route=\"/stack-f/v1/ok\"")
-            && l.contains("http_response_status_code=\"503\"")),
+        text.lines().any(
+            |l| l.starts_with("http_server_request_duration_seconds_count")
+                && l.contains("service=\"stack-f\"")
+                && l.contains("http_route=\"/stack-f/v1/ok\"")
+                && l.contains("http_response_status_code=\"503\"")
+        ),
         "{text}"
     );
 }
@@ -185,15 +219,29 @@ async fn scanners_cannot_create_series() {
         let (s, ..) = call(&app, req("GET", &format!("/scan/{i}/admin.php"))).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
     }
-    assert_eq!(call(&app, req("GET", "/stack-g/v1/items/123")).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&app, req("GET", "/stack-g/v1/items/123")).await.0,
+        StatusCode::OK
+    );
     let text = svc.prometheus().render();
     let ours: Vec<&str> = text
         .lines()
-        .filter(|l| l.starts_with("http_server_request_duration_seconds_count") && l.contains("service=\"stack-g\""))
+        .filter(|l| {
+            l.starts_with("http_server_request_duration_seconds_count")
+                && l.contains("service=\"stack-g\"")
+        })
         .collect();
     assert_eq!(ours.len(), 2, "{ours:?}");
-    assert!(ours.iter().any(|l| l.contains("http_route=\"unmatched\"") && l.ends_with(" 50")), "{ours:?}");
-    assert!(ours.iter().any(|l| l.contains("http_route=\"/stack-g/v1/items/{id}\"")), "{ours:?}");
+    assert!(
+        ours.iter()
+            .any(|l| l.contains("http_route=\"unmatched\"") && l.ends_with(" 50")),
+        "{ours:?}"
+    );
+    assert!(
+        ours.iter()
+            .any(|l| l.contains("http_route=\"/stack-g/v1/items/{id}\"")),
+        "{ours:?}"
+    );
     assert!(!text.contains("admin.php"));
 }
 
@@ -220,7 +268,11 @@ async fn api_layers_run_inside_the_protection_layers() {
     // A layer at the seam sees the correlation id set by the outer layers,
     // and its rejections are problem+json too.
     async fn gate(req: axum::extract::Request, next: Next) -> axum::response::Response {
-        assert!(req.extensions().get::<chassis::correlation::CorrelationId>().is_some());
+        assert!(
+            req.extensions()
+                .get::<chassis::correlation::CorrelationId>()
+                .is_some()
+        );
         if req.headers().contains_key("x-deny") {
             return (StatusCode::FORBIDDEN, "denied by gate").into_response();
         }
@@ -234,7 +286,10 @@ async fn api_layers_run_inside_the_protection_layers() {
         .build()
         .unwrap();
     let app = svc.router();
-    assert_eq!(call(&app, req("GET", "/stack-i/v1/ok")).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&app, req("GET", "/stack-i/v1/ok")).await.0,
+        StatusCode::OK
+    );
     let mut r = req("GET", "/stack-i/v1/ok");
     r.headers_mut().insert("x-deny", "1".parse().unwrap());
     let (s, h, b) = call(&app, r).await;

@@ -19,9 +19,13 @@ pub struct Greeting {
 
 async fn greet(Path(name): Path<String>) -> Result<Json<Greeting>, Problem> {
     if name.chars().count() > 64 {
-        return Err(Problem::new(StatusCode::BAD_REQUEST).with_detail("name is longer than 64 characters"));
+        return Err(
+            Problem::new(StatusCode::BAD_REQUEST).with_detail("name is longer than 64 characters")
+        );
     }
-    Ok(Json(Greeting { message: format!("hello, {name}") }))
+    Ok(Json(Greeting {
+        message: format!("hello, {name}"),
+    }))
 }
 
 /// The service: `GET /hello/v1/greetings/{name}`.

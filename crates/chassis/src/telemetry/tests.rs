@@ -51,7 +51,10 @@ fn app(metrics: HttpMetrics) -> Router {
         .route(
             "/stream",
             get(|| async {
-                let chunks = vec![Ok::<_, std::io::Error>(Bytes::from("a")), Ok(Bytes::from("b"))];
+                let chunks = vec![
+                    Ok::<_, std::io::Error>(Bytes::from("a")),
+                    Ok(Bytes::from("b")),
+                ];
                 Body::from_stream(futures_util_like(chunks))
             }),
         )
@@ -64,7 +67,9 @@ fn app(metrics: HttpMetrics) -> Router {
 }
 
 /// A stream over a vector.
-fn futures_util_like<T: Send + 'static>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Send {
+fn futures_util_like<T: Send + 'static>(
+    items: Vec<T>,
+) -> impl futures_core::Stream<Item = T> + Send {
     struct Iter<T>(std::vec::IntoIter<T>);
     impl<T> Unpin for Iter<T> {}
     impl<T> futures_core::Stream for Iter<T> {
@@ -121,7 +126,12 @@ async fn one_access_log_line_per_request_with_correlation() {
     assert!(time.ends_with('Z'));
 
     let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    for secret in ["very-secret-token", "very-secret-cookie", "token=abc", "/items/7"] {
+    for secret in [
+        "very-secret-token",
+        "very-secret-cookie",
+        "token=abc",
+        "/items/7",
+    ] {
         assert!(!text.contains(secret), "{secret} leaked into logs: {text}");
     }
 }
@@ -134,12 +144,38 @@ async fn unmatched_paths_and_streams_are_logged_once() {
     let _rec = metrics::set_default_local_recorder(&recorder);
     let app = app(HttpMetrics::new("svc"));
 
-    assert_eq!(send(app.clone(), Request::get("/wp-admin/../etc").body(Body::empty()).unwrap()).await, 404);
-    assert_eq!(send(app.clone(), Request::get("/stream").body(Body::empty()).unwrap()).await, 200);
+    assert_eq!(
+        send(
+            app.clone(),
+            Request::get("/wp-admin/../etc")
+                .body(Body::empty())
+                .unwrap()
+        )
+        .await,
+        404
+    );
+    assert_eq!(
+        send(
+            app.clone(),
+            Request::get("/stream").body(Body::empty()).unwrap()
+        )
+        .await,
+        200
+    );
     // Probes are debug, so filtered out at info.
-    assert_eq!(send(app, Request::get("/health/live").body(Body::empty()).unwrap()).await, 200);
+    assert_eq!(
+        send(
+            app,
+            Request::get("/health/live").body(Body::empty()).unwrap()
+        )
+        .await,
+        200
+    );
     let lines = capture.lines();
-    let access: Vec<_> = lines.iter().filter(|l| l["target"] == ACCESS_TARGET).collect();
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == ACCESS_TARGET)
+        .collect();
     assert_eq!(access.len(), 2, "{lines:?}");
     assert_eq!(access[0]["route"], UNMATCHED);
     assert_eq!(access[0]["status"], 404);
@@ -153,7 +189,7 @@ async fn dropped_requests_are_logged_as_499() {
     let recorder = DebuggingRecorder::new();
     let _rec = metrics::set_default_local_recorder(&recorder);
     let app = Router::new()
-        .route("/hang", get(|| std::future::pending::<&'static str>()))
+        .route("/hang", get(std::future::pending::<&'static str>))
         .layer(ObserveLayer::new(HttpMetrics::new("svc")));
     let mut fut = Box::pin(app.oneshot(Request::get("/hang").body(Body::empty()).unwrap()));
     assert!(futures_poll_once(fut.as_mut()).await.is_none());
@@ -164,10 +200,12 @@ async fn dropped_requests_are_logged_as_499() {
 }
 
 async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(match Pin::new(&mut f).poll(cx) {
-        Poll::Ready(v) => Some(v),
-        Poll::Pending => None,
-    }))
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match Pin::new(&mut f).poll(cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        })
+    })
     .await
 }
 
@@ -213,7 +251,10 @@ fn rfc3339_dates() {
     ];
     for (secs, want) in cases {
         let mut buf = Vec::new();
-        write_rfc3339(&mut buf, SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        write_rfc3339(
+            &mut buf,
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+        );
         assert_eq!(String::from_utf8(buf).unwrap(), want);
     }
 }

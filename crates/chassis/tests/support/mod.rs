@@ -45,14 +45,26 @@ pub async fn send(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let res = client.request(req.body(Full::new(body.into())).unwrap()).await?;
+    let res = client
+        .request(req.body(Full::new(body.into())).unwrap())
+        .await?;
     let (parts, body) = res.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-    Ok(Answer { status: parts.status, headers: parts.headers, body })
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
 }
 
 pub async fn get(url: &str) -> Answer {
-    send(Method::GET, url, &[], Bytes::new()).await.expect("request failed")
+    send(Method::GET, url, &[], Bytes::new())
+        .await
+        .expect("request failed")
 }
 
 /// A service serving on 127.0.0.1 at an ephemeral port.
@@ -82,7 +94,11 @@ pub async fn start(service: Service) -> Running {
     let task = tokio::spawn(service.serve_with(listener, async move {
         let _ = rx.await;
     }));
-    Running { addr, stop: Some(tx), task }
+    Running {
+        addr,
+        stop: Some(tx),
+        task,
+    }
 }
 
 pub fn builder(name: &str) -> ServiceBuilder {
@@ -97,7 +113,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

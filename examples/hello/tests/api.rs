@@ -1,0 +1,157 @@
+//! The `hello` binary as operators run it: real process, real socket, real
+//! signals.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+/// Spawns `hello` on an ephemeral port; returns the child and its address,
+/// read from its "listening" log line.
+fn spawn() -> (
+    std::process::Child,
+    String,
+    std::thread::JoinHandle<Vec<String>>,
+) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hello"))
+        .env("CHASSIS_BIND", "127.0.0.1:0")
+        .env("CHASSIS_LOG", "info")
+        .env("CHASSIS_SHUTDOWN_GRACE_SECS", "5")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hello starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["message"] == "listening"
+            {
+                let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("hello logs where it listens");
+    (child, addr, reader)
+}
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, serde_json::Value) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut req = http::Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = client
+        .request(req.body(http_body_util::Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn serves_logs_and_stops_cleanly_on_sigterm() {
+    let (mut child, addr, reader) = spawn();
+    let (status, headers, body) = get(
+        &format!("http://{addr}/hello/v1/greetings/ann"),
+        &[
+            ("x-correlation-id", "hello-test-1"),
+            ("authorization", "Bearer do-not-log-me"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["message"], "hello, ann");
+    assert_eq!(headers["x-correlation-id"], "hello-test-1");
+
+    let (status, _, info) = get(&format!("http://{addr}/info"), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(info["service"], "hello");
+    assert_eq!(info["build"]["package"], "hello-service");
+    let (status, _, ready) = get(&format!("http://{addr}/health/ready"), &[]).await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("up")));
+
+    let killed = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "exit 0 after SIGTERM");
+
+    let lines = reader.join().unwrap();
+    let json: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let access: Vec<_> = json
+        .iter()
+        .filter(|l| l["target"] == "chassis::access" && l["correlation_id"] == "hello-test-1")
+        .collect();
+    assert_eq!(access.len(), 1, "{lines:#?}");
+    assert_eq!(access[0]["route"], "/hello/v1/greetings/{name}");
+    assert_eq!(access[0]["status"], 200);
+    assert_eq!(access[0]["service"], "hello");
+    assert!(json.iter().any(|l| l["message"] == "stopped"), "{lines:#?}");
+    assert!(!lines.concat().contains("do-not-log-me"));
+}
+
+#[test]
+fn bad_configuration_exits_78_listing_every_problem() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hello"))
+        .env("CHASSIS_BIND", "not-an-address")
+        .env("CHASSIS_LOG_FORMAT", "xml")
+        .env("CHASSIS_MAX_BODY_BYTES", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("invalid configuration (3 problems):"),
+        "{stderr}"
+    );
+    for name in [
+        "CHASSIS_BIND",
+        "CHASSIS_LOG_FORMAT",
+        "CHASSIS_MAX_BODY_BYTES",
+    ] {
+        assert!(stderr.contains(name), "{name} missing: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn long_names_are_a_problem_document() {
+    let app = hello_service::service()
+        .config(chassis::Config::default())
+        .build()
+        .unwrap()
+        .router();
+    let req = http::Request::get(format!("/hello/v1/greetings/{}", "a".repeat(65)))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let body: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["detail"], "name is longer than 64 characters");
+    assert!(body["correlation_id"].is_string());
+}
