@@ -35,6 +35,9 @@
 //! | `CHASSIS_REQUEST_TIMEOUT_SECS` | `30` | longest time a request may take (504 after) |
 //! | `CHASSIS_MAX_BODY_BYTES` | `1048576` | largest request body (413 above) |
 //! | `CHASSIS_MAX_CONCURRENT_REQUESTS` | `1024` | requests in flight before shedding (503) |
+//! | `CHASSIS_AUTH_*` | none | token verification, see [`AuthConfig`](crate::auth::AuthConfig) |
+//! | `CHASSIS_AUDIT_FILE` | none | append audit events to this file (default: the log) |
+//! | `CHASSIS_AUDIT_QUEUE` | `8192` | audit events buffered before new ones are dropped (counted) |
 //!
 //! # Example
 //!
@@ -438,6 +441,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `CHASSIS_MAX_CONCURRENT_REQUESTS`.
     pub max_concurrent_requests: usize,
+    /// `CHASSIS_AUTH_*`: token verification, when configured.
+    pub auth: Option<crate::auth::AuthConfig>,
+    /// `CHASSIS_AUDIT_FILE`: append audit events to this file instead of the log.
+    pub audit_file: Option<std::path::PathBuf>,
+    /// `CHASSIS_AUDIT_QUEUE`: audit events buffered before new ones are dropped.
+    pub audit_queue: usize,
 }
 
 impl Default for Config {
@@ -451,6 +460,9 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
             max_concurrent_requests: 1024,
+            auth: None,
+            audit_file: None,
+            audit_queue: crate::audit::DEFAULT_QUEUE,
         }
     }
 }
@@ -501,6 +513,12 @@ impl Config {
         if max_concurrent_requests == 0 {
             r.problem("CHASSIS_MAX_CONCURRENT_REQUESTS", "must be at least 1");
         }
+        let auth = crate::auth::AuthConfig::read(r);
+        let audit_file = r.maybe("CHASSIS_AUDIT_FILE", "file to append audit events to");
+        let audit_queue = r.optional("CHASSIS_AUDIT_QUEUE", d.audit_queue, "audit events buffered");
+        if audit_queue == 0 {
+            r.problem("CHASSIS_AUDIT_QUEUE", "must be at least 1");
+        }
         Self {
             bind,
             log: log.0,
@@ -510,6 +528,9 @@ impl Config {
             request_timeout: Duration::from_secs(timeout.0.max(1)),
             max_body_bytes,
             max_concurrent_requests: max_concurrent_requests.max(1),
+            auth,
+            audit_file,
+            audit_queue: audit_queue.max(1),
         }
     }
 

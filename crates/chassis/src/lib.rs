@@ -29,8 +29,8 @@
 //! `/health/live`, `/health/ready`, `/metrics` and `/info`:
 //!
 //! ```no_run
-//! use axum::{Router, extract::Path, routing::get};
-//! use chassis::service::ServiceBuilder;
+//! use axum::extract::Path;
+//! use chassis::{api::{self, Api}, service::ServiceBuilder};
 //!
 //! async fn greet(Path(name): Path<String>) -> String {
 //!     format!("hello, {name}")
@@ -39,7 +39,7 @@
 //! #[tokio::main]
 //! async fn main() -> std::process::ExitCode {
 //!     ServiceBuilder::new("hello", 1)
-//!         .api(Router::new().route("/greetings/{name}", get(greet)))
+//!         .api(Api::new().route(api::get("/greetings/{name}", greet).public()))
 //!         .build_info(chassis::build_info!())
 //!         .run()
 //!         .await
@@ -66,10 +66,14 @@
 #[macro_use]
 mod macros;
 
+pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod correlation;
 pub mod health;
 pub mod metrics;
+pub mod permission;
 pub mod problem;
 pub mod protect;
 pub mod service;

@@ -20,8 +20,8 @@
 //! The whole of a service:
 //!
 //! ```no_run
-//! use axum::{Router, extract::Path, routing::get};
-//! use chassis::service::ServiceBuilder;
+//! use axum::extract::Path;
+//! use chassis::{api::{self, Api}, service::ServiceBuilder};
 //!
 //! async fn greet(Path(name): Path<String>) -> String {
 //!     format!("hello, {name}")
@@ -30,7 +30,7 @@
 //! #[tokio::main]
 //! async fn main() -> std::process::ExitCode {
 //!     ServiceBuilder::new("hello", 1)
-//!         .api(Router::new().route("/greetings/{name}", get(greet)))
+//!         .api(Api::new().route(api::get("/greetings/{name}", greet).public()))
 //!         .build_info(chassis::build_info!())
 //!         .run()
 //!         .await
@@ -40,15 +40,15 @@
 //! And how a test drives it without a socket:
 //!
 //! ```
-//! use axum::{Router, body::Body, routing::get};
-//! use chassis::{config::Config, service::ServiceBuilder};
+//! use axum::body::Body;
+//! use chassis::{api::{self, Api}, config::Config, service::ServiceBuilder};
 //! use http::Request;
 //! use tower::ServiceExt;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let service = ServiceBuilder::new("hello", 1)
-//!     .api(Router::new().route("/greetings", get(|| async { "hello" })))
+//!     .api(Api::new().route(api::get("/greetings", || async { "hello" }).public()))
 //!     .config(Config::default())
 //!     .build()
 //!     .unwrap();
@@ -72,10 +72,13 @@
 //!
 //! and for API routes only:
 //!
-//! 4. [`LoadShedLayer`], [`BodyLimitLayer`], [`RequestTimeoutLayer`];
-//! 5. the layers added with [`ServiceBuilder::api_layer`] (authentication,
-//!    authorization and audit go here), first added outermost;
-//! 6. [`CatchPanicLayer`] around the handler.
+//! 4. [`AuditLayer`](crate::audit::AuditLayer): one audit event per call;
+//! 5. [`LoadShedLayer`], [`BodyLimitLayer`], [`RequestTimeoutLayer`];
+//! 6. the layers added with [`ServiceBuilder::api_layer`], first added
+//!    outermost;
+//! 7. per route, the guard of [`crate::api`]: authentication, path
+//!    validation, authorization;
+//! 8. [`CatchPanicLayer`](crate::protect::CatchPanicLayer) around the handler.
 //!
 //! The panic catcher sits around the handler rather than outermost so that a
 //! panic is measured, logged and answered like any other 500, with the
@@ -105,12 +108,15 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder as Stack;
 
 use crate::{
+    api::Api,
+    audit::{AuditLayer, AuditSink, Auditor, LogSink},
+    auth::Verifier,
     config::{Config, Env},
     correlation::SetCorrelationIdLayer,
     health::{Check, CheckOptions, Health},
     metrics::HttpMetrics,
     problem::{EnsureProblemLayer, Problem},
-    protect::{BodyLimitLayer, CatchPanicLayer, LoadShedLayer, RequestTimeoutLayer},
+    protect::{BodyLimitLayer, LoadShedLayer, RequestTimeoutLayer},
     telemetry::ObserveLayer,
 };
 
@@ -155,12 +161,14 @@ type TaskFn = Box<dyn FnOnce(CancellationToken) -> Pin<Box<dyn Future<Output = (
 pub struct ServiceBuilder {
     name: String,
     version: u32,
-    api: Router,
+    api: Api,
     api_layers: Vec<ApiLayer>,
     health: Health,
     tasks: Vec<(String, TaskFn)>,
     config: Option<Config>,
     build_info: Option<BuildInfo>,
+    verifier: Option<Verifier>,
+    audit_sink: Option<Box<dyn FnOnce(&str, usize) -> Auditor + Send>>,
 }
 
 impl fmt::Debug for ServiceBuilder {
@@ -209,18 +217,35 @@ impl ServiceBuilder {
         Self {
             name: name.to_owned(),
             version,
-            api: Router::new(),
+            api: Api::new(),
             api_layers: Vec::new(),
             health: Health::new(),
             tasks: Vec::new(),
             config: None,
             build_info: None,
+            verifier: None,
+            audit_sink: None,
         }
     }
 
-    /// Adds API routes, mounted under `/<name>/v<version>`.
-    pub fn api(mut self, routes: Router) -> Self {
-        self.api = self.api.merge(routes);
+    /// Adds API routes, mounted under `/<name>/v<version>`. Every route
+    /// declares its access (see [`crate::api`]).
+    pub fn api(mut self, api: Api) -> Self {
+        self.api = self.api.merge(api);
+        self
+    }
+
+    /// Verifies tokens with `verifier` instead of one built from
+    /// `CHASSIS_AUTH_*`.
+    pub fn verifier(mut self, verifier: Verifier) -> Self {
+        self.verifier = Some(verifier);
+        self
+    }
+
+    /// Sends audit events to `sink` instead of the log (or
+    /// `CHASSIS_AUDIT_FILE`).
+    pub fn audit_sink(mut self, sink: impl AuditSink) -> Self {
+        self.audit_sink = Some(Box::new(move |name: &str, queue: usize| Auditor::new(name, sink, queue)));
         self
     }
 
@@ -299,13 +324,44 @@ impl ServiceBuilder {
                 Config::default()
             }),
         };
-        if !problems.is_empty() {
+        let verifier = match (self.verifier, &config.auth) {
+            (Some(v), _) => Some(v),
+            (None, Some(auth)) => match auth.verifier() {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    problems.extend(e.0);
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let prefix = format!("/{}/v{}", self.name, self.version);
+        let api = match self.api.build(&prefix, verifier.as_ref()) {
+            Ok(api) => Some(api),
+            Err(e) => {
+                problems.extend(e);
+                None
+            }
+        };
+        let auditor = match (self.audit_sink, &config.audit_file) {
+            (Some(make), _) => Some(make(&self.name, config.audit_queue)),
+            (None, Some(path)) => match crate::audit::FileSink::open(path) {
+                Ok(sink) => Some(Auditor::new(&self.name, sink, config.audit_queue)),
+                Err(e) => {
+                    problems.push(format!("CHASSIS_AUDIT_FILE: cannot open {}: {e}", path.display()));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let (Some(api), true) = (api, problems.is_empty()) else {
             return Err(BuildError { problems });
-        }
+        };
 
         let prometheus = crate::metrics::install_recorder();
         let metrics = HttpMetrics::new(self.name.clone());
         let shed = LoadShedLayer::new(config.max_concurrent_requests);
+        let auditor = auditor.unwrap_or_else(|| Auditor::new(&self.name, LogSink, config.audit_queue));
         let info = Arc::new(Info {
             service: self.name.clone(),
             api_version: self.version,
@@ -313,20 +369,30 @@ impl ServiceBuilder {
             started: SystemTime::now(),
             started_mono: Instant::now(),
         });
+        let mut tasks = self.tasks;
+        if let Some(v) = &verifier {
+            for (name, check, options) in v.health_checks() {
+                self.health.register(name, check, options);
+            }
+            for task in v.refresh_tasks() {
+                tasks.push(("jwks-refresh".to_owned(), Box::new(task)));
+            }
+        }
 
-        let mut api = self.api.layer(CatchPanicLayer::new());
+        let mut api = api;
         for layer in self.api_layers.into_iter().rev() {
             api = layer(api);
         }
         let api = api.layer(
             Stack::new()
+                .layer(AuditLayer::new(auditor.clone()))
                 .layer(shed.clone())
                 .layer(BodyLimitLayer::new(config.max_body_bytes))
                 .layer(DefaultBodyLimit::max(config.max_body_bytes))
                 .layer(RequestTimeoutLayer::new(config.request_timeout)),
         );
         let router = Router::new()
-            .nest(&format!("/{}/v{}", self.name, self.version), api)
+            .nest(&prefix, api)
             .route("/health/live", get(crate::health::live))
             .route(
                 "/health/ready",
@@ -351,9 +417,10 @@ impl ServiceBuilder {
             router,
             config,
             health: self.health,
-            tasks: self.tasks,
+            tasks,
             shed,
             prometheus,
+            auditor,
         })
     }
 
@@ -408,6 +475,7 @@ pub struct Service {
     tasks: Vec<(String, TaskFn)>,
     shed: LoadShedLayer,
     prometheus: PrometheusHandle,
+    auditor: Auditor,
 }
 
 impl fmt::Debug for Service {
@@ -435,6 +503,11 @@ impl Service {
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The audit queue.
+    pub fn auditor(&self) -> &Auditor {
+        &self.auditor
     }
 
     /// The handle that renders `/metrics`.
@@ -476,6 +549,7 @@ impl Service {
             tasks,
             shed,
             prometheus,
+            auditor,
         } = self;
 
         let stop_tasks = CancellationToken::new();
@@ -562,6 +636,8 @@ impl Service {
         if !cut.is_empty() {
             tracing::warn!(tasks = ?cut, "background tasks cut at the shutdown deadline");
         }
+        // Every call has been answered: write out what the audit queue holds.
+        let _ = tokio::task::spawn_blocking(move || auditor.flush()).await;
         tracing::info!(service = %name, "stopped");
         Ok(())
     }

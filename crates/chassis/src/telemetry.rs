@@ -277,6 +277,7 @@ where
             write_json_str(buf, meta.target());
             buf.extend_from_slice(b",\"service\":");
             write_json_str(buf, &self.service);
+            let mut has_request = false;
             if let Some(scope) = ctx.event_scope(event) {
                 for span in scope {
                     let ext = span.extensions();
@@ -285,11 +286,12 @@ where
                         write_json_str(buf, &f.correlation_id);
                         buf.extend_from_slice(b",\"trace_id\":");
                         write_json_str(buf, &f.trace_id);
+                        has_request = true;
                         break;
                     }
                 }
             }
-            event.record(&mut JsonFields { buf });
+            event.record(&mut JsonFields { buf, has_request });
             buf.extend_from_slice(b"}\n");
             let _ = self.make_writer.make_writer_for(meta).write_all(buf);
         });
@@ -299,13 +301,19 @@ where
 /// Writes event fields as `,"name":value`.
 struct JsonFields<'a> {
     buf: &'a mut Vec<u8>,
+    /// Whether the line carries a request span's ids already.
+    has_request: bool,
 }
 
 impl JsonFields<'_> {
     fn key(&mut self, field: &Field) {
         let name = field.name();
         self.buf.push(b',');
-        if RESERVED.contains(&name) {
+        let taken = match name {
+            "correlation_id" | "trace_id" => self.has_request,
+            _ => RESERVED.contains(&name),
+        };
+        if taken {
             self.buf.extend_from_slice(b"\"field.");
             escape_into(self.buf, name);
             self.buf.push(b'"');
@@ -417,7 +425,7 @@ fn escape_into(buf: &mut Vec<u8>, s: &str) {
 }
 
 /// Writes `t` as `YYYY-MM-DDTHH:MM:SS.uuuuuuZ`.
-fn write_rfc3339(buf: &mut Vec<u8>, t: SystemTime) {
+pub(crate) fn write_rfc3339(buf: &mut Vec<u8>, t: SystemTime) {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, routing};
+use chassis::api::{self, Api};
 use chassis::{
     Config,
     health::{CheckOptions, check_fn},
@@ -32,7 +32,7 @@ fn config() -> Config {
 #[tokio::test]
 async fn metrics_endpoint_follows_the_contract() {
     let svc = builder("serve-metrics")
-        .api(Router::new().route("/items/{id}", routing::get(|| async { "item" })))
+        .api(Api::new().route(api::get("/items/{id}", || async { "item" }).public()))
         .config(config())
         .build()
         .unwrap();
@@ -175,17 +175,14 @@ async fn readiness_turns_503_while_in_flight_requests_finish() {
     // Keep the listener open after the signal so readiness can be observed.
     cfg.shutdown_delay = Duration::from_secs(3600);
     let svc = builder("serve-ready")
-        .api(Router::new().route(
-            "/slow",
-            routing::get(move || {
+        .api(Api::new().route(api::get("/slow", move || {
                 let (e, r) = (e.clone(), r.clone());
                 async move {
                     e.notify_one();
                     r.notified().await;
                     "finished"
                 }
-            }),
-        ))
+            }).public()))
         .config(cfg)
         .build()
         .unwrap();
@@ -222,17 +219,14 @@ async fn shutdown_closes_the_listener_and_waits_for_in_flight_requests() {
     let task_stopped = Arc::new(AtomicBool::new(false));
     let stopped = task_stopped.clone();
     let svc = builder("serve-drain")
-        .api(Router::new().route(
-            "/slow",
-            routing::get(move || {
+        .api(Api::new().route(api::get("/slow", move || {
                 let (e, r) = (e.clone(), r.clone());
                 async move {
                     e.notify_one();
                     r.notified().await;
                     "finished"
                 }
-            }),
-        ))
+            }).public()))
         .background("worker", move |token| async move {
             token.cancelled().await;
             stopped.store(true, Ordering::SeqCst);
@@ -270,16 +264,13 @@ async fn grace_deadline_cuts_requests_that_never_finish() {
     let mut cfg = config();
     cfg.shutdown_grace = Duration::from_millis(1500);
     let svc = builder("serve-grace")
-        .api(Router::new().route(
-            "/hang",
-            routing::get(move || {
+        .api(Api::new().route(api::get("/hang", move || {
                 let e = e.clone();
                 async move {
                     e.notify_one();
                     std::future::pending::<&'static str>().await
                 }
-            }),
-        ))
+            }).public()))
         .config(cfg)
         .build()
         .unwrap();
@@ -351,10 +342,7 @@ async fn failing_and_hanging_checks_over_http() {
 #[tokio::test]
 async fn correlation_over_the_wire() {
     let svc = builder("serve-corr")
-        .api(Router::new().route(
-            "/id",
-            routing::get(|id: chassis::correlation::CorrelationId| async move { id.to_string() }),
-        ))
+        .api(Api::new().route(api::get("/id", |id: chassis::correlation::CorrelationId| async move { id.to_string() }).public()))
         .config(config())
         .build()
         .unwrap();

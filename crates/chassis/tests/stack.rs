@@ -4,7 +4,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{Router, body::Body, routing::get, routing::post};
+use axum::{Router, body::Body};
+use chassis::api::{self, Api};
 use chassis::{Config, ServiceBuilder};
 use http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
@@ -20,40 +21,28 @@ fn config() -> Config {
 }
 
 fn service(name: &str, hold: Arc<Notify>) -> chassis::Service {
-    let api = Router::new()
-        .route("/ok", get(|| async { "ok" }))
-        .route("/items/{id}", get(|| async { "item" }))
-        .route(
-            "/slow",
-            get(|| async {
+    let api = Api::new()
+        .route(api::get("/ok", || async { "ok" }).public())
+        .route(api::get("/items/{id}", || async { "item" }).public())
+        .route(api::get("/slow", || async {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 "late"
-            }),
-        )
-        .route(
-            "/panic",
-            get(|| async {
+            }).public())
+        .route(api::get("/panic", || async {
                 if true {
                     panic!("password=hunter2");
                 }
                 "unreachable"
-            }),
-        )
-        .route("/echo", post(|body: bytes::Bytes| async move { body }))
-        .route(
-            "/json",
-            post(|axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) }),
-        )
-        .route(
-            "/hold",
-            get(move || {
+            }).public())
+        .route(api::post("/echo", |body: bytes::Bytes| async move { body }).public())
+        .route(api::post("/json", |axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) }).public())
+        .route(api::get("/hold", move || {
                 let hold = hold.clone();
                 async move {
                     hold.notified().await;
                     "released"
                 }
-            }),
-        );
+            }).public());
     ServiceBuilder::new(name, 1)
         .api(api)
         .config(config())
@@ -280,7 +269,7 @@ async fn api_layers_run_inside_the_protection_layers() {
     }
     use axum::response::IntoResponse;
     let svc = ServiceBuilder::new("stack-i", 1)
-        .api(Router::new().route("/ok", get(|| async { "ok" })))
+        .api(Api::new().route(api::get("/ok", || async { "ok" }).public()))
         .api_layer(from_fn(gate))
         .config(config())
         .build()

@@ -5,8 +5,11 @@
 //! Run with `cargo run -p hello-service`, then
 //! `curl -i localhost:8080/hello/v1/greetings/ann`.
 
-use axum::{Json, Router, extract::Path, routing::get};
-use chassis::{Problem, ServiceBuilder};
+use axum::{Json, extract::Path};
+use chassis::{
+    Problem, ServiceBuilder,
+    api::{self, Api},
+};
 use http::StatusCode;
 use serde::Serialize;
 
@@ -31,6 +34,6 @@ async fn greet(Path(name): Path<String>) -> Result<Json<Greeting>, Problem> {
 /// The service: `GET /hello/v1/greetings/{name}`.
 pub fn service() -> ServiceBuilder {
     ServiceBuilder::new("hello", 1)
-        .api(Router::new().route("/greetings/{name}", get(greet)))
+        .api(Api::new().route(api::get("/greetings/{name}", greet).public()))
         .build_info(chassis::build_info!())
 }

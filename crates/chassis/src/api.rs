@@ -1,0 +1,584 @@
+//! The API route table: every route says who may call it.
+//!
+//! # The standard
+//!
+//! **Deny by default.** Every API route declares, next to its definition,
+//! either the permission it requires or that it is public. A service with a
+//! route that declares neither does not start: building it fails and names
+//! the route. The requirement is a template filled from the path, e.g.
+//! `ticketing:{account}:create:ticket`; the path value is validated against
+//! the segment's grammar first (see [`permission`](crate::permission)), and
+//! a value outside it answers 404 before any authorization, so no path can
+//! turn a requirement into a wildcard.
+//!
+//! Every call to a route that requires a permission is **authenticated**
+//! ([`auth`](crate::auth)), **authorized** (the caller's grants must allow
+//! the filled-in permission; deny wins; no grant means 403) and **audited**
+//! ([`audit`](crate::audit)), by the chassis, before the handler runs. The
+//! handler receives what was checked: the [`Principal`], the validated
+//! [`AccountId`], and an [`Authz`] handle for resource-level checks (such as
+//! "only the owner may cancel") that go through the same decision and audit
+//! path.
+//!
+//! Naming permissions: `service:account:operation:object`, all lowercase:
+//! the service's own name; `{account}` for per-account resources (empty for
+//! the rest); a verb (`view`, `create`, `update`, `delete`, or a domain verb
+//! such as `reserve`); the singular noun of the resource (`ticket`).
+//!
+//! | request | answer | audited as |
+//! |---|---|---|
+//! | no token, or a bad one | 401 + `reason` | `unauthenticated` |
+//! | account in the path outside the grammar (`*`, `%2A`, `1%3Acreate`, `1,2`, too long) | 404 | `rejected`, `invalid_path` |
+//! | valid token, permission not granted (or denied) | 403 naming the permission | `deny`, `forbidden` |
+//! | valid token, permission granted | the handler's answer | `allow` |
+//! | public route | the handler's answer | `allow`, `public` |
+//!
+//! # Example
+//!
+//! A service with three routes:
+//!
+//! ```
+//! use axum::Json;
+//! use chassis::{
+//!     api::{self, Api, Authz},
+//!     auth::Principal,
+//!     permission::{AccountId, Permission},
+//! };
+//!
+//! async fn list(account: AccountId) -> Json<Vec<String>> {
+//!     Json(vec![format!("tickets of {account}")])
+//! }
+//!
+//! async fn cancel(account: AccountId, authz: Authz) -> Result<&'static str, api::Forbidden> {
+//!     // A resource-level check, recorded in the same audit event.
+//!     let owner_only = Permission::new("ticketing", Some(&account), "cancel", "own-ticket").unwrap();
+//!     authz.check(&owner_only)?;
+//!     Ok("cancelled")
+//! }
+//!
+//! async fn status() -> &'static str {
+//!     "open"
+//! }
+//!
+//! let api = Api::new()
+//!     .route(api::get("/{account}/tickets", list).requires("ticketing:{account}:view:ticket"))
+//!     .route(api::delete("/{account}/tickets/{id}", cancel).requires("ticketing:{account}:delete:ticket"))
+//!     .route(api::get("/status", status).public());
+//! # let _ = api;
+//! ```
+
+use std::{
+    collections::HashSet,
+    convert::Infallible,
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use axum::{
+    Router,
+    extract::{FromRequestParts, RawPathParams, Request},
+    handler::Handler,
+    response::{IntoResponse, Response},
+    routing::{MethodRouter, on},
+};
+use http::{Method, StatusCode, request::Parts};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::{
+    audit::{AuditDecision, AuditNote},
+    auth::{Principal, Reason, Verifier},
+    permission::{AccountId, Decision, Permission, PermissionTemplate},
+    problem::Problem,
+    protect::CatchPanicLayer,
+};
+
+/// Who may call a route.
+#[derive(Debug, Clone)]
+enum Access {
+    Public,
+    Permission(PermissionTemplate),
+}
+
+/// One route: a method, a path, a handler and its access declaration.
+#[must_use = "add it to an `Api` with `Api::route`"]
+pub struct Endpoint {
+    method: Method,
+    path: String,
+    router: MethodRouter,
+    access: Option<Result<Access, String>>,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// A route for `method` at `path` served by `router` (e.g.
+    /// `axum::routing::get(handler).with_state(state)`).
+    pub fn new(method: Method, path: &str, router: MethodRouter) -> Self {
+        Self { method, path: path.to_owned(), router, access: None }
+    }
+
+    /// Requires the permission `template` (e.g. `ticketing:{account}:view:ticket`),
+    /// its placeholders filled from this route's path parameters.
+    pub fn requires(mut self, template: &str) -> Self {
+        self.access = Some(
+            template
+                .parse()
+                .map(Access::Permission)
+                .map_err(|e| format!("invalid permission `{template}`: {e}")),
+        );
+        self
+    }
+
+    /// Marks the route public: no authentication, no authorization (still
+    /// audited).
+    pub fn public(mut self) -> Self {
+        self.access = Some(Ok(Access::Public));
+        self
+    }
+}
+
+fn filter(method: &Method) -> axum::routing::MethodFilter {
+    use axum::routing::MethodFilter as F;
+    match *method {
+        Method::GET => F::GET,
+        Method::POST => F::POST,
+        Method::PUT => F::PUT,
+        Method::PATCH => F::PATCH,
+        Method::DELETE => F::DELETE,
+        Method::HEAD => F::HEAD,
+        Method::OPTIONS => F::OPTIONS,
+        _ => F::TRACE,
+    }
+}
+
+macro_rules! method_fn {
+    ($name:ident, $method:ident) => {
+        #[doc = concat!("A `", stringify!($method), "` route; declare its access with [`Endpoint::requires`] or [`Endpoint::public`].")]
+        pub fn $name<H, T>(path: &str, handler: H) -> Endpoint
+        where
+            H: Handler<T, ()>,
+            T: 'static,
+        {
+            Endpoint::new(Method::$method, path, on(filter(&Method::$method), handler))
+        }
+    };
+}
+
+method_fn!(get, GET);
+method_fn!(post, POST);
+method_fn!(put, PUT);
+method_fn!(patch, PATCH);
+method_fn!(delete, DELETE);
+
+/// The routes of a service's API; see the [module docs](self).
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Api {
+    endpoints: Vec<Endpoint>,
+}
+
+impl Api {
+    /// No routes yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a route.
+    pub fn route(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Adds every route of `other`.
+    pub fn merge(mut self, other: Api) -> Self {
+        self.endpoints.extend(other.endpoints);
+        self
+    }
+
+    /// The router, each route wrapped in its guard and the panic catcher; or
+    /// every problem, each naming its route.
+    pub(crate) fn build(self, prefix: &str, verifier: Option<&Verifier>) -> Result<Router, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut seen = HashSet::new();
+        let mut router = Router::new();
+        for e in self.endpoints {
+            let name = format!("{} {prefix}{}", e.method, e.path);
+            if !e.path.starts_with('/') {
+                problems.push(format!("{name}: the path must start with `/`"));
+                continue;
+            }
+            if !seen.insert((e.method.clone(), e.path.clone())) {
+                problems.push(format!("{name}: declared twice"));
+                continue;
+            }
+            let access = match e.access {
+                None => {
+                    problems.push(format!(
+                        "{name}: declares neither a permission (`.requires(..)`) nor `.public()`; API routes are denied by default"
+                    ));
+                    continue;
+                }
+                Some(Err(msg)) => {
+                    problems.push(format!("{name}: {msg}"));
+                    continue;
+                }
+                Some(Ok(a)) => a,
+            };
+            if let Access::Permission(t) = &access {
+                let params = path_params(&e.path);
+                for p in t.params() {
+                    if !params.contains(p) {
+                        problems.push(format!("{name}: placeholder `{{{p}}}` of `{t}` is not a path parameter"));
+                    }
+                }
+                if verifier.is_none() {
+                    problems.push(format!(
+                        "{name}: requires `{t}` but no token verifier is configured (set CHASSIS_AUTH_ISSUER, or give the builder a Verifier)"
+                    ));
+                }
+            }
+            let guard = GuardLayer { access: Arc::new(access), verifier: verifier.cloned() };
+            let method_router = e.router.layer(CatchPanicLayer::new()).route_layer(guard);
+            router = router.route(&e.path, method_router);
+        }
+        if problems.is_empty() { Ok(router) } else { Err(problems) }
+    }
+}
+
+/// Names of the `{param}` segments of a route path.
+fn path_params(path: &str) -> HashSet<&str> {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|p| p.trim_start_matches('*'))
+        .collect()
+}
+
+/// The 403 of a permission that is not granted; names the permission.
+#[derive(Debug, Clone)]
+pub struct Forbidden {
+    permission: Permission,
+}
+
+impl Forbidden {
+    /// The permission that was required.
+    pub fn permission(&self) -> &Permission {
+        &self.permission
+    }
+}
+
+impl IntoResponse for Forbidden {
+    fn into_response(self) -> Response {
+        Problem::new(StatusCode::FORBIDDEN)
+            .with_detail(format!("The caller lacks the permission `{}`.", self.permission))
+            .with_member("reason", Reason::Forbidden.code())
+            .with_member("permission", self.permission.as_str())
+            .into_response()
+    }
+}
+
+/// Resource-level authorization inside a handler, through the same decision
+/// and audit path as the route's own check.
+#[derive(Debug, Clone)]
+pub struct Authz {
+    principal: Principal,
+    note: Option<AuditNote>,
+}
+
+impl Authz {
+    /// The caller.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// Allows when the caller's grants allow `permission`; otherwise records
+    /// the denial in the call's audit event and returns the 403.
+    ///
+    /// # Errors
+    ///
+    /// [`Forbidden`] naming the permission.
+    pub fn check(&self, permission: &Permission) -> Result<(), Forbidden> {
+        if self.principal.grants().decide(permission).is_allowed() {
+            return Ok(());
+        }
+        self.deny(permission);
+        Err(Forbidden { permission: permission.clone() })
+    }
+
+    /// Records a denial decided by the handler itself (e.g. the caller is
+    /// not the owner) and returns the 403.
+    pub fn deny(&self, permission: &Permission) -> Forbidden {
+        if let Some(note) = &self.note {
+            note.update(|n| {
+                n.permission = Some(permission.clone());
+                n.decision = Some((AuditDecision::Deny, Some(Reason::Forbidden.code())));
+            });
+        }
+        Forbidden { permission: permission.clone() }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Authz {
+    type Rejection = crate::auth::AuthError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        Ok(Self { principal, note: parts.extensions.get::<AuditNote>().cloned() })
+    }
+}
+
+/// Extracts the account the chassis validated and authorised; 404 on a route
+/// without an account.
+impl<S: Send + Sync> FromRequestParts<S> for AccountId {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Self>().cloned().ok_or_else(Problem::not_found)
+    }
+}
+
+/// Per-route layer: authenticate, validate the path, authorize.
+#[derive(Clone)]
+struct GuardLayer {
+    access: Arc<Access>,
+    verifier: Option<Verifier>,
+}
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Guard { inner, access: self.access.clone(), verifier: self.verifier.clone() }
+    }
+}
+
+/// Service built by the guard layer.
+#[derive(Clone)]
+pub struct Guard<S> {
+    inner: S,
+    access: Arc<Access>,
+    verifier: Option<Verifier>,
+}
+
+impl<S> fmt::Debug for Guard<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard").field("access", &self.access).finish_non_exhaustive()
+    }
+}
+
+/// Runs an async fn that never waits (axum's path extractor) to completion.
+fn now<F: Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
+/// Checks `principal` against the route's template; the request to pass on,
+/// or the answer.
+fn authorize(template: &PermissionTemplate, principal: Principal, req: Request) -> Result<Request, Response> {
+    let note = req.extensions().get::<AuditNote>().cloned();
+    let record = |f: &dyn Fn(&mut crate::audit::Note)| {
+        if let Some(n) = &note {
+            n.update(|x| f(x));
+        }
+    };
+    record(&|n| n.principal = Some(principal.clone()));
+    let (mut parts, body) = req.into_parts();
+    let params = now(RawPathParams::from_request_parts(&mut parts, &())).and_then(Result::ok);
+    let lookup = |name: &str| params.as_ref()?.iter().find(|(k, _)| *k == name).map(|(_, v)| v);
+    let (permission, account) = match template.fill(lookup) {
+        Ok(filled) => filled,
+        Err(param) => {
+            tracing::debug!(param, "path parameter outside its grammar; refused before authorization");
+            record(&|n| n.decision = Some((AuditDecision::Rejected, Some("invalid_path"))));
+            return Err(Problem::not_found().into_response());
+        }
+    };
+    record(&|n| {
+        n.permission = Some(permission.clone());
+        n.account = account.clone();
+    });
+    match principal.grants().decide(&permission) {
+        Decision::Allow => {
+            record(&|n| n.decision = Some((AuditDecision::Allow, None)));
+            if let Some(a) = account {
+                parts.extensions.insert(a);
+            }
+            parts.extensions.insert(principal);
+            Ok(Request::from_parts(parts, body))
+        }
+        Decision::DeniedExplicitly | Decision::NoGrant => {
+            record(&|n| n.decision = Some((AuditDecision::Deny, Some(Reason::Forbidden.code()))));
+            Err(Forbidden { permission }.into_response())
+        }
+    }
+}
+
+fn unauthenticated(req: &Request, reason: Reason) -> Response {
+    if let Some(note) = req.extensions().get::<AuditNote>() {
+        note.denied(reason);
+    }
+    reason.problem().into_response()
+}
+
+impl<S> Service<Request> for Guard<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = GuardFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let template = match &*self.access {
+            Access::Public => {
+                if let Some(note) = req.extensions().get::<AuditNote>() {
+                    note.update(|n| n.decision = Some((AuditDecision::Allow, Some("public"))));
+                }
+                return GuardFuture::inner(self.inner.call(req));
+            }
+            Access::Permission(t) => t,
+        };
+        let Some(verifier) = &self.verifier else {
+            // The builder refuses this; answer as a misconfiguration would.
+            return GuardFuture::ready(Problem::internal().into_response());
+        };
+        match verifier.verify_cached(req.headers()) {
+            Some(Ok(principal)) => match authorize(template, principal, req) {
+                Ok(req) => GuardFuture::inner(self.inner.call(req)),
+                Err(res) => GuardFuture::ready(res),
+            },
+            Some(Err(e)) => GuardFuture::ready(unauthenticated(&req, e.reason())),
+            None => {
+                // Not cached: verify (may fetch keys), then go on.
+                let verifier = verifier.clone();
+                let access = self.access.clone();
+                let inner = self.inner.clone();
+                GuardFuture::slow(Box::pin(async move {
+                    let Access::Permission(template) = &*access else {
+                        unreachable!("public routes return above")
+                    };
+                    match verifier.verify(req.headers()).await {
+                        Ok(principal) => match authorize(template, principal, req) {
+                            Ok(req) => inner.oneshot(req).await,
+                            Err(res) => Ok(res),
+                        },
+                        Err(e) => Ok(unauthenticated(&req, e.reason())),
+                    }
+                }))
+            }
+        }
+    }
+}
+
+type SlowFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+pin_project! {
+    /// Response future of [`Guard`].
+    pub struct GuardFuture<F> {
+        #[pin]
+        kind: GuardKind<F>,
+    }
+}
+
+pin_project! {
+    #[project = GuardProj]
+    enum GuardKind<F> {
+        Inner { #[pin] inner: F },
+        Ready { response: Option<Response> },
+        Slow { fut: SlowFuture },
+    }
+}
+
+impl<F> GuardFuture<F> {
+    fn inner(inner: F) -> Self {
+        Self { kind: GuardKind::Inner { inner } }
+    }
+
+    fn ready(response: Response) -> Self {
+        Self { kind: GuardKind::Ready { response: Some(response) } }
+    }
+
+    fn slow(fut: SlowFuture) -> Self {
+        Self { kind: GuardKind::Slow { fut } }
+    }
+}
+
+impl<F> fmt::Debug for GuardFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GuardFuture")
+    }
+}
+
+impl<F> Future for GuardFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            GuardProj::Inner { inner } => inner.poll(cx),
+            GuardProj::Ready { response } => Poll::Ready(Ok(response.take().expect("polled after completion"))),
+            GuardProj::Slow { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn ok() -> &'static str {
+        "ok"
+    }
+
+    #[test]
+    fn undeclared_routes_fail_the_build_by_name() {
+        let api = Api::new()
+            .route(get("/{account}/tickets", ok).requires("ticketing:{account}:view:ticket"))
+            .route(post("/{account}/tickets", ok))
+            .route(get("/status", ok).public())
+            .route(get("/{id}/things", ok).requires("ticketing:{account}:view:thing"))
+            .route(get("/bad", ok).requires("ticketing:*:view:ticket"))
+            .route(get("/status", ok).public());
+        let problems = api.build("/ticketing/v1", None).unwrap_err();
+        let text = problems.join("\n");
+        assert!(text.contains("POST /ticketing/v1/{account}/tickets: declares neither"), "{text}");
+        assert!(text.contains("GET /ticketing/v1/{id}/things: placeholder `{account}`"), "{text}");
+        assert!(text.contains("GET /ticketing/v1/bad: invalid permission"), "{text}");
+        assert!(text.contains("GET /ticketing/v1/status: declared twice"), "{text}");
+        assert!(text.contains("no token verifier is configured"), "{text}");
+    }
+
+    #[test]
+    fn public_only_apis_need_no_verifier() {
+        let api = Api::new().route(get("/status", ok).public());
+        assert!(api.build("/x/v1", None).is_ok());
+    }
+
+    #[test]
+    fn path_params_are_found() {
+        let p = path_params("/{account}/tickets/{id}/{*rest}");
+        assert!(p.contains("account") && p.contains("id") && p.contains("rest"));
+    }
+}

@@ -1,0 +1,654 @@
+//! Audit: one record per API call, whatever its outcome.
+//!
+//! # The standard
+//!
+//! Every API call produces **exactly one** audit event: allowed, denied,
+//! unauthenticated, or rejected before authorization (an invalid account in
+//! the path, load shedding, a body too large). The event answers who did
+//! what to which resource, and what came of it:
+//!
+//! | field | example |
+//! |---|---|
+//! | `time` | `2026-11-21T22:36:19.123456Z` |
+//! | `service` | `ticketing` |
+//! | `correlation_id` | `0193…` |
+//! | `subject`, `subject_kind` | `ann`, `user` (or `anonymous`) |
+//! | `method`, `route` | `POST`, `/ticketing/v1/{account}/tickets` (the template) |
+//! | `account` | `67000001` (the validated one) |
+//! | `permission` | `ticketing:67000001:create:ticket` |
+//! | `decision`, `reason` | `allow` / `deny` / `unauthenticated` / `rejected`, and the reason code |
+//! | `status`, `latency_ms` | `201`, `3.2` |
+//! | `mutation` | `true` for a successful POST, PUT, PATCH or DELETE |
+//!
+//! Auditing never slows a request: events go through a bounded queue to a
+//! writer thread. When the queue is full the event is dropped, **counted**
+//! (`audit_events_dropped_total`) and logged, never silently lost; every
+//! event is counted by decision (`audit_events_total{decision}`). Shutdown
+//! flushes the queue.
+//!
+//! # How the chassis does it
+//!
+//! The service builder puts [`AuditLayer`] around every API route, outside
+//! the protection layers; the permission guard inside records the decision
+//! into the request's audit note. Events go to an [`AuditSink`]: the default
+//! [`LogSink`] writes one JSON log line per event under the `audit` target;
+//! [`FileSink`] appends JSON lines to a file and syncs them to disk
+//! (`CHASSIS_AUDIT_FILE`).
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use chassis::audit::{AuditEvent, AuditSink, Auditor};
+//!
+//! #[derive(Clone, Default)]
+//! struct Memory(Arc<Mutex<Vec<String>>>);
+//! impl AuditSink for Memory {
+//!     fn write(&self, events: &[AuditEvent]) -> std::io::Result<()> {
+//!         let mut out = self.0.lock().unwrap();
+//!         out.extend(events.iter().map(|e| e.decision.as_str().to_owned()));
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let memory = Memory::default();
+//! let auditor = Auditor::new("ticketing", memory.clone(), 1024);
+//! auditor.record(AuditEvent::example());
+//! auditor.flush();
+//! assert_eq!(*memory.0.lock().unwrap(), ["allow"]);
+//! ```
+
+use std::{
+    fmt,
+    future::Future,
+    io::Write as _,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    task::{Context, Poll, ready},
+    time::{Duration, SystemTime},
+};
+
+use axum::{extract::MatchedPath, response::Response};
+use http::{Method, Request};
+use pin_project_lite::pin_project;
+use serde::Serialize;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::{
+    auth::{Principal, Reason},
+    correlation::CorrelationId,
+    permission::{AccountId, Permission},
+};
+
+/// Default queue length.
+pub const DEFAULT_QUEUE: usize = 8192;
+/// Events written per batch at most.
+const BATCH: usize = 256;
+
+/// The outcome recorded for a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDecision {
+    /// Allowed (or a public route).
+    Allow,
+    /// Authenticated but not allowed.
+    Deny,
+    /// No valid token.
+    Unauthenticated,
+    /// Refused before authorization: bad input, overload, no such method.
+    Rejected,
+}
+
+impl AuditDecision {
+    /// `allow`, `deny`, `unauthenticated` or `rejected`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// One audit record; see the [module docs](self) for the fields.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEvent {
+    /// When the call ended.
+    #[serde(serialize_with = "serialize_time")]
+    pub time: SystemTime,
+    /// The service.
+    pub service: Arc<str>,
+    /// The correlation id.
+    pub correlation_id: Option<CorrelationId>,
+    /// The caller's `sub`, or `anonymous`.
+    pub subject: Arc<str>,
+    /// `user`, `service` or `anonymous`.
+    pub subject_kind: &'static str,
+    /// The HTTP method.
+    #[serde(serialize_with = "serialize_method")]
+    pub method: Method,
+    /// The route template.
+    pub route: Arc<str>,
+    /// The validated account, if the route has one.
+    pub account: Option<AccountId>,
+    /// The permission required, if one was.
+    pub permission: Option<Permission>,
+    /// The outcome.
+    pub decision: AuditDecision,
+    /// The reason code (`forbidden`, `expired`, `public`, `overloaded`, ...).
+    pub reason: Option<&'static str>,
+    /// The response status.
+    pub status: u16,
+    /// How long the call took, in milliseconds.
+    pub latency_ms: f64,
+    /// Whether it was a successful create, update or delete.
+    pub mutation: bool,
+}
+
+fn serialize_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let mut buf = Vec::with_capacity(32);
+    crate::telemetry::write_rfc3339(&mut buf, *t);
+    s.serialize_str(std::str::from_utf8(&buf).unwrap_or_default())
+}
+
+fn serialize_method<S: serde::Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
+}
+
+impl AuditEvent {
+    /// A plausible allowed call, for examples and tests.
+    #[doc(hidden)]
+    pub fn example() -> Self {
+        Self {
+            time: SystemTime::UNIX_EPOCH,
+            service: "ticketing".into(),
+            correlation_id: CorrelationId::parse("example"),
+            subject: "ann".into(),
+            subject_kind: "user",
+            method: Method::POST,
+            route: "/ticketing/v1/{account}/tickets".into(),
+            account: AccountId::parse("67000001").ok(),
+            permission: "ticketing:67000001:create:ticket".parse().ok(),
+            decision: AuditDecision::Allow,
+            reason: None,
+            status: 201,
+            latency_ms: 1.0,
+            mutation: true,
+        }
+    }
+}
+
+/// Where audit events go. `write` runs on the audit thread, never on a
+/// request's, so it may block (e.g. to sync a file).
+pub trait AuditSink: Send + Sync + 'static {
+    /// Writes a batch of events.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error; the events are counted as dropped and logged.
+    fn write(&self, events: &[AuditEvent]) -> std::io::Result<()>;
+
+    /// Makes written events durable.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes each event as a log line under the `audit` target (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogSink;
+
+impl AuditSink for LogSink {
+    fn write(&self, events: &[AuditEvent]) -> std::io::Result<()> {
+        for e in events {
+            tracing::info!(
+                target: "audit",
+                correlation_id = e.correlation_id.as_ref().map(CorrelationId::as_str),
+                subject = &*e.subject,
+                subject_kind = e.subject_kind,
+                method = e.method.as_str(),
+                route = &*e.route,
+                account = e.account.as_ref().map(AccountId::as_str),
+                permission = e.permission.as_ref().map(Permission::as_str),
+                decision = e.decision.as_str(),
+                reason = e.reason,
+                status = e.status,
+                latency_ms = e.latency_ms,
+                mutation = e.mutation,
+                "audit"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Appends events as JSON lines to a file, synced to disk after each batch.
+#[derive(Debug)]
+pub struct FileSink {
+    path: PathBuf,
+    file: Mutex<std::fs::File>,
+}
+
+impl FileSink {
+    /// Opens (or creates) `path` for appending.
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be opened.
+    pub fn open(path: impl AsRef<Path>) -> std::io::Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(Self { path, file: Mutex::new(file) })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AuditSink for FileSink {
+    fn write(&self, events: &[AuditEvent]) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(events.len() * 320);
+        for e in events {
+            serde_json::to_writer(&mut buf, e)?;
+            buf.push(b'\n');
+        }
+        let mut file = self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        file.write_all(&buf)?;
+        file.sync_data()
+    }
+}
+
+enum Msg {
+    Event(Box<AuditEvent>),
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// The queue in front of a sink, and the thread that drains it.
+///
+/// Cheap to clone. Dropping the last clone stops the thread after it has
+/// written what is queued.
+#[derive(Clone)]
+pub struct Auditor {
+    inner: Arc<AuditorInner>,
+}
+
+struct AuditorInner {
+    service: Arc<str>,
+    tx: mpsc::SyncSender<Msg>,
+    dropped: AtomicU64,
+    counters: [metrics::Counter; 4],
+    dropped_counter: metrics::Counter,
+}
+
+impl fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auditor")
+            .field("service", &self.inner.service)
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auditor {
+    /// Starts the writer thread for `sink` with a queue of `capacity` events.
+    pub fn new(service: &str, sink: impl AuditSink, capacity: usize) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<Msg>(capacity.max(1));
+        let service: Arc<str> = service.into();
+        let counter = |decision: AuditDecision| {
+            metrics::counter!("audit_events_total", "service" => service.to_string(), "decision" => decision.as_str())
+        };
+        let counters = [
+            counter(AuditDecision::Allow),
+            counter(AuditDecision::Deny),
+            counter(AuditDecision::Unauthenticated),
+            counter(AuditDecision::Rejected),
+        ];
+        let dropped_counter = metrics::counter!("audit_events_dropped_total", "service" => service.to_string());
+        let thread_dropped = dropped_counter.clone();
+        std::thread::Builder::new()
+            .name("chassis-audit".to_owned())
+            .spawn(move || drain(&rx, &sink, &thread_dropped))
+            .expect("the audit thread can be spawned");
+        Self {
+            inner: Arc::new(AuditorInner { service, tx, dropped: AtomicU64::new(0), counters, dropped_counter }),
+        }
+    }
+
+    /// The service.
+    pub fn service(&self) -> &Arc<str> {
+        &self.inner.service
+    }
+
+    /// Queues an event; never blocks. A full queue drops it, counted.
+    pub fn record(&self, event: AuditEvent) {
+        let i = event.decision as usize;
+        self.inner.counters[i].increment(1);
+        if self.inner.tx.try_send(Msg::Event(Box::new(event))).is_err() {
+            let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            self.inner.dropped_counter.increment(1);
+            if n == 1 || n.is_power_of_two() {
+                tracing::warn!(dropped_total = n, "audit queue full; event dropped");
+            }
+        }
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits until everything queued so far is written and flushed.
+    pub fn flush(&self) {
+        let (ack, done) = mpsc::sync_channel(1);
+        if self.inner.tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(Duration::from_secs(30));
+        }
+    }
+}
+
+fn drain(rx: &mpsc::Receiver<Msg>, sink: &dyn AuditSink, dropped: &metrics::Counter) {
+    let mut batch: Vec<AuditEvent> = Vec::with_capacity(BATCH);
+    let mut acks = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                Msg::Event(e) => batch.push(*e),
+                Msg::Flush(ack) => acks.push(ack),
+            }
+            next = if batch.len() < BATCH { rx.try_recv().ok() } else { None };
+        }
+        if !batch.is_empty() {
+            if let Err(e) = sink.write(&batch) {
+                dropped.increment(batch.len() as u64);
+                tracing::error!(error = %e, events = batch.len(), "audit sink failed; events dropped");
+            }
+            batch.clear();
+        }
+        if !acks.is_empty() {
+            if let Err(e) = sink.flush() {
+                tracing::error!(error = %e, "audit sink flush failed");
+            }
+            for ack in acks.drain(..) {
+                let _ = ack.send(());
+            }
+        }
+    }
+}
+
+/// What the layers inside learned about a call, for its audit event.
+#[derive(Debug, Default)]
+pub(crate) struct Note {
+    pub(crate) principal: Option<Principal>,
+    pub(crate) account: Option<AccountId>,
+    pub(crate) permission: Option<Permission>,
+    pub(crate) decision: Option<(AuditDecision, Option<&'static str>)>,
+}
+
+/// The audit note of one request, shared by the layers that decide.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AuditNote(pub(crate) Arc<Mutex<Note>>);
+
+impl AuditNote {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Note)) {
+        f(&mut self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
+    pub(crate) fn denied(&self, reason: Reason) {
+        let decision = match reason {
+            Reason::Forbidden => AuditDecision::Deny,
+            _ => AuditDecision::Unauthenticated,
+        };
+        self.update(|n| n.decision = Some((decision, Some(reason.code()))));
+    }
+}
+
+/// Layer that writes one audit event per call; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct AuditLayer {
+    auditor: Auditor,
+}
+
+impl AuditLayer {
+    /// Records into `auditor`.
+    pub fn new(auditor: Auditor) -> Self {
+        Self { auditor }
+    }
+}
+
+impl<S> Layer<S> for AuditLayer {
+    type Service = Audit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Audit { inner, auditor: self.auditor.clone() }
+    }
+}
+
+/// Service built by [`AuditLayer`].
+#[derive(Debug, Clone)]
+pub struct Audit<S> {
+    inner: S,
+    auditor: Auditor,
+}
+
+impl<S> Audit<S> {
+    define_inner_service_accessors!();
+}
+
+impl<S, B> Service<Request<B>> for Audit<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let note = AuditNote::default();
+        req.extensions_mut().insert(note.clone());
+        let pending = Pending {
+            start: Instant::now(),
+            method: req.method().clone(),
+            route: req.extensions().get::<MatchedPath>().cloned(),
+            correlation_id: req.extensions().get::<CorrelationId>().cloned(),
+            note,
+            auditor: self.auditor.clone(),
+            status: None,
+        };
+        ResponseFuture { inner: self.inner.call(req), pending: Some(pending) }
+    }
+}
+
+/// A call in progress; records its event when dropped (a call cut short by
+/// its client is recorded with status 499).
+struct Pending {
+    start: Instant,
+    method: Method,
+    route: Option<MatchedPath>,
+    correlation_id: Option<CorrelationId>,
+    note: AuditNote,
+    auditor: Auditor,
+    status: Option<u16>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let status = self.status.unwrap_or(499);
+        let note = std::mem::take(&mut *self.note.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let (decision, reason) = note.decision.unwrap_or_else(|| (AuditDecision::Rejected, Some(rejected_reason(status))));
+        let (subject, subject_kind) = match &note.principal {
+            Some(p) => (p.subject_arc(), p.kind().as_str()),
+            None => (Arc::from("anonymous"), "anonymous"),
+        };
+        let mutation = matches!(self.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
+            && (200..300).contains(&status)
+            && decision == AuditDecision::Allow;
+        self.auditor.record(AuditEvent {
+            time: SystemTime::now(),
+            service: self.auditor.service().clone(),
+            correlation_id: self.correlation_id.take(),
+            subject,
+            subject_kind,
+            method: std::mem::replace(&mut self.method, Method::GET),
+            route: self.route.as_ref().map_or_else(|| Arc::from("unmatched"), |r| Arc::from(r.as_str())),
+            account: note.account,
+            permission: note.permission,
+            decision,
+            reason,
+            status,
+            latency_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+            mutation,
+        });
+    }
+}
+
+/// The reason of a call refused before any decision, from its status.
+fn rejected_reason(status: u16) -> &'static str {
+    match status {
+        404 => "invalid_path",
+        405 => "method_not_allowed",
+        408 | 504 => "timeout",
+        413 => "too_large",
+        499 => "client_closed",
+        503 => "overloaded",
+        s if s >= 500 => "error",
+        _ => "bad_request",
+    }
+}
+
+pin_project! {
+    /// Response future of [`Audit`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        if let Some(mut pending) = this.pending.take() {
+            pending.status = Some(result.as_ref().map_or(500, |r| r.status().as_u16()));
+        }
+        Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Memory(Arc<Mutex<Vec<AuditEvent>>>);
+
+    impl AuditSink for Memory {
+        fn write(&self, events: &[AuditEvent]) -> std::io::Result<()> {
+            self.0.lock().unwrap().extend_from_slice(events);
+            Ok(())
+        }
+    }
+
+    /// A sink that blocks until released.
+    #[derive(Clone)]
+    struct Stuck(Arc<(Mutex<bool>, std::sync::Condvar)>, Memory);
+
+    impl AuditSink for Stuck {
+        fn write(&self, events: &[AuditEvent]) -> std::io::Result<()> {
+            let (lock, cvar) = &*self.0;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cvar.wait(open).unwrap();
+            }
+            self.1.write(events)
+        }
+    }
+
+    #[test]
+    fn a_stuck_sink_never_blocks_and_drops_are_counted() {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let memory = Memory::default();
+        let auditor = Auditor::new("svc", Stuck(gate.clone(), memory.clone()), 4);
+        for _ in 0..100 {
+            auditor.record(AuditEvent::example());
+        }
+        // Only the queue (4) and the batch in the sink's hands got through.
+        let dropped = auditor.dropped();
+        assert!(dropped >= 88, "dropped {dropped}");
+        {
+            let (lock, cvar) = &*gate;
+            *lock.lock().unwrap() = true;
+            cvar.notify_all();
+        }
+        auditor.flush();
+        assert_eq!(memory.0.lock().unwrap().len() as u64, 100 - dropped);
+    }
+
+    #[test]
+    fn flush_writes_everything_queued() {
+        let memory = Memory::default();
+        let auditor = Auditor::new("svc", memory.clone(), 10_000);
+        for _ in 0..5000 {
+            auditor.record(AuditEvent::example());
+        }
+        auditor.flush();
+        assert_eq!(memory.0.lock().unwrap().len(), 5000);
+        assert_eq!(auditor.dropped(), 0);
+    }
+
+    #[test]
+    fn file_sink_appends_json_lines() {
+        let dir = std::env::temp_dir().join(format!("chassis-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let auditor = Auditor::new("svc", FileSink::open(&path).unwrap(), 16);
+        auditor.record(AuditEvent::example());
+        let mut denied = AuditEvent::example();
+        denied.decision = AuditDecision::Deny;
+        denied.reason = Some("forbidden");
+        denied.mutation = false;
+        denied.status = 403;
+        auditor.record(denied);
+        auditor.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["decision"], "allow");
+        assert_eq!(lines[0]["permission"], "ticketing:67000001:create:ticket");
+        assert_eq!(lines[0]["time"], "1970-01-01T00:00:00.000000Z");
+        assert_eq!(lines[1]["decision"], "deny");
+        assert_eq!(lines[1]["reason"], "forbidden");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
