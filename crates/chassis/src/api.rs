@@ -126,7 +126,12 @@ impl Endpoint {
     /// A route for `method` at `path` served by `router` (e.g.
     /// `axum::routing::get(handler).with_state(state)`).
     pub fn new(method: Method, path: &str, router: MethodRouter) -> Self {
-        Self { method, path: path.to_owned(), router, access: None }
+        Self {
+            method,
+            path: path.to_owned(),
+            router,
+            access: None,
+        }
     }
 
     /// Requires the permission `template` (e.g. `ticketing:{account}:view:ticket`),
@@ -209,7 +214,11 @@ impl Api {
 
     /// The router, each route wrapped in its guard and the panic catcher; or
     /// every problem, each naming its route.
-    pub(crate) fn build(self, prefix: &str, verifier: Option<&Verifier>) -> Result<Router, Vec<String>> {
+    pub(crate) fn build(
+        self,
+        prefix: &str,
+        verifier: Option<&Verifier>,
+    ) -> Result<Router, Vec<String>> {
         let mut problems = Vec::new();
         let mut seen = HashSet::new();
         let mut router = Router::new();
@@ -240,7 +249,9 @@ impl Api {
                 let params = path_params(&e.path);
                 for p in t.params() {
                     if !params.contains(p) {
-                        problems.push(format!("{name}: placeholder `{{{p}}}` of `{t}` is not a path parameter"));
+                        problems.push(format!(
+                            "{name}: placeholder `{{{p}}}` of `{t}` is not a path parameter"
+                        ));
                     }
                 }
                 if verifier.is_none() {
@@ -249,11 +260,18 @@ impl Api {
                     ));
                 }
             }
-            let guard = GuardLayer { access: Arc::new(access), verifier: verifier.cloned() };
+            let guard = GuardLayer {
+                access: Arc::new(access),
+                verifier: verifier.cloned(),
+            };
             let method_router = e.router.layer(CatchPanicLayer::new()).route_layer(guard);
             router = router.route(&e.path, method_router);
         }
-        if problems.is_empty() { Ok(router) } else { Err(problems) }
+        if problems.is_empty() {
+            Ok(router)
+        } else {
+            Err(problems)
+        }
     }
 }
 
@@ -281,7 +299,10 @@ impl Forbidden {
 impl IntoResponse for Forbidden {
     fn into_response(self) -> Response {
         Problem::new(StatusCode::FORBIDDEN)
-            .with_detail(format!("The caller lacks the permission `{}`.", self.permission))
+            .with_detail(format!(
+                "The caller lacks the permission `{}`.",
+                self.permission
+            ))
             .with_member("reason", Reason::Forbidden.code())
             .with_member("permission", self.permission.as_str())
             .into_response()
@@ -313,7 +334,9 @@ impl Authz {
             return Ok(());
         }
         self.deny(permission);
-        Err(Forbidden { permission: permission.clone() })
+        Err(Forbidden {
+            permission: permission.clone(),
+        })
     }
 
     /// Records a denial decided by the handler itself (e.g. the caller is
@@ -325,7 +348,9 @@ impl Authz {
                 n.decision = Some((AuditDecision::Deny, Some(Reason::Forbidden.code())));
             });
         }
-        Forbidden { permission: permission.clone() }
+        Forbidden {
+            permission: permission.clone(),
+        }
     }
 }
 
@@ -334,7 +359,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Authz {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let principal = Principal::from_request_parts(parts, state).await?;
-        Ok(Self { principal, note: parts.extensions.get::<AuditNote>().cloned() })
+        Ok(Self {
+            principal,
+            note: parts.extensions.get::<AuditNote>().cloned(),
+        })
     }
 }
 
@@ -344,7 +372,11 @@ impl<S: Send + Sync> FromRequestParts<S> for AccountId {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<Self>().cloned().ok_or_else(Problem::not_found)
+        parts
+            .extensions
+            .get::<Self>()
+            .cloned()
+            .ok_or_else(Problem::not_found)
     }
 }
 
@@ -359,7 +391,11 @@ impl<S> Layer<S> for GuardLayer {
     type Service = Guard<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Guard { inner, access: self.access.clone(), verifier: self.verifier.clone() }
+        Guard {
+            inner,
+            access: self.access.clone(),
+            verifier: self.verifier.clone(),
+        }
     }
 }
 
@@ -373,14 +409,19 @@ pub struct Guard<S> {
 
 impl<S> fmt::Debug for Guard<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Guard").field("access", &self.access).finish_non_exhaustive()
+        f.debug_struct("Guard")
+            .field("access", &self.access)
+            .finish_non_exhaustive()
     }
 }
 
 /// Runs an async fn that never waits (axum's path extractor) to completion.
 fn now<F: Future>(fut: F) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
-    match fut.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())) {
+    match fut
+        .as_mut()
+        .poll(&mut Context::from_waker(std::task::Waker::noop()))
+    {
         Poll::Ready(v) => Some(v),
         Poll::Pending => None,
     }
@@ -388,7 +429,11 @@ fn now<F: Future>(fut: F) -> Option<F::Output> {
 
 /// Checks `principal` against the route's template; the request to pass on,
 /// or the answer.
-fn authorize(template: &PermissionTemplate, principal: Principal, req: Request) -> Result<Request, Response> {
+fn authorize(
+    template: &PermissionTemplate,
+    principal: Principal,
+    req: Request,
+) -> Result<Request, Response> {
     let note = req.extensions().get::<AuditNote>().cloned();
     let record = |f: &dyn Fn(&mut crate::audit::Note)| {
         if let Some(n) = &note {
@@ -398,11 +443,20 @@ fn authorize(template: &PermissionTemplate, principal: Principal, req: Request) 
     record(&|n| n.principal = Some(principal.clone()));
     let (mut parts, body) = req.into_parts();
     let params = now(RawPathParams::from_request_parts(&mut parts, &())).and_then(Result::ok);
-    let lookup = |name: &str| params.as_ref()?.iter().find(|(k, _)| *k == name).map(|(_, v)| v);
+    let lookup = |name: &str| {
+        params
+            .as_ref()?
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    };
     let (permission, account) = match template.fill(lookup) {
         Ok(filled) => filled,
         Err(param) => {
-            tracing::debug!(param, "path parameter outside its grammar; refused before authorization");
+            tracing::debug!(
+                param,
+                "path parameter outside its grammar; refused before authorization"
+            );
             record(&|n| n.decision = Some((AuditDecision::Rejected, Some("invalid_path"))));
             return Err(Problem::not_found().into_response());
         }
@@ -511,15 +565,23 @@ pin_project! {
 
 impl<F> GuardFuture<F> {
     fn inner(inner: F) -> Self {
-        Self { kind: GuardKind::Inner { inner } }
+        Self {
+            kind: GuardKind::Inner { inner },
+        }
     }
 
     fn ready(response: Response) -> Self {
-        Self { kind: GuardKind::Ready { response: Some(response) } }
+        Self {
+            kind: GuardKind::Ready {
+                response: Some(response),
+            },
+        }
     }
 
     fn slow(fut: SlowFuture) -> Self {
-        Self { kind: GuardKind::Slow { fut } }
+        Self {
+            kind: GuardKind::Slow { fut },
+        }
     }
 }
 
@@ -538,7 +600,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             GuardProj::Inner { inner } => inner.poll(cx),
-            GuardProj::Ready { response } => Poll::Ready(Ok(response.take().expect("polled after completion"))),
+            GuardProj::Ready { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
             GuardProj::Slow { fut } => fut.as_mut().poll(cx),
         }
     }
@@ -563,10 +627,22 @@ mod tests {
             .route(get("/status", ok).public());
         let problems = api.build("/ticketing/v1", None).unwrap_err();
         let text = problems.join("\n");
-        assert!(text.contains("POST /ticketing/v1/{account}/tickets: declares neither"), "{text}");
-        assert!(text.contains("GET /ticketing/v1/{id}/things: placeholder `{account}`"), "{text}");
-        assert!(text.contains("GET /ticketing/v1/bad: invalid permission"), "{text}");
-        assert!(text.contains("GET /ticketing/v1/status: declared twice"), "{text}");
+        assert!(
+            text.contains("POST /ticketing/v1/{account}/tickets: declares neither"),
+            "{text}"
+        );
+        assert!(
+            text.contains("GET /ticketing/v1/{id}/things: placeholder `{account}`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("GET /ticketing/v1/bad: invalid permission"),
+            "{text}"
+        );
+        assert!(
+            text.contains("GET /ticketing/v1/status: declared twice"),
+            "{text}"
+        );
         assert!(text.contains("no token verifier is configured"), "{text}");
     }
 

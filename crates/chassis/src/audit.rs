@@ -248,8 +248,14 @@ impl FileSink {
     /// If the file cannot be opened.
     pub fn open(path: impl AsRef<Path>) -> std::io::Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        Ok(Self { path, file: Mutex::new(file) })
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        Ok(Self {
+            path,
+            file: Mutex::new(file),
+        })
     }
 
     /// The file.
@@ -265,7 +271,10 @@ impl AuditSink for FileSink {
             serde_json::to_writer(&mut buf, e)?;
             buf.push(b'\n');
         }
-        let mut file = self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         file.write_all(&buf)?;
         file.sync_data()
     }
@@ -307,23 +316,28 @@ impl Auditor {
     pub fn new(service: &str, sink: impl AuditSink, capacity: usize) -> Self {
         let (tx, rx) = mpsc::sync_channel::<Msg>(capacity.max(1));
         let service: Arc<str> = service.into();
-        let counter = |decision: AuditDecision| {
-            metrics::counter!("audit_events_total", "service" => service.to_string(), "decision" => decision.as_str())
-        };
+        let counter = |decision: AuditDecision| metrics::counter!("audit_events_total", "service" => service.to_string(), "decision" => decision.as_str());
         let counters = [
             counter(AuditDecision::Allow),
             counter(AuditDecision::Deny),
             counter(AuditDecision::Unauthenticated),
             counter(AuditDecision::Rejected),
         ];
-        let dropped_counter = metrics::counter!("audit_events_dropped_total", "service" => service.to_string());
+        let dropped_counter =
+            metrics::counter!("audit_events_dropped_total", "service" => service.to_string());
         let thread_dropped = dropped_counter.clone();
         std::thread::Builder::new()
             .name("chassis-audit".to_owned())
             .spawn(move || drain(&rx, &sink, &thread_dropped))
             .expect("the audit thread can be spawned");
         Self {
-            inner: Arc::new(AuditorInner { service, tx, dropped: AtomicU64::new(0), counters, dropped_counter }),
+            inner: Arc::new(AuditorInner {
+                service,
+                tx,
+                dropped: AtomicU64::new(0),
+                counters,
+                dropped_counter,
+            }),
         }
     }
 
@@ -369,7 +383,11 @@ fn drain(rx: &mpsc::Receiver<Msg>, sink: &dyn AuditSink, dropped: &metrics::Coun
                 Msg::Event(e) => batch.push(*e),
                 Msg::Flush(ack) => acks.push(ack),
             }
-            next = if batch.len() < BATCH { rx.try_recv().ok() } else { None };
+            next = if batch.len() < BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         if !batch.is_empty() {
             if let Err(e) = sink.write(&batch) {
@@ -404,7 +422,10 @@ pub(crate) struct AuditNote(pub(crate) Arc<Mutex<Note>>);
 
 impl AuditNote {
     pub(crate) fn update(&self, f: impl FnOnce(&mut Note)) {
-        f(&mut self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        f(&mut self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
     }
 
     pub(crate) fn denied(&self, reason: Reason) {
@@ -433,7 +454,10 @@ impl<S> Layer<S> for AuditLayer {
     type Service = Audit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Audit { inner, auditor: self.auditor.clone() }
+        Audit {
+            inner,
+            auditor: self.auditor.clone(),
+        }
     }
 }
 
@@ -473,7 +497,10 @@ where
             auditor: self.auditor.clone(),
             status: None,
         };
-        ResponseFuture { inner: self.inner.call(req), pending: Some(pending) }
+        ResponseFuture {
+            inner: self.inner.call(req),
+            pending: Some(pending),
+        }
     }
 }
 
@@ -492,14 +519,24 @@ struct Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         let status = self.status.unwrap_or(499);
-        let note = std::mem::take(&mut *self.note.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        let (decision, reason) = note.decision.unwrap_or_else(|| (AuditDecision::Rejected, Some(rejected_reason(status))));
+        let note = std::mem::take(
+            &mut *self
+                .note
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let (decision, reason) = note
+            .decision
+            .unwrap_or_else(|| (AuditDecision::Rejected, Some(rejected_reason(status))));
         let (subject, subject_kind) = match &note.principal {
             Some(p) => (p.subject_arc(), p.kind().as_str()),
             None => (Arc::from("anonymous"), "anonymous"),
         };
-        let mutation = matches!(self.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
-            && (200..300).contains(&status)
+        let mutation = matches!(
+            self.method,
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        ) && (200..300).contains(&status)
             && decision == AuditDecision::Allow;
         self.auditor.record(AuditEvent {
             time: SystemTime::now(),
@@ -508,7 +545,10 @@ impl Drop for Pending {
             subject,
             subject_kind,
             method: std::mem::replace(&mut self.method, Method::GET),
-            route: self.route.as_ref().map_or_else(|| Arc::from("unmatched"), |r| Arc::from(r.as_str())),
+            route: self
+                .route
+                .as_ref()
+                .map_or_else(|| Arc::from("unmatched"), |r| Arc::from(r.as_str())),
             account: note.account,
             permission: note.permission,
             decision,
@@ -642,7 +682,10 @@ mod tests {
         auditor.record(denied);
         auditor.flush();
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["decision"], "allow");
         assert_eq!(lines[0]["permission"], "ticketing:67000001:create:ticket");

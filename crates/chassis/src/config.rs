@@ -515,7 +515,11 @@ impl Config {
         }
         let auth = crate::auth::AuthConfig::read(r);
         let audit_file = r.maybe("CHASSIS_AUDIT_FILE", "file to append audit events to");
-        let audit_queue = r.optional("CHASSIS_AUDIT_QUEUE", d.audit_queue, "audit events buffered");
+        let audit_queue = r.optional(
+            "CHASSIS_AUDIT_QUEUE",
+            d.audit_queue,
+            "audit events buffered",
+        );
         if audit_queue == 0 {
             r.problem("CHASSIS_AUDIT_QUEUE", "must be at least 1");
         }

@@ -83,7 +83,8 @@ pub fn is_account(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= MAX_SEGMENT_LEN
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'))
 }
 
 /// Why a permission, grant, template or account id was refused.
@@ -124,7 +125,11 @@ impl AccountId {
     ///
     /// [`PermissionError::Account`] for anything else.
     pub fn parse(s: &str) -> Result<Self, PermissionError> {
-        if is_account(s) { Ok(Self(s.into())) } else { Err(PermissionError::Account) }
+        if is_account(s) {
+            Ok(Self(s.into()))
+        } else {
+            Err(PermissionError::Account)
+        }
     }
 
     /// The id.
@@ -175,8 +180,16 @@ fn colons(s: &str) -> [u16; 3] {
 }
 
 fn segment<'a>(text: &'a str, colons: &[u16; 3], i: usize) -> &'a str {
-    let start = if i == 0 { 0 } else { usize::from(colons[i - 1]) + 1 };
-    let end = if i == 3 { text.len() } else { usize::from(colons[i]) };
+    let start = if i == 0 {
+        0
+    } else {
+        usize::from(colons[i - 1]) + 1
+    };
+    let end = if i == 3 {
+        text.len()
+    } else {
+        usize::from(colons[i])
+    };
     &text[start..end]
 }
 
@@ -200,7 +213,11 @@ impl Permission {
         operation: &str,
         object: &str,
     ) -> Result<Self, PermissionError> {
-        for (name, value) in [("service", service), ("operation", operation), ("object", object)] {
+        for (name, value) in [
+            ("service", service),
+            ("operation", operation),
+            ("object", object),
+        ] {
             if !is_name(value) {
                 return Err(PermissionError::Segment(name));
             }
@@ -208,7 +225,10 @@ impl Permission {
         let account = account.map_or("", AccountId::as_str);
         let text = format!("{service}:{account}:{operation}:{object}");
         let colons = colons(&text);
-        Ok(Self { text: text.into(), colons })
+        Ok(Self {
+            text: text.into(),
+            colons,
+        })
     }
 
     /// The segment `i` (0 service, 1 account, 2 operation, 3 object).
@@ -302,12 +322,20 @@ impl FromStr for Grant {
         let segs = four(body)?;
         for (i, seg) in segs.iter().enumerate() {
             let ok = *seg == "*"
-                || if i == 1 { seg.is_empty() || is_account(seg) } else { is_name(seg) };
+                || if i == 1 {
+                    seg.is_empty() || is_account(seg)
+                } else {
+                    is_name(seg)
+                };
             if !ok {
                 return Err(PermissionError::Segment(SEGMENT_NAMES[i]));
             }
         }
-        Ok(Self { deny, text: body.into(), colons: colons(body) })
+        Ok(Self {
+            deny,
+            text: body.into(),
+            colons: colons(body),
+        })
     }
 }
 
@@ -360,7 +388,11 @@ struct Bucket {
 
 impl Bucket {
     fn push(&mut self, g: Grant) {
-        if g.deny { self.deny.push(g) } else { self.allow.push(g) }
+        if g.deny {
+            self.deny.push(g)
+        } else {
+            self.allow.push(g)
+        }
     }
 }
 
@@ -421,7 +453,9 @@ impl Grants {
             }
             match raw.parse::<Grant>() {
                 Ok(g) => out.insert(g),
-                Err(error) if raw.starts_with('!') => return Err(GrantsError::InvalidDeny { index, error }),
+                Err(error) if raw.starts_with('!') => {
+                    return Err(GrantsError::InvalidDeny { index, error });
+                }
                 Err(error) => rejected.push((index, error)),
             }
         }
@@ -463,7 +497,11 @@ impl Grants {
             return Decision::DeniedExplicitly;
         }
         let mut allows = buckets.iter().flatten().flat_map(|b| b.allow.iter());
-        if allows.any(|g| g.matches(p)) { Decision::Allow } else { Decision::NoGrant }
+        if allows.any(|g| g.matches(p)) {
+            Decision::Allow
+        } else {
+            Decision::NoGrant
+        }
     }
 }
 
@@ -558,14 +596,21 @@ impl FromStr for PermissionTemplate {
                 if *seg == "*" {
                     return Err(PermissionError::Wildcard);
                 }
-                let ok = if i == 1 { seg.is_empty() || is_account(seg) } else { is_name(seg) };
+                let ok = if i == 1 {
+                    seg.is_empty() || is_account(seg)
+                } else {
+                    is_name(seg)
+                };
                 if !ok {
                     return Err(PermissionError::Segment(SEGMENT_NAMES[i]));
                 }
                 Part::Literal((*seg).into())
             };
         }
-        Ok(Self { parts, text: s.into() })
+        Ok(Self {
+            parts,
+            text: s.into(),
+        })
     }
 }
 

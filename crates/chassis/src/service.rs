@@ -245,7 +245,9 @@ impl ServiceBuilder {
     /// Sends audit events to `sink` instead of the log (or
     /// `CHASSIS_AUDIT_FILE`).
     pub fn audit_sink(mut self, sink: impl AuditSink) -> Self {
-        self.audit_sink = Some(Box::new(move |name: &str, queue: usize| Auditor::new(name, sink, queue)));
+        self.audit_sink = Some(Box::new(move |name: &str, queue: usize| {
+            Auditor::new(name, sink, queue)
+        }));
         self
     }
 
@@ -348,7 +350,10 @@ impl ServiceBuilder {
             (None, Some(path)) => match crate::audit::FileSink::open(path) {
                 Ok(sink) => Some(Auditor::new(&self.name, sink, config.audit_queue)),
                 Err(e) => {
-                    problems.push(format!("CHASSIS_AUDIT_FILE: cannot open {}: {e}", path.display()));
+                    problems.push(format!(
+                        "CHASSIS_AUDIT_FILE: cannot open {}: {e}",
+                        path.display()
+                    ));
                     None
                 }
             },
@@ -361,7 +366,8 @@ impl ServiceBuilder {
         let prometheus = crate::metrics::install_recorder();
         let metrics = HttpMetrics::new(self.name.clone());
         let shed = LoadShedLayer::new(config.max_concurrent_requests);
-        let auditor = auditor.unwrap_or_else(|| Auditor::new(&self.name, LogSink, config.audit_queue));
+        let auditor =
+            auditor.unwrap_or_else(|| Auditor::new(&self.name, LogSink, config.audit_queue));
         let info = Arc::new(Info {
             service: self.name.clone(),
             api_version: self.version,

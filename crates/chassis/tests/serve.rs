@@ -175,14 +175,19 @@ async fn readiness_turns_503_while_in_flight_requests_finish() {
     // Keep the listener open after the signal so readiness can be observed.
     cfg.shutdown_delay = Duration::from_secs(3600);
     let svc = builder("serve-ready")
-        .api(Api::new().route(api::get("/slow", move || {
-                let (e, r) = (e.clone(), r.clone());
-                async move {
-                    e.notify_one();
-                    r.notified().await;
-                    "finished"
-                }
-            }).public()))
+        .api(
+            Api::new().route(
+                api::get("/slow", move || {
+                    let (e, r) = (e.clone(), r.clone());
+                    async move {
+                        e.notify_one();
+                        r.notified().await;
+                        "finished"
+                    }
+                })
+                .public(),
+            ),
+        )
         .config(cfg)
         .build()
         .unwrap();
@@ -219,14 +224,19 @@ async fn shutdown_closes_the_listener_and_waits_for_in_flight_requests() {
     let task_stopped = Arc::new(AtomicBool::new(false));
     let stopped = task_stopped.clone();
     let svc = builder("serve-drain")
-        .api(Api::new().route(api::get("/slow", move || {
-                let (e, r) = (e.clone(), r.clone());
-                async move {
-                    e.notify_one();
-                    r.notified().await;
-                    "finished"
-                }
-            }).public()))
+        .api(
+            Api::new().route(
+                api::get("/slow", move || {
+                    let (e, r) = (e.clone(), r.clone());
+                    async move {
+                        e.notify_one();
+                        r.notified().await;
+                        "finished"
+                    }
+                })
+                .public(),
+            ),
+        )
         .background("worker", move |token| async move {
             token.cancelled().await;
             stopped.store(true, Ordering::SeqCst);
@@ -264,13 +274,18 @@ async fn grace_deadline_cuts_requests_that_never_finish() {
     let mut cfg = config();
     cfg.shutdown_grace = Duration::from_millis(1500);
     let svc = builder("serve-grace")
-        .api(Api::new().route(api::get("/hang", move || {
-                let e = e.clone();
-                async move {
-                    e.notify_one();
-                    std::future::pending::<&'static str>().await
-                }
-            }).public()))
+        .api(
+            Api::new().route(
+                api::get("/hang", move || {
+                    let e = e.clone();
+                    async move {
+                        e.notify_one();
+                        std::future::pending::<&'static str>().await
+                    }
+                })
+                .public(),
+            ),
+        )
         .config(cfg)
         .build()
         .unwrap();
@@ -342,7 +357,15 @@ async fn failing_and_hanging_checks_over_http() {
 #[tokio::test]
 async fn correlation_over_the_wire() {
     let svc = builder("serve-corr")
-        .api(Api::new().route(api::get("/id", |id: chassis::correlation::CorrelationId| async move { id.to_string() }).public()))
+        .api(
+            Api::new().route(
+                api::get(
+                    "/id",
+                    |id: chassis::correlation::CorrelationId| async move { id.to_string() },
+                )
+                .public(),
+            ),
+        )
         .config(config())
         .build()
         .unwrap();

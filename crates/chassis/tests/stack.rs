@@ -24,25 +24,40 @@ fn service(name: &str, hold: Arc<Notify>) -> chassis::Service {
     let api = Api::new()
         .route(api::get("/ok", || async { "ok" }).public())
         .route(api::get("/items/{id}", || async { "item" }).public())
-        .route(api::get("/slow", || async {
+        .route(
+            api::get("/slow", || async {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 "late"
-            }).public())
-        .route(api::get("/panic", || async {
+            })
+            .public(),
+        )
+        .route(
+            api::get("/panic", || async {
                 if true {
                     panic!("password=hunter2");
                 }
                 "unreachable"
-            }).public())
+            })
+            .public(),
+        )
         .route(api::post("/echo", |body: bytes::Bytes| async move { body }).public())
-        .route(api::post("/json", |axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) }).public())
-        .route(api::get("/hold", move || {
+        .route(
+            api::post(
+                "/json",
+                |axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) },
+            )
+            .public(),
+        )
+        .route(
+            api::get("/hold", move || {
                 let hold = hold.clone();
                 async move {
                     hold.notified().await;
                     "released"
                 }
-            }).public());
+            })
+            .public(),
+        );
     ServiceBuilder::new(name, 1)
         .api(api)
         .config(config())

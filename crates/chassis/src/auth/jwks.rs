@@ -90,7 +90,9 @@ pub(crate) struct RemoteJwks {
 
 impl fmt::Debug for RemoteJwks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteJwks").field("uri", &self.uri).finish_non_exhaustive()
+        f.debug_struct("RemoteJwks")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
     }
 }
 
@@ -112,7 +114,12 @@ enum FetchError {
 }
 
 impl RemoteJwks {
-    pub(crate) fn new(issuer: &str, url: &str, options: JwksOptions, allowed: &[Algorithm]) -> Result<Self, String> {
+    pub(crate) fn new(
+        issuer: &str,
+        url: &str,
+        options: JwksOptions,
+        allowed: &[Algorithm],
+    ) -> Result<Self, String> {
         let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
         if uri.scheme_str() != Some("http") || uri.authority().is_none() {
             return Err(format!("`{url}` must be an absolute http:// URL"));
@@ -131,18 +138,24 @@ impl RemoteJwks {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The current keys and their generation, if a set is loaded and not
     /// past the stale limit. Never waits.
     pub(crate) fn current(&self) -> Option<(Arc<KeySet>, u64)> {
         let s = self.read();
-        let fresh_enough = s.fetched_at.is_some_and(|t| t.elapsed() < s.max_age + self.options.stale_limit);
+        let fresh_enough = s
+            .fetched_at
+            .is_some_and(|t| t.elapsed() < s.max_age + self.options.stale_limit);
         match (&s.keys, fresh_enough) {
             (Some(k), true) => Some((k.clone(), s.generation)),
             _ => None,
@@ -173,6 +186,9 @@ impl RemoteJwks {
         };
         if needs {
             self.refresh_after(seen).await;
+        } else if self.current().is_none() {
+            // A fetch may be in flight: wait for it rather than fail.
+            drop(self.single_flight.lock().await);
         }
         self.current().ok_or(Reason::JwksUnavailable)
     }
@@ -238,7 +254,11 @@ impl RemoteJwks {
             .header(header::ACCEPT, "application/jwk-set+json, application/json")
             .body(Empty::new())
             .map_err(|_| FetchError::Connect)?;
-        let res = self.client.request(req).await.map_err(|_| FetchError::Connect)?;
+        let res = self
+            .client
+            .request(req)
+            .await
+            .map_err(|_| FetchError::Connect)?;
         if res.status() != StatusCode::OK {
             return Err(FetchError::Status(res.status()));
         }
@@ -254,7 +274,10 @@ impl RemoteJwks {
             return Err(FetchError::ContentType);
         }
         let max_age = self.max_age(res.headers());
-        let declared = res.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let declared = res
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         if declared.is_some_and(|n| n > self.options.max_bytes) {
             return Err(FetchError::TooLarge);
         }
@@ -263,7 +286,8 @@ impl RemoteJwks {
             .await
             .map_err(|_| FetchError::TooLarge)?
             .to_bytes();
-        let keys = KeySet::from_jwks(&body, &self.allowed).map_err(|e| FetchError::Invalid(e.to_string()))?;
+        let keys = KeySet::from_jwks(&body, &self.allowed)
+            .map_err(|e| FetchError::Invalid(e.to_string()))?;
         if keys.is_empty() {
             return Err(FetchError::Invalid("no usable key".to_owned()));
         }
@@ -272,7 +296,10 @@ impl RemoteJwks {
 
     fn max_age(&self, headers: &HeaderMap) -> Duration {
         let (lo, hi) = self.options.max_age_bounds;
-        let Some(cc) = headers.get(header::CACHE_CONTROL).and_then(|v| v.to_str().ok()) else {
+        let Some(cc) = headers
+            .get(header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+        else {
             return self.options.default_max_age;
         };
         let mut max_age = None;
@@ -282,7 +309,11 @@ impl RemoteJwks {
                 return lo;
             }
             if let Some(v) = lower.strip_prefix("max-age=") {
-                max_age = v.trim_matches('"').parse::<u64>().ok().map(Duration::from_secs);
+                max_age = v
+                    .trim_matches('"')
+                    .parse::<u64>()
+                    .ok()
+                    .map(Duration::from_secs);
             }
         }
         max_age.map_or(self.options.default_max_age, |d| d.clamp(lo, hi))
@@ -331,7 +362,10 @@ impl Check for JwksReady {
         if self.0.current().is_some() {
             Ok(())
         } else {
-            Err(CheckError::new(format!("no key set loaded from {}", self.0.uri)))
+            Err(CheckError::new(format!(
+                "no key set loaded from {}",
+                self.0.uri
+            )))
         }
     }
 }
@@ -341,7 +375,13 @@ mod tests {
     use super::*;
 
     fn remote() -> RemoteJwks {
-        RemoteJwks::new("iss", "http://127.0.0.1:9/jwks", JwksOptions::default(), &[Algorithm::RS256]).unwrap()
+        RemoteJwks::new(
+            "iss",
+            "http://127.0.0.1:9/jwks",
+            JwksOptions::default(),
+            &[Algorithm::RS256],
+        )
+        .unwrap()
     }
 
     // J10: an older fetch finishing last does not overwrite a newer one.
@@ -351,7 +391,10 @@ mod tests {
         let a = KeySet::default();
         let b = KeySet::default();
         assert!(r.apply(2, b, Duration::from_secs(60)));
-        assert!(!r.apply(1, a, Duration::from_secs(999)), "older result dropped");
+        assert!(
+            !r.apply(1, a, Duration::from_secs(999)),
+            "older result dropped"
+        );
         assert_eq!(r.read().applied_seq, 2);
         assert_eq!(r.read().max_age, Duration::from_secs(60));
     }
@@ -365,9 +408,15 @@ mod tests {
             m
         };
         assert_eq!(r.max_age(&HeaderMap::new()), Duration::from_secs(600));
-        assert_eq!(r.max_age(&h("public, max-age=300")), Duration::from_secs(300));
+        assert_eq!(
+            r.max_age(&h("public, max-age=300")),
+            Duration::from_secs(300)
+        );
         assert_eq!(r.max_age(&h("max-age=1")), Duration::from_secs(60));
-        assert_eq!(r.max_age(&h("max-age=99999999")), Duration::from_secs(86_400));
+        assert_eq!(
+            r.max_age(&h("max-age=99999999")),
+            Duration::from_secs(86_400)
+        );
         assert_eq!(r.max_age(&h("no-store")), Duration::from_secs(60));
         assert_eq!(r.max_age(&h("max-age=abc")), Duration::from_secs(600));
     }

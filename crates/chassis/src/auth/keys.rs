@@ -9,7 +9,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, jwk::Jwk};
 use super::Reason;
 
 /// The algorithms accepted when none are configured: `EdDSA,ES256,RS256`.
-pub const DEFAULT_ALGORITHMS: [Algorithm; 3] = [Algorithm::EdDSA, Algorithm::ES256, Algorithm::RS256];
+pub const DEFAULT_ALGORITHMS: [Algorithm; 3] =
+    [Algorithm::EdDSA, Algorithm::ES256, Algorithm::RS256];
 
 /// Shortest HMAC secret accepted (RFC 7518 §3.2: at least the hash size).
 pub const MIN_HMAC_SECRET: usize = 32;
@@ -63,7 +64,11 @@ impl Key {
             F::Ed => DecodingKey::from_ed_pem(pem).map_err(|_| KeyError::Pem("Ed25519"))?,
             _ => return Err(KeyError::Algorithm(algorithm)),
         };
-        Ok(Self { kid: kid.map(Into::into), algorithms: vec![algorithm], key: Arc::new(key) })
+        Ok(Self {
+            kid: kid.map(Into::into),
+            algorithms: vec![algorithm],
+            key: Arc::new(key),
+        })
     }
 
     /// An HMAC key. Only ever from explicit configuration, and at least 32
@@ -94,7 +99,10 @@ impl Key {
     /// # Errors
     ///
     /// Why the key is not usable.
-    pub fn from_jwk_value(value: &serde_json::Value, allowed: &[Algorithm]) -> Result<Self, KeyError> {
+    pub fn from_jwk_value(
+        value: &serde_json::Value,
+        allowed: &[Algorithm],
+    ) -> Result<Self, KeyError> {
         let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
         if let Some(u) = value.get("use") {
             if u.as_str() != Some("sig") {
@@ -113,8 +121,16 @@ impl Key {
             (Some("EC"), Some("P-256")) => &[Algorithm::ES256],
             (Some("EC"), Some("P-384")) => &[Algorithm::ES384],
             (Some("OKP"), Some("Ed25519")) => &[Algorithm::EdDSA],
-            (Some("oct"), _) => return Err(KeyError::Jwk("symmetric keys are never taken from a key set".to_owned())),
-            (kty, crv) => return Err(KeyError::Jwk(format!("unsupported key type {kty:?}/{crv:?}"))),
+            (Some("oct"), _) => {
+                return Err(KeyError::Jwk(
+                    "symmetric keys are never taken from a key set".to_owned(),
+                ));
+            }
+            (kty, crv) => {
+                return Err(KeyError::Jwk(format!(
+                    "unsupported key type {kty:?}/{crv:?}"
+                )));
+            }
         };
         let mut algorithms: Vec<Algorithm> = match value.get("alg") {
             None => candidates.to_vec(),
@@ -131,15 +147,26 @@ impl Key {
         };
         algorithms.retain(|a| allowed.contains(a));
         if algorithms.is_empty() {
-            return Err(KeyError::Jwk("no allowed algorithm fits this key".to_owned()));
+            return Err(KeyError::Jwk(
+                "no allowed algorithm fits this key".to_owned(),
+            ));
         }
-        let jwk: Jwk = serde_json::from_value(value.clone()).map_err(|e| KeyError::Jwk(e.to_string()))?;
+        let jwk: Jwk =
+            serde_json::from_value(value.clone()).map_err(|e| KeyError::Jwk(e.to_string()))?;
         let key = DecodingKey::from_jwk(&jwk).map_err(|e| KeyError::Jwk(e.to_string()))?;
         let kid = match value.get("kid") {
             None => None,
-            Some(k) => Some(k.as_str().ok_or_else(|| KeyError::Jwk("`kid` is not a string".to_owned()))?.into()),
+            Some(k) => Some(
+                k.as_str()
+                    .ok_or_else(|| KeyError::Jwk("`kid` is not a string".to_owned()))?
+                    .into(),
+            ),
         };
-        Ok(Self { kid, algorithms, key: Arc::new(key) })
+        Ok(Self {
+            kid,
+            algorithms,
+            key: Arc::new(key),
+        })
     }
 
     /// The key id.
@@ -199,13 +226,15 @@ impl KeySet {
             .get("keys")
             .and_then(serde_json::Value::as_array)
             .ok_or_else(|| KeyError::Jwk("no `keys` array".to_owned()))?;
-        let usable = keys.iter().filter_map(|k| match Key::from_jwk_value(k, allowed) {
-            Ok(key) => Some(key),
-            Err(e) => {
-                tracing::debug!(error = %e, "JWKS key skipped");
-                None
-            }
-        });
+        let usable = keys
+            .iter()
+            .filter_map(|k| match Key::from_jwk_value(k, allowed) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    tracing::debug!(error = %e, "JWKS key skipped");
+                    None
+                }
+            });
         Ok(Self::new(usable))
     }
 

@@ -110,8 +110,8 @@ use http::{HeaderValue, StatusCode, header, request::Parts};
 pub use jwks::JwksOptions;
 pub use keys::{DEFAULT_ALGORITHMS, Key, KeyError, KeySet, MIN_HMAC_SECRET};
 pub use verify::{
-    AuthConfig, Clock, DEFAULT_CACHE_CAPACITY, MAX_AUTHORIZATION_LEN, ManualClock, SystemClock, Verifier, VerifierBuilder,
-    VerifierError,
+    AuthConfig, Clock, DEFAULT_CACHE_CAPACITY, MAX_AUTHORIZATION_LEN, ManualClock, SystemClock,
+    Verifier, VerifierBuilder, VerifierError,
 };
 
 use crate::{permission::Grants, problem::Problem};
@@ -234,15 +234,20 @@ impl Reason {
         match self {
             Self::JwksUnavailable => problem
                 .with_detail("The service cannot verify tokens right now; retry later.")
-                .with_header(header::RETRY_AFTER, HeaderValue::from(JWKS_RETRY_AFTER_SECS)),
+                .with_header(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(JWKS_RETRY_AFTER_SECS),
+                ),
             Self::MissingToken => problem
                 .with_detail("This operation needs a bearer token.")
                 .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")),
             Self::Forbidden => problem,
-            _ => problem.with_detail("The bearer token was refused.").with_header(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer error=\"invalid_token\""),
-            ),
+            _ => problem
+                .with_detail("The bearer token was refused.")
+                .with_header(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                ),
         }
     }
 }
@@ -290,7 +295,14 @@ struct PrincipalInner {
 }
 
 impl Principal {
-    pub(crate) fn new(subject: &str, issuer: &str, kind: PrincipalKind, grants: Grants, expires_at: u64, token: &str) -> Self {
+    pub(crate) fn new(
+        subject: &str,
+        issuer: &str,
+        kind: PrincipalKind,
+        grants: Grants,
+        expires_at: u64,
+        token: &str,
+    ) -> Self {
         Self {
             inner: Arc::new(PrincipalInner {
                 subject: subject.into(),

@@ -46,7 +46,9 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> u64 {
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
     }
 }
 
@@ -98,6 +100,7 @@ pub struct Verifier {
 
 struct Inner {
     issuers: Vec<Issuer>,
+    algorithms: Vec<Algorithm>,
     leeway: u64,
     max_lifetime: u64,
     clock: Arc<dyn Clock>,
@@ -107,7 +110,9 @@ struct Inner {
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let issuers: Vec<&str> = self.inner.issuers.iter().map(|i| &*i.issuer).collect();
-        f.debug_struct("Verifier").field("issuers", &issuers).finish_non_exhaustive()
+        f.debug_struct("Verifier")
+            .field("issuers", &issuers)
+            .finish_non_exhaustive()
     }
 }
 
@@ -157,13 +162,21 @@ impl VerifierBuilder {
     /// Trusts `issuer` for tokens addressed to `audience`, with keys from a
     /// JWKS URL.
     pub fn jwks(mut self, issuer: &str, audience: &str, url: &str) -> Self {
-        self.issuers.push((issuer.to_owned(), audience.to_owned(), KeySpec::Jwks(url.to_owned())));
+        self.issuers.push((
+            issuer.to_owned(),
+            audience.to_owned(),
+            KeySpec::Jwks(url.to_owned()),
+        ));
         self
     }
 
     /// Trusts `issuer` for tokens addressed to `audience`, with fixed keys.
     pub fn keys(mut self, issuer: &str, audience: &str, keys: Vec<Key>) -> Self {
-        self.issuers.push((issuer.to_owned(), audience.to_owned(), KeySpec::Static(keys)));
+        self.issuers.push((
+            issuer.to_owned(),
+            audience.to_owned(),
+            KeySpec::Static(keys),
+        ));
         self
     }
 
@@ -228,21 +241,30 @@ impl VerifierBuilder {
             let keys = match spec {
                 KeySpec::Static(keys) => {
                     for k in &keys {
-                        if let Some(a) = k.algorithms.iter().find(|a| !self.algorithms.contains(a)) {
-                            problems.push(format!("a key of `{issuer}` uses {a:?}, which is not allowed"));
+                        if let Some(a) = k.algorithms.iter().find(|a| !self.algorithms.contains(a))
+                        {
+                            problems.push(format!(
+                                "a key of `{issuer}` uses {a:?}, which is not allowed"
+                            ));
                         }
                     }
                     Keys::Static(Arc::new(KeySet::new(keys)))
                 }
-                KeySpec::Jwks(url) => match RemoteJwks::new(&issuer, &url, self.jwks, &self.algorithms) {
-                    Ok(r) => Keys::Remote(Arc::new(r)),
-                    Err(e) => {
-                        problems.push(e);
-                        continue;
+                KeySpec::Jwks(url) => {
+                    match RemoteJwks::new(&issuer, &url, self.jwks, &self.algorithms) {
+                        Ok(r) => Keys::Remote(Arc::new(r)),
+                        Err(e) => {
+                            problems.push(e);
+                            continue;
+                        }
                     }
-                },
+                }
             };
-            issuers.push(Issuer { issuer: issuer.into(), audience: audience.into(), keys });
+            issuers.push(Issuer {
+                issuer: issuer.into(),
+                audience: audience.into(),
+                keys,
+            });
         }
         if !problems.is_empty() {
             return Err(VerifierError(problems));
@@ -250,6 +272,7 @@ impl VerifierBuilder {
         Ok(Verifier {
             inner: Arc::new(Inner {
                 issuers,
+                algorithms: self.algorithms,
                 leeway: self.leeway,
                 max_lifetime: self.max_lifetime,
                 clock: self.clock,
@@ -301,7 +324,11 @@ impl std::str::FromStr for AlgList {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let algs = s
             .split(',')
-            .map(|a| a.trim().parse::<Algorithm>().map_err(|_| format!("unknown algorithm `{}`", a.trim())))
+            .map(|a| {
+                a.trim()
+                    .parse::<Algorithm>()
+                    .map_err(|_| format!("unknown algorithm `{}`", a.trim()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if algs.is_empty() {
             return Err("empty list".to_owned());
@@ -315,23 +342,38 @@ impl AuthConfig {
     /// not configured (or misconfigured: the problems are in `r`).
     pub fn read(r: &mut Reader<'_>) -> Option<Self> {
         let issuer: Option<String> = r.maybe("CHASSIS_AUTH_ISSUER", "trusted token issuer");
-        let audience: Option<String> = r.maybe("CHASSIS_AUTH_AUDIENCE", "audience of this service's tokens");
+        let audience: Option<String> =
+            r.maybe("CHASSIS_AUTH_AUDIENCE", "audience of this service's tokens");
         let jwks_url: Option<String> = r.maybe("CHASSIS_AUTH_JWKS_URL", "the issuer's JWKS URL");
-        let secret = r.maybe_secret("CHASSIS_AUTH_HS256_SECRET", "HMAC secret, at least 32 bytes");
+        let secret = r.maybe_secret(
+            "CHASSIS_AUTH_HS256_SECRET",
+            "HMAC secret, at least 32 bytes",
+        );
         let algorithms = r.optional(
             "CHASSIS_AUTH_ALGORITHMS",
             AlgList(DEFAULT_ALGORITHMS.to_vec()),
             "accepted algorithms, e.g. EdDSA,ES256,RS256",
         );
-        let leeway: u64 = r.optional("CHASSIS_AUTH_LEEWAY_SECS", 30, "clock skew allowed, seconds");
+        let leeway: u64 = r.optional(
+            "CHASSIS_AUTH_LEEWAY_SECS",
+            30,
+            "clock skew allowed, seconds",
+        );
         if leeway > 300 {
             r.problem("CHASSIS_AUTH_LEEWAY_SECS", "at most 300 seconds");
         }
-        let max_lifetime: u64 = r.optional("CHASSIS_AUTH_MAX_LIFETIME_SECS", 86_400, "longest token lifetime, seconds");
+        let max_lifetime: u64 = r.optional(
+            "CHASSIS_AUTH_MAX_LIFETIME_SECS",
+            86_400,
+            "longest token lifetime, seconds",
+        );
         let issuer = match (issuer, &audience, &jwks_url, &secret) {
             (None, None, None, None) => return None,
             (None, ..) => {
-                r.problem("CHASSIS_AUTH_ISSUER", "required when any CHASSIS_AUTH_* is set");
+                r.problem(
+                    "CHASSIS_AUTH_ISSUER",
+                    "required when any CHASSIS_AUTH_* is set",
+                );
                 return None;
             }
             (Some(i), ..) => i,
@@ -374,11 +416,17 @@ impl AuthConfig {
             .leeway(self.leeway)
             .max_lifetime(self.max_lifetime);
         match (&self.jwks_url, &self.hs256_secret) {
-            (Some(url), _) => b = b.algorithms(&self.algorithms).jwks(&self.issuer, &self.audience, url),
+            (Some(url), _) => {
+                b = b
+                    .algorithms(&self.algorithms)
+                    .jwks(&self.issuer, &self.audience, url)
+            }
             (None, Some(secret)) => {
                 let key = Key::hmac(None, Algorithm::HS256, secret.expose().as_bytes())
                     .map_err(|e| VerifierError(vec![e.to_string()]))?;
-                b = b.algorithms(&[Algorithm::HS256]).keys(&self.issuer, &self.audience, vec![key]);
+                b = b
+                    .algorithms(&[Algorithm::HS256])
+                    .keys(&self.issuer, &self.audience, vec![key]);
             }
             (None, None) => return Err(VerifierError(vec!["no key source".to_owned()])),
         }
@@ -432,6 +480,14 @@ fn numeric_date(v: &Value) -> Result<u64, Reason> {
         Some(f) if f.is_finite() && f >= 0.0 && f < 9.2e18 => Ok(f as u64),
         _ => Err(Reason::BadClaimType),
     }
+}
+
+/// Parses a JSON object (a derived struct would also accept an array).
+fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Reason> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Reason::Malformed);
+    }
+    serde_json::from_slice(bytes).map_err(|_| Reason::Malformed)
 }
 
 /// The token of a single `Authorization: Bearer <token>` header.
@@ -499,11 +555,18 @@ impl Verifier {
     /// Background tasks keeping remote key sets fresh.
     pub fn refresh_tasks(
         &self,
-    ) -> Vec<impl FnOnce(tokio_util::sync::CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + use<>>
-    {
+    ) -> Vec<
+        impl FnOnce(
+            tokio_util::sync::CancellationToken,
+        ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + use<>,
+    > {
         self.remotes()
             .map(|(_, r)| {
-                move |stop| -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> { Box::pin(r.run(stop)) }
+                move |stop| -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+                    Box::pin(r.run(stop))
+                }
             })
             .collect()
     }
@@ -566,34 +629,42 @@ impl Verifier {
             return Err(Reason::TokenTooLarge);
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(Reason::Malformed);
         };
         if h.is_empty() || p.is_empty() {
             return Err(Reason::Malformed);
         }
         let header_json = URL_SAFE_NO_PAD.decode(h).map_err(|_| Reason::Malformed)?;
-        let header: RawHeader = serde_json::from_slice(&header_json).map_err(|_| Reason::Malformed)?;
+        let header: RawHeader = json_object(&header_json)?;
         let alg: Algorithm = header.alg.parse().map_err(|_| Reason::AlgNotAllowed)?;
+        if !self.inner.algorithms.contains(&alg) {
+            return Err(Reason::AlgNotAllowed);
+        }
         if header.crit.is_some() {
             return Err(Reason::UnsupportedCrit);
         }
         match &header.typ {
             None => {}
             Some(Value::String(t))
-                if ["jwt", "at+jwt", "application/at+jwt"].contains(&t.to_ascii_lowercase().as_str()) => {}
+                if ["jwt", "at+jwt", "application/at+jwt"]
+                    .contains(&t.to_ascii_lowercase().as_str()) => {}
             Some(_) => return Err(Reason::BadTyp),
         }
         let kid = match &header.kid {
             None => None,
-            Some(Value::String(k)) if k.len() <= MAX_KID_LEN && k.bytes().all(|b| (0x21..0x7f).contains(&b)) => {
+            Some(Value::String(k))
+                if k.len() <= MAX_KID_LEN && k.bytes().all(|b| (0x21..0x7f).contains(&b)) =>
+            {
                 Some(k.as_str())
             }
             Some(_) => return Err(Reason::UnknownKid),
         };
 
         let payload = URL_SAFE_NO_PAD.decode(p).map_err(|_| Reason::Malformed)?;
-        let claims: RawClaims = serde_json::from_slice(&payload).map_err(|_| Reason::Malformed)?;
+        let claims: RawClaims = json_object(&payload)?;
 
         // Which issuer's keys: with one issuer, always its; with several, the
         // one the (not yet verified) token names.
@@ -601,7 +672,9 @@ impl Verifier {
             [only] => only,
             all => {
                 let named = claims.iss.as_ref().and_then(Value::as_str);
-                all.iter().find(|i| Some(&*i.issuer) == named).ok_or(Reason::BadIssuer)?
+                all.iter()
+                    .find(|i| Some(&*i.issuer) == named)
+                    .ok_or(Reason::BadIssuer)?
             }
         };
         let (keys, generation) = match &issuer.keys {
@@ -616,11 +689,21 @@ impl Verifier {
         }
         // Signature first, claims after: a forged token says bad_signature.
         let principal = self.check_claims(issuer, claims, token)?;
-        self.inner.cache.insert(token.as_bytes(), &principal, generation, self.inner.clock.now());
+        self.inner.cache.insert(
+            token.as_bytes(),
+            &principal,
+            generation,
+            self.inner.clock.now(),
+        );
         Ok(principal)
     }
 
-    fn check_claims(&self, issuer: &Issuer, c: RawClaims, token: &str) -> Result<Principal, Reason> {
+    fn check_claims(
+        &self,
+        issuer: &Issuer,
+        c: RawClaims,
+        token: &str,
+    ) -> Result<Principal, Reason> {
         let now = self.inner.clock.now();
         let leeway = self.inner.leeway;
         let (Some(exp), Some(iss), Some(aud), Some(sub)) = (&c.exp, &c.iss, &c.aud, &c.sub) else {
@@ -662,10 +745,11 @@ impl Verifier {
             Some(Value::Array(items)) => {
                 let strings: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
                 let strings = strings.ok_or(Reason::BadClaimType)?;
-                let (grants, rejected) = Grants::from_claim(strings.iter().copied()).map_err(|e| {
-                    tracing::warn!(subject, error = %e, "token refused for its grants");
-                    Reason::BadClaimType
-                })?;
+                let (grants, rejected) =
+                    Grants::from_claim(strings.iter().copied()).map_err(|e| {
+                        tracing::warn!(subject, error = %e, "token refused for its grants");
+                        Reason::BadClaimType
+                    })?;
                 for (index, error) in rejected {
                     tracing::warn!(subject, index, error = %error, "invalid grant ignored");
                 }
@@ -679,7 +763,14 @@ impl Verifier {
             Some(Value::String(k)) if k == "service" => PrincipalKind::Service,
             Some(_) => return Err(Reason::BadClaimType),
         };
-        Ok(Principal::new(subject, &issuer.issuer, kind, grants, exp, token))
+        Ok(Principal::new(
+            subject,
+            &issuer.issuer,
+            kind,
+            grants,
+            exp,
+            token,
+        ))
     }
 }
 
@@ -700,7 +791,9 @@ struct Cached {
 impl TokenCache {
     fn new(capacity: usize) -> Self {
         Self {
-            shards: (0..CACHE_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..CACHE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
             per_shard: capacity.div_ceil(CACHE_SHARDS),
             hasher: foldhash::fast::RandomState::default(),
         }
@@ -730,7 +823,9 @@ impl TokenCache {
         }
         // Valid no later than `exp`, and only while its key set still holds
         // every key it had.
-        if now >= entry.principal.expires_at() || entry.generation != generation(entry.principal.issuer()) {
+        if now >= entry.principal.expires_at()
+            || entry.generation != generation(entry.principal.issuer())
+        {
             shard.remove(&hash);
             return None;
         }
@@ -752,6 +847,13 @@ impl TokenCache {
                 }
             }
         }
-        shard.insert(hash, Cached { token: token.into(), principal: principal.clone(), generation });
+        shard.insert(
+            hash,
+            Cached {
+                token: token.into(),
+                principal: principal.clone(),
+                generation,
+            },
+        );
     }
 }

@@ -3,7 +3,9 @@ use proptest::prelude::*;
 use super::*;
 
 fn decide(grants: &[&str], required: &str) -> Decision {
-    Grants::parse(grants.iter().copied()).unwrap().decide(&required.parse().unwrap())
+    Grants::parse(grants.iter().copied())
+        .unwrap()
+        .decide(&required.parse().unwrap())
 }
 
 // P1-P9, P16: the reference table.
@@ -11,29 +13,67 @@ fn decide(grants: &[&str], required: &str) -> Decision {
 fn reference_decisions() {
     use Decision::*;
     let cases: &[(&[&str], &str, Decision)] = &[
-        (&["ticketmaster:67000001:create:ticket"], "ticketmaster:67000001:create:ticket", Allow),
-        (&["ticketmaster:67000001:create:ticket"], "ticketmaster:67000002:create:ticket", NoGrant),
-        (&["ticketmaster:*:create:ticket"], "ticketmaster:67000002:create:ticket", Allow),
+        (
+            &["ticketmaster:67000001:create:ticket"],
+            "ticketmaster:67000001:create:ticket",
+            Allow,
+        ),
+        (
+            &["ticketmaster:67000001:create:ticket"],
+            "ticketmaster:67000002:create:ticket",
+            NoGrant,
+        ),
+        (
+            &["ticketmaster:*:create:ticket"],
+            "ticketmaster:67000002:create:ticket",
+            Allow,
+        ),
         (&["*:*:*:*"], "otto::view:deployment", Allow),
         (&["otto::view:deployment"], "otto::view:deployment", Allow),
-        (&["otto::view:deployment"], "otto:67000001:view:deployment", NoGrant),
-        (&["otto:67000001:view:deployment"], "otto::view:deployment", NoGrant),
         (
-            &["ticketmaster:67000001:*:*", "!ticketmaster:67000001:delete:*"],
+            &["otto::view:deployment"],
+            "otto:67000001:view:deployment",
+            NoGrant,
+        ),
+        (
+            &["otto:67000001:view:deployment"],
+            "otto::view:deployment",
+            NoGrant,
+        ),
+        (
+            &[
+                "ticketmaster:67000001:*:*",
+                "!ticketmaster:67000001:delete:*",
+            ],
             "ticketmaster:67000001:delete:ticket",
             DeniedExplicitly,
         ),
         (
-            &["ticketmaster:67000001:*:*", "!ticketmaster:67000001:delete:*"],
+            &[
+                "ticketmaster:67000001:*:*",
+                "!ticketmaster:67000001:delete:*",
+            ],
             "ticketmaster:67000001:view:ticket",
             Allow,
         ),
-        (&["ticketmaster:67000001:view:ticket"], "ticketmaster:67000001:view:tickets", NoGrant),
+        (
+            &["ticketmaster:67000001:view:ticket"],
+            "ticketmaster:67000001:view:tickets",
+            NoGrant,
+        ),
         (&[], "ticketmaster:67000001:view:ticket", NoGrant),
         // Deny wins regardless of order and of where the allow comes from.
-        (&["!*:*:*:*", "ticketing:1:view:ticket"], "ticketing:1:view:ticket", DeniedExplicitly),
+        (
+            &["!*:*:*:*", "ticketing:1:view:ticket"],
+            "ticketing:1:view:ticket",
+            DeniedExplicitly,
+        ),
         // Account ids are case-sensitive and opaque.
-        (&["ticketing:AbC:view:ticket"], "ticketing:abc:view:ticket", NoGrant),
+        (
+            &["ticketing:AbC:view:ticket"],
+            "ticketing:abc:view:ticket",
+            NoGrant,
+        ),
     ];
     for (grants, required, want) in cases {
         assert_eq!(decide(grants, required), *want, "{grants:?} -> {required}");
@@ -61,7 +101,11 @@ fn invalid_grants_are_refused() {
         assert!(bad.parse::<Grant>().is_err(), "{bad} was accepted");
     }
     assert!("ticketing::view:ticket".parse::<Grant>().is_ok());
-    assert!(format!("{}:1:view:ticket", "a".repeat(64)).parse::<Grant>().is_ok());
+    assert!(
+        format!("{}:1:view:ticket", "a".repeat(64))
+            .parse::<Grant>()
+            .is_ok()
+    );
 }
 
 #[test]
@@ -73,17 +117,33 @@ fn token_grants_drop_bad_allows_but_refuse_bad_denies() {
     let err = Grants::from_claim(["ticketing:*:*:*", "!ticketing:*:Delete:*"]).unwrap_err();
     assert!(matches!(err, GrantsError::InvalidDeny { index: 1, .. }));
     let many: Vec<String> = (0..=MAX_GRANTS).map(|i| format!("s:{i}:view:x")).collect();
-    assert_eq!(Grants::from_claim(many.iter().map(String::as_str)).unwrap_err(), GrantsError::TooMany);
+    assert_eq!(
+        Grants::from_claim(many.iter().map(String::as_str)).unwrap_err(),
+        GrantsError::TooMany
+    );
 }
 
 // P14, P15: requirements can never carry a wildcard or shift segments.
 #[test]
 fn requirements_are_concrete() {
     for bad in [
-        "*", "", "1:create", "1,2", "٦٧", "a b", "a%2A", "a/b", "a.b", "1\n", "1\0",
+        "*",
+        "",
+        "1:create",
+        "1,2",
+        "٦٧",
+        "a b",
+        "a%2A",
+        "a/b",
+        "a.b",
+        "1\n",
+        "1\0",
         &"1".repeat(65),
     ] {
-        assert!(AccountId::parse(bad).is_err(), "{bad:?} accepted as an account");
+        assert!(
+            AccountId::parse(bad).is_err(),
+            "{bad:?} accepted as an account"
+        );
     }
     for bad in [
         "ticketing:*:view:ticket",
@@ -93,12 +153,20 @@ fn requirements_are_concrete() {
         "ticketing:1:view",
         "!ticketing:1:view:ticket",
     ] {
-        assert!(bad.parse::<Permission>().is_err(), "{bad} accepted as a requirement");
+        assert!(
+            bad.parse::<Permission>().is_err(),
+            "{bad} accepted as a requirement"
+        );
     }
     assert!(Permission::new("ticketing", None, "vi*w", "ticket").is_err());
     // Opaque ids are kept as they are, not canonicalised.
     let a = AccountId::parse("067000001").unwrap();
-    assert_eq!(Permission::new("t", Some(&a), "view", "x").unwrap().as_str(), "t:067000001:view:x");
+    assert_eq!(
+        Permission::new("t", Some(&a), "view", "x")
+            .unwrap()
+            .as_str(),
+        "t:067000001:view:x"
+    );
 }
 
 #[test]
@@ -115,14 +183,24 @@ fn templates_fill_only_with_valid_values() {
     assert_eq!(t.fill(|_| None).unwrap_err(), "account");
 
     let t: PermissionTemplate = "docs:{account}:view:{kind}".parse().unwrap();
-    assert_eq!(t.fill(|n| Some(if n == "kind" { "Report" } else { "1" })).unwrap_err(), "kind");
+    assert_eq!(
+        t.fill(|n| Some(if n == "kind" { "Report" } else { "1" }))
+            .unwrap_err(),
+        "kind"
+    );
 
     let t: PermissionTemplate = "otto::view:deployment".parse().unwrap();
     let (p, account) = t.fill(|_| None).unwrap();
     assert_eq!(p.as_str(), "otto::view:deployment");
     assert!(account.is_none());
 
-    for bad in ["ticketing:*:view:ticket", "ticketing:{}:view:ticket", "ticketing:{a-b}:view:x", "a:b:c", "A:{x}:b:c"] {
+    for bad in [
+        "ticketing:*:view:ticket",
+        "ticketing:{}:view:ticket",
+        "ticketing:{a-b}:view:x",
+        "a:b:c",
+        "A:{x}:b:c",
+    ] {
         assert!(bad.parse::<PermissionTemplate>().is_err(), "{bad}");
     }
 }
@@ -134,13 +212,24 @@ fn many_grants_are_indexed() {
     let grants = Grants::parse(owned.iter().map(String::as_str)).unwrap();
     assert_eq!(grants.len(), 4000);
     assert_eq!(grants.by_service["svc7"].allow.len(), 1);
-    assert_eq!(grants.decide(&"svc3999:1:view:thing".parse().unwrap()), Decision::Allow);
-    assert_eq!(grants.decide(&"svc4000:1:view:thing".parse().unwrap()), Decision::NoGrant);
+    assert_eq!(
+        grants.decide(&"svc3999:1:view:thing".parse().unwrap()),
+        Decision::Allow
+    );
+    assert_eq!(
+        grants.decide(&"svc4000:1:view:thing".parse().unwrap()),
+        Decision::NoGrant
+    );
 }
 
 fn segment_strategy(account: bool) -> impl Strategy<Value = String> {
     if account {
-        prop_oneof![Just(String::new()), "[A-Za-z0-9_-]{1,4}", Just("a".to_owned())].boxed()
+        prop_oneof![
+            Just(String::new()),
+            "[A-Za-z0-9_-]{1,4}",
+            Just("a".to_owned())
+        ]
+        .boxed()
     } else {
         prop_oneof!["[a-c][a-c0-9_-]{0,2}", Just("a".to_owned())].boxed()
     }
@@ -148,11 +237,19 @@ fn segment_strategy(account: bool) -> impl Strategy<Value = String> {
 
 fn grant_strategy() -> impl Strategy<Value = (bool, [String; 4])> {
     let seg = |account| prop_oneof![3 => segment_strategy(account), 1 => Just("*".to_owned())];
-    (any::<bool>(), [seg(false), seg(true), seg(false), seg(false)])
+    (
+        any::<bool>(),
+        [seg(false), seg(true), seg(false), seg(false)],
+    )
 }
 
 fn required_strategy() -> impl Strategy<Value = [String; 4]> {
-    [segment_strategy(false), segment_strategy(true), segment_strategy(false), segment_strategy(false)]
+    [
+        segment_strategy(false),
+        segment_strategy(true),
+        segment_strategy(false),
+        segment_strategy(false),
+    ]
 }
 
 proptest! {
