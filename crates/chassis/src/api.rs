@@ -433,7 +433,7 @@ fn authorize(
     template: &PermissionTemplate,
     principal: Principal,
     req: Request,
-) -> Result<Request, Response> {
+) -> Result<Request, Box<Response>> {
     let note = req.extensions().get::<AuditNote>().cloned();
     let record = |f: &dyn Fn(&mut crate::audit::Note)| {
         if let Some(n) = &note {
@@ -458,7 +458,7 @@ fn authorize(
                 "path parameter outside its grammar; refused before authorization"
             );
             record(&|n| n.decision = Some((AuditDecision::Rejected, Some("invalid_path"))));
-            return Err(Problem::not_found().into_response());
+            return Err(Box::new(Problem::not_found().into_response()));
         }
     };
     record(&|n| {
@@ -476,7 +476,7 @@ fn authorize(
         }
         Decision::DeniedExplicitly | Decision::NoGrant => {
             record(&|n| n.decision = Some((AuditDecision::Deny, Some(Reason::Forbidden.code()))));
-            Err(Forbidden { permission }.into_response())
+            Err(Box::new(Forbidden { permission }.into_response()))
         }
     }
 }
@@ -519,7 +519,7 @@ where
         match verifier.verify_cached(req.headers()) {
             Some(Ok(principal)) => match authorize(template, principal, req) {
                 Ok(req) => GuardFuture::inner(self.inner.call(req)),
-                Err(res) => GuardFuture::ready(res),
+                Err(res) => GuardFuture::ready(*res),
             },
             Some(Err(e)) => GuardFuture::ready(unauthenticated(&req, e.reason())),
             None => {
@@ -534,7 +534,7 @@ where
                     match verifier.verify(req.headers()).await {
                         Ok(principal) => match authorize(template, principal, req) {
                             Ok(req) => inner.oneshot(req).await,
-                            Err(res) => Ok(res),
+                            Err(res) => Ok(*res),
                         },
                         Err(e) => Ok(unauthenticated(&req, e.reason())),
                     }

@@ -19,6 +19,10 @@
 //! | Metrics | exports RED metrics by route template and process metrics at `/metrics` | [`metrics`] |
 //! | Health | answers liveness without dependencies and readiness from background checks with hysteresis | [`health`] |
 //! | Errors | answers every error with `application/problem+json` carrying the correlation id, and no internals | [`problem`] |
+//! | Deny by default | declares, next to every API route, the permission it requires or that it is public; undeclared routes stop the build | [`api`] |
+//! | Authentication | verifies a bearer JWT on every non-public call, locally, with keys from the issuer's JWKS | [`auth`] |
+//! | Authorization | checks `service:account:operation:object` permissions against the caller's grants; deny wins; no grant, no access | [`permission`] |
+//! | Audit | writes exactly one audit event per API call, allowed or not, without ever slowing it | [`audit`] |
 //! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
 //! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
 //!

@@ -154,6 +154,7 @@ macro_rules! build_info {
 }
 
 type ApiLayer = Box<dyn FnOnce(Router) -> Router + Send>;
+type MakeAuditor = Box<dyn FnOnce(&str, usize) -> Auditor + Send>;
 type TaskFn = Box<dyn FnOnce(CancellationToken) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// Builds a [`Service`]; see the [module docs](self).
@@ -168,7 +169,7 @@ pub struct ServiceBuilder {
     config: Option<Config>,
     build_info: Option<BuildInfo>,
     verifier: Option<Verifier>,
-    audit_sink: Option<Box<dyn FnOnce(&str, usize) -> Auditor + Send>>,
+    audit_sink: Option<MakeAuditor>,
 }
 
 impl fmt::Debug for ServiceBuilder {

@@ -237,10 +237,10 @@ impl RemoteJwks {
         if seq < s.applied_seq {
             return false;
         }
-        if let Some(old) = &s.keys {
-            if old.kids().any(|k| !keys.contains_kid(k)) {
-                s.generation += 1;
-            }
+        if let Some(old) = &s.keys
+            && old.kids().any(|k| !keys.contains_kid(k))
+        {
+            s.generation += 1;
         }
         s.keys = Some(Arc::new(keys));
         s.fetched_at = Some(Instant::now());

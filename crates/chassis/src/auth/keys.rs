@@ -104,10 +104,8 @@ impl Key {
         allowed: &[Algorithm],
     ) -> Result<Self, KeyError> {
         let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
-        if let Some(u) = value.get("use") {
-            if u.as_str() != Some("sig") {
-                return Err(KeyError::Jwk("`use` is not `sig`".to_owned()));
-            }
+        if value.get("use").is_some_and(|u| u.as_str() != Some("sig")) {
+            return Err(KeyError::Jwk("`use` is not `sig`".to_owned()));
         }
         let candidates: &[Algorithm] = match (field("kty"), field("crv")) {
             (Some("RSA"), _) => &[

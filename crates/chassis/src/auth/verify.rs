@@ -3,7 +3,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    hash::{BuildHasher, Hash, Hasher},
+    hash::BuildHasher,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -477,7 +477,7 @@ fn numeric_date(v: &Value) -> Result<u64, Reason> {
         return Ok(n);
     }
     match v.as_f64() {
-        Some(f) if f.is_finite() && f >= 0.0 && f < 9.2e18 => Ok(f as u64),
+        Some(f) if (0.0..9.2e18).contains(&f) => Ok(f as u64),
         _ => Err(Reason::BadClaimType),
     }
 }
@@ -688,7 +688,7 @@ impl Verifier {
             Ok(false) | Err(_) => return Err(Reason::BadSignature),
         }
         // Signature first, claims after: a forged token says bad_signature.
-        let principal = self.check_claims(issuer, claims, token)?;
+        let principal = self.check_claims(issuer, &claims, token)?;
         self.inner.cache.insert(
             token.as_bytes(),
             &principal,
@@ -701,7 +701,7 @@ impl Verifier {
     fn check_claims(
         &self,
         issuer: &Issuer,
-        c: RawClaims,
+        c: &RawClaims,
         token: &str,
     ) -> Result<Principal, Reason> {
         let now = self.inner.clock.now();
@@ -800,9 +800,7 @@ impl TokenCache {
     }
 
     fn hash(&self, token: &[u8]) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        token.hash(&mut h);
-        h.finish()
+        self.hasher.hash_one(token)
     }
 
     fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Cached>> {

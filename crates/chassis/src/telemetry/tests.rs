@@ -258,3 +258,16 @@ fn rfc3339_dates() {
         assert_eq!(String::from_utf8(buf).unwrap(), want);
     }
 }
+
+#[test]
+fn ids_logged_outside_a_request_keep_their_names() {
+    // The audit thread logs ids as plain fields: they must not be renamed.
+    let capture = Capture::default();
+    tracing::subscriber::with_default(subscriber(&capture, "info"), || {
+        tracing::info!(target: "audit", correlation_id = "from-the-queue", trace_id = "t1", "audit");
+    });
+    let lines = capture.lines();
+    assert_eq!(lines[0]["correlation_id"], "from-the-queue");
+    assert_eq!(lines[0]["trace_id"], "t1");
+    assert!(lines[0].get("field.correlation_id").is_none());
+}
