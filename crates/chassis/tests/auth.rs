@@ -1432,3 +1432,45 @@ async fn verified_tokens_are_cached_until_exp() {
     clock.set(NOW + 300 + LEEWAY);
     assert_eq!(v.verify(&headers).await.unwrap_err().code(), "expired");
 }
+
+#[tokio::test]
+async fn readiness_waits_for_the_first_key_set() {
+    let k = keys();
+    let server = JwksServer::start(&jwks(&[jwk(&k.rsa1, Algorithm::RS256, "k1")])).await;
+    server.set(|s| s.status = StatusCode::INTERNAL_SERVER_ERROR);
+    let svc = service(
+        verifier(&server, JwksOptions::default()),
+        &Memory::default(),
+    );
+    let running = support::start(svc).await;
+    let check = format!("jwks:{}", server.issuer());
+    let url = running.url("/health/ready");
+    support::eventually("a failed warm-up", || {
+        let url = url.clone();
+        let check = check.clone();
+        async move { support::get(&url).await.json()["checks"][&check]["error"].is_string() }
+    })
+    .await;
+    let r = support::get(&url).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    // Requests meanwhile answer 503 jwks_unavailable, not 401.
+    let token = mint(&server, Algorithm::RS256, &k.rsa1, Some("k1"), claims());
+    let a = support::send(
+        http::Method::GET,
+        &running.url("/ticketing/v1/67000001/tickets"),
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.json()["reason"], "jwks_unavailable");
+
+    server.set(|s| s.status = StatusCode::OK);
+    support::eventually("readiness once keys load", || {
+        let url = url.clone();
+        async move { support::get(&url).await.status == StatusCode::OK }
+    })
+    .await;
+    running.task.abort();
+}

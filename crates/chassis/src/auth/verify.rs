@@ -536,10 +536,13 @@ impl Verifier {
                 (
                     format!("jwks:{issuer}"),
                     JwksReady(r),
+                    // Cheap once loaded (no fetch), so it can run often; it
+                    // only fails again once the last good set is past the
+                    // stale limit.
                     CheckOptions::default()
                         .timeout(Duration::from_secs(6))
-                        .interval(Duration::from_secs(10))
-                        .thresholds(u32::MAX, 1),
+                        .interval(Duration::from_secs(1))
+                        .thresholds(3, 1),
                 )
             })
             .collect()
