@@ -304,3 +304,21 @@ async fn api_layers_run_inside_the_protection_layers() {
     r.headers_mut().insert("x-deny", "1".parse().unwrap());
     assert_eq!(call(&app, r).await.0, StatusCode::OK);
 }
+
+#[test]
+fn undeclared_routes_stop_the_build() {
+    let err = ServiceBuilder::new("stack-j", 1)
+        .api(
+            Api::new()
+                .route(api::get("/open", || async { "ok" }).public())
+                .route(api::post("/{account}/things", || async { "made" })),
+        )
+        .config(config())
+        .build()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("POST /stack-j/v1/{account}/things: declares neither a permission"),
+        "{text}"
+    );
+}
