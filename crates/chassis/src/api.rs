@@ -264,8 +264,21 @@ impl Api {
                 access: Arc::new(access),
                 verifier: verifier.cloned(),
             };
-            let method_router = e.router.layer(CatchPanicLayer::new()).route_layer(guard);
-            router = router.route(&e.path, method_router);
+            // One layer level for both: each level boxes the route again,
+            // which costs a clone and a drop on every request.
+            let method_router = e.router.route_layer(
+                tower::ServiceBuilder::new()
+                    .layer(guard)
+                    .layer(CatchPanicLayer::new()),
+            );
+            // Mounted under the prefix directly rather than with
+            // `Router::nest`, which rewrites the URI on every request.
+            let full = if e.path == "/" {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}{}", e.path)
+            };
+            router = router.route(&full, method_router);
         }
         if problems.is_empty() {
             Ok(router)

@@ -82,7 +82,7 @@ use tower::{Layer, Service};
 
 use crate::{
     auth::{Principal, Reason},
-    correlation::CorrelationId,
+    correlation::{Correlation, CorrelationId},
     permission::{AccountId, Permission},
 };
 
@@ -492,7 +492,10 @@ where
             start: Instant::now(),
             method: req.method().clone(),
             route: req.extensions().get::<MatchedPath>().cloned(),
-            correlation_id: req.extensions().get::<CorrelationId>().cloned(),
+            correlation_id: req
+                .extensions()
+                .get::<Correlation>()
+                .map(|c| c.id().clone()),
             note,
             auditor: self.auditor.clone(),
             status: None,

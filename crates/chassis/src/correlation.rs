@@ -31,8 +31,10 @@
 //! # How the chassis does it
 //!
 //! [`SetCorrelationIdLayer`] validates or generates the [`CorrelationId`],
-//! parses the [`TraceContext`], puts both into the request extensions (where
-//! handlers extract them) and sets `x-correlation-id` on the response. An
+//! parses the [`TraceContext`], puts both into the request extensions as one
+//! [`Correlation`] (handlers extract either) and sets `x-correlation-id` on
+//! the response. Code inside reads the id from there, never from the raw
+//! request header, which may hold the rejected value. An
 //! outgoing client forwards [`CorrelationId::header_value`] and
 //! [`TraceContext::child_traceparent`] (plus [`TraceContext::tracestate`]).
 //!
@@ -103,6 +105,42 @@ const MAX_TRACESTATE_LEN: usize = 512;
 const MAX_TRACESTATE_MEMBER_LEN: usize = 128;
 /// At most this many bytes of a rejected id are logged, escaped.
 const REJECTED_SAMPLE_LEN: usize = 64;
+
+/// The correlation id and trace context of a request: the one request
+/// extension [`SetCorrelationIdLayer`] inserts. Handlers usually extract
+/// [`CorrelationId`] or [`TraceContext`] directly.
+#[derive(Clone, Debug)]
+pub struct Correlation {
+    id: CorrelationId,
+    trace: TraceContext,
+}
+
+impl Correlation {
+    /// The correlation id.
+    pub fn id(&self) -> &CorrelationId {
+        &self.id
+    }
+
+    /// The trace context.
+    pub fn trace(&self) -> &TraceContext {
+        &self.trace
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Correlation {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Self>()
+            .cloned()
+            .unwrap_or_else(|| Self {
+                id: CorrelationId::generate(),
+                trace: TraceContext::new_root(),
+            }))
+    }
+}
 
 /// A validated correlation id: 1-128 characters of `[A-Za-z0-9._~:-]`.
 ///
@@ -196,9 +234,8 @@ impl<S: Send + Sync> FromRequestParts<S> for CorrelationId {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         Ok(parts
             .extensions
-            .get::<Self>()
-            .cloned()
-            .unwrap_or_else(Self::generate))
+            .get::<Correlation>()
+            .map_or_else(Self::generate, |c| c.id.clone()))
     }
 }
 
@@ -303,9 +340,8 @@ impl<S: Send + Sync> FromRequestParts<S> for TraceContext {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         Ok(parts
             .extensions
-            .get::<Self>()
-            .cloned()
-            .unwrap_or_else(Self::new_root))
+            .get::<Correlation>()
+            .map_or_else(Self::new_root, |c| c.trace.clone()))
     }
 }
 
@@ -515,12 +551,12 @@ where
             }
         };
         let trace = TraceContext::from_headers(req.headers());
-        // The validated value replaces whatever came, so inner layers that
-        // read the header see the same id.
-        req.headers_mut()
-            .insert(X_CORRELATION_ID, id.header_value().clone());
-        req.extensions_mut().insert(trace);
-        req.extensions_mut().insert(id.clone());
+        // Inner layers and handlers read the validated id from this
+        // extension, never from the raw header.
+        req.extensions_mut().insert(Correlation {
+            id: id.clone(),
+            trace,
+        });
         ResponseFuture {
             inner: self.inner.call(req),
             id: Some(id),

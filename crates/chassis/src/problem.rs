@@ -85,7 +85,7 @@ use pin_project_lite::pin_project;
 use serde::Serialize;
 use tower::{Layer, Service};
 
-use crate::correlation::CorrelationId;
+use crate::correlation::{Correlation, CorrelationId};
 
 /// The media type of a problem document (RFC 9457 §3).
 pub const CONTENT_TYPE: &str = "application/problem+json";
@@ -370,7 +370,10 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let id = req.extensions().get::<CorrelationId>().cloned();
+        let id = req
+            .extensions()
+            .get::<Correlation>()
+            .map(|c| c.id().clone());
         ResponseFuture {
             inner: self.inner.call(req),
             id,

@@ -420,7 +420,8 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         TimeoutFuture {
             inner: self.inner.call(req),
-            sleep: tokio::time::sleep(self.timeout),
+            sleep: None,
+            deadline: tokio::time::Instant::now() + self.timeout,
             timeout: self.timeout,
         }
     }
@@ -431,8 +432,11 @@ pin_project! {
     pub struct TimeoutFuture<F> {
         #[pin]
         inner: F,
+        // Created only when the inner future first waits, so a request
+        // answered in one poll never touches the timer.
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
+        deadline: tokio::time::Instant,
         timeout: Duration,
     }
 }
@@ -452,12 +456,16 @@ where
     type Output = Result<Response, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         if let Poll::Ready(res) = this.inner.poll(cx) {
             return Poll::Ready(res);
         }
-        match this.sleep.poll(cx) {
-            Poll::Ready(()) => {
+        if this.sleep.is_none() {
+            this.sleep
+                .set(Some(tokio::time::sleep_until(*this.deadline)));
+        }
+        match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
+            Some(Poll::Ready(())) => {
                 tracing::warn!(
                     timeout_ms = this.timeout.as_millis() as u64,
                     "request timed out"
@@ -466,7 +474,7 @@ where
                     .with_detail("The request did not complete in time.")
                     .into_response()))
             }
-            Poll::Pending => Poll::Pending,
+            _ => Poll::Pending,
         }
     }
 }

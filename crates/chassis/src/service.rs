@@ -386,20 +386,17 @@ impl ServiceBuilder {
             }
         }
 
-        let mut api = api;
+        let mut router = api;
         for layer in self.api_layers.into_iter().rev() {
-            api = layer(api);
+            router = layer(router);
         }
-        let api = api.layer(
-            Stack::new()
-                .layer(AuditLayer::new(auditor.clone()))
-                .layer(shed.clone())
-                .layer(BodyLimitLayer::new(config.max_body_bytes))
-                .layer(DefaultBodyLimit::max(config.max_body_bytes))
-                .layer(RequestTimeoutLayer::new(config.request_timeout)),
-        );
-        let router = Router::new()
-            .nest(&prefix, api)
+        let api_stack = Stack::new()
+            .layer(AuditLayer::new(auditor.clone()))
+            .layer(shed.clone())
+            .layer(BodyLimitLayer::new(config.max_body_bytes))
+            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .layer(RequestTimeoutLayer::new(config.request_timeout));
+        let router = router
             .route("/health/live", get(crate::health::live))
             .route(
                 "/health/ready",
@@ -411,11 +408,17 @@ impl ServiceBuilder {
             )
             .route("/info", get(info_endpoint).with_state(info))
             .fallback(not_found)
+            // One `Router::layer` for everything: the API's own layers apply
+            // to API routes only, chosen by the matched route's prefix.
             .layer(
                 Stack::new()
                     .layer(SetCorrelationIdLayer::new())
                     .layer(EnsureProblemLayer::new())
-                    .layer(ObserveLayer::new(metrics)),
+                    .layer(ObserveLayer::new(metrics))
+                    .layer(ApiOnlyLayer {
+                        prefix: prefix.clone().into(),
+                        layer: api_stack,
+                    }),
             );
 
         Ok(Service {
@@ -647,6 +650,103 @@ impl Service {
         let _ = tokio::task::spawn_blocking(move || auditor.flush()).await;
         tracing::info!(service = %name, "stopped");
         Ok(())
+    }
+}
+
+/// Applies `layer` to requests whose matched route is under the API prefix;
+/// others (standard endpoints, unmatched paths) bypass it.
+#[derive(Clone)]
+struct ApiOnlyLayer<L> {
+    prefix: Arc<str>,
+    layer: L,
+}
+
+impl<L, S> tower::Layer<S> for ApiOnlyLayer<L>
+where
+    L: tower::Layer<S>,
+    S: Clone,
+{
+    type Service = ApiOnly<L::Service, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiOnly {
+            api: self.layer.layer(inner.clone()),
+            plain: inner,
+            prefix: self.prefix.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ApiOnly<A, S> {
+    api: A,
+    plain: S,
+    prefix: Arc<str>,
+}
+
+impl<A, S, B> tower::Service<http::Request<B>> for ApiOnly<A, S>
+where
+    A: tower::Service<http::Request<B>, Response = Response>,
+    S: tower::Service<http::Request<B>, Response = Response, Error = A::Error>,
+{
+    type Response = Response;
+    type Error = A::Error;
+    type Future = either::Either<A::Future, S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::ready!(self.api.poll_ready(cx))?;
+        self.plain.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let is_api = req
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .is_some_and(|m| {
+                let m = m.as_str();
+                m.starts_with(&*self.prefix)
+                    && matches!(m.as_bytes().get(self.prefix.len()), None | Some(b'/'))
+            });
+        if is_api {
+            either::Either::Left {
+                inner: self.api.call(req),
+            }
+        } else {
+            either::Either::Right {
+                inner: self.plain.call(req),
+            }
+        }
+    }
+}
+
+mod either {
+    use std::{
+        future::Future,
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    pin_project_lite::pin_project! {
+        /// One of two futures with the same output.
+        #[project = EitherProj]
+        pub(super) enum Either<A, B> {
+            Left { #[pin] inner: A },
+            Right { #[pin] inner: B },
+        }
+    }
+
+    impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
+        type Output = A::Output;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            match self.project() {
+                EitherProj::Left { inner } => inner.poll(cx),
+                EitherProj::Right { inner } => inner.poll(cx),
+            }
+        }
     }
 }
 

@@ -16,7 +16,7 @@
 //! Every request also produces exactly one **access-log** event (target
 //! `chassis::access`, message `request`) with `method`, `route` (the
 //! template, never the raw path, which may carry identifiers or tokens),
-//! `status` and `latency_ms`. Probes and scrapes of the standard endpoints are
+//! `status` and `latency_us` (microseconds). Probes and scrapes of the standard endpoints are
 //! logged at `debug`, the API at `info`.
 //!
 //! Nothing sensitive is logged: the chassis never logs request headers (so no
@@ -96,6 +96,7 @@ use tracing::{
 };
 use tracing_subscriber::{
     EnvFilter, Registry,
+    filter::Targets,
     fmt::MakeWriter,
     layer::{Context as LayerContext, SubscriberExt},
     registry::LookupSpan,
@@ -104,7 +105,7 @@ use tracing_subscriber::{
 
 use crate::{
     config::{Config, LogFormat},
-    correlation::{CorrelationId, TraceContext},
+    correlation::Correlation,
     metrics::{HttpMetrics, UNMATCHED, method_index},
 };
 
@@ -131,10 +132,16 @@ impl fmt::Debug for Telemetry {
 /// format, stdout through a background writer. If a global subscriber is
 /// already installed (a test harness, or a second call) it is kept.
 pub fn init(service: &str, config: &Config) -> Telemetry {
-    let filter = EnvFilter::builder().parse_lossy(&config.log);
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(BUFFERED_LINES)
         .finish(std::io::stdout());
+    // A plain `target=level` list (the usual case) is served by `Targets`,
+    // which keeps no per-span state; span and field directives need `EnvFilter`.
+    let filter: Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync> =
+        match config.log.parse::<Targets>() {
+            Ok(targets) => Box::new(targets),
+            Err(_) => Box::new(EnvFilter::builder().parse_lossy(&config.log)),
+        };
     let installed = match config.log_format {
         LogFormat::Json => Registry::default()
             .with(filter)
@@ -172,30 +179,54 @@ fn log_panics() {
     }));
 }
 
-/// The correlation fields of a request span, kept in the span's extensions.
-#[derive(Clone, Default)]
+/// The correlation fields of a request span, kept in the span's extensions
+/// (inline, so opening a span allocates no strings).
+#[derive(Clone)]
 struct RequestFields {
-    correlation_id: String,
-    trace_id: String,
+    correlation_id: Inline<{ crate::correlation::MAX_LEN }>,
+    trace_id: Inline<32>,
+}
+
+/// A short string kept inline; longer values are cut (ids are bounded).
+#[derive(Clone, Copy)]
+struct Inline<const N: usize> {
+    len: u8,
+    buf: [u8; N],
+}
+
+impl<const N: usize> Inline<N> {
+    const EMPTY: Self = Self {
+        len: 0,
+        buf: [0; N],
+    };
+
+    fn set(&mut self, s: &str) {
+        let mut n = s.len().min(N);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.buf[..n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len = n as u8;
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or_default()
+    }
 }
 
 impl Visit for RequestFields {
     fn record_str(&mut self, field: &Field, value: &str) {
         match field.name() {
-            "correlation_id" => value.clone_into(&mut self.correlation_id),
-            "trace_id" => value.clone_into(&mut self.trace_id),
+            "correlation_id" => self.correlation_id.set(value),
+            "trace_id" => self.trace_id.set(value),
             _ => {}
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let slot = match field.name() {
-            "correlation_id" => &mut self.correlation_id,
-            "trace_id" => &mut self.trace_id,
-            _ => return,
-        };
-        slot.clear();
-        let _ = write!(slot, "{value:?}");
+        if matches!(field.name(), "correlation_id" | "trace_id") {
+            self.record_str(field, &format!("{value:?}"));
+        }
     }
 }
 
@@ -251,7 +282,10 @@ where
         if attrs.metadata().target() != REQUEST_TARGET {
             return;
         }
-        let mut fields = RequestFields::default();
+        let mut fields = RequestFields {
+            correlation_id: Inline::EMPTY,
+            trace_id: Inline::EMPTY,
+        };
         attrs.record(&mut fields);
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(fields);
@@ -283,9 +317,9 @@ where
                     let ext = span.extensions();
                     if let Some(f) = ext.get::<RequestFields>() {
                         buf.extend_from_slice(b",\"correlation_id\":");
-                        write_json_str(buf, &f.correlation_id);
+                        write_json_str(buf, f.correlation_id.as_str());
                         buf.extend_from_slice(b",\"trace_id\":");
-                        write_json_str(buf, &f.trace_id);
+                        write_json_str(buf, f.trace_id.as_str());
                         has_request = true;
                         break;
                     }
@@ -424,10 +458,35 @@ fn escape_into(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&bytes[start..]);
 }
 
-/// Writes `t` as `YYYY-MM-DDTHH:MM:SS.uuuuuuZ`.
+thread_local! {
+    /// The last second formatted, `YYYY-MM-DDTHH:MM:SS`, and its value.
+    static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// Writes `t` as `YYYY-MM-DDTHH:MM:SS.uuuuuuZ`. The date and time part is
+/// formatted once per second per thread; the microseconds by hand.
 pub(crate) fn write_rfc3339(buf: &mut Vec<u8>, t: SystemTime) {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
+    let (cached, mut text) = SECOND.get();
+    if cached != secs {
+        text = civil(secs);
+        SECOND.set((secs, text));
+    }
+    buf.extend_from_slice(&text);
+    let mut micros = d.subsec_micros();
+    let mut digits = [b'0'; 6];
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    buf.push(b'.');
+    buf.extend_from_slice(&digits);
+    buf.push(b'Z');
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix time.
+fn civil(secs: u64) -> [u8; 19] {
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
     let z = days + 719_468;
@@ -439,14 +498,17 @@ pub(crate) fn write_rfc3339(buf: &mut Vec<u8>, t: SystemTime) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = [0u8; 19];
+    let mut w = &mut out[..];
     let _ = write!(
-        buf,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        w,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
         rem / 3600,
         rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
+        rem % 60
     );
+    let _ = &mut w;
+    out
 }
 
 /// Layer that opens the request span, records RED metrics and writes the
@@ -514,26 +576,21 @@ where
         let route_str = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
         let standard = is_standard(route_str);
         let span = {
-            let id = req
-                .extensions()
-                .get::<CorrelationId>()
-                .map(CorrelationId::as_str);
-            let trace = req
-                .extensions()
-                .get::<TraceContext>()
-                .map(TraceContext::trace_id);
+            let ids = req.extensions().get::<Correlation>();
+            let id = ids.map(|c| c.id().as_str());
+            let trace = ids.map(|c| c.trace().trace_id());
             let trace = trace.as_ref().map(|t| t.as_str());
+            let m = req.method().as_str();
             if standard {
-                tracing::debug_span!(target: REQUEST_TARGET, "request", method = %req.method(), route = route_str, correlation_id = id, trace_id = trace)
+                tracing::debug_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
             } else {
-                tracing::info_span!(target: REQUEST_TARGET, "request", method = %req.method(), route = route_str, correlation_id = id, trace_id = trace)
+                tracing::info_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
             }
         };
         self.metrics.active(method).increment(1.0);
-        let inner = {
-            let _enter = span.enter();
-            self.inner.call(req)
-        };
+        // `call` of the layers inside only builds futures; the span is
+        // entered while they are polled.
+        let inner = self.inner.call(req);
         ResponseFuture {
             inner,
             guard: Some(Guard {
@@ -572,13 +629,14 @@ impl Drop for Guard {
         let route = self.route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
         self.metrics.record(route, self.method, status, elapsed);
         self.metrics.active(self.method).decrement(1.0);
-        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        let latency_us = elapsed.as_micros() as u64;
         let method = crate::metrics::method_label_of(self.method);
-        let _enter = self.span.enter();
+        // An explicit parent puts the event in the request span without
+        // entering it.
         if self.standard {
-            tracing::debug!(target: ACCESS_TARGET, method, route, status, latency_ms, "request");
+            tracing::debug!(target: ACCESS_TARGET, parent: &self.span, method, route, status, latency_us, "request");
         } else {
-            tracing::info!(target: ACCESS_TARGET, method, route, status, latency_ms, "request");
+            tracing::info!(target: ACCESS_TARGET, parent: &self.span, method, route, status, latency_us, "request");
         }
     }
 }

@@ -274,7 +274,7 @@ async fn api_layers_run_inside_the_protection_layers() {
     async fn gate(req: axum::extract::Request, next: Next) -> axum::response::Response {
         assert!(
             req.extensions()
-                .get::<chassis::correlation::CorrelationId>()
+                .get::<chassis::correlation::Correlation>()
                 .is_some()
         );
         if req.headers().contains_key("x-deny") {
