@@ -3,18 +3,22 @@
 //! Group `core_stack` serves the same trivial handler
 //! (`GET /hello/v1/items/{id}` answering `{"id":42}`) twice: as a bare axum
 //! router, and through the full chassis stack built by
-//! [`chassis::ServiceBuilder`] (correlation id, problem+json, request span,
-//! RED metrics, access log, load shedding, body limit, timeout, panic
-//! catcher). Both are driven with `tower::ServiceExt::oneshot` on a clone of
+//! [`chassis::ServiceBuilder`] with the route declared public (correlation id,
+//! problem+json, request span, RED metrics, access log, audit, load shedding,
+//! body limit, timeout, the route guard, panic catcher). Both are driven with `tower::ServiceExt::oneshot` on a clone of
 //! the router, on a current-thread tokio runtime, and both collect the
 //! response body. A global subscriber with the chassis' JSON formatter writing
 //! to `std::io::sink` is installed first, so every chassis request formats its
-//! access-log line exactly as in production, minus the write to stdout.
+//! access-log line exactly as in production, minus the write to stdout. A
+//! third function, `chassis_overhead_paired`, alternates batches of the two
+//! and reports only the difference, which holds up better than subtracting two
+//! separate figures when other work shares the machine.
 //!
 //! Group `layers` measures the pieces: id generation, `traceparent` parsing,
 //! formatting one JSON event, a request span with its access-log event, the
-//! bare router with each chassis layer added on its own, and the chassis
-//! stack with no subscriber at all.
+//! bare router with each chassis layer added on its own, both routers with
+//! their routes built once (as `axum::serve` does per connection), and the
+//! chassis stack with no subscriber at all.
 //!
 //! Run with `cargo bench -p chassis --bench core_stack`; results are recorded
 //! in `docs/benchmarks.md`.
@@ -33,6 +37,8 @@ use axum::{
     routing::get,
 };
 use chassis::{
+    api::{self, Api},
+    audit::{AuditLayer, Auditor, LogSink},
     correlation::{CorrelationId, SetCorrelationIdLayer, TraceContext},
     metrics::HttpMetrics,
     problem::EnsureProblemLayer,
@@ -57,6 +63,9 @@ async fn item(Path(id): Path<u32>) -> Json<Value> {
     Json(json!({ "id": id }))
 }
 
+/// Requests per batch in the paired measurement.
+const BATCH: u64 = 64;
+
 /// The request every case serves: the same for bare axum and the chassis.
 fn request() -> Request<Body> {
     Request::get(URI)
@@ -71,7 +80,7 @@ fn bare() -> Router {
 
 fn chassis_core() -> Router {
     chassis::ServiceBuilder::new(SERVICE, 1)
-        .api(Router::new().route("/items/{id}", get(item)))
+        .api(Api::new().route(api::get("/items/{id}", item).public()))
         .config(chassis::Config::default())
         .build()
         .expect("the service builds")
@@ -89,6 +98,28 @@ fn runtime() -> Runtime {
 async fn serve(app: &Router) -> bytes::Bytes {
     let res = app.clone().oneshot(request()).await.expect("infallible");
     res.into_body().collect().await.expect("a body").to_bytes()
+}
+
+/// Serves `iters` requests with each router, alternating batches of
+/// [`BATCH`], and returns how much longer the chassis took.
+async fn paired(bare: &Router, chassis: &Router, iters: u64) -> Duration {
+    let (mut bare_time, mut chassis_time) = (Duration::ZERO, Duration::ZERO);
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(BATCH);
+        let start = tokio::time::Instant::now();
+        for _ in 0..n {
+            black_box(serve(bare).await);
+        }
+        bare_time += start.elapsed();
+        let start = tokio::time::Instant::now();
+        for _ in 0..n {
+            black_box(serve(chassis).await);
+        }
+        chassis_time += start.elapsed();
+        left -= n;
+    }
+    chassis_time.saturating_sub(bare_time)
 }
 
 /// A writer that keeps what it is given, for the checks before measuring.
@@ -117,7 +148,11 @@ fn check(rt: &Runtime, bare: &Router, chassis: &Router) {
     tracing::subscriber::with_default(subscriber, || {
         rt.block_on(async {
             assert_eq!(serve(bare).await, r#"{"id":42}"#);
-            let res = chassis.clone().oneshot(request()).await.expect("infallible");
+            let res = chassis
+                .clone()
+                .oneshot(request())
+                .await
+                .expect("infallible");
             assert_eq!(res.status(), 200);
             assert_eq!(res.headers()["x-correlation-id"], CORRELATION_ID);
             let body = res.into_body().collect().await.expect("a body").to_bytes();
@@ -157,6 +192,10 @@ fn core_stack(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(5));
     group.bench_function("bare_axum", |b| b.to_async(&rt).iter(|| serve(&bare)));
     group.bench_function("chassis_core", |b| b.to_async(&rt).iter(|| serve(&chassis)));
+    group.bench_function("chassis_overhead_paired", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| paired(&bare, &chassis, iters));
+    });
     group.finish();
     chassis::metrics::install_recorder().run_upkeep();
 }
@@ -169,7 +208,9 @@ fn layers(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
 
-    group.bench_function("correlation_id_generate", |b| b.iter(CorrelationId::generate));
+    group.bench_function("correlation_id_generate", |b| {
+        b.iter(CorrelationId::generate)
+    });
 
     let mut headers = HeaderMap::new();
     headers.insert("traceparent", HeaderValue::from_static(TRACEPARENT));
@@ -191,31 +232,33 @@ fn layers(c: &mut Criterion) {
                     method = "GET",
                     route = ROUTE,
                     status = 200_u16,
-                    latency_ms = black_box(0.0123_f64),
+                    latency_us = black_box(12_u64),
                     "request"
                 );
             });
         });
         // What the observe layer does with tracing per request: open the
-        // request span with its correlation fields, enter it, log the access
-        // line inside it, close it.
+        // request span with its correlation fields, enter it once (while the
+        // inner future is polled), log the access line with the span as its
+        // explicit parent, close the span.
         group.bench_function("request_span_and_access_event", |b| {
             b.iter(|| {
                 let span = tracing::info_span!(
                     target: REQUEST_TARGET,
                     "request",
-                    method = %http::Method::GET,
+                    method = "GET",
                     route = ROUTE,
                     correlation_id = black_box(CORRELATION_ID),
                     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
                 );
-                let _enter = span.enter();
+                drop(black_box(span.enter()));
                 tracing::info!(
                     target: ACCESS_TARGET,
+                    parent: &span,
                     method = "GET",
                     route = ROUTE,
                     status = 200_u16,
-                    latency_ms = black_box(0.0123_f64),
+                    latency_us = black_box(12_u64),
                     "request"
                 );
             });
@@ -223,14 +266,30 @@ fn layers(c: &mut Criterion) {
     });
 
     // The bare router with one chassis layer (or layer set) at a time, as the
-    // builder applies them; the global subscriber is still installed.
+    // builder applies them, after a baseline measured alongside them; the
+    // global subscriber is still installed.
     let cases: Vec<(&str, Router)> = vec![
+        ("bare", bare()),
         ("bare_nested_under_prefix", {
             Router::new().nest("/hello/v1", Router::new().route("/items/{id}", get(item)))
         }),
-        ("bare_plus_correlation", bare().layer(SetCorrelationIdLayer::new())),
+        (
+            "bare_plus_correlation",
+            bare().layer(SetCorrelationIdLayer::new()),
+        ),
         ("bare_plus_problem", bare().layer(EnsureProblemLayer::new())),
-        ("bare_plus_observe", bare().layer(ObserveLayer::new(HttpMetrics::new(SERVICE)))),
+        (
+            "bare_plus_observe",
+            bare().layer(ObserveLayer::new(HttpMetrics::new(SERVICE))),
+        ),
+        (
+            "bare_plus_audit",
+            bare().layer(AuditLayer::new(Auditor::new(
+                SERVICE,
+                LogSink,
+                chassis::Config::default().audit_queue,
+            ))),
+        ),
         (
             "bare_plus_protect",
             bare().layer(
@@ -241,9 +300,25 @@ fn layers(c: &mut Criterion) {
                     .layer(RequestTimeoutLayer::new(Duration::from_secs(30))),
             ),
         ),
-        ("bare_plus_catch_panic", bare().layer(CatchPanicLayer::new())),
+        (
+            "bare_plus_catch_panic",
+            bare().layer(CatchPanicLayer::new()),
+        ),
     ];
     for (name, app) in &cases {
+        rt.block_on(async { assert_eq!(serve(app).await, r#"{"id":42}"#) });
+        group.bench_function(*name, |b| b.to_async(&rt).iter(|| serve(app)));
+    }
+
+    // `oneshot` on a `Router` turns each handler into a route on every
+    // request; `axum::serve` does it once per connection
+    // (`Router::with_state(())`). These two show the per-request cost on a
+    // kept-alive connection.
+    let connection: Vec<(&str, Router)> = vec![
+        ("bare_per_connection", bare().with_state(())),
+        ("chassis_core_per_connection", chassis_core().with_state(())),
+    ];
+    for (name, app) in &connection {
         rt.block_on(async { assert_eq!(serve(app).await, r#"{"id":42}"#) });
         group.bench_function(*name, |b| b.to_async(&rt).iter(|| serve(app)));
     }
