@@ -67,7 +67,6 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
-        mpsc,
     },
     task::{Context, Poll, ready},
     time::{Duration, SystemTime},
@@ -135,7 +134,7 @@ pub struct AuditEvent {
     #[serde(serialize_with = "serialize_method")]
     pub method: Method,
     /// The route template.
-    pub route: Arc<str>,
+    pub route: AuditRoute,
     /// The validated account, if the route has one.
     pub account: Option<AccountId>,
     /// The permission required, if one was.
@@ -173,7 +172,7 @@ impl AuditEvent {
             subject: "ann".into(),
             subject_kind: "user",
             method: Method::POST,
-            route: "/ticketing/v1/{account}/tickets".into(),
+            route: AuditRoute::Static("/ticketing/v1/{account}/tickets"),
             account: AccountId::parse("67000001").ok(),
             permission: "ticketing:67000001:create:ticket".parse().ok(),
             decision: AuditDecision::Allow,
@@ -182,6 +181,32 @@ impl AuditEvent {
             latency_ms: 1.0,
             mutation: true,
         }
+    }
+}
+
+/// The route template of an audited call, shared with the router rather than
+/// copied.
+#[derive(Debug, Clone)]
+pub enum AuditRoute {
+    /// The matched route.
+    Matched(MatchedPath),
+    /// A fixed name (`unmatched`, or one given in code).
+    Static(&'static str),
+}
+
+impl AuditRoute {
+    /// The template.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Matched(m) => m.as_str(),
+            Self::Static(s) => s,
+        }
+    }
+}
+
+impl Serialize for AuditRoute {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -218,7 +243,7 @@ impl AuditSink for LogSink {
                 subject = &*e.subject,
                 subject_kind = e.subject_kind,
                 method = e.method.as_str(),
-                route = &*e.route,
+                route = e.route.as_str(),
                 account = e.account.as_ref().map(AccountId::as_str),
                 permission = e.permission.as_ref().map(Permission::as_str),
                 decision = e.decision.as_str(),
@@ -280,15 +305,16 @@ impl AuditSink for FileSink {
     }
 }
 
-enum Msg {
-    Event(Box<AuditEvent>),
-    Flush(mpsc::SyncSender<()>),
-}
+/// How often the writer thread wakes to drain the queue when it is not
+/// full enough to be woken early.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The queue in front of a sink, and the thread that drains it.
 ///
-/// Cheap to clone. Dropping the last clone stops the thread after it has
-/// written what is queued.
+/// Recording pushes onto a buffer under a short lock; the writer thread
+/// drains it every 10 ms, or at once when it is half full, so a request never
+/// pays for waking the writer. Cheap to clone. Dropping the last clone stops
+/// the thread after it has written what is queued.
 #[derive(Clone)]
 pub struct Auditor {
     inner: Arc<AuditorInner>,
@@ -296,10 +322,39 @@ pub struct Auditor {
 
 struct AuditorInner {
     service: Arc<str>,
-    tx: mpsc::SyncSender<Msg>,
+    queue: Arc<Queue>,
     dropped: AtomicU64,
     counters: [metrics::Counter; 4],
     dropped_counter: metrics::Counter,
+}
+
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: std::sync::Condvar,
+    done: std::sync::Condvar,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    events: Vec<AuditEvent>,
+    /// Flushes asked for, and flushes done (a flush waits for `done` to pass
+    /// its ticket).
+    flush_asked: u64,
+    flush_done: u64,
+    closed: bool,
+}
+
+impl Drop for AuditorInner {
+    fn drop(&mut self) {
+        let mut s = self
+            .queue
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.closed = true;
+        self.queue.wake.notify_all();
+    }
 }
 
 impl fmt::Debug for Auditor {
@@ -314,7 +369,16 @@ impl fmt::Debug for Auditor {
 impl Auditor {
     /// Starts the writer thread for `sink` with a queue of `capacity` events.
     pub fn new(service: &str, sink: impl AuditSink, capacity: usize) -> Self {
-        let (tx, rx) = mpsc::sync_channel::<Msg>(capacity.max(1));
+        let capacity = capacity.max(1);
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                events: Vec::with_capacity(capacity.min(BATCH)),
+                ..QueueState::default()
+            }),
+            wake: std::sync::Condvar::new(),
+            done: std::sync::Condvar::new(),
+            capacity,
+        });
         let service: Arc<str> = service.into();
         let counter = |decision: AuditDecision| metrics::counter!("audit_events_total", "service" => service.to_string(), "decision" => decision.as_str());
         let counters = [
@@ -326,14 +390,15 @@ impl Auditor {
         let dropped_counter =
             metrics::counter!("audit_events_dropped_total", "service" => service.to_string());
         let thread_dropped = dropped_counter.clone();
+        let thread_queue = queue.clone();
         std::thread::Builder::new()
             .name("chassis-audit".to_owned())
-            .spawn(move || drain(&rx, &sink, &thread_dropped))
+            .spawn(move || drain(&thread_queue, &sink, &thread_dropped))
             .expect("the audit thread can be spawned");
         Self {
             inner: Arc::new(AuditorInner {
                 service,
-                tx,
+                queue,
                 dropped: AtomicU64::new(0),
                 counters,
                 dropped_counter,
@@ -346,16 +411,27 @@ impl Auditor {
         &self.inner.service
     }
 
-    /// Queues an event; never blocks. A full queue drops it, counted.
+    /// Queues an event; never blocks on the sink. A full queue drops it,
+    /// counted.
     pub fn record(&self, event: AuditEvent) {
-        let i = event.decision as usize;
-        self.inner.counters[i].increment(1);
-        if self.inner.tx.try_send(Msg::Event(Box::new(event))).is_err() {
+        self.inner.counters[event.decision as usize].increment(1);
+        let q = &self.inner.queue;
+        let mut s = q
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if s.events.len() >= q.capacity {
+            drop(s);
             let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             self.inner.dropped_counter.increment(1);
             if n == 1 || n.is_power_of_two() {
                 tracing::warn!(dropped_total = n, "audit queue full; event dropped");
             }
+            return;
+        }
+        s.events.push(event);
+        if s.events.len() == q.capacity.div_ceil(2) {
+            q.wake.notify_one();
         }
     }
 
@@ -364,45 +440,76 @@ impl Auditor {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
-    /// Waits until everything queued so far is written and flushed.
+    /// Waits (at most 30 s) until everything queued so far is written and
+    /// flushed.
     pub fn flush(&self) {
-        let (ack, done) = mpsc::sync_channel(1);
-        if self.inner.tx.send(Msg::Flush(ack)).is_ok() {
-            let _ = done.recv_timeout(Duration::from_secs(30));
+        let q = &self.inner.queue;
+        let mut s = q
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.flush_asked += 1;
+        let ticket = s.flush_asked;
+        q.wake.notify_one();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while s.flush_done < ticket {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::error!("audit flush timed out");
+                return;
+            }
+            s = q
+                .done
+                .wait_timeout(s, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 }
 
-fn drain(rx: &mpsc::Receiver<Msg>, sink: &dyn AuditSink, dropped: &metrics::Counter) {
-    let mut batch: Vec<AuditEvent> = Vec::with_capacity(BATCH);
-    let mut acks = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        while let Some(msg) = next {
-            match msg {
-                Msg::Event(e) => batch.push(*e),
-                Msg::Flush(ack) => acks.push(ack),
+fn drain(q: &Queue, sink: &dyn AuditSink, dropped: &metrics::Counter) {
+    let mut batch: Vec<AuditEvent> = Vec::new();
+    loop {
+        let (closed, asked) = {
+            let mut s = q
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if s.events.is_empty() && s.flush_asked == s.flush_done && !s.closed {
+                s = q
+                    .wake
+                    .wait_timeout(s, DRAIN_INTERVAL)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
             }
-            next = if batch.len() < BATCH {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        if !batch.is_empty() {
-            if let Err(e) = sink.write(&batch) {
-                dropped.increment(batch.len() as u64);
-                tracing::error!(error = %e, events = batch.len(), "audit sink failed; events dropped");
+            std::mem::swap(&mut batch, &mut s.events);
+            (s.closed, s.flush_asked)
+        };
+        for chunk in batch.chunks(BATCH) {
+            if let Err(e) = sink.write(chunk) {
+                dropped.increment(chunk.len() as u64);
+                tracing::error!(error = %e, events = chunk.len(), "audit sink failed; events dropped");
             }
-            batch.clear();
         }
-        if !acks.is_empty() {
+        batch.clear();
+        let mut s = q
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if asked > s.flush_done && s.events.is_empty() {
+            drop(s);
             if let Err(e) = sink.flush() {
                 tracing::error!(error = %e, "audit sink flush failed");
             }
-            for ack in acks.drain(..) {
-                let _ = ack.send(());
-            }
+            s = q
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            s.flush_done = asked;
+            q.done.notify_all();
+        }
+        if closed && s.events.is_empty() {
+            return;
         }
     }
 }
@@ -534,7 +641,7 @@ impl Drop for Pending {
             .unwrap_or_else(|| (AuditDecision::Rejected, Some(rejected_reason(status))));
         let (subject, subject_kind) = match &note.principal {
             Some(p) => (p.subject_arc(), p.kind().as_str()),
-            None => (Arc::from("anonymous"), "anonymous"),
+            None => (anonymous(), "anonymous"),
         };
         let mutation = matches!(
             self.method,
@@ -550,8 +657,8 @@ impl Drop for Pending {
             method: std::mem::replace(&mut self.method, Method::GET),
             route: self
                 .route
-                .as_ref()
-                .map_or_else(|| Arc::from("unmatched"), |r| Arc::from(r.as_str())),
+                .take()
+                .map_or(AuditRoute::Static("unmatched"), AuditRoute::Matched),
             account: note.account,
             permission: note.permission,
             decision,
@@ -561,6 +668,12 @@ impl Drop for Pending {
             mutation,
         });
     }
+}
+
+/// The shared `anonymous` subject.
+fn anonymous() -> Arc<str> {
+    static ANONYMOUS: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    ANONYMOUS.get_or_init(|| Arc::from("anonymous")).clone()
 }
 
 /// The reason of a call refused before any decision, from its status.

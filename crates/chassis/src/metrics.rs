@@ -46,7 +46,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
+    hash::{BuildHasher, BuildHasherDefault, Hasher},
     sync::{Arc, OnceLock, RwLock},
     time::Duration,
 };
@@ -173,14 +173,14 @@ struct Inner {
     service: SharedString,
     active: Vec<Gauge>,
     durations: RwLock<HashMap<Key, Entry, BuildHasherDefault<KeyHasher>>>,
+    route_hasher: foldhash::fast::FixedState,
 }
 
-/// A route is keyed by the address and length of its template, which axum
-/// allocates once per route; the entry keeps the text to confirm a hit.
+/// A route is keyed by a hash of its template (so the key holds no borrowed
+/// text and costs no allocation); the entry keeps the text to confirm a hit.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
-    route_ptr: usize,
-    route_len: usize,
+    route_hash: u64,
     method: usize,
     status: u16,
 }
@@ -216,6 +216,7 @@ impl HttpMetrics {
                 service,
                 active,
                 durations: RwLock::new(HashMap::default()),
+                route_hasher: foldhash::fast::FixedState::with_seed(0x5eed),
             }),
         }
     }
@@ -233,8 +234,7 @@ impl HttpMetrics {
     /// Records one finished request.
     pub(crate) fn record(&self, route: &str, method: usize, status: u16, elapsed: Duration) {
         let key = Key {
-            route_ptr: route.as_ptr() as usize,
-            route_len: route.len(),
+            route_hash: self.inner.route_hasher.hash_one(route),
             method,
             status,
         };
@@ -359,7 +359,22 @@ mod tests {
     }
 
     #[test]
-    fn same_address_with_other_text_is_not_a_hit() {
+    fn the_same_route_at_new_addresses_is_one_entry() {
+        // A router nested in another may hand out a fresh copy of the
+        // template on every request; the cache must not grow with them.
+        let recorder = DebuggingRecorder::new();
+        metrics::with_local_recorder(&recorder, || {
+            let m = HttpMetrics::new("svc");
+            for _ in 0..100 {
+                let copy = String::from("/svc/v1/items/{id}");
+                m.record(&copy, 0, 200, Duration::ZERO);
+            }
+            assert_eq!(m.inner.durations.read().unwrap().len(), 1);
+        });
+    }
+
+    #[test]
+    fn routes_are_told_apart_by_text_not_address() {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         metrics::with_local_recorder(&recorder, || {

@@ -1353,7 +1353,7 @@ async fn permissions_and_one_audit_event_per_call() {
     assert_eq!(e.subject_kind, "service");
     assert!(e.mutation, "a successful DELETE is a mutation");
     assert!(!events[0].mutation);
-    assert_eq!(e.route.as_ref(), "/ticketing/v1/{account}/tickets/{id}");
+    assert_eq!(e.route.as_str(), "/ticketing/v1/{account}/tickets/{id}");
     assert_eq!(e.account.as_ref().unwrap().as_str(), "67000001");
     assert!(
         events
