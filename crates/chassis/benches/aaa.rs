@@ -28,7 +28,7 @@ use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tower::ServiceExt;
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
 
 const ISS: &str = "http://auth.bench";
 const AUD: &str = "hello";
@@ -173,7 +173,7 @@ async fn item(Path((_account, id)): Path<(String, u32)>) -> Json<Value> {
 
 fn stack(c: &mut Criterion) {
     let _ = tracing_subscriber::registry()
-        .with(EnvFilter::new("info"))
+        .with("info".parse::<Targets>().expect("a filter"))
         .with(JsonLayer::new("hello", std::io::sink))
         .try_init();
     let rt = runtime();

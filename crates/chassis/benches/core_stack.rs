@@ -51,7 +51,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use tower::ServiceExt;
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
 
 const SERVICE: &str = "hello";
 const URI: &str = "/hello/v1/items/42";
@@ -143,7 +143,7 @@ fn check(rt: &Runtime, bare: &Router, chassis: &Router) {
     let capture = Capture::default();
     let out = capture.clone();
     let subscriber = tracing_subscriber::registry()
-        .with(EnvFilter::new("info"))
+        .with("info".parse::<Targets>().expect("a filter"))
         .with(JsonLayer::new(SERVICE, move || out.clone()));
     tracing::subscriber::with_default(subscriber, || {
         rt.block_on(async {
@@ -172,7 +172,7 @@ fn check(rt: &Runtime, bare: &Router, chassis: &Router) {
 /// The global subscriber the chassis cases run under.
 fn install_subscriber() {
     tracing_subscriber::registry()
-        .with(EnvFilter::new("info"))
+        .with("info".parse::<Targets>().expect("a filter"))
         .with(JsonLayer::new(SERVICE, std::io::sink))
         .try_init()
         .expect("no other global subscriber");
@@ -221,7 +221,7 @@ fn layers(c: &mut Criterion) {
     // The formatter alone, on a local subscriber, outside any span.
     let local = || {
         tracing_subscriber::registry()
-            .with(EnvFilter::new("info"))
+            .with("info".parse::<Targets>().expect("a filter"))
             .with(JsonLayer::new(SERVICE, std::io::sink))
     };
     tracing::subscriber::with_default(local(), || {

@@ -642,6 +642,9 @@ async fn header_policies() {
     }
 }
 
+/// A change to the baseline claims, and the reason expected (`None`: 200).
+type ClaimCase = (Box<dyn FnOnce(&mut Value)>, Option<&'static str>);
+
 /// Claims tests share this: a token with one claim changed.
 async fn with_claims(s: &Setup, f: impl FnOnce(&mut Value)) -> Answer {
     let mut c = claims();
@@ -659,7 +662,7 @@ async fn with_claims(s: &Setup, f: impl FnOnce(&mut Value)) -> Answer {
 #[tokio::test]
 async fn time_claims() {
     let s = setup().await;
-    let cases: Vec<(Box<dyn FnOnce(&mut Value)>, Option<&str>)> = vec![
+    let cases: Vec<ClaimCase> = vec![
         (
             Box::new(|c| c["exp"] = json!(NOW - LEEWAY - 1)),
             Some("expired"),
@@ -732,7 +735,7 @@ async fn time_claims() {
 async fn identity_claims() {
     let s = setup().await;
     let iss = s.server.issuer();
-    let cases: Vec<(Box<dyn FnOnce(&mut Value)>, Option<&str>)> = vec![
+    let cases: Vec<ClaimCase> = vec![
         (
             Box::new(|c| c["iss"] = json!("http://evil.test")),
             Some("bad_issuer"),
