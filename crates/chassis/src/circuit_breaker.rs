@@ -1,0 +1,738 @@
+//! Circuit breaker: stop calling a downstream that is failing.
+//!
+//! # The standard
+//!
+//! Every synchronous call to another service goes through a breaker. While
+//! the downstream is healthy the breaker is **closed** and only watches: it
+//! keeps the outcomes of the last N calls (or of the last N seconds) and,
+//! once at least `minimum_calls` are known, compares the failure rate and
+//! the slow-call rate with their thresholds (a rate *at* the threshold
+//! trips). When one is reached the breaker **opens**: calls fail at once with
+//! [`CircuitOpen`] (503 with `Retry-After` at a server boundary) without
+//! touching the downstream, which gets time to recover. After
+//! `wait_in_open` the breaker goes **half-open** and lets `half_open_calls`
+//! probes through (default 1, as Polly and Hystrix do); everyone else is
+//! still refused. If the probes succeed it closes with an empty window; if
+//! one fails it opens again.
+//!
+//! The rules that keep a breaker from wedging, learnt from production
+//! incidents in other stacks:
+//!
+//! * a permit is a guard: a call that is dropped (cancelled), panics or
+//!   returns early releases its place and is recorded as *ignored*, never as
+//!   a success;
+//! * a half-open probe has a deadline (`max_wait_in_half_open`): a probe that
+//!   hangs past it counts as a failure, so the breaker reopens and later
+//!   probes are possible;
+//! * every permit carries the generation of the state it was admitted in,
+//!   and an outcome from an older generation is ignored (a slow call admitted
+//!   while closed cannot decide a half-open test);
+//! * permits are taken when the call starts, not in `poll_ready`, so idle
+//!   connections hold nothing.
+//!
+//! What counts as a failure is the caller's choice (see
+//! [`CircuitBreakerLayer::with_classifier`]); by default errors (transport
+//! errors, timeouts) and 5xx responses are failures and 4xx are not (the
+//! caller's fault, not the downstream's).
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use chassis::circuit_breaker::{CircuitBreaker, Config, State};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let breaker = CircuitBreaker::new("ticketing", Config::count(4).minimum_calls(4).failure_rate(0.5));
+//! for ok in [true, false, true, false] {
+//!     let permit = breaker.try_acquire().unwrap();
+//!     if ok { permit.success() } else { permit.failure() }
+//! }
+//! assert_eq!(breaker.state(), State::Open);
+//! assert!(breaker.try_acquire().is_err());
+//! tokio::time::advance(Duration::from_secs(30)).await;
+//! let probe = breaker.try_acquire().unwrap();
+//! assert_eq!(breaker.state(), State::HalfOpen);
+//! probe.success();
+//! assert_eq!(breaker.state(), State::Closed);
+//! # }
+//! ```
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::BoxError;
+
+/// The sliding window the rates are computed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// The last N calls.
+    Count(usize),
+    /// The calls of the last duration.
+    Time(Duration),
+}
+
+/// Tuning of a breaker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    /// The window.
+    pub window: Window,
+    /// Calls needed in the window before rates are judged (default 10).
+    pub minimum_calls: usize,
+    /// Failure rate that opens the breaker, 0 to 1 (default 0.5).
+    pub failure_rate: f64,
+    /// Calls slower than this are slow (default none).
+    pub slow_call: Option<Duration>,
+    /// Slow-call rate that opens the breaker, 0 to 1 (default 1.0).
+    pub slow_call_rate: f64,
+    /// How long the breaker stays open (default 30 s).
+    pub wait_in_open: Duration,
+    /// Probes let through when half-open (default 1).
+    pub half_open_calls: usize,
+    /// Longest a half-open probe may take before it counts as failed (default 10 s).
+    pub max_wait_in_half_open: Duration,
+}
+
+impl Config {
+    /// A count-based window of the last `n` calls, other settings default.
+    pub fn count(n: usize) -> Self {
+        Self {
+            window: Window::Count(n.max(1)),
+            minimum_calls: 10.min(n.max(1)),
+            failure_rate: 0.5,
+            slow_call: None,
+            slow_call_rate: 1.0,
+            wait_in_open: Duration::from_secs(30),
+            half_open_calls: 1,
+            max_wait_in_half_open: Duration::from_secs(10),
+        }
+    }
+
+    /// A time-based window of the last `d`, other settings default.
+    pub fn time(d: Duration) -> Self {
+        Self {
+            window: Window::Time(d),
+            ..Self::count(100)
+        }
+    }
+
+    /// Sets the minimum number of calls.
+    #[must_use]
+    pub fn minimum_calls(mut self, n: usize) -> Self {
+        self.minimum_calls = n.max(1);
+        self
+    }
+
+    /// Sets the failure-rate threshold.
+    #[must_use]
+    pub fn failure_rate(mut self, rate: f64) -> Self {
+        self.failure_rate = rate.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Counts calls slower than `d` as slow and opens at `rate` of them.
+    #[must_use]
+    pub fn slow_calls(mut self, d: Duration, rate: f64) -> Self {
+        self.slow_call = Some(d);
+        self.slow_call_rate = rate.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Sets the time spent open.
+    #[must_use]
+    pub fn wait_in_open(mut self, d: Duration) -> Self {
+        self.wait_in_open = d;
+        self
+    }
+
+    /// Sets the number of half-open probes.
+    #[must_use]
+    pub fn half_open_calls(mut self, n: usize) -> Self {
+        self.half_open_calls = n.max(1);
+        self
+    }
+
+    /// Sets the probe deadline.
+    #[must_use]
+    pub fn max_wait_in_half_open(mut self, d: Duration) -> Self {
+        self.max_wait_in_half_open = d;
+        self
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::count(100)
+    }
+}
+
+/// The state of a breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Calls go through and are watched.
+    Closed,
+    /// Calls are refused.
+    Open,
+    /// A few probes go through.
+    HalfOpen,
+    /// Forced open by an operator: refuses everything, never probes.
+    ForcedOpen,
+    /// Disabled by an operator: lets everything through, records nothing.
+    Disabled,
+}
+
+impl State {
+    /// The value of the `circuit_breaker_state` gauge: 0 closed, 1 open,
+    /// 2 half-open (forced open counts as open, disabled as closed).
+    pub fn gauge(self) -> f64 {
+        match self {
+            Self::Closed | Self::Disabled => 0.0,
+            Self::Open | Self::ForcedOpen => 1.0,
+            Self::HalfOpen => 2.0,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+            Self::ForcedOpen => "forced_open",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+/// The error of a call refused because the breaker is open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("circuit breaker `{name}` is open")]
+pub struct CircuitOpen {
+    name: Arc<str>,
+    retry_after: Duration,
+}
+
+impl CircuitOpen {
+    /// The breaker's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// When a call may be tried again.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+}
+
+/// How a call ended, for the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The downstream did its job.
+    Success,
+    /// The downstream failed.
+    Failure,
+    /// Not the downstream's doing (e.g. the caller went away): not recorded.
+    Ignored,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    failed: bool,
+    slow: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    generation: u64,
+    window: VecDeque<Sample>,
+    opened_at: Instant,
+    half_open_started: Instant,
+    probes_out: usize,
+    probes_ok: usize,
+    probes_failed: usize,
+    probes_slow: usize,
+}
+
+/// A circuit breaker shared by every clone of its layer; see the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct CircuitBreaker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: Arc<str>,
+    config: Config,
+    inner: Mutex<Inner>,
+    gauge: metrics::Gauge,
+    calls: [metrics::Counter; 4],
+}
+
+impl fmt::Debug for CircuitBreaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("name", &self.shared.name)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+const SUCCESS: usize = 0;
+const FAILURE: usize = 1;
+const SLOW: usize = 2;
+const REJECTED: usize = 3;
+
+impl CircuitBreaker {
+    /// A closed breaker called `name` (the `name` label of its metrics).
+    pub fn new(name: &str, config: Config) -> Self {
+        let now = Instant::now();
+        let counter = |outcome: &'static str| metrics::counter!("circuit_breaker_calls_total", "name" => name.to_owned(), "outcome" => outcome);
+        let shared = Shared {
+            name: name.into(),
+            config,
+            inner: Mutex::new(Inner {
+                state: State::Closed,
+                generation: 0,
+                window: VecDeque::new(),
+                opened_at: now,
+                half_open_started: now,
+                probes_out: 0,
+                probes_ok: 0,
+                probes_failed: 0,
+                probes_slow: 0,
+            }),
+            gauge: metrics::gauge!("circuit_breaker_state", "name" => name.to_owned()),
+            calls: [
+                counter("success"),
+                counter("failure"),
+                counter("slow"),
+                counter("rejected"),
+            ],
+        };
+        shared.gauge.set(0.0);
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The current state (an open breaker whose wait is over reports open
+    /// until the next call makes it half-open).
+    pub fn state(&self) -> State {
+        self.lock().state
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Forces the breaker open (`true`) or back to closed (`false`).
+    pub fn force_open(&self, open: bool) {
+        let mut g = self.lock();
+        let to = if open {
+            State::ForcedOpen
+        } else {
+            State::Closed
+        };
+        self.transition(&mut g, to, Instant::now());
+    }
+
+    /// Disables the breaker (`true`: everything passes, nothing is recorded)
+    /// or enables it again, closed.
+    pub fn disable(&self, disabled: bool) {
+        let mut g = self.lock();
+        let to = if disabled {
+            State::Disabled
+        } else {
+            State::Closed
+        };
+        self.transition(&mut g, to, Instant::now());
+    }
+
+    fn transition(&self, g: &mut Inner, to: State, now: Instant) {
+        if g.state == to {
+            return;
+        }
+        let from = g.state;
+        g.state = to;
+        g.generation += 1;
+        g.window.clear();
+        g.probes_out = 0;
+        g.probes_ok = 0;
+        g.probes_failed = 0;
+        g.probes_slow = 0;
+        match to {
+            State::Open => g.opened_at = now,
+            State::HalfOpen => g.half_open_started = now,
+            _ => {}
+        }
+        self.shared.gauge.set(to.gauge());
+        tracing::warn!(breaker = %self.shared.name, from = from.name(), to = to.name(), "circuit breaker state changed");
+    }
+
+    /// Asks to make a call.
+    ///
+    /// # Errors
+    ///
+    /// [`CircuitOpen`] when the call must not be made.
+    pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let c = &self.shared.config;
+        let probe_deadline = g.half_open_started + c.max_wait_in_half_open;
+        if g.state == State::HalfOpen && g.probes_out > 0 && now >= probe_deadline {
+            // A probe hung past its deadline: it counts as a failure, and the
+            // wait in open counts from that deadline.
+            self.shared.calls[FAILURE].increment(1);
+            self.transition(&mut g, State::Open, probe_deadline);
+        }
+        if g.state == State::Open && now >= g.opened_at + c.wait_in_open {
+            self.transition(&mut g, State::HalfOpen, now);
+        }
+        let refuse = |g: &Inner| {
+            let retry_after = match g.state {
+                State::Open => (g.opened_at + c.wait_in_open).saturating_duration_since(now),
+                _ => c.wait_in_open,
+            };
+            CircuitOpen {
+                name: self.shared.name.clone(),
+                retry_after,
+            }
+        };
+        match g.state {
+            State::Closed | State::Disabled => {}
+            State::Open | State::ForcedOpen => {
+                self.shared.calls[REJECTED].increment(1);
+                return Err(refuse(&g));
+            }
+            State::HalfOpen => {
+                if g.probes_out + g.probes_ok + g.probes_failed >= c.half_open_calls {
+                    self.shared.calls[REJECTED].increment(1);
+                    return Err(refuse(&g));
+                }
+                g.probes_out += 1;
+            }
+        }
+        Ok(Permit {
+            breaker: Some(self.clone()),
+            generation: g.generation,
+            start: now,
+        })
+    }
+
+    fn record(&self, generation: u64, start: Instant, outcome: Outcome) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        if g.generation != generation || g.state == State::Disabled {
+            return;
+        }
+        let c = self.shared.config;
+        let slow = c
+            .slow_call
+            .is_some_and(|d| now.saturating_duration_since(start) >= d);
+        match (g.state, outcome) {
+            (State::HalfOpen, Outcome::Ignored) => g.probes_out = g.probes_out.saturating_sub(1),
+            (State::HalfOpen, Outcome::Success | Outcome::Failure) => {
+                let failed = outcome == Outcome::Failure;
+                self.shared.calls[if failed {
+                    FAILURE
+                } else if slow {
+                    SLOW
+                } else {
+                    SUCCESS
+                }]
+                .increment(1);
+                g.probes_out = g.probes_out.saturating_sub(1);
+                if failed {
+                    g.probes_failed += 1;
+                } else {
+                    g.probes_ok += 1;
+                    g.probes_slow += usize::from(slow);
+                }
+                let done = g.probes_ok + g.probes_failed;
+                if done >= c.half_open_calls {
+                    let n = done as f64;
+                    let reopen = g.probes_failed as f64 / n >= c.failure_rate
+                        || (c.slow_call.is_some() && g.probes_slow as f64 / n >= c.slow_call_rate);
+                    let to = if reopen { State::Open } else { State::Closed };
+                    self.transition(&mut g, to, now);
+                }
+            }
+            (State::Closed, Outcome::Success | Outcome::Failure) => {
+                let failed = outcome == Outcome::Failure;
+                self.shared.calls[if failed {
+                    FAILURE
+                } else if slow {
+                    SLOW
+                } else {
+                    SUCCESS
+                }]
+                .increment(1);
+                g.window.push_back(Sample {
+                    at: now,
+                    failed,
+                    slow,
+                });
+                match c.window {
+                    Window::Count(n) => {
+                        while g.window.len() > n {
+                            g.window.pop_front();
+                        }
+                    }
+                    Window::Time(d) => {
+                        while g
+                            .window
+                            .front()
+                            .is_some_and(|s| now.saturating_duration_since(s.at) > d)
+                        {
+                            g.window.pop_front();
+                        }
+                    }
+                }
+                let n = g.window.len();
+                if n >= c.minimum_calls {
+                    let failures = g.window.iter().filter(|s| s.failed).count() as f64;
+                    let slows = g.window.iter().filter(|s| s.slow).count() as f64;
+                    let tripped = failures / n as f64 >= c.failure_rate
+                        || (c.slow_call.is_some() && slows / n as f64 >= c.slow_call_rate);
+                    if tripped {
+                        self.transition(&mut g, State::Open, now);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Permission to make one call. Record how it went with
+/// [`success`](Self::success), [`failure`](Self::failure) or
+/// [`record`](Self::record); dropped without that, it is ignored.
+#[must_use = "a permit records nothing unless told how the call went"]
+pub struct Permit {
+    breaker: Option<CircuitBreaker>,
+    generation: u64,
+    start: Instant,
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Permit {
+    /// Records `outcome`.
+    pub fn record(mut self, outcome: Outcome) {
+        if let Some(b) = self.breaker.take() {
+            b.record(self.generation, self.start, outcome);
+        }
+    }
+
+    /// The call succeeded.
+    pub fn success(self) {
+        self.record(Outcome::Success);
+    }
+
+    /// The call failed.
+    pub fn failure(self) {
+        self.record(Outcome::Failure);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.record(self.generation, self.start, Outcome::Ignored);
+        }
+    }
+}
+
+/// Decides the outcome of a call from its result.
+pub type Classifier<R> = Arc<dyn Fn(&Result<R, BoxError>) -> Outcome + Send + Sync>;
+
+/// The default rule for HTTP: errors and 5xx are failures, the rest success.
+pub fn http_outcome<B>(result: &Result<http::Response<B>, BoxError>) -> Outcome {
+    match result {
+        Ok(res) if res.status().is_server_error() => Outcome::Failure,
+        Ok(_) => Outcome::Success,
+        Err(_) => Outcome::Failure,
+    }
+}
+
+/// Layer putting a [`CircuitBreaker`] in front of a service.
+pub struct CircuitBreakerLayer<R> {
+    breaker: CircuitBreaker,
+    classify: Classifier<R>,
+}
+
+impl<R> Clone for CircuitBreakerLayer<R> {
+    fn clone(&self) -> Self {
+        Self {
+            breaker: self.breaker.clone(),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+impl<R> fmt::Debug for CircuitBreakerLayer<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerLayer")
+            .field("breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: 'static> CircuitBreakerLayer<http::Response<B>> {
+    /// A layer with the HTTP classifier ([`http_outcome`]).
+    pub fn http(breaker: CircuitBreaker) -> Self {
+        Self {
+            breaker,
+            classify: Arc::new(http_outcome::<B>),
+        }
+    }
+}
+
+impl<R> CircuitBreakerLayer<R> {
+    /// A layer deciding outcomes with `classify`.
+    pub fn with_classifier(
+        breaker: CircuitBreaker,
+        classify: impl Fn(&Result<R, BoxError>) -> Outcome + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            breaker,
+            classify: Arc::new(classify),
+        }
+    }
+}
+
+impl<S, R> Layer<S> for CircuitBreakerLayer<R> {
+    type Service = CircuitBreakerService<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreakerService {
+            inner,
+            breaker: self.breaker.clone(),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+/// Service built by [`CircuitBreakerLayer`].
+pub struct CircuitBreakerService<S, R> {
+    inner: S,
+    breaker: CircuitBreaker,
+    classify: Classifier<R>,
+}
+
+impl<S: Clone, R> Clone for CircuitBreakerService<S, R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            breaker: self.breaker.clone(),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+impl<S, R> fmt::Debug for CircuitBreakerService<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerService")
+            .field("breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req> Service<Req> for CircuitBreakerService<S, S::Response>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, S::Response>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.breaker.try_acquire() {
+            Ok(permit) => ResponseFuture {
+                inner: Some(self.inner.call(req)),
+                permit: Some(permit),
+                refused: None,
+                classify: self.classify.clone(),
+            },
+            Err(open) => ResponseFuture {
+                inner: None,
+                permit: None,
+                refused: Some(open),
+                classify: self.classify.clone(),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`CircuitBreakerService`].
+    pub struct ResponseFuture<F, R> {
+        #[pin]
+        inner: Option<F>,
+        permit: Option<Permit>,
+        refused: Option<CircuitOpen>,
+        classify: Classifier<R>,
+    }
+}
+
+impl<F, R> fmt::Debug for ResponseFuture<F, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, R, E> Future for ResponseFuture<F, R>
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            let open = this.refused.take().expect("polled after completion");
+            return Poll::Ready(Err(Box::new(open)));
+        };
+        let result = ready!(inner.poll(cx)).map_err(Into::into);
+        if let Some(permit) = this.permit.take() {
+            permit.record((this.classify)(&result));
+        }
+        Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests;
