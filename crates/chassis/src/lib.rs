@@ -73,6 +73,7 @@ mod macros;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod config;
 pub mod correlation;

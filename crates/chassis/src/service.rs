@@ -72,7 +72,7 @@
 //!
 //! and for API routes only:
 //!
-//! 4. [`AuditLayer`](crate::audit::AuditLayer): one audit event per call;
+//! 4. [`AuditLayer`]: one audit event per call;
 //! 5. [`LoadShedLayer`], [`BodyLimitLayer`], [`RequestTimeoutLayer`];
 //! 6. the layers added with [`ServiceBuilder::api_layer`], first added
 //!    outermost;

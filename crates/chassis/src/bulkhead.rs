@@ -1,0 +1,366 @@
+//! Bulkhead: bound the calls in flight to one downstream.
+//!
+//! # The standard
+//!
+//! One slow downstream must not take every connection, task and byte of
+//! memory a service has. Each downstream (or, on the server side, each
+//! expensive route) gets a bulkhead: at most `max_concurrent` calls in
+//! flight. A call over the limit is refused **at once** with
+//! [`BulkheadFull`] (503 with `Retry-After` at a server boundary), or, when a
+//! bounded wait is configured, waits at most `max_wait` among at most
+//! `max_queue` others. A permit is taken when the call starts (never held
+//! from `poll_ready`, so idle clones and connections hold nothing) and given
+//! back when the call ends, fails, panics or is dropped.
+//!
+//! `bulkhead_in_use{name}` shows the calls in flight and
+//! `bulkhead_rejected_total{name}` the refusals.
+//!
+//! # Example
+//!
+//! ```
+//! use chassis::bulkhead::{Bulkhead, BulkheadLayer};
+//! use tower::{ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let bulkhead = Bulkhead::new("ticketing", 2);
+//! let svc = BulkheadLayer::new(bulkhead.clone())
+//!     .layer(service_fn(|x: u32| async move { Ok::<_, std::convert::Infallible>(x * 2) }));
+//! assert_eq!(svc.oneshot(21).await.unwrap(), 42);
+//! assert_eq!(bulkhead.in_use(), 0);
+//! # use tower::Layer;
+//! # }
+//! ```
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tokio_util::sync::PollSemaphore;
+use tower::{Layer, Service};
+
+use crate::BoxError;
+
+/// The error of a call refused because the bulkhead is full.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bulkhead `{name}` is full")]
+pub struct BulkheadFull {
+    name: Arc<str>,
+}
+
+impl BulkheadFull {
+    /// The bulkhead's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A concurrency bound shared by every clone of its layer; see the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct Bulkhead {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: Arc<str>,
+    max: usize,
+    semaphore: Arc<Semaphore>,
+    max_wait: Option<Duration>,
+    max_queue: usize,
+    waiting: AtomicUsize,
+    in_use: metrics::Gauge,
+    rejected: metrics::Counter,
+}
+
+impl fmt::Debug for Bulkhead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bulkhead")
+            .field("name", &self.shared.name)
+            .field("max", &self.shared.max)
+            .field("in_use", &self.in_use())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bulkhead {
+    /// At most `max_concurrent` calls (at least 1), refusing the rest at once.
+    pub fn new(name: &str, max_concurrent: usize) -> Self {
+        Self::with_queue(name, max_concurrent, 0, Duration::ZERO)
+    }
+
+    /// At most `max_concurrent` calls; up to `max_queue` more wait at most
+    /// `max_wait` for a place.
+    pub fn with_queue(
+        name: &str,
+        max_concurrent: usize,
+        max_queue: usize,
+        max_wait: Duration,
+    ) -> Self {
+        let max = max_concurrent.max(1);
+        Self {
+            shared: Arc::new(Shared {
+                name: name.into(),
+                max,
+                semaphore: Arc::new(Semaphore::new(max)),
+                max_wait: (max_queue > 0 && !max_wait.is_zero()).then_some(max_wait),
+                max_queue,
+                waiting: AtomicUsize::new(0),
+                in_use: metrics::gauge!("bulkhead_in_use", "name" => name.to_owned()),
+                rejected: metrics::counter!("bulkhead_rejected_total", "name" => name.to_owned()),
+            }),
+        }
+    }
+
+    /// Calls in flight now.
+    pub fn in_use(&self) -> usize {
+        self.shared.max - self.shared.semaphore.available_permits()
+    }
+
+    /// The limit.
+    pub fn max_concurrent(&self) -> usize {
+        self.shared.max
+    }
+
+    /// A place for one call, if one is free now.
+    ///
+    /// # Errors
+    ///
+    /// [`BulkheadFull`] when every place is taken.
+    pub fn try_acquire(&self) -> Result<BulkheadPermit, BulkheadFull> {
+        match self.shared.semaphore.clone().try_acquire_owned() {
+            Ok(p) => Ok(self.admitted(p)),
+            Err(_) => Err(self.reject()),
+        }
+    }
+
+    fn admitted(&self, permit: OwnedSemaphorePermit) -> BulkheadPermit {
+        self.shared.in_use.increment(1.0);
+        BulkheadPermit {
+            _permit: permit,
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn reject(&self) -> BulkheadFull {
+        self.shared.rejected.increment(1);
+        BulkheadFull {
+            name: self.shared.name.clone(),
+        }
+    }
+}
+
+/// A place in a bulkhead, given back on drop.
+pub struct BulkheadPermit {
+    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for BulkheadPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BulkheadPermit")
+            .field("name", &self.shared.name)
+            .finish()
+    }
+}
+
+impl Drop for BulkheadPermit {
+    fn drop(&mut self) {
+        self.shared.in_use.decrement(1.0);
+    }
+}
+
+/// A place in the wait queue, given back on drop (also when the waiting
+/// call is dropped).
+struct WaitSlot(Arc<Shared>);
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Layer putting a [`Bulkhead`] in front of a service.
+#[derive(Debug, Clone)]
+pub struct BulkheadLayer {
+    bulkhead: Bulkhead,
+}
+
+impl BulkheadLayer {
+    /// Bounds calls with `bulkhead`.
+    pub fn new(bulkhead: Bulkhead) -> Self {
+        Self { bulkhead }
+    }
+}
+
+impl<S> Layer<S> for BulkheadLayer {
+    type Service = BulkheadService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BulkheadService {
+            inner,
+            bulkhead: self.bulkhead.clone(),
+        }
+    }
+}
+
+/// Service built by [`BulkheadLayer`]. Cloning it carries no permit.
+#[derive(Debug, Clone)]
+pub struct BulkheadService<S> {
+    inner: S,
+    bulkhead: Bulkhead,
+}
+
+impl<S> BulkheadService<S> {
+    define_inner_service_accessors!();
+}
+
+impl<S, Req> Service<Req> for BulkheadService<S>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let shared = &self.bulkhead.shared;
+        match shared.semaphore.clone().try_acquire_owned() {
+            Ok(p) => {
+                let permit = self.bulkhead.admitted(p);
+                ResponseFuture {
+                    state: Phase::Running {
+                        fut: self.inner.call(req),
+                        _permit: permit,
+                    },
+                }
+            }
+            Err(_) => match shared.max_wait {
+                Some(wait) => {
+                    let slot = WaitSlot(shared.clone());
+                    if shared.waiting.fetch_add(1, Ordering::AcqRel) >= shared.max_queue {
+                        drop(slot);
+                        return ResponseFuture {
+                            state: Phase::Refused {
+                                error: Some(self.bulkhead.reject()),
+                            },
+                        };
+                    }
+                    // The readied service goes with the request (tower's
+                    // contract: `call` follows `poll_ready`); a fresh clone
+                    // stays for the next call, which readies it first.
+                    let fresh = self.inner.clone();
+                    let readied = std::mem::replace(&mut self.inner, fresh);
+                    ResponseFuture {
+                        state: Phase::Waiting {
+                            semaphore: PollSemaphore::new(shared.semaphore.clone()),
+                            sleep: tokio::time::sleep(wait),
+                            request: Some((readied, req)),
+                            bulkhead: self.bulkhead.clone(),
+                            _slot: slot,
+                        },
+                    }
+                }
+                None => ResponseFuture {
+                    state: Phase::Refused {
+                        error: Some(self.bulkhead.reject()),
+                    },
+                },
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`BulkheadService`].
+    pub struct ResponseFuture<S: Service<Req>, Req> {
+        #[pin]
+        state: Phase<S, Req>,
+    }
+}
+
+pin_project! {
+    #[project = PhaseProj]
+    enum Phase<S: Service<Req>, Req> {
+        Running { #[pin] fut: S::Future, _permit: BulkheadPermit },
+        Waiting {
+            semaphore: PollSemaphore,
+            #[pin]
+            sleep: Sleep,
+            request: Option<(S, Req)>,
+            bulkhead: Bulkhead,
+            _slot: WaitSlot,
+        },
+        Refused { error: Option<BulkheadFull> },
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                PhaseProj::Running { fut, .. } => return fut.poll(cx).map_err(Into::into),
+                PhaseProj::Refused { error } => {
+                    return Poll::Ready(Err(Box::new(
+                        error.take().expect("polled after completion"),
+                    )));
+                }
+                PhaseProj::Waiting {
+                    semaphore,
+                    sleep,
+                    request,
+                    bulkhead,
+                    ..
+                } => {
+                    if let Poll::Ready(permit) = semaphore.poll_acquire(cx) {
+                        let permit =
+                            bulkhead.admitted(permit.expect("the semaphore is never closed"));
+                        let (mut inner, req) = request.take().expect("polled after completion");
+                        let fut = inner.call(req);
+                        this.state.set(Phase::Running {
+                            fut,
+                            _permit: permit,
+                        });
+                        continue;
+                    }
+                    ready!(sleep.poll(cx));
+                    let error = bulkhead.reject();
+                    this.state.set(Phase::Refused { error: Some(error) });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
