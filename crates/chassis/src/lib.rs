@@ -23,6 +23,8 @@
 //! | Authentication | verifies a bearer JWT on every non-public call, locally, with keys from the issuer's JWKS | [`auth`] |
 //! | Authorization | checks `service:account:operation:object` permissions against the caller's grants; deny wins; no grant, no access | [`permission`] |
 //! | Audit | writes exactly one audit event per API call, allowed or not, without ever slowing it | [`audit`] |
+//! | Circuit breakers | stops calling a failing downstream, probes it, never wedges | [`circuit_breaker`] |
+//! | Bulkheads | bounds the calls in flight to each downstream; refuses fast | [`bulkhead`] |
 //! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
 //! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
 //!
