@@ -16,7 +16,12 @@
 //!   streamed body passes the limit.
 //! * **Timeout.** A request still running after
 //!   `CHASSIS_REQUEST_TIMEOUT_SECS` is cancelled (its future is dropped, so
-//!   the work stops) and answered with **504 Gateway Timeout**. 504, not 408:
+//!   the work stops) and answered with **504 Gateway Timeout**. A caller
+//!   that sends `x-timeout-ms` (milliseconds it will still wait) shortens
+//!   that: the request gets the smaller of the two, the deadline is put in
+//!   the request as a [`Deadline`] for calls made on its behalf, and a
+//!   request whose time is already up (`x-timeout-ms: 0`) is answered 504
+//!   without starting the work. 504, not 408:
 //!   408 says the *client* was too slow to send its request, whereas this is
 //!   the service (usually waiting on its own dependencies) failing to answer
 //!   in time, and callers' retry policies treat 504 as retryable for
@@ -417,13 +422,50 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        TimeoutFuture {
-            inner: self.inner.call(req),
-            sleep: None,
-            deadline: tokio::time::Instant::now() + self.timeout,
-            timeout: self.timeout,
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let now = tokio::time::Instant::now();
+        let mut timeout = self.timeout;
+        if let Some(caller) = caller_timeout(req.headers()) {
+            if caller.is_zero() {
+                // The caller has stopped waiting: do not start the work.
+                return TimeoutFuture {
+                    inner: None,
+                    sleep: None,
+                    deadline: now,
+                    timeout: caller,
+                };
+            }
+            timeout = timeout.min(caller);
+            req.extensions_mut().insert(Deadline(now + timeout));
         }
+        TimeoutFuture {
+            inner: Some(self.inner.call(req)),
+            sleep: None,
+            deadline: now + timeout,
+            timeout,
+        }
+    }
+}
+
+/// `x-timeout-ms`: how many milliseconds the caller will still wait.
+pub const X_TIMEOUT_MS: http::HeaderName = http::HeaderName::from_static("x-timeout-ms");
+
+/// The instant by which a request must be answered, when the caller sent
+/// `x-timeout-ms` (a request extension, for calls made on its behalf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub tokio::time::Instant);
+
+/// The caller's remaining time from a single valid `x-timeout-ms`.
+fn caller_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let mut values = headers.get_all(X_TIMEOUT_MS).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => v
+            .to_str()
+            .ok()
+            .filter(|s| !s.is_empty() && s.len() <= 12 && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(Duration::from_millis),
+        _ => None,
     }
 }
 
@@ -431,7 +473,7 @@ pin_project! {
     /// Response future of [`RequestTimeout`].
     pub struct TimeoutFuture<F> {
         #[pin]
-        inner: F,
+        inner: Option<F>,
         // Created only when the inner future first waits, so a request
         // answered in one poll never touches the timer.
         #[pin]
@@ -457,7 +499,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Poll::Ready(res) = this.inner.poll(cx) {
+        let Some(inner) = this.inner.as_pin_mut() else {
+            tracing::debug!("the caller's deadline had passed; request not started");
+            return Poll::Ready(Ok(Problem::new(StatusCode::GATEWAY_TIMEOUT)
+                .with_detail("The caller's deadline had passed before the request started.")
+                .into_response()));
+        };
+        if let Poll::Ready(res) = inner.poll(cx) {
             return Poll::Ready(res);
         }
         if this.sleep.is_none() {
@@ -748,6 +796,54 @@ mod tests {
         );
         let res = app.oneshot(get_req("/fast")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_callers_deadline_shortens_the_timeout() {
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let s = started.clone();
+        let app = Router::new()
+            .route(
+                "/",
+                get(move |deadline: Option<axum::Extension<Deadline>>| {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        format!("{}", deadline.is_some())
+                    }
+                }),
+            )
+            .layer(RequestTimeoutLayer::new(Duration::from_secs(30)));
+        let with = |v: &str| {
+            Request::get("/")
+                .header(X_TIMEOUT_MS, v)
+                .body(Body::empty())
+                .unwrap()
+        };
+
+        let start = tokio::time::Instant::now();
+        let res = app.clone().oneshot(with("100")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+
+        let res = app.clone().oneshot(with("0")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "work whose time is up is not started"
+        );
+
+        // A longer caller budget than ours changes nothing; a deadline is set.
+        let res = app.clone().oneshot(with("999999")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(crate::problem::body_bytes(res.into_body()).await, "true");
+        // Invalid values are ignored.
+        for bad in ["-1", "1.5", "abc", ""] {
+            let res = app.clone().oneshot(with(bad)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{bad:?}");
+            assert_eq!(crate::problem::body_bytes(res.into_body()).await, "false");
+        }
     }
 
     #[tokio::test]
