@@ -25,6 +25,7 @@
 //! | Audit | writes exactly one audit event per API call, allowed or not, without ever slowing it | [`audit`] |
 //! | Circuit breakers | stops calling a failing downstream, probes it, never wedges | [`circuit_breaker`] |
 //! | Bulkheads | bounds the calls in flight to each downstream; refuses fast | [`bulkhead`] |
+//! | Retries | retries only idempotent calls, only retryable failures, with jittered backoff, within a budget | [`retry`] |
 //! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
 //! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
 //!
@@ -84,6 +85,7 @@ pub mod metrics;
 pub mod permission;
 pub mod problem;
 pub mod protect;
+pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
