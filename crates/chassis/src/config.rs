@@ -38,6 +38,7 @@
 //! | `CHASSIS_AUTH_*` | none | token verification, see [`AuthConfig`](crate::auth::AuthConfig) |
 //! | `CHASSIS_AUDIT_FILE` | none | append audit events to this file (default: the log) |
 //! | `CHASSIS_AUDIT_QUEUE` | `8192` | audit events buffered before new ones are dropped (counted) |
+//! | `CHASSIS_FAULT_*` | off | failure injection, see [`fault`](crate::fault) |
 //!
 //! # Example
 //!
@@ -421,7 +422,7 @@ impl FromStr for Filter {
 
 /// The chassis' own settings (`CHASSIS_*`); the table is in the
 /// [module docs](self).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Config {
     /// `CHASSIS_BIND`: the address to listen on.
@@ -447,6 +448,8 @@ pub struct Config {
     pub audit_file: Option<std::path::PathBuf>,
     /// `CHASSIS_AUDIT_QUEUE`: audit events buffered before new ones are dropped.
     pub audit_queue: usize,
+    /// `CHASSIS_FAULT_*`: failure injection, off unless configured.
+    pub fault: Option<crate::fault::FaultConfig>,
 }
 
 impl Default for Config {
@@ -463,6 +466,7 @@ impl Default for Config {
             auth: None,
             audit_file: None,
             audit_queue: crate::audit::DEFAULT_QUEUE,
+            fault: None,
         }
     }
 }
@@ -514,6 +518,7 @@ impl Config {
             r.problem("CHASSIS_MAX_CONCURRENT_REQUESTS", "must be at least 1");
         }
         let auth = crate::auth::AuthConfig::read(r);
+        let fault = crate::fault::FaultConfig::read(r);
         let audit_file = r.maybe("CHASSIS_AUDIT_FILE", "file to append audit events to");
         let audit_queue = r.optional(
             "CHASSIS_AUDIT_QUEUE",
@@ -535,6 +540,7 @@ impl Config {
             auth,
             audit_file,
             audit_queue: audit_queue.max(1),
+            fault,
         }
     }
 

@@ -26,6 +26,7 @@
 //! | Circuit breakers | stops calling a failing downstream, probes it, never wedges | [`circuit_breaker`] |
 //! | Bulkheads | bounds the calls in flight to each downstream; refuses fast | [`bulkhead`] |
 //! | Retries | retries only idempotent calls, only retryable failures, with jittered backoff, within a budget | [`retry`] |
+//! | Failure injection | can slow down or fail a share of calls on purpose, when configured | [`fault`] |
 //! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
 //! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
 //!
@@ -80,6 +81,7 @@ pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod config;
 pub mod correlation;
+pub mod fault;
 pub mod health;
 pub mod metrics;
 pub mod permission;

@@ -395,7 +395,10 @@ impl ServiceBuilder {
             .layer(shed.clone())
             .layer(BodyLimitLayer::new(config.max_body_bytes))
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
-            .layer(RequestTimeoutLayer::new(config.request_timeout));
+            .layer(RequestTimeoutLayer::new(config.request_timeout))
+            .layer(tower::util::option_layer(
+                config.fault.clone().map(crate::fault::FaultLayer::new),
+            ));
         let router = router
             .route("/health/live", get(crate::health::live))
             .route(

@@ -322,3 +322,25 @@ fn undeclared_routes_stop_the_build() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn configured_faults_hit_api_routes_only() {
+    let mut c = config();
+    c.fault = Some(chassis::fault::FaultConfig {
+        abort_percent: 100.0,
+        ..chassis::fault::FaultConfig::default()
+    });
+    let svc = ServiceBuilder::new("stack-k", 1)
+        .api(Api::new().route(api::get("/ok", || async { "ok" }).public()))
+        .config(c)
+        .build()
+        .unwrap();
+    let app = svc.router();
+    let (s, h, b) = call(&app, req("GET", "/stack-k/v1/ok")).await;
+    assert_problem(s, &h, &b, 503);
+    assert_eq!(h["x-fault-injected"], "abort");
+    assert_eq!(
+        call(&app, req("GET", "/health/live")).await.0,
+        StatusCode::OK
+    );
+}
