@@ -524,6 +524,21 @@ impl CircuitBreaker {
     }
 }
 
+/// A breaker is a health check: down while open, so `/health/ready` shows
+/// it. Register it as non-critical: an open breaker to one downstream
+/// should not take this service out of rotation.
+impl crate::health::Check for CircuitBreaker {
+    async fn check(&self) -> Result<(), crate::health::CheckError> {
+        match self.state() {
+            State::Open | State::ForcedOpen => Err(crate::health::CheckError::new(format!(
+                "circuit breaker `{}` is open",
+                self.name()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Permission to make one call. Record how it went with
 /// [`success`](Self::success), [`failure`](Self::failure) or
 /// [`record`](Self::record); dropped without that, it is ignored.

@@ -390,3 +390,15 @@ async fn readiness_holds_no_permit() {
         .expect("readying services took no probe place")
         .success();
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_state_is_a_readiness_check() {
+    use crate::health::Check;
+    let b = breaker(ten());
+    assert!(b.check().await.is_ok());
+    outcomes(&b, &[true; 10]);
+    assert_eq!(
+        b.check().await.unwrap_err().message(),
+        "circuit breaker `test` is open"
+    );
+}
