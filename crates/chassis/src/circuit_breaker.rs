@@ -257,6 +257,10 @@ struct Inner {
     state: State,
     generation: u64,
     window: VecDeque<Sample>,
+    /// Failed and slow calls in `window`, kept as it changes so a decision
+    /// never walks the window.
+    failed: usize,
+    slow: usize,
     opened_at: Instant,
     half_open_started: Instant,
     probes_out: usize,
@@ -306,6 +310,8 @@ impl CircuitBreaker {
                 state: State::Closed,
                 generation: 0,
                 window: VecDeque::new(),
+                failed: 0,
+                slow: 0,
                 opened_at: now,
                 half_open_started: now,
                 probes_out: 0,
@@ -376,6 +382,8 @@ impl CircuitBreaker {
         g.state = to;
         g.generation += 1;
         g.window.clear();
+        g.failed = 0;
+        g.slow = 0;
         g.probes_out = 0;
         g.probes_ok = 0;
         g.probes_failed = 0;
@@ -395,9 +403,18 @@ impl CircuitBreaker {
     ///
     /// [`CircuitOpen`] when the call must not be made.
     pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
-        let now = Instant::now();
-        let mut g = self.lock();
         let c = &self.shared.config;
+        let mut g = self.lock();
+        // The closed hot path reads no clock unless slow calls are judged.
+        if g.state == State::Closed || g.state == State::Disabled {
+            let start = c.slow_call.map(|_| Instant::now());
+            return Ok(Permit {
+                breaker: Some(self.clone()),
+                generation: g.generation,
+                start,
+            });
+        }
+        let now = Instant::now();
         let probe_deadline = g.half_open_started + c.max_wait_in_half_open;
         if g.state == State::HalfOpen && g.probes_out > 0 && now >= probe_deadline {
             // A probe hung past its deadline: it counts as a failure, and the
@@ -435,20 +452,27 @@ impl CircuitBreaker {
         Ok(Permit {
             breaker: Some(self.clone()),
             generation: g.generation,
-            start: now,
+            start: Some(now),
         })
     }
 
-    fn record(&self, generation: u64, start: Instant, outcome: Outcome) {
-        let now = Instant::now();
+    fn record(&self, generation: u64, start: Option<Instant>, outcome: Outcome) {
+        let c = self.shared.config;
+        let needs_clock = c.slow_call.is_some() || matches!(c.window, Window::Time(_));
         let mut g = self.lock();
         if g.generation != generation || g.state == State::Disabled {
             return;
         }
-        let c = self.shared.config;
-        let slow = c
-            .slow_call
-            .is_some_and(|d| now.saturating_duration_since(start) >= d);
+        // A count window without slow-call rules needs no clock when closed.
+        let now = if needs_clock || g.state != State::Closed {
+            Instant::now()
+        } else {
+            g.opened_at
+        };
+        let slow = match (c.slow_call, start) {
+            (Some(d), Some(start)) => now.saturating_duration_since(start) >= d,
+            _ => false,
+        };
         match (g.state, outcome) {
             (State::HalfOpen, Outcome::Ignored) => g.probes_out = g.probes_out.saturating_sub(1),
             (State::HalfOpen, Outcome::Success | Outcome::Failure) => {
@@ -546,7 +570,8 @@ impl crate::health::Check for CircuitBreaker {
 pub struct Permit {
     breaker: Option<CircuitBreaker>,
     generation: u64,
-    start: Instant,
+    /// When the call started, if anything needs it (slow calls, half-open).
+    start: Option<Instant>,
 }
 
 impl fmt::Debug for Permit {
