@@ -456,6 +456,18 @@ impl CircuitBreaker {
         })
     }
 
+    /// Counts one recorded call by its outcome.
+    fn count(&self, failed: bool, slow: bool) {
+        let i = if failed {
+            FAILURE
+        } else if slow {
+            SLOW
+        } else {
+            SUCCESS
+        };
+        self.shared.calls[i].increment(1);
+    }
+
     fn record(&self, generation: u64, start: Option<Instant>, outcome: Outcome) {
         let c = self.shared.config;
         let needs_clock = c.slow_call.is_some() || matches!(c.window, Window::Time(_));
@@ -477,14 +489,7 @@ impl CircuitBreaker {
             (State::HalfOpen, Outcome::Ignored) => g.probes_out = g.probes_out.saturating_sub(1),
             (State::HalfOpen, Outcome::Success | Outcome::Failure) => {
                 let failed = outcome == Outcome::Failure;
-                self.shared.calls[if failed {
-                    FAILURE
-                } else if slow {
-                    SLOW
-                } else {
-                    SUCCESS
-                }]
-                .increment(1);
+                self.count(failed, slow);
                 g.probes_out = g.probes_out.saturating_sub(1);
                 if failed {
                     g.probes_failed += 1;
@@ -503,39 +508,30 @@ impl CircuitBreaker {
             }
             (State::Closed, Outcome::Success | Outcome::Failure) => {
                 let failed = outcome == Outcome::Failure;
-                self.shared.calls[if failed {
-                    FAILURE
-                } else if slow {
-                    SLOW
-                } else {
-                    SUCCESS
-                }]
-                .increment(1);
+                self.count(failed, slow);
                 g.window.push_back(Sample {
                     at: now,
                     failed,
                     slow,
                 });
-                match c.window {
-                    Window::Count(n) => {
-                        while g.window.len() > n {
-                            g.window.pop_front();
-                        }
+                g.failed += usize::from(failed);
+                g.slow += usize::from(slow);
+                while let Some(oldest) = g.window.front().copied() {
+                    let evict = match c.window {
+                        Window::Count(n) => g.window.len() > n,
+                        Window::Time(d) => now.saturating_duration_since(oldest.at) > d,
+                    };
+                    if !evict {
+                        break;
                     }
-                    Window::Time(d) => {
-                        while g
-                            .window
-                            .front()
-                            .is_some_and(|s| now.saturating_duration_since(s.at) > d)
-                        {
-                            g.window.pop_front();
-                        }
-                    }
+                    g.window.pop_front();
+                    g.failed -= usize::from(oldest.failed);
+                    g.slow -= usize::from(oldest.slow);
                 }
                 let n = g.window.len();
                 if n >= c.minimum_calls {
-                    let failures = g.window.iter().filter(|s| s.failed).count() as f64;
-                    let slows = g.window.iter().filter(|s| s.slow).count() as f64;
+                    let failures = g.failed as f64;
+                    let slows = g.slow as f64;
                     let tripped = failures / n as f64 >= c.failure_rate
                         || (c.slow_call.is_some() && slows / n as f64 >= c.slow_call_rate);
                     if tripped {
