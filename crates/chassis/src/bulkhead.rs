@@ -117,8 +117,8 @@ impl Bulkhead {
                 max_wait: (max_queue > 0 && !max_wait.is_zero()).then_some(max_wait),
                 max_queue,
                 waiting: AtomicUsize::new(0),
-                in_use: metrics::gauge!("bulkhead_in_use", "name" => name.to_owned()),
-                rejected: metrics::counter!("bulkhead_rejected_total", "name" => name.to_owned()),
+                in_use: metrics::gauge!("bulkhead_in_use", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
+                rejected: metrics::counter!("bulkhead_rejected_total", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
             }),
         }
     }

@@ -302,7 +302,8 @@ impl CircuitBreaker {
     /// A closed breaker called `name` (the `name` label of its metrics).
     pub fn new(name: &str, config: Config) -> Self {
         let now = Instant::now();
-        let counter = |outcome: &'static str| metrics::counter!("circuit_breaker_calls_total", "name" => name.to_owned(), "outcome" => outcome);
+        let service = crate::metrics::service_label();
+        let counter = |outcome: &'static str| metrics::counter!("circuit_breaker_calls_total", "service" => service.clone(), "name" => name.to_owned(), "outcome" => outcome);
         let shared = Shared {
             name: name.into(),
             config,
@@ -319,7 +320,7 @@ impl CircuitBreaker {
                 probes_failed: 0,
                 probes_slow: 0,
             }),
-            gauge: metrics::gauge!("circuit_breaker_state", "name" => name.to_owned()),
+            gauge: metrics::gauge!("circuit_breaker_state", "service" => service.clone(), "name" => name.to_owned()),
             calls: [
                 counter("success"),
                 counter("failure"),

@@ -116,6 +116,13 @@ pub struct Correlation {
 }
 
 impl Correlation {
+    /// A correlation for work that did not come from a request, such as a
+    /// background job continuing what a request started (pass the id stored
+    /// with the job) or a scheduled task (pass [`CorrelationId::generate`]).
+    pub fn new(id: CorrelationId, trace: TraceContext) -> Self {
+        Self { id, trace }
+    }
+
     /// The correlation id.
     pub fn id(&self) -> &CorrelationId {
         &self.id

@@ -125,26 +125,35 @@ impl FaultConfig {
     /// Reads `CHASSIS_FAULT_*`; `None` (no injection) unless a delay or an
     /// abort share is set.
     pub fn read(r: &mut Reader<'_>) -> Option<Self> {
-        let delay_ms: u64 = r.optional("CHASSIS_FAULT_DELAY_MS", 0, "latency to inject, ms");
+        Self::read_prefixed(r, "CHASSIS_FAULT_", true)
+    }
+
+    /// Reads `<prefix>DELAY_MS`, `<prefix>DELAY_PERCENT`,
+    /// `<prefix>ABORT_PERCENT`, `<prefix>ABORT_STATUS` and, with `routes`,
+    /// `<prefix>ROUTES`.
+    pub(crate) fn read_prefixed(r: &mut Reader<'_>, prefix: &str, routes: bool) -> Option<Self> {
+        let var = |suffix: &str| format!("{prefix}{suffix}");
+        let delay_ms: u64 = r.optional(&var("DELAY_MS"), 0, "latency to inject, ms");
         let delay_percent = r.optional(
-            "CHASSIS_FAULT_DELAY_PERCENT",
+            &var("DELAY_PERCENT"),
             Percent(0.0),
             "share of calls delayed, 0-100",
         );
         let abort_percent = r.optional(
-            "CHASSIS_FAULT_ABORT_PERCENT",
+            &var("ABORT_PERCENT"),
             Percent(0.0),
             "share of calls aborted, 0-100",
         );
         let abort_status = r.optional(
-            "CHASSIS_FAULT_ABORT_STATUS",
+            &var("ABORT_STATUS"),
             ErrorStatus(StatusCode::SERVICE_UNAVAILABLE),
             "status of aborted calls",
         );
-        let routes: Option<String> = r.maybe(
-            "CHASSIS_FAULT_ROUTES",
-            "route templates to affect, comma-separated",
-        );
+        let routes: Option<String> = if routes {
+            r.maybe(&var("ROUTES"), "route templates to affect, comma-separated")
+        } else {
+            None
+        };
         let on = (delay_ms > 0 && delay_percent.0 > 0.0) || abort_percent.0 > 0.0;
         on.then(|| Self {
             delay: Duration::from_millis(delay_ms),

@@ -23,6 +23,7 @@
 //! | Authentication | verifies a bearer JWT on every non-public call, locally, with keys from the issuer's JWKS | [`auth`] |
 //! | Authorization | checks `service:account:operation:object` permissions against the caller's grants; deny wins; no grant, no access | [`permission`] |
 //! | Audit | writes exactly one audit event per API call, allowed or not, without ever slowing it | [`audit`] |
+//! | Calls to other services | calls each downstream with a per-attempt timeout and a deadline sent as `x-timeout-ms`, safe retries within a budget, a breaker and a bulkhead, its correlation id and trace, and an identity chosen per call | [`client`] |
 //! | Circuit breakers | stops calling a failing downstream, probes it, never wedges | [`circuit_breaker`] |
 //! | Bulkheads | bounds the calls in flight to each downstream; refuses fast | [`bulkhead`] |
 //! | Retries | retries only idempotent calls, only retryable failures, with jittered backoff, within a budget | [`retry`] |
@@ -79,6 +80,7 @@ pub mod audit;
 pub mod auth;
 pub mod bulkhead;
 pub mod circuit_breaker;
+pub mod client;
 pub mod config;
 pub mod correlation;
 pub mod fault;

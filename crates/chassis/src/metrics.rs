@@ -95,6 +95,28 @@ pub fn install_recorder() -> PrometheusHandle {
         .clone()
 }
 
+static SERVICE_LABEL: RwLock<Option<SharedString>> = RwLock::new(None);
+
+/// Sets the `service` label that the resilience metrics (circuit breakers,
+/// bulkheads, downstream clients) carry. [`crate::service::ServiceBuilder::new`]
+/// sets it; a program that builds breakers before any service sets it first.
+pub fn set_service_label(service: &str) {
+    let mut label = SERVICE_LABEL
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *label = Some(SharedString::from(service.to_owned()));
+}
+
+/// The `service` label set by [`set_service_label`], empty until then
+/// (Prometheus treats an empty label as absent).
+pub fn service_label() -> SharedString {
+    SERVICE_LABEL
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .unwrap_or_else(|| SharedString::const_str(""))
+}
+
 /// The Prometheus builder with the chassis' buckets, for services that build
 /// their own recorder.
 pub fn builder() -> PrometheusBuilder {
@@ -111,6 +133,11 @@ fn describe() {
         HTTP_SERVER_REQUEST_DURATION,
         metrics::Unit::Seconds,
         "Duration of HTTP server requests."
+    );
+    metrics::describe_histogram!(
+        HTTP_CLIENT_REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Duration of calls to downstream services, retries included."
     );
     metrics::describe_gauge!(
         HTTP_SERVER_ACTIVE_REQUESTS,

@@ -174,6 +174,7 @@ impl<B: Clone, R> Policy<Request<B>, Response<R>, BoxError> for RetryPolicy {
         *clone.uri_mut() = req.uri().clone();
         *clone.version_mut() = req.version();
         *clone.headers_mut() = req.headers().clone();
+        *clone.extensions_mut() = req.extensions().clone();
         Some(clone)
     }
 }

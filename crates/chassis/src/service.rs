@@ -215,6 +215,7 @@ pub enum ServeError {
 impl ServiceBuilder {
     /// A service called `name` serving API version `version`.
     pub fn new(name: &str, version: u32) -> Self {
+        crate::metrics::set_service_label(name);
         Self {
             name: name.to_owned(),
             version,

@@ -1,0 +1,1078 @@
+//! Calls to other services: one client stack with a deadline, retries within
+//! a budget, a circuit breaker, a bulkhead, identity and propagation.
+//!
+//! # The standard
+//!
+//! A remote call is not a local call. Every synchronous call a service makes
+//! to another service goes through a [`Downstream`], which applies, without
+//! a way to forget any of them:
+//!
+//! * **a timeout on every attempt and a deadline on the whole call**; the
+//!   time the caller will still wait goes downstream in `x-timeout-ms`, so
+//!   the downstream stops working for a caller that has given up (the
+//!   chassis server side honours it), and the deadline a request arrived
+//!   with bounds the calls made on its behalf;
+//! * **retries only when safe** (idempotent methods, or an
+//!   `Idempotency-Key`), with backoff and full jitter, honouring
+//!   `Retry-After`, **within a budget** so retries cannot multiply the load
+//!   on a failing downstream (see [`crate::retry`]);
+//! * **a circuit breaker per downstream** so a sick downstream is not called
+//!   at all for a while, and callers fail in microseconds instead of waiting
+//!   for timeouts (see [`crate::circuit_breaker`]);
+//! * **a bulkhead per downstream** so one slow downstream cannot take every
+//!   connection, task and socket of the caller (see [`crate::bulkhead`]);
+//! * **propagation**: the correlation id and W3C `traceparent` of the
+//!   request being served go on every call;
+//! * **identity, chosen at each call site**: [`Downstream::as_service`]
+//!   presents the service's own token from a [`TokenSource`]
+//!   (client-credentials grant, refreshed before expiry);
+//!   [`Downstream::on_behalf_of`] forwards the caller's token, so the
+//!   downstream checks the user's permissions; [`Downstream::anonymous`]
+//!   sends none;
+//! * **measurement**: `http_client_request_duration_seconds` with labels
+//!   `service`, `downstream`, `http_request_method` and
+//!   `http_response_status_code` (`error` when there is no answer), the
+//!   breaker's and bulkhead's metrics named after the downstream, and a
+//!   warning in the log for each failed call.
+//!
+//! The stack, outermost first:
+//!
+//! ```text
+//! metrics → correlation + traceparent → identity → deadline → retry
+//!   → circuit breaker → bulkhead → per-attempt timeout (sets x-timeout-ms)
+//!   → failure injection (off unless configured) → connection pool
+//! ```
+//!
+//! The retry sits outside the breaker, so every attempt counts in the
+//! breaker and an open breaker stops the retries; the bulkhead sits inside
+//! the breaker, so a rejected call does not take a place; the per-attempt
+//! timeout sits inside the bulkhead, so a place is freed when an attempt is
+//! cut. Response bodies are read whole (up to a limit) inside the attempt,
+//! so the timeout covers the body too; this client is for the JSON calls
+//! between services, not for streaming.
+//!
+//! Errors are typed ([`ClientError`]): timeout, circuit open, bulkhead full,
+//! connection failure, an HTTP error status with the downstream's problem
+//! body, no token. A handler may return a `ClientError` as is: it becomes a
+//! problem+json answer (503 with `Retry-After` when the downstream is known
+//! to be unavailable, 504 for a timeout, 502 otherwise) that does not reveal
+//! the downstream's answer.
+//!
+//! # Defaults
+//!
+//! Every setting can be set in code on the [`DownstreamBuilder`] and
+//! overridden by the environment, with the downstream's name upper-cased
+//! (`-` becomes `_`) in the variable: for `ticketing`,
+//! `CHASSIS_DOWNSTREAM_TICKETING_TIMEOUT_MS`.
+//!
+//! | setting | variable suffix | default |
+//! |---|---|---|
+//! | base URL | `URL` | given in code |
+//! | per-attempt timeout | `TIMEOUT_MS` | 2 000 ms |
+//! | deadline of the whole call, retries included | `DEADLINE_MS` | 5 000 ms |
+//! | attempts, the first included | `RETRY_MAX_ATTEMPTS` | 3 |
+//! | first backoff (doubles, full jitter) | `RETRY_BACKOFF_MS` | 50 ms |
+//! | longest backoff | `RETRY_BACKOFF_MAX_MS` | 1 000 ms |
+//! | retries allowed, % of calls (over 10 s, plus 1/s) | `RETRY_BUDGET_PERCENT` | 20 |
+//! | breaker window, last N calls | `BREAKER_WINDOW` | 100 |
+//! | calls before rates are judged | `BREAKER_MINIMUM_CALLS` | 20 |
+//! | failure rate that opens, % | `BREAKER_FAILURE_RATE` | 50 |
+//! | slow-call duration (off when 0) | `BREAKER_SLOW_CALL_MS` | 0 |
+//! | slow-call rate that opens, % | `BREAKER_SLOW_CALL_RATE` | 100 |
+//! | time spent open | `BREAKER_WAIT_OPEN_MS` | 10 000 ms |
+//! | probes when half-open | `BREAKER_HALF_OPEN_CALLS` | 1 |
+//! | concurrent calls | `BULKHEAD_MAX` | 64 |
+//! | calls waiting for a place | `BULKHEAD_QUEUE` | 0 (refuse at once) |
+//! | longest wait for a place | `BULKHEAD_WAIT_MS` | 0 |
+//! | largest response body | `MAX_RESPONSE_BYTES` | 4 MiB |
+//! | idle connections kept per host | `POOL_MAX_IDLE` | 32 |
+//! | idle connection lifetime | `POOL_IDLE_TIMEOUT_MS` | 90 000 ms |
+//! | failure injection | `FAULT_DELAY_MS`, `FAULT_DELAY_PERCENT`, `FAULT_ABORT_PERCENT`, `FAULT_ABORT_STATUS` | off |
+//!
+//! A half-open probe may take at most the per-attempt timeout.
+//!
+//! # How to choose the numbers
+//!
+//! * **Per-attempt timeout**: a little above the downstream's p99.9 latency
+//!   when healthy (measure it: `http_client_request_duration_seconds`), so
+//!   that only calls that would have failed anyway are cut. Not the p50: a
+//!   timeout below the tail turns slowness into errors and retries.
+//! * **Deadline**: what the caller can afford to wait in all, and below the
+//!   caller's own request timeout, so that an answer, even an error, gets
+//!   back before the caller gives up. `attempts × timeout + backoffs` may
+//!   exceed it: the deadline wins and the last attempt is shortened.
+//! * **Attempts**: 2 or 3. More attempts only help against rare, independent
+//!   failures, and the budget stops them in an outage anyway.
+//! * **Bulkhead**: the downstream's healthy throughput times its p99 latency
+//!   (Little's law), with head-room: 100 calls/s at 50 ms need 5 places;
+//!   64 leaves plenty for most services while still capping a hang. A
+//!   bounded queue only helps when bursts are short compared with the wait.
+//! * **Breaker**: a window large enough that one unlucky call does not open
+//!   it (100 calls, at least 20 judged), a 50 % failure rate, and an open
+//!   time close to how long the downstream takes to recover (restart, fail
+//!   over): 10 s by default.
+//!
+//! # Example
+//!
+//! ```
+//! use chassis::client::{CallContext, Downstream};
+//! use chassis::config::Env;
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let env = Env::from_pairs([("CHASSIS_DOWNSTREAM_TICKETING_TIMEOUT_MS", "500")]);
+//! let mut reader = chassis::config::Reader::new(&env);
+//! let ticketing = Downstream::builder("ticketing", "http://127.0.0.1:9")
+//!     .deadline(Duration::from_secs(2))
+//!     .configure(&mut reader)
+//!     .build()
+//!     .unwrap();
+//! reader.finish().unwrap();
+//! assert_eq!(ticketing.settings().attempt_timeout, Duration::from_millis(500));
+//!
+//! // In a handler, `cx` is extracted from the request; here, a background job.
+//! let cx = CallContext::background();
+//! let err = ticketing
+//!     .anonymous(&cx)
+//!     .get("/ticketing/v1/acme/tickets/1")
+//!     .send()
+//!     .await
+//!     .unwrap_err();
+//! // Nothing listens on port 9.
+//! assert!(matches!(err, chassis::client::ClientError::Connection { .. }));
+//! # }
+//! ```
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use axum::extract::FromRequestParts;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header, request::Parts};
+use http_body_util::Full;
+use tokio::time::Instant;
+use tower::{ServiceExt, util::BoxCloneSyncService};
+
+use crate::{
+    BoxError,
+    auth::Principal,
+    bulkhead::Bulkhead,
+    circuit_breaker::{self, CircuitBreaker},
+    config::{ConfigError, ConfigProblem, Reader},
+    correlation::{
+        Correlation, CorrelationId, TRACEPARENT, TRACESTATE, TraceContext, X_CORRELATION_ID,
+    },
+    fault::FaultConfig,
+    protect::Deadline,
+    retry::{IDEMPOTENCY_KEY, RetryBudget, RetryPolicy},
+};
+
+mod error;
+mod token;
+mod transport;
+
+pub use error::{ClientError, RemoteProblem};
+pub use token::{TokenError, TokenSource};
+
+/// Settings of one downstream; see the [defaults](self#defaults).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Settings {
+    /// Longest one attempt may take, the response body included.
+    pub attempt_timeout: Duration,
+    /// Longest the whole call may take, retries and backoff included.
+    pub deadline: Duration,
+    /// Attempts in all, the first included (1 disables retries).
+    pub max_attempts: u32,
+    /// First backoff; each retry doubles it, with full jitter.
+    pub backoff: Duration,
+    /// Longest backoff.
+    pub backoff_max: Duration,
+    /// Retries allowed as a share of calls, 0 to 1.
+    pub retry_budget: f32,
+    /// The circuit breaker's tuning.
+    pub breaker: circuit_breaker::Config,
+    /// Concurrent calls allowed.
+    pub bulkhead_max: usize,
+    /// Calls allowed to wait for a place.
+    pub bulkhead_queue: usize,
+    /// Longest wait for a place.
+    pub bulkhead_wait: Duration,
+    /// Largest response body read.
+    pub max_response_bytes: usize,
+    /// Idle connections kept per host.
+    pub pool_max_idle: usize,
+    /// How long an idle connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Failure injection, off when `None`.
+    pub fault: Option<FaultConfig>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            attempt_timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(5),
+            max_attempts: 3,
+            backoff: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(1),
+            retry_budget: 0.2,
+            breaker: circuit_breaker::Config::count(100)
+                .minimum_calls(20)
+                .failure_rate(0.5)
+                .wait_in_open(Duration::from_secs(10)),
+            bulkhead_max: 64,
+            bulkhead_queue: 0,
+            bulkhead_wait: Duration::ZERO,
+            max_response_bytes: 4 * 1024 * 1024,
+            pool_max_idle: 32,
+            pool_idle_timeout: Duration::from_secs(90),
+            fault: None,
+        }
+    }
+}
+
+/// A percentage from the environment, 0 to 100.
+#[derive(Debug, Clone, Copy)]
+struct Percent(f64);
+
+impl std::str::FromStr for Percent {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<f64>() {
+            Ok(p) if (0.0..=100.0).contains(&p) => Ok(Self(p)),
+            _ => Err("expected a number from 0 to 100".to_owned()),
+        }
+    }
+}
+
+/// A count that must be at least 1.
+#[derive(Debug, Clone, Copy)]
+struct AtLeastOne(usize);
+
+impl std::str::FromStr for AtLeastOne {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(Self(n)),
+            _ => Err("expected a whole number of at least 1".to_owned()),
+        }
+    }
+}
+
+/// Builds a [`Downstream`]; see the [module docs](self).
+#[derive(Debug)]
+#[must_use]
+pub struct DownstreamBuilder {
+    name: String,
+    base_url: String,
+    settings: Settings,
+    tokens: Option<TokenSource>,
+}
+
+impl DownstreamBuilder {
+    /// Sets the per-attempt timeout.
+    pub fn attempt_timeout(mut self, d: Duration) -> Self {
+        self.settings.attempt_timeout = d;
+        self
+    }
+
+    /// Sets the deadline of a whole call.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.settings.deadline = d;
+        self
+    }
+
+    /// Sets the number of attempts (1 disables retries).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.settings.max_attempts = n.max(1);
+        self
+    }
+
+    /// Sets the backoff bounds.
+    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.settings.backoff = first;
+        self.settings.backoff_max = max.max(first);
+        self
+    }
+
+    /// Sets the share of calls that may be retried, 0 to 1.
+    pub fn retry_budget(mut self, share: f32) -> Self {
+        self.settings.retry_budget = share.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Sets the circuit breaker's tuning.
+    pub fn breaker(mut self, config: circuit_breaker::Config) -> Self {
+        self.settings.breaker = config;
+        self
+    }
+
+    /// Sets the bulkhead: `max` concurrent calls, `queue` more waiting at
+    /// most `wait` each.
+    pub fn bulkhead(mut self, max: usize, queue: usize, wait: Duration) -> Self {
+        self.settings.bulkhead_max = max.max(1);
+        self.settings.bulkhead_queue = queue;
+        self.settings.bulkhead_wait = wait;
+        self
+    }
+
+    /// Sets the largest response body read.
+    pub fn max_response_bytes(mut self, n: usize) -> Self {
+        self.settings.max_response_bytes = n;
+        self
+    }
+
+    /// Injects faults into calls to this downstream.
+    pub fn fault(mut self, fault: FaultConfig) -> Self {
+        self.settings.fault = Some(fault);
+        self
+    }
+
+    /// Presents tokens from `tokens` on calls made
+    /// [`as_service`](Downstream::as_service).
+    pub fn token_source(mut self, tokens: TokenSource) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    /// The prefix of this downstream's variables,
+    /// `CHASSIS_DOWNSTREAM_<NAME>_`.
+    pub fn env_prefix(&self) -> String {
+        env_prefix(&self.name)
+    }
+
+    /// Applies the overrides set in the environment (see the
+    /// [defaults](self#defaults)); problems go to `r`, so that one message
+    /// lists every problem of the service's configuration.
+    pub fn configure(mut self, r: &mut Reader<'_>) -> Self {
+        let p = self.env_prefix();
+        let v = |s: &str| format!("{p}{s}");
+        let s = &mut self.settings;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        if let Some(url) = r.maybe::<String>(&v("URL"), "base URL of the downstream") {
+            match parse_base(&url) {
+                Ok(_) => self.base_url = url,
+                Err(e) => r.problem(&v("URL"), e),
+            }
+        }
+        s.attempt_timeout = Duration::from_millis(r.optional(
+            &v("TIMEOUT_MS"),
+            ms(s.attempt_timeout),
+            "per-attempt timeout, ms",
+        ));
+        s.deadline = Duration::from_millis(r.optional(
+            &v("DEADLINE_MS"),
+            ms(s.deadline),
+            "deadline of a call, ms",
+        ));
+        s.max_attempts = r
+            .optional(
+                &v("RETRY_MAX_ATTEMPTS"),
+                AtLeastOne(s.max_attempts as usize),
+                "attempts per call",
+            )
+            .0
+            .min(u32::MAX as usize) as u32;
+        s.backoff = Duration::from_millis(r.optional(
+            &v("RETRY_BACKOFF_MS"),
+            ms(s.backoff),
+            "first retry backoff, ms",
+        ));
+        s.backoff_max = Duration::from_millis(r.optional(
+            &v("RETRY_BACKOFF_MAX_MS"),
+            ms(s.backoff_max),
+            "longest retry backoff, ms",
+        ));
+        s.retry_budget =
+            (r.optional(
+                &v("RETRY_BUDGET_PERCENT"),
+                Percent(f64::from(s.retry_budget) * 100.0),
+                "retries allowed, % of calls",
+            )
+            .0 / 100.0) as f32;
+        let b = &mut s.breaker;
+        if let Some(AtLeastOne(n)) = r.maybe(&v("BREAKER_WINDOW"), "breaker window, calls") {
+            b.window = circuit_breaker::Window::Count(n);
+        }
+        b.minimum_calls = r
+            .optional(
+                &v("BREAKER_MINIMUM_CALLS"),
+                AtLeastOne(b.minimum_calls),
+                "calls before the breaker judges",
+            )
+            .0;
+        b.failure_rate =
+            r.optional(
+                &v("BREAKER_FAILURE_RATE"),
+                Percent(b.failure_rate * 100.0),
+                "failure rate that opens the breaker, %",
+            )
+            .0 / 100.0;
+        let slow_ms = r.optional(
+            &v("BREAKER_SLOW_CALL_MS"),
+            b.slow_call.map_or(0, ms),
+            "slow-call duration, ms (0: off)",
+        );
+        b.slow_call = (slow_ms > 0).then(|| Duration::from_millis(slow_ms));
+        b.slow_call_rate =
+            r.optional(
+                &v("BREAKER_SLOW_CALL_RATE"),
+                Percent(b.slow_call_rate * 100.0),
+                "slow-call rate that opens the breaker, %",
+            )
+            .0 / 100.0;
+        b.wait_in_open = Duration::from_millis(r.optional(
+            &v("BREAKER_WAIT_OPEN_MS"),
+            ms(b.wait_in_open),
+            "time the breaker stays open, ms",
+        ));
+        b.half_open_calls = r
+            .optional(
+                &v("BREAKER_HALF_OPEN_CALLS"),
+                AtLeastOne(b.half_open_calls),
+                "probes when half-open",
+            )
+            .0;
+        s.bulkhead_max = r
+            .optional(
+                &v("BULKHEAD_MAX"),
+                AtLeastOne(s.bulkhead_max),
+                "concurrent calls",
+            )
+            .0;
+        s.bulkhead_queue = r.optional(
+            &v("BULKHEAD_QUEUE"),
+            s.bulkhead_queue,
+            "calls waiting for a place",
+        );
+        s.bulkhead_wait = Duration::from_millis(r.optional(
+            &v("BULKHEAD_WAIT_MS"),
+            ms(s.bulkhead_wait),
+            "longest wait for a place, ms",
+        ));
+        s.max_response_bytes = r.optional(
+            &v("MAX_RESPONSE_BYTES"),
+            s.max_response_bytes,
+            "largest response body, bytes",
+        );
+        s.pool_max_idle = r.optional(
+            &v("POOL_MAX_IDLE"),
+            s.pool_max_idle,
+            "idle connections kept per host",
+        );
+        s.pool_idle_timeout = Duration::from_millis(r.optional(
+            &v("POOL_IDLE_TIMEOUT_MS"),
+            ms(s.pool_idle_timeout),
+            "idle connection lifetime, ms",
+        ));
+        if let Some(fault) = FaultConfig::read_prefixed(r, &v("FAULT_"), false) {
+            s.fault = Some(fault);
+        }
+        if s.attempt_timeout.is_zero() {
+            r.problem(&v("TIMEOUT_MS"), "must be more than 0");
+        }
+        if s.deadline.is_zero() {
+            r.problem(&v("DEADLINE_MS"), "must be more than 0");
+        }
+        self
+    }
+
+    /// Builds the downstream. Fails when the base URL is not an absolute
+    /// `http://` URL or a timeout is zero.
+    pub fn build(self) -> Result<Downstream, ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |message: String| {
+            problems.push(ConfigProblem {
+                name: format!("downstream {}", self.name),
+                message,
+            });
+        };
+        let base = parse_base(&self.base_url).map_err(&mut problem).ok();
+        if self.settings.attempt_timeout.is_zero() || self.settings.deadline.is_zero() {
+            problem("timeouts must be more than 0".to_owned());
+        }
+        let (Some((scheme, authority, prefix)), true) = (base, problems.is_empty()) else {
+            return Err(ConfigError::new(problems));
+        };
+        let s = &self.settings;
+        let name: Arc<str> = self.name.as_str().into();
+        let mut breaker_config = s.breaker;
+        breaker_config.max_wait_in_half_open =
+            breaker_config.max_wait_in_half_open.min(s.attempt_timeout);
+        let breaker = CircuitBreaker::new(&name, breaker_config);
+        let bulkhead =
+            Bulkhead::with_queue(&name, s.bulkhead_max, s.bulkhead_queue, s.bulkhead_wait);
+        let policy = RetryPolicy::new(RetryBudget::new(Duration::from_secs(10), 1, s.retry_budget))
+            .max_attempts(s.max_attempts)
+            .backoff(s.backoff, s.backoff_max);
+        let stack = transport::stack(s, policy, breaker.clone(), bulkhead.clone());
+        Ok(Downstream {
+            inner: Arc::new(Inner {
+                name,
+                scheme,
+                authority,
+                prefix,
+                settings: self.settings,
+                tokens: self.tokens,
+                breaker,
+                bulkhead,
+                stack,
+            }),
+        })
+    }
+}
+
+fn env_prefix(name: &str) -> String {
+    let upper: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("CHASSIS_DOWNSTREAM_{upper}_")
+}
+
+/// Scheme, authority and path prefix (without a trailing `/`) of a base URL.
+fn parse_base(url: &str) -> Result<(http::uri::Scheme, http::uri::Authority, String), String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("base URL {url:?} is not a URL: {e}"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+        return Err(format!(
+            "base URL {url:?} must be absolute, e.g. http://host:port"
+        ));
+    };
+    if scheme != &http::uri::Scheme::HTTP {
+        return Err(format!(
+            "base URL {url:?}: only http:// is supported (terminate TLS in the service mesh or a sidecar)"
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(format!("base URL {url:?} must not have a query"));
+    }
+    Ok((
+        scheme.clone(),
+        authority.clone(),
+        uri.path().trim_end_matches('/').to_owned(),
+    ))
+}
+
+/// The response-side stack of a downstream.
+type Stack = BoxCloneSyncService<Request<Full<Bytes>>, http::Response<Bytes>, BoxError>;
+
+struct Inner {
+    name: Arc<str>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    prefix: String,
+    settings: Settings,
+    tokens: Option<TokenSource>,
+    breaker: CircuitBreaker,
+    bulkhead: Bulkhead,
+    stack: Stack,
+}
+
+/// A client for one downstream service; see the [module docs](self).
+///
+/// Cheap to clone (an `Arc`): build one per downstream at start-up and share
+/// it, so that all calls share its pool, breaker, bulkhead and budget.
+#[derive(Clone)]
+pub struct Downstream {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Downstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Downstream")
+            .field("name", &self.inner.name)
+            .field("authority", &self.inner.authority)
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Downstream {
+    /// A builder for the downstream called `name` (the `downstream` label of
+    /// its metrics and the name in its variables) at `base_url`, e.g.
+    /// `http://ticketing:8080`; paths given to calls are appended to it.
+    pub fn builder(name: &str, base_url: &str) -> DownstreamBuilder {
+        DownstreamBuilder {
+            name: name.to_owned(),
+            base_url: base_url.to_owned(),
+            settings: Settings::default(),
+            tokens: None,
+        }
+    }
+
+    /// The downstream's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// The breaker; register it as a non-critical readiness check
+    /// (`health.check("ticketing", breaker).non_critical()`) to report it.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.inner.breaker
+    }
+
+    /// The bulkhead.
+    pub fn bulkhead(&self) -> &Bulkhead {
+        &self.inner.bulkhead
+    }
+
+    /// Calls made with the service's own identity, from the
+    /// [`TokenSource`] given to the builder.
+    pub fn as_service<'a>(&'a self, cx: &'a CallContext) -> Caller<'a> {
+        Caller {
+            downstream: self,
+            cx,
+            identity: Identity::Service,
+        }
+    }
+
+    /// Calls made on behalf of the caller of `cx`, forwarding its token: the
+    /// downstream checks the caller's own permissions.
+    pub fn on_behalf_of<'a>(&'a self, cx: &'a CallContext) -> Caller<'a> {
+        Caller {
+            downstream: self,
+            cx,
+            identity: Identity::Caller,
+        }
+    }
+
+    /// Calls made without credentials, to public endpoints.
+    pub fn anonymous<'a>(&'a self, cx: &'a CallContext) -> Caller<'a> {
+        Caller {
+            downstream: self,
+            cx,
+            identity: Identity::None,
+        }
+    }
+
+    fn uri(&self, path_and_query: &str) -> Result<Uri, ClientError> {
+        if !path_and_query.starts_with('/') {
+            return Err(self.invalid(format!("path {path_and_query:?} must start with '/'")));
+        }
+        let full = format!("{}{path_and_query}", self.inner.prefix);
+        let pq: http::uri::PathAndQuery = full
+            .parse()
+            .map_err(|e| self.invalid(format!("path {path_and_query:?}: {e}")))?;
+        Uri::builder()
+            .scheme(self.inner.scheme.clone())
+            .authority(self.inner.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| self.invalid(e.to_string()))
+    }
+
+    fn invalid(&self, message: String) -> ClientError {
+        ClientError::InvalidRequest {
+            downstream: self.inner.name.clone(),
+            message,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Identity {
+    Service,
+    Caller,
+    None,
+}
+
+/// What a call made while serving a request carries from it: the
+/// correlation id and trace context, the caller (for
+/// [`Downstream::on_behalf_of`]) and the caller's deadline (from its
+/// `x-timeout-ms`).
+///
+/// Extract it in a handler; build one with [`CallContext::background`] or
+/// [`CallContext::continuing`] for work that runs outside a request.
+#[derive(Clone, Debug)]
+pub struct CallContext {
+    correlation: Correlation,
+    principal: Option<Principal>,
+    deadline: Option<Instant>,
+}
+
+impl CallContext {
+    /// A new correlation id and trace, no caller and no deadline: for
+    /// scheduled work.
+    pub fn background() -> Self {
+        Self::continuing(CorrelationId::generate())
+    }
+
+    /// Work continuing what the request with correlation id `id` started,
+    /// e.g. an outbox relay delivering an event stored with that id.
+    pub fn continuing(id: CorrelationId) -> Self {
+        Self {
+            correlation: Correlation::new(id, TraceContext::new_root()),
+            principal: None,
+            deadline: None,
+        }
+    }
+
+    /// The context of a request, from its parts.
+    pub fn from_parts(parts: &Parts) -> Self {
+        Self {
+            correlation: parts
+                .extensions
+                .get::<Correlation>()
+                .cloned()
+                .unwrap_or_else(|| {
+                    Correlation::new(CorrelationId::generate(), TraceContext::new_root())
+                }),
+            principal: parts.extensions.get::<Principal>().cloned(),
+            deadline: parts.extensions.get::<Deadline>().map(|d| d.0),
+        }
+    }
+
+    /// Sets the caller whose token [`Downstream::on_behalf_of`] forwards.
+    #[must_use]
+    pub fn with_principal(mut self, principal: Principal) -> Self {
+        self.principal = Some(principal);
+        self
+    }
+
+    /// Calls made with this context end by `deadline` at the latest.
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The correlation id and trace context.
+    pub fn correlation(&self) -> &Correlation {
+        &self.correlation
+    }
+
+    /// The caller, if the request was authenticated.
+    pub fn principal(&self) -> Option<&Principal> {
+        self.principal.as_ref()
+    }
+
+    /// The caller's deadline, if it sent one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CallContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self::from_parts(parts))
+    }
+}
+
+/// Calls to one downstream with one identity and context; made by
+/// [`Downstream::as_service`], [`Downstream::on_behalf_of`] and
+/// [`Downstream::anonymous`].
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    downstream: &'a Downstream,
+    cx: &'a CallContext,
+    identity: Identity,
+}
+
+impl<'a> Caller<'a> {
+    /// A `GET` of `path` (with its query), relative to the base URL.
+    pub fn get(self, path: &str) -> RequestBuilder<'a> {
+        self.request(Method::GET, path)
+    }
+
+    /// A `POST`.
+    pub fn post(self, path: &str) -> RequestBuilder<'a> {
+        self.request(Method::POST, path)
+    }
+
+    /// A `PUT`.
+    pub fn put(self, path: &str) -> RequestBuilder<'a> {
+        self.request(Method::PUT, path)
+    }
+
+    /// A `DELETE`.
+    pub fn delete(self, path: &str) -> RequestBuilder<'a> {
+        self.request(Method::DELETE, path)
+    }
+
+    /// A request with any method.
+    pub fn request(self, method: Method, path: &str) -> RequestBuilder<'a> {
+        RequestBuilder {
+            caller: self,
+            uri: self.downstream.uri(path),
+            method,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+            deadline: None,
+            error: None,
+        }
+    }
+}
+
+/// One call being prepared; [`send`](Self::send) it.
+#[derive(Debug)]
+#[must_use = "a request does nothing until it is sent"]
+pub struct RequestBuilder<'a> {
+    caller: Caller<'a>,
+    uri: Result<Uri, ClientError>,
+    method: Method,
+    headers: http::HeaderMap,
+    body: Bytes,
+    deadline: Option<Duration>,
+    error: Option<ClientError>,
+}
+
+impl RequestBuilder<'_> {
+    /// Sends `value` as a JSON body.
+    pub fn json<T: serde::Serialize + ?Sized>(mut self, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(body) => {
+                self.body = body.into();
+                self.headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            Err(e) => {
+                self.error = Some(self.caller.downstream.invalid(format!("body: {e}")));
+            }
+        }
+        self
+    }
+
+    /// Sends `body` with `content_type`.
+    pub fn body(mut self, body: impl Into<Bytes>, content_type: HeaderValue) -> Self {
+        self.body = body.into();
+        self.headers.insert(header::CONTENT_TYPE, content_type);
+        self
+    }
+
+    /// Adds a header. The chassis' own headers (correlation, trace,
+    /// `authorization`, `x-timeout-ms`) are set by the stack and cannot be
+    /// overridden here.
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.append(name, value);
+        self
+    }
+
+    /// Sets the `Idempotency-Key`, which makes the call safe to retry.
+    pub fn idempotency_key(mut self, key: &str) -> Self {
+        match HeaderValue::from_str(key) {
+            Ok(v) => {
+                self.headers.insert(IDEMPOTENCY_KEY, v);
+            }
+            Err(_) => {
+                self.error = Some(
+                    self.caller
+                        .downstream
+                        .invalid("the idempotency key is not a valid header value".to_owned()),
+                );
+            }
+        }
+        self
+    }
+
+    /// Sets the deadline of this call instead of the downstream's default.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+
+    /// Sends the request through the stack. A 2xx answer is `Ok`; any other
+    /// status is [`ClientError::Status`].
+    pub async fn send(self) -> Result<ClientResponse, ClientError> {
+        let downstream = self.caller.downstream;
+        let method = self.method.clone();
+        let start = Instant::now();
+        let result = self.send_inner().await;
+        let status = match &result {
+            Ok(res) => Some(res.status),
+            Err(ClientError::Status { status, .. }) => Some(*status),
+            Err(_) => None,
+        };
+        record(downstream.name(), &method, status, start.elapsed());
+        if let Err(e) = &result {
+            tracing::warn!(downstream = downstream.name(), method = %method, error = %e, "downstream call failed");
+        }
+        result
+    }
+
+    async fn send_inner(self) -> Result<ClientResponse, ClientError> {
+        let Caller {
+            downstream,
+            cx,
+            identity,
+        } = self.caller;
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let uri = self.uri?;
+        let inner = &downstream.inner;
+        let name = &inner.name;
+
+        // Correlation and trace context.
+        let mut headers = self.headers;
+        for h in [
+            X_CORRELATION_ID,
+            TRACEPARENT,
+            TRACESTATE,
+            header::AUTHORIZATION,
+            crate::protect::X_TIMEOUT_MS,
+        ] {
+            headers.remove(h);
+        }
+        let corr = cx.correlation();
+        headers.insert(X_CORRELATION_ID, corr.id().header_value().clone());
+        headers.insert(TRACEPARENT, corr.trace().child_traceparent());
+        if let Some(ts) = corr.trace().tracestate() {
+            headers.insert(TRACESTATE, ts.clone());
+        }
+
+        // Identity.
+        let authorization = match identity {
+            Identity::None => None,
+            Identity::Caller => {
+                let principal = cx.principal().ok_or_else(|| ClientError::NoCallerToken {
+                    downstream: name.clone(),
+                })?;
+                let mut v = HeaderValue::from_str(&format!("Bearer {}", principal.bearer_token()))
+                    .map_err(|_| ClientError::NoCallerToken {
+                        downstream: name.clone(),
+                    })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            Identity::Service => {
+                let tokens = inner.tokens.as_ref().ok_or_else(|| ClientError::Token {
+                    downstream: name.clone(),
+                    source: TokenError::NotConfigured,
+                })?;
+                Some(
+                    tokens
+                        .authorization()
+                        .await
+                        .map_err(|source| ClientError::Token {
+                            downstream: name.clone(),
+                            source,
+                        })?,
+                )
+            }
+        };
+        if let Some(v) = authorization {
+            headers.insert(header::AUTHORIZATION, v);
+        }
+
+        // Deadline.
+        let now = Instant::now();
+        let budget = self.deadline.unwrap_or(inner.settings.deadline);
+        let mut deadline = now + budget;
+        if let Some(caller) = cx.deadline() {
+            deadline = deadline.min(caller);
+        }
+        if deadline <= now {
+            return Err(ClientError::Timeout {
+                downstream: name.clone(),
+                after: Duration::ZERO,
+            });
+        }
+
+        let mut req = Request::new(Full::new(self.body));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        req.extensions_mut()
+            .insert(transport::CallDeadline(deadline));
+
+        let call = inner.stack.clone().oneshot(req);
+        let res = match tokio::time::timeout_at(deadline, call).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(e)) => return Err(ClientError::from_stack(name, &e)),
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    downstream: name.clone(),
+                    after: deadline.saturating_duration_since(now),
+                });
+            }
+        };
+        let (parts, body) = res.into_parts();
+        if parts.status.is_success() {
+            Ok(ClientResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+                downstream: name.clone(),
+            })
+        } else {
+            Err(ClientError::from_status(
+                name,
+                parts.status,
+                &parts.headers,
+                body,
+            ))
+        }
+    }
+}
+
+fn record(downstream: &str, method: &Method, status: Option<StatusCode>, elapsed: Duration) {
+    let status = status.map_or(metrics::SharedString::const_str("error"), |s| {
+        metrics::SharedString::from(s.as_str().to_owned())
+    });
+    let method = crate::metrics::method_label_of(crate::metrics::method_index(method));
+    metrics::histogram!(
+        crate::metrics::HTTP_CLIENT_REQUEST_DURATION,
+        "service" => crate::metrics::service_label(),
+        "downstream" => downstream.to_owned(),
+        "http_request_method" => method,
+        "http_response_status_code" => status,
+    )
+    .record(elapsed.as_secs_f64());
+}
+
+/// A successful (2xx) answer, its body read whole.
+#[derive(Debug, Clone)]
+pub struct ClientResponse {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+    downstream: Arc<str>,
+}
+
+impl ClientResponse {
+    /// The status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &http::HeaderMap {
+        &self.headers
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The body, parsed as JSON into `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ClientError> {
+        serde_json::from_slice(&self.body).map_err(|e| ClientError::Decode {
+            downstream: self.downstream.clone(),
+            message: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
