@@ -536,7 +536,9 @@ impl CircuitBreaker {
                     let tripped = failures / n as f64 >= c.failure_rate
                         || (c.slow_call.is_some() && slows / n as f64 >= c.slow_call_rate);
                     if tripped {
-                        self.transition(&mut g, State::Open, now);
+                        // `now` may be a stale stand-in on the clock-free
+                        // path; the wait in open counts from the real time.
+                        self.transition(&mut g, State::Open, Instant::now());
                     }
                 }
             }

@@ -402,3 +402,25 @@ async fn the_state_is_a_readiness_check() {
         "circuit breaker `test` is open"
     );
 }
+
+// The wait in open counts from when the breaker opened, not from when it was
+// created or last changed state, even on the clock-free closed path.
+#[tokio::test(start_paused = true)]
+async fn the_wait_counts_from_the_opening() {
+    let b = breaker(ten());
+    tokio::time::advance(Duration::from_secs(300)).await;
+    outcomes(&b, &[true; 10]);
+    assert_eq!(b.state(), State::Open);
+    let refused = b.try_acquire().unwrap_err();
+    assert_eq!(refused.retry_after(), ten().wait_in_open);
+    tokio::time::advance(ten().wait_in_open - Duration::from_millis(1)).await;
+    assert!(
+        b.try_acquire().is_err(),
+        "still open 1 ms before the wait ends"
+    );
+    tokio::time::advance(Duration::from_millis(1)).await;
+    b.try_acquire()
+        .expect("a probe once the wait is over")
+        .success();
+    assert_eq!(b.state(), State::Closed);
+}

@@ -223,3 +223,57 @@ fn errors_become_problems_that_reveal_nothing() {
         );
     }
 }
+
+/// Calls on behalf of the caller forward its token; without a caller they
+/// fail before anything is sent.
+#[tokio::test]
+async fn on_behalf_of_forwards_the_callers_token() {
+    use std::sync::Mutex;
+
+    use crate::auth::PrincipalKind;
+
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let router = axum::Router::new().route(
+        "/x",
+        axum::routing::get({
+            let seen = seen.clone();
+            move |headers: http::HeaderMap| async move {
+                let auth = headers
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                seen.lock().unwrap().push(auth);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let d = Downstream::builder("t", &format!("http://{addr}"))
+        .build()
+        .unwrap();
+
+    let alice = Principal::new(
+        "alice",
+        "https://issuer.test",
+        PrincipalKind::User,
+        crate::permission::Grants::default(),
+        0,
+        "header.payload.signature",
+    );
+    let cx = CallContext::background().with_principal(alice);
+    d.on_behalf_of(&cx).get("/x").send().await.unwrap();
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [Some("Bearer header.payload.signature".to_owned())]
+    );
+
+    let err = d
+        .on_behalf_of(&CallContext::background())
+        .get("/x")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::NoCallerToken { .. }), "{err:?}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
