@@ -5,7 +5,8 @@
 //!   record; bulkhead acquire and release; tower's `ConcurrencyLimit`
 //!   semaphore acquire and release for comparison;
 //! - `layers`: one call through a ready service wrapped in breaker +
-//!   bulkhead, in tower's `ConcurrencyLimit`, and bare;
+//!   bulkhead, in tower's `ConcurrencyLimit`, in the `tower-resilience`
+//!   crates' breaker + bulkhead (fail-fast, same window), and bare;
 //! - `contended`: breaker + bulkhead permits taken by 2 threads at once.
 //!
 //! Run with `cargo bench -p chassis --bench resilience`.
@@ -60,7 +61,7 @@ fn layers(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let handler = service_fn(|x: u64| async move { Ok::<_, BoxError>(x + 1) });
-    let (guarded, limited) = {
+    let (guarded, limited, peer) = {
         let _guard = rt.enter();
         let breaker = CircuitBreaker::new("bench-layer", Config::count(100));
         let guarded = CircuitBreakerLayer::with_classifier(breaker, |r: &Result<u64, BoxError>| {
@@ -72,7 +73,18 @@ fn layers(c: &mut Criterion) {
         })
         .layer(BulkheadLayer::new(Bulkhead::new("bench-layer", 64)).layer(handler));
         let limited = ConcurrencyLimitLayer::new(64).layer(handler);
-        (guarded, limited)
+        let peer_breaker = tower_resilience_circuitbreaker::CircuitBreakerLayer::builder()
+            .failure_rate_threshold(0.5)
+            .sliding_window_size(100)
+            .build()
+            .expect("valid breaker");
+        let peer_bulkhead = tower_resilience_bulkhead::BulkheadLayer::builder()
+            .max_concurrent_calls(64)
+            .reject_when_full()
+            .build()
+            .expect("valid bulkhead");
+        let peer = peer_breaker.layer(peer_bulkhead.layer(handler));
+        (guarded, limited, peer)
     };
     g.bench_function("bare", |b| {
         b.to_async(&rt).iter(|| handler.oneshot(black_box(1)))
@@ -84,6 +96,9 @@ fn layers(c: &mut Criterion) {
     g.bench_function("tower_concurrency_limit", |b| {
         b.to_async(&rt)
             .iter(|| limited.clone().oneshot(black_box(1)))
+    });
+    g.bench_function("tower_resilience_breaker_and_bulkhead", |b| {
+        b.to_async(&rt).iter(|| peer.clone().oneshot(black_box(1)))
     });
     g.finish();
 }

@@ -45,9 +45,7 @@ use std::{
 };
 
 use pin_project_lite::pin_project;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
-use tokio_util::sync::PollSemaphore;
+use tokio::sync::Notify;
 use tower::{Layer, Service};
 
 use crate::BoxError;
@@ -76,7 +74,10 @@ pub struct Bulkhead {
 struct Shared {
     name: Arc<str>,
     max: usize,
-    semaphore: Arc<Semaphore>,
+    /// Places taken; the fast path is one compare-and-swap.
+    used: AtomicUsize,
+    /// Wakes a waiting call when a place is given back.
+    freed: Notify,
     max_wait: Option<Duration>,
     max_queue: usize,
     waiting: AtomicUsize,
@@ -113,7 +114,8 @@ impl Bulkhead {
             shared: Arc::new(Shared {
                 name: name.into(),
                 max,
-                semaphore: Arc::new(Semaphore::new(max)),
+                used: AtomicUsize::new(0),
+                freed: Notify::new(),
                 max_wait: (max_queue > 0 && !max_wait.is_zero()).then_some(max_wait),
                 max_queue,
                 waiting: AtomicUsize::new(0),
@@ -125,7 +127,7 @@ impl Bulkhead {
 
     /// Calls in flight now.
     pub fn in_use(&self) -> usize {
-        self.shared.max - self.shared.semaphore.available_permits()
+        self.shared.used.load(Ordering::SeqCst)
     }
 
     /// The limit.
@@ -139,17 +141,37 @@ impl Bulkhead {
     ///
     /// [`BulkheadFull`] when every place is taken.
     pub fn try_acquire(&self) -> Result<BulkheadPermit, BulkheadFull> {
-        match self.shared.semaphore.clone().try_acquire_owned() {
-            Ok(p) => Ok(self.admitted(p)),
-            Err(_) => Err(self.reject()),
-        }
+        self.try_take().ok_or_else(|| self.reject())
     }
 
-    fn admitted(&self, permit: OwnedSemaphorePermit) -> BulkheadPermit {
-        self.shared.in_use.increment(1.0);
-        BulkheadPermit {
-            _permit: permit,
-            shared: self.shared.clone(),
+    fn try_take(&self) -> Option<BulkheadPermit> {
+        self.shared.try_take().then(|| {
+            self.shared.in_use.increment(1.0);
+            BulkheadPermit {
+                shared: self.shared.clone(),
+            }
+        })
+    }
+
+    /// Waits at most `wait` for a place, taking a queue slot meanwhile.
+    async fn wait_for_place(
+        self,
+        wait: Duration,
+        _slot: WaitSlot,
+    ) -> Result<BulkheadPermit, BulkheadFull> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.shared.freed.notified();
+            tokio::pin!(freed);
+            // Registered before trying, so a place given back in between
+            // is not missed.
+            freed.as_mut().enable();
+            if let Some(permit) = self.try_take() {
+                return Ok(permit);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return self.try_take().ok_or_else(|| self.reject());
+            }
         }
     }
 
@@ -161,9 +183,28 @@ impl Bulkhead {
     }
 }
 
+impl Shared {
+    fn try_take(&self) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used >= self.max {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+}
+
 /// A place in a bulkhead, given back on drop.
 pub struct BulkheadPermit {
-    _permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
 }
 
@@ -177,7 +218,12 @@ impl fmt::Debug for BulkheadPermit {
 
 impl Drop for BulkheadPermit {
     fn drop(&mut self) {
-        self.shared.in_use.decrement(1.0);
+        let s = &self.shared;
+        s.used.fetch_sub(1, Ordering::SeqCst);
+        s.in_use.decrement(1.0);
+        if s.waiting.load(Ordering::SeqCst) > 0 {
+            s.freed.notify_one();
+        }
     }
 }
 
@@ -241,48 +287,40 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let shared = &self.bulkhead.shared;
-        match shared.semaphore.clone().try_acquire_owned() {
-            Ok(p) => {
-                let permit = self.bulkhead.admitted(p);
-                ResponseFuture {
-                    state: Phase::Running {
-                        fut: self.inner.call(req),
-                        _permit: permit,
-                    },
-                }
-            }
-            Err(_) => match shared.max_wait {
-                Some(wait) => {
-                    let slot = WaitSlot(shared.clone());
-                    if shared.waiting.fetch_add(1, Ordering::AcqRel) >= shared.max_queue {
-                        drop(slot);
-                        return ResponseFuture {
-                            state: Phase::Refused {
-                                error: Some(self.bulkhead.reject()),
-                            },
-                        };
-                    }
-                    // The readied service goes with the request (tower's
-                    // contract: `call` follows `poll_ready`); a fresh clone
-                    // stays for the next call, which readies it first.
-                    let fresh = self.inner.clone();
-                    let readied = std::mem::replace(&mut self.inner, fresh);
-                    ResponseFuture {
-                        state: Phase::Waiting {
-                            semaphore: PollSemaphore::new(shared.semaphore.clone()),
-                            sleep: tokio::time::sleep(wait),
-                            request: Some((readied, req)),
-                            bulkhead: self.bulkhead.clone(),
-                            _slot: slot,
-                        },
-                    }
-                }
-                None => ResponseFuture {
-                    state: Phase::Refused {
-                        error: Some(self.bulkhead.reject()),
-                    },
+        if let Some(permit) = self.bulkhead.try_take() {
+            return ResponseFuture {
+                state: Phase::Running {
+                    fut: self.inner.call(req),
+                    _permit: permit,
                 },
+            };
+        }
+        let shared = &self.bulkhead.shared;
+        let Some(wait) = shared.max_wait else {
+            return ResponseFuture {
+                state: Phase::Refused {
+                    error: Some(self.bulkhead.reject()),
+                },
+            };
+        };
+        let slot = WaitSlot(shared.clone());
+        if shared.waiting.fetch_add(1, Ordering::SeqCst) >= shared.max_queue {
+            drop(slot);
+            return ResponseFuture {
+                state: Phase::Refused {
+                    error: Some(self.bulkhead.reject()),
+                },
+            };
+        }
+        // The readied service goes with the request (tower's contract:
+        // `call` follows `poll_ready`); a fresh clone stays for the next
+        // call, which readies it first.
+        let fresh = self.inner.clone();
+        let readied = std::mem::replace(&mut self.inner, fresh);
+        ResponseFuture {
+            state: Phase::Waiting {
+                place: Box::pin(self.bulkhead.clone().wait_for_place(wait, slot)),
+                request: Some((readied, req)),
             },
         }
     }
@@ -301,12 +339,8 @@ pin_project! {
     enum Phase<S: Service<Req>, Req> {
         Running { #[pin] fut: S::Future, _permit: BulkheadPermit },
         Waiting {
-            semaphore: PollSemaphore,
-            #[pin]
-            sleep: Sleep,
+            place: Pin<Box<dyn Future<Output = Result<BulkheadPermit, BulkheadFull>> + Send>>,
             request: Option<(S, Req)>,
-            bulkhead: Bulkhead,
-            _slot: WaitSlot,
         },
         Refused { error: Option<BulkheadFull> },
     }
@@ -335,28 +369,17 @@ where
                         error.take().expect("polled after completion"),
                     )));
                 }
-                PhaseProj::Waiting {
-                    semaphore,
-                    sleep,
-                    request,
-                    bulkhead,
-                    ..
-                } => {
-                    if let Poll::Ready(permit) = semaphore.poll_acquire(cx) {
-                        let permit =
-                            bulkhead.admitted(permit.expect("the semaphore is never closed"));
+                PhaseProj::Waiting { place, request } => match ready!(place.as_mut().poll(cx)) {
+                    Ok(permit) => {
                         let (mut inner, req) = request.take().expect("polled after completion");
                         let fut = inner.call(req);
                         this.state.set(Phase::Running {
                             fut,
                             _permit: permit,
                         });
-                        continue;
                     }
-                    ready!(sleep.poll(cx));
-                    let error = bulkhead.reject();
-                    this.state.set(Phase::Refused { error: Some(error) });
-                }
+                    Err(error) => this.state.set(Phase::Refused { error: Some(error) }),
+                },
             }
         }
     }

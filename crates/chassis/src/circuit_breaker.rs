@@ -30,6 +30,11 @@
 //! * permits are taken when the call starts, not in `poll_ready`, so idle
 //!   connections hold nothing.
 //!
+//! While closed with a count window (the default) a call takes no lock: it
+//! reads one atomic word on the way in and swaps its outcome into a ring of
+//! atomics on the way out; the lock is taken only to change state. A time
+//! window and the open and half-open states use a short critical section.
+//!
 //! What counts as a failure is the caller's choice (see
 //! [`CircuitBreakerLayer::with_classifier`]); by default errors (transport
 //! errors, timeouts) and 5xx responses are failures and 4xx are not (the
@@ -63,7 +68,10 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering},
+    },
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -269,6 +277,81 @@ struct Inner {
     probes_slow: usize,
 }
 
+/// The last N outcomes, recorded without a lock: each call takes the next
+/// slot and swaps its outcome in; the running counts change by what the
+/// swap replaced, so they always agree with the slots once writers finish.
+struct Ring {
+    /// 0 empty, else `1 | failed << 1 | slow << 2`.
+    slots: Box<[AtomicU8]>,
+    next: AtomicUsize,
+    filled: AtomicI64,
+    failed: AtomicI64,
+    slow: AtomicI64,
+}
+
+const PRESENT: u8 = 1;
+const FAILED: u8 = 2;
+const SLOWED: u8 = 4;
+
+impl Ring {
+    fn new(n: usize) -> Self {
+        Self {
+            slots: (0..n.max(1)).map(|_| AtomicU8::new(0)).collect(),
+            next: AtomicUsize::new(0),
+            filled: AtomicI64::new(0),
+            failed: AtomicI64::new(0),
+            slow: AtomicI64::new(0),
+        }
+    }
+
+    /// Applies the change from slot value `old` to `new` to the counts.
+    fn account(&self, old: u8, new: u8) {
+        for (bit, count) in [
+            (PRESENT, &self.filled),
+            (FAILED, &self.failed),
+            (SLOWED, &self.slow),
+        ] {
+            match (old & bit != 0, new & bit != 0) {
+                (false, true) => {
+                    count.fetch_add(1, Ordering::AcqRel);
+                }
+                (true, false) => {
+                    count.fetch_sub(1, Ordering::AcqRel);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Records one outcome; returns the calls, failures and slow calls in
+    /// the window.
+    fn push(&self, failed: bool, slow: bool) -> (usize, usize, usize) {
+        let code = PRESENT | if failed { FAILED } else { 0 } | if slow { SLOWED } else { 0 };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        // In a steady state the slot already holds this outcome: a load,
+        // not a write, keeps the cache line shared between threads.
+        if self.slots[i].load(Ordering::Acquire) != code {
+            let old = self.slots[i].swap(code, Ordering::AcqRel);
+            if old != code {
+                self.account(old, code);
+            }
+        }
+        let read = |c: &AtomicI64| usize::try_from(c.load(Ordering::Acquire)).unwrap_or(0);
+        (read(&self.filled), read(&self.failed), read(&self.slow))
+    }
+
+    /// Empties the window.
+    fn clear(&self) {
+        for slot in &self.slots {
+            let old = slot.swap(0, Ordering::AcqRel);
+            if old != 0 {
+                self.account(old, 0);
+            }
+        }
+        self.next.store(0, Ordering::Relaxed);
+    }
+}
+
 /// A circuit breaker shared by every clone of its layer; see the
 /// [module docs](self).
 #[derive(Clone)]
@@ -279,6 +362,11 @@ pub struct CircuitBreaker {
 struct Shared {
     name: Arc<str>,
     config: Config,
+    /// `generation << 1 | 1` while closed with a count window (calls then
+    /// go through [`Ring`] without the lock), `generation << 1` otherwise.
+    gate: AtomicU64,
+    /// The closed-state window when it counts calls.
+    ring: Option<Ring>,
     inner: Mutex<Inner>,
     gauge: metrics::Gauge,
     calls: [metrics::Counter; 4],
@@ -304,8 +392,14 @@ impl CircuitBreaker {
         let now = Instant::now();
         let service = crate::metrics::service_label();
         let counter = |outcome: &'static str| metrics::counter!("circuit_breaker_calls_total", "service" => service.clone(), "name" => name.to_owned(), "outcome" => outcome);
+        let ring = match config.window {
+            Window::Count(n) => Some(Ring::new(n)),
+            Window::Time(_) => None,
+        };
         let shared = Shared {
             name: name.into(),
+            gate: AtomicU64::new(u64::from(ring.is_some())),
+            ring,
             config,
             inner: Mutex::new(Inner {
                 state: State::Closed,
@@ -389,6 +483,13 @@ impl CircuitBreaker {
         g.probes_ok = 0;
         g.probes_failed = 0;
         g.probes_slow = 0;
+        if let Some(ring) = &self.shared.ring {
+            ring.clear();
+        }
+        let lock_free = to == State::Closed && self.shared.ring.is_some();
+        self.shared
+            .gate
+            .store(g.generation << 1 | u64::from(lock_free), Ordering::SeqCst);
         match to {
             State::Open => g.opened_at = now,
             State::HalfOpen => g.half_open_started = now,
@@ -405,6 +506,16 @@ impl CircuitBreaker {
     /// [`CircuitOpen`] when the call must not be made.
     pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
         let c = &self.shared.config;
+        let gate = self.shared.gate.load(Ordering::Acquire);
+        if gate & 1 == 1 {
+            // Closed with a count window: no lock, no clock unless slow
+            // calls are judged.
+            return Ok(Permit {
+                breaker: Some(self.clone()),
+                generation: gate >> 1,
+                start: c.slow_call.map(|_| Instant::now()),
+            });
+        }
         let mut g = self.lock();
         // The closed hot path reads no clock unless slow calls are judged.
         if g.state == State::Closed || g.state == State::Disabled {
@@ -471,6 +582,32 @@ impl CircuitBreaker {
 
     fn record(&self, generation: u64, start: Option<Instant>, outcome: Outcome) {
         let c = self.shared.config;
+        if let Some(ring) = &self.shared.ring {
+            let gate = self.shared.gate.load(Ordering::Acquire);
+            if gate & 1 == 1 {
+                if gate >> 1 != generation || outcome == Outcome::Ignored {
+                    return;
+                }
+                let failed = outcome == Outcome::Failure;
+                let slow = match (c.slow_call, start) {
+                    (Some(d), Some(start)) => start.elapsed() >= d,
+                    _ => false,
+                };
+                self.count(failed, slow);
+                let (n, failures, slows) = ring.push(failed, slow);
+                if n >= c.minimum_calls {
+                    let tripped = failures as f64 / n as f64 >= c.failure_rate
+                        || (c.slow_call.is_some() && slows as f64 / n as f64 >= c.slow_call_rate);
+                    if tripped {
+                        let mut g = self.lock();
+                        if g.state == State::Closed && g.generation == generation {
+                            self.transition(&mut g, State::Open, Instant::now());
+                        }
+                    }
+                }
+                return;
+            }
+        }
         let needs_clock = c.slow_call.is_some() || matches!(c.window, Window::Time(_));
         let mut g = self.lock();
         if g.generation != generation || g.state == State::Disabled {
@@ -608,9 +745,6 @@ impl Drop for Permit {
     }
 }
 
-/// Decides the outcome of a call from its result.
-pub type Classifier<R> = Arc<dyn Fn(&Result<R, BoxError>) -> Outcome + Send + Sync>;
-
 /// The default rule for HTTP: errors and 5xx are failures, the rest success.
 pub fn http_outcome<B>(result: &Result<http::Response<B>, BoxError>) -> Outcome {
     match result {
@@ -620,22 +754,20 @@ pub fn http_outcome<B>(result: &Result<http::Response<B>, BoxError>) -> Outcome 
     }
 }
 
-/// Layer putting a [`CircuitBreaker`] in front of a service.
-pub struct CircuitBreakerLayer<R> {
+/// A classifier that is a plain function, the type of [`http_outcome`].
+pub type ClassifyFn<R> = fn(&Result<R, BoxError>) -> Outcome;
+
+/// Layer putting a [`CircuitBreaker`] in front of a service. `C` decides the
+/// outcome of each call from its result (see
+/// [`with_classifier`](Self::with_classifier)); it is cloned per call, so a
+/// function or a closure over cheap values costs nothing.
+#[derive(Clone)]
+pub struct CircuitBreakerLayer<C> {
     breaker: CircuitBreaker,
-    classify: Classifier<R>,
+    classify: C,
 }
 
-impl<R> Clone for CircuitBreakerLayer<R> {
-    fn clone(&self) -> Self {
-        Self {
-            breaker: self.breaker.clone(),
-            classify: self.classify.clone(),
-        }
-    }
-}
-
-impl<R> fmt::Debug for CircuitBreakerLayer<R> {
+impl<C> fmt::Debug for CircuitBreakerLayer<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerLayer")
             .field("breaker", &self.breaker)
@@ -643,31 +775,26 @@ impl<R> fmt::Debug for CircuitBreakerLayer<R> {
     }
 }
 
-impl<B: 'static> CircuitBreakerLayer<http::Response<B>> {
+impl<B> CircuitBreakerLayer<ClassifyFn<http::Response<B>>> {
     /// A layer with the HTTP classifier ([`http_outcome`]).
     pub fn http(breaker: CircuitBreaker) -> Self {
         Self {
             breaker,
-            classify: Arc::new(http_outcome::<B>),
+            classify: http_outcome::<B>,
         }
     }
 }
 
-impl<R> CircuitBreakerLayer<R> {
-    /// A layer deciding outcomes with `classify`.
-    pub fn with_classifier(
-        breaker: CircuitBreaker,
-        classify: impl Fn(&Result<R, BoxError>) -> Outcome + Send + Sync + 'static,
-    ) -> Self {
-        Self {
-            breaker,
-            classify: Arc::new(classify),
-        }
+impl<C> CircuitBreakerLayer<C> {
+    /// A layer deciding outcomes with `classify`, a
+    /// `Fn(&Result<Response, BoxError>) -> Outcome`.
+    pub fn with_classifier(breaker: CircuitBreaker, classify: C) -> Self {
+        Self { breaker, classify }
     }
 }
 
-impl<S, R> Layer<S> for CircuitBreakerLayer<R> {
-    type Service = CircuitBreakerService<S, R>;
+impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
+    type Service = CircuitBreakerService<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
         CircuitBreakerService {
@@ -679,23 +806,14 @@ impl<S, R> Layer<S> for CircuitBreakerLayer<R> {
 }
 
 /// Service built by [`CircuitBreakerLayer`].
-pub struct CircuitBreakerService<S, R> {
+#[derive(Clone)]
+pub struct CircuitBreakerService<S, C> {
     inner: S,
     breaker: CircuitBreaker,
-    classify: Classifier<R>,
+    classify: C,
 }
 
-impl<S: Clone, R> Clone for CircuitBreakerService<S, R> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            breaker: self.breaker.clone(),
-            classify: self.classify.clone(),
-        }
-    }
-}
-
-impl<S, R> fmt::Debug for CircuitBreakerService<S, R> {
+impl<S, C> fmt::Debug for CircuitBreakerService<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerService")
             .field("breaker", &self.breaker)
@@ -703,14 +821,15 @@ impl<S, R> fmt::Debug for CircuitBreakerService<S, R> {
     }
 }
 
-impl<S, Req> Service<Req> for CircuitBreakerService<S, S::Response>
+impl<S, C, Req> Service<Req> for CircuitBreakerService<S, C>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    C: Fn(&Result<S::Response, BoxError>) -> Outcome + Clone,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, S::Response>;
+    type Future = ResponseFuture<S::Future, C>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -737,25 +856,26 @@ where
 
 pin_project! {
     /// Response future of [`CircuitBreakerService`].
-    pub struct ResponseFuture<F, R> {
+    pub struct ResponseFuture<F, C> {
         #[pin]
         inner: Option<F>,
         permit: Option<Permit>,
         refused: Option<CircuitOpen>,
-        classify: Classifier<R>,
+        classify: C,
     }
 }
 
-impl<F, R> fmt::Debug for ResponseFuture<F, R> {
+impl<F, C> fmt::Debug for ResponseFuture<F, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, R, E> Future for ResponseFuture<F, R>
+impl<F, C, R, E> Future for ResponseFuture<F, C>
 where
     F: Future<Output = Result<R, E>>,
     E: Into<BoxError>,
+    C: Fn(&Result<R, BoxError>) -> Outcome,
 {
     type Output = Result<R, BoxError>;
 
