@@ -29,6 +29,7 @@
 //! | Retries | retries only idempotent calls, only retryable failures, with jittered backoff, within a budget | [`retry`] |
 //! | Failure injection | can slow down or fail a share of calls on purpose, when configured | [`fault`] |
 //! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
+//! | Storage | owns one database (SQLite by default), migrated at start-up, checked for readiness | `sqlite` (feature `sqlite`) |
 //! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
 //!
 //! # Example
@@ -60,12 +61,13 @@
 //! | feature | default? | what it adds |
 //! |---|---|---|
 //! | `process-metrics` | yes | process CPU, memory, file descriptors and start time at `/metrics` |
+//! | `sqlite` | no | [`sqlite`]: one SQLite database per service through sqlx, WAL mode, migrations at start-up, a readiness check |
 //!
 //! Everything else is what the service builder needs, so it is always built.
 //!
 //! # Minimum supported Rust version
 //!
-//! Rust 1.89. The policy is rolling, as tower's: the MSRV may rise in a minor
+//! Rust 1.94 (sqlx 0.9, behind the `sqlite` feature, needs it). The policy is rolling, as tower's: the MSRV may rise in a minor
 //! release, to a version at least six months old.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -92,6 +94,9 @@ pub mod protect;
 pub mod retry;
 pub mod service;
 pub mod shutdown;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub mod sqlite;
 pub mod telemetry;
 
 pub use config::Config;
