@@ -61,6 +61,7 @@
 //! | feature | default? | what it adds |
 //! |---|---|---|
 //! | `process-metrics` | yes | process CPU, memory, file descriptors and start time at `/metrics` |
+//! | `testing` | no | [`testing`]: a fixed-key token issuer and the verifier that trusts it, for API tests (dev-dependencies only) |
 //! | `sqlite` | no | [`sqlite`]: one SQLite database per service through sqlx, WAL mode, migrations at start-up, a readiness check |
 //!
 //! Everything else is what the service builder needs, so it is always built.
@@ -98,6 +99,9 @@ pub mod shutdown;
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 pub use config::Config;
 pub use problem::Problem;

@@ -1,0 +1,126 @@
+//! Test support: tokens a service under test accepts, without an identity
+//! provider.
+//!
+//! # The standard
+//!
+//! A service's API tests go through the real authentication and
+//! authorization path: real signed tokens, the real verifier, the real
+//! permission check. [`TestIssuer`] signs EdDSA tokens with a fixed test key
+//! (published in this crate, so it protects nothing) and builds the
+//! [`Verifier`] that trusts exactly that key, to hand to
+//! [`ServiceBuilder::verifier`](crate::ServiceBuilder::verifier).
+//!
+//! Enable with the `testing` feature, in `[dev-dependencies]` only.
+//!
+//! # Example
+//!
+//! ```
+//! use chassis::testing::TestIssuer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let issuer = TestIssuer::new();
+//! let token = issuer.user_token("alice", &["ticketing:acme:view:ticket"]);
+//! let principal = issuer.verifier().verify_token(&token).await.unwrap();
+//! assert_eq!(principal.subject(), "alice");
+//! # }
+//! ```
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use crate::auth::{Key, Verifier};
+
+const PRIVATE_PEM: &[u8] = include_bytes!("testing/test-ed25519.pem");
+const PUBLIC_PEM: &[u8] = include_bytes!("testing/test-ed25519.pub.pem");
+const KID: &str = "chassis-test-key";
+
+/// Signs test tokens and builds the verifier that accepts them.
+#[derive(Clone)]
+pub struct TestIssuer {
+    issuer: String,
+    audience: String,
+    key: EncodingKey,
+}
+
+impl std::fmt::Debug for TestIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestIssuer")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for TestIssuer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestIssuer {
+    /// Issuer `https://issuer.test`, audience `chassis-test`.
+    pub fn new() -> Self {
+        Self::with("https://issuer.test", "chassis-test")
+    }
+
+    /// A test issuer with the given `iss` and `aud`.
+    pub fn with(issuer: &str, audience: &str) -> Self {
+        Self {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            key: EncodingKey::from_ed_pem(PRIVATE_PEM).expect("the test key is valid"),
+        }
+    }
+
+    /// The verifier trusting this issuer's key, and only it.
+    pub fn verifier(&self) -> Verifier {
+        let key =
+            Key::from_pem(Some(KID), Algorithm::EdDSA, PUBLIC_PEM).expect("the test key is valid");
+        Verifier::builder()
+            .keys(&self.issuer, &self.audience, vec![key])
+            .algorithms(&[Algorithm::EdDSA])
+            .build()
+            .expect("a verifier over fixed keys builds")
+    }
+
+    /// A user's token with `perms`, valid for 15 minutes.
+    pub fn user_token(&self, subject: &str, perms: &[&str]) -> String {
+        self.token(subject, "user", perms)
+    }
+
+    /// A service's token with `perms`, valid for 15 minutes.
+    pub fn service_token(&self, subject: &str, perms: &[&str]) -> String {
+        self.token(subject, "service", perms)
+    }
+
+    fn token(&self, subject: &str, kind: &str, perms: &[&str]) -> String {
+        let now = now();
+        self.sign(&json!({
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": subject,
+            "iat": now,
+            "nbf": now,
+            "exp": now + Duration::from_secs(900).as_secs(),
+            "kind": kind,
+            "perms": perms,
+        }))
+    }
+
+    /// Signs any claims (for tests of expired or malformed tokens).
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(KID.to_owned());
+        jsonwebtoken::encode(&header, claims, &self.key).expect("claims serialize")
+    }
+}
+
+/// Seconds since the epoch.
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
