@@ -55,8 +55,8 @@
 //! connection failure, an HTTP error status with the downstream's problem
 //! body, no token. A handler may return a `ClientError` as is: it becomes a
 //! problem+json answer (503 with `Retry-After` when the downstream is known
-//! to be unavailable, 504 for a timeout, 502 otherwise) that does not reveal
-//! the downstream's answer.
+//! to be unavailable or cannot be reached, 504 for a timeout, 502 otherwise)
+//! that does not reveal the downstream's answer.
 //!
 //! # Defaults
 //!

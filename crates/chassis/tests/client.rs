@@ -403,7 +403,7 @@ async fn a_refused_connection_is_a_connection_error() {
     let d = quick("nowhere", &closed_port().await).build().unwrap();
     let err = fail(d.anonymous(&CallContext::background())).await;
     assert!(matches!(err, ClientError::Connection { .. }), "{err:?}");
-    assert_eq!(err.problem().status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(err.problem().status(), StatusCode::SERVICE_UNAVAILABLE);
 }
 
 #[tokio::test]

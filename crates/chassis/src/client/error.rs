@@ -14,8 +14,8 @@ use crate::{BoxError, bulkhead::BulkheadFull, circuit_breaker::CircuitOpen, prob
 /// As a handler's error it becomes a problem+json answer that says what kind
 /// of failure it was, never what the downstream said: 503 with
 /// `Retry-After` when the downstream is known to be unavailable (circuit
-/// open, bulkhead full, it answered 503 or 429, no token could be had), 504
-/// for a timeout, 502 otherwise, with a `reason` member.
+/// open, bulkhead full, unreachable, it answered 503 or 429, no token could
+/// be had), 504 for a timeout, 502 otherwise, with a `reason` member.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
@@ -143,10 +143,13 @@ impl ClientError {
     }
 
     /// Whether the downstream is known to be unavailable for now (open
-    /// breaker, full bulkhead, a 503 or 429 answer, no token).
+    /// breaker, full bulkhead, unreachable, a 503 or 429 answer, no token).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::CircuitOpen { .. } | Self::BulkheadFull { .. } | Self::Token { .. } => true,
+            Self::CircuitOpen { .. }
+            | Self::BulkheadFull { .. }
+            | Self::Token { .. }
+            | Self::Connection { .. } => true,
             Self::Status { status, .. } => {
                 *status == StatusCode::SERVICE_UNAVAILABLE
                     || *status == StatusCode::TOO_MANY_REQUESTS
