@@ -1,0 +1,114 @@
+//! Errors: why the service could not start, and why a request was refused.
+
+use axum::response::{IntoResponse, Response};
+use chassis::Problem;
+use http::StatusCode;
+use serde_json::json;
+
+use crate::client::ReservationStatus;
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Database(#[from] chassis::sqlite::DbError),
+}
+
+/// One invalid field of a request body, as listed in a 422's `errors`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FieldError {
+    pub(crate) field: &'static str,
+    pub(crate) message: &'static str,
+}
+
+/// Why a request was refused. Each becomes a problem+json answer; the
+/// database's own errors are logged here, once, and never sent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    #[error("invalid fields: {0:?}")]
+    Invalid(Vec<FieldError>),
+    #[error("the body is not a JSON object")]
+    NotAnObject,
+    #[error("the Idempotency-Key header is not valid")]
+    InvalidIdempotencyKey,
+    #[error("the Idempotency-Key was used for another request")]
+    IdempotencyKeyReused,
+    #[error("no such resource in the account")]
+    NotFound,
+    #[error("sold out: {available} places left")]
+    SoldOut { available: u32 },
+    #[error("the reservation is {0}")]
+    NotHeld(ReservationStatus),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stored data: {0}")]
+    Stored(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = match self {
+            Self::Invalid(errors) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
+                .with_detail("Some fields are not valid; `errors` lists each of them.")
+                .with_member("reason", "invalid_fields")
+                .with_member(
+                    "errors",
+                    errors
+                        .iter()
+                        .map(|e| json!({"field": e.field, "message": e.message}))
+                        .collect::<Vec<_>>(),
+                ),
+            Self::NotAnObject => Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
+                .with_detail("The body must be a JSON object.")
+                .with_member("reason", "invalid_fields")
+                .with_member("errors", json!([])),
+            Self::InvalidIdempotencyKey => Problem::new(StatusCode::BAD_REQUEST)
+                .with_detail("The Idempotency-Key must be 1 to 255 of A-Z a-z 0-9 . _ ~ : -")
+                .with_member("reason", "invalid_idempotency_key"),
+            Self::IdempotencyKeyReused => Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
+                .with_detail("This Idempotency-Key was used for a different reservation.")
+                .with_member("reason", "idempotency_key_reused"),
+            // The same answer whether the resource does not exist or belongs
+            // to another account: existence is never revealed.
+            Self::NotFound => {
+                Problem::not_found().with_detail("The account has no such ticket or reservation.")
+            }
+            Self::SoldOut { available } => Problem::new(StatusCode::CONFLICT)
+                .with_detail("Not enough places are left for this reservation.")
+                .with_member("reason", "sold_out")
+                .with_member("available", available),
+            Self::NotHeld(status) => Problem::new(StatusCode::CONFLICT)
+                .with_detail(format!("The reservation is {status}."))
+                .with_member("reason", format!("reservation_{status}")),
+            Self::Database(e) if is_overloaded(&e) => {
+                tracing::warn!(error = %e, "database overloaded");
+                Problem::unavailable(1)
+            }
+            Self::Database(e) => {
+                tracing::error!(error = %e, "database error");
+                Problem::internal()
+            }
+            Self::Stored(e) => {
+                tracing::error!(error = %e, "unreadable stored data");
+                Problem::internal()
+            }
+        };
+        problem.into_response()
+    }
+}
+
+/// No connection came free, or the write lock did not, within the busy
+/// timeout: the caller may retry later.
+fn is_overloaded(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut => true,
+        // SQLITE_BUSY and its extended codes.
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| c & 0xff == 5),
+        _ => false,
+    }
+}

@@ -1,0 +1,186 @@
+//! `ticketing`: ticket products and reservations, per account, never
+//! oversold.
+//!
+//! # What it owns
+//!
+//! The ticket products of every account (a name, a price in minor units, a
+//! capacity, a validity period) and the reservations of places in them, in
+//! its own SQLite database (`<TICKETING_DATA_DIR>/ticketing.db`). No other
+//! service opens that file: they call this API, through the driver client
+//! in [`client`].
+//!
+//! A reservation holds places for `TICKETING_HOLD_SECS` unless it is
+//! confirmed; a hold past its expiry no longer counts against capacity, and
+//! a background task marks it `expired`. Capacity is enforced by the
+//! database: a reservation is inserted only by a statement that counts the
+//! places left, under SQLite's single write lock.
+//!
+//! # API and permissions
+//!
+//! | method and path | permission |
+//! |---|---|
+//! | `POST /ticketing/v1/{account}/tickets` | `ticketing:{account}:create:ticket` |
+//! | `GET /ticketing/v1/{account}/tickets` | `ticketing:{account}:view:ticket` |
+//! | `GET /ticketing/v1/{account}/tickets/{id}` | `ticketing:{account}:view:ticket` |
+//! | `POST /ticketing/v1/{account}/reservations` | `ticketing:{account}:reserve:ticket` |
+//! | `GET /ticketing/v1/{account}/reservations/{id}` | `ticketing:{account}:view:ticket` |
+//! | `POST /ticketing/v1/{account}/reservations/{id}/confirm` | `ticketing:{account}:reserve:ticket` |
+//! | `POST /ticketing/v1/{account}/reservations/{id}/release` | `ticketing:{account}:reserve:ticket` |
+//!
+//! Another account's ticket or reservation answers 404, as one that does not
+//! exist. Every error is `application/problem+json` with the correlation id;
+//! refusals carry a `reason`: `invalid_fields` (422, with `errors` naming
+//! each field), `sold_out` (409), `reservation_expired`,
+//! `reservation_released`, `reservation_confirmed` (409),
+//! `invalid_idempotency_key` (400), `idempotency_key_reused` (422).
+//!
+//! # Settings
+//!
+//! The chassis' own (`CHASSIS_*`, see [`chassis::config`]) and:
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `TICKETING_HOLD_SECS` | `900` | how long a reservation holds its places unless confirmed (1 to 604800) |
+//! | `TICKETING_DATA_DIR` | `./data/ticketing` | directory of the database file |
+//! | `TICKETING_DB_POOL_SIZE` | `4` | database connections |
+//!
+//! # Metrics
+//!
+//! Besides the chassis' own: `ticketing_reservations_total{outcome="held"|"replayed"|"sold_out"}`
+//! and `ticketing_holds_expired_total`.
+//!
+//! # Example
+//!
+//! What `main` does:
+//!
+//! ```no_run
+//! use chassis::config::{Config, Env, Reader};
+//!
+//! # async fn run() -> std::process::ExitCode {
+//! let env = Env::process();
+//! let mut r = Reader::new(&env);
+//! let config = Config::read(&mut r);
+//! let settings = ticketing::Settings::read(&mut r);
+//! if let Err(e) = r.finish() {
+//!     e.exit();
+//! }
+//! match ticketing::app(settings).await {
+//!     Ok(service) => service.config(config).run().await,
+//!     Err(e) => {
+//!         eprintln!("ticketing cannot start: {e}");
+//!         std::process::ExitCode::FAILURE
+//!     }
+//! }
+//! # }
+//! ```
+
+use std::time::Duration;
+
+use chassis::{
+    ServiceBuilder,
+    config::Reader,
+    health::CheckOptions,
+    shutdown::CancellationToken,
+    sqlite::{Database, DbConfig},
+};
+use sqlx::migrate::Migrator;
+
+pub mod client;
+mod error;
+mod routes;
+mod store;
+mod validation;
+
+pub use error::AppError;
+
+use store::Store;
+
+/// The longest hold: a week.
+const MAX_HOLD_SECS: u64 = 7 * 24 * 3600;
+
+/// The expiry task runs at least this often (and more often for short holds).
+const MAX_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Reservation attempts by `outcome`: `held`, `replayed`, `sold_out`.
+const RESERVATIONS_TOTAL: &str = "ticketing_reservations_total";
+
+/// Held reservations marked expired by the expiry task.
+const HOLDS_EXPIRED_TOTAL: &str = "ticketing_holds_expired_total";
+
+/// The schema, embedded from `migrations/`.
+static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// The service's own settings, `TICKETING_*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a reservation holds its places unless confirmed
+    /// (`TICKETING_HOLD_SECS`).
+    pub hold: Duration,
+    /// The database (`TICKETING_DATA_DIR`, `TICKETING_DB_POOL_SIZE`).
+    pub db: DbConfig,
+}
+
+impl Settings {
+    /// Reads the settings; problems go to `r`, so that one message lists
+    /// every problem of the configuration.
+    pub fn read(r: &mut Reader<'_>) -> Self {
+        let hold_secs: u64 = r.optional(
+            "TICKETING_HOLD_SECS",
+            900,
+            "seconds a reservation holds its places unless confirmed",
+        );
+        if !(1..=MAX_HOLD_SECS).contains(&hold_secs) {
+            r.problem(
+                "TICKETING_HOLD_SECS",
+                format!("must be from 1 to {MAX_HOLD_SECS}"),
+            );
+        }
+        Self {
+            hold: Duration::from_secs(hold_secs.clamp(1, MAX_HOLD_SECS)),
+            db: DbConfig::read(r, "TICKETING", "ticketing"),
+        }
+    }
+}
+
+/// The service: opens and migrates the database, and returns the builder
+/// with the API, the database's readiness check and the expiry task. Give
+/// it the chassis [`Config`](chassis::Config) (and, in tests, a verifier)
+/// and run it.
+///
+/// # Errors
+///
+/// When the database cannot be opened or migrated.
+pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
+    let db = Database::open_migrated(&settings.db, &MIGRATOR).await?;
+    let store = Store::new(db.clone(), settings.hold);
+    let expiry_interval = settings.hold.min(MAX_EXPIRY_INTERVAL);
+    Ok(ServiceBuilder::new("ticketing", 1)
+        .api(routes::api())
+        .api_layer(axum::Extension(store.clone()))
+        .health_check("database", db, CheckOptions::default())
+        .background("expire-holds", move |stop| {
+            expire_holds(store, expiry_interval, stop)
+        })
+        .build_info(chassis::build_info!()))
+}
+
+/// Marks held reservations past their expiry `expired`, every `interval`,
+/// until shutdown.
+async fn expire_holds(store: Store, interval: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match store.expire_holds().await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(expired = n, "held reservations expired");
+                metrics::counter!(HOLDS_EXPIRED_TOTAL).increment(n);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot expire held reservations"),
+        }
+    }
+}

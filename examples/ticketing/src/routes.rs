@@ -1,0 +1,133 @@
+//! The API: each route, the permission it requires, and its handler.
+//!
+//! By the time a handler runs, the chassis has authenticated the caller,
+//! checked the route's permission for the account in the path, and
+//! recorded the call for audit; the handler gets the checked account as an
+//! [`AccountId`].
+
+use axum::{Extension, Json, extract::Path};
+use chassis::{
+    api::{Api, get, post},
+    permission::AccountId,
+};
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{
+    client::{Reservation, Ticket},
+    error::ApiError,
+    store::Store,
+    validation,
+};
+
+/// The routes, under `/ticketing/v1`.
+pub(crate) fn api() -> Api {
+    Api::new()
+        .route(
+            post("/{account}/tickets", create_ticket).requires("ticketing:{account}:create:ticket"),
+        )
+        .route(get("/{account}/tickets", list_tickets).requires("ticketing:{account}:view:ticket"))
+        .route(
+            get("/{account}/tickets/{id}", get_ticket).requires("ticketing:{account}:view:ticket"),
+        )
+        .route(
+            post("/{account}/reservations", reserve).requires("ticketing:{account}:reserve:ticket"),
+        )
+        .route(
+            get("/{account}/reservations/{id}", get_reservation)
+                .requires("ticketing:{account}:view:ticket"),
+        )
+        .route(
+            post("/{account}/reservations/{id}/confirm", confirm)
+                .requires("ticketing:{account}:reserve:ticket"),
+        )
+        .route(
+            post("/{account}/reservations/{id}/release", release)
+                .requires("ticketing:{account}:reserve:ticket"),
+        )
+}
+
+/// The `{id}` of a path; the account comes checked, as an [`AccountId`].
+#[derive(Debug, Deserialize)]
+struct Id {
+    id: String,
+}
+
+async fn create_ticket(
+    account: AccountId,
+    Extension(store): Extension<Store>,
+    Json(body): Json<Value>,
+) -> Result<(StatusCode, Json<Ticket>), ApiError> {
+    let new = validation::new_ticket(&body)?;
+    let ticket = store.create_ticket(&account, new).await?;
+    Ok((StatusCode::CREATED, Json(ticket)))
+}
+
+async fn list_tickets(
+    account: AccountId,
+    Extension(store): Extension<Store>,
+) -> Result<Json<Vec<Ticket>>, ApiError> {
+    Ok(Json(store.list_tickets(&account).await?))
+}
+
+async fn get_ticket(
+    account: AccountId,
+    Path(Id { id }): Path<Id>,
+    Extension(store): Extension<Store>,
+) -> Result<Json<Ticket>, ApiError> {
+    Ok(Json(store.ticket(&account, &id).await?))
+}
+
+/// 201 with a new reservation; 200 with the earlier one when the
+/// `Idempotency-Key` was seen before in this account.
+async fn reserve(
+    account: AccountId,
+    Extension(store): Extension<Store>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Result<(StatusCode, Json<Reservation>), ApiError> {
+    let key = validation::idempotency_key(&headers)?;
+    let new = validation::new_reservation(&body)?;
+    let result = store.reserve(&account, &new, key).await;
+    let outcome = match &result {
+        Ok((_, true)) => Some("held"),
+        Ok((_, false)) => Some("replayed"),
+        Err(ApiError::SoldOut { .. }) => Some("sold_out"),
+        Err(_) => None,
+    };
+    if let Some(outcome) = outcome {
+        metrics::counter!(crate::RESERVATIONS_TOTAL, "outcome" => outcome).increment(1);
+    }
+    let (reservation, created) = result?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(reservation)))
+}
+
+async fn get_reservation(
+    account: AccountId,
+    Path(Id { id }): Path<Id>,
+    Extension(store): Extension<Store>,
+) -> Result<Json<Reservation>, ApiError> {
+    Ok(Json(store.reservation(&account, &id).await?))
+}
+
+async fn confirm(
+    account: AccountId,
+    Path(Id { id }): Path<Id>,
+    Extension(store): Extension<Store>,
+) -> Result<Json<Reservation>, ApiError> {
+    Ok(Json(store.confirm(&account, &id).await?))
+}
+
+async fn release(
+    account: AccountId,
+    Path(Id { id }): Path<Id>,
+    Extension(store): Extension<Store>,
+) -> Result<Json<Reservation>, ApiError> {
+    Ok(Json(store.release(&account, &id).await?))
+}
