@@ -1,0 +1,152 @@
+//! The HTTP API: `POST /messages` and `GET /messages/{id}`.
+
+use std::sync::Arc;
+
+use axum::{
+    Extension, Json,
+    extract::Path,
+    response::{IntoResponse, Response},
+};
+use chassis::{
+    Problem,
+    api::{self, Api},
+    correlation::CorrelationId,
+};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::{
+    client::{Accepted, MESSAGES_PATH, Message, MessageStatus, is_valid_message_id},
+    format, job, meters,
+    store::{Inserted, NewMessage, Row, Store, parse_status},
+};
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    pub(crate) store: Store,
+    /// Wakes idle workers when a job is stored.
+    pub(crate) wake: Arc<Notify>,
+}
+
+/// The routes, each with its permission.
+pub(crate) fn routes() -> Api {
+    Api::new()
+        .route(api::post("/messages", send).requires("mail::send:message"))
+        .route(api::get("/messages/{id}", get).requires("mail::view:message"))
+}
+
+/// Stores a job, once per `message_id`.
+async fn send(
+    Extension(state): Extension<AppState>,
+    request_id: CorrelationId,
+    Json(body): Json<Value>,
+) -> Result<Response, Problem> {
+    let job = job::validate(&body).map_err(|errors| {
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
+            .with_detail("the mail job has invalid members; see `errors`")
+            .with_member("errors", serde_json::to_value(errors).unwrap_or_default())
+    })?;
+    if job.correlation_id_rejected {
+        tracing::warn!(
+            message_id = %job.message_id,
+            correlation_id_rejected = true,
+            "the job's correlation_id is not valid; the request's is stored instead"
+        );
+    }
+    let correlation_id = job.correlation_id.as_ref().unwrap_or(&request_id);
+    let now = format::unix_millis(std::time::SystemTime::now());
+    let inserted = state
+        .store
+        .insert(
+            &NewMessage {
+                message_id: &job.message_id,
+                recipient: job.to.as_ref(),
+                template: &job.template,
+                data: &job.data,
+                correlation_id: correlation_id.as_str(),
+            },
+            now,
+        )
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let (status, code) = match inserted {
+        Inserted::New => {
+            meters::message("queued");
+            state.wake.notify_waiters();
+            tracing::info!(
+                message_id = %job.message_id,
+                template = %job.template,
+                job_correlation_id = %correlation_id,
+                "mail job queued"
+            );
+            (MessageStatus::Queued, StatusCode::ACCEPTED)
+        }
+        Inserted::Existing { status, differs } => {
+            meters::duplicate();
+            if differs {
+                tracing::warn!(
+                    message_id = %job.message_id,
+                    status = %status,
+                    "duplicate message_id with another recipient or template; the first job stands"
+                );
+            } else {
+                tracing::info!(message_id = %job.message_id, status = %status, "duplicate mail job; nothing queued");
+            }
+            (status, StatusCode::OK)
+        }
+    };
+    let location = HeaderValue::from_str(&format!("{MESSAGES_PATH}/{}", job.message_id))
+        .map_err(|_| Problem::internal())?;
+    Ok((
+        code,
+        [(header::LOCATION, location)],
+        Json(Accepted {
+            message_id: job.message_id,
+            status,
+            duplicate: code == StatusCode::OK,
+        }),
+    )
+        .into_response())
+}
+
+/// A stored message.
+async fn get(
+    Extension(state): Extension<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Message>, Problem> {
+    if !is_valid_message_id(&id) {
+        return Err(Problem::not_found().with_detail("no such message"));
+    }
+    let row = state
+        .store
+        .get(&id)
+        .await
+        .map_err(|e| unavailable(&e))?
+        .ok_or_else(|| Problem::not_found().with_detail("no such message"))?;
+    message(row).map(Json).map_err(|e| unavailable(&e))
+}
+
+fn message(row: Row) -> Result<Message, sqlx::Error> {
+    let status = parse_status(&row.status)?;
+    Ok(Message {
+        message_id: row.message_id,
+        to: row.recipient,
+        template: row.template,
+        status,
+        attempts: u32::try_from(row.attempts).unwrap_or(0),
+        last_error: row.last_error,
+        correlation_id: row.correlation_id,
+        created_at: format::rfc3339_millis(row.created_at),
+        next_attempt_at: (status == MessageStatus::Queued)
+            .then(|| format::rfc3339_millis(row.next_attempt_at)),
+        sent_at: row.sent_at.map(format::rfc3339_millis),
+    })
+}
+
+/// 503 for a database failure: logged here, never shown to the caller.
+fn unavailable(e: &sqlx::Error) -> Problem {
+    tracing::error!(error = %e, "message store failed");
+    Problem::unavailable(1).with_detail("the message store is unavailable; try again")
+}

@@ -1,0 +1,433 @@
+//! `mail`: accepts mail jobs at least once and sends each exactly once.
+//!
+//! # Overview
+//!
+//! Other services (`orders`' outbox relay) post jobs to
+//! `POST /mail/v1/messages`; each job has a `message_id` chosen by the
+//! caller, and a job whose `message_id` was seen before is answered with the
+//! stored status and not queued again, so callers may deliver at least
+//! once. Jobs wait in a queue in the service's SQLite database; workers
+//! lease them one at a time, render the template, and send the mail through
+//! an SMTP relay (`MAIL_SMTP_URL`) or, by default, to a file
+//! `<MAIL_DATA_DIR>/outbox/<message_id>.eml`. Failed sends are retried with
+//! exponential backoff and full jitter, then parked as `dead`. See
+//! [`delivery`] for the guarantees and what they rest on, and the README
+//! for how to run it.
+//!
+//! | method and path | permission |
+//! |---|---|
+//! | `POST /mail/v1/messages` | `mail::send:message` |
+//! | `GET /mail/v1/messages/{id}` | `mail::view:message` |
+//!
+//! Other services call it through the typed [`client::MailClient`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use chassis::config::{Config, Env, Reader};
+//!
+//! # async fn run() -> std::process::ExitCode {
+//! let env = Env::process();
+//! let mut r = Reader::new(&env);
+//! let config = Config::read(&mut r);
+//! let settings = mail::Settings::read(&mut r);
+//! if let Err(e) = r.finish() {
+//!     e.exit();
+//! }
+//! mail::app(settings).await.unwrap().config(config).run().await
+//! # }
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use chassis::{
+    ServiceBuilder,
+    config::Reader,
+    health::{Check, CheckError, CheckOptions},
+    sqlite::{Database, DbConfig, DbError},
+};
+use lettre::Address;
+use tokio::sync::Notify;
+
+mod api;
+pub mod client;
+pub mod delivery;
+mod format;
+mod job;
+mod meters;
+mod store;
+mod template;
+mod transport;
+
+pub use delivery::RetryPolicy;
+pub use transport::SmtpRelay;
+
+use crate::{api::AppState, delivery::Worker, store::Store, transport::Transport};
+
+/// The name of the directory of the file transport, in the data directory.
+pub const OUTBOX_DIR: &str = "outbox";
+
+/// Longest a send in flight may still take once shutdown starts, unless
+/// `MAIL_SHUTDOWN_FINISH_MS` says otherwise.
+const DEFAULT_FINISH: Duration = Duration::from_secs(5);
+
+/// How often the queue depth is measured.
+const DEPTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The service's own settings (`MAIL_*`).
+///
+/// | variable | default | meaning |
+/// |---|---|---|
+/// | `MAIL_SMTP_URL` | none: write files | `smtp://[user:password@]host[:port][/helo-name]`, a [`SmtpRelay`]; a secret |
+/// | `MAIL_FROM` | `tickets@chassis.example` | sender address |
+/// | `MAIL_WORKERS` | `1` | delivery workers (0: accept jobs, deliver none) |
+/// | `MAIL_MAX_ATTEMPTS` | `8` | attempts before a message is dead |
+/// | `MAIL_RETRY_BASE_MS` | `1000` | longest wait after the first failure |
+/// | `MAIL_RETRY_MAX_MS` | `60000` | longest wait after any failure |
+/// | `MAIL_LEASE_SECS` | `60` | how long a worker holds a message; a send is cut at half of it |
+/// | `MAIL_POLL_MS` | `200` | how often an idle worker looks for due messages |
+/// | `MAIL_SHUTDOWN_FINISH_MS` | `5000` | how long a send in flight may still take after shutdown starts |
+/// | `MAIL_DATA_DIR` | `./data/mail` | database `mail.db` and the `outbox/` of the file transport |
+/// | `MAIL_DB_POOL_SIZE` | `4` | database connections |
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The SMTP relay; `None` writes files to the outbox directory.
+    pub smtp: Option<SmtpRelay>,
+    /// The sender.
+    pub from: Address,
+    /// Delivery workers.
+    pub workers: usize,
+    /// Attempts and backoff of failed sends.
+    pub retry: RetryPolicy,
+    /// How long a worker holds a leased message.
+    pub lease: Duration,
+    /// How often an idle worker looks for due messages.
+    pub poll: Duration,
+    /// How long a send in flight may still take after shutdown starts;
+    /// after that it is abandoned and sent again once its lease expires.
+    pub shutdown_finish: Duration,
+    /// The database and data directory.
+    pub db: DbConfig,
+}
+
+/// A whole number within bounds, for settings.
+#[derive(Debug, Clone, Copy)]
+struct Bounded<const MIN: u64, const MAX: u64>(u64);
+
+impl<const MIN: u64, const MAX: u64> std::str::FromStr for Bounded<MIN, MAX> {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<u64>() {
+            Ok(n) if (MIN..=MAX).contains(&n) => Ok(Self(n)),
+            _ => Err(format!("expected a whole number from {MIN} to {MAX}")),
+        }
+    }
+}
+
+/// An address as `MAIL_FROM` takes it.
+#[derive(Debug, Clone)]
+struct FromAddress(Address);
+
+impl std::str::FromStr for FromAddress {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        format::parse_address(s).map(Self)
+    }
+}
+
+impl Settings {
+    /// Defaults, with the data directory `data_dir`.
+    pub fn new(data_dir: impl AsRef<Path>) -> Self {
+        Self {
+            smtp: None,
+            from: "tickets@chassis.example"
+                .parse()
+                .expect("the default sender is a valid address"),
+            workers: 1,
+            retry: RetryPolicy {
+                max_attempts: 8,
+                base: Duration::from_millis(1000),
+                max: Duration::from_millis(60_000),
+            },
+            lease: Duration::from_secs(60),
+            poll: Duration::from_millis(200),
+            shutdown_finish: DEFAULT_FINISH,
+            db: DbConfig::new(data_dir, "mail.db"),
+        }
+    }
+
+    /// Reads `MAIL_*` (see the table above); problems go to `r`, so one
+    /// message lists them with the chassis' own.
+    pub fn read(r: &mut Reader<'_>) -> Self {
+        let db = DbConfig::read(r, "MAIL", "mail");
+        let d = Self::new(&db.data_dir);
+        let smtp = r
+            .maybe_secret(
+                "MAIL_SMTP_URL",
+                "SMTP relay, smtp://[user:password@]host[:port]",
+            )
+            .and_then(|url| match url.expose().parse::<SmtpRelay>() {
+                Ok(relay) => Some(relay),
+                Err(e) => {
+                    r.problem("MAIL_SMTP_URL", format!("invalid SMTP URL: {e}"));
+                    None
+                }
+            });
+        let from = r
+            .optional("MAIL_FROM", FromAddress(d.from.clone()), "sender address")
+            .0;
+        let workers = r
+            .optional("MAIL_WORKERS", Bounded::<0, 64>(1), "delivery workers")
+            .0;
+        let max_attempts = r
+            .optional(
+                "MAIL_MAX_ATTEMPTS",
+                Bounded::<1, 1000>(8),
+                "attempts before a message is dead",
+            )
+            .0;
+        let base = r
+            .optional(
+                "MAIL_RETRY_BASE_MS",
+                Bounded::<1, 86_400_000>(1000),
+                "longest wait after the first failure, ms",
+            )
+            .0;
+        let max = r
+            .optional(
+                "MAIL_RETRY_MAX_MS",
+                Bounded::<1, 86_400_000>(60_000),
+                "longest wait after any failure, ms",
+            )
+            .0;
+        if max < base {
+            r.problem("MAIL_RETRY_MAX_MS", "must be at least MAIL_RETRY_BASE_MS");
+        }
+        let lease = r
+            .optional(
+                "MAIL_LEASE_SECS",
+                Bounded::<1, 86_400>(60),
+                "how long a worker holds a message, s",
+            )
+            .0;
+        let poll = r
+            .optional(
+                "MAIL_POLL_MS",
+                Bounded::<10, 60_000>(200),
+                "how often an idle worker looks for messages, ms",
+            )
+            .0;
+        let finish = r
+            .optional(
+                "MAIL_SHUTDOWN_FINISH_MS",
+                Bounded::<0, 600_000>(5000),
+                "how long a send may still take after shutdown starts, ms",
+            )
+            .0;
+        Self {
+            smtp,
+            from,
+            workers: usize::try_from(workers).unwrap_or(1),
+            retry: RetryPolicy {
+                max_attempts: u32::try_from(max_attempts).unwrap_or(8),
+                base: Duration::from_millis(base),
+                max: Duration::from_millis(max.max(base)),
+            },
+            lease: Duration::from_secs(lease),
+            poll: Duration::from_millis(poll),
+            shutdown_finish: Duration::from_millis(finish),
+            db,
+        }
+    }
+
+    /// The directory of the file transport.
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.db.data_dir.join(OUTBOX_DIR)
+    }
+
+    /// Longest a send may take: half the lease, so the message is not
+    /// taken by another worker while it is still being sent.
+    pub fn send_timeout(&self) -> Duration {
+        (self.lease / 2).max(Duration::from_millis(500))
+    }
+}
+
+/// Why the service could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Database(#[from] DbError),
+    /// The outbox directory could not be created.
+    #[error("cannot create the outbox directory {path}: {source}")]
+    Outbox {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The service: opens and migrates the database, and returns the builder
+/// with the API, the workers and the health checks; add the chassis
+/// configuration (and in tests, a verifier) and run it.
+///
+/// # Errors
+///
+/// When the database cannot be opened or migrated, or the outbox directory
+/// cannot be created.
+pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
+    let db = Database::open_migrated(&settings.db, &sqlx::migrate!()).await?;
+    let store = Store::new(db.clone());
+    let transport = Arc::new(match &settings.smtp {
+        Some(relay) => Transport::smtp(relay, settings.send_timeout()),
+        None => {
+            let dir = settings.outbox_dir();
+            std::fs::create_dir_all(&dir).map_err(|source| AppError::Outbox {
+                path: dir.clone(),
+                source,
+            })?;
+            Transport::files(dir)
+        }
+    });
+    meters::describe();
+    let wake = Arc::new(Notify::new());
+    let state = AppState {
+        store: store.clone(),
+        wake: wake.clone(),
+    };
+
+    let mut builder = ServiceBuilder::new("mail", 1)
+        .api(api::routes())
+        .api_layer(axum::Extension(state))
+        .health_check("database", db, CheckOptions::default())
+        .health_check(
+            "dead-messages",
+            DeadMessages(store.clone()),
+            CheckOptions::default().non_critical(),
+        );
+    let instance = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
+    for i in 0..settings.workers {
+        let worker = Worker {
+            store: store.clone(),
+            transport: transport.clone(),
+            from: settings.from.clone(),
+            policy: settings.retry,
+            lease: settings.lease,
+            poll: settings.poll,
+            send_timeout: settings.send_timeout(),
+            finish: settings.shutdown_finish,
+            wake: wake.clone(),
+            owner: format!("{instance}-{i}"),
+        };
+        builder = builder.background(&format!("mail-worker-{i}"), move |stop| worker.run(stop));
+    }
+    Ok(builder
+        .background("mail-queue-depth", move |stop| async move {
+            loop {
+                match store.depth().await {
+                    Ok(depth) => meters::queue_depth(depth),
+                    Err(e) => tracing::warn!(error = %e, "cannot measure the queue depth"),
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(DEPTH_INTERVAL) => {}
+                }
+            }
+        })
+        .build_info(chassis::build_info!()))
+}
+
+/// Down while any message is dead: they need an operator (fix the cause,
+/// then requeue them). Non-critical: the service still takes jobs.
+#[derive(Debug, Clone)]
+struct DeadMessages(Store);
+
+impl Check for DeadMessages {
+    async fn check(&self) -> Result<(), CheckError> {
+        match self.0.dead().await {
+            Ok(0) => Ok(()),
+            Ok(n) => Err(CheckError::new(format!(
+                "{n} dead message{}",
+                if n == 1 { "" } else { "s" }
+            ))),
+            Err(e) => Err(CheckError::new(format!("cannot count dead messages: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chassis::config::Env;
+
+    use super::*;
+
+    fn read(pairs: &[(&str, &str)]) -> Result<Settings, chassis::config::ConfigError> {
+        let env = Env::from_pairs(pairs.iter().copied());
+        let mut r = Reader::new(&env);
+        let s = Settings::read(&mut r);
+        r.finish().map(|()| s)
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = read(&[]).unwrap();
+        assert!(s.smtp.is_none());
+        assert_eq!(s.from.to_string(), "tickets@chassis.example");
+        assert_eq!(s.workers, 1);
+        assert_eq!(s.retry.max_attempts, 8);
+        assert_eq!(s.retry.base, Duration::from_secs(1));
+        assert_eq!(s.retry.max, Duration::from_secs(60));
+        assert_eq!(s.lease, Duration::from_secs(60));
+        assert_eq!(s.poll, Duration::from_millis(200));
+        assert_eq!(s.db.path(), PathBuf::from("data/mail/mail.db"));
+        assert_eq!(s.outbox_dir(), PathBuf::from("data/mail/outbox"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_and_the_password_never() {
+        let err = read(&[
+            ("MAIL_SMTP_URL", "smtps://u:hunter2@mail.example"),
+            ("MAIL_FROM", "nobody"),
+            ("MAIL_WORKERS", "-1"),
+            ("MAIL_MAX_ATTEMPTS", "0"),
+            ("MAIL_RETRY_BASE_MS", "5000"),
+            ("MAIL_RETRY_MAX_MS", "10"),
+            ("MAIL_LEASE_SECS", "forever"),
+            ("MAIL_POLL_MS", "1"),
+        ])
+        .unwrap_err();
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "MAIL_SMTP_URL",
+                "MAIL_FROM",
+                "MAIL_WORKERS",
+                "MAIL_MAX_ATTEMPTS",
+                "MAIL_RETRY_MAX_MS",
+                "MAIL_LEASE_SECS",
+                "MAIL_POLL_MS"
+            ]
+        );
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+
+        let s = read(&[
+            ("MAIL_SMTP_URL", "smtp://u:hunter2@127.0.0.1:2525"),
+            ("MAIL_WORKERS", "3"),
+            ("MAIL_DATA_DIR", "/srv/mail"),
+        ])
+        .unwrap();
+        assert_eq!(s.smtp.as_ref().unwrap().port(), 2525);
+        assert_eq!(s.workers, 3);
+        assert_eq!(s.outbox_dir(), PathBuf::from("/srv/mail/outbox"));
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}
