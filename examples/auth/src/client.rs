@@ -1,0 +1,353 @@
+//! The driver client of `auth`, and the types of its API.
+//!
+//! Other services and tests talk to `auth` through [`AuthClient`], a thin
+//! typed layer over a [`chassis::client::Downstream`] (so every call gets the
+//! chassis' deadline, breaker, bulkhead, correlation and metrics). A service
+//! that calls others *as itself* does not need the client at all: it needs
+//! a [`TokenSource`], built by [`token_source`].
+//!
+//! Calls to the token endpoint are `POST`s and never retried by the
+//! downstream stack: a refresh token is single-use, and presenting it twice
+//! revokes its whole family.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use auth::client::AuthClient;
+//! use chassis::client::{CallContext, Downstream};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let auth = AuthClient::new(Downstream::builder("auth", "http://127.0.0.1:8081").build()?);
+//! let cx = CallContext::background();
+//! let tokens = auth.password_login(&cx, "alice", "alice-password").await?;
+//! let renewed = auth
+//!     .refresh(&cx, tokens.refresh_token.as_deref().unwrap_or_default())
+//!     .await?;
+//! assert_eq!(renewed.token_type, "Bearer");
+//! # Ok(()) }
+//! ```
+
+use chassis::{
+    client::{CallContext, ClientError, Downstream, TokenSource},
+    config::Secret,
+};
+use http::{HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+
+/// The path of the token endpoint.
+pub const TOKEN_PATH: &str = "/auth/v1/token";
+/// The path of the key set.
+pub const JWKS_PATH: &str = "/auth/v1/jwks";
+/// The path of the key rotation.
+pub const ROTATE_PATH: &str = "/auth/v1/keys/rotate";
+
+/// A successful token answer (RFC 6749 §5.1).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// The access token: an EdDSA JWT.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds the access token is valid for.
+    pub expires_in: u64,
+    /// A refresh token (password and refresh grants only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    /// The grants of the access token, space-separated, when they differ
+    /// from the scope asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("access_token", &"[redacted]")
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "[redacted]"),
+            )
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// An error answer of the token endpoint (RFC 6749 §5.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenErrorResponse {
+    /// `invalid_request`, `invalid_client`, `invalid_grant`,
+    /// `invalid_scope` or `unsupported_grant_type`.
+    pub error: String,
+    /// A human-readable explanation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_description: Option<String>,
+}
+
+/// The public signing keys (RFC 7517 JWK Set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwks {
+    /// The current key first, then the retired ones still published.
+    pub keys: Vec<Jwk>,
+}
+
+/// One public Ed25519 signing key (RFC 8037).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwk {
+    /// Always `OKP`.
+    pub kty: String,
+    /// Always `Ed25519`.
+    pub crv: String,
+    /// The public key, base64url without padding.
+    pub x: String,
+    /// The key id: the RFC 7638 thumbprint of the key.
+    pub kid: String,
+    /// Always `EdDSA`.
+    pub alg: String,
+    /// Always `sig`.
+    #[serde(rename = "use")]
+    pub key_use: String,
+}
+
+/// The answer of `POST /auth/v1/keys/rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotatedKey {
+    /// The new current key.
+    pub kid: String,
+    /// The key it replaced, still published until its tokens expire.
+    pub previous_kid: Option<String>,
+}
+
+/// Why a call to `auth` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthClientError {
+    /// The token endpoint refused the request with an OAuth error.
+    #[error("auth refused the request: {status} {error}")]
+    Refused {
+        /// The status (400 or 401).
+        status: StatusCode,
+        /// The OAuth error code, e.g. `invalid_grant`.
+        error: String,
+        /// Its description.
+        description: Option<String>,
+    },
+    /// The call failed (no answer, a breaker open, a problem answer, ...).
+    #[error(transparent)]
+    Call(#[from] ClientError),
+}
+
+impl AuthClientError {
+    /// The OAuth error code, when the token endpoint refused the request.
+    pub fn oauth_error(&self) -> Option<&str> {
+        match self {
+            Self::Refused { error, .. } => Some(error),
+            Self::Call(_) => None,
+        }
+    }
+}
+
+/// A typed client of `auth`'s API; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct AuthClient {
+    downstream: Downstream,
+}
+
+impl AuthClient {
+    /// A client over `downstream`, whose base URL is auth's (e.g.
+    /// `http://127.0.0.1:8081`).
+    pub fn new(downstream: Downstream) -> Self {
+        Self { downstream }
+    }
+
+    /// The downstream it calls.
+    pub fn downstream(&self) -> &Downstream {
+        &self.downstream
+    }
+
+    /// The password grant: an access token and a refresh token for a user.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthClientError::Refused`] with `invalid_grant` for a wrong
+    /// username or password; [`AuthClientError::Call`] when the call fails.
+    pub async fn password_login(
+        &self,
+        cx: &CallContext,
+        username: &str,
+        password: &str,
+    ) -> Result<TokenResponse, AuthClientError> {
+        self.token(
+            cx,
+            &[
+                ("grant_type", "password"),
+                ("username", username),
+                ("password", password),
+            ],
+        )
+        .await
+    }
+
+    /// The refresh grant: a new access token and a new refresh token; the
+    /// one presented stops working.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthClientError::Refused`] with `invalid_grant` for an unknown,
+    /// expired, revoked or already used refresh token.
+    pub async fn refresh(
+        &self,
+        cx: &CallContext,
+        refresh_token: &str,
+    ) -> Result<TokenResponse, AuthClientError> {
+        self.token(
+            cx,
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ],
+        )
+        .await
+    }
+
+    /// The client-credentials grant, with the credentials as form fields.
+    /// Services should prefer a [`TokenSource`] (see [`token_source`]),
+    /// which caches and refreshes the token.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthClientError::Refused`] with `invalid_client` for bad
+    /// credentials.
+    pub async fn client_credentials(
+        &self,
+        cx: &CallContext,
+        client_id: &str,
+        client_secret: &Secret<String>,
+    ) -> Result<TokenResponse, AuthClientError> {
+        self.token(
+            cx,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_secret", client_secret.expose()),
+            ],
+        )
+        .await
+    }
+
+    /// The public signing keys.
+    ///
+    /// # Errors
+    ///
+    /// When the call fails or the answer is not a key set.
+    pub async fn jwks(&self, cx: &CallContext) -> Result<Jwks, AuthClientError> {
+        let res = self.downstream.anonymous(cx).get(JWKS_PATH).send().await?;
+        Ok(res.json()?)
+    }
+
+    /// Makes a new signing key current, on behalf of the caller of `cx`
+    /// (who needs `auth::rotate:key`).
+    ///
+    /// # Errors
+    ///
+    /// When the call fails: 401 without a caller, 403 without the grant.
+    pub async fn rotate_key(&self, cx: &CallContext) -> Result<RotatedKey, AuthClientError> {
+        let res = self
+            .downstream
+            .on_behalf_of(cx)
+            .post(ROTATE_PATH)
+            .send()
+            .await?;
+        Ok(res.json()?)
+    }
+
+    async fn token(
+        &self,
+        cx: &CallContext,
+        form: &[(&str, &str)],
+    ) -> Result<TokenResponse, AuthClientError> {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let sent = self
+            .downstream
+            .anonymous(cx)
+            .post(TOKEN_PATH)
+            .body(
+                body,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            )
+            .send()
+            .await;
+        match sent {
+            Ok(res) => Ok(res.json()?),
+            Err(ClientError::Status { status, body, .. }) => {
+                match serde_json::from_slice::<TokenErrorResponse>(&body) {
+                    Ok(e) => Err(AuthClientError::Refused {
+                        status,
+                        error: e.error,
+                        description: e.error_description,
+                    }),
+                    Err(_) => Err(AuthClientError::Call(ClientError::Status {
+                        downstream: self.downstream.name().into(),
+                        status,
+                        problem: None,
+                        body,
+                    })),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A [`TokenSource`] for the service `client_id`, fetching its tokens from
+/// the token endpoint of the `auth` at `auth_base_url` (e.g.
+/// `http://127.0.0.1:8081`) with the client-credentials grant.
+///
+/// # Errors
+///
+/// When `auth_base_url` is not an absolute `http://` URL.
+pub fn token_source(
+    auth_base_url: &str,
+    client_id: &str,
+    client_secret: Secret<String>,
+) -> Result<TokenSource, String> {
+    let base = auth_base_url.trim_end_matches('/');
+    TokenSource::client_credentials(&format!("{base}{TOKEN_PATH}"), client_id, client_secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_responses_never_print_tokens() {
+        let t = TokenResponse {
+            access_token: "eyJ.secret.sig".to_owned(),
+            token_type: "Bearer".to_owned(),
+            expires_in: 900,
+            refresh_token: Some("refresh-secret".to_owned()),
+            scope: None,
+        };
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!(json["token_type"], "Bearer");
+        assert!(json.get("scope").is_none());
+    }
+
+    #[test]
+    fn token_sources_point_at_the_token_endpoint() {
+        let s = token_source(
+            "http://127.0.0.1:8081/",
+            "orders",
+            Secret::new("x".to_owned()),
+        )
+        .unwrap();
+        assert_eq!(s.client_id(), "orders");
+        assert!(format!("{s:?}").contains("http://127.0.0.1:8081/auth/v1/token"));
+        assert!(token_source("ftp://x", "orders", Secret::new("x".to_owned())).is_err());
+    }
+}

@@ -1,0 +1,627 @@
+//! `auth` owns the users and service clients of the exemplar system, issues
+//! every token, and publishes the keys that verify them.
+//!
+//! * `POST /auth/v1/token` (public): the OAuth 2.0 token endpoint: the
+//!   password grant for users (an access token and a refresh token), the
+//!   client-credentials grant for services (an access token), and the
+//!   refresh-token grant with rotation and reuse detection.
+//! * `GET /auth/v1/jwks` (public): the public signing keys, current and
+//!   previous.
+//! * `POST /auth/v1/keys/rotate` (`auth::rotate:key`): make a new signing
+//!   key current now.
+//!
+//! Access tokens are EdDSA (Ed25519) JWTs that every chassis service
+//! verifies locally with the key set; passwords and client secrets are
+//! argon2id hashes; refresh tokens are stored only as their SHA-256. The
+//! contract is `docs/system.md`, section "auth"; this crate's `README.md`
+//! shows how to run and test it.
+//!
+//! Run with `cargo run -p auth`, then
+//! `curl -s -d grant_type=password -d username=alice -d password=alice-password localhost:8081/auth/v1/token`
+//! (with `CHASSIS_BIND=127.0.0.1:8081`).
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use axum::{Extension, Json, response::IntoResponse};
+use chassis::{
+    Problem, ServiceBuilder,
+    api::{self, Api},
+    auth::{JwksOptions, Principal, Verifier},
+    config::{Config, Reader, Secret},
+    health::CheckOptions,
+    sqlite::{Database, DbConfig},
+};
+use http::{HeaderValue, header};
+use jsonwebtoken::Algorithm;
+use sqlx::{SqlitePool, migrate::Migrator};
+use tokio_util::sync::CancellationToken;
+
+pub mod client;
+mod error;
+mod keys;
+mod password;
+mod store;
+mod token;
+
+pub use error::AppError;
+
+/// The service's name: its API lives under `/auth/v1`.
+pub const NAME: &str = "auth";
+
+/// The embedded migrations, run at start-up.
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Longest access-token lifetime accepted (the chassis verifier's limit).
+const MAX_TOKEN_TTL_SECS: u64 = 86_400;
+
+/// The secrets of the demo service clients (`AUTH_CLIENT_SECRET_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemoSecrets {
+    /// `AUTH_CLIENT_SECRET_ORDERS` (default `orders-secret`).
+    pub orders: Secret<String>,
+    /// `AUTH_CLIENT_SECRET_TICKETING` (default `ticketing-secret`).
+    pub ticketing: Secret<String>,
+    /// `AUTH_CLIENT_SECRET_MAIL` (default `mail-secret`).
+    pub mail: Secret<String>,
+}
+
+/// The cost of argon2id hashes of new passwords and secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashCost {
+    /// `AUTH_HASH_MEMORY_KIB`: memory per hash in KiB (default 19456, i.e.
+    /// 19 MiB, OWASP's recommendation).
+    pub memory_kib: u32,
+    /// `AUTH_HASH_ITERATIONS`: passes over the memory (default 2).
+    pub iterations: u32,
+}
+
+impl Default for HashCost {
+    fn default() -> Self {
+        Self {
+            memory_kib: argon2::Params::DEFAULT_M_COST,
+            iterations: argon2::Params::DEFAULT_T_COST,
+        }
+    }
+}
+
+/// The service's own settings (`AUTH_*`); see [`Settings::read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settings {
+    /// `AUTH_ISSUER`: the `iss` of every token.
+    pub issuer: String,
+    /// `AUTH_AUDIENCE`: the `aud` of every token.
+    pub audience: String,
+    /// `AUTH_TOKEN_TTL_SECS`: access-token lifetime, and how long a retired
+    /// key stays published.
+    pub token_ttl: Duration,
+    /// `AUTH_REFRESH_TTL_SECS`: refresh-token lifetime.
+    pub refresh_ttl: Duration,
+    /// `AUTH_KEY_ROTATE_SECS`: how long a signing key stays current.
+    pub key_rotate: Duration,
+    /// `AUTH_KEY_CHECK_SECS`: how often rotation and key expiry are checked.
+    pub key_check: Duration,
+    /// `AUTH_SEED_DEMO`: create the demo users and clients on start-up.
+    pub seed_demo: bool,
+    /// `AUTH_CLIENT_SECRET_*`: the demo clients' secrets.
+    pub demo_secrets: DemoSecrets,
+    /// `AUTH_HASH_*`: the cost of new password hashes.
+    pub hash_cost: HashCost,
+    /// `AUTH_PUBLIC_URL`: the base URL at which this service reaches its own
+    /// API, to fetch its key set when verifying tokens on its protected
+    /// route. `None`: [`run`] uses the address it listens on, [`app`]
+    /// `http://127.0.0.1:8081`.
+    pub public_url: Option<String>,
+    /// Whether [`app`] gives the service a verifier over its own key set:
+    /// true unless `CHASSIS_AUTH_ISSUER` is set, in which case the chassis'
+    /// verifier from `CHASSIS_AUTH_*` checks the tokens of the protected
+    /// route.
+    pub verify_own_tokens: bool,
+    /// `AUTH_DATA_DIR` and `AUTH_DB_POOL_SIZE`: the database `auth.db`.
+    pub db: DbConfig,
+}
+
+/// An absolute `http://host[:port]` URL, without a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BaseUrl(String);
+
+impl std::str::FromStr for BaseUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let trimmed = s.trim_end_matches('/');
+        let uri: http::Uri = trimmed.parse().map_err(|_| "not a URL".to_owned())?;
+        if uri.scheme_str() != Some("http")
+            || uri.authority().is_none()
+            || !matches!(uri.path(), "" | "/")
+            || uri.query().is_some()
+        {
+            return Err("expected an absolute http:// URL without a path".to_owned());
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+}
+
+/// Whole seconds from 1 to a maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Secs<const MAX: u64>(u64);
+
+impl<const MAX: u64> std::str::FromStr for Secs<MAX> {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<u64>() {
+            Ok(0) => Err("must be at least 1 second".to_owned()),
+            Ok(n) if n > MAX => Err(format!("at most {MAX} seconds")),
+            Ok(n) => Ok(Self(n)),
+            Err(e) => Err(format!("expected whole seconds: {e}")),
+        }
+    }
+}
+
+/// Ten years, the longest refresh or rotation period accepted.
+const TEN_YEARS: u64 = 10 * 365 * 86_400;
+
+impl Settings {
+    /// Reads the `AUTH_*` settings, recording problems in `r`:
+    ///
+    /// | variable | default |
+    /// |---|---|
+    /// | `AUTH_ISSUER` | `http://127.0.0.1:8081` |
+    /// | `AUTH_AUDIENCE` | `chassis-demo` |
+    /// | `AUTH_TOKEN_TTL_SECS` | `900` (at most 86400) |
+    /// | `AUTH_REFRESH_TTL_SECS` | `86400` |
+    /// | `AUTH_KEY_ROTATE_SECS` | `2592000` (30 days) |
+    /// | `AUTH_KEY_CHECK_SECS` | `60` |
+    /// | `AUTH_SEED_DEMO` | `true` |
+    /// | `AUTH_CLIENT_SECRET_ORDERS`, `_TICKETING`, `_MAIL` | `orders-secret`, `ticketing-secret`, `mail-secret` |
+    /// | `AUTH_HASH_MEMORY_KIB`, `AUTH_HASH_ITERATIONS` | `19456`, `2` |
+    /// | `AUTH_PUBLIC_URL` | the address it listens on |
+    /// | `AUTH_DATA_DIR` | `./data/auth` |
+    /// | `AUTH_DB_POOL_SIZE` | `4` |
+    pub fn read(r: &mut Reader<'_>) -> Self {
+        let issuer: String = r.optional(
+            "AUTH_ISSUER",
+            "http://127.0.0.1:8081".to_owned(),
+            "the iss of issued tokens",
+        );
+        if issuer.is_empty() {
+            r.problem("AUTH_ISSUER", "must not be empty");
+        }
+        let audience: String = r.optional(
+            "AUTH_AUDIENCE",
+            "chassis-demo".to_owned(),
+            "the aud of issued tokens",
+        );
+        if audience.is_empty() {
+            r.problem("AUTH_AUDIENCE", "must not be empty");
+        }
+        let token_ttl = r.optional(
+            "AUTH_TOKEN_TTL_SECS",
+            Secs::<MAX_TOKEN_TTL_SECS>(900),
+            "access-token lifetime in seconds",
+        );
+        let refresh_ttl = r.optional(
+            "AUTH_REFRESH_TTL_SECS",
+            Secs::<TEN_YEARS>(86_400),
+            "refresh-token lifetime in seconds",
+        );
+        let key_rotate = r.optional(
+            "AUTH_KEY_ROTATE_SECS",
+            Secs::<TEN_YEARS>(2_592_000),
+            "seconds a signing key stays current",
+        );
+        let key_check = r.optional(
+            "AUTH_KEY_CHECK_SECS",
+            Secs::<86_400>(60),
+            "seconds between checks of key rotation and expiry",
+        );
+        let seed_demo = r.optional(
+            "AUTH_SEED_DEMO",
+            true,
+            "create the demo users and clients (true or false)",
+        );
+        let secret = |r: &mut Reader<'_>, name: &str, default: &str| {
+            let s = r
+                .maybe_secret(name, "secret of a demo client")
+                .unwrap_or_else(|| Secret::new(default.to_owned()));
+            if s.expose().is_empty() {
+                r.problem(name, "must not be empty");
+            }
+            s
+        };
+        let demo_secrets = DemoSecrets {
+            orders: secret(r, "AUTH_CLIENT_SECRET_ORDERS", "orders-secret"),
+            ticketing: secret(r, "AUTH_CLIENT_SECRET_TICKETING", "ticketing-secret"),
+            mail: secret(r, "AUTH_CLIENT_SECRET_MAIL", "mail-secret"),
+        };
+        let d = HashCost::default();
+        let memory_kib: u32 = r.optional(
+            "AUTH_HASH_MEMORY_KIB",
+            d.memory_kib,
+            "argon2id memory per hash, KiB",
+        );
+        if !(64..=1024 * 1024).contains(&memory_kib) {
+            r.problem("AUTH_HASH_MEMORY_KIB", "must be from 64 to 1048576");
+        }
+        let iterations: u32 = r.optional(
+            "AUTH_HASH_ITERATIONS",
+            d.iterations,
+            "argon2id passes over the memory",
+        );
+        if !(1..=16).contains(&iterations) {
+            r.problem("AUTH_HASH_ITERATIONS", "must be from 1 to 16");
+        }
+        let public_url: Option<BaseUrl> = r.maybe(
+            "AUTH_PUBLIC_URL",
+            "base URL where the service reaches itself, e.g. http://127.0.0.1:8081",
+        );
+        let db = DbConfig::read(r, "AUTH", NAME);
+        // Read again here (the chassis reads it too) only to know whether
+        // the chassis' own verifier is configured.
+        let chassis_issuer: Option<String> = r.maybe("CHASSIS_AUTH_ISSUER", "trusted token issuer");
+        Self {
+            issuer,
+            audience,
+            token_ttl: Duration::from_secs(token_ttl.0),
+            refresh_ttl: Duration::from_secs(refresh_ttl.0),
+            key_rotate: Duration::from_secs(key_rotate.0),
+            key_check: Duration::from_secs(key_check.0),
+            seed_demo,
+            demo_secrets,
+            hash_cost: HashCost {
+                memory_kib,
+                iterations,
+            },
+            public_url: public_url.map(|u| u.0),
+            verify_own_tokens: chassis_issuer.is_none(),
+            db,
+        }
+    }
+
+    /// The settings with every default and the database in `data_dir`:
+    /// a starting point for tests and tools.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let env = chassis::config::Env::from_pairs::<&str, &str>([]);
+        let mut r = Reader::new(&env);
+        let mut settings = Self::read(&mut r);
+        settings.db = DbConfig::new(data_dir.into(), "auth.db");
+        settings
+    }
+}
+
+/// What the handlers share.
+#[derive(Debug)]
+struct State {
+    pool: SqlitePool,
+    keys: Arc<keys::Keys>,
+    hasher: password::Hasher,
+    issuer: String,
+    audience: String,
+    token_ttl: u64,
+    refresh_ttl: u64,
+}
+
+/// The service: opens and migrates the database, seeds the demo subjects
+/// when configured, makes sure a signing key is current, and returns the
+/// builder with the API, the database readiness check, the key-rotation
+/// task and (unless [`Settings::verify_own_tokens`] is off) a verifier over
+/// its own key set.
+///
+/// # Errors
+///
+/// When the database cannot be opened, migrated or read, or a key cannot be
+/// made.
+pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
+    // The recorder the service will export (installed once per process), so
+    // that the description below is not lost.
+    let _ = chassis::metrics::install_recorder();
+    metrics::describe_counter!(
+        token::FAILED_LOGINS,
+        "Logins refused: a wrong password, an unknown user, or a client that failed authentication"
+    );
+    let db = Database::open_migrated(&settings.db, &MIGRATOR).await?;
+    let concurrency = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    let params = argon2::Params::new(
+        settings.hash_cost.memory_kib,
+        settings.hash_cost.iterations,
+        1,
+        None,
+    )
+    .map_err(|e| AppError::Crypto(format!("argon2 parameters: {e}")))?;
+    let hasher = password::Hasher::with_params(params, concurrency).await?;
+    if settings.seed_demo {
+        let created = store::seed(db.pool(), &hasher, &settings.demo_secrets, token::now()).await?;
+        tracing::info!(created, "demo users and clients in place");
+    }
+    let token_ttl = settings.token_ttl.as_secs();
+    let (keys, checked) = keys::Keys::open(
+        db.pool().clone(),
+        settings.key_rotate.as_secs(),
+        token_ttl,
+        token::now(),
+    )
+    .await?;
+    log_check(&checked);
+    let keys = Arc::new(keys);
+    let state = Arc::new(State {
+        pool: db.pool().clone(),
+        keys: keys.clone(),
+        hasher,
+        issuer: settings.issuer.clone(),
+        audience: settings.audience.clone(),
+        token_ttl,
+        refresh_ttl: settings.refresh_ttl.as_secs(),
+    });
+    let api = Api::new()
+        .route(api::post("/token", token::token).public())
+        .route(api::get("/jwks", jwks).public())
+        .route(api::post("/keys/rotate", rotate).requires("auth::rotate:key"));
+    let interval = settings.key_check;
+    let mut builder = ServiceBuilder::new(NAME, 1)
+        .api(api)
+        .api_layer(Extension(state))
+        .health_check("database", db.clone(), CheckOptions::default())
+        .background("signing-keys", move |stop| {
+            maintain(db, keys, interval, stop)
+        })
+        .build_info(chassis::build_info!());
+    if settings.verify_own_tokens {
+        builder = builder.verifier(own_verifier(&settings)?);
+    }
+    Ok(builder)
+}
+
+/// A verifier trusting this service's own issuer, with keys from its own
+/// key set, fetched over HTTP like any other service does. Fetching again
+/// after an unknown `kid` is allowed after 1 s (instead of 30), since the
+/// key set is local: a token signed right after a rotation is accepted
+/// almost at once.
+fn own_verifier(settings: &Settings) -> Result<Verifier, AppError> {
+    let base = settings
+        .public_url
+        .as_deref()
+        .unwrap_or("http://127.0.0.1:8081");
+    let url = format!("{base}{}", client::JWKS_PATH);
+    Ok(Verifier::builder()
+        .jwks(&settings.issuer, &settings.audience, &url)
+        .algorithms(&[Algorithm::EdDSA])
+        .max_lifetime(Duration::from_secs(MAX_TOKEN_TTL_SECS))
+        .jwks_options(JwksOptions {
+            cooldown: Duration::from_secs(1),
+            ..JwksOptions::default()
+        })
+        .build()?)
+}
+
+fn log_check(checked: &keys::Checked) {
+    if let Some(retired) = &checked.retired {
+        tracing::info!(kid = %checked.kid, retired = %retired, "signing key rotated");
+    } else if checked.deleted == 0 {
+        tracing::debug!(kid = %checked.kid, "signing key current");
+    }
+    if checked.deleted > 0 {
+        tracing::info!(
+            deleted = checked.deleted,
+            "expired signing keys removed from the key set"
+        );
+    }
+}
+
+/// Rotates the signing key when due, removes expired keys and refresh
+/// tokens, every `interval`; closes the database on shutdown.
+async fn maintain(
+    db: Database,
+    keys: Arc<keys::Keys>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let now = token::now();
+        match keys.check(now, false).await {
+            Ok(checked) => log_check(&checked),
+            Err(e) => tracing::error!(error = %e, "signing key check failed"),
+        }
+        match store::purge_expired(db.pool(), now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "expired refresh tokens deleted"),
+            Err(e) => tracing::error!(error = %e, "refresh token clean-up failed"),
+        }
+    }
+    db.close().await;
+}
+
+/// `GET /auth/v1/jwks`.
+async fn jwks(
+    Extension(state): Extension<Arc<State>>,
+) -> Result<axum::response::Response, Problem> {
+    let set = state
+        .keys
+        .jwks(token::now())
+        .await
+        .map_err(|e| error::internal("key set unavailable", &e))?;
+    let mut res = Json(set).into_response();
+    // Verifiers cache the set this long; a token with a new kid makes them
+    // fetch it again sooner.
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    Ok(res)
+}
+
+/// `POST /auth/v1/keys/rotate`.
+async fn rotate(
+    Extension(state): Extension<Arc<State>>,
+    principal: Principal,
+) -> Result<Json<client::RotatedKey>, Problem> {
+    let checked = state
+        .keys
+        .check(token::now(), true)
+        .await
+        .map_err(|e| error::internal("key rotation failed", &e))?;
+    tracing::info!(
+        kid = %checked.kid,
+        retired = ?checked.retired,
+        by = principal.subject(),
+        "signing key rotated on request"
+    );
+    Ok(Json(client::RotatedKey {
+        kid: checked.kid,
+        previous_kid: checked.retired,
+    }))
+}
+
+/// The URL at which a service listening on `addr` reaches itself: the
+/// loopback address when it listens on all addresses.
+fn reachable(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// Everything `main` does after reading the configuration: sets up logging,
+/// binds `CHASSIS_BIND`, builds the service ([`app`]) and serves until
+/// SIGTERM or SIGINT.
+///
+/// It binds before building, unlike [`ServiceBuilder::run`], so that the
+/// service knows the address it listens on (with `CHASSIS_BIND` on port 0,
+/// too) and can fetch its own key set there when `AUTH_PUBLIC_URL` is not
+/// set; and it sets up logging first, so that start-up (migrations, keys,
+/// seeding) is logged.
+pub async fn run(config: Config, mut settings: Settings) -> ExitCode {
+    let _telemetry = chassis::telemetry::init(NAME, &config);
+    let listener = match tokio::net::TcpListener::bind(config.bind).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(address = %config.bind, error = %e, "cannot listen");
+            eprintln!("cannot listen on {}: {e}", config.bind);
+            return ExitCode::FAILURE;
+        }
+    };
+    if settings.public_url.is_none()
+        && let Ok(addr) = listener.local_addr()
+    {
+        settings.public_url = Some(reachable(addr));
+    }
+    settings.verify_own_tokens = config.auth.is_none();
+    let builder = match app(settings).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let service = match builder.config(config).build() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the service");
+            eprintln!("{e}");
+            return ExitCode::from(chassis::service::EXIT_SOFTWARE);
+        }
+    };
+    match service
+        .serve_with(listener, chassis::shutdown::signal())
+        .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "service stopped");
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chassis::config::Env;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::with_data_dir("/tmp/x");
+        assert_eq!(s.issuer, "http://127.0.0.1:8081");
+        assert_eq!(s.audience, "chassis-demo");
+        assert_eq!(s.token_ttl.as_secs(), 900);
+        assert_eq!(s.refresh_ttl.as_secs(), 86_400);
+        assert_eq!(s.key_rotate.as_secs(), 2_592_000);
+        assert!(s.seed_demo);
+        assert_eq!(s.demo_secrets.orders.expose(), "orders-secret");
+        assert_eq!(s.db.path(), PathBuf::from("/tmp/x/auth.db"));
+
+        let env = Env::from_pairs::<&str, &str>([]);
+        let mut r = Reader::new(&env);
+        let s = Settings::read(&mut r);
+        r.finish().unwrap();
+        assert_eq!(s.db.path(), PathBuf::from("data/auth/auth.db"));
+        assert_eq!(s.public_url, None);
+        assert!(s.verify_own_tokens);
+
+        // With the chassis' verifier configured, it checks the tokens.
+        let env = Env::from_pairs([("CHASSIS_AUTH_ISSUER", "http://127.0.0.1:8081")]);
+        let mut r = Reader::new(&env);
+        assert!(!Settings::read(&mut r).verify_own_tokens);
+    }
+
+    #[test]
+    fn every_problem_is_listed_and_secrets_never_shown() {
+        let env = Env::from_pairs([
+            ("AUTH_TOKEN_TTL_SECS", "100000"),
+            ("AUTH_REFRESH_TTL_SECS", "0"),
+            ("AUTH_SEED_DEMO", "yes"),
+            ("AUTH_PUBLIC_URL", "https://auth.example/x"),
+            ("AUTH_CLIENT_SECRET_ORDERS", ""),
+            ("AUTH_HASH_MEMORY_KIB", "8"),
+            ("AUTH_DB_POOL_SIZE", "0"),
+        ]);
+        let mut r = Reader::new(&env);
+        let _ = Settings::read(&mut r);
+        let err = r.finish().unwrap_err();
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "AUTH_TOKEN_TTL_SECS",
+                "AUTH_REFRESH_TTL_SECS",
+                "AUTH_SEED_DEMO",
+                "AUTH_CLIENT_SECRET_ORDERS",
+                "AUTH_HASH_MEMORY_KIB",
+                "AUTH_PUBLIC_URL",
+                "AUTH_DB_POOL_SIZE",
+            ]
+        );
+
+        let env = Env::from_pairs([
+            ("AUTH_CLIENT_SECRET_MAIL", "hunter2"),
+            ("AUTH_PUBLIC_URL", "http://127.0.0.1:9999/"),
+        ]);
+        let mut r = Reader::new(&env);
+        let s = Settings::read(&mut r);
+        r.finish().unwrap();
+        assert_eq!(s.public_url.as_deref(), Some("http://127.0.0.1:9999"));
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.demo_secrets.mail.expose(), "hunter2");
+    }
+
+    #[test]
+    fn services_reach_themselves_on_loopback() {
+        assert_eq!(
+            reachable("0.0.0.0:8081".parse().unwrap()),
+            "http://127.0.0.1:8081"
+        );
+        assert_eq!(reachable("[::]:80".parse().unwrap()), "http://[::1]:80");
+        assert_eq!(
+            reachable("127.0.0.1:4000".parse().unwrap()),
+            "http://127.0.0.1:4000"
+        );
+    }
+}

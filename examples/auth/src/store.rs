@@ -1,0 +1,317 @@
+//! Users, clients and refresh tokens in the service's database.
+
+use aws_lc_rs::digest;
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
+use sqlx::SqlitePool;
+
+use crate::{DemoSecrets, error::AppError, keys::to_i64, password::Hasher};
+
+/// A user or a client: its name, stored hash and grants.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Subject {
+    pub(crate) name: String,
+    pub(crate) hash: String,
+    pub(crate) grants: Vec<String>,
+}
+
+impl std::fmt::Debug for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subject")
+            .field("name", &self.name)
+            .field("grants", &self.grants)
+            .finish_non_exhaustive()
+    }
+}
+
+fn grants_of(name: &str, json: &str) -> Result<Vec<String>, AppError> {
+    serde_json::from_str(json).map_err(|e| AppError::Data(format!("grants of {name}: {e}")))
+}
+
+/// The user called `username`.
+pub(crate) async fn user(pool: &SqlitePool, username: &str) -> Result<Option<Subject>, AppError> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT password_hash, grants FROM users WHERE username = ?")
+            .bind(username)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(hash, grants)| {
+        Ok(Subject {
+            name: username.to_owned(),
+            hash,
+            grants: grants_of(username, &grants)?,
+        })
+    })
+    .transpose()
+}
+
+/// The client `client_id`.
+pub(crate) async fn client(
+    pool: &SqlitePool,
+    client_id: &str,
+) -> Result<Option<Subject>, AppError> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT secret_hash, grants FROM clients WHERE client_id = ?")
+            .bind(client_id)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(hash, grants)| {
+        Ok(Subject {
+            name: client_id.to_owned(),
+            hash,
+            grants: grants_of(client_id, &grants)?,
+        })
+    })
+    .transpose()
+}
+
+/// Which table a seeded subject goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    User,
+    Client,
+}
+
+/// Creates the demo users and clients that do not exist yet; never changes
+/// one that does. Returns how many were created.
+pub(crate) async fn seed(
+    pool: &SqlitePool,
+    hasher: &Hasher,
+    secrets: &DemoSecrets,
+    now: u64,
+) -> Result<usize, AppError> {
+    let subjects: [(Kind, &str, &str, &[&str]); 6] = [
+        (
+            Kind::User,
+            "alice",
+            "alice-password",
+            &["ticketing:acme:*:*", "orders:acme:*:*"],
+        ),
+        (
+            Kind::User,
+            "bob",
+            "bob-password",
+            &["ticketing:globex:*:*", "orders:globex:*:*"],
+        ),
+        (
+            Kind::User,
+            "admin",
+            "admin-password",
+            &["auth::rotate:key", "mail::view:message"],
+        ),
+        (
+            Kind::Client,
+            "orders",
+            secrets.orders.expose(),
+            &[
+                "ticketing:*:reserve:ticket",
+                "ticketing:*:view:ticket",
+                "mail::send:message",
+            ],
+        ),
+        (Kind::Client, "ticketing", secrets.ticketing.expose(), &[]),
+        (Kind::Client, "mail", secrets.mail.expose(), &[]),
+    ];
+    let mut created = 0;
+    for (kind, name, secret, grants) in subjects {
+        let exists = match kind {
+            Kind::User => user(pool, name).await?.is_some(),
+            Kind::Client => client(pool, name).await?.is_some(),
+        };
+        if exists {
+            continue;
+        }
+        let hash = hasher.hash(secret).await?;
+        let grants = serde_json::to_string(grants).unwrap_or_else(|_| "[]".to_owned());
+        let sql = match kind {
+            Kind::User => {
+                "INSERT INTO users (username, password_hash, grants, created_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (username) DO NOTHING"
+            }
+            Kind::Client => {
+                "INSERT INTO clients (client_id, secret_hash, grants, created_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (client_id) DO NOTHING"
+            }
+        };
+        let inserted = sqlx::query(sql)
+            .bind(name)
+            .bind(hash)
+            .bind(grants)
+            .bind(to_i64(now))
+            .execute(pool)
+            .await?
+            .rows_affected();
+        if inserted == 1 {
+            created += 1;
+            tracing::info!(subject = name, kind = ?kind, "demo subject created");
+        }
+    }
+    Ok(created)
+}
+
+/// A fresh refresh token (32 random bytes, base64url) and its SHA-256.
+fn new_refresh_token() -> Result<(String, Vec<u8>), AppError> {
+    let mut bytes = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| AppError::Crypto("no randomness for a refresh token".to_owned()))?;
+    let token = B64URL.encode(bytes);
+    let hash = hash_token(&token);
+    Ok((token, hash))
+}
+
+fn hash_token(token: &str) -> Vec<u8> {
+    digest::digest(&digest::SHA256, token.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+/// A random identifier (a UUID v4) for token families and token ids.
+pub(crate) fn random_id() -> Result<String, AppError> {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| AppError::Crypto("no randomness for an id".to_owned()))?;
+    Ok(uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string())
+}
+
+/// Starts a new family (a login) for `username`: its first refresh token.
+pub(crate) async fn start_family(
+    pool: &SqlitePool,
+    username: &str,
+    scope: Option<&str>,
+    ttl: u64,
+    now: u64,
+) -> Result<String, AppError> {
+    let (token, hash) = new_refresh_token()?;
+    sqlx::query(
+        "INSERT INTO refresh_tokens (token_hash, family_id, username, scope, issued_at, expires_at) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(hash)
+    .bind(random_id()?)
+    .bind(username)
+    .bind(scope)
+    .bind(to_i64(now))
+    .bind(to_i64(now.saturating_add(ttl)))
+    .execute(pool)
+    .await?;
+    Ok(token)
+}
+
+/// What presenting a refresh token did.
+#[derive(Debug)]
+pub(crate) enum Refresh {
+    /// It was valid: it is now used, and `token` replaces it.
+    Rotated {
+        /// The user.
+        username: String,
+        /// The user's current grants.
+        grants: Vec<String>,
+        /// The family's scope (`None`: every grant).
+        scope: Option<String>,
+        /// The new refresh token.
+        token: String,
+    },
+    /// It had been used before: its whole family is now revoked.
+    Reused {
+        /// The family revoked.
+        family: String,
+    },
+    /// Unknown, expired or revoked.
+    Invalid,
+    /// Valid, but `allowed` refused the family's scope; nothing changed.
+    ScopeRefused,
+}
+
+/// Presents a refresh token: rotates it when valid (single use), revokes
+/// its family when it was already used. `allowed` decides, from the user's
+/// grants and the family's scope, whether the request may go on.
+pub(crate) async fn refresh(
+    pool: &SqlitePool,
+    presented: &str,
+    ttl: u64,
+    now: u64,
+    allowed: impl FnOnce(&[String], Option<&str>) -> bool,
+) -> Result<Refresh, AppError> {
+    let hash = hash_token(presented);
+    let now_i = to_i64(now);
+    // The first statement writes, so the transaction holds the write lock
+    // from the start: two concurrent uses of one token cannot both win.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let claimed: Option<(String, String, Option<String>)> = sqlx::query_as(
+        "UPDATE refresh_tokens SET used_at = ? \
+         WHERE token_hash = ? AND used_at IS NULL AND revoked_at IS NULL AND expires_at > ? \
+         RETURNING family_id, username, scope",
+    )
+    .bind(now_i)
+    .bind(&hash)
+    .bind(now_i)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((family, username, scope)) = claimed else {
+        let row: Option<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT family_id, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
+        )
+        .bind(&hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        return match row {
+            Some((family, Some(_), None)) => {
+                sqlx::query(
+                    "UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
+                )
+                .bind(now_i)
+                .bind(&family)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Refresh::Reused { family })
+            }
+            _ => Ok(Refresh::Invalid),
+        };
+    };
+    let grants: Option<(String,)> = sqlx::query_as("SELECT grants FROM users WHERE username = ?")
+        .bind(&username)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some((grants,)) = grants else {
+        return Ok(Refresh::Invalid);
+    };
+    let grants = grants_of(&username, &grants)?;
+    if !allowed(&grants, scope.as_deref()) {
+        // Dropping the transaction rolls the claim back.
+        return Ok(Refresh::ScopeRefused);
+    }
+    let (token, new_hash) = new_refresh_token()?;
+    sqlx::query(
+        "INSERT INTO refresh_tokens (token_hash, family_id, username, scope, issued_at, expires_at) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(new_hash)
+    .bind(&family)
+    .bind(&username)
+    .bind(scope.as_deref())
+    .bind(now_i)
+    .bind(to_i64(now.saturating_add(ttl)))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Refresh::Rotated {
+        username,
+        grants,
+        scope,
+        token,
+    })
+}
+
+/// Deletes refresh tokens that have expired: once expired they cannot be
+/// used, and a reuse can no longer do harm.
+pub(crate) async fn purge_expired(pool: &SqlitePool, now: u64) -> Result<u64, AppError> {
+    Ok(
+        sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= ?")
+            .bind(to_i64(now))
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
+}
