@@ -36,7 +36,8 @@
 //!
 //! # Settings
 //!
-//! The chassis' own (`CHASSIS_*`, see [`chassis::config`]) and:
+//! The chassis' own (`CHASSIS_*`, see [`chassis::config`]; token
+//! verification, `CHASSIS_AUTH_*`, is required) and:
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
@@ -60,6 +61,9 @@
 //! let env = Env::process();
 //! let mut r = Reader::new(&env);
 //! let config = Config::read(&mut r);
+//! if config.auth.is_none() {
+//!     r.problem("CHASSIS_AUTH_ISSUER", "required: every ticketing route requires a permission");
+//! }
 //! let settings = ticketing::Settings::read(&mut r);
 //! if let Err(e) = r.finish() {
 //!     e.exit();
