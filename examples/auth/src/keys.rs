@@ -90,6 +90,9 @@ pub(crate) struct Keys {
     rotate_after: u64,
     publish_for: u64,
     current: RwLock<Arc<SigningKey>>,
+    /// One check at a time, so a slower check cannot put back the key that
+    /// a faster rotation has just retired.
+    checking: tokio::sync::Mutex<()>,
 }
 
 /// What a check of the keys did.
@@ -118,6 +121,7 @@ impl Keys {
             rotate_after,
             publish_for,
             current: RwLock::new(Arc::new(key)),
+            checking: tokio::sync::Mutex::new(()),
         };
         Ok((keys, checked))
     }
@@ -133,6 +137,7 @@ impl Keys {
     /// Rotates when the current key is due (or at once with `force`) and
     /// deletes keys whose tokens have all expired.
     pub(crate) async fn check(&self, now: u64, force: bool) -> Result<Checked, AppError> {
+        let _one_at_a_time = self.checking.lock().await;
         let (checked, key) =
             Self::check_in(&self.pool, self.rotate_after, self.publish_for, now, force).await?;
         *self

@@ -580,6 +580,47 @@ async fn reusing_a_refresh_token_revokes_its_family() {
     auth.stop().await;
 }
 
+#[tokio::test]
+async fn concurrent_uses_of_one_refresh_token_let_one_through() {
+    let dir = TempDir::new("race");
+    let auth = start(dir.path()).await;
+    let token = auth.login("bob", "bob-password").await.json()["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let answers = futures_join(
+        (0..4)
+            .map(|_| {
+                let url = auth.url("/auth/v1/token");
+                let form = format!("grant_type=refresh_token&refresh_token={token}");
+                tokio::spawn(async move {
+                    send(Method::POST, &url, &[("content-type", FORM)], &form)
+                        .await
+                        .status
+                })
+            })
+            .collect(),
+    )
+    .await;
+    let ok = answers.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(ok, 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|s| *s == StatusCode::OK || *s == StatusCode::BAD_REQUEST),
+        "{answers:?}"
+    );
+    auth.stop().await;
+}
+
+async fn futures_join<T: std::fmt::Debug>(handles: Vec<JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
 // === keys ===
 
 #[tokio::test]
