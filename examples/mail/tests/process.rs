@@ -1,0 +1,179 @@
+//! The `mail` binary as operators run it: real process, real socket, real
+//! signals, configuration from the environment.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use support::{TempDir, TestAuth, eventually, get, header, job, orders};
+
+/// Starts `mail` with `env`; returns the child, its address (from its
+/// "listening" line) and the thread collecting its log lines.
+fn spawn(env: &[(&str, &str)]) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mail"))
+        .env("CHASSIS_BIND", "127.0.0.1:0")
+        .env("CHASSIS_LOG", "info")
+        .env("CHASSIS_SHUTDOWN_GRACE_SECS", "10")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mail starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["message"] == "listening"
+            {
+                let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("mail logs where it listens");
+    (child, addr, reader)
+}
+
+/// Waits for the child to exit, for at most 60 s.
+async fn exit_code(child: &mut Child) -> Option<i32> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "mail did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
+    let dir = TempDir::new("process");
+    let auth = TestAuth::start().await;
+    let jwks = auth.url("/jwks");
+    let data = dir.path().to_str().unwrap().to_owned();
+    let (mut child, addr, reader) = spawn(&[
+        ("CHASSIS_AUTH_ISSUER", "https://issuer.test"),
+        ("CHASSIS_AUTH_AUDIENCE", "chassis-test"),
+        ("CHASSIS_AUTH_JWKS_URL", &jwks),
+        ("CHASSIS_AUTH_ALGORITHMS", "EdDSA"),
+        ("MAIL_DATA_DIR", &data),
+        ("MAIL_POLL_MS", "50"),
+        ("MAIL_WORKERS", "2"),
+    ]);
+    let base = format!("http://{addr}");
+    eventually("readiness", || async {
+        get(&format!("{base}/health/ready")).await.0 == 200
+    })
+    .await;
+    let (status, info) = get(&format!("{base}/info")).await;
+    assert_eq!(status, 200);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["service"], "mail");
+    assert_eq!(info["build"]["package"], "mail");
+
+    let mail = mail::client::MailClient::new(
+        chassis::client::Downstream::builder("mail", &base)
+            .build()
+            .unwrap(),
+    );
+    let cx = orders("proc-corr-1").await;
+    let accepted = mail
+        .on_behalf_of(&cx)
+        .send(&job("evt-proc-1", "alice@example.com"))
+        .await
+        .unwrap();
+    assert!(!accepted.duplicate);
+    eventually("the mail file", || async {
+        dir.eml("evt-proc-1").is_some()
+    })
+    .await;
+    assert_eq!(
+        header(&dir.eml("evt-proc-1").unwrap(), "X-Correlation-ID").as_deref(),
+        Some("proc-corr-1")
+    );
+
+    let killed = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(exit_code(&mut child).await, Some(0), "exit 0 after SIGTERM");
+
+    let lines = reader.join().unwrap();
+    let json: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    // The worker's lines carry the correlation id of the request that
+    // queued the mail (O16).
+    let sent: Vec<_> = json
+        .iter()
+        .filter(|l| l["message"] == "message sent")
+        .collect();
+    assert_eq!(sent.len(), 1, "{lines:#?}");
+    assert_eq!(sent[0]["correlation_id"], "proc-corr-1");
+    assert_eq!(sent[0]["message_id"], "evt-proc-1");
+    assert_eq!(sent[0]["service"], "mail");
+    assert!(sent[0]["trace_id"].as_str().is_some_and(|t| t.len() == 32));
+    let queued: Vec<_> = json
+        .iter()
+        .filter(|l| l["message"] == "mail job queued")
+        .collect();
+    assert_eq!(queued[0]["correlation_id"], "proc-corr-1");
+    // Both workers stopped by themselves; nothing was cut.
+    let stopped = json
+        .iter()
+        .filter(|l| l["message"] == "mail worker stopped")
+        .count();
+    assert_eq!(stopped, 2, "{lines:#?}");
+    assert!(!lines.concat().contains("cut"), "{lines:#?}");
+    assert!(json.iter().any(|l| l["message"] == "stopped"));
+}
+
+#[test]
+fn bad_settings_exit_78_listing_every_problem_without_the_password() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mail"))
+        .env("CHASSIS_BIND", "not-an-address")
+        .env("MAIL_SMTP_URL", "smtps://mailer:hunter2@mail.example")
+        .env("MAIL_WORKERS", "lots")
+        .env("MAIL_FROM", "nobody")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("invalid configuration (4 problems):"),
+        "{stderr}"
+    );
+    for name in ["CHASSIS_BIND", "MAIL_SMTP_URL", "MAIL_WORKERS", "MAIL_FROM"] {
+        assert!(stderr.contains(name), "{name} missing: {stderr}");
+    }
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty());
+}
+
+#[test]
+fn an_unusable_data_directory_stops_start_up() {
+    let dir = TempDir::new("notadir");
+    let file = dir.path().join("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mail"))
+        .env("CHASSIS_BIND", "127.0.0.1:0")
+        .env("MAIL_DATA_DIR", &file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("cannot start:"), "{stderr}");
+}

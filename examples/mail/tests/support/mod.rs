@@ -1,0 +1,553 @@
+//! Shared by the integration tests: temporary data directories, the service
+//! on a loopback socket, callers with test tokens, a scriptable SMTP relay,
+//! and polling.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chassis::{
+    client::{CallContext, ClientError, Downstream, TokenSource},
+    config::{Config, Env, Reader, Secret},
+    correlation::CorrelationId,
+    service::ServeError,
+    testing::TestIssuer,
+};
+use mail::client::{MailClient, MailJob, OrderConfirmation};
+use serde_json::{Value, json};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::{Notify, oneshot},
+    task::JoinHandle,
+};
+
+/// The grant `orders` has.
+pub const SEND: &str = "mail::send:message";
+/// The grant `admin` has.
+pub const VIEW: &str = "mail::view:message";
+
+/// A directory removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "mail-test-{name}-{}-{:016x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn outbox(&self) -> PathBuf {
+        self.0.join(mail::OUTBOX_DIR)
+    }
+
+    /// The names of the files in the outbox, sorted, temporary ones included.
+    pub fn outbox_files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.outbox())
+            .map(|dir| {
+                dir.map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    pub fn eml(&self, message_id: &str) -> Option<String> {
+        std::fs::read_to_string(self.outbox().join(format!("{message_id}.eml"))).ok()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Settings read as the binary reads them, over `dir`, with quick polling.
+pub fn settings(dir: &Path, env: &[(&str, &str)]) -> mail::Settings {
+    let dir = dir.to_str().unwrap().to_owned();
+    let mut pairs: Vec<(String, String)> = vec![
+        ("MAIL_DATA_DIR".to_owned(), dir),
+        ("MAIL_POLL_MS".to_owned(), "20".to_owned()),
+    ];
+    pairs.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let env = Env::from_pairs(pairs);
+    let mut r = Reader::new(&env);
+    let settings = mail::Settings::read(&mut r);
+    r.finish().unwrap();
+    settings
+}
+
+pub fn issuer() -> TestIssuer {
+    TestIssuer::new()
+}
+
+/// The service on 127.0.0.1 at an ephemeral port.
+#[derive(Debug)]
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+    downstream: Downstream,
+}
+
+impl Server {
+    /// Starts the service over `dir` with the extra `MAIL_*` settings.
+    pub async fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with(settings(dir, env)).await
+    }
+
+    pub async fn start_with(settings: mail::Settings) -> Self {
+        let mut config = Config::default();
+        config.shutdown_grace = Duration::from_secs(20);
+        let service = mail::app(settings)
+            .await
+            .unwrap()
+            .verifier(issuer().verifier())
+            .config(config)
+            .build()
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(service.serve_with(listener, async move {
+            let _ = rx.await;
+        }));
+        let downstream = Downstream::builder("mail", &format!("http://{addr}"))
+            .build()
+            .unwrap();
+        let server = Self {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+            downstream,
+        };
+        let ready = server.url("/health/ready");
+        eventually("the service to be ready", || async {
+            get_status(&ready).await == Some(200)
+        })
+        .await;
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn downstream(&self) -> &Downstream {
+        &self.downstream
+    }
+
+    /// The driver client, for calls made on behalf of a caller.
+    pub fn client(&self) -> MailClient {
+        MailClient::new(self.downstream.clone())
+    }
+
+    /// The driver client as `orders` builds it: its own token from the
+    /// token endpoint of `auth`.
+    pub fn orders_client(&self, auth: &TestAuth) -> MailClient {
+        let tokens = TokenSource::client_credentials(
+            &auth.url("/token"),
+            "orders",
+            Secret::new("orders-secret".to_owned()),
+        )
+        .unwrap();
+        MailClient::new(
+            Downstream::builder("mail", &format!("http://{}", self.addr))
+                .token_source(tokens)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    /// Shuts down as SIGTERM would, and waits for a clean stop; returns how
+    /// long it took.
+    pub async fn stop(mut self) -> Duration {
+        let started = tokio::time::Instant::now();
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the service stops within its grace period")
+            .unwrap()
+            .expect("the service stops without an error");
+        started.elapsed()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A call context with a token for `subject` granting `perms`, continuing
+/// the work of correlation id `correlation`.
+pub async fn caller(subject: &str, perms: &[&str], correlation: &str) -> CallContext {
+    let issuer = issuer();
+    let token = issuer.service_token(subject, perms);
+    let principal = issuer.verifier().verify_token(&token).await.unwrap();
+    CallContext::continuing(CorrelationId::parse(correlation).unwrap()).with_principal(principal)
+}
+
+/// `orders`, as it calls mail.
+pub async fn orders(correlation: &str) -> CallContext {
+    caller("orders", &[SEND, "ticketing:*:reserve:ticket"], correlation).await
+}
+
+/// `admin`, who may look at messages.
+pub async fn admin() -> CallContext {
+    caller("admin", &[VIEW, "auth::rotate:key"], "admin-look").await
+}
+
+/// An order confirmation job.
+pub fn job(message_id: &str, to: &str) -> MailJob {
+    let mut order = OrderConfirmation::new(format!("ord_{message_id}"), "tkt_day", 2);
+    order.ticket_name = Some("Day pass".to_owned());
+    order.price_minor = Some(4500);
+    order.currency = Some("EUR".to_owned());
+    MailJob::order_confirmation(message_id, to, &order)
+}
+
+/// The status and problem body of a refused call.
+pub fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (u16, serde_json::Value) {
+    match result {
+        Err(ClientError::Status { status, body, .. }) => (
+            status.as_u16(),
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+async fn get_status(url: &str) -> Option<u16> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = http::Request::get(url)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    client.request(req).await.ok().map(|r| r.status().as_u16())
+}
+
+/// `GET url`: status and body.
+pub async fn get(url: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = http::Request::get(url)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of the sample `name{labels}` in Prometheus text, 0 if absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Polls `check` until it holds, for at most 60 s of real time (generous:
+/// the machines running this are busy).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The database of a data directory, opened beside the service, for tests
+/// that play a crashed worker or inspect rows.
+pub async fn database(dir: &Path) -> SqlitePool {
+    let options = SqliteConnectOptions::new()
+        .filename(dir.join("mail.db"))
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePool::connect_with(options).await.unwrap()
+}
+
+/// A row of the queue.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueRow {
+    pub message_id: String,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub lease_until: Option<i64>,
+    pub lease_owner: Option<String>,
+    pub last_error: Option<String>,
+    pub sent_at: Option<i64>,
+    pub correlation_id: String,
+}
+
+pub async fn row(db: &SqlitePool, message_id: &str) -> QueueRow {
+    sqlx::query_as(
+        "SELECT message_id, status, attempts, next_attempt_at, lease_until, lease_owner,
+                last_error, sent_at, correlation_id
+         FROM messages WHERE message_id = ?",
+    )
+    .bind(message_id)
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+/// Milliseconds since the epoch, as the queue stores times.
+pub fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// A port nothing listens on.
+pub async fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+// === a token endpoint and JWKS ===
+
+/// The test issuer's public key, as its JWKS publishes it.
+pub fn jwks() -> Value {
+    use base64::Engine as _;
+    let pem = include_str!("../../../../crates/chassis/src/testing/test-ed25519.pub.pem");
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    // An Ed25519 SubjectPublicKeyInfo ends with the 32-byte key.
+    let key = &der[der.len() - 32..];
+    json!({"keys": [{
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "alg": "EdDSA",
+        "use": "sig",
+        "kid": "chassis-test-key",
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key),
+    }]})
+}
+
+/// What `auth` does for these tests: a client-credentials token endpoint
+/// answering tokens of the test issuer for `orders` (with
+/// `mail::send:message`), and the JWKS that verifies them.
+#[derive(Debug, Clone)]
+pub struct TestAuth {
+    pub addr: SocketAddr,
+}
+
+impl TestAuth {
+    pub async fn start() -> Self {
+        use axum::routing::{get, post};
+        let app = axum::Router::new()
+            .route(
+                "/token",
+                post(|| async {
+                    axum::Json(json!({
+                        "access_token": issuer().service_token("orders", &[SEND]),
+                        "token_type": "Bearer",
+                        "expires_in": 900,
+                    }))
+                }),
+            )
+            .route("/jwks", get(|| async { axum::Json(jwks()) }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+// === a scriptable SMTP relay ===
+
+/// What the relay does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Takes every message.
+    Accept,
+    /// Refuses (550) recipients containing the text; takes the others.
+    RefuseRecipient(String),
+    /// Never answers after a message's data: the client waits.
+    HangAfterData,
+}
+
+/// A message the relay took.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub from: String,
+    pub to: Vec<String>,
+    pub data: String,
+}
+
+impl Received {
+    /// The value of header `name` (first occurrence).
+    pub fn header(&self, name: &str) -> Option<String> {
+        header(&self.data, name)
+    }
+}
+
+/// The value of header `name` in a formatted message.
+pub fn header(message: &str, name: &str) -> Option<String> {
+    let head = message.split("\r\n\r\n").next()?;
+    head.split("\r\n").find_map(|line| {
+        let (k, v) = line.split_once(": ")?;
+        k.eq_ignore_ascii_case(name).then(|| v.to_owned())
+    })
+}
+
+/// An SMTP relay on loopback that records what it takes.
+#[derive(Debug, Clone)]
+pub struct FakeSmtp {
+    pub addr: SocketAddr,
+    behaviour: Arc<Mutex<Behaviour>>,
+    received: Arc<Mutex<Vec<Received>>>,
+    /// Messages whose data arrived (taken, refused or left hanging).
+    data_seen: Arc<Mutex<usize>>,
+    seen: Arc<Notify>,
+}
+
+impl FakeSmtp {
+    pub async fn start(behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let smtp = Self {
+            addr: listener.local_addr().unwrap(),
+            behaviour: Arc::new(Mutex::new(behaviour)),
+            received: Arc::default(),
+            data_seen: Arc::default(),
+            seen: Arc::default(),
+        };
+        let s = smtp.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let _ = s.session(stream).await;
+                });
+            }
+        });
+        smtp
+    }
+
+    pub fn url(&self) -> String {
+        format!("smtp://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn data_seen(&self) -> usize {
+        *self.data_seen.lock().unwrap()
+    }
+
+    async fn session(&self, stream: TcpStream) -> std::io::Result<()> {
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read);
+        write.write_all(b"220 fake.test ESMTP\r\n").await?;
+        let mut from = String::new();
+        let mut to = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let command = line.trim_end().to_owned();
+            let upper = command.to_ascii_uppercase();
+            let reply: &[u8] = if upper.starts_with("EHLO") {
+                b"250-fake.test\r\n250 8BITMIME\r\n"
+            } else if upper.starts_with("HELO") || upper.starts_with("NOOP") {
+                b"250 ok\r\n"
+            } else if upper.starts_with("MAIL FROM:") {
+                from = command["MAIL FROM:".len()..].to_owned();
+                to.clear();
+                b"250 ok\r\n"
+            } else if upper.starts_with("RCPT TO:") {
+                let rcpt = command["RCPT TO:".len()..].to_owned();
+                let refused = matches!(
+                    &*self.behaviour.lock().unwrap(),
+                    Behaviour::RefuseRecipient(text) if rcpt.contains(text.as_str())
+                );
+                if refused {
+                    b"550 5.1.1 mailbox unavailable\r\n"
+                } else {
+                    to.push(rcpt);
+                    b"250 ok\r\n"
+                }
+            } else if upper == "DATA" {
+                write.write_all(b"354 go ahead\r\n").await?;
+                let mut data = String::new();
+                loop {
+                    line.clear();
+                    if lines.read_line(&mut line).await? == 0 {
+                        return Ok(());
+                    }
+                    if line == ".\r\n" {
+                        break;
+                    }
+                    data.push_str(line.strip_prefix('.').unwrap_or(&line));
+                }
+                *self.data_seen.lock().unwrap() += 1;
+                self.seen.notify_waiters();
+                if *self.behaviour.lock().unwrap() == Behaviour::HangAfterData {
+                    std::future::pending::<()>().await;
+                }
+                self.received.lock().unwrap().push(Received {
+                    from: from.clone(),
+                    to: std::mem::take(&mut to),
+                    data,
+                });
+                b"250 queued\r\n"
+            } else if upper.starts_with("RSET") {
+                to.clear();
+                b"250 ok\r\n"
+            } else if upper.starts_with("QUIT") {
+                write.write_all(b"221 bye\r\n").await?;
+                return Ok(());
+            } else {
+                b"502 not implemented\r\n"
+            };
+            write.write_all(reply).await?;
+        }
+    }
+}
