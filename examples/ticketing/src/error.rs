@@ -27,22 +27,31 @@ pub(crate) struct FieldError {
 /// database's own errors are logged here, once, and never sent.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
+    /// 422: the body's fields that are not valid, each named.
     #[error("invalid fields: {0:?}")]
     Invalid(Vec<FieldError>),
+    /// 422: the body is JSON, but not an object.
     #[error("the body is not a JSON object")]
     NotAnObject,
+    /// 400: an `Idempotency-Key` outside its grammar.
     #[error("the Idempotency-Key header is not valid")]
     InvalidIdempotencyKey,
+    /// 422: the key was used in this account for a different reservation.
     #[error("the Idempotency-Key was used for another request")]
     IdempotencyKeyReused,
+    /// 404: not in this account (whether or not it exists in another).
     #[error("no such resource in the account")]
     NotFound,
+    /// 409: fewer places left than asked for.
     #[error("sold out: {available} places left")]
     SoldOut { available: u32 },
+    /// 409: the reservation's status does not allow the change.
     #[error("the reservation is {0}")]
     NotHeld(ReservationStatus),
+    /// 503 when the database is busy, 500 otherwise; logged, never sent.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// 500: a value that does not convert to or from its stored form.
     #[error("stored data: {0}")]
     Stored(String),
 }

@@ -150,11 +150,13 @@ impl Store {
         new: &NewReservation,
         idempotency_key: Option<&str>,
     ) -> Result<(Reservation, bool), ApiError> {
-        let now = now();
-        let now_text = timestamp_text(now)?;
         // The write lock from the first statement: the key lookup, the
         // capacity check and the insert see no other writer in between.
         let mut tx = self.db.pool().begin_with("BEGIN IMMEDIATE").await?;
+        // Read the clock once the lock is held: which holds have expired is
+        // decided as of now, not as of before a wait for the lock.
+        let now = now();
+        let now_text = timestamp_text(now)?;
 
         if let Some(key) = idempotency_key {
             let earlier: Option<ReservationRow> = sqlx::query_as(
@@ -276,9 +278,12 @@ impl Store {
     ) -> Result<Reservation, ApiError> {
         use ReservationStatus::{Confirmed, Expired, Held, Released};
 
-        let now = now();
-        // Under the write lock nothing changes between the read and the update.
+        // Under the write lock nothing changes between the read and the
+        // update; the clock is read once the lock is held, so a hold that
+        // expired while this call waited is not confirmed after another
+        // reservation took its places.
         let mut tx = self.db.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let now = now();
         let row: Option<ReservationRow> = sqlx::query_as(
             "SELECT id, account, ticket_id, quantity, status, expires_at, created_at
              FROM reservations WHERE account = ? AND id = ?",
