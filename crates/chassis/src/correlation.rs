@@ -178,12 +178,7 @@ impl CorrelationId {
 
     /// A fresh UUIDv7, hyphenated and lowercase.
     pub fn generate() -> Self {
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let mut random = [0u8; 10];
-        fastrand::fill(&mut random);
-        let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+        let uuid = crate::id::uuid_v7();
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let text = uuid.hyphenated().encode_lower(&mut buf);
         Self(HeaderValue::from_str(text).expect("a UUID is a valid header value"))

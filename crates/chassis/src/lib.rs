@@ -30,6 +30,7 @@
 //! | Failure injection | can slow down or fail a share of calls on purpose, when configured | [`fault`] |
 //! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
 //! | Storage | owns one database (SQLite by default), migrated at start-up, checked for readiness | `sqlite` (feature `sqlite`) |
+//! | Identifiers | gives records UUIDv7 ids, ordered by creation time, with a prefix naming their kind | [`id`] |
 //! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
 //!
 //! # Example
@@ -88,6 +89,7 @@ pub mod config;
 pub mod correlation;
 pub mod fault;
 pub mod health;
+pub mod id;
 pub mod metrics;
 pub mod permission;
 pub mod problem;

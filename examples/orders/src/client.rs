@@ -1,0 +1,153 @@
+//! The driver client of `orders`, and the types of its API.
+//!
+//! ```no_run
+//! use chassis::client::{CallContext, Downstream};
+//! use orders::{NewOrder, OrdersClient};
+//!
+//! # async fn example(cx: CallContext) -> Result<(), chassis::client::ClientError> {
+//! let orders = OrdersClient::new(Downstream::builder("orders", "http://127.0.0.1:8083").build().unwrap());
+//! let placed = orders
+//!     .on_behalf_of(&cx)
+//!     .place("acme", &NewOrder { ticket_id: "tkt_1".into(), quantity: 2, email: "ann@example.com".into() }, "order-2026-11-22-1")
+//!     .await?;
+//! println!("{} ({})", placed.order.id, if placed.replayed { "replayed" } else { "new" });
+//! # Ok(())
+//! # }
+//! ```
+
+use chassis::client::{CallContext, Caller, ClientError, Downstream};
+use serde::{Deserialize, Serialize};
+
+/// An order to place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewOrder {
+    /// The ticket product, in ticketing.
+    pub ticket_id: String,
+    /// How many, 1 to 100.
+    pub quantity: u32,
+    /// Where the confirmation goes.
+    pub email: String,
+}
+
+/// Where an order stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderStatus {
+    /// Accepted: the tickets are held, the confirmation is on its way.
+    Placed,
+    /// Ticketing confirmed the reservation.
+    Confirmed,
+    /// An event of the order could not be delivered and was parked; an
+    /// operator must look at it.
+    Attention,
+}
+
+/// An order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// `ord_<uuid v7>`.
+    pub id: String,
+    /// The account.
+    pub account: String,
+    /// The ticket product.
+    pub ticket_id: String,
+    /// How many.
+    pub quantity: u32,
+    /// Where the confirmation goes.
+    pub email: String,
+    /// The reservation in ticketing.
+    pub reservation_id: String,
+    /// Where it stands.
+    pub status: OrderStatus,
+    /// When it was placed, RFC 3339.
+    pub created_at: String,
+}
+
+/// The answer to placing an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The order.
+    pub order: Order,
+    /// Whether this was a replay of an earlier request with the same key.
+    pub replayed: bool,
+}
+
+/// A page of orders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderList {
+    /// Newest first.
+    pub orders: Vec<Order>,
+}
+
+/// Calls to `orders`.
+#[derive(Debug, Clone)]
+pub struct OrdersClient {
+    downstream: Downstream,
+}
+
+impl OrdersClient {
+    /// A client over `downstream` (named `orders`).
+    pub fn new(downstream: Downstream) -> Self {
+        Self { downstream }
+    }
+
+    /// Calls made as the calling service itself.
+    pub fn as_service<'a>(&'a self, cx: &'a CallContext) -> Calls<'a> {
+        Calls(self.downstream.as_service(cx))
+    }
+
+    /// Calls made on behalf of the caller of `cx`.
+    pub fn on_behalf_of<'a>(&'a self, cx: &'a CallContext) -> Calls<'a> {
+        Calls(self.downstream.on_behalf_of(cx))
+    }
+}
+
+/// Calls with one identity; see [`OrdersClient`].
+#[derive(Debug, Clone, Copy)]
+pub struct Calls<'a>(Caller<'a>);
+
+impl Calls<'_> {
+    /// Places an order with an idempotency key (safe to retry with the same
+    /// key).
+    pub async fn place(
+        self,
+        account: &str,
+        order: &NewOrder,
+        idempotency_key: &str,
+    ) -> Result<Placed, ClientError> {
+        let res = self
+            .0
+            .post(&format!("/orders/v1/{account}/orders"))
+            .idempotency_key(idempotency_key)
+            .json(order)
+            .send()
+            .await?;
+        Ok(Placed {
+            order: res.json()?,
+            replayed: res
+                .headers()
+                .get(crate::idempotency::REPLAYED)
+                .is_some_and(|v| v == "true"),
+        })
+    }
+
+    /// An order.
+    pub async fn get(self, account: &str, id: &str) -> Result<Order, ClientError> {
+        self.0
+            .get(&format!("/orders/v1/{account}/orders/{id}"))
+            .send()
+            .await?
+            .json()
+    }
+
+    /// The account's latest orders.
+    pub async fn list(self, account: &str) -> Result<Vec<Order>, ClientError> {
+        Ok(self
+            .0
+            .get(&format!("/orders/v1/{account}/orders"))
+            .send()
+            .await?
+            .json::<OrderList>()?
+            .orders)
+    }
+}

@@ -1,0 +1,297 @@
+//! The API handlers.
+
+use std::sync::Arc;
+
+use axum::{
+    Extension, Json,
+    body::Bytes,
+    extract::Path,
+    response::{IntoResponse, Response},
+};
+use chassis::{
+    Problem,
+    auth::Principal,
+    client::{CallContext, ClientError},
+    correlation::CorrelationId,
+    permission::AccountId,
+};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    State,
+    client::{NewOrder, Order, OrderList, OrderStatus},
+    idempotency::{self, Claim, Scope},
+    store,
+};
+
+/// The route template, part of every fingerprint.
+const PLACE_ROUTE: &str = "/orders/v1/{account}/orders";
+
+fn internal(e: &sqlx::Error) -> Response {
+    tracing::error!(error = %e, "database error");
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE)
+        .with_detail("The order store is unavailable; retry later.")
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+        .into_response()
+}
+
+/// One field's problem.
+fn field(name: &str, message: &str) -> Value {
+    json!({"field": name, "message": message})
+}
+
+/// Checks a new order; every problem at once.
+fn validate(body: &Value) -> Result<NewOrder, Vec<Value>> {
+    #[derive(Deserialize)]
+    struct Raw {
+        ticket_id: Option<Value>,
+        quantity: Option<Value>,
+        email: Option<Value>,
+    }
+    let Ok(raw) = serde_json::from_value::<Raw>(body.clone()) else {
+        return Err(vec![field("", "expected a JSON object")]);
+    };
+    let mut errors = Vec::new();
+    let ticket_id = match raw.ticket_id {
+        Some(Value::String(s))
+            if (1..=64).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+        {
+            Some(s)
+        }
+        _ => {
+            errors.push(field(
+                "ticket_id",
+                "required: 1-64 characters of [A-Za-z0-9_-]",
+            ));
+            None
+        }
+    };
+    let quantity = match raw.quantity.as_ref().and_then(Value::as_u64) {
+        Some(q) if (1..=100).contains(&q) => Some(q as u32),
+        _ => {
+            errors.push(field("quantity", "required: a whole number from 1 to 100"));
+            None
+        }
+    };
+    let email = match raw.email {
+        Some(Value::String(s)) if valid_email(&s) => Some(s),
+        _ => {
+            errors.push(field("email", "required: an e-mail address"));
+            None
+        }
+    };
+    match (ticket_id, quantity, email) {
+        (Some(ticket_id), Some(quantity), Some(email)) if errors.is_empty() => Ok(NewOrder {
+            ticket_id,
+            quantity,
+            email,
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// A plausible address: `local@domain`, no spaces or control characters, at
+/// most 254 characters. The mail service checks it fully.
+fn valid_email(s: &str) -> bool {
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return false;
+    };
+    s.len() <= 254
+        && !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && s.chars().all(|c| c.is_ascii_graphic())
+}
+
+fn invalid(errors: Vec<Value>) -> Response {
+    Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
+        .with_detail("The order is not valid.")
+        .with_member("errors", Value::Array(errors))
+        .into_response()
+}
+
+/// Replays a stored answer.
+fn replay(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let content_type = if status.is_success() {
+        "application/json"
+    } else {
+        chassis::problem::CONTENT_TYPE
+    };
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (idempotency::REPLAYED, HeaderValue::from_static("true")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `POST /orders/v1/{account}/orders`.
+pub(crate) async fn place(
+    Extension(state): Extension<Arc<State>>,
+    account: AccountId,
+    principal: Principal,
+    correlation: CorrelationId,
+    cx: CallContext,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let key = match idempotency::key_of(&headers) {
+        Ok(k) => k,
+        Err(detail) => {
+            return Problem::new(StatusCode::BAD_REQUEST)
+                .with_detail(detail)
+                .into_response();
+        }
+    };
+    let Ok(json) = serde_json::from_slice::<Value>(&body) else {
+        return Problem::new(StatusCode::BAD_REQUEST)
+            .with_detail("The body must be a JSON object.")
+            .into_response();
+    };
+    let new = match validate(&json) {
+        Ok(n) => n,
+        Err(errors) => return invalid(errors),
+    };
+    let scope = Scope {
+        account: account.to_string(),
+        principal: principal.subject().to_owned(),
+        key,
+    };
+    let fingerprint = idempotency::fingerprint("POST", PLACE_ROUTE, &scope.account, &json);
+    match idempotency::claim(&state.db, &scope, &fingerprint, state.lease).await {
+        Err(e) => return internal(&e),
+        Ok(Claim::Replay { status, body }) => return replay(status, body),
+        Ok(Claim::Mismatch) => {
+            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
+                .with_detail("This Idempotency-Key was used for a different request.")
+                .with_member("reason", "idempotency_key_reused")
+                .into_response();
+        }
+        Ok(Claim::InProgress { retry_after }) => {
+            return Problem::new(StatusCode::CONFLICT)
+                .with_detail("A request with this Idempotency-Key is in progress; retry later.")
+                .with_member("reason", "idempotency_key_in_use")
+                .with_header(header::RETRY_AFTER, idempotency::retry_after(retry_after))
+                .into_response();
+        }
+        Ok(Claim::Run) => {}
+    }
+
+    // Reserve, as the orders service, with a key derived from this one: a
+    // run that takes over a dead one gets the same reservation back.
+    let reservation = state
+        .ticketing
+        .as_service(&cx)
+        .reserve(
+            &account,
+            &ticketing::client::NewReservation {
+                ticket_id: new.ticket_id.clone(),
+                quantity: new.quantity,
+            },
+            &scope.derived_key("reserve"),
+        )
+        .await;
+    let reservation = match reservation {
+        Ok(r) => r,
+        Err(e) => return refused(&state, &scope, e).await,
+    };
+
+    let order = Order {
+        id: chassis::id::prefixed("ord"),
+        account: scope.account.clone(),
+        ticket_id: new.ticket_id,
+        quantity: new.quantity,
+        email: new.email,
+        reservation_id: reservation.id,
+        status: OrderStatus::Placed,
+        created_at: store::rfc3339_now(),
+    };
+    let body = serde_json::to_string(&order).unwrap_or_default();
+    if let Err(e) = store::place(&state.db, &scope, &order, correlation.as_str(), &body).await {
+        // Nothing was committed: give the key back so a retry runs again
+        // (the held reservation is found again by its key, or expires).
+        let _ = idempotency::release(&state.db, &scope).await;
+        return internal(&e);
+    }
+    tracing::info!(order_id = %order.id, account = %order.account, "order placed");
+    metrics::counter!("orders_placed_total").increment(1);
+    let location = format!("/orders/v1/{}/orders/{}", order.account, order.id);
+    (
+        StatusCode::CREATED,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::LOCATION,
+                HeaderValue::from_str(&location).unwrap_or(HeaderValue::from_static("/")),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The answer when ticketing did not reserve: final answers (sold out, no
+/// such ticket) are stored for replay; anything else gives the key back.
+async fn refused(state: &State, scope: &Scope, e: ClientError) -> Response {
+    let final_answer = match e.status() {
+        Some(StatusCode::CONFLICT) => Some(
+            Problem::new(StatusCode::CONFLICT)
+                .with_detail("Not enough tickets are left.")
+                .with_member("reason", "sold_out"),
+        ),
+        Some(StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY) => Some(
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
+                .with_detail("The order is not valid.")
+                .with_member("errors", json!([field("ticket_id", "no such ticket")])),
+        ),
+        _ => None,
+    };
+    match final_answer {
+        Some(problem) => {
+            let status = problem.status();
+            let body = serde_json::to_string(&problem).unwrap_or_default();
+            if let Err(db) = idempotency::complete(&state.db, scope, status.as_u16(), &body).await {
+                let _ = idempotency::release(&state.db, scope).await;
+                return internal(&db);
+            }
+            problem.into_response()
+        }
+        None => {
+            let _ = idempotency::release(&state.db, scope).await;
+            e.into_response()
+        }
+    }
+}
+
+/// `GET /orders/v1/{account}/orders`.
+pub(crate) async fn list(Extension(state): Extension<Arc<State>>, account: AccountId) -> Response {
+    match store::list(&state.db, account.as_str(), 100).await {
+        Ok(orders) => Json(OrderList { orders }).into_response(),
+        Err(e) => internal(&e),
+    }
+}
+
+/// `GET /orders/v1/{account}/orders/{id}`.
+pub(crate) async fn get(
+    Extension(state): Extension<Arc<State>>,
+    account: AccountId,
+    Path((_, id)): Path<(String, String)>,
+) -> Response {
+    match store::get(&state.db, account.as_str(), &id).await {
+        Ok(Some(order)) => Json(order).into_response(),
+        Ok(None) => Problem::not_found().into_response(),
+        Err(e) => internal(&e),
+    }
+}

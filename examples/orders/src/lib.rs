@@ -1,0 +1,176 @@
+//! `orders`: places lift-ticket orders exactly once per idempotency key.
+//!
+//! What it owns: orders, the idempotency keys that guard their creation, and
+//! an outbox of events to deliver, all in its own database (`orders.db`).
+//!
+//! How an order is placed (`POST /orders/v1/{account}/orders`):
+//!
+//! 1. the `Idempotency-Key` is claimed for (account, caller, key) in the
+//!    database, or the stored answer is replayed ([`idempotency`]);
+//! 2. the tickets are reserved in `ticketing`, as the orders service itself,
+//!    through ticketing's driver client: a timeout, a retry budget, a circuit
+//!    breaker and a bulkhead guard the call, and the reservation carries an
+//!    idempotency key derived from the order's, so a retry never reserves
+//!    twice. If ticketing is down the order is refused at once with 503 and
+//!    nothing is written;
+//! 3. one transaction writes the order, its two outbox events
+//!    (`reservation.confirm` for ticketing, `order.placed` for mail) and the
+//!    stored answer of the key; then the service answers 201.
+//!
+//! The relay ([`relay`]) delivers the outbox at least once, with backoff,
+//! across restarts, marking an event delivered only after the receiver
+//! acknowledged it; ticketing's confirm and mail's queue are idempotent, so
+//! each event takes effect once.
+//!
+//! Permissions: `orders:{account}:create:order` to place,
+//! `orders:{account}:view:order` to read.
+
+use std::{sync::Arc, time::Duration};
+
+use chassis::{
+    ServiceBuilder,
+    api::{self, Api},
+    client::{Downstream, TokenSource},
+    config::Reader,
+    health::CheckOptions,
+    sqlite::{Database, DbConfig},
+};
+
+pub mod client;
+mod handlers;
+pub mod idempotency;
+pub mod relay;
+mod store;
+
+pub use client::{NewOrder, Order, OrderStatus, OrdersClient};
+
+/// The service's settings, read from `ORDERS_*` and the chassis'
+/// `CHASSIS_DOWNSTREAM_TICKETING_*`, `CHASSIS_DOWNSTREAM_MAIL_*` and
+/// `CHASSIS_CLIENT_*` variables.
+#[derive(Debug)]
+pub struct Settings {
+    /// The database.
+    pub db: DbConfig,
+    /// How long a started request holds its idempotency key before another
+    /// attempt may take it over (`ORDERS_IDEMPOTENCY_LEASE_SECS`, default 15).
+    pub idempotency_lease: Duration,
+    /// The relay's tuning.
+    pub relay: relay::RelaySettings,
+    /// Calls to ticketing.
+    pub ticketing: Downstream,
+    /// Calls to mail.
+    pub mail: Downstream,
+}
+
+impl Settings {
+    /// Reads the settings; every problem goes to `r`. `None` when a problem
+    /// makes the settings unusable.
+    pub fn read(r: &mut Reader<'_>) -> Option<Self> {
+        let db = DbConfig::read(r, "ORDERS", "orders");
+        let lease: u64 = r.optional(
+            "ORDERS_IDEMPOTENCY_LEASE_SECS",
+            15,
+            "how long a started request holds its key, seconds",
+        );
+        let relay = relay::RelaySettings::read(r);
+        let tokens = TokenSource::read(r);
+        if tokens.is_none() {
+            for name in [
+                "CHASSIS_CLIENT_TOKEN_URL",
+                "CHASSIS_CLIENT_ID",
+                "CHASSIS_CLIENT_SECRET",
+            ] {
+                if r.maybe::<String>(name, "").is_none() {
+                    r.problem(
+                        name,
+                        "required: orders calls ticketing and mail as itself (client credentials)",
+                    );
+                }
+            }
+        }
+        let downstream = |r: &mut Reader<'_>, name: &str, url: &str| {
+            let mut b = Downstream::builder(name, url);
+            if let Some(tokens) = &tokens {
+                b = b.token_source(tokens.clone());
+            }
+            b.configure(r)
+                .build()
+                .map_err(|e| {
+                    for p in e.problems() {
+                        r.problem(&p.name, p.message.clone());
+                    }
+                })
+                .ok()
+        };
+        let ticketing = downstream(r, "ticketing", "http://127.0.0.1:8082");
+        let mail = downstream(r, "mail", "http://127.0.0.1:8084");
+        Some(Self {
+            db,
+            idempotency_lease: Duration::from_secs(lease.max(1)),
+            relay,
+            ticketing: ticketing?,
+            mail: mail?,
+        })
+    }
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Database(#[from] chassis::sqlite::DbError),
+}
+
+/// What the handlers and the relay share.
+#[derive(Clone)]
+pub(crate) struct State {
+    pub(crate) db: Database,
+    pub(crate) ticketing: ticketing::client::TicketingClient,
+    pub(crate) lease: Duration,
+}
+
+/// The service: opens and migrates the database, and returns the builder
+/// with the API, the readiness checks and the outbox relay.
+pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
+    let db = Database::open_migrated(&settings.db, &sqlx::migrate!()).await?;
+    let ticketing_breaker = settings.ticketing.breaker().clone();
+    let mail_breaker = settings.mail.breaker().clone();
+    let state = State {
+        db: db.clone(),
+        ticketing: ticketing::client::TicketingClient::new(settings.ticketing.clone()),
+        lease: settings.idempotency_lease,
+    };
+    let relay = relay::Relay::new(
+        db.clone(),
+        ticketing::client::TicketingClient::new(settings.ticketing),
+        mail::client::MailClient::new(settings.mail),
+        settings.relay,
+    );
+    let parked = relay.parked_check();
+    let non_critical = CheckOptions {
+        critical: false,
+        ..CheckOptions::default()
+    };
+    let api = Api::new()
+        .route(
+            api::post("/{account}/orders", handlers::place)
+                .requires("orders:{account}:create:order"),
+        )
+        .route(
+            api::get("/{account}/orders", handlers::list).requires("orders:{account}:view:order"),
+        )
+        .route(
+            api::get("/{account}/orders/{id}", handlers::get)
+                .requires("orders:{account}:view:order"),
+        );
+    Ok(ServiceBuilder::new("orders", 1)
+        .api(api)
+        .api_layer(axum::Extension(Arc::new(state)))
+        .health_check("database", db, CheckOptions::default())
+        .health_check("ticketing-breaker", ticketing_breaker, non_critical)
+        .health_check("mail-breaker", mail_breaker, non_critical)
+        .health_check("outbox-parked", parked, non_critical)
+        .background("outbox-relay", move |stop| relay.run(stop))
+        .build_info(chassis::build_info!()))
+}

@@ -1,0 +1,370 @@
+//! The outbox relay: delivers every committed event at least once.
+//!
+//! Each order commits two events with it: `reservation.confirm` (to
+//! ticketing) and `order.placed` (to mail, which sends the confirmation).
+//! The relay polls for due events and delivers each through the receiver's
+//! driver client, as the orders service, carrying the correlation id of the
+//! request that placed the order. An event is marked delivered only after
+//! the receiver acknowledged it; both receivers are idempotent (confirming
+//! twice is harmless; mail deduplicates by the event id), so a delivery
+//! repeated after a crash takes effect once.
+//!
+//! Failures:
+//!
+//! * the receiver is unavailable (connection refused, timeout, 5xx, 429,
+//!   circuit open): retried for as long as it takes, with exponential backoff
+//!   and full jitter ([`backoff`]); while the breaker is open the receiver is
+//!   not called at all and the event waits for the breaker's `Retry-After`;
+//! * the receiver refuses the event (another 4xx): retried up to
+//!   `max_attempts`, then **parked** with its reason: the order's status
+//!   becomes `attention`, `outbox_parked` shows it and the non-critical
+//!   readiness check `outbox-parked` turns down. Nothing disappears silently.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `ORDERS_RELAY_POLL_MS` | `200` | time between polls |
+//! | `ORDERS_RELAY_BATCH` | `32` | events per poll |
+//! | `ORDERS_RELAY_RETRY_BASE_MS` | `500` | first backoff |
+//! | `ORDERS_RELAY_RETRY_MAX_MS` | `60000` | longest backoff |
+//! | `ORDERS_RELAY_MAX_ATTEMPTS` | `8` | attempts before a refused event is parked |
+
+use std::time::Duration;
+
+use chassis::{
+    client::{CallContext, ClientError},
+    config::Reader,
+    correlation::CorrelationId,
+    health::{Check, CheckError},
+    permission::AccountId,
+    sqlite::Database,
+};
+use http::StatusCode;
+use mail::client::{MailJob, OrderConfirmation};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::store::{self, OutboxEvent};
+
+/// The relay's tuning; see the [module docs](self).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// Time between polls.
+    pub poll: Duration,
+    /// Events per poll.
+    pub batch: u32,
+    /// First backoff.
+    pub retry_base: Duration,
+    /// Longest backoff.
+    pub retry_max: Duration,
+    /// Attempts before a refused event is parked.
+    pub max_attempts: u32,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_millis(200),
+            batch: 32,
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(60),
+            max_attempts: 8,
+        }
+    }
+}
+
+impl RelaySettings {
+    /// Reads `ORDERS_RELAY_*`.
+    pub fn read(r: &mut Reader<'_>) -> Self {
+        let d = Self::default();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let poll: u64 = r.optional(
+            "ORDERS_RELAY_POLL_MS",
+            ms(d.poll),
+            "outbox poll interval, ms",
+        );
+        let batch: u32 = r.optional("ORDERS_RELAY_BATCH", d.batch, "events per poll");
+        let base: u64 = r.optional(
+            "ORDERS_RELAY_RETRY_BASE_MS",
+            ms(d.retry_base),
+            "first delivery backoff, ms",
+        );
+        let max: u64 = r.optional(
+            "ORDERS_RELAY_RETRY_MAX_MS",
+            ms(d.retry_max),
+            "longest delivery backoff, ms",
+        );
+        let attempts: u32 = r.optional(
+            "ORDERS_RELAY_MAX_ATTEMPTS",
+            d.max_attempts,
+            "attempts before a refused event is parked",
+        );
+        for (name, zero) in [
+            ("ORDERS_RELAY_POLL_MS", poll == 0),
+            ("ORDERS_RELAY_BATCH", batch == 0),
+            ("ORDERS_RELAY_MAX_ATTEMPTS", attempts == 0),
+        ] {
+            if zero {
+                r.problem(name, "must be at least 1");
+            }
+        }
+        Self {
+            poll: Duration::from_millis(poll.max(1)),
+            batch: batch.max(1),
+            retry_base: Duration::from_millis(base),
+            retry_max: Duration::from_millis(max.max(base)),
+            max_attempts: attempts.max(1),
+        }
+    }
+}
+
+/// The wait before attempt `attempt + 1`: a random time between zero and
+/// `base × 2^attempt`, capped at `max` (exponential backoff with full
+/// jitter). `unit` is a random number in `[0, 1)`.
+pub fn backoff(attempt: u32, base: Duration, max: Duration, unit: f64) -> Duration {
+    let bound = base.saturating_mul(1u32 << attempt.min(20)).min(max);
+    bound.mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// Delivers the outbox; see the [module docs](self).
+pub struct Relay {
+    db: Database,
+    ticketing: ticketing::client::TicketingClient,
+    mail: mail::client::MailClient,
+    settings: RelaySettings,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one delivery went.
+enum Delivery {
+    Done,
+    /// Try again after `wait` (or the backoff); only refusals lead to
+    /// parking.
+    Later {
+        wait: Option<Duration>,
+        refused: bool,
+        error: String,
+    },
+}
+
+impl Relay {
+    /// A relay over the outbox in `db`.
+    pub fn new(
+        db: Database,
+        ticketing: ticketing::client::TicketingClient,
+        mail: mail::client::MailClient,
+        settings: RelaySettings,
+    ) -> Self {
+        Self {
+            db,
+            ticketing,
+            mail,
+            settings,
+        }
+    }
+
+    /// A readiness check that is down while events are parked.
+    pub fn parked_check(&self) -> ParkedCheck {
+        ParkedCheck(self.db.clone())
+    }
+
+    /// Runs until `stop`; the event being delivered when it fires is
+    /// finished first.
+    pub async fn run(self, stop: CancellationToken) {
+        tracing::info!("outbox relay started");
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(self.settings.poll) => {}
+            }
+            match store::due_events(&self.db, self.settings.batch).await {
+                Ok(events) => {
+                    for event in events {
+                        if stop.is_cancelled() {
+                            break;
+                        }
+                        self.deliver(event).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the outbox"),
+            }
+            if let Ok((pending, parked)) = store::outbox_counts(&self.db).await {
+                metrics::gauge!("outbox_pending").set(pending as f64);
+                metrics::gauge!("outbox_parked").set(parked as f64);
+            }
+        }
+        tracing::info!("outbox relay stopped");
+    }
+
+    async fn deliver(&self, event: OutboxEvent) {
+        let id =
+            CorrelationId::parse(&event.correlation_id).unwrap_or_else(CorrelationId::generate);
+        let span = tracing::info_span!(
+            "outbox_delivery",
+            correlation_id = %id,
+            event_id = %event.id,
+            kind = %event.kind,
+        );
+        let cx = CallContext::continuing(id);
+        let outcome = self.send(&cx, &event).instrument(span.clone()).await;
+        let _enter = span.enter();
+        let kind = event.kind.clone();
+        let result = match outcome {
+            Delivery::Done => {
+                metrics::counter!("outbox_delivered_total", "kind" => kind).increment(1);
+                tracing::info!(attempts = event.attempts + 1, "event delivered");
+                store::delivered(&self.db, &event).await
+            }
+            Delivery::Later {
+                wait,
+                refused,
+                error,
+            } => {
+                metrics::counter!("outbox_delivery_failures_total", "kind" => kind).increment(1);
+                if refused && event.attempts + 1 >= self.settings.max_attempts {
+                    tracing::error!(%error, attempts = event.attempts + 1, "event parked");
+                    store::park(&self.db, &event, &error).await
+                } else {
+                    // A wait given by an open breaker is no attempt at all.
+                    let counted = wait.is_none();
+                    let wait = wait.unwrap_or_else(|| {
+                        backoff(
+                            event.attempts,
+                            self.settings.retry_base,
+                            self.settings.retry_max,
+                            fastrand::f64(),
+                        )
+                    });
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "event not delivered");
+                    let next =
+                        store::now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+                    store::retry_later(&self.db, &event, counted, next, &error).await
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot record the delivery; it will be repeated");
+        }
+    }
+
+    async fn send(&self, cx: &CallContext, event: &OutboxEvent) -> Delivery {
+        let text = |key: &str| event.payload[key].as_str().unwrap_or_default().to_owned();
+        let Ok(account) = AccountId::parse(&text("account")) else {
+            return Delivery::Later {
+                wait: None,
+                refused: true,
+                error: "the event names no valid account".to_owned(),
+            };
+        };
+        let result = match event.kind.as_str() {
+            "reservation.confirm" => self
+                .ticketing
+                .as_service(cx)
+                .confirm(&account, &text("reservation_id"))
+                .await
+                .map(drop),
+            "order.placed" => {
+                let quantity = event.payload["quantity"].as_u64().unwrap_or(0);
+                let confirmation = OrderConfirmation {
+                    account: Some(account.to_string()),
+                    reservation_id: Some(text("reservation_id")),
+                    ..OrderConfirmation::new(
+                        text("order_id"),
+                        text("ticket_id"),
+                        u32::try_from(quantity).unwrap_or(0),
+                    )
+                };
+                let job =
+                    MailJob::order_confirmation(event.id.clone(), text("email"), &confirmation)
+                        .with_correlation_id(event.correlation_id.clone());
+                self.mail.as_service(cx).send(&job).await.map(drop)
+            }
+            other => {
+                return Delivery::Later {
+                    wait: None,
+                    refused: true,
+                    error: format!("unknown event kind {other:?}"),
+                };
+            }
+        };
+        match result {
+            Ok(()) => Delivery::Done,
+            Err(e) => classify(&e),
+        }
+    }
+}
+
+fn classify(e: &ClientError) -> Delivery {
+    let error = e.to_string();
+    match e {
+        ClientError::CircuitOpen { retry_after, .. } => Delivery::Later {
+            wait: Some((*retry_after).max(Duration::from_millis(50))),
+            refused: false,
+            error,
+        },
+        ClientError::Status { status, .. }
+            if status.is_client_error()
+                && *status != StatusCode::REQUEST_TIMEOUT
+                && *status != StatusCode::TOO_MANY_REQUESTS =>
+        {
+            Delivery::Later {
+                wait: None,
+                refused: true,
+                error,
+            }
+        }
+        ClientError::NoCallerToken { .. } | ClientError::InvalidRequest { .. } => Delivery::Later {
+            wait: None,
+            refused: true,
+            error,
+        },
+        _ => Delivery::Later {
+            wait: None,
+            refused: false,
+            error,
+        },
+    }
+}
+
+/// Down while events are parked; see [`Relay::parked_check`].
+#[derive(Debug, Clone)]
+pub struct ParkedCheck(Database);
+
+impl Check for ParkedCheck {
+    async fn check(&self) -> Result<(), CheckError> {
+        let (_, parked) = store::outbox_counts(&self.0)
+            .await
+            .map_err(|e| CheckError::new(format!("cannot read the outbox: {e}")))?;
+        if parked > 0 {
+            return Err(CheckError::new(format!(
+                "{parked} outbox events are parked"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_full_jitter_and_caps() {
+        let base = Duration::from_millis(500);
+        let max = Duration::from_secs(60);
+        for attempt in 0..12 {
+            let bound = (base * 2u32.pow(attempt)).min(max);
+            assert_eq!(backoff(attempt, base, max, 0.0), Duration::ZERO);
+            assert_eq!(backoff(attempt, base, max, 1.0), bound, "attempt {attempt}");
+            let mid = backoff(attempt, base, max, 0.5);
+            assert!(mid <= bound && mid >= bound / 2 - Duration::from_millis(1));
+        }
+        assert_eq!(backoff(40, base, max, 1.0), max);
+    }
+}

@@ -1,0 +1,364 @@
+//! orders against the real system: auth issues the tokens, ticketing holds
+//! the capacity, mail sends the confirmations, each on its own socket and
+//! database.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::{Answer, System, eventually, login, send};
+
+async fn product(sys: &System, token: &str, capacity: u32) -> String {
+    let a = send(
+        "POST",
+        &format!("{}/ticketing/v1/acme/tickets", sys.ticketing.url()),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "application/json"),
+        ],
+        &json!({
+            "name": "Day pass",
+            "price_minor": 4500,
+            "currency": "EUR",
+            "capacity": capacity,
+            "valid_from": "2026-12-01",
+            "valid_until": "2027-04-30",
+        })
+        .to_string(),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    a.body["id"].as_str().unwrap().to_owned()
+}
+
+async fn available(sys: &System, token: &str, ticket: &str) -> u64 {
+    let a = send(
+        "GET",
+        &format!("{}/ticketing/v1/acme/tickets/{ticket}", sys.ticketing.url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await;
+    a.body["available"].as_u64().unwrap()
+}
+
+fn order(ticket: &str, quantity: u32) -> String {
+    json!({"ticket_id": ticket, "quantity": quantity, "email": "alice@example.com"}).to_string()
+}
+
+async fn place(sys: &System, token: &str, account: &str, key: Option<&str>, body: &str) -> Answer {
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    if let Some(k) = key {
+        headers.push(("idempotency-key", k));
+    }
+    send(
+        "POST",
+        &format!("{}/orders/v1/{account}/orders", sys.orders.url()),
+        &headers,
+        body,
+    )
+    .await
+}
+
+async fn get_order(sys: &System, token: &str, id: &str) -> Answer {
+    send(
+        "GET",
+        &format!("{}/orders/v1/acme/orders/{id}", sys.orders.url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_is_placed_confirmed_and_mailed_once_and_replayed() {
+    let sys = System::start("journey", &[]).await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 10).await;
+
+    let first = place(&sys, &alice, "acme", Some("k-1"), &order(&ticket, 2)).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let id = first.body["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("ord_"));
+    assert_eq!(first.body["status"], "placed");
+    assert_eq!(
+        first.headers["location"].to_str().unwrap(),
+        format!("/orders/v1/acme/orders/{id}")
+    );
+    assert!(first.headers.get("x-correlation-id").is_some());
+
+    // The relay confirms the reservation and mail sends one confirmation.
+    eventually("the order confirmed", || async {
+        get_order(&sys, &alice, &id).await.body["status"] == "confirmed"
+    })
+    .await;
+    eventually("the confirmation mail", || async {
+        sys.mails().iter().any(|m| m.contains(&id))
+    })
+    .await;
+    assert_eq!(available(&sys, &alice, &ticket).await, 8);
+
+    // The same key and body: the stored answer again, nothing new.
+    let again = place(&sys, &alice, "acme", Some("k-1"), &order(&ticket, 2)).await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body, first.body);
+
+    // The same key for another request.
+    let other = place(&sys, &alice, "acme", Some("k-1"), &order(&ticket, 3)).await;
+    assert_eq!(other.status, 422, "{:?}", other.body);
+    assert_eq!(other.body["reason"], "idempotency_key_reused");
+
+    // Keys are per account and caller: bob's k-1 in globex is his own.
+    let bob = login(&sys.auth.url(), "bob").await;
+    let bobs = place(&sys, &bob, "globex", Some("k-1"), &order("tkt_nope", 1)).await;
+    assert_eq!(
+        bobs.status, 422,
+        "bob's order for an unknown ticket: {:?}",
+        bobs.body
+    );
+    assert_ne!(bobs.body, first.body);
+
+    // Bob may not read acme's orders.
+    let denied = get_order(&sys, &bob, &id).await;
+    assert_eq!(denied.status, 403);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sys.mails().iter().filter(|m| m.contains(&id)).count(), 1);
+    assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 1);
+    assert_eq!(sys.count("SELECT COUNT(*) FROM outbox").await, 2);
+    assert_eq!(
+        sys.count("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keys_and_invalid_orders_are_refused_and_not_stored() {
+    let sys = System::start("refusals", &[]).await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 10).await;
+
+    let missing = place(&sys, &alice, "acme", None, &order(&ticket, 1)).await;
+    assert_eq!(missing.status, 400);
+    assert!(missing.body["correlation_id"].is_string());
+    let bad = place(&sys, &alice, "acme", Some("a b"), &order(&ticket, 1)).await;
+    assert_eq!(bad.status, 400);
+
+    let invalid = place(
+        &sys,
+        &alice,
+        "acme",
+        Some("k-2"),
+        &json!({"ticket_id": ticket, "quantity": 0, "email": "not-an-address"}).to_string(),
+    )
+    .await;
+    assert_eq!(invalid.status, 422);
+    let fields: Vec<&str> = invalid.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["quantity", "email"]);
+    let garbage = place(&sys, &alice, "acme", Some("k-2"), "{not json").await;
+    assert_eq!(garbage.status, 400);
+
+    // Validation failures are not stored: the key is still free.
+    let ok = place(&sys, &alice, "acme", Some("k-2"), &order(&ticket, 1)).await;
+    assert_eq!(ok.status, 201, "{:?}", ok.body);
+
+    // An unknown ticket is a final answer, stored and replayed.
+    let unknown = place(&sys, &alice, "acme", Some("k-3"), &order("tkt_unknown", 1)).await;
+    assert_eq!(unknown.status, 422, "{:?}", unknown.body);
+    let replayed = place(&sys, &alice, "acme", Some("k-3"), &order("tkt_unknown", 1)).await;
+    assert_eq!(replayed.status, 422);
+    assert_eq!(replayed.headers["idempotent-replayed"], "true");
+    assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_with_one_key_make_one_order() {
+    let sys = System::start("same-key", &[]).await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 100).await;
+    let body = order(&ticket, 1);
+    let answers = futures_join(20, |_| place(&sys, &alice, "acme", Some("same"), &body)).await;
+    let created: Vec<&Answer> = answers.iter().filter(|a| a.status == 201).collect();
+    let ids: std::collections::HashSet<&str> = created
+        .iter()
+        .map(|a| a.body["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "one order id in all 201s");
+    for a in &answers {
+        assert!(
+            a.status == 201 || (a.status == 409 && a.body["reason"] == "idempotency_key_in_use"),
+            "{} {:?}",
+            a.status,
+            a.body
+        );
+    }
+    assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 1);
+    assert_eq!(available(&sys, &alice, &ticket).await, 99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_tickets_are_never_oversold() {
+    let sys = System::start("oversell", &[]).await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 10).await;
+    let keys: Vec<String> = (0..50).map(|i| format!("buyer-{i}")).collect();
+    let body = order(&ticket, 1);
+    let answers = futures_join(50, |i| place(&sys, &alice, "acme", Some(&keys[i]), &body)).await;
+    let created = answers.iter().filter(|a| a.status == 201).count();
+    let sold_out = answers
+        .iter()
+        .filter(|a| a.status == 409 && a.body["reason"] == "sold_out")
+        .count();
+    assert_eq!(
+        (created, sold_out),
+        (10, 40),
+        "{:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 10);
+    assert_eq!(available(&sys, &alice, &ticket).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticketing_down_fails_fast_leaves_nothing_and_recovery_closes_the_breaker() {
+    let mut sys = System::start(
+        "ticketing-down",
+        &[
+            ("CHASSIS_DOWNSTREAM_TICKETING_RETRY_MAX_ATTEMPTS", "1"),
+            ("CHASSIS_DOWNSTREAM_TICKETING_BREAKER_WINDOW", "4"),
+            ("CHASSIS_DOWNSTREAM_TICKETING_BREAKER_MINIMUM_CALLS", "2"),
+            ("CHASSIS_DOWNSTREAM_TICKETING_BREAKER_WAIT_OPEN_MS", "500"),
+        ],
+    )
+    .await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 10).await;
+    sys.stop_ticketing().await;
+
+    for i in 0..4 {
+        let a = place(
+            &sys,
+            &alice,
+            "acme",
+            Some(&format!("down-{i}")),
+            &order(&ticket, 1),
+        )
+        .await;
+        assert_eq!(a.status, 503, "{:?}", a.body);
+        assert!(a.headers.contains_key("retry-after"));
+    }
+    let metrics = chassis::metrics::install_recorder().render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("circuit_breaker_state{")
+                && l.contains("name=\"ticketing\"")
+                && l.ends_with(" 1")),
+        "the breaker is open:\n{metrics}"
+    );
+    assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 0);
+    assert_eq!(sys.count("SELECT COUNT(*) FROM idempotency_keys").await, 0);
+
+    sys.restart_ticketing().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The same key works now: nothing was kept from the failed attempt.
+    let a = place(&sys, &alice, "acme", Some("down-0"), &order(&ticket, 1)).await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    let metrics = chassis::metrics::install_recorder().render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("circuit_breaker_state{")
+                && l.contains("name=\"ticketing\"")
+                && l.ends_with(" 0")),
+        "the breaker closed again:\n{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mail_down_orders_are_accepted_and_every_confirmation_arrives_once() {
+    let mut sys = System::start("mail-down", &[]).await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 50).await;
+    sys.stop_mail().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let a = place(
+            &sys,
+            &alice,
+            "acme",
+            Some(&format!("m-{i}")),
+            &order(&ticket, 1),
+        )
+        .await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+        ids.push(a.body["id"].as_str().unwrap().to_owned());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sys.mails().is_empty());
+    assert!(
+        sys.count(
+            "SELECT COUNT(*) FROM outbox WHERE kind = 'order.placed' AND delivered_at IS NULL"
+        )
+        .await
+            == 5
+    );
+
+    sys.restart_mail().await;
+    eventually("every confirmation", || async {
+        let mails = sys.mails();
+        ids.iter()
+            .all(|id| mails.iter().any(|m| m.contains(id.as_str())))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mails = sys.mails();
+    for id in &ids {
+        assert_eq!(
+            mails.iter().filter(|m| m.contains(id.as_str())).count(),
+            1,
+            "{id}"
+        );
+    }
+    assert_eq!(
+        sys.count("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_survive_a_restart() {
+    let mut sys = System::start("restart", &[]).await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 10).await;
+    let first = place(&sys, &alice, "acme", Some("r-1"), &order(&ticket, 1)).await;
+    assert_eq!(first.status, 201);
+    sys.restart_orders().await;
+    let again = place(&sys, &alice, "acme", Some("r-1"), &order(&ticket, 1)).await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body, first.body);
+    assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 1);
+}
+
+/// Runs `n` requests at once and collects their answers in order.
+async fn futures_join<F, Fut>(n: usize, f: F) -> Vec<Answer>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Answer>,
+{
+    futures::future::join_all((0..n).map(f)).await
+}

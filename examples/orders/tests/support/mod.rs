@@ -1,0 +1,380 @@
+//! The whole system in one test process: real auth, ticketing, mail and
+//! orders, each on its own loopback port with its own database in a fresh
+//! directory, talking HTTP to each other.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use chassis::{
+    ServiceBuilder,
+    client::{CallContext, Downstream},
+    config::{Config, Env, Reader},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+pub const ISSUER: &str = "http://auth.test";
+pub const AUDIENCE: &str = "chassis-demo";
+
+/// One running service.
+pub struct Node {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), chassis::service::ServeError>>>,
+}
+
+impl Node {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops it gracefully and waits.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+    }
+}
+
+/// Serves `builder` on `addr` (port 0 for any).
+pub async fn serve(builder: ServiceBuilder, config: Config, addr: SocketAddr) -> Node {
+    let listener = TcpListener::bind(addr).await.expect("bind");
+    serve_on(builder, config, listener).await
+}
+
+/// Serves `builder` on a bound listener.
+pub async fn serve_on(builder: ServiceBuilder, config: Config, listener: TcpListener) -> Node {
+    let addr = listener.local_addr().unwrap();
+    let service = builder.config(config).build().expect("service builds");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(service.serve_with(listener, async move {
+        let _ = rx.await;
+    }));
+    let node = Node {
+        addr,
+        stop: Some(tx),
+        task: Some(task),
+    };
+    wait_ready(&node.url()).await;
+    node
+}
+
+/// Polls `/health/ready` until 200.
+pub async fn wait_ready(base: &str) {
+    let probe = Downstream::builder("probe", base)
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    probe.breaker().disable(true);
+    let cx = CallContext::background();
+    let start = tokio::time::Instant::now();
+    while probe
+        .anonymous(&cx)
+        .get("/health/ready")
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{base} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Settings read from `pairs` as the service would read its environment.
+pub fn env(pairs: &[(String, String)]) -> Env {
+    Env::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+fn pairs(list: &[(&str, String)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("orders-test-{name}-{}", chassis::id::uuid_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The chassis settings of a service that trusts the test system's auth.
+fn verifying(auth: &str) -> Vec<(String, String)> {
+    pairs(&[
+        ("CHASSIS_AUTH_ISSUER", ISSUER.to_owned()),
+        ("CHASSIS_AUTH_AUDIENCE", AUDIENCE.to_owned()),
+        ("CHASSIS_AUTH_JWKS_URL", format!("{auth}/auth/v1/jwks")),
+        ("CHASSIS_AUTH_ALGORITHMS", "EdDSA".to_owned()),
+    ])
+}
+
+fn chassis_config(env: &Env) -> Config {
+    let mut r = Reader::new(env);
+    let c = Config::read(&mut r);
+    r.finish().expect("valid chassis settings");
+    c
+}
+
+pub struct System {
+    pub dir: PathBuf,
+    pub auth: Node,
+    pub ticketing: Node,
+    pub mail: Node,
+    pub orders: Node,
+    orders_env: Vec<(String, String)>,
+}
+
+impl System {
+    /// Starts the four services; `orders_env` adds or overrides orders'
+    /// settings.
+    pub async fn start(name: &str, orders_env: &[(&str, &str)]) -> Self {
+        let dir = temp_dir(name);
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+
+        // Auth checks tokens on its own routes with its own key set, so it
+        // must know where it listens before it starts.
+        let listener = TcpListener::bind(any).await.expect("bind");
+        let auth_url = format!("http://{}", listener.local_addr().unwrap());
+        let auth_env = env(&pairs(&[
+            ("AUTH_DATA_DIR", dir.join("auth").display().to_string()),
+            ("AUTH_ISSUER", ISSUER.to_owned()),
+            ("AUTH_AUDIENCE", AUDIENCE.to_owned()),
+            ("AUTH_PUBLIC_URL", auth_url),
+        ]));
+        let mut r = Reader::new(&auth_env);
+        let settings = auth::Settings::read(&mut r);
+        r.finish().expect("auth settings");
+        let auth = serve_on(
+            auth::app(settings).await.expect("auth starts"),
+            chassis_config(&auth_env),
+            listener,
+        )
+        .await;
+        let auth_url = auth.url();
+
+        let ticketing = start_ticketing(&dir, &auth_url, any).await;
+
+        let mail = start_mail(&dir, &auth_url, any).await;
+
+        let mut orders_pairs = verifying(&auth_url);
+        orders_pairs.extend(pairs(&[
+            ("ORDERS_DATA_DIR", dir.join("orders").display().to_string()),
+            (
+                "CHASSIS_CLIENT_TOKEN_URL",
+                format!("{auth_url}/auth/v1/token"),
+            ),
+            ("CHASSIS_CLIENT_ID", "orders".to_owned()),
+            ("CHASSIS_CLIENT_SECRET", "orders-secret".to_owned()),
+            ("CHASSIS_DOWNSTREAM_TICKETING_URL", ticketing.url()),
+            ("CHASSIS_DOWNSTREAM_MAIL_URL", mail.url()),
+            ("ORDERS_RELAY_POLL_MS", "50".to_owned()),
+            ("ORDERS_RELAY_RETRY_BASE_MS", "50".to_owned()),
+            ("ORDERS_RELAY_RETRY_MAX_MS", "500".to_owned()),
+        ]));
+        for (k, v) in orders_env {
+            orders_pairs.retain(|(key, _)| key != k);
+            orders_pairs.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        Self {
+            orders: start_orders(&orders_pairs, any).await,
+            dir,
+            auth,
+            ticketing,
+            mail,
+            orders_env: orders_pairs,
+        }
+    }
+
+    /// Stops ticketing (its port then refuses connections).
+    pub async fn stop_ticketing(&mut self) {
+        self.ticketing.stop().await;
+    }
+
+    /// Starts ticketing again on the same port and data.
+    pub async fn restart_ticketing(&mut self) {
+        self.ticketing = start_ticketing(&self.dir, &self.auth.url(), self.ticketing.addr).await;
+    }
+
+    /// Stops mail.
+    pub async fn stop_mail(&mut self) {
+        self.mail.stop().await;
+    }
+
+    /// Starts mail again on the same port and data.
+    pub async fn restart_mail(&mut self) {
+        self.mail = start_mail(&self.dir, &self.auth.url(), self.mail.addr).await;
+    }
+
+    /// Restarts orders on the same port and data (a new process would read
+    /// the same database).
+    pub async fn restart_orders(&mut self) {
+        self.orders.stop().await;
+        self.orders = start_orders(&self.orders_env, self.orders.addr).await;
+    }
+
+    /// The confirmation mails sent so far.
+    pub fn mails(&self) -> Vec<String> {
+        let dir = self.dir.join("mail").join("outbox");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect()
+    }
+
+    /// How many rows of orders' `table` match `filter` (SQL).
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        count_in(&self.dir.join("orders").join("orders.db"), sql).await
+    }
+}
+
+pub async fn count_in(db: &Path, sql: &'static str) -> i64 {
+    let pool = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(db)
+            .read_only(true),
+    )
+    .await
+    .expect("open the database");
+    let n: i64 = sqlx::query_scalar(sql)
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    pool.close().await;
+    n
+}
+
+async fn start_ticketing(dir: &Path, auth: &str, addr: SocketAddr) -> Node {
+    let mut p = verifying(auth);
+    p.extend(pairs(&[(
+        "TICKETING_DATA_DIR",
+        dir.join("ticketing").display().to_string(),
+    )]));
+    let e = env(&p);
+    let mut r = Reader::new(&e);
+    let settings = ticketing::Settings::read(&mut r);
+    r.finish().expect("ticketing settings");
+    serve(
+        ticketing::app(settings).await.expect("ticketing starts"),
+        chassis_config(&e),
+        addr,
+    )
+    .await
+}
+
+async fn start_orders(p: &[(String, String)], addr: SocketAddr) -> Node {
+    let e = env(p);
+    let mut r = Reader::new(&e);
+    let settings = orders::Settings::read(&mut r);
+    r.finish().expect("orders settings");
+    serve(
+        orders::app(settings.expect("orders settings"))
+            .await
+            .expect("orders starts"),
+        chassis_config(&e),
+        addr,
+    )
+    .await
+}
+
+/// An answer read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+/// Sends one request on a fresh connection.
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = client
+        .request(
+            req.body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_owned(),
+            )))
+            .unwrap(),
+        )
+        .await
+        .expect("request sent");
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let bytes = res
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A user's access token from auth's password grant.
+pub async fn login(auth: &str, user: &str) -> String {
+    let a = send(
+        "POST",
+        &format!("{auth}/auth/v1/token"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        &format!("grant_type=password&username={user}&password={user}-password"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "login of {user}: {:?}", a.body);
+    a.body["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn start_mail(dir: &Path, auth: &str, addr: SocketAddr) -> Node {
+    let mut p = verifying(auth);
+    p.extend(pairs(&[
+        ("MAIL_DATA_DIR", dir.join("mail").display().to_string()),
+        ("MAIL_POLL_MS", "50".to_owned()),
+        ("MAIL_RETRY_BASE_MS", "50".to_owned()),
+    ]));
+    let e = env(&p);
+    let mut r = Reader::new(&e);
+    let settings = mail::Settings::read(&mut r);
+    r.finish().expect("mail settings");
+    serve(
+        mail::app(settings).await.expect("mail starts"),
+        chassis_config(&e),
+        addr,
+    )
+    .await
+}
+
+/// Polls `f` until true, for at most 30 s.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
