@@ -45,7 +45,8 @@ async fn send(
 ) -> Result<Response, Problem> {
     let job = job::validate(&body).map_err(|errors| {
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
-            .with_detail("the mail job has invalid members; see `errors`")
+            .with_detail("Some fields are not valid; `errors` lists each of them.")
+            .with_member("reason", "invalid_fields")
             .with_member("errors", serde_json::to_value(errors).unwrap_or_default())
     })?;
     if job.correlation_id_rejected {

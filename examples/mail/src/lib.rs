@@ -30,6 +30,9 @@
 //! let env = Env::process();
 //! let mut r = Reader::new(&env);
 //! let config = Config::read(&mut r);
+//! if config.auth.is_none() {
+//!     r.problem("CHASSIS_AUTH_ISSUER", "required: every mail route requires a permission");
+//! }
 //! let settings = mail::Settings::read(&mut r);
 //! if let Err(e) = r.finish() {
 //!     e.exit();

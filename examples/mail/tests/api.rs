@@ -175,6 +175,31 @@ async fn the_same_message_id_three_times_is_one_mail_and_two_duplicates() {
         text.contains("mail_queue_depth{service=\"mail\"}"),
         "{text}"
     );
+
+    // Twenty callers at once with one new id: exactly one stores it.
+    let mut racers = Vec::new();
+    for _ in 0..20 {
+        let client = server.client();
+        let cx = cx.clone();
+        racers.push(tokio::spawn(async move {
+            client
+                .on_behalf_of(&cx)
+                .send(&job("evt-race", "alice@example.com"))
+                .await
+                .unwrap()
+                .duplicate
+        }));
+    }
+    let mut new = 0;
+    for r in racers {
+        new += usize::from(!r.await.unwrap());
+    }
+    assert_eq!(new, 1);
+    eventually("the raced message's file", || async {
+        dir.eml("evt-race").is_some()
+    })
+    .await;
+    assert_eq!(dir.outbox_files(), ["evt-dup.eml", "evt-race.eml"]);
     server.stop().await;
 }
 
@@ -196,6 +221,8 @@ async fn invalid_jobs_are_422_naming_every_field() {
     assert_eq!(status, 422);
     assert_eq!(problem["status"], 422);
     assert_eq!(problem["correlation_id"], "corr-invalid");
+    assert_eq!(problem["reason"], "invalid_fields");
+    assert_eq!(problem["type"], "urn:chassis:problem:unprocessable-content");
     let fields: BTreeSet<&str> = problem["errors"]
         .as_array()
         .unwrap()

@@ -153,10 +153,16 @@ fn bad_settings_exit_78_listing_every_problem_without_the_password() {
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.starts_with("invalid configuration (4 problems):"),
+        stderr.starts_with("invalid configuration (5 problems):"),
         "{stderr}"
     );
-    for name in ["CHASSIS_BIND", "MAIL_SMTP_URL", "MAIL_WORKERS", "MAIL_FROM"] {
+    for name in [
+        "CHASSIS_BIND",
+        "CHASSIS_AUTH_ISSUER",
+        "MAIL_SMTP_URL",
+        "MAIL_WORKERS",
+        "MAIL_FROM",
+    ] {
         assert!(stderr.contains(name), "{name} missing: {stderr}");
     }
     assert!(!stderr.contains("hunter2"), "{stderr}");
@@ -170,10 +176,13 @@ fn an_unusable_data_directory_stops_start_up() {
     std::fs::write(&file, "not a directory").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mail"))
         .env("CHASSIS_BIND", "127.0.0.1:0")
+        .env("CHASSIS_AUTH_ISSUER", "https://issuer.test")
+        .env("CHASSIS_AUTH_AUDIENCE", "chassis-test")
+        .env("CHASSIS_AUTH_JWKS_URL", "http://127.0.0.1:9/jwks")
         .env("MAIL_DATA_DIR", &file)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.starts_with("cannot start:"), "{stderr}");
+    assert!(stderr.starts_with("mail cannot start:"), "{stderr}");
 }
