@@ -1,0 +1,283 @@
+//! The customer journey: log in, create a ticket product, order it, get the
+//! confirmation mail. Every call goes through the services' own driver
+//! clients, on behalf of the user.
+
+use std::{fmt, time::Duration};
+
+use chassis::{
+    auth::Verifier,
+    client::{CallContext, Downstream},
+    permission::AccountId,
+};
+use time::{Date, Month};
+
+use crate::system::{AUDIENCE, Endpoints};
+
+/// Why the journey failed: the step and what went wrong.
+#[derive(Debug)]
+pub struct JourneyError {
+    /// The step, e.g. `log in as alice`.
+    pub step: &'static str,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl fmt::Display for JourneyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.step, self.message)
+    }
+}
+
+impl std::error::Error for JourneyError {}
+
+fn step<T, E: fmt::Display>(step: &'static str, r: Result<T, E>) -> Result<T, JourneyError> {
+    r.map_err(|e| JourneyError {
+        step,
+        message: e.to_string(),
+    })
+}
+
+/// What a successful journey did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Alice's access token.
+    pub token: String,
+    /// The ticket product created.
+    pub ticket_id: String,
+    /// The order placed.
+    pub order_id: String,
+    /// The confirmation mail written.
+    pub mail: std::path::PathBuf,
+    /// How long it took.
+    pub took: Duration,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "  logged in as alice")?;
+        writeln!(f, "  created ticket product {}", self.ticket_id)?;
+        writeln!(f, "  placed order {}", self.order_id)?;
+        writeln!(f, "  confirmation mail: {}", self.mail.display())?;
+        write!(f, "  in {:.2} s", self.took.as_secs_f64())
+    }
+}
+
+fn downstream(name: &str, url: &str) -> Result<Downstream, JourneyError> {
+    step(
+        "configure the clients",
+        Downstream::builder(name, url)
+            .deadline(Duration::from_secs(10))
+            .build(),
+    )
+}
+
+fn date(year: i32, month: Month, day: u8) -> Date {
+    Date::from_calendar_date(year, month, day).unwrap_or(Date::MIN)
+}
+
+/// Logs in as alice and returns a context acting on her behalf.
+async fn login(e: &Endpoints) -> Result<(String, CallContext), JourneyError> {
+    let cx = CallContext::background();
+    let auth = auth::client::AuthClient::new(downstream("auth", &e.auth)?);
+    let tokens = step(
+        "log in as alice",
+        auth.password_login(&cx, "alice", "alice-password").await,
+    )?;
+    let verifier = step(
+        "load auth's keys",
+        Verifier::builder()
+            .jwks(e.issuer(), AUDIENCE, &format!("{}/auth/v1/jwks", e.auth))
+            .build(),
+    )?;
+    let alice = step(
+        "verify alice's token",
+        verifier.verify_token(&tokens.access_token).await,
+    )?;
+    Ok((tokens.access_token, cx.with_principal(alice)))
+}
+
+/// Runs the journey once: log in, create a product, place an order, wait
+/// for the confirmation mail and the order's confirmation.
+///
+/// # Errors
+///
+/// The first step that failed.
+pub async fn run(e: &Endpoints) -> Result<Report, JourneyError> {
+    let start = tokio::time::Instant::now();
+    let (token, cx) = login(e).await?;
+    let acme = step("name the account", AccountId::parse("acme"))?;
+    let ticketing = ticketing::client::TicketingClient::new(downstream("ticketing", &e.ticketing)?);
+    let ticket = step(
+        "create a ticket product",
+        ticketing
+            .on_behalf_of(&cx)
+            .create_ticket(
+                &acme,
+                &ticketing::client::NewTicket {
+                    name: "Day pass".to_owned(),
+                    price_minor: 4500,
+                    currency: "EUR".to_owned(),
+                    capacity: 100,
+                    valid_from: date(2026, Month::December, 1),
+                    valid_until: date(2027, Month::April, 30),
+                },
+            )
+            .await,
+    )?;
+    let orders = orders::OrdersClient::new(downstream("orders", &e.orders)?);
+    let key = format!("journey-{}", chassis::id::uuid_v7());
+    let placed = step(
+        "place an order",
+        orders
+            .on_behalf_of(&cx)
+            .place(
+                "acme",
+                &orders::NewOrder {
+                    ticket_id: ticket.id.clone(),
+                    quantity: 2,
+                    email: "alice@example.com".to_owned(),
+                },
+                &key,
+            )
+            .await,
+    )?;
+    let order_id = placed.order.id;
+    let mail = step(
+        "receive the confirmation mail",
+        wait_for_mail(e, &order_id, Duration::from_secs(30)).await,
+    )?;
+    step(
+        "see the order confirmed",
+        wait_confirmed(&orders, &cx, &order_id, Duration::from_secs(30)).await,
+    )?;
+    Ok(Report {
+        token,
+        ticket_id: ticket.id,
+        order_id,
+        mail,
+        took: start.elapsed(),
+    })
+}
+
+/// Waits for a mail in mail's outbox that names the order.
+async fn wait_for_mail(
+    e: &Endpoints,
+    order_id: &str,
+    limit: Duration,
+) -> Result<std::path::PathBuf, String> {
+    let dir = e.data.join("mail").join("outbox");
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Ok(mut entries) = tokio::fs::read_dir(&dir).await {
+            while let Ok(Some(entry)) = entries.next_entry().await {
+                let path = entry.path();
+                if path.extension().is_some_and(|x| x == "eml")
+                    && tokio::fs::read_to_string(&path)
+                        .await
+                        .is_ok_and(|text| text.contains(order_id))
+                {
+                    return Ok(path);
+                }
+            }
+        }
+        if start.elapsed() > limit {
+            return Err(format!(
+                "no mail naming {order_id} in {} after {} s",
+                dir.display(),
+                limit.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_confirmed(
+    orders: &orders::OrdersClient,
+    cx: &CallContext,
+    order_id: &str,
+    limit: Duration,
+) -> Result<(), String> {
+    let start = tokio::time::Instant::now();
+    loop {
+        match orders.on_behalf_of(cx).get("acme", order_id).await {
+            Ok(o) if o.status == orders::OrderStatus::Confirmed => return Ok(()),
+            Ok(o) if start.elapsed() > limit => {
+                return Err(format!("still {:?} after {} s", o.status, limit.as_secs()));
+            }
+            Err(e) if start.elapsed() > limit => return Err(e.to_string()),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// What `demo` prints once the system is up.
+#[derive(Debug, Clone)]
+pub struct Intro {
+    /// Alice's token.
+    pub token: String,
+    /// A ticket product to order.
+    pub ticket_id: String,
+}
+
+/// Logs in and creates a product to order, for the printed instructions.
+///
+/// # Errors
+///
+/// A step failed.
+pub async fn prepare(e: &Endpoints) -> Result<Intro, JourneyError> {
+    let report = run(e).await?;
+    Ok(Intro {
+        token: report.token,
+        ticket_id: report.ticket_id,
+    })
+}
+
+/// The ready-to-paste journey.
+pub fn instructions(e: &Endpoints, intro: &Intro) -> String {
+    format!(
+        r#"The system is up.
+
+  auth       {auth}      (JWKS: {auth}/auth/v1/jwks)
+  ticketing  {ticketing}
+  orders     {orders}
+  mail       {mail}      (sent mail: {outbox})
+  each one:  /health/live  /health/ready  /metrics  /info
+  logs:      {logs}
+
+Alice's token (15 minutes; get another with the first command):
+
+  TOKEN={token}
+
+The journey:
+
+  # log in (password grant)
+  TOKEN=$(curl -s {auth}/auth/v1/token -d grant_type=password -d username=alice -d password=alice-password | sed 's/.*"access_token":"\([^"]*\)".*/\1/')
+
+  # create a ticket product in account acme
+  curl -s {ticketing}/ticketing/v1/acme/tickets -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+    -d '{{"name":"Season pass","price_minor":59000,"currency":"EUR","capacity":50,"valid_from":"2026-12-01","valid_until":"2027-04-30"}}'
+
+  # order 2 of the demo's day pass (send it twice: the same key gives the same order)
+  curl -si {orders}/orders/v1/acme/orders -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+    -H 'idempotency-key: my-first-order' -d '{{"ticket_id":"{ticket}","quantity":2,"email":"alice@example.com"}}'
+
+  # list the orders, then read the confirmation mail
+  curl -s {orders}/orders/v1/acme/orders -H "authorization: Bearer $TOKEN"
+  ls {outbox}
+
+  # bob may not see acme's orders: 403
+  curl -si {orders}/orders/v1/acme/orders -H "authorization: Bearer $(curl -s {auth}/auth/v1/token -d grant_type=password -d username=bob -d password=bob-password | sed 's/.*"access_token":"\([^"]*\)".*/\1/')"
+
+The synthetic monitor runs this journey every minute: see synthetic_journey_* at http://127.0.0.1:{demo_port}/metrics.
+Press Ctrl-C to stop."#,
+        auth = e.auth,
+        ticketing = e.ticketing,
+        orders = e.orders,
+        mail = e.mail,
+        outbox = e.data.join("mail").join("outbox").display(),
+        logs = e.data.join("logs").display(),
+        token = intro.token,
+        ticket = intro.ticket_id,
+        demo_port = std::env::var("DEMO_PORT").unwrap_or_else(|_| "8080".to_owned()),
+    )
+}

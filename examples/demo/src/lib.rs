@@ -1,0 +1,120 @@
+//! The exemplar system in one command: starts auth, ticketing, orders and
+//! mail as four processes on loopback, each with its own database under the
+//! data directory, and shows the journey a customer takes.
+//!
+//! Each service runs in its own process (this binary, started with
+//! `--serve <name>`), exactly as it runs on its own: its own settings, its
+//! own metrics registry and logs, its own database file. Their logs go to
+//! `<data>/logs/<name>.log`.
+//!
+//! | service | port | variable to move it |
+//! |---|---|---|
+//! | auth | 8081 | `DEMO_AUTH_PORT` |
+//! | ticketing | 8082 | `DEMO_TICKETING_PORT` |
+//! | orders | 8083 | `DEMO_ORDERS_PORT` |
+//! | mail | 8084 | `DEMO_MAIL_PORT` |
+//! | the demo's own `/metrics` and health (the synthetic monitor) | 8080 | `DEMO_PORT` |
+//!
+//! The synthetic monitor runs the journey every `DEMO_MONITOR_SECS` (60 by
+//! default) and exports `synthetic_journey_runs_total{outcome}` and
+//! `synthetic_journey_duration_seconds` at `http://127.0.0.1:8080/metrics`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+pub mod journey;
+pub mod serve;
+pub mod system;
+
+/// The command line.
+pub const USAGE: &str =
+    "usage: demo [--smoke] [--data <dir>] | demo --serve <auth|ticketing|orders|mail>
+
+  demo              start the system on 127.0.0.1:8081-8084, data in ./data
+  demo --smoke      start it on free ports with a fresh data directory,
+                    run the journey once, exit 0 (it worked) or 1
+  demo --data DIR   keep the data in DIR";
+
+fn port(var: &str, default: u16) -> u16 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Starts the system with fixed ports and data in `data`, prints the
+/// journey, runs the monitor until Ctrl-C or SIGTERM, then stops every
+/// service gracefully.
+pub async fn run(data: PathBuf) -> ExitCode {
+    let ports = system::Ports {
+        auth: port("DEMO_AUTH_PORT", 8081),
+        ticketing: port("DEMO_TICKETING_PORT", 8082),
+        orders: port("DEMO_ORDERS_PORT", 8083),
+        mail: port("DEMO_MAIL_PORT", 8084),
+    };
+    let mut system = match system::System::start(&data, ports).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let endpoints = system.endpoints();
+    match journey::prepare(&endpoints).await {
+        Ok(intro) => println!("{}", journey::instructions(&endpoints, &intro)),
+        Err(e) => eprintln!("demo: the system started, but the first journey failed: {e}"),
+    }
+    let monitor_every = Duration::from_secs(
+        std::env::var("DEMO_MONITOR_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60)
+            .max(1),
+    );
+    let code = serve::monitor(endpoints, port("DEMO_PORT", 8080), monitor_every).await;
+    system.stop().await;
+    code
+}
+
+/// Starts the system on free ports, runs the journey once, stops it.
+pub async fn smoke(data: Option<PathBuf>) -> ExitCode {
+    let (data, fresh) = match data {
+        Some(d) => (d, false),
+        None => (
+            std::env::temp_dir().join(format!("chassis-demo-smoke-{}", chassis::id::uuid_v7())),
+            true,
+        ),
+    };
+    let ports = match system::Ports::free() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("smoke: no free ports: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut system = match system::System::start(&data, ports).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("smoke: FAILED to start the system: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = journey::run(&system.endpoints()).await;
+    system.stop().await;
+    let code = match result {
+        Ok(report) => {
+            println!("smoke: ok\n{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "smoke: FAILED: {e}\n(logs in {})",
+                data.join("logs").display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if fresh {
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    code
+}

@@ -1,0 +1,264 @@
+//! Starting and stopping the four services as processes.
+
+use std::{
+    fs::OpenOptions,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use chassis::client::{CallContext, Downstream};
+use tokio::process::{Child, Command};
+
+/// The services, in start order (auth first: the others load its keys).
+pub const SERVICES: [&str; 4] = ["auth", "ticketing", "mail", "orders"];
+
+/// The audience of every token in the demo.
+pub const AUDIENCE: &str = "chassis-demo";
+
+/// The demo's client secret for orders (seeded by auth in demo mode).
+const ORDERS_SECRET: &str = "orders-secret";
+
+/// Where each service listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// auth.
+    pub auth: u16,
+    /// ticketing.
+    pub ticketing: u16,
+    /// orders.
+    pub orders: u16,
+    /// mail.
+    pub mail: u16,
+}
+
+impl Ports {
+    /// Four ports free now on loopback.
+    ///
+    /// # Errors
+    ///
+    /// No port could be bound.
+    pub fn free() -> std::io::Result<Self> {
+        // Held together so that the four differ.
+        let l: Vec<TcpListener> = (0..4)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<_, _>>()?;
+        let p = |i: usize| l[i].local_addr().map(|a| a.port());
+        Ok(Self {
+            auth: p(0)?,
+            ticketing: p(1)?,
+            orders: p(2)?,
+            mail: p(3)?,
+        })
+    }
+
+    fn of(&self, service: &str) -> u16 {
+        match service {
+            "auth" => self.auth,
+            "ticketing" => self.ticketing,
+            "orders" => self.orders,
+            _ => self.mail,
+        }
+    }
+}
+
+/// The base URL of each service, and the data directory.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// auth.
+    pub auth: String,
+    /// ticketing.
+    pub ticketing: String,
+    /// orders.
+    pub orders: String,
+    /// mail.
+    pub mail: String,
+    /// The data directory (mail's sent messages are under `mail/outbox`).
+    pub data: PathBuf,
+}
+
+impl Endpoints {
+    /// The issuer of the demo's tokens.
+    pub fn issuer(&self) -> &str {
+        &self.auth
+    }
+}
+
+/// The running services.
+#[derive(Debug)]
+pub struct System {
+    children: Vec<(&'static str, Child)>,
+    endpoints: Endpoints,
+}
+
+/// Why the system did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file or process could not be created.
+    #[error("{0}")]
+    Io(String),
+    /// A service did not become ready.
+    #[error("{service} did not become ready within {secs} s (its log: {log})")]
+    NotReady {
+        /// The service.
+        service: &'static str,
+        /// How long it was given.
+        secs: u64,
+        /// Its log file.
+        log: String,
+    },
+}
+
+/// The environment of one service's process.
+fn env_of(service: &str, ports: Ports, data: &Path) -> Vec<(String, String)> {
+    let url = |port: u16| format!("http://127.0.0.1:{port}");
+    let auth = url(ports.auth);
+    let mut env = vec![
+        (
+            "CHASSIS_BIND".to_owned(),
+            format!("127.0.0.1:{}", ports.of(service)),
+        ),
+        ("CHASSIS_SHUTDOWN_GRACE_SECS".to_owned(), "10".to_owned()),
+        (
+            format!("{}_DATA_DIR", service.to_ascii_uppercase()),
+            data.join(service).display().to_string(),
+        ),
+    ];
+    let mut set = |k: &str, v: String| env.push((k.to_owned(), v));
+    if service == "auth" {
+        set("AUTH_ISSUER", auth.clone());
+        set("AUTH_PUBLIC_URL", auth.clone());
+        set("AUTH_AUDIENCE", AUDIENCE.to_owned());
+    } else {
+        set("CHASSIS_AUTH_ISSUER", auth.clone());
+        set("CHASSIS_AUTH_AUDIENCE", AUDIENCE.to_owned());
+        set("CHASSIS_AUTH_JWKS_URL", format!("{auth}/auth/v1/jwks"));
+        set("CHASSIS_AUTH_ALGORITHMS", "EdDSA".to_owned());
+    }
+    if service == "orders" {
+        set("CHASSIS_CLIENT_TOKEN_URL", format!("{auth}/auth/v1/token"));
+        set("CHASSIS_CLIENT_ID", "orders".to_owned());
+        set("CHASSIS_CLIENT_SECRET", ORDERS_SECRET.to_owned());
+        set("CHASSIS_DOWNSTREAM_TICKETING_URL", url(ports.ticketing));
+        set("CHASSIS_DOWNSTREAM_MAIL_URL", url(ports.mail));
+    }
+    env
+}
+
+impl System {
+    /// Starts every service with data under `data` and waits until each is
+    /// ready.
+    ///
+    /// # Errors
+    ///
+    /// A process could not be started, or did not become ready in time.
+    pub async fn start(data: &Path, ports: Ports) -> Result<Self, StartError> {
+        let io = |what: &str, e: std::io::Error| StartError::Io(format!("{what}: {e}"));
+        let logs = data.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| io("cannot create the data directory", e))?;
+        let exe = std::env::current_exe().map_err(|e| io("cannot find the demo binary", e))?;
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let endpoints = Endpoints {
+            auth: url(ports.auth),
+            ticketing: url(ports.ticketing),
+            orders: url(ports.orders),
+            mail: url(ports.mail),
+            data: data.to_owned(),
+        };
+        let mut system = Self {
+            children: Vec::new(),
+            endpoints,
+        };
+        for service in SERVICES {
+            let log_path = logs.join(format!("{service}.log"));
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| io("cannot open a log file", e))?;
+            let err = log
+                .try_clone()
+                .map_err(|e| io("cannot open a log file", e))?;
+            let child = Command::new(&exe)
+                .args(["--serve", service])
+                .envs(env_of(service, ports, data))
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(err)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| io(&format!("cannot start {service}"), e))?;
+            system.children.push((service, child));
+            let base = url(ports.of(service));
+            if let Err(secs) = wait_ready(&base, Duration::from_secs(60)).await {
+                system.stop().await;
+                return Err(StartError::NotReady {
+                    service,
+                    secs,
+                    log: log_path.display().to_string(),
+                });
+            }
+        }
+        Ok(system)
+    }
+
+    /// The URLs.
+    pub fn endpoints(&self) -> Endpoints {
+        self.endpoints.clone()
+    }
+
+    /// Sends SIGTERM to every service (the last started first) and waits for
+    /// each to exit, killing what is still running after 20 s.
+    pub async fn stop(&mut self) {
+        for (_, child) in self.children.iter().rev() {
+            if let Some(pid) = child
+                .id()
+                .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
+        for (name, child) in &mut self.children {
+            match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) => eprintln!("demo: {name} exited with {status}"),
+                Ok(Err(e)) => eprintln!("demo: cannot wait for {name}: {e}"),
+                Err(_) => {
+                    eprintln!("demo: {name} did not stop in time; killing it");
+                    let _ = child.kill().await;
+                }
+            }
+        }
+        self.children.clear();
+    }
+}
+
+/// Polls `<base>/health/ready` until it answers 200; `Err` with the seconds
+/// waited otherwise.
+async fn wait_ready(base: &str, limit: Duration) -> Result<(), u64> {
+    let probe = Downstream::builder("readiness", base)
+        .max_attempts(1)
+        .attempt_timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|_| 0u64)?;
+    // Refused connections are expected while the service starts.
+    probe.breaker().disable(true);
+    let cx = CallContext::background();
+    let start = tokio::time::Instant::now();
+    loop {
+        if probe
+            .anonymous(&cx)
+            .get("/health/ready")
+            .send()
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
