@@ -90,6 +90,8 @@ impl Endpoints {
 pub struct System {
     children: Vec<(&'static str, Child)>,
     endpoints: Endpoints,
+    ports: Ports,
+    exe: PathBuf,
 }
 
 /// Why the system did not start.
@@ -136,6 +138,10 @@ fn env_of(service: &str, ports: Ports, data: &Path) -> Vec<(String, String)> {
         set("CHASSIS_AUTH_JWKS_URL", format!("{auth}/auth/v1/jwks"));
         set("CHASSIS_AUTH_ALGORITHMS", "EdDSA".to_owned());
     }
+    if service == "mail" {
+        // A message whose worker died is sent again after this long.
+        set("MAIL_LEASE_SECS", "10".to_owned());
+    }
     if service == "orders" {
         set("CHASSIS_CLIENT_TOKEN_URL", format!("{auth}/auth/v1/token"));
         set("CHASSIS_CLIENT_ID", "orders".to_owned());
@@ -154,10 +160,21 @@ impl System {
     ///
     /// A process could not be started, or did not become ready in time.
     pub async fn start(data: &Path, ports: Ports) -> Result<Self, StartError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| StartError::Io(format!("cannot find the demo binary: {e}")))?;
+        Self::start_with(&exe, data, ports).await
+    }
+
+    /// [`start`](Self::start), running the services with the demo binary at
+    /// `exe` (for tests, whose own binary is not the demo).
+    ///
+    /// # Errors
+    ///
+    /// A process could not be started, or did not become ready in time.
+    pub async fn start_with(exe: &Path, data: &Path, ports: Ports) -> Result<Self, StartError> {
         let io = |what: &str, e: std::io::Error| StartError::Io(format!("{what}: {e}"));
         let logs = data.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| io("cannot create the data directory", e))?;
-        let exe = std::env::current_exe().map_err(|e| io("cannot find the demo binary", e))?;
         let url = |port: u16| format!("http://127.0.0.1:{port}");
         let endpoints = Endpoints {
             auth: url(ports.auth),
@@ -169,38 +186,63 @@ impl System {
         let mut system = Self {
             children: Vec::new(),
             endpoints,
+            ports,
+            exe: exe.to_owned(),
         };
         for service in SERVICES {
-            let log_path = logs.join(format!("{service}.log"));
-            let log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .map_err(|e| io("cannot open a log file", e))?;
-            let err = log
-                .try_clone()
-                .map_err(|e| io("cannot open a log file", e))?;
-            let child = Command::new(&exe)
-                .args(["--serve", service])
-                .envs(env_of(service, ports, data))
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(err)
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| io(&format!("cannot start {service}"), e))?;
+            let child = spawn(&system.exe, service, ports, data)?;
             system.children.push((service, child));
-            let base = url(ports.of(service));
-            if let Err(secs) = wait_ready(&base, Duration::from_secs(60)).await {
+            if let Err(secs) = wait_ready(&system.url_of(service), Duration::from_secs(60)).await {
                 system.stop().await;
                 return Err(StartError::NotReady {
                     service,
                     secs,
-                    log: log_path.display().to_string(),
+                    log: logs.join(format!("{service}.log")).display().to_string(),
                 });
             }
         }
         Ok(system)
+    }
+
+    /// Kills `service` with SIGKILL, as a crash would, and waits for it.
+    pub async fn kill(&mut self, service: &str) {
+        if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| *n == service) {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts `service` again, on its port and data, and waits until it is
+    /// ready.
+    ///
+    /// # Errors
+    ///
+    /// It could not be started or did not become ready.
+    pub async fn restart(&mut self, service: &'static str) -> Result<(), StartError> {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| *n == service)
+            .ok_or_else(|| StartError::Io(format!("no service {service}")))?;
+        let _ = self.children[i].1.kill().await;
+        let child = spawn(&self.exe, service, self.ports, &self.endpoints.data)?;
+        self.children[i].1 = child;
+        wait_ready(&self.url_of(service), Duration::from_secs(60))
+            .await
+            .map_err(|secs| StartError::NotReady {
+                service,
+                secs,
+                log: self
+                    .endpoints
+                    .data
+                    .join("logs")
+                    .join(format!("{service}.log"))
+                    .display()
+                    .to_string(),
+            })
+    }
+
+    fn url_of(&self, service: &str) -> String {
+        format!("http://127.0.0.1:{}", self.ports.of(service))
     }
 
     /// The URLs.
@@ -232,6 +274,34 @@ impl System {
         }
         self.children.clear();
     }
+}
+
+/// Starts `service` as a child process logging to `<data>/logs/<service>.log`.
+fn spawn(
+    exe: &Path,
+    service: &'static str,
+    ports: Ports,
+    data: &Path,
+) -> Result<Child, StartError> {
+    let io = |what: &str, e: std::io::Error| StartError::Io(format!("{what}: {e}"));
+    let log_path = data.join("logs").join(format!("{service}.log"));
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| io("cannot open a log file", e))?;
+    let err = log
+        .try_clone()
+        .map_err(|e| io("cannot open a log file", e))?;
+    Command::new(exe)
+        .args(["--serve", service])
+        .envs(env_of(service, ports, data))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| io(&format!("cannot start {service}"), e))
 }
 
 /// Polls `<base>/health/ready` until it answers 200; `Err` with the seconds

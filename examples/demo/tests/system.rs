@@ -1,0 +1,250 @@
+//! The four services as real processes: the smoke run, and crashes (SIGKILL)
+//! in the middle of the work, after which nothing is lost and nothing is
+//! sent twice.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use chassis::{
+    auth::Verifier,
+    client::{CallContext, Downstream},
+    permission::AccountId,
+};
+use demo::system::{AUDIENCE, Endpoints, Ports, System};
+use orders::{NewOrder, OrdersClient};
+use ticketing::client::{NewTicket, TicketingClient};
+use time::{Date, Month};
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_demo"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("demo-test-{name}-{}", chassis::id::uuid_v7()))
+}
+
+async fn start(name: &str) -> System {
+    System::start_with(&exe(), &temp_dir(name), Ports::free().unwrap())
+        .await
+        .expect("the system starts")
+}
+
+fn downstream(name: &str, url: &str) -> Downstream {
+    Downstream::builder(name, url)
+        .deadline(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Alice, logged in through auth, as a context for calls on her behalf.
+async fn alice(e: &Endpoints) -> CallContext {
+    let cx = CallContext::background();
+    let tokens = auth::client::AuthClient::new(downstream("auth", &e.auth))
+        .password_login(&cx, "alice", "alice-password")
+        .await
+        .expect("alice logs in");
+    let verifier = Verifier::builder()
+        .jwks(e.issuer(), AUDIENCE, &format!("{}/auth/v1/jwks", e.auth))
+        .build()
+        .unwrap();
+    let principal = verifier.verify_token(&tokens.access_token).await.unwrap();
+    cx.with_principal(principal)
+}
+
+async fn product(e: &Endpoints, cx: &CallContext, capacity: u32) -> String {
+    let date = |y, m, d| Date::from_calendar_date(y, m, d).unwrap();
+    TicketingClient::new(downstream("ticketing", &e.ticketing))
+        .on_behalf_of(cx)
+        .create_ticket(
+            &AccountId::parse("acme").unwrap(),
+            &NewTicket {
+                name: "Day pass".to_owned(),
+                price_minor: 4500,
+                currency: "EUR".to_owned(),
+                capacity,
+                valid_from: date(2026, Month::December, 1),
+                valid_until: date(2027, Month::April, 30),
+            },
+        )
+        .await
+        .expect("product created")
+        .id
+}
+
+async fn available(e: &Endpoints, cx: &CallContext, ticket: &str) -> u32 {
+    TicketingClient::new(downstream("ticketing", &e.ticketing))
+        .on_behalf_of(cx)
+        .get_ticket(&AccountId::parse("acme").unwrap(), ticket)
+        .await
+        .expect("ticket read")
+        .available
+}
+
+/// Places an order, retrying with the same key until it is accepted, as a
+/// careful client does.
+async fn place(orders: &OrdersClient, cx: &CallContext, ticket: &str, key: &str) -> String {
+    let order = NewOrder {
+        ticket_id: ticket.to_owned(),
+        quantity: 1,
+        email: "alice@example.com".to_owned(),
+    };
+    let start = tokio::time::Instant::now();
+    loop {
+        match orders.on_behalf_of(cx).place("acme", &order, key).await {
+            Ok(placed) => return placed.order.id,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(90),
+                    "order {key} never accepted: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The mails in mail's outbox, by file.
+fn mails(data: &Path) -> Vec<String> {
+    std::fs::read_dir(data.join("mail").join("outbox"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every order has exactly one mail, then checks it stays so.
+async fn every_order_mailed_once(data: &Path, ids: &HashSet<String>) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let all = mails(data);
+        let done = ids
+            .iter()
+            .all(|id| all.iter().filter(|m| m.contains(id.as_str())).count() == 1);
+        if done {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "not every order mailed once: {} mails for {} orders",
+            all.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = mails(data);
+    for id in ids {
+        assert_eq!(
+            all.iter().filter(|m| m.contains(id.as_str())).count(),
+            1,
+            "{id}"
+        );
+    }
+}
+
+#[test]
+fn smoke_exits_zero() {
+    let out = std::process::Command::new(exe())
+        .arg("--smoke")
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo --smoke failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("smoke: ok"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_killed_mid_flight_loses_nothing_and_reserves_nothing_twice() {
+    let mut system = start("kill-orders").await;
+    let e = system.endpoints();
+    let cx = alice(&e).await;
+    let ticket = product(&e, &cx, 100).await;
+    let orders = OrdersClient::new(downstream("orders", &e.orders));
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let placing = {
+        let (orders, cx, ticket) = (orders.clone(), cx.clone(), ticket.clone());
+        tokio::spawn(async move {
+            let mut ids = HashMap::new();
+            for i in 0..12 {
+                let key = format!("e2e-{i}");
+                let id = place(&orders, &cx, &ticket, &key).await;
+                let _ = tx.send(i);
+                ids.insert(key, id);
+            }
+            ids
+        })
+    };
+    // Crash orders after the fourth order, while the client keeps going.
+    while let Some(i) = rx.recv().await {
+        if i == 3 {
+            break;
+        }
+    }
+    system.kill("orders").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    system.restart("orders").await.expect("orders restarts");
+
+    let ids = placing.await.unwrap();
+    let unique: HashSet<String> = ids.values().cloned().collect();
+    assert_eq!(unique.len(), 12, "one order per key");
+    // Every key replays its own order.
+    let order = NewOrder {
+        ticket_id: ticket.clone(),
+        quantity: 1,
+        email: "alice@example.com".to_owned(),
+    };
+    let replay = orders
+        .on_behalf_of(&cx)
+        .place("acme", &order, "e2e-3")
+        .await
+        .unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.order.id, ids["e2e-3"]);
+    assert_eq!(
+        orders.on_behalf_of(&cx).list("acme").await.unwrap().len(),
+        12
+    );
+
+    every_order_mailed_once(&e.data, &unique).await;
+    // No reservation was made twice or left behind: 12 places taken.
+    let start = tokio::time::Instant::now();
+    while available(&e, &cx, &ticket).await != 88 {
+        assert!(start.elapsed() < Duration::from_secs(60), "capacity leaked");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_killed_mid_flight_sends_every_confirmation_once() {
+    let mut system = start("kill-mail").await;
+    let e = system.endpoints();
+    let cx = alice(&e).await;
+    let ticket = product(&e, &cx, 100).await;
+    let orders = OrdersClient::new(downstream("orders", &e.orders));
+
+    let mut ids = HashSet::new();
+    for i in 0..10 {
+        ids.insert(place(&orders, &cx, &ticket, &format!("mail-{i}")).await);
+        if i == 2 {
+            system.kill("mail").await;
+        }
+    }
+    // Orders were accepted while mail was down; the relay waits for it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    system.restart("mail").await.expect("mail restarts");
+    every_order_mailed_once(&e.data, &ids).await;
+    system.stop().await;
+}
