@@ -163,6 +163,21 @@ impl Worker {
     async fn attempt(&self, m: Leased, stop: &CancellationToken) {
         let failures = u32::try_from(m.attempts).unwrap_or(u32::MAX);
         let attempt = failures.saturating_add(1);
+        if stop.is_cancelled() {
+            // Shutdown came while the message was being leased: give it
+            // back rather than start a send that may be cut.
+            match self.store.release(&m.message_id, &self.owner).await {
+                Ok(_) => {
+                    tracing::info!(message_id = %m.message_id, "shutting down: message given back untried")
+                }
+                Err(e) => tracing::warn!(
+                    message_id = %m.message_id,
+                    error = %e,
+                    "shutting down: cannot give the message back; it is sent when its lease expires"
+                ),
+            }
+            return;
+        }
         let email = match self.build(&m) {
             Ok(email) => email,
             Err(reason) => {

@@ -56,6 +56,8 @@ use chassis::{
 use lettre::Address;
 use tokio::sync::Notify;
 
+use crate::{api::AppState, delivery::Worker, store::Store, transport::Transport};
+
 mod api;
 pub mod client;
 pub mod delivery;
@@ -68,8 +70,6 @@ mod transport;
 
 pub use delivery::RetryPolicy;
 pub use transport::SmtpRelay;
-
-use crate::{api::AppState, delivery::Worker, store::Store, transport::Transport};
 
 /// The name of the directory of the file transport, in the data directory.
 pub const OUTBOX_DIR: &str = "outbox";
@@ -314,7 +314,8 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
         .health_check(
             "dead-messages",
             DeadMessages(store.clone()),
-            CheckOptions::default().non_critical(),
+            // A count is exact: no hysteresis needed.
+            CheckOptions::default().non_critical().thresholds(1, 1),
         );
     let instance = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
     for i in 0..settings.workers {

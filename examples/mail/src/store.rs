@@ -174,6 +174,21 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Gives `id` back untried (shutdown came between leasing and sending):
+    /// queued again, due at once, no attempt counted.
+    pub(crate) async fn release(&self, id: &str, owner: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE messages
+             SET status = 'queued', lease_until = NULL, lease_owner = NULL
+             WHERE message_id = ? AND status = 'sending' AND lease_owner = ?",
+        )
+        .bind(id)
+        .bind(owner)
+        .execute(self.db.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Records a failed attempt of `id`: queued again for `next_attempt_at`,
     /// or dead when `next_attempt_at` is `None`. `false` when the lease was
     /// lost.
