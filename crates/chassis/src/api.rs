@@ -212,6 +212,13 @@ impl Api {
         self
     }
 
+    /// Whether a route requires a permission (and so a token verifier).
+    pub(crate) fn requires_auth(&self) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| matches!(e.access, Some(Ok(Access::Permission(_)))))
+    }
+
     /// The router, each route wrapped in its guard and the panic catcher; or
     /// every problem, each naming its route.
     pub(crate) fn build(

@@ -439,7 +439,8 @@ impl ServiceBuilder {
     }
 
     /// Everything `main` needs: reads `CHASSIS_*` (exit 78 listing every
-    /// problem), sets up logging, builds (exit 70 on a programming error),
+    /// problem, or when routes require permissions and `CHASSIS_AUTH_*` is
+    /// not set), sets up logging, builds (exit 70 on a programming error),
     /// binds `CHASSIS_BIND` and serves until SIGTERM or SIGINT (exit 0).
     pub async fn run(mut self) -> ExitCode {
         let config = match self.config.take() {
@@ -452,6 +453,17 @@ impl ServiceBuilder {
                 }
             },
         };
+        if config.auth.is_none() && self.verifier.is_none() && self.api.requires_auth() {
+            // A deployment problem, not a programming one: say which setting.
+            eprintln!(
+                "{}",
+                crate::config::ConfigError::new(vec![crate::config::ConfigProblem {
+                    name: "CHASSIS_AUTH_ISSUER".to_owned(),
+                    message: "required: the API has routes that require a permission, so tokens must be verified (set CHASSIS_AUTH_ISSUER, CHASSIS_AUTH_AUDIENCE and CHASSIS_AUTH_JWKS_URL)".to_owned(),
+                }])
+            );
+            return ExitCode::from(crate::config::EXIT_CONFIG);
+        }
         let _telemetry = crate::telemetry::init(&self.name, &config);
         let service = match self.config(config).build() {
             Ok(s) => s,

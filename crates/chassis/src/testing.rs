@@ -23,6 +23,11 @@
 //! let token = issuer.user_token("alice", &["ticketing:acme:view:ticket"]);
 //! let principal = issuer.verifier().verify_token(&token).await.unwrap();
 //! assert_eq!(principal.subject(), "alice");
+//!
+//! // The same key as a JWKS document, for a verifier that fetches keys.
+//! let jwks = serde_json::to_vec(&issuer.jwks()).unwrap();
+//! let keys = chassis::auth::KeySet::from_jwks(&jwks, &[jsonwebtoken::Algorithm::EdDSA]).unwrap();
+//! assert!(keys.contains_kid("chassis-test-key"));
 //! # }
 //! ```
 
@@ -84,6 +89,25 @@ impl TestIssuer {
             .algorithms(&[Algorithm::EdDSA])
             .build()
             .expect("a verifier over fixed keys builds")
+    }
+
+    /// The JWKS document publishing this issuer's key, for tests that
+    /// serve it to a verifier configured with a JWKS URL.
+    pub fn jwks(&self) -> Value {
+        use base64::Engine as _;
+        // The SPKI of an Ed25519 key ends with the 32 bytes of the key.
+        let der: Vec<u8> = {
+            let body: String = std::str::from_utf8(PUBLIC_PEM)
+                .expect("the test key is ASCII")
+                .lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .expect("the test key is valid base64")
+        };
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&der[der.len() - 32..]);
+        json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": KID, "alg": "EdDSA", "use": "sig"}]})
     }
 
     /// A user's token with `perms`, valid for 15 minutes.

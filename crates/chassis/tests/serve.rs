@@ -408,3 +408,21 @@ async fn correlation_over_the_wire() {
     assert!(!text.contains(&long), "{text}");
     running.task.abort();
 }
+
+/// Routes that require permissions with no way to verify tokens is a
+/// deployment problem: `run` says which setting is missing and exits 78,
+/// before binding anything.
+#[tokio::test]
+async fn run_refuses_protected_routes_without_token_verification() {
+    let code = builder("serve-noauth")
+        .api(
+            chassis::api::Api::new().route(
+                chassis::api::get("/{account}/items", || async { "items" })
+                    .requires("serve-noauth:{account}:view:item"),
+            ),
+        )
+        .config(chassis::Config::default())
+        .run()
+        .await;
+    assert_eq!(code, std::process::ExitCode::from(78));
+}

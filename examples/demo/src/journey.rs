@@ -105,25 +105,7 @@ async fn login(e: &Endpoints) -> Result<(String, CallContext), JourneyError> {
 pub async fn run(e: &Endpoints) -> Result<Report, JourneyError> {
     let start = tokio::time::Instant::now();
     let (token, cx) = login(e).await?;
-    let acme = step("name the account", AccountId::parse("acme"))?;
-    let ticketing = ticketing::client::TicketingClient::new(downstream("ticketing", &e.ticketing)?);
-    let ticket = step(
-        "create a ticket product",
-        ticketing
-            .on_behalf_of(&cx)
-            .create_ticket(
-                &acme,
-                &ticketing::client::NewTicket {
-                    name: "Day pass".to_owned(),
-                    price_minor: 4500,
-                    currency: "EUR".to_owned(),
-                    capacity: 100,
-                    valid_from: date(2026, Month::December, 1),
-                    valid_until: date(2027, Month::April, 30),
-                },
-            )
-            .await,
-    )?;
+    let ticket = create_product(e, &cx, "Day pass", 100).await?;
     let orders = orders::OrdersClient::new(downstream("orders", &e.orders)?);
     let key = format!("journey-{}", chassis::id::uuid_v7());
     let placed = step(
@@ -157,6 +139,45 @@ pub async fn run(e: &Endpoints) -> Result<Report, JourneyError> {
         mail,
         took: start.elapsed(),
     })
+}
+
+/// Creates a ticket product in account acme, on behalf of `cx`'s user.
+async fn create_product(
+    e: &Endpoints,
+    cx: &CallContext,
+    name: &str,
+    capacity: u32,
+) -> Result<ticketing::client::Ticket, JourneyError> {
+    let acme = step("name the account", AccountId::parse("acme"))?;
+    let ticketing = ticketing::client::TicketingClient::new(downstream("ticketing", &e.ticketing)?);
+    step(
+        "create a ticket product",
+        ticketing
+            .on_behalf_of(cx)
+            .create_ticket(
+                &acme,
+                &ticketing::client::NewTicket {
+                    name: name.to_owned(),
+                    price_minor: 4500,
+                    currency: "EUR".to_owned(),
+                    capacity,
+                    valid_from: date(2026, Month::December, 1),
+                    valid_until: date(2027, Month::April, 30),
+                },
+            )
+            .await,
+    )
+}
+
+/// Alice's token and a product with a capacity that load will not exhaust.
+///
+/// # Errors
+///
+/// A step failed.
+pub async fn load_setup(e: &Endpoints) -> Result<(String, String), JourneyError> {
+    let (token, cx) = login(e).await?;
+    let ticket = create_product(e, &cx, "Load pass", 1_000_000).await?;
+    Ok((token, ticket.id))
 }
 
 /// Waits for a mail in mail's outbox that names the order.

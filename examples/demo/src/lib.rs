@@ -22,6 +22,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 pub mod journey;
+pub mod measure;
 pub mod serve;
 pub mod system;
 
@@ -32,6 +33,8 @@ pub const USAGE: &str =
   demo              start the system on 127.0.0.1:8081-8084, data in ./data
   demo --smoke      start it on free ports with a fresh data directory,
                     run the journey once, exit 0 (it worked) or 1
+  demo --measure    start-up time, memory and orders per second under load
+                    (wrk, installed when missing), for docs/benchmarks.md
   demo --data DIR   keep the data in DIR";
 
 fn port(var: &str, default: u16) -> u16 {

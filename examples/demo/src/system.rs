@@ -92,6 +92,8 @@ pub struct System {
     endpoints: Endpoints,
     ports: Ports,
     exe: PathBuf,
+    /// How long each service took from its spawn to ready, at start.
+    ready: Vec<(&'static str, Duration)>,
 }
 
 /// Why the system did not start.
@@ -188,11 +190,15 @@ impl System {
             endpoints,
             ports,
             exe: exe.to_owned(),
+            ready: Vec::new(),
         };
         for service in SERVICES {
+            let spawned = tokio::time::Instant::now();
             let child = spawn(&system.exe, service, ports, data)?;
             system.children.push((service, child));
-            if let Err(secs) = wait_ready(&system.url_of(service), Duration::from_secs(60)).await {
+            let ready = wait_ready(&system.url_of(service), Duration::from_secs(60)).await;
+            system.ready.push((service, spawned.elapsed()));
+            if let Err(secs) = ready {
                 system.stop().await;
                 return Err(StartError::NotReady {
                     service,
@@ -202,6 +208,22 @@ impl System {
             }
         }
         Ok(system)
+    }
+
+    /// The process id of `service`.
+    pub fn pid(&self, service: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(n, _)| *n == service)
+            .and_then(|(_, c)| c.id())
+    }
+
+    /// How long `service` took from its spawn to its first ready answer.
+    pub fn ready_after(&self, service: &str) -> Option<Duration> {
+        self.ready
+            .iter()
+            .find(|(n, _)| *n == service)
+            .map(|(_, d)| *d)
     }
 
     /// Kills `service` with SIGKILL, as a crash would, and waits for it.
