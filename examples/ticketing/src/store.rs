@@ -70,7 +70,7 @@ impl Store {
     ) -> Result<Ticket, ApiError> {
         let now = now();
         let ticket = Ticket {
-            id: new_id("tkt", now),
+            id: chassis::id::prefixed("tkt"),
             account: account.to_string(),
             name: new.name,
             price_minor: new.price_minor,
@@ -193,7 +193,7 @@ impl Store {
         };
 
         let reservation = Reservation {
-            id: new_id("rsv", now),
+            id: chassis::id::prefixed("rsv"),
             account: account.to_string(),
             ticket_id: new.ticket_id.clone(),
             quantity: new.quantity,
@@ -371,14 +371,6 @@ impl ReservationRow {
 fn now() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_millisecond(now.millisecond()).unwrap_or(now)
-}
-
-/// `<prefix>_<uuid v7>`: unique, and in creation order to the millisecond.
-fn new_id(prefix: &str, now: OffsetDateTime) -> String {
-    let millis = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-    let random: [u8; 10] = std::array::from_fn(|_| fastrand::u8(..));
-    let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
-    format!("{prefix}_{uuid}")
 }
 
 fn timestamp_text(t: OffsetDateTime) -> Result<String, ApiError> {
