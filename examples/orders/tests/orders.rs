@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use chassis::circuit_breaker::State as BreakerState;
 use serde_json::json;
 use support::{Answer, System, eventually, login, send};
 
@@ -259,15 +260,7 @@ async fn ticketing_down_fails_fast_leaves_nothing_and_recovery_closes_the_breake
         assert_eq!(a.status, 503, "{:?}", a.body);
         assert!(a.headers.contains_key("retry-after"));
     }
-    let metrics = chassis::metrics::install_recorder().render();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("circuit_breaker_state{")
-                && l.contains("name=\"ticketing\"")
-                && l.ends_with(" 1")),
-        "the breaker is open:\n{metrics}"
-    );
+    assert_eq!(sys.to_ticketing.breaker().state(), BreakerState::Open);
     assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 0);
     assert_eq!(sys.count("SELECT COUNT(*) FROM idempotency_keys").await, 0);
 
@@ -276,15 +269,7 @@ async fn ticketing_down_fails_fast_leaves_nothing_and_recovery_closes_the_breake
     // The same key works now: nothing was kept from the failed attempt.
     let a = place(&sys, &alice, "acme", Some("down-0"), &order(&ticket, 1)).await;
     assert_eq!(a.status, 201, "{:?}", a.body);
-    let metrics = chassis::metrics::install_recorder().render();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("circuit_breaker_state{")
-                && l.contains("name=\"ticketing\"")
-                && l.ends_with(" 0")),
-        "the breaker closed again:\n{metrics}"
-    );
+    assert_eq!(sys.to_ticketing.breaker().state(), BreakerState::Closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,4 +346,124 @@ where
     Fut: std::future::Future<Output = Answer>,
 {
     futures::future::join_all((0..n).map(f)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_correlation_id_travels_with_the_order_to_the_mail() {
+    let sys = System::start("correlation", &[]).await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 10).await;
+    let a = send(
+        "POST",
+        &format!("{}/orders/v1/acme/orders", sys.orders.url()),
+        &[
+            ("authorization", &format!("Bearer {alice}")),
+            ("content-type", "application/json"),
+            ("idempotency-key", "c-1"),
+            ("x-correlation-id", "journey-o16"),
+        ],
+        &order(&ticket, 1),
+    )
+    .await;
+    assert_eq!(a.status, 201);
+    assert_eq!(a.headers["x-correlation-id"], "journey-o16");
+    assert_eq!(
+        sys.count("SELECT COUNT(*) FROM outbox WHERE correlation_id = 'journey-o16'")
+            .await,
+        2
+    );
+    let id = a.body["id"].as_str().unwrap().to_owned();
+    eventually("the mail", || async {
+        sys.mails().iter().any(|m| m.contains(&id))
+    })
+    .await;
+    let mail = sys.mails().into_iter().find(|m| m.contains(&id)).unwrap();
+    assert!(mail.contains("X-Correlation-ID: journey-o16"), "{mail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_is_parked_and_the_others_flow() {
+    let sys = System::start("parking", &[("ORDERS_RELAY_MAX_ATTEMPTS", "2")]).await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 10).await;
+    // An address orders lets through but mail refuses: a poison event.
+    let poison = json!({"ticket_id": ticket, "quantity": 1, "email": "x@a..b"}).to_string();
+    let bad = place(&sys, &alice, "acme", Some("p-1"), &poison).await;
+    assert_eq!(bad.status, 201, "{:?}", bad.body);
+    let good = place(&sys, &alice, "acme", Some("p-2"), &order(&ticket, 1)).await;
+    let good_id = good.body["id"].as_str().unwrap().to_owned();
+    let bad_id = bad.body["id"].as_str().unwrap().to_owned();
+
+    eventually("the poison event parked", || async {
+        sys.count("SELECT COUNT(*) FROM outbox WHERE parked_at IS NOT NULL")
+            .await
+            == 1
+    })
+    .await;
+    eventually("the other order mailed", || async {
+        sys.mails().iter().any(|m| m.contains(&good_id))
+    })
+    .await;
+    eventually("the order marked for attention", || async {
+        get_order(&sys, &alice, &bad_id).await.body["status"] == "attention"
+    })
+    .await;
+    eventually("readiness reporting it", || async {
+        let r = send(
+            "GET",
+            &format!("{}/health/ready", sys.orders.url()),
+            &[],
+            "",
+        )
+        .await;
+        r.status == 200 && r.body["checks"]["outbox-parked"]["status"] == "down"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mail_down_the_relay_stops_calling_it() {
+    let mut sys = System::start(
+        "no-hammering",
+        &[
+            ("CHASSIS_DOWNSTREAM_MAIL_BREAKER_MINIMUM_CALLS", "2"),
+            ("CHASSIS_DOWNSTREAM_MAIL_BREAKER_WINDOW", "4"),
+            ("CHASSIS_DOWNSTREAM_MAIL_BREAKER_WAIT_OPEN_MS", "60000"),
+            ("CHASSIS_DOWNSTREAM_MAIL_RETRY_MAX_ATTEMPTS", "1"),
+        ],
+    )
+    .await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 50).await;
+    sys.stop_mail().await;
+    for i in 0..6 {
+        let a = place(
+            &sys,
+            &alice,
+            "acme",
+            Some(&format!("h-{i}")),
+            &order(&ticket, 1),
+        )
+        .await;
+        assert_eq!(a.status, 201);
+    }
+    eventually("the mail breaker open", || async {
+        sys.to_mail.breaker().state() == BreakerState::Open
+    })
+    .await;
+    let attempts =
+        || sys.count("SELECT COALESCE(SUM(attempts), 0) FROM outbox WHERE kind = 'order.placed'");
+    let before = attempts().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // While open, due events are refused by the breaker: no call, no attempt.
+    assert_eq!(attempts().await, before, "no call reached the closed port");
+    assert!(before <= 4, "{before} attempts before the breaker opened");
+    assert!(
+        sys.count("SELECT COUNT(*) FROM outbox WHERE last_error LIKE '%circuit open%'")
+            .await
+            > 0
+    );
+    // Orders keep being accepted meanwhile.
+    let a = place(&sys, &alice, "acme", Some("h-late"), &order(&ticket, 1)).await;
+    assert_eq!(a.status, 201);
 }

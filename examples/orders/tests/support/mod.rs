@@ -130,6 +130,10 @@ pub struct System {
     pub ticketing: Node,
     pub mail: Node,
     pub orders: Node,
+    /// Orders' client for ticketing.
+    pub to_ticketing: Downstream,
+    /// Orders' client for mail.
+    pub to_mail: Downstream,
     orders_env: Vec<(String, String)>,
 }
 
@@ -184,8 +188,11 @@ impl System {
             orders_pairs.retain(|(key, _)| key != k);
             orders_pairs.push(((*k).to_owned(), (*v).to_owned()));
         }
+        let (orders, to_ticketing, to_mail) = start_orders(&orders_pairs, any).await;
         Self {
-            orders: start_orders(&orders_pairs, any).await,
+            orders,
+            to_ticketing,
+            to_mail,
             dir,
             auth,
             ticketing,
@@ -218,7 +225,11 @@ impl System {
     /// the same database).
     pub async fn restart_orders(&mut self) {
         self.orders.stop().await;
-        self.orders = start_orders(&self.orders_env, self.orders.addr).await;
+        let (orders, to_ticketing, to_mail) =
+            start_orders(&self.orders_env, self.orders.addr).await;
+        self.orders = orders;
+        self.to_ticketing = to_ticketing;
+        self.to_mail = to_mail;
     }
 
     /// The confirmation mails sent so far.
@@ -274,19 +285,22 @@ async fn start_ticketing(dir: &Path, auth: &str, addr: SocketAddr) -> Node {
     .await
 }
 
-async fn start_orders(p: &[(String, String)], addr: SocketAddr) -> Node {
+/// Orders, and the clients it calls ticketing and mail with (their
+/// breakers are the service's own, not copies).
+async fn start_orders(p: &[(String, String)], addr: SocketAddr) -> (Node, Downstream, Downstream) {
     let e = env(p);
     let mut r = Reader::new(&e);
     let settings = orders::Settings::read(&mut r);
     r.finish().expect("orders settings");
-    serve(
-        orders::app(settings.expect("orders settings"))
-            .await
-            .expect("orders starts"),
+    let settings = settings.expect("orders settings");
+    let (ticketing, mail) = (settings.ticketing.clone(), settings.mail.clone());
+    let node = serve(
+        orders::app(settings).await.expect("orders starts"),
         chassis_config(&e),
         addr,
     )
-    .await
+    .await;
+    (node, ticketing, mail)
 }
 
 /// An answer read whole.
