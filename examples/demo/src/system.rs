@@ -94,6 +94,8 @@ pub struct System {
     exe: PathBuf,
     /// How long each service took from its spawn to ready, at start.
     ready: Vec<(&'static str, Duration)>,
+    /// Settings added to a service's environment at its next (re)start.
+    extra: Vec<(&'static str, String, String)>,
 }
 
 /// Why the system did not start.
@@ -191,10 +193,11 @@ impl System {
             ports,
             exe: exe.to_owned(),
             ready: Vec::new(),
+            extra: Vec::new(),
         };
         for service in SERVICES {
             let spawned = tokio::time::Instant::now();
-            let child = spawn(&system.exe, service, ports, data)?;
+            let child = spawn(&system.exe, service, ports, data, &[])?;
             system.children.push((service, child));
             let ready = wait_ready(&system.url_of(service), Duration::from_secs(60)).await;
             system.ready.push((service, spawned.elapsed()));
@@ -208,6 +211,47 @@ impl System {
             }
         }
         Ok(system)
+    }
+
+    /// Restarts `service` with `env` added to its environment (replacing
+    /// what an earlier call added), e.g. a failure to inject.
+    ///
+    /// # Errors
+    ///
+    /// It could not be started or did not become ready.
+    pub async fn restart_with(
+        &mut self,
+        service: &'static str,
+        env: &[(&str, &str)],
+    ) -> Result<(), StartError> {
+        self.extra.retain(|(s, _, _)| *s != service);
+        self.extra.extend(
+            env.iter()
+                .map(|(k, v)| (service, (*k).to_owned(), (*v).to_owned())),
+        );
+        self.restart(service).await
+    }
+
+    /// Sends SIGTERM to `service` and waits (at most 60 s) for it to exit.
+    pub async fn terminate(&mut self, service: &str) -> Option<std::process::ExitStatus> {
+        let (_, child) = self.children.iter_mut().find(|(n, _)| *n == service)?;
+        let pid = child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32))?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok()?;
+        tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Waits (at most 60 s) for `service` to exit by itself.
+    pub async fn exited(&mut self, service: &str) -> Option<std::process::ExitStatus> {
+        let (_, child) = self.children.iter_mut().find(|(n, _)| *n == service)?;
+        tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// The process id of `service`.
@@ -246,7 +290,13 @@ impl System {
             .position(|(n, _)| *n == service)
             .ok_or_else(|| StartError::Io(format!("no service {service}")))?;
         let _ = self.children[i].1.kill().await;
-        let child = spawn(&self.exe, service, self.ports, &self.endpoints.data)?;
+        let extra: Vec<(String, String)> = self
+            .extra
+            .iter()
+            .filter(|(s, _, _)| *s == service)
+            .map(|(_, k, v)| (k.clone(), v.clone()))
+            .collect();
+        let child = spawn(&self.exe, service, self.ports, &self.endpoints.data, &extra)?;
         self.children[i].1 = child;
         wait_ready(&self.url_of(service), Duration::from_secs(60))
             .await
@@ -304,6 +354,7 @@ fn spawn(
     service: &'static str,
     ports: Ports,
     data: &Path,
+    extra: &[(String, String)],
 ) -> Result<Child, StartError> {
     let io = |what: &str, e: std::io::Error| StartError::Io(format!("{what}: {e}"));
     let log_path = data.join("logs").join(format!("{service}.log"));
@@ -318,6 +369,7 @@ fn spawn(
     Command::new(exe)
         .args(["--serve", service])
         .envs(env_of(service, ports, data))
+        .envs(extra.iter().cloned())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err)

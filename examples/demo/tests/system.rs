@@ -248,3 +248,178 @@ async fn mail_killed_mid_flight_sends_every_confirmation_once() {
     every_order_mailed_once(&e.data, &ids).await;
     system.stop().await;
 }
+
+fn one_order(ticket: &str) -> NewOrder {
+    NewOrder {
+        ticket_id: ticket.to_owned(),
+        quantity: 1,
+        email: "alice@example.com".to_owned(),
+    }
+}
+
+/// O2: orders dies (SIGABRT) after writing the order and its events, before
+/// the commit. Nothing of it remains; the client's retry with the same key
+/// places exactly one order, reusing the reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_commit_leaves_nothing_and_the_retry_places_one_order() {
+    let mut system = start("crash-before-commit").await;
+    let e = system.endpoints();
+    let cx = alice(&e).await;
+    let ticket = product(&e, &cx, 100).await;
+    let orders = OrdersClient::new(downstream("orders", &e.orders));
+    system
+        .restart_with(
+            "orders",
+            &[
+                ("ORDERS_FAULT_CRASH", "before_commit"),
+                ("ORDERS_IDEMPOTENCY_LEASE_SECS", "1"),
+            ],
+        )
+        .await
+        .unwrap();
+
+    let crashed = orders
+        .on_behalf_of(&cx)
+        .place("acme", &one_order(&ticket), "o2")
+        .await;
+    assert!(crashed.is_err(), "the connection breaks: {crashed:?}");
+    let status = system.exited("orders").await.expect("orders died");
+    assert!(!status.success(), "{status}");
+
+    system
+        .restart_with("orders", &[("ORDERS_IDEMPOTENCY_LEASE_SECS", "1")])
+        .await
+        .unwrap();
+    assert!(
+        orders
+            .on_behalf_of(&cx)
+            .list("acme")
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing half-made"
+    );
+    let id = place(&orders, &cx, &ticket, "o2").await;
+    let listed = orders.on_behalf_of(&cx).list("acme").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, id);
+    every_order_mailed_once(&e.data, &HashSet::from([id])).await;
+    // The retry found the reservation the crashed attempt made.
+    let start = tokio::time::Instant::now();
+    while available(&e, &cx, &ticket).await != 99 {
+        assert!(start.elapsed() < Duration::from_secs(60), "capacity leaked");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    system.stop().await;
+}
+
+/// O3: orders dies after the commit, before answering. The client sees the
+/// connection break; its retry with the same key gets the stored answer,
+/// and the order is mailed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_commit_is_answered_by_a_replay() {
+    let mut system = start("crash-after-commit").await;
+    let e = system.endpoints();
+    let cx = alice(&e).await;
+    let ticket = product(&e, &cx, 100).await;
+    let orders = OrdersClient::new(downstream("orders", &e.orders));
+    system
+        .restart_with("orders", &[("ORDERS_FAULT_CRASH", "after_commit")])
+        .await
+        .unwrap();
+
+    let crashed = orders
+        .on_behalf_of(&cx)
+        .place("acme", &one_order(&ticket), "o3")
+        .await;
+    assert!(crashed.is_err(), "the connection breaks: {crashed:?}");
+    system.exited("orders").await.expect("orders died");
+
+    system.restart_with("orders", &[]).await.unwrap();
+    let placed = orders
+        .on_behalf_of(&cx)
+        .place("acme", &one_order(&ticket), "o3")
+        .await
+        .expect("the retry is answered");
+    assert!(placed.replayed, "the stored answer, not a new order");
+    let listed = orders.on_behalf_of(&cx).list("acme").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, placed.order.id);
+    every_order_mailed_once(&e.data, &HashSet::from([placed.order.id])).await;
+    assert_eq!(available(&e, &cx, &ticket).await, 99);
+    system.stop().await;
+}
+
+/// O13: SIGTERM while orders are coming in. Orders exits 0; every order it
+/// answered 201 for exists and is mailed once; a request it refused or
+/// could not take leaves nothing, and its retry after the restart places
+/// the order once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_nothing_that_was_accepted() {
+    let mut system = start("sigterm").await;
+    let e = system.endpoints();
+    let cx = alice(&e).await;
+    let ticket = product(&e, &cx, 1000).await;
+    let orders = OrdersClient::new(
+        Downstream::builder("orders", &e.orders)
+            .max_attempts(1)
+            .build()
+            .unwrap(),
+    );
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (orders, cx, ticket) = (orders.clone(), cx.clone(), ticket.clone());
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                let mut refused = Vec::new();
+                for i in 0..25 {
+                    let key = format!("term-{c}-{i}");
+                    match orders
+                        .on_behalf_of(&cx)
+                        .place("acme", &one_order(&ticket), &key)
+                        .await
+                    {
+                        Ok(p) => accepted.push(p.order.id),
+                        Err(err) => {
+                            refused.push(key);
+                            if err.is_unavailable() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                (accepted, refused)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = system.terminate("orders").await.expect("orders stopped");
+    assert!(status.success(), "orders exits 0 on SIGTERM: {status}");
+
+    let mut accepted = HashSet::new();
+    let mut refused = Vec::new();
+    for c in clients {
+        let (a, r) = c.await.unwrap();
+        accepted.extend(a);
+        refused.extend(r);
+    }
+    assert!(!accepted.is_empty(), "orders were taken before the signal");
+
+    system.restart("orders").await.unwrap();
+    let orders = OrdersClient::new(downstream("orders", &e.orders));
+    for key in &refused {
+        accepted.insert(place(&orders, &cx, &ticket, key).await);
+    }
+    let listed: HashSet<String> = orders
+        .on_behalf_of(&cx)
+        .list("acme")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.id)
+        .collect();
+    // At most 100 orders, all of them in the listing.
+    assert_eq!(listed, accepted, "exactly the accepted orders exist");
+    every_order_mailed_once(&e.data, &accepted).await;
+    system.stop().await;
+}

@@ -216,12 +216,22 @@ pub(crate) async fn place(
         created_at: store::rfc3339_now(),
     };
     let body = serde_json::to_string(&order).unwrap_or_default();
-    if let Err(e) = store::place(&state.db, &scope, &order, correlation.as_str(), &body).await {
+    if let Err(e) = store::place(
+        &state.db,
+        &scope,
+        &order,
+        correlation.as_str(),
+        &body,
+        state.crash,
+    )
+    .await
+    {
         // Nothing was committed: give the key back so a retry runs again
         // (the held reservation is found again by its key, or expires).
         let _ = idempotency::release(&state.db, &scope).await;
         return internal(&e);
     }
+    crate::CrashPoint::reached(state.crash, crate::CrashPoint::AfterCommit);
     tracing::info!(order_id = %order.id, account = %order.account, "order placed");
     metrics::counter!("orders_placed_total").increment(1);
     let location = format!("/orders/v1/{}/orders/{}", order.account, order.id);

@@ -56,6 +56,9 @@ pub struct Settings {
     pub idempotency_lease: Duration,
     /// The relay's tuning.
     pub relay: relay::RelaySettings,
+    /// Where to crash on purpose, for resilience tests
+    /// (`ORDERS_FAULT_CRASH`); `None` in normal operation.
+    pub crash: Option<CrashPoint>,
     /// Calls to ticketing.
     pub ticketing: Downstream,
     /// Calls to mail.
@@ -73,6 +76,10 @@ impl Settings {
             "how long a started request holds its key, seconds",
         );
         let relay = relay::RelaySettings::read(r);
+        let crash: Option<CrashPoint> = r.maybe(
+            "ORDERS_FAULT_CRASH",
+            "crash on purpose: before_commit or after_commit (resilience tests only)",
+        );
         let tokens = TokenSource::read(r);
         if tokens.is_none() {
             for name in [
@@ -108,6 +115,7 @@ impl Settings {
             db,
             idempotency_lease: Duration::from_secs(lease.max(1)),
             relay,
+            crash,
             ticketing: ticketing?,
             mail: mail?,
         })
@@ -128,6 +136,42 @@ pub(crate) struct State {
     pub(crate) db: Database,
     pub(crate) ticketing: ticketing::client::TicketingClient,
     pub(crate) lease: Duration,
+    pub(crate) crash: Option<CrashPoint>,
+}
+
+/// A point in placing an order where the process aborts on purpose when
+/// `ORDERS_FAULT_CRASH` names it, as a `kill -9` there would: the failure
+/// injection behind the "nothing half-made" tests. Never set it in
+/// production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After the order, its events and its stored answer are written, before
+    /// the transaction commits: nothing may remain.
+    BeforeCommit,
+    /// After the commit, before the answer is sent: a retry must replay it.
+    AfterCommit,
+}
+
+impl std::str::FromStr for CrashPoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "before_commit" => Ok(Self::BeforeCommit),
+            "after_commit" => Ok(Self::AfterCommit),
+            _ => Err("expected before_commit or after_commit".to_owned()),
+        }
+    }
+}
+
+impl CrashPoint {
+    /// Aborts the process if `self` is `at`.
+    pub(crate) fn reached(point: Option<Self>, at: Self) {
+        if point == Some(at) {
+            tracing::error!(point = ?at, "ORDERS_FAULT_CRASH: aborting on purpose");
+            std::process::abort();
+        }
+    }
 }
 
 /// The service: opens and migrates the database, and returns the builder
@@ -140,7 +184,14 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
         db: db.clone(),
         ticketing: ticketing::client::TicketingClient::new(settings.ticketing.clone()),
         lease: settings.idempotency_lease,
+        crash: settings.crash,
     };
+    if let Some(point) = settings.crash {
+        tracing::warn!(
+            ?point,
+            "ORDERS_FAULT_CRASH is set: orders will abort on purpose"
+        );
+    }
     let relay = relay::Relay::new(
         db.clone(),
         ticketing::client::TicketingClient::new(settings.ticketing),

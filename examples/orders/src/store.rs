@@ -67,6 +67,7 @@ pub(crate) async fn place(
     order: &Order,
     correlation_id: &str,
     response: &str,
+    crash: Option<crate::CrashPoint>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = db.pool().begin_with("BEGIN IMMEDIATE").await?;
     sqlx::query(
@@ -121,6 +122,7 @@ pub(crate) async fn place(
         .await?;
     }
     idempotency::complete_in(&mut tx, scope, 201, response, Some(&order.id)).await?;
+    crate::CrashPoint::reached(crash, crate::CrashPoint::BeforeCommit);
     tx.commit().await
 }
 
