@@ -17,8 +17,9 @@
 //!   small pool, 4 by default, is plenty);
 //! * **migrations** embedded in the binary (`sqlx::migrate!()`), run at
 //!   start-up before the service answers;
-//! * a **readiness check** (`SELECT 1` with the check's timeout), so a
-//!   database that cannot answer takes the service out of rotation.
+//! * a **readiness check** (a read of the schema, with the check's
+//!   timeout), so a database that cannot be read, or that another process
+//!   holds locked, takes the service out of rotation.
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
@@ -203,10 +204,12 @@ impl Database {
     }
 }
 
-/// Ready while the database answers `SELECT 1`.
+/// Ready while the database can be read: the check reads the schema, so a
+/// file another process holds locked, or one that cannot be read, is not
+/// ready (a bare `SELECT 1` would not touch the file at all).
 impl Check for Database {
     async fn check(&self) -> Result<(), CheckError> {
-        sqlx::query_scalar::<_, i64>("SELECT 1")
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM sqlite_master")
             .fetch_one(&self.pool)
             .await
             .map(drop)

@@ -467,3 +467,40 @@ async fn with_mail_down_the_relay_stops_calling_it() {
     let a = place(&sys, &alice, "acme", Some("h-late"), &order(&ticket, 1)).await;
     assert_eq!(a.status, 201);
 }
+
+/// O14: the database cannot be written (another process holds its write
+/// lock). Orders are refused with 503 once the busy timeout runs out, and
+/// nothing is half-made; liveness stays up; once the lock is gone the same
+/// key works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_refuses_orders_and_loses_nothing() {
+    use sqlx::{ConnectOptions, Connection, sqlite::SqliteConnectOptions};
+
+    let sys = System::start("db-locked", &[]).await;
+    let alice = login(&sys.auth.url(), "alice").await;
+    let ticket = product(&sys, &alice, 10).await;
+
+    let mut blocker = SqliteConnectOptions::new()
+        .filename(sys.dir.join("orders").join("orders.db"))
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+
+    let refused = place(&sys, &alice, "acme", Some("locked-1"), &order(&ticket, 1)).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert!(refused.headers.contains_key("retry-after"));
+    assert!(refused.body["correlation_id"].is_string());
+    let live = send("GET", &format!("{}/health/live", sys.orders.url()), &[], "").await;
+    assert_eq!(live.status, 200);
+
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    blocker.close().await.unwrap();
+    assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 0);
+    let placed = place(&sys, &alice, "acme", Some("locked-1"), &order(&ticket, 1)).await;
+    assert_eq!(placed.status, 201, "{:?}", placed.body);
+    assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 1);
+}
