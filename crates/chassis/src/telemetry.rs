@@ -426,11 +426,38 @@ fn write_json_str(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
 }
 
+/// Whether any of the 8 bytes of `x` needs escaping in a JSON string: a
+/// control character (below 0x20, or 0x7f), `"` or `\\`. Bytes of 0x80 and
+/// above (UTF-8) never do. Exact: the classic "has a byte less than n" and
+/// "has a zero byte" tests, which report whether any byte matches, not which.
+#[inline]
+fn word_needs_escape(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
+    let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0;
+    below_space
+        || has_zero(x ^ (ONES * u64::from(b'"')))
+        || has_zero(x ^ (ONES * u64::from(b'\\')))
+        || has_zero(x ^ (ONES * 0x7f))
+}
+
 fn escape_into(buf: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
+    buf.reserve(bytes.len());
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    let mut i = 0;
+    while i < bytes.len() {
+        // Skip clean runs eight bytes at a time: most text needs no escape.
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+            if !word_needs_escape(word) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
         let esc: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -438,7 +465,10 @@ fn escape_into(buf: &mut Vec<u8>, s: &str) {
             b'\r' => b"\\r",
             b'\t' => b"\\t",
             0..=0x1f | 0x7f => b"",
-            _ => continue,
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         buf.extend_from_slice(&bytes[start..i]);
         if esc.is_empty() {
@@ -453,7 +483,8 @@ fn escape_into(buf: &mut Vec<u8>, s: &str) {
         } else {
             buf.extend_from_slice(esc);
         }
-        start = i + 1;
+        i += 1;
+        start = i;
     }
     buf.extend_from_slice(&bytes[start..]);
 }

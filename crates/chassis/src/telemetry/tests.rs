@@ -271,3 +271,50 @@ fn ids_logged_outside_a_request_keep_their_names() {
     assert_eq!(lines[0]["trace_id"], "t1");
     assert!(lines[0].get("field.correlation_id").is_none());
 }
+
+/// The byte-at-a-time escape the fast one must equal.
+fn reference_escape(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+proptest::proptest! {
+    #[test]
+    fn the_word_test_is_exact(bytes in proptest::prelude::any::<[u8; 8]>()) {
+        let expected = bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f);
+        proptest::prop_assert_eq!(word_needs_escape(u64::from_le_bytes(bytes)), expected);
+    }
+
+    #[test]
+    fn escaping_matches_the_reference_and_round_trips(s in "(?s).{0,80}") {
+        let mut fast = Vec::new();
+        escape_into(&mut fast, &s);
+        proptest::prop_assert_eq!(&fast, &reference_escape(&s));
+        let quoted = format!("\"{}\"", String::from_utf8(fast).unwrap());
+        let back: String = serde_json::from_str(&quoted).unwrap();
+        proptest::prop_assert_eq!(back, s);
+    }
+}
+
+#[test]
+fn escaping_handles_every_position_in_a_word() {
+    for special in ["\"", "\\", "\n", "\u{1}", "\u{7f}"] {
+        for at in 0..17 {
+            let s: String = "a".repeat(at) + special + &"é".repeat(3);
+            let mut fast = Vec::new();
+            escape_into(&mut fast, &s);
+            assert_eq!(fast, reference_escape(&s), "{s:?}");
+        }
+    }
+}
