@@ -379,6 +379,17 @@ async fn the_correlation_id_travels_with_the_order_to_the_mail() {
     .await;
     let mail = sys.mails().into_iter().find(|m| m.contains(&id)).unwrap();
     assert!(mail.contains("X-Correlation-ID: journey-o16"), "{mail}");
+    // And the audit record of the call that placed it.
+    let audit = sys.dir.join("orders-audit.log");
+    eventually("the audit record", || async {
+        std::fs::read_to_string(&audit).is_ok_and(|log| {
+            log.lines().any(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+                v["correlation_id"] == "journey-o16" && v["decision"] == "allow"
+            })
+        })
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

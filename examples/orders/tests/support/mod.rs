@@ -173,6 +173,10 @@ impl System {
         orders_pairs.extend(pairs(&[
             ("ORDERS_DATA_DIR", dir.join("orders").display().to_string()),
             (
+                "CHASSIS_AUDIT_FILE",
+                dir.join("orders-audit.log").display().to_string(),
+            ),
+            (
                 "CHASSIS_CLIENT_TOKEN_URL",
                 format!("{auth_url}/auth/v1/token"),
             ),
