@@ -204,6 +204,40 @@ impl Database {
     }
 }
 
+impl Database {
+    /// A readiness check that the database takes writes: it begins a write
+    /// transaction and rolls it back, so a write lock held elsewhere for
+    /// longer than the check's timeout (a stuck writer, another process
+    /// holding the file) fails it. Register it for services that must write
+    /// to serve; with the default hysteresis a lock must persist across
+    /// three runs before readiness turns down.
+    pub fn write_check(&self) -> WriteCheck {
+        WriteCheck(self.clone())
+    }
+}
+
+/// See [`Database::write_check`].
+#[derive(Debug, Clone)]
+pub struct WriteCheck(Database);
+
+impl Check for WriteCheck {
+    async fn check(&self) -> Result<(), CheckError> {
+        let fail = |e: sqlx::Error| {
+            CheckError::new(format!(
+                "database {} takes no writes: {e}",
+                self.0.path.display()
+            ))
+        };
+        let tx = self
+            .0
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(fail)?;
+        tx.rollback().await.map_err(fail)
+    }
+}
+
 /// Ready while the database can be read: the check reads the schema, so a
 /// file another process holds locked, or one that cannot be read, is not
 /// ready (a bare `SELECT 1` would not touch the file at all).
@@ -256,6 +290,29 @@ mod tests {
         assert_eq!((journal.as_str(), fk, sync, busy), ("wal", 1, 1, 5000));
         assert!(dir.join("t.db").exists());
         assert!(db.check().await.is_ok());
+        assert!(db.write_check().check().await.is_ok());
+
+        // Another connection holding the write lock fails the write check.
+        let other = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(SqliteConnectOptions::new().filename(db.path()))
+            .await
+            .unwrap();
+        let mut held = other.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *held).await.unwrap();
+        let short = Database::open(&DbConfig {
+            busy_timeout: Duration::from_millis(50),
+            ..DbConfig::new(&dir, "t.db")
+        })
+        .await
+        .unwrap();
+        assert!(short.write_check().check().await.is_err());
+        assert!(short.check().await.is_ok(), "reads go on in WAL mode");
+        held.rollback().await.unwrap();
+        assert!(short.write_check().check().await.is_ok());
+        short.close().await;
+        other.close().await;
+
         db.close().await;
         assert!(db.check().await.is_err(), "a closed pool is not ready");
     }

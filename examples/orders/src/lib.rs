@@ -218,6 +218,7 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
     Ok(ServiceBuilder::new("orders", 1)
         .api(api)
         .api_layer(axum::Extension(Arc::new(state)))
+        .health_check("database-writes", db.write_check(), CheckOptions::default())
         .health_check("database", db, CheckOptions::default())
         .health_check("ticketing-breaker", ticketing_breaker, non_critical)
         .health_check("mail-breaker", mail_breaker, non_critical)

@@ -481,8 +481,8 @@ async fn with_mail_down_the_relay_stops_calling_it() {
 
 /// O14: the database cannot be written (another process holds its write
 /// lock). Orders are refused with 503 once the busy timeout runs out, and
-/// nothing is half-made; liveness stays up; once the lock is gone the same
-/// key works.
+/// nothing is half-made; liveness stays up while readiness goes down; once
+/// the lock is gone the same key works and readiness comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_database_refuses_orders_and_loses_nothing() {
     use sqlx::{ConnectOptions, Connection, sqlite::SqliteConnectOptions};
@@ -507,9 +507,24 @@ async fn a_locked_database_refuses_orders_and_loses_nothing() {
     assert!(refused.body["correlation_id"].is_string());
     let live = send("GET", &format!("{}/health/live", sys.orders.url()), &[], "").await;
     assert_eq!(live.status, 200);
+    let ready = || async {
+        send(
+            "GET",
+            &format!("{}/health/ready", sys.orders.url()),
+            &[],
+            "",
+        )
+        .await
+    };
+    eventually("readiness down", || async {
+        let r = ready().await;
+        r.status == 503 && r.body["checks"]["database-writes"]["status"] == "down"
+    })
+    .await;
 
     sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
     blocker.close().await.unwrap();
+    eventually("readiness back", || async { ready().await.status == 200 }).await;
     assert_eq!(sys.count("SELECT COUNT(*) FROM orders").await, 0);
     let placed = place(&sys, &alice, "acme", Some("locked-1"), &order(&ticket, 1)).await;
     assert_eq!(placed.status, 201, "{:?}", placed.body);

@@ -381,7 +381,7 @@ async fn start_mail(dir: &Path, auth: &str, addr: SocketAddr) -> Node {
     .await
 }
 
-/// Polls `f` until true, for at most 30 s.
+/// Polls `f` until true, for at most 60 s.
 pub async fn eventually<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
