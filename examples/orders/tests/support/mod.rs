@@ -390,7 +390,7 @@ where
     let start = tokio::time::Instant::now();
     while !f().await {
         assert!(
-            start.elapsed() < Duration::from_secs(30),
+            start.elapsed() < Duration::from_secs(60),
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
