@@ -3,9 +3,8 @@
 //! binary as operators run it.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -15,6 +14,7 @@ use bytes::Bytes;
 use chassis::{
     auth::{PrincipalKind, Verifier},
     config::Config,
+    testing::ServiceProcess,
 };
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -916,54 +916,23 @@ async fn the_driver_client_speaks_the_api() {
 
 // === the binary ===
 
-/// Spawns `auth` on an ephemeral port with `env`; returns the child, its
-/// address (from its "listening" log line) and the thread reading its log.
-fn spawn(
-    data_dir: &Path,
-    env: &[(&str, &str)],
-) -> (
-    std::process::Child,
-    String,
-    std::thread::JoinHandle<Vec<String>>,
-) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_auth"));
-    command
-        .env("CHASSIS_BIND", "127.0.0.1:0")
-        .env("CHASSIS_LOG", "info")
-        .env("CHASSIS_SHUTDOWN_GRACE_SECS", "5")
-        .env("AUTH_DATA_DIR", data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("auth starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["message"] == "listening"
-            {
-                let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("auth logs where it listens");
-    (child, addr, reader)
+/// Starts the `auth` binary on the data in `data_dir`.
+fn spawn(data_dir: &Path, env: &[(&str, &str)]) -> ServiceProcess {
+    let data = data_dir.to_str().expect("a UTF-8 path").to_owned();
+    let mut all = vec![
+        ("CHASSIS_SHUTDOWN_GRACE_SECS", "5"),
+        ("AUTH_DATA_DIR", data.as_str()),
+    ];
+    all.extend_from_slice(env);
+    ServiceProcess::spawn(env!("CARGO_BIN_EXE_auth"), &all)
 }
 
 #[tokio::test]
 async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
     let dir = TempDir::new("binary");
     // The real hash cost: the binary as it runs in production.
-    let (mut child, addr, reader) = spawn(dir.path(), &[]);
-    let base = format!("http://{addr}");
+    let mut process = spawn(dir.path(), &[]);
+    let base = process.url("");
     eventually("readiness", || async {
         send(Method::GET, &format!("{base}/health/ready"), &[], "")
             .await
@@ -999,19 +968,18 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
     .await;
     assert_eq!(res.status, 200, "{res:?}");
 
-    let killed = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "exit 0 after SIGTERM");
-
-    let lines = reader.join().unwrap();
+    process.terminate();
+    let (status, lines) = tokio::task::spawn_blocking(move || {
+        let status = process.wait(Duration::from_secs(60));
+        (status, process.lines())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exit 0 after SIGTERM"
+    );
     let all = lines.concat();
     for secret in ["admin-password", access.as_str(), refresh.as_str()] {
         assert!(!all.contains(secret), "a secret in the log");

@@ -1,49 +1,12 @@
 //! The `hello` binary as operators run it: real process, real socket, real
 //! signals.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
+
+use chassis::testing::ServiceProcess;
 
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-
-/// Spawns `hello` on an ephemeral port; returns the child and its address,
-/// read from its "listening" log line.
-fn spawn() -> (
-    std::process::Child,
-    String,
-    std::thread::JoinHandle<Vec<String>>,
-) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hello"))
-        .env("CHASSIS_BIND", "127.0.0.1:0")
-        .env("CHASSIS_LOG", "info")
-        .env("CHASSIS_SHUTDOWN_GRACE_SECS", "5")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("hello starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["message"] == "listening"
-            {
-                let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("hello logs where it listens");
-    (child, addr, reader)
-}
 
 async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, serde_json::Value) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -68,7 +31,11 @@ async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, serd
 
 #[tokio::test]
 async fn serves_logs_and_stops_cleanly_on_sigterm() {
-    let (mut child, addr, reader) = spawn();
+    let mut hello = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_hello"),
+        &[("CHASSIS_SHUTDOWN_GRACE_SECS", "5")],
+    );
+    let addr = hello.addr().to_owned();
     let (status, headers, body) = get(
         &format!("http://{addr}/hello/v1/greetings/ann"),
         &[
@@ -88,16 +55,11 @@ async fn serves_logs_and_stops_cleanly_on_sigterm() {
     let (status, _, ready) = get(&format!("http://{addr}/health/ready"), &[]).await;
     assert_eq!((status, ready["status"].as_str()), (200, Some("up")));
 
-    let killed = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = child.wait().unwrap();
+    hello.terminate();
+    let status = hello.wait(Duration::from_secs(60)).expect("hello exits");
     assert_eq!(status.code(), Some(0), "exit 0 after SIGTERM");
 
-    let lines = reader.join().unwrap();
+    let lines = hello.lines();
     let json: Vec<serde_json::Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

@@ -3,56 +3,16 @@
 
 mod support;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
+use chassis::testing::ServiceProcess;
 use support::{TempDir, TestAuth, eventually, get, header, job, orders};
 
-/// Starts `mail` with `env`; returns the child, its address (from its
-/// "listening" line) and the thread collecting its log lines.
-fn spawn(env: &[(&str, &str)]) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mail"))
-        .env("CHASSIS_BIND", "127.0.0.1:0")
-        .env("CHASSIS_LOG", "info")
-        .env("CHASSIS_SHUTDOWN_GRACE_SECS", "10")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mail starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["message"] == "listening"
-            {
-                let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("mail logs where it listens");
-    (child, addr, reader)
-}
-
-/// Waits for the child to exit, for at most 60 s.
-async fn exit_code(child: &mut Child) -> Option<i32> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "mail did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Starts `mail` with `env` added to the test defaults.
+fn spawn(env: &[(&str, &str)]) -> ServiceProcess {
+    let mut all = vec![("CHASSIS_SHUTDOWN_GRACE_SECS", "10")];
+    all.extend_from_slice(env);
+    ServiceProcess::spawn(env!("CARGO_BIN_EXE_mail"), &all)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -61,7 +21,7 @@ async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
     let auth = TestAuth::start().await;
     let jwks = auth.url("/jwks");
     let data = dir.path().to_str().unwrap().to_owned();
-    let (mut child, addr, reader) = spawn(&[
+    let mut process = spawn(&[
         ("CHASSIS_AUTH_ISSUER", "https://issuer.test"),
         ("CHASSIS_AUTH_AUDIENCE", "chassis-test"),
         ("CHASSIS_AUTH_JWKS_URL", &jwks),
@@ -70,7 +30,7 @@ async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
         ("MAIL_POLL_MS", "50"),
         ("MAIL_WORKERS", "2"),
     ]);
-    let base = format!("http://{addr}");
+    let base = process.url("");
     eventually("readiness", || async {
         get(&format!("{base}/health/ready")).await.0 == 200
     })
@@ -102,15 +62,18 @@ async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
         Some("proc-corr-1")
     );
 
-    let killed = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    assert_eq!(exit_code(&mut child).await, Some(0), "exit 0 after SIGTERM");
-
-    let lines = reader.join().unwrap();
+    process.terminate();
+    let (status, lines) = tokio::task::spawn_blocking(move || {
+        let status = process.wait(Duration::from_secs(60));
+        (status, process.lines())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exit 0 after SIGTERM"
+    );
     let json: Vec<serde_json::Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

@@ -3,13 +3,12 @@
 
 mod support;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use chassis::client::{CallContext, Downstream};
+use chassis::{
+    client::{CallContext, Downstream},
+    testing::ServiceProcess,
+};
 use support::{TempDir, eventually, refusal};
 
 /// Token verification with a fixed HMAC secret, so that the process needs
@@ -27,36 +26,14 @@ const AUTH: [(&str, &str); 4] = [
 #[tokio::test]
 async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
     let dir = TempDir::new("process");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ticketing"))
-        .env("CHASSIS_BIND", "127.0.0.1:0")
-        .env("CHASSIS_LOG", "info")
-        .env("CHASSIS_SHUTDOWN_GRACE_SECS", "5")
-        .env("TICKETING_DATA_DIR", dir.path())
-        .envs(AUTH)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ticketing starts");
-
-    // Its address, from its "listening" log line.
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["message"] == "listening"
-            {
-                let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-        .await
-        .unwrap()
-        .expect("ticketing logs where it listens");
+    let data = dir.path().to_str().unwrap().to_owned();
+    let mut env = vec![
+        ("CHASSIS_SHUTDOWN_GRACE_SECS", "5"),
+        ("TICKETING_DATA_DIR", data.as_str()),
+    ];
+    env.extend(AUTH);
+    let mut ticketing = ServiceProcess::spawn(env!("CARGO_BIN_EXE_ticketing"), &env);
+    let addr = ticketing.addr().to_owned();
 
     let downstream = Downstream::builder("ticketing", &format!("http://{addr}"))
         .attempt_timeout(Duration::from_secs(30))
@@ -80,18 +57,19 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
         (401, Some("missing_token"))
     );
 
-    let killed = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "exit 0 after SIGTERM");
-    let lines = reader.join().unwrap();
+    ticketing.terminate();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = ticketing.wait(Duration::from_secs(60));
+        (status, ticketing.lines())
+    })
+    .await
+    .unwrap();
+    let (status, lines) = status;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exit 0 after SIGTERM"
+    );
     assert!(
         lines.iter().any(|l| l.contains("\"stopped\"")),
         "{lines:#?}"
