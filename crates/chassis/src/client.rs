@@ -162,7 +162,7 @@ use crate::{
     correlation::{
         Correlation, CorrelationId, TRACEPARENT, TRACESTATE, TraceContext, X_CORRELATION_ID,
     },
-    fault::FaultConfig,
+    fault::{FaultConfig, Percent},
     protect::Deadline,
     retry::{IDEMPOTENCY_KEY, RetryBudget, RetryPolicy},
 };
@@ -228,21 +228,6 @@ impl Default for Settings {
             pool_max_idle: 32,
             pool_idle_timeout: Duration::from_secs(90),
             fault: None,
-        }
-    }
-}
-
-/// A percentage from the environment, 0 to 100.
-#[derive(Debug, Clone, Copy)]
-struct Percent(f64);
-
-impl std::str::FromStr for Percent {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.parse::<f64>() {
-            Ok(p) if (0.0..=100.0).contains(&p) => Ok(Self(p)),
-            _ => Err("expected a number from 0 to 100".to_owned()),
         }
     }
 }

@@ -87,9 +87,9 @@ impl Default for FaultConfig {
     }
 }
 
-/// A percentage, 0 to 100.
+/// A percentage from the environment, 0 to 100.
 #[derive(Debug, Clone, Copy)]
-struct Percent(f64);
+pub(crate) struct Percent(pub(crate) f64);
 
 impl std::str::FromStr for Percent {
     type Err = String;
