@@ -1,0 +1,150 @@
+//! The load harness: the full chassis (C) against bare axum (A) and the
+//! stack a Rust team assembles by hand (B), side by side in one run.
+//!
+//! ```text
+//! cargo bench -p chassis --bench load                      # all scenarios, about 6 minutes
+//! cargo bench -p chassis --bench load -- --write           # and write the table into docs/benchmarks.md
+//! cargo bench -p chassis --bench load -- --scenarios cached --rounds 1 --secs 5
+//! ```
+//!
+//! Options: `--secs N` per measured run (10), `--warmup N` seconds before it
+//! (2), `--rounds N` (3), `--connections N` (32), `--scenarios
+//! cached,distinct,routes`, `--server-cpu` (0) and `--load-cpu` (1).
+//!
+//! Each round starts every variant in turn (A B C A B C ...) in its own
+//! process, pinned with `taskset` to one core with one tokio worker, and
+//! drives it with `wrk` (installed from the distribution's packages when
+//! missing) pinned to the other core, over loopback only; `wrk` runs for a
+//! fixed time, so every load loop ends by itself. See [`variants`] for what
+//! each server does and `docs/benchmarks.md` for the results.
+//!
+//! Under `cargo test` (no `--bench` argument) the harness does not load
+//! anything: it starts each variant once and checks that they answer the
+//! same request alike (200 with the same body, 401 without a valid token, 403
+//! for another account, metrics exported), so the comparison stays fair and
+//! the harness cannot rot.
+
+// A load run is measured in wall-clock time, not the tokio clock tests pause.
+#![allow(clippy::disallowed_types)]
+
+mod harness;
+mod tokens;
+mod variants;
+
+use std::process::ExitCode;
+
+use jsonwebtoken::Algorithm;
+
+use crate::{
+    harness::{Server, get, ticket_path},
+    tokens::{ACCOUNT, Signer},
+    variants::{Kind, ServerSpec, Ticket},
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let exe = std::env::current_exe().expect("the harness knows its own path");
+    if args.first().map(String::as_str) == Some("serve") {
+        return match ServerSpec::parse(&args[1..]) {
+            Ok(spec) => variants::serve(spec),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(64)
+            }
+        };
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        check(&exe);
+        println!("load harness: the variants answer alike");
+        return ExitCode::SUCCESS;
+    }
+    let result = harness::Options::parse(&args).and_then(|o| harness::run(&exe, &o));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What `cargo test` runs: every variant answers the same requests alike.
+fn check(exe: &std::path::Path) {
+    let expected = Ticket {
+        account: ACCOUNT.to_owned(),
+        id: "42".to_owned(),
+        title: "Ticket 42".to_owned(),
+        status: "open".to_owned(),
+    };
+    for (kind, alg) in [
+        (Kind::Bare, Algorithm::RS256),
+        (Kind::Hand, Algorithm::RS256),
+        (Kind::Hand, Algorithm::EdDSA),
+        (Kind::Chassis, Algorithm::RS256),
+        (Kind::Chassis, Algorithm::EdDSA),
+    ] {
+        let spec = ServerSpec {
+            kind,
+            routes: 10,
+            alg,
+            cache: Some(1),
+        };
+        let name = format!("{} ({alg:?})", kind.arg());
+        let server = Server::start(exe, spec, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let signer = Signer::new(alg);
+        let token = signer.token("check");
+
+        // Two distinct tokens in a row: C's one-entry cache misses and
+        // evicts, and still answers right.
+        for t in [&token, &signer.token("check-2"), &token] {
+            let (status, body) =
+                get(server.addr, &ticket_path(), Some(t)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(status, 200, "{name}: {body}");
+            let ticket: Ticket =
+                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{name}: {e}: {body}"));
+            assert_eq!(ticket, expected, "{name}");
+        }
+        if kind == Kind::Bare {
+            continue;
+        }
+        let status = |path: &str, token: Option<&str>| {
+            get(server.addr, path, token)
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .0
+        };
+        assert_eq!(status(&ticket_path(), None), 401, "{name}: no token");
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(
+            status(&ticket_path(), Some(&tampered)),
+            401,
+            "{name}: bad signature"
+        );
+        let other = Signer::new(if alg == Algorithm::EdDSA {
+            Algorithm::RS256
+        } else {
+            Algorithm::EdDSA
+        })
+        .token("check");
+        if kind == Kind::Hand {
+            assert_eq!(
+                status(&ticket_path(), Some(&other)),
+                401,
+                "{name}: other algorithm"
+            );
+        }
+        assert_eq!(
+            status("/ticketing/v1/other/tickets/42", Some(&token)),
+            403,
+            "{name}: another account"
+        );
+        let (status, metrics) =
+            get(server.addr, "/metrics", None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(status, 200, "{name}: /metrics");
+        assert!(
+            metrics.contains("tickets/{id}"),
+            "{name}: the ticket route is measured: {metrics}"
+        );
+    }
+}
