@@ -222,13 +222,34 @@ impl Permission {
                 return Err(PermissionError::Segment(name));
             }
         }
+        Ok(Self::from_valid(service, account, operation, object))
+    }
+
+    /// Joins segments already validated (by [`Permission::new`] or a
+    /// template's fill). On the request path: one allocation, no formatting
+    /// machinery.
+    fn from_valid(
+        service: &str,
+        account: Option<&AccountId>,
+        operation: &str,
+        object: &str,
+    ) -> Self {
         let account = account.map_or("", AccountId::as_str);
-        let text = format!("{service}:{account}:{operation}:{object}");
-        let colons = colons(&text);
-        Ok(Self {
-            text: text.into(),
+        let mut text = String::with_capacity(
+            service.len() + account.len() + operation.len() + object.len() + 3,
+        );
+        let mut colons = [0u16; 3];
+        for (i, part) in [service, account, operation].into_iter().enumerate() {
+            text.push_str(part);
+            // Segments are at most MAX_SEGMENT_LEN bytes: far below u16::MAX.
+            colons[i] = text.len() as u16;
+            text.push(':');
+        }
+        text.push_str(object);
+        Self {
+            text: text.into_boxed_str(),
             colons,
-        })
+        }
     }
 
     /// The segment `i` (0 service, 1 account, 2 operation, 3 object).
@@ -573,8 +594,7 @@ impl PermissionTemplate {
                 });
             }
         }
-        let permission = Permission::new(values[0], account.as_ref(), values[2], values[3])
-            .map_err(|_| "permission".to_owned())?;
+        let permission = Permission::from_valid(values[0], account.as_ref(), values[2], values[3]);
         let from_path = matches!(self.parts[1], Part::Param(_));
         Ok((permission, if from_path { account } else { None }))
     }

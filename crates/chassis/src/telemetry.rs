@@ -134,7 +134,13 @@ impl fmt::Debug for Telemetry {
 pub fn init(service: &str, config: &Config) -> Telemetry {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(BUFFERED_LINES)
-        .finish(std::io::stdout());
+        // The writer thread drains every queued line into this buffer and
+        // flushes once the queue is empty: one `write` for a burst of lines
+        // instead of one per line, and nothing held back once it is idle.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     // A plain `target=level` list (the usual case) is served by `Targets`,
     // which keeps no per-span state; span and field directives need `EnvFilter`.
     let filter: Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync> =

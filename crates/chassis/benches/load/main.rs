@@ -18,6 +18,10 @@
 //! fixed time, so every load loop ends by itself. See [`variants`] for what
 //! each server does and `docs/benchmarks.md` for the results.
 //!
+//! To profile one variant by hand, start it and print a token with the
+//! harness binary (`target/release/deps/load-*`): `CHASSIS_BIND=127.0.0.1:9000
+//! taskset -c 0 load serve chassis 10 rs256 default` and `load token rs256`.
+//!
 //! Under `cargo test` (no `--bench` argument) the harness does not load
 //! anything: it starts each variant once and checks that they answer the
 //! same request alike (200 with the same body, 401 without a valid token, 403
@@ -52,6 +56,15 @@ fn main() -> ExitCode {
                 ExitCode::from(64)
             }
         };
+    }
+    if args.first().map(String::as_str) == Some("token") {
+        // A token for driving a server by hand, e.g. under a profiler.
+        let alg = match args.get(1).map(String::as_str) {
+            Some("eddsa") => Algorithm::EdDSA,
+            _ => Algorithm::RS256,
+        };
+        println!("{}", Signer::new(alg).token("manual"));
+        return ExitCode::SUCCESS;
     }
     if !args.iter().any(|a| a == "--bench") {
         check(&exe);
