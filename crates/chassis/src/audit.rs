@@ -236,6 +236,18 @@ pub struct LogSink;
 
 impl AuditSink for LogSink {
     fn write(&self, events: &[AuditEvent]) -> std::io::Result<()> {
+        if let Some(lines) = crate::telemetry::json_lines() {
+            // The chassis' JSON log: the same lines as the `tracing` path
+            // below, formatted here and handed over as one message per batch.
+            if tracing::enabled!(target: "audit", tracing::Level::INFO) {
+                let mut buf = Vec::with_capacity(events.len() * 400);
+                for e in events {
+                    log_line(lines, &mut buf, e);
+                }
+                lines.write(&buf);
+            }
+            return Ok(());
+        }
         for e in events {
             tracing::info!(
                 target: "audit",
@@ -256,6 +268,44 @@ impl AuditSink for LogSink {
         }
         Ok(())
     }
+}
+
+/// One audit event as a line of the JSON log, with the fields and order of
+/// the `tracing` event in [`LogSink`]; absent values are left out.
+fn log_line(lines: &crate::telemetry::JsonLines, buf: &mut Vec<u8>, e: &AuditEvent) {
+    use crate::telemetry::write_json_str;
+    let str_field = |buf: &mut Vec<u8>, name: &str, value: Option<&str>| {
+        if let Some(v) = value {
+            buf.extend_from_slice(b",\"");
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(b"\":");
+            write_json_str(buf, v);
+        }
+    };
+    lines.begin_line(buf, e.time, "audit", "audit");
+    str_field(
+        buf,
+        "correlation_id",
+        e.correlation_id.as_ref().map(CorrelationId::as_str),
+    );
+    str_field(buf, "subject", Some(&e.subject));
+    str_field(buf, "subject_kind", Some(e.subject_kind));
+    str_field(buf, "method", Some(e.method.as_str()));
+    str_field(buf, "route", Some(e.route.as_str()));
+    str_field(buf, "account", e.account.as_ref().map(AccountId::as_str));
+    str_field(
+        buf,
+        "permission",
+        e.permission.as_ref().map(Permission::as_str),
+    );
+    str_field(buf, "decision", Some(e.decision.as_str()));
+    str_field(buf, "reason", e.reason);
+    let _ = write!(buf, ",\"status\":{}", e.status);
+    if e.latency_ms.is_finite() {
+        let _ = write!(buf, ",\"latency_ms\":{}", e.latency_ms);
+    }
+    let _ = write!(buf, ",\"mutation\":{}", e.mutation);
+    crate::telemetry::JsonLines::end_line(buf);
 }
 
 /// Appends events as JSON lines to a file, synced to disk after each batch.

@@ -148,11 +148,18 @@ pub fn init(service: &str, config: &Config) -> Telemetry {
             Ok(targets) => Box::new(targets),
             Err(_) => Box::new(EnvFilter::builder().parse_lossy(&config.log)),
         };
+    let lines = JsonLines {
+        service: service.into(),
+        writer: writer.clone(),
+    };
     let installed = match config.log_format {
         LogFormat::Json => Registry::default()
             .with(filter)
             .with(JsonLayer::new(service, writer))
-            .try_init(),
+            .try_init()
+            .inspect(|()| {
+                let _ = JSON_LINES.set(lines);
+            }),
         LogFormat::Pretty => Registry::default()
             .with(filter)
             .with(
@@ -167,6 +174,56 @@ pub fn init(service: &str, config: &Config) -> Telemetry {
     }
     Telemetry {
         _guard: installed.is_ok().then_some(guard),
+    }
+}
+
+/// The installed JSON log's writer, for a producer that formats whole lines
+/// of the same shape itself (the audit log sink, which writes a batch of
+/// events as one message instead of one event each through `tracing`).
+/// Set only when [`init`] installed the JSON format.
+static JSON_LINES: std::sync::OnceLock<JsonLines> = std::sync::OnceLock::new();
+
+/// See [`JSON_LINES`].
+#[derive(Clone)]
+pub(crate) struct JsonLines {
+    service: Box<str>,
+    writer: tracing_appender::non_blocking::NonBlocking,
+}
+
+/// The JSON log installed by [`init`], if any.
+pub(crate) fn json_lines() -> Option<&'static JsonLines> {
+    JSON_LINES.get()
+}
+
+impl JsonLines {
+    /// Starts a line as [`JsonLayer`] does: `{"time":..,"level":"INFO",
+    /// "target":..,"service":..,"message":..`; the caller adds
+    /// `,"field":value` pairs and ends it with [`end_line`](Self::end_line).
+    pub(crate) fn begin_line(
+        &self,
+        buf: &mut Vec<u8>,
+        time: SystemTime,
+        target: &str,
+        message: &str,
+    ) {
+        buf.extend_from_slice(b"{\"time\":\"");
+        write_rfc3339(buf, time);
+        buf.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":");
+        write_json_str(buf, target);
+        buf.extend_from_slice(b",\"service\":");
+        write_json_str(buf, &self.service);
+        buf.extend_from_slice(b",\"message\":");
+        write_json_str(buf, message);
+    }
+
+    /// Ends a line.
+    pub(crate) fn end_line(buf: &mut Vec<u8>) {
+        buf.extend_from_slice(b"}\n");
+    }
+
+    /// Hands whole lines to the log writer as one message.
+    pub(crate) fn write(&self, lines: &[u8]) {
+        let _ = self.writer.clone().write_all(lines);
     }
 }
 
@@ -426,7 +483,7 @@ impl fmt::Write for Escaper<'_> {
     }
 }
 
-fn write_json_str(buf: &mut Vec<u8>, s: &str) {
+pub(crate) fn write_json_str(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
     escape_into(buf, s);
     buf.push(b'"');

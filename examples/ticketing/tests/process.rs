@@ -74,6 +74,37 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
         lines.iter().any(|l| l.contains("\"stopped\"")),
         "{lines:#?}"
     );
+
+    // The refused call is audited in the JSON log, with the correlation id
+    // of its access line.
+    let json: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let refused = |target: &str| {
+        json.iter()
+            .find(|l| l["target"] == target && l["route"] == "/ticketing/v1/{account}/tickets")
+            .unwrap_or_else(|| panic!("no {target} line for the refused call: {lines:#?}"))
+    };
+    let (access, audit) = (refused("chassis::access"), refused("audit"));
+    assert_eq!(audit["level"], "INFO");
+    assert_eq!(audit["service"], "ticketing");
+    assert_eq!(audit["message"], "audit");
+    assert_eq!(audit["decision"], "unauthenticated");
+    assert_eq!(audit["reason"], "missing_token");
+    assert_eq!(audit["method"], "GET");
+    assert_eq!(audit["status"], 401);
+    assert_eq!(audit["mutation"], false);
+    assert!(audit["latency_ms"].as_f64().is_some(), "{audit}");
+    assert!(
+        audit["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{audit}"
+    );
+    assert!(
+        audit.get("account").is_none(),
+        "not reached authorization: {audit}"
+    );
+    assert_eq!(audit["correlation_id"], access["correlation_id"]);
 }
 
 #[test]

@@ -173,9 +173,12 @@ fn scenario(name: &str) -> Option<Scenario> {
 #[derive(Debug, Clone, Default)]
 struct Sample {
     rps: f64,
+    requests: f64,
     p50_us: f64,
     p99_us: f64,
     errors: u64,
+    /// Server CPU time (user + system, all its threads) per request.
+    cpu_us: f64,
     idle_rss_mib: f64,
     peak_rss_mib: f64,
 }
@@ -201,9 +204,10 @@ pub(crate) fn run(exe: &Path, o: &Options) -> Result<(), String> {
             for variant in &s.variants {
                 let sample = measure(exe, &wrk, pin, o, variant, &script)?;
                 println!(
-                    "round {round} {:<8} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  errors {}  RSS idle {:.1} MiB, peak {:.1} MiB",
+                    "round {round} {:<8} {:>9.0} req/s  CPU {:>5.1} µs/req  p50 {:>7.0} µs  p99 {:>7.0} µs  errors {}  RSS idle {:.1} MiB, peak {:.1} MiB",
                     variant.label,
                     sample.rps,
+                    sample.cpu_us,
                     sample.p50_us,
                     sample.p99_us,
                     sample.errors,
@@ -279,6 +283,15 @@ fn ratio(s: &Scenario, samples: &[Sample], n: &str, d: &str) -> f64 {
     at(n).rps / at(d).rps
 }
 
+fn cpu(s: &Scenario, samples: &[Sample], label: &str) -> f64 {
+    let i = s
+        .variants
+        .iter()
+        .position(|v| v.label == label)
+        .expect("a ratio names variants of its scenario");
+    samples[i].cpu_us
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
@@ -291,7 +304,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 fn table(s: &Scenario, rounds: &[Vec<Sample>]) -> String {
     let mut t = format!(
-        "#### Scenario `{}`: {}\n\n| variant | req/s (per round) | p50 µs | p99 µs | non-2xx | idle RSS MiB | peak RSS MiB |\n|---|---|---|---|---|---|---|\n",
+        "#### Scenario `{}`: {}\n\n| variant | req/s (per round) | server CPU µs/request | p50 µs | p99 µs | non-2xx | idle RSS MiB | peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n",
         s.name, s.title
     );
     for (i, v) in s.variants.iter().enumerate() {
@@ -303,8 +316,9 @@ fn table(s: &Scenario, rounds: &[Vec<Sample>]) -> String {
             .join(" / ");
         let _ = writeln!(
             t,
-            "| {} | {per_round} | {:.0} | {:.0} | {} | {:.1} | {:.1} |",
+            "| {} | {per_round} | {:.1} | {:.0} | {:.0} | {} | {:.1} | {:.1} |",
             v.label,
+            col(|x| x.cpu_us),
             col(|x| x.p50_us),
             col(|x| x.p99_us),
             rounds.iter().map(|r| r[i].errors).sum::<u64>(),
@@ -318,12 +332,13 @@ fn table(s: &Scenario, rounds: &[Vec<Sample>]) -> String {
         let m = median(per.clone());
         let _ = writeln!(
             t,
-            "- {n}/{d} in requests/s: {} per round, median {m:.2}; target ≥ {target}: **{}**",
+            "- {n}/{d} in requests/s: {} per round, median {m:.2}; target ≥ {target}: **{}**. Server CPU per request, {n} − {d}: {:.1} µs (median of rounds)",
             per.iter()
                 .map(|x| format!("{x:.2}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            if m >= *target { "met" } else { "not met" }
+            if m >= *target { "met" } else { "not met" },
+            median(rounds.iter().map(|r| cpu(s, r, n) - cpu(s, r, d)).collect()),
         );
     }
     if s.name == "cached" {
@@ -420,7 +435,9 @@ fn measure(
             .output()
             .map_err(|e| format!("wrk: {e}"))?;
     }
+    let cpu_before = cpu_secs(server.child.id());
     let out = wrk_cmd(o.secs).output().map_err(|e| format!("wrk: {e}"))?;
+    let cpu = cpu_secs(server.child.id()) - cpu_before;
     let peak = rss(server.child.id(), "VmHWM:");
     server.stop();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -428,6 +445,7 @@ fn measure(
         return Err(format!("wrk failed: {text}"));
     }
     parse_wrk(&text).map(|s| Sample {
+        cpu_us: cpu * 1e6 / s.requests,
         idle_rss_mib: idle,
         peak_rss_mib: peak,
         ..s
@@ -456,8 +474,15 @@ fn parse_wrk(text: &str) -> Result<Sample, String> {
             .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
             .sum()
     });
+    // "812345 requests in 10.00s, 133.25MB read"
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("no request count in wrk's output:\n{text}"))?;
     Ok(Sample {
         rps,
+        requests,
         p50_us: latency("50%")?,
         p99_us: latency("99%")?,
         errors: non_2xx + socket,
@@ -561,6 +586,30 @@ pub(crate) fn get(
         .ok_or_else(|| format!("not an HTTP answer: {text}"))?;
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     Ok((status, body.to_owned()))
+}
+
+/// User and system CPU seconds of `pid` so far, all threads.
+fn cpu_secs(pid: u32) -> f64 {
+    // Fields 14 and 15 of /proc/<pid>/stat, after the parenthesised name.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / clock_ticks())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// `getconf CLK_TCK`: 100 on Linux unless told otherwise.
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 fn rss(pid: u32, field: &str) -> f64 {
