@@ -273,7 +273,7 @@ impl AuditSink for LogSink {
 /// One audit event as a line of the JSON log, with the fields and order of
 /// the `tracing` event in [`LogSink`]; absent values are left out.
 fn log_line(lines: &crate::telemetry::JsonLines, buf: &mut Vec<u8>, e: &AuditEvent) {
-    use crate::telemetry::write_json_str;
+    use crate::telemetry::{write_json_str, write_u64};
     let str_field = |buf: &mut Vec<u8>, name: &str, value: Option<&str>| {
         if let Some(v) = value {
             buf.extend_from_slice(b",\"");
@@ -300,11 +300,26 @@ fn log_line(lines: &crate::telemetry::JsonLines, buf: &mut Vec<u8>, e: &AuditEve
     );
     str_field(buf, "decision", Some(e.decision.as_str()));
     str_field(buf, "reason", e.reason);
-    let _ = write!(buf, ",\"status\":{}", e.status);
-    if e.latency_ms.is_finite() {
-        let _ = write!(buf, ",\"latency_ms\":{}", e.latency_ms);
+    buf.extend_from_slice(b",\"status\":");
+    write_u64(buf, u64::from(e.status));
+    if e.latency_ms.is_finite() && e.latency_ms >= 0.0 {
+        // Milliseconds to the microsecond, without float formatting.
+        let micros = (e.latency_ms * 1000.0).round() as u64;
+        buf.extend_from_slice(b",\"latency_ms\":");
+        write_u64(buf, micros / 1000);
+        let frac = micros % 1000;
+        buf.extend_from_slice(&[
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
     }
-    let _ = write!(buf, ",\"mutation\":{}", e.mutation);
+    buf.extend_from_slice(if e.mutation {
+        b",\"mutation\":true"
+    } else {
+        b",\"mutation\":false"
+    });
     crate::telemetry::JsonLines::end_line(buf);
 }
 
@@ -799,6 +814,66 @@ mod tests {
             }
             self.1.write(events)
         }
+    }
+
+    #[test]
+    fn log_lines_carry_every_field_of_the_event() {
+        let (writer, _guard) = tracing_appender::non_blocking(std::io::sink());
+        let lines = crate::telemetry::JsonLines::new("ticketing", writer);
+        let mut buf = Vec::new();
+        let allowed = AuditEvent {
+            latency_ms: 12.345_678,
+            ..AuditEvent::example()
+        };
+        let refused = AuditEvent {
+            correlation_id: None,
+            subject: "a \"quoted\"\nname".into(),
+            account: None,
+            permission: None,
+            decision: AuditDecision::Unauthenticated,
+            reason: Some("missing_token"),
+            status: 401,
+            latency_ms: 0.000_4,
+            mutation: false,
+            ..AuditEvent::example()
+        };
+        log_line(&lines, &mut buf, &allowed);
+        log_line(&lines, &mut buf, &refused);
+        let text = String::from_utf8(buf).unwrap();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(parsed.len(), 2, "{text}");
+        assert_eq!(
+            parsed[0],
+            serde_json::json!({
+                "time": "1970-01-01T00:00:00.000000Z", "level": "INFO", "target": "audit",
+                "service": "ticketing", "message": "audit", "correlation_id": "example",
+                "subject": "ann", "subject_kind": "user", "method": "POST",
+                "route": "/ticketing/v1/{account}/tickets", "account": "67000001",
+                "permission": "ticketing:67000001:create:ticket", "decision": "allow",
+                "status": 201, "latency_ms": 12.346, "mutation": true,
+            })
+        );
+        let r = &parsed[1];
+        assert_eq!(r["subject"], "a \"quoted\"\nname");
+        assert_eq!(
+            (r["decision"].as_str(), r["reason"].as_str()),
+            (Some("unauthenticated"), Some("missing_token"))
+        );
+        assert_eq!(
+            (r["status"].as_u64(), r["latency_ms"].as_f64()),
+            (Some(401), Some(0.0))
+        );
+        for absent in ["correlation_id", "account", "permission"] {
+            assert!(r.get(absent).is_none(), "{absent}: {r}");
+        }
+        let mut n = Vec::new();
+        crate::telemetry::write_u64(&mut n, 0);
+        n.push(b' ');
+        crate::telemetry::write_u64(&mut n, u64::MAX);
+        assert_eq!(n, b"0 18446744073709551615");
     }
 
     #[test]

@@ -216,6 +216,15 @@ impl JsonLines {
         write_json_str(buf, message);
     }
 
+    /// Lines for `service` to `writer`, without installing anything.
+    #[cfg(test)]
+    pub(crate) fn new(service: &str, writer: tracing_appender::non_blocking::NonBlocking) -> Self {
+        Self {
+            service: service.into(),
+            writer,
+        }
+    }
+
     /// Ends a line.
     pub(crate) fn end_line(buf: &mut Vec<u8>) {
         buf.extend_from_slice(b"}\n");
@@ -414,6 +423,14 @@ impl JsonFields<'_> {
             self.buf.extend_from_slice(b"\"field.");
             escape_into(self.buf, name);
             self.buf.push(b'"');
+        } else if name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
+            // Field names are almost always identifiers: nothing to escape.
+            self.buf.push(b'"');
+            self.buf.extend_from_slice(name.as_bytes());
+            self.buf.push(b'"');
         } else {
             write_json_str(self.buf, name);
         }
@@ -435,12 +452,15 @@ impl Visit for JsonFields<'_> {
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.key(field);
-        let _ = write!(self.buf, "{value}");
+        if value < 0 {
+            self.buf.push(b'-');
+        }
+        write_u64(self.buf, value.unsigned_abs());
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.key(field);
-        let _ = write!(self.buf, "{value}");
+        write_u64(self.buf, value);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
@@ -481,6 +501,21 @@ impl fmt::Write for Escaper<'_> {
         escape_into(self.0, s);
         Ok(())
     }
+}
+
+/// `n` in decimal, without the formatting machinery.
+pub(crate) fn write_u64(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
 }
 
 pub(crate) fn write_json_str(buf: &mut Vec<u8>, s: &str) {

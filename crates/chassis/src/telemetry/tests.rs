@@ -318,3 +318,26 @@ fn escaping_handles_every_position_in_a_word() {
         }
     }
 }
+
+#[test]
+fn numbers_and_field_names_are_written_as_json() {
+    let capture = Capture::default();
+    tracing::subscriber::with_default(subscriber(&capture, "info"), || {
+        tracing::info!(
+            zero = 0u64,
+            max = u64::MAX,
+            negative = -42i64,
+            min = i64::MIN,
+            dotted.name = 1u64,
+            "numbers"
+        );
+    });
+    let lines = capture.lines();
+    let l = &lines[0];
+    assert_eq!(l["zero"], 0);
+    assert_eq!(l["max"], u64::MAX);
+    assert_eq!(l["negative"], -42);
+    assert_eq!(l["min"], i64::MIN);
+    assert_eq!(l["dotted.name"], 1);
+    assert_eq!(l["message"], "numbers");
+}
