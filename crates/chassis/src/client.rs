@@ -12,8 +12,8 @@
 //!   the downstream stops working for a caller that has given up (the
 //!   chassis server side honours it), and the deadline a request arrived
 //!   with bounds the calls made on its behalf;
-//! * **retries only when safe** (idempotent methods, or an
-//!   `Idempotency-Key`), with backoff and full jitter, honouring
+//! * **retries only when safe** (idempotent methods, an `Idempotency-Key`,
+//!   or a call marked [`retry_safe`](RequestBuilder::retry_safe)), with backoff and full jitter, honouring
 //!   `Retry-After`, **within a budget** so retries cannot multiply the load
 //!   on a failing downstream (see [`crate::retry`]);
 //! * **a circuit breaker per downstream** so a sick downstream is not called
@@ -801,6 +801,7 @@ impl<'a> Caller<'a> {
             headers: http::HeaderMap::new(),
             body: Bytes::new(),
             deadline: None,
+            retry_safe: false,
             error: None,
         }
     }
@@ -816,6 +817,7 @@ pub struct RequestBuilder<'a> {
     headers: http::HeaderMap,
     body: Bytes,
     deadline: Option<Duration>,
+    retry_safe: bool,
     error: Option<ClientError>,
 }
 
@@ -866,6 +868,16 @@ impl RequestBuilder<'_> {
                 );
             }
         }
+        self
+    }
+
+    /// Marks the call safe to retry although its method is not idempotent
+    /// and it has no `Idempotency-Key`, because the downstream documents the
+    /// operation as idempotent (confirming a confirmed reservation changes
+    /// nothing). See [`RetrySafe`](crate::retry::RetrySafe); when in doubt,
+    /// send an [`idempotency_key`](Self::idempotency_key) instead.
+    pub fn retry_safe(mut self) -> Self {
+        self.retry_safe = true;
         self
     }
 
@@ -979,6 +991,9 @@ impl RequestBuilder<'_> {
         *req.headers_mut() = headers;
         req.extensions_mut()
             .insert(transport::CallDeadline(deadline));
+        if self.retry_safe {
+            req.extensions_mut().insert(crate::retry::RetrySafe);
+        }
 
         let call = inner.stack.clone().oneshot(req);
         let res = match tokio::time::timeout_at(deadline, call).await {

@@ -6,7 +6,9 @@
 //! harm and cannot make an outage worse:
 //!
 //! * **only idempotent calls**: `GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE`, or
-//!   a request carrying an `Idempotency-Key` (the downstream deduplicates);
+//!   a request carrying an `Idempotency-Key` (the downstream deduplicates),
+//!   or one the caller marked [`RetrySafe`] because the downstream documents
+//!   the operation as idempotent;
 //! * **only retryable failures**: a transport error or timeout, or a 502,
 //!   503, 504 or 429 answer; never a call the circuit breaker or the bulkhead
 //!   refused (that is the point of them), never another 4xx;
@@ -129,12 +131,26 @@ impl RetryPolicy {
     }
 }
 
-/// Whether a request may be sent twice.
+/// A request extension by which the caller vouches that sending the request
+/// twice has the effect of sending it once, although its method is not
+/// idempotent and it carries no `Idempotency-Key`: for example
+/// `POST /reservations/{id}/confirm`, where confirming a confirmed
+/// reservation changes nothing. The downstream's API documentation must say
+/// so; when in doubt, send an `Idempotency-Key` instead.
+///
+/// [`RequestBuilder::retry_safe`](crate::client::RequestBuilder::retry_safe)
+/// sets it on a downstream call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetrySafe;
+
+/// Whether a request may be sent twice: an idempotent method, an
+/// `Idempotency-Key`, or the [`RetrySafe`] extension.
 pub fn is_retry_safe<B>(req: &Request<B>) -> bool {
     matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     ) || req.headers().contains_key(IDEMPOTENCY_KEY)
+        || req.extensions().get::<RetrySafe>().is_some()
 }
 
 fn retryable_status(status: StatusCode) -> bool {
@@ -245,6 +261,22 @@ mod tests {
             assert_eq!(res.status(), 503);
             assert_eq!(hits.load(Ordering::SeqCst), want, "{method} key={key}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_post_marked_retry_safe_is_retried() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let svc = RetryLayer::new(generous()).layer(downstream(
+            hits.clone(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+        ));
+        let mut marked = req(Method::POST, false);
+        marked.extensions_mut().insert(RetrySafe);
+        assert!(is_retry_safe(&marked));
+        let res = svc.oneshot(marked).await.unwrap();
+        assert_eq!(res.status(), 503);
+        assert_eq!(hits.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test(start_paused = true)]

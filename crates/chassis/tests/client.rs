@@ -312,6 +312,19 @@ async fn only_safe_calls_are_retried() {
     let seen = flaky.last_headers();
     assert_eq!(seen["idempotency-key"], "order-1");
     assert_eq!(seen["content-type"], "application/json");
+
+    let _ = d
+        .anonymous(&cx)
+        .post("/reservations/r-1/confirm")
+        .retry_safe()
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(flaky.hits(), 10, "POST marked retry-safe: three attempts");
+    assert!(
+        !flaky.last_headers().contains_key("idempotency-key"),
+        "the mark is not sent"
+    );
 }
 
 #[tokio::test]

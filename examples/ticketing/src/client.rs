@@ -329,6 +329,8 @@ impl Calls<'_> {
             .post(&format!(
                 "/ticketing/v1/{account}/reservations/{id}/confirm"
             ))
+            // Idempotent by contract (see above), so safe to retry.
+            .retry_safe()
             .send()
             .await?
             .json()
@@ -347,6 +349,8 @@ impl Calls<'_> {
             .post(&format!(
                 "/ticketing/v1/{account}/reservations/{id}/release"
             ))
+            // Idempotent by contract (see above), so safe to retry.
+            .retry_safe()
             .send()
             .await?
             .json()
