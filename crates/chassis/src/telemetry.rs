@@ -541,9 +541,50 @@ fn word_needs_escape(x: u64) -> bool {
 }
 
 fn escape_into(buf: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
-    buf.reserve(bytes.len());
+    // Most text needs no escape: check it whole, then copy it once.
+    if !needs_escape(bytes) {
+        buf.extend_from_slice(bytes);
+        return;
+    }
+    escape_each(buf, bytes);
+}
+
+/// The 8 bytes of `b` from `i` (which the caller keeps in bounds).
+#[inline]
+fn word_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(
+        b.get(i..i + 8)
+            .and_then(|w| w.try_into().ok())
+            .unwrap_or([0; 8]),
+    )
+}
+
+/// Whether any byte of `bytes` needs escaping, a word at a time: a short
+/// string is padded with spaces, and the tail of a longer one is checked as
+/// its last 8 bytes (overlapping the previous word), never byte by byte.
+#[inline]
+fn needs_escape(bytes: &[u8]) -> bool {
+    let n = bytes.len();
+    if n < 8 {
+        let mut w = [b' '; 8];
+        w[..n].copy_from_slice(bytes);
+        return word_needs_escape(u64::from_le_bytes(w));
+    }
+    let mut i = 0;
+    while i + 8 <= n {
+        if word_needs_escape(word_at(bytes, i)) {
+            return true;
+        }
+        i += 8;
+    }
+    i < n && word_needs_escape(word_at(bytes, n - 8))
+}
+
+/// Escapes `bytes`, which needs it somewhere.
+fn escape_each(buf: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    buf.reserve(bytes.len() + 8);
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
