@@ -282,7 +282,7 @@ fn log_line(lines: &crate::telemetry::JsonLines, buf: &mut Vec<u8>, e: &AuditEve
             write_json_str(buf, v);
         }
     };
-    lines.begin_line(buf, e.time, "audit", "audit");
+    lines.begin_line(buf, e.time, "audit", None, "audit");
     str_field(
         buf,
         "correlation_id",

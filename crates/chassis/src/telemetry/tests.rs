@@ -353,3 +353,36 @@ fn numbers_and_field_names_are_written_as_json() {
     assert_eq!(l["dotted.name"], 1);
     assert_eq!(l["message"], "numbers");
 }
+
+#[test]
+fn the_direct_access_line_is_the_one_the_tracing_event_renders() {
+    use crate::correlation::{CorrelationId, TraceContext};
+
+    let id = CorrelationId::parse("c-1").unwrap();
+    let trace = TraceContext::new_root().trace_id();
+
+    // Through tracing: the request span carries the ids, the event the rest.
+    let capture = Capture::default();
+    tracing::subscriber::with_default(subscriber(&capture, "info"), || {
+        let span = tracing::info_span!(target: REQUEST_TARGET, "request", method = "GET", route = "/svc/v1/{id}", correlation_id = id.as_str(), trace_id = trace.as_str());
+        tracing::info!(target: ACCESS_TARGET, parent: &span, method = "GET", route = "/svc/v1/{id}", status = 200u16, latency_us = 77u64, "request");
+    });
+    let mut via_tracing = capture.lines().remove(0);
+
+    // Directly.
+    let direct_out = Capture::default();
+    let (writer, guard) = tracing_appender::non_blocking(direct_out.clone());
+    let lines = JsonLines::new("svc", writer);
+    access_line(&lines, &id, &trace, "GET", "/svc/v1/{id}", 200, 77);
+    drop(lines);
+    drop(guard);
+    let mut direct = direct_out.lines().remove(0);
+
+    for line in [&mut via_tracing, &mut direct] {
+        let time = line.as_object_mut().unwrap().remove("time").unwrap();
+        assert!(time.as_str().unwrap().ends_with('Z'), "{time}");
+    }
+    assert_eq!(direct, via_tracing);
+    assert_eq!(direct["correlation_id"], "c-1");
+    assert_eq!(direct["latency_us"], 77);
+}
