@@ -394,8 +394,8 @@ impl<S: Send + Sync> FromRequestParts<S> for AccountId {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         parts
             .extensions
-            .get::<Self>()
-            .cloned()
+            .get::<Authorized>()
+            .and_then(|a| a.account.clone())
             .ok_or_else(Problem::not_found)
     }
 }
@@ -455,12 +455,19 @@ fn authorize(
     req: Request,
 ) -> Result<Request, Box<Response>> {
     let note = req.extensions().get::<AuditNote>().cloned();
-    let record = |f: &dyn Fn(&mut crate::audit::Note)| {
+    // What the audit event learns, recorded in one update of the note.
+    let record = |permission: Option<&Permission>,
+                  account: Option<&AccountId>,
+                  decision: (AuditDecision, Option<&'static str>)| {
         if let Some(n) = &note {
-            n.update(|x| f(x));
+            n.update(|x| {
+                x.principal = Some(principal.clone());
+                x.permission = permission.cloned();
+                x.account = account.cloned();
+                x.decision = Some(decision);
+            });
         }
     };
-    record(&|n| n.principal = Some(principal.clone()));
     let (mut parts, body) = req.into_parts();
     let params = now(RawPathParams::from_request_parts(&mut parts, &())).and_then(Result::ok);
     let lookup = |name: &str| {
@@ -477,28 +484,39 @@ fn authorize(
                 param,
                 "path parameter outside its grammar; refused before authorization"
             );
-            record(&|n| n.decision = Some((AuditDecision::Rejected, Some("invalid_path"))));
+            record(None, None, (AuditDecision::Rejected, Some("invalid_path")));
             return Err(Box::new(Problem::not_found().into_response()));
         }
     };
-    record(&|n| {
-        n.permission = Some(permission.clone());
-        n.account = account.clone();
-    });
     match principal.grants().decide(&permission) {
         Decision::Allow => {
-            record(&|n| n.decision = Some((AuditDecision::Allow, None)));
-            if let Some(a) = account {
-                parts.extensions.insert(a);
-            }
-            parts.extensions.insert(principal);
+            record(
+                Some(&permission),
+                account.as_ref(),
+                (AuditDecision::Allow, None),
+            );
+            // One extension for both extractors ([`Principal`] and
+            // [`AccountId`]): one insert on the request path instead of two.
+            parts.extensions.insert(Authorized { principal, account });
             Ok(Request::from_parts(parts, body))
         }
         Decision::DeniedExplicitly | Decision::NoGrant => {
-            record(&|n| n.decision = Some((AuditDecision::Deny, Some(Reason::Forbidden.code()))));
+            record(
+                Some(&permission),
+                account.as_ref(),
+                (AuditDecision::Deny, Some(Reason::Forbidden.code())),
+            );
             Err(Box::new(Forbidden { permission }.into_response()))
         }
     }
+}
+
+/// The caller and account an authorized request was checked for; read by
+/// the [`Principal`] and [`AccountId`] extractors.
+#[derive(Clone, Debug)]
+pub(crate) struct Authorized {
+    pub(crate) principal: Principal,
+    pub(crate) account: Option<AccountId>,
 }
 
 fn unauthenticated(req: &Request, reason: Reason) -> Response {

@@ -718,7 +718,10 @@ impl CallContext {
                 .unwrap_or_else(|| {
                     Correlation::new(CorrelationId::generate(), TraceContext::new_root())
                 }),
-            principal: parts.extensions.get::<Principal>().cloned(),
+            principal: parts
+                .extensions
+                .get::<crate::api::Authorized>()
+                .map(|a| a.principal.clone()),
             deadline: parts.extensions.get::<Deadline>().map(|d| d.0),
         }
     }

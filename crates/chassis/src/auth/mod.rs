@@ -373,8 +373,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         parts
             .extensions
-            .get::<Self>()
-            .cloned()
+            .get::<crate::api::Authorized>()
+            .map(|a| a.principal.clone())
             .ok_or(AuthError::new(Reason::MissingToken))
     }
 }
