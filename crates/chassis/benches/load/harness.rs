@@ -31,6 +31,7 @@ pub(crate) struct Options {
     pub(crate) connections: usize,
     pub(crate) scenarios: Vec<String>,
     pub(crate) write: bool,
+    pub(crate) instructions: bool,
     pub(crate) server_cpu: String,
     pub(crate) load_cpu: String,
 }
@@ -44,6 +45,7 @@ impl Options {
             connections: 32,
             scenarios: vec!["cached".into(), "distinct".into(), "routes".into()],
             write: false,
+            instructions: false,
             server_cpu: "0".into(),
             load_cpu: "1".into(),
         };
@@ -73,6 +75,7 @@ impl Options {
                     }
                 }
                 "--write" => o.write = true,
+                "--instructions" => o.instructions = true,
                 "--server-cpu" => o.server_cpu = value(a)?,
                 "--load-cpu" => o.load_cpu = value(a)?,
                 other => return Err(format!("unknown argument `{other}`")),
@@ -640,18 +643,141 @@ fn which(program: &str) -> Option<PathBuf> {
 
 /// `wrk`, installed from the distribution's packages when missing.
 fn find_or_install_wrk() -> Result<PathBuf, String> {
-    if let Some(p) = which("wrk") {
+    find_or_install("wrk", "wrk")
+}
+
+/// `program`, installed from the distribution's `package` when missing.
+fn find_or_install(program: &str, package: &str) -> Result<PathBuf, String> {
+    if let Some(p) = which(program) {
         return Ok(p);
     }
-    println!("wrk is not installed; installing it with apt-get");
+    println!("{program} is not installed; installing {package} with apt-get");
     let ok = Command::new("apt-get")
-        .args(["install", "-y", "-q", "wrk"])
+        .args(["install", "-y", "-q", package])
         .status()
         .is_ok_and(|s| s.success());
-    match which("wrk") {
+    match which(program) {
         Some(p) if ok => Ok(p),
-        _ => Err("wrk is needed: install it (`apt-get install wrk`) and run again".to_owned()),
+        _ => Err(format!(
+            "{program} is needed: install it (`apt-get install {package}`) and run again"
+        )),
     }
+}
+
+/// `--instructions`: user-space instructions per request of A, B and C,
+/// counted by callgrind over a fixed window of load (all threads of the
+/// server, its log and audit writers included). Unlike requests/s this
+/// count hardly moves between runs on a busy machine, so it shows what a
+/// change to the request path saves.
+pub(crate) fn instructions(exe: &Path, o: &Options) -> Result<(), String> {
+    let wrk = find_or_install_wrk()?;
+    let valgrind = find_or_install("valgrind", "valgrind")?;
+    let control =
+        which("callgrind_control").ok_or("callgrind_control (part of valgrind) is missing")?;
+    let dir = std::env::temp_dir().join(format!("chassis-load-cg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let token = Signer::new(Algorithm::RS256).token("load");
+    let url = |addr: SocketAddr| format!("http://{addr}{}", ticket_path());
+    let load = |addr: SocketAddr, secs: u64| -> Result<f64, String> {
+        let out = Command::new(&wrk)
+            .args(["-t1", "-c8", "--latency", &format!("-d{secs}s"), "-H"])
+            .arg(format!("authorization: Bearer {token}"))
+            .arg(url(addr))
+            .output()
+            .map_err(|e| format!("wrk: {e}"))?;
+        parse_wrk(&String::from_utf8_lossy(&out.stdout)).map(|s| s.requests)
+    };
+    let mut rows = Vec::new();
+    let scenario = scenario("cached").expect("known");
+    for variant in &scenario.variants {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?;
+        let out = dir.join(format!("cg-{}", variant.label));
+        let mut child = Command::new(&valgrind)
+            .args(["--tool=callgrind", "--instr-atstart=no"])
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(exe)
+            .args(variant.spec.args())
+            .env("CHASSIS_BIND", addr.to_string())
+            .env_remove("CHASSIS_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("valgrind: {e}"))?;
+        let pid = child.id().to_string();
+        let result = (|| {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while get(addr, &ticket_path(), Some(&token)).map(|(s, _)| s) != Ok(200) {
+                if Instant::now() > deadline {
+                    return Err(format!("{} did not answer under valgrind", variant.label));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            load(addr, o.warmup.max(1))?;
+            let ctl = |args: &[&str]| {
+                Command::new(&control)
+                    .args(args)
+                    .arg(&pid)
+                    .stdout(Stdio::null())
+                    .status()
+                    .map_err(|e| format!("callgrind_control: {e}"))
+            };
+            ctl(&["-i", "on"])?;
+            let requests = load(addr, o.secs)?;
+            ctl(&["-i", "off"])?;
+            ctl(&["-d"])?;
+            // The dump is written asynchronously; wait for its totals.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(total) = callgrind_total(&dir, &format!("cg-{}", variant.label)) {
+                    return Ok((requests, total));
+                }
+                if Instant::now() > deadline {
+                    return Err("no callgrind dump".to_owned());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })();
+        let _ = child.kill();
+        let _ = child.wait();
+        let (requests, total) = result?;
+        let per = total / requests;
+        println!(
+            "{:<3} {:>8.0} instructions per request ({requests:.0} requests counted)",
+            variant.label, per
+        );
+        rows.push((variant.label, per));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let base = rows.first().map_or(f64::NAN, |r| r.1);
+    println!("\n| variant | instructions per request | over A |\n|---|---|---|");
+    for (label, per) in &rows {
+        println!("| {label} | {per:.0} | {:+.0} |", per - base);
+    }
+    Ok(())
+}
+
+/// The largest `totals:` (or `summary:`) count in the dumps named
+/// `prefix*` in `dir`; `None` until one is written.
+fn callgrind_total(dir: &Path, prefix: &str) -> Option<f64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| {
+                    l.strip_prefix("totals:")
+                        .or_else(|| l.strip_prefix("summary:"))
+                })
+                .filter_map(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| *t > 0.0)
+        .reduce(f64::max)
 }
 
 fn wrk_version(wrk: &Path) -> String {

@@ -11,6 +11,11 @@
 //! (2), `--rounds N` (3), `--connections N` (32), `--scenarios
 //! cached,distinct,routes`, `--server-cpu` (0) and `--load-cpu` (1).
 //!
+//! `--instructions` instead counts the user-space instructions per request
+//! of A, B and C under callgrind (valgrind, installed when missing): a
+//! figure that hardly moves on a busy machine, to compare changes to the
+//! request path.
+//!
 //! Each round starts every variant in turn (A B C A B C ...) in its own
 //! process, pinned with `taskset` to one core with one tokio worker, and
 //! drives it with `wrk` (installed from the distribution's packages when
@@ -71,7 +76,13 @@ fn main() -> ExitCode {
         println!("load harness: the variants answer alike");
         return ExitCode::SUCCESS;
     }
-    let result = harness::Options::parse(&args).and_then(|o| harness::run(&exe, &o));
+    let result = harness::Options::parse(&args).and_then(|o| {
+        if o.instructions {
+            harness::instructions(&exe, &o)
+        } else {
+            harness::run(&exe, &o)
+        }
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
