@@ -149,7 +149,7 @@ pub fn init(service: &str, config: &Config) -> Telemetry {
             Err(_) => Box::new(EnvFilter::builder().parse_lossy(&config.log)),
         };
     let lines = JsonLines {
-        service: service.into(),
+        service: quoted(service),
         writer: writer.clone(),
     };
     let installed = match config.log_format {
@@ -186,7 +186,8 @@ static JSON_LINES: std::sync::OnceLock<JsonLines> = std::sync::OnceLock::new();
 /// See [`JSON_LINES`].
 #[derive(Clone)]
 pub(crate) struct JsonLines {
-    service: Box<str>,
+    /// The service name as a JSON string, quotes included.
+    service: Box<[u8]>,
     writer: tracing_appender::non_blocking::NonBlocking,
 }
 
@@ -196,7 +197,9 @@ pub(crate) fn json_lines() -> Option<&'static JsonLines> {
 }
 
 impl JsonLines {
-    /// Starts a line as [`JsonLayer`] does: `{"time":..,"level":"INFO",
+    /// Starts a line as [`JsonLayer`] does (`target` and `message` are
+    /// literals of this crate and the ids validated, so they are not
+    /// escaped; the service name was escaped once): `{"time":..,"level":"INFO",
     /// "target":..,"service":..`, the request's `correlation_id` and
     /// `trace_id` when given (as the request span adds them), then
     /// `"message":..`; the caller adds `,"field":value` pairs and ends it
@@ -212,24 +215,24 @@ impl JsonLines {
         buf.extend_from_slice(b"{\"time\":\"");
         write_rfc3339(buf, time);
         buf.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":");
-        write_json_str(buf, target);
+        write_json_plain(buf, target);
         buf.extend_from_slice(b",\"service\":");
-        write_json_str(buf, &self.service);
+        buf.extend_from_slice(&self.service);
         if let Some((correlation_id, trace_id)) = request {
             buf.extend_from_slice(b",\"correlation_id\":");
-            write_json_str(buf, correlation_id);
+            write_json_plain(buf, correlation_id);
             buf.extend_from_slice(b",\"trace_id\":");
-            write_json_str(buf, trace_id);
+            write_json_plain(buf, trace_id);
         }
         buf.extend_from_slice(b",\"message\":");
-        write_json_str(buf, message);
+        write_json_plain(buf, message);
     }
 
     /// Lines for `service` to `writer`, without installing anything.
     #[cfg(test)]
     pub(crate) fn new(service: &str, writer: tracing_appender::non_blocking::NonBlocking) -> Self {
         Self {
-            service: service.into(),
+            service: quoted(service),
             writer,
         }
     }
@@ -525,6 +528,23 @@ pub(crate) fn write_u64(buf: &mut Vec<u8>, mut n: u64) {
         }
     }
     buf.extend_from_slice(&digits[i..]);
+}
+
+/// `s` as a JSON string, quotes included.
+fn quoted(s: &str) -> Box<[u8]> {
+    let mut buf = Vec::with_capacity(s.len() + 2);
+    write_json_str(&mut buf, s);
+    buf.into_boxed_slice()
+}
+
+/// Writes `s` quoted, without escaping: only for text that cannot need it
+/// by construction (a validated grammar such as a correlation id, an
+/// account, a permission, an HTTP method, or a literal of this crate).
+pub(crate) fn write_json_plain(buf: &mut Vec<u8>, s: &str) {
+    debug_assert!(!needs_escape(s.as_bytes()), "{s:?} needs escaping");
+    buf.push(b'"');
+    buf.extend_from_slice(s.as_bytes());
+    buf.push(b'"');
 }
 
 pub(crate) fn write_json_str(buf: &mut Vec<u8>, s: &str) {
@@ -866,7 +886,8 @@ fn access_line(
             "request",
         );
         buf.extend_from_slice(b",\"method\":");
-        write_json_str(buf, method);
+        // An HTTP method is a token: no quote, backslash or control byte.
+        write_json_plain(buf, method);
         buf.extend_from_slice(b",\"route\":");
         write_json_str(buf, route);
         buf.extend_from_slice(b",\"status\":");
