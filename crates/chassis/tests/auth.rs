@@ -1440,6 +1440,29 @@ async fn verified_tokens_are_cached_until_exp() {
         format!("Bearer {other}").parse().unwrap(),
     );
     assert!(v.verify_cached(&h2).is_none());
+    // A token carrying the cached one's signature over other claims is
+    // neither a hit nor valid.
+    let signature = token.rsplit('.').next().unwrap();
+    let mut forged_claims = c.clone();
+    forged_claims["sub"] = json!("mallory");
+    let forged = jsonwebtoken::encode(
+        &Header {
+            kid: Some("ed1".to_owned()),
+            ..Header::new(Algorithm::EdDSA)
+        },
+        &forged_claims,
+        &k.ed,
+    )
+    .unwrap();
+    let forged = format!("{}.{signature}", forged.rsplit_once('.').unwrap().0);
+    let mut h3 = http::HeaderMap::new();
+    h3.insert(
+        header::AUTHORIZATION,
+        format!("Bearer {forged}").parse().unwrap(),
+    );
+    assert!(v.verify_cached(&h3).is_none(), "same signature, not a hit");
+    assert_eq!(v.verify(&h3).await.unwrap_err().code(), "bad_signature");
+    assert_eq!(v.verify_cached(&headers).unwrap().unwrap().subject(), "ann");
     // At `exp` the cache stops answering; with leeway the full check still passes,
     // and past the leeway it fails.
     clock.set(NOW + 300);
