@@ -346,6 +346,21 @@ thread_local! {
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
 }
 
+/// Runs `f` with this thread's empty line buffer; a re-entrant call (an
+/// event logged while a line is formatted) gets a buffer of its own.
+fn with_line(f: impl FnOnce(&mut Vec<u8>)) {
+    LINE.with(|line| {
+        let mut fresh = Vec::new();
+        let mut borrowed = line.try_borrow_mut();
+        let buf = match borrowed.as_deref_mut() {
+            Ok(buf) => buf,
+            Err(_) => &mut fresh,
+        };
+        buf.clear();
+        f(buf);
+    });
+}
+
 /// Fields whose names the line itself uses; an event field with one of these
 /// names is written with a `field.` prefix instead of overwriting it.
 const RESERVED: [&str; 6] = [
@@ -377,15 +392,7 @@ where
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: LayerContext<'_, S>) {
-        LINE.with(|line| {
-            // A re-entrant event (logged while formatting) gets its own buffer.
-            let mut fresh = Vec::new();
-            let mut borrowed = line.try_borrow_mut();
-            let buf = match borrowed.as_deref_mut() {
-                Ok(buf) => buf,
-                Err(_) => &mut fresh,
-            };
-            buf.clear();
+        with_line(|buf| {
             let meta = event.metadata();
             buf.extend_from_slice(b"{\"time\":\"");
             write_rfc3339(buf, SystemTime::now());
@@ -870,14 +877,7 @@ fn access_line(
     status: u16,
     latency_us: u64,
 ) {
-    LINE.with(|line| {
-        let mut fresh = Vec::new();
-        let mut borrowed = line.try_borrow_mut();
-        let buf = match borrowed.as_deref_mut() {
-            Ok(buf) => buf,
-            Err(_) => &mut fresh,
-        };
-        buf.clear();
+    with_line(|buf| {
         lines.begin_line(
             buf,
             SystemTime::now(),
