@@ -13,7 +13,16 @@
 //! back when the call ends, fails, panics or is dropped.
 //!
 //! `bulkhead_in_use{name}` shows the calls in flight and
-//! `bulkhead_rejected_total{name}` the refusals.
+//! `bulkhead_rejected_total{name}` the refusals. The gauge is read from the
+//! bulkhead's own counter when the metrics are rendered
+//! ([`metrics::render`](crate::metrics::render)), so a call pays nothing for
+//! it; bulkheads sharing a name add up.
+//!
+//! A bulkhead lives for the whole process, as its metric series do: create
+//! one per downstream (or route) at start-up and clone the handle, which
+//! copies a reference. Creating bulkheads per request would grow memory
+//! without bound. In exchange the permit of a call holds no reference count,
+//! so a call through the layer costs two atomic additions.
 //!
 //! # Example
 //!
@@ -37,7 +46,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc,
+        Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
@@ -50,29 +59,52 @@ use tower::{Layer, Service};
 
 use crate::BoxError;
 
+/// Every bulkhead made, for the gauge.
+static LIVE: Mutex<Vec<&'static Shared>> = Mutex::new(Vec::new());
+
+/// Brings `bulkhead_in_use` of every bulkhead to its calls in flight. Each
+/// bulkhead moves the gauge by its change since the last time, so
+/// bulkheads that share a name add up as the series they share. Called by
+/// [`metrics::render`](crate::metrics::render).
+pub(crate) fn refresh_gauges() {
+    // Held throughout: two renders at once must not both apply a change.
+    let live = LIVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for b in live.iter() {
+        let now = b.used.load(Ordering::SeqCst).min(b.max);
+        let before = b.reported.swap(now, Ordering::Relaxed);
+        if now > before {
+            b.in_use.increment((now - before) as f64);
+        } else if now < before {
+            b.in_use.decrement((before - now) as f64);
+        }
+    }
+}
+
 /// The error of a call refused because the bulkhead is full.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("bulkhead `{name}` is full")]
 pub struct BulkheadFull {
-    name: Arc<str>,
+    name: &'static str,
 }
 
 impl BulkheadFull {
     /// The bulkhead's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name
     }
 }
 
-/// A concurrency bound shared by every clone of its layer; see the
-/// [module docs](self).
+/// A concurrency bound shared by every clone of its layer, living for the
+/// whole process; see the [module docs](self).
 #[derive(Clone)]
 pub struct Bulkhead {
-    shared: Arc<Shared>,
+    shared: &'static Shared,
 }
 
 struct Shared {
-    name: Arc<str>,
+    name: Box<str>,
     max: usize,
     /// Places taken; the fast path is one compare-and-swap.
     used: AtomicUsize,
@@ -81,6 +113,8 @@ struct Shared {
     max_wait: Option<Duration>,
     max_queue: usize,
     waiting: AtomicUsize,
+    /// What `in_use` has been told so far.
+    reported: AtomicUsize,
     in_use: metrics::Gauge,
     rejected: metrics::Counter,
 }
@@ -110,24 +144,28 @@ impl Bulkhead {
         max_wait: Duration,
     ) -> Self {
         let max = max_concurrent.max(1);
-        Self {
-            shared: Arc::new(Shared {
-                name: name.into(),
-                max,
-                used: AtomicUsize::new(0),
-                freed: Notify::new(),
-                max_wait: (max_queue > 0 && !max_wait.is_zero()).then_some(max_wait),
-                max_queue,
-                waiting: AtomicUsize::new(0),
-                in_use: metrics::gauge!("bulkhead_in_use", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
-                rejected: metrics::counter!("bulkhead_rejected_total", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
-            }),
-        }
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            name: name.into(),
+            max,
+            used: AtomicUsize::new(0),
+            freed: Notify::new(),
+            max_wait: (max_queue > 0 && !max_wait.is_zero()).then_some(max_wait),
+            max_queue,
+            waiting: AtomicUsize::new(0),
+            reported: AtomicUsize::new(0),
+            in_use: metrics::gauge!("bulkhead_in_use", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
+            rejected: metrics::counter!("bulkhead_rejected_total", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
+        }));
+        LIVE.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(shared);
+        Self { shared }
     }
 
     /// Calls in flight now.
     pub fn in_use(&self) -> usize {
-        self.shared.used.load(Ordering::SeqCst)
+        // A refused try counts itself for an instant (see `try_take`).
+        self.shared.used.load(Ordering::SeqCst).min(self.shared.max)
     }
 
     /// The limit.
@@ -140,16 +178,16 @@ impl Bulkhead {
     /// # Errors
     ///
     /// [`BulkheadFull`] when every place is taken.
+    #[inline]
     pub fn try_acquire(&self) -> Result<BulkheadPermit, BulkheadFull> {
         self.try_take().ok_or_else(|| self.reject())
     }
 
+    #[inline]
     fn try_take(&self) -> Option<BulkheadPermit> {
-        self.shared.try_take().then(|| {
-            self.shared.in_use.increment(1.0);
-            BulkheadPermit {
-                shared: self.shared.clone(),
-            }
+        // Lazily: a permit made and dropped would give back a place.
+        self.shared.try_take().then(|| BulkheadPermit {
+            shared: self.shared,
         })
     }
 
@@ -178,34 +216,50 @@ impl Bulkhead {
     fn reject(&self) -> BulkheadFull {
         self.shared.rejected.increment(1);
         BulkheadFull {
-            name: self.shared.name.clone(),
+            name: &self.shared.name,
         }
     }
 }
 
 impl Shared {
+    /// Takes a place by adding one and giving it back if that went over
+    /// the limit: one atomic add on the way in, cheaper than a load and a
+    /// compare-and-swap, and a refused call (the rare case) pays the second.
+    /// A count briefly over the limit can only refuse, never admit, another
+    /// call: admission looks at its own add's result.
+    #[inline]
     fn try_take(&self) -> bool {
-        let mut used = self.used.load(Ordering::Relaxed);
-        loop {
-            if used >= self.max {
-                return false;
-            }
-            match self.used.compare_exchange_weak(
-                used,
-                used + 1,
-                Ordering::SeqCst,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(now) => used = now,
-            }
+        if self.used.fetch_add(1, Ordering::SeqCst) < self.max {
+            return true;
+        }
+        // Undoing the add wakes a waiter only if it leaves a place free: a
+        // place given back while this add stood in the way was refused to
+        // whoever tried then. A waiter's own refused try does not wake
+        // itself again, so waiting never spins.
+        let before = self.used.fetch_sub(1, Ordering::SeqCst);
+        if before <= self.max {
+            self.wake_waiter();
+        }
+        false
+    }
+
+    /// Gives a taken place back.
+    #[inline]
+    fn give_back(&self) {
+        self.used.fetch_sub(1, Ordering::SeqCst);
+        self.wake_waiter();
+    }
+
+    fn wake_waiter(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_one();
         }
     }
 }
 
 /// A place in a bulkhead, given back on drop.
 pub struct BulkheadPermit {
-    shared: Arc<Shared>,
+    shared: &'static Shared,
 }
 
 impl fmt::Debug for BulkheadPermit {
@@ -217,19 +271,15 @@ impl fmt::Debug for BulkheadPermit {
 }
 
 impl Drop for BulkheadPermit {
+    #[inline]
     fn drop(&mut self) {
-        let s = &self.shared;
-        s.used.fetch_sub(1, Ordering::SeqCst);
-        s.in_use.decrement(1.0);
-        if s.waiting.load(Ordering::SeqCst) > 0 {
-            s.freed.notify_one();
-        }
+        self.shared.give_back();
     }
 }
 
 /// A place in the wait queue, given back on drop (also when the waiting
 /// call is dropped).
-struct WaitSlot(Arc<Shared>);
+struct WaitSlot(&'static Shared);
 
 impl Drop for WaitSlot {
     fn drop(&mut self) {
@@ -286,6 +336,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         if let Some(permit) = self.bulkhead.try_take() {
             return ResponseFuture {
@@ -295,6 +346,17 @@ where
                 },
             };
         }
+        self.call_when_full(req)
+    }
+}
+
+impl<S> BulkheadService<S> {
+    /// `call` when no place is free: refuse, or wait in the queue.
+    #[inline(never)]
+    fn call_when_full<Req>(&mut self, req: Req) -> ResponseFuture<S, Req>
+    where
+        S: Service<Req> + Clone,
+    {
         let shared = &self.bulkhead.shared;
         let Some(wait) = shared.max_wait else {
             return ResponseFuture {
@@ -303,7 +365,7 @@ where
                 },
             };
         };
-        let slot = WaitSlot(shared.clone());
+        let slot = WaitSlot(shared);
         if shared.waiting.fetch_add(1, Ordering::SeqCst) >= shared.max_queue {
             drop(slot);
             return ResponseFuture {
@@ -320,7 +382,7 @@ where
         ResponseFuture {
             state: Phase::Waiting {
                 place: Box::pin(self.bulkhead.clone().wait_for_place(wait, slot)),
-                request: Some((readied, req)),
+                request: Some(Box::new((readied, req))),
             },
         }
     }
@@ -340,7 +402,9 @@ pin_project! {
         Running { #[pin] fut: S::Future, _permit: BulkheadPermit },
         Waiting {
             place: Pin<Box<dyn Future<Output = Result<BulkheadPermit, BulkheadFull>> + Send>>,
-            request: Option<(S, Req)>,
+            // Boxed: the rare path must not make every call's future
+            // larger by a whole service.
+            request: Option<Box<(S, Req)>>,
         },
         Refused { error: Option<BulkheadFull> },
     }
@@ -371,7 +435,7 @@ where
                 }
                 PhaseProj::Waiting { place, request } => match ready!(place.as_mut().poll(cx)) {
                     Ok(permit) => {
-                        let (mut inner, req) = request.take().expect("polled after completion");
+                        let (mut inner, req) = *request.take().expect("polled after completion");
                         let fut = inner.call(req);
                         this.state.set(Phase::Running {
                             fut,

@@ -32,8 +32,21 @@
 //!
 //! While closed with a count window (the default) a call takes no lock: it
 //! reads one atomic word on the way in and swaps its outcome into a ring of
-//! atomics on the way out; the lock is taken only to change state. A time
-//! window and the open and half-open states use a short critical section.
+//! atomics on the way out; the lock is taken only to change state. A success
+//! arriving when the window holds only successes changes nothing in it and
+//! is not written at all, so a healthy downstream's calls write no shared
+//! memory (successes are counted per thread). A time window and the open
+//! and half-open states use a short critical section.
+//!
+//! `circuit_breaker_state` is set on each change of state; the outcome
+//! counts behind `circuit_breaker_calls_total` are kept by the breaker and
+//! copied to the metric when the metrics are rendered
+//! ([`metrics::render`](crate::metrics::render)).
+//!
+//! A breaker lives for the whole process, as its metric series do: create
+//! one per downstream at start-up and clone the handle, which copies a
+//! reference. Creating breakers per request would grow memory without
+//! bound. In exchange a call holds no reference count on it.
 //!
 //! What counts as a failure is the caller's choice (see
 //! [`CircuitBreakerLayer::with_classifier`]); by default errors (transport
@@ -69,14 +82,15 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering},
+        Mutex,
+        atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
     time::Duration,
 };
 
 use pin_project_lite::pin_project;
+use thread_local::ThreadLocal;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -226,14 +240,14 @@ impl State {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("circuit breaker `{name}` is open")]
 pub struct CircuitOpen {
-    name: Arc<str>,
+    name: &'static str,
     retry_after: Duration,
 }
 
 impl CircuitOpen {
     /// The breaker's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name
     }
 
     /// When a call may be tried again.
@@ -280,10 +294,20 @@ struct Inner {
 /// The last N outcomes, recorded without a lock: each call takes the next
 /// slot and swaps its outcome in; the running counts change by what the
 /// swap replaced, so they always agree with the slots once writers finish.
+/// A success into a full window of successes is not pushed: it would
+/// replace a success with a success, and which one is oldest cannot
+/// matter while they are all alike.
 struct Ring {
     /// 0 empty, else `1 | failed << 1 | slow << 2`.
     slots: Box<[AtomicU8]>,
-    next: AtomicUsize,
+    /// `u64::MAX / slots.len() + 1`, so that the slot of a ticket is found
+    /// by two multiplications instead of a division (Lemire's fastmod), the
+    /// division being the dearest step of a push after the ticket itself.
+    magic: u64,
+    /// The ticket of the next outcome. It wraps at 2^32: once in four
+    /// billion pushes the walk round the ring jumps back to slot 0, which
+    /// only leaves a few older outcomes in the window for one lap.
+    next: AtomicU32,
     filled: AtomicI64,
     failed: AtomicI64,
     slow: AtomicI64,
@@ -295,9 +319,11 @@ const SLOWED: u8 = 4;
 
 impl Ring {
     fn new(n: usize) -> Self {
+        let n = n.clamp(1, u32::MAX as usize);
         Self {
-            slots: (0..n.max(1)).map(|_| AtomicU8::new(0)).collect(),
-            next: AtomicUsize::new(0),
+            slots: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            magic: (u64::MAX / n as u64).wrapping_add(1),
+            next: AtomicU32::new(0),
             filled: AtomicI64::new(0),
             failed: AtomicI64::new(0),
             slow: AtomicI64::new(0),
@@ -325,9 +351,10 @@ impl Ring {
 
     /// Records one outcome; returns the calls, failures and slow calls in
     /// the window.
+    #[inline]
     fn push(&self, failed: bool, slow: bool) -> (usize, usize, usize) {
         let code = PRESENT | if failed { FAILED } else { 0 } | if slow { SLOWED } else { 0 };
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let i = self.slot_of(self.next.fetch_add(1, Ordering::Relaxed));
         // In a steady state the slot already holds this outcome: a load,
         // not a write, keeps the cache line shared between threads.
         if self.slots[i].load(Ordering::Acquire) != code {
@@ -340,6 +367,21 @@ impl Ring {
         (read(&self.filled), read(&self.failed), read(&self.slow))
     }
 
+    /// The window is full and holds only successes.
+    #[inline]
+    fn all_succeeded(&self) -> bool {
+        self.failed.load(Ordering::Acquire) == 0
+            && self.slow.load(Ordering::Acquire) == 0
+            && usize::try_from(self.filled.load(Ordering::Acquire)).ok() == Some(self.slots.len())
+    }
+
+    /// `ticket % slots.len()`.
+    #[inline]
+    fn slot_of(&self, ticket: u32) -> usize {
+        let low = self.magic.wrapping_mul(u64::from(ticket));
+        ((u128::from(low) * self.slots.len() as u128) >> 64) as usize
+    }
+
     /// Empties the window.
     fn clear(&self) {
         for slot in &self.slots {
@@ -348,19 +390,18 @@ impl Ring {
                 self.account(old, 0);
             }
         }
-        self.next.store(0, Ordering::Relaxed);
     }
 }
 
-/// A circuit breaker shared by every clone of its layer; see the
-/// [module docs](self).
+/// A circuit breaker shared by every clone of its layer, living for the
+/// whole process; see the [module docs](self).
 #[derive(Clone)]
 pub struct CircuitBreaker {
-    shared: Arc<Shared>,
+    shared: &'static Shared,
 }
 
 struct Shared {
-    name: Arc<str>,
+    name: Box<str>,
     config: Config,
     /// `generation << 1 | 1` while closed with a count window (calls then
     /// go through [`Ring`] without the lock), `generation << 1` otherwise.
@@ -369,7 +410,57 @@ struct Shared {
     ring: Option<Ring>,
     inner: Mutex<Inner>,
     gauge: metrics::Gauge,
+    /// Outcomes counted as they happen, by index (`SUCCESS`...): all but
+    /// the successes of the lock-free closed path, which are the ring's
+    /// pushes less its failed and slow ones. The metric is set from these
+    /// when the metrics are rendered, so a call pays no counter of its own.
+    counted: [AtomicU64; 4],
+    /// The successes of the lock-free closed path, one count per thread,
+    /// each written only by its thread: counting them takes no atomic
+    /// read-modify-write, whose cost would dominate the call.
+    successes: ThreadLocal<AtomicU64>,
+    /// What `calls` has been told so far.
+    reported: [AtomicU64; 4],
     calls: [metrics::Counter; 4],
+}
+
+/// Every breaker made, for the counters.
+static LIVE: Mutex<Vec<&'static Shared>> = Mutex::new(Vec::new());
+
+/// Brings `circuit_breaker_calls_total` of every breaker up to its counts.
+/// Each breaker adds what it counted since the last time, so breakers that
+/// share a name add up as the series they share. Called by
+/// [`metrics::render`](crate::metrics::render).
+pub(crate) fn refresh_counters() {
+    // Held throughout: two renders at once must not both add the same
+    // calls.
+    let live = LIVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for b in live.iter() {
+        for ((counter, reported), total) in b.calls.iter().zip(&b.reported).zip(b.totals()) {
+            // A reading may lag behind an outcome in flight, never run
+            // ahead of it, so the series only ever grows.
+            let before = reported.load(Ordering::Relaxed);
+            if total > before {
+                counter.increment(total - before);
+                reported.store(total, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// The outcomes so far: success, failure, slow, rejected.
+    fn totals(&self) -> [u64; 4] {
+        let mut totals = self.counted.each_ref().map(|c| c.load(Ordering::SeqCst));
+        totals[SUCCESS] += self
+            .successes
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum::<u64>();
+        totals
+    }
 }
 
 impl fmt::Debug for CircuitBreaker {
@@ -415,6 +506,9 @@ impl CircuitBreaker {
                 probes_slow: 0,
             }),
             gauge: metrics::gauge!("circuit_breaker_state", "service" => service.clone(), "name" => name.to_owned()),
+            counted: Default::default(),
+            successes: ThreadLocal::new(),
+            reported: Default::default(),
             calls: [
                 counter("success"),
                 counter("failure"),
@@ -423,9 +517,11 @@ impl CircuitBreaker {
             ],
         };
         shared.gauge.set(0.0);
-        Self {
-            shared: Arc::new(shared),
-        }
+        let shared: &'static Shared = Box::leak(Box::new(shared));
+        LIVE.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(shared);
+        Self { shared }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -504,6 +600,7 @@ impl CircuitBreaker {
     /// # Errors
     ///
     /// [`CircuitOpen`] when the call must not be made.
+    #[inline]
     pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
         let c = &self.shared.config;
         let gate = self.shared.gate.load(Ordering::Acquire);
@@ -516,6 +613,14 @@ impl CircuitBreaker {
                 start: c.slow_call.map(|_| Instant::now()),
             });
         }
+        self.try_acquire_locked()
+    }
+
+    /// [`try_acquire`](Self::try_acquire) when the gate is shut: a time
+    /// window, or a state other than closed.
+    #[inline(never)]
+    fn try_acquire_locked(&self) -> Result<Permit, CircuitOpen> {
+        let c = &self.shared.config;
         let mut g = self.lock();
         // The closed hot path reads no clock unless slow calls are judged.
         if g.state == State::Closed || g.state == State::Disabled {
@@ -531,7 +636,7 @@ impl CircuitBreaker {
         if g.state == State::HalfOpen && g.probes_out > 0 && now >= probe_deadline {
             // A probe hung past its deadline: it counts as a failure, and the
             // wait in open counts from that deadline.
-            self.shared.calls[FAILURE].increment(1);
+            self.shared.counted[FAILURE].fetch_add(1, Ordering::SeqCst);
             self.transition(&mut g, State::Open, probe_deadline);
         }
         if g.state == State::Open && now >= g.opened_at + c.wait_in_open {
@@ -543,19 +648,19 @@ impl CircuitBreaker {
                 _ => c.wait_in_open,
             };
             CircuitOpen {
-                name: self.shared.name.clone(),
+                name: &self.shared.name,
                 retry_after,
             }
         };
         match g.state {
             State::Closed | State::Disabled => {}
             State::Open | State::ForcedOpen => {
-                self.shared.calls[REJECTED].increment(1);
+                self.shared.counted[REJECTED].fetch_add(1, Ordering::SeqCst);
                 return Err(refuse(&g));
             }
             State::HalfOpen => {
                 if g.probes_out + g.probes_ok + g.probes_failed >= c.half_open_calls {
-                    self.shared.calls[REJECTED].increment(1);
+                    self.shared.counted[REJECTED].fetch_add(1, Ordering::SeqCst);
                     return Err(refuse(&g));
                 }
                 g.probes_out += 1;
@@ -570,18 +675,22 @@ impl CircuitBreaker {
 
     /// Counts one recorded call by its outcome.
     fn count(&self, failed: bool, slow: bool) {
-        let i = if failed {
+        self.shared.counted[Self::outcome_index(failed, slow)].fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn outcome_index(failed: bool, slow: bool) -> usize {
+        if failed {
             FAILURE
         } else if slow {
             SLOW
         } else {
             SUCCESS
-        };
-        self.shared.calls[i].increment(1);
+        }
     }
 
+    #[inline]
     fn record(&self, generation: u64, start: Option<Instant>, outcome: Outcome) {
-        let c = self.shared.config;
+        let c = &self.shared.config;
         if let Some(ring) = &self.shared.ring {
             let gate = self.shared.gate.load(Ordering::Acquire);
             if gate & 1 == 1 {
@@ -593,21 +702,48 @@ impl CircuitBreaker {
                     (Some(d), Some(start)) => start.elapsed() >= d,
                     _ => false,
                 };
-                self.count(failed, slow);
-                let (n, failures, slows) = ring.push(failed, slow);
-                if n >= c.minimum_calls {
-                    let tripped = failures as f64 / n as f64 >= c.failure_rate
-                        || (c.slow_call.is_some() && slows as f64 / n as f64 >= c.slow_call_rate);
-                    if tripped {
-                        let mut g = self.lock();
-                        if g.state == State::Closed && g.generation == generation {
-                            self.transition(&mut g, State::Open, Instant::now());
-                        }
+                if failed || slow {
+                    self.count(failed, slow);
+                } else {
+                    let mine = self.shared.successes.get_or_default();
+                    // Only this thread writes its count: no read-modify-write.
+                    mine.store(mine.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                    if ring.all_succeeded() {
+                        // A success replacing the oldest of a window of
+                        // successes changes nothing: the window stays as it
+                        // is, and a steady healthy stream writes no shared
+                        // memory at all.
+                        return;
                     }
+                }
+                let (n, failures, slows) = ring.push(failed, slow);
+                // Rates compared by multiplying, not dividing.
+                if n >= c.minimum_calls
+                    && (failures as f64 >= c.failure_rate * n as f64
+                        || (c.slow_call.is_some() && slows as f64 >= c.slow_call_rate * n as f64))
+                {
+                    self.trip(generation);
                 }
                 return;
             }
         }
+        self.record_locked(generation, start, outcome);
+    }
+
+    /// Opens the breaker if it is still closed in `generation`.
+    #[cold]
+    fn trip(&self, generation: u64) {
+        let mut g = self.lock();
+        if g.state == State::Closed && g.generation == generation {
+            self.transition(&mut g, State::Open, Instant::now());
+        }
+    }
+
+    /// Records an outcome under the lock: a time window, a state other than
+    /// closed, or a permit of an older generation.
+    #[inline(never)]
+    fn record_locked(&self, generation: u64, start: Option<Instant>, outcome: Outcome) {
+        let c = &self.shared.config;
         let needs_clock = c.slow_call.is_some() || matches!(c.window, Window::Time(_));
         let mut g = self.lock();
         if g.generation != generation || g.state == State::Disabled {
@@ -720,6 +856,7 @@ impl fmt::Debug for Permit {
 
 impl Permit {
     /// Records `outcome`.
+    #[inline]
     pub fn record(mut self, outcome: Outcome) {
         if let Some(b) = self.breaker.take() {
             b.record(self.generation, self.start, outcome);
@@ -727,17 +864,20 @@ impl Permit {
     }
 
     /// The call succeeded.
+    #[inline]
     pub fn success(self) {
         self.record(Outcome::Success);
     }
 
     /// The call failed.
+    #[inline]
     pub fn failure(self) {
         self.record(Outcome::Failure);
     }
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
         if let Some(b) = self.breaker.take() {
             b.record(self.generation, self.start, Outcome::Ignored);
@@ -836,21 +976,19 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.breaker.try_acquire() {
-            Ok(permit) => ResponseFuture {
-                inner: Some(self.inner.call(req)),
+        let phase = match self.breaker.try_acquire() {
+            Ok(permit) => Phase::Running {
+                fut: self.inner.call(req),
                 permit: Some(permit),
-                refused: None,
                 classify: self.classify.clone(),
             },
-            Err(open) => ResponseFuture {
-                inner: None,
-                permit: None,
-                refused: Some(open),
-                classify: self.classify.clone(),
+            Err(open) => Phase::Refused {
+                error: Some(Box::new(open)),
             },
-        }
+        };
+        ResponseFuture { phase }
     }
 }
 
@@ -858,10 +996,15 @@ pin_project! {
     /// Response future of [`CircuitBreakerService`].
     pub struct ResponseFuture<F, C> {
         #[pin]
-        inner: Option<F>,
-        permit: Option<Permit>,
-        refused: Option<CircuitOpen>,
-        classify: C,
+        phase: Phase<F, C>,
+    }
+}
+
+pin_project! {
+    #[project = PhaseProj]
+    enum Phase<F, C> {
+        Running { #[pin] fut: F, permit: Option<Permit>, classify: C },
+        Refused { error: Option<Box<CircuitOpen>> },
     }
 }
 
@@ -880,16 +1023,22 @@ where
     type Output = Result<R, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Some(inner) = this.inner.as_pin_mut() else {
-            let open = this.refused.take().expect("polled after completion");
-            return Poll::Ready(Err(Box::new(open)));
-        };
-        let result = ready!(inner.poll(cx)).map_err(Into::into);
-        if let Some(permit) = this.permit.take() {
-            permit.record((this.classify)(&result));
+        match self.project().phase.project() {
+            PhaseProj::Running {
+                fut,
+                permit,
+                classify,
+            } => {
+                let result = ready!(fut.poll(cx)).map_err(Into::into);
+                if let Some(permit) = permit.take() {
+                    permit.record(classify(&result));
+                }
+                Poll::Ready(result)
+            }
+            PhaseProj::Refused { error } => {
+                Poll::Ready(Err(error.take().expect("polled after completion")))
+            }
         }
-        Poll::Ready(result)
     }
 }
 

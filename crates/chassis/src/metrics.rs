@@ -153,9 +153,12 @@ fn process_collector() -> &'static metrics_process::Collector {
     COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
-/// Renders the metrics in the Prometheus text format, refreshing the process
-/// metrics first.
+/// Renders the metrics in the Prometheus text format, refreshing first the
+/// process metrics and the series read at render time (`bulkhead_in_use`,
+/// `circuit_breaker_calls_total`).
 pub fn render(handle: &PrometheusHandle) -> String {
+    crate::bulkhead::refresh_gauges();
+    crate::circuit_breaker::refresh_counters();
     #[cfg(feature = "process-metrics")]
     process_collector().collect();
     handle.render()

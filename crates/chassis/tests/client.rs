@@ -203,7 +203,7 @@ async fn client_metrics_carry_the_contract_labels() {
     let err = down.anonymous(&cx).post("/x").send().await.unwrap_err();
     assert!(matches!(err, ClientError::Connection { .. }), "{err:?}");
 
-    let text = handle.render();
+    let text = chassis::metrics::render(&handle);
     let line = |downstream: &str| {
         text.lines()
             .find(|l| {
@@ -236,6 +236,12 @@ async fn client_metrics_carry_the_contract_labels() {
         text.contains("bulkhead_in_use{service=\"caller\",name=\"metrics-up\"} 0"),
         "{text}"
     );
+    for (name, outcome) in [("metrics-up", "success"), ("metrics-down", "failure")] {
+        let series = format!(
+            "circuit_breaker_calls_total{{service=\"caller\",name=\"{name}\",outcome=\"{outcome}\"}} 1"
+        );
+        assert!(text.contains(&series), "{series} in {text}");
+    }
 }
 
 #[tokio::test]
@@ -355,6 +361,13 @@ async fn an_error_status_carries_the_downstream_problem() {
 
 #[tokio::test]
 async fn a_full_bulkhead_refuses_without_calling() {
+    let handle = chassis::metrics::install_recorder();
+    let in_use = || {
+        chassis::metrics::render(&handle)
+            .lines()
+            .find(|l| l.starts_with("bulkhead_in_use{") && l.contains("name=\"narrow\""))
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    };
     let (flaky, url) = flaky().await;
     flaky.set(HANG);
     let d = quick("narrow", &url)
@@ -378,12 +391,14 @@ async fn a_full_bulkhead_refuses_without_calling() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(d.bulkhead().in_use(), 1);
+    assert_eq!(in_use().as_deref(), Some("1"), "the gauge shows the call");
     let err = fail(d.anonymous(&CallContext::background())).await;
     assert!(matches!(err, ClientError::BulkheadFull { .. }), "{err:?}");
     assert_eq!(flaky.hits(), 1);
     first.abort();
     let _ = first.await;
     assert_eq!(d.bulkhead().in_use(), 0, "a cancelled call frees its place");
+    assert_eq!(in_use().as_deref(), Some("0"));
 }
 
 #[tokio::test]

@@ -69,11 +69,18 @@ async fn the_call_over_the_limit_is_refused_at_once() {
     let err = svc.clone().oneshot(99).await.unwrap_err();
     assert!(err.is::<BulkheadFull>());
     assert_eq!(start.elapsed(), Duration::ZERO, "refused without waiting");
+    assert_eq!(
+        b.in_use(),
+        10,
+        "a refusal takes nothing and gives nothing back"
+    );
+    assert_eq!(b.try_acquire().unwrap_err().name(), "t");
+    assert_eq!(b.shared.used.load(Ordering::SeqCst), 10);
     held.gate.notify_waiters();
     for r in running {
         r.await.unwrap().unwrap();
     }
-    assert_eq!(b.in_use(), 0);
+    assert_eq!(b.shared.used.load(Ordering::SeqCst), 0);
 }
 
 // C16

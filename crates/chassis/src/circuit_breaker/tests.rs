@@ -317,6 +317,8 @@ async fn exact_counts_under_concurrency() {
     }
     assert_eq!(b.state(), State::Open);
     assert_eq!(b.lock().generation, 1, "exactly one transition");
+    // The counters are read from the breaker when metrics are rendered.
+    refresh_counters();
     let counts: std::collections::HashMap<String, u64> = snapshotter
         .snapshot()
         .into_vec()
@@ -423,4 +425,80 @@ async fn the_wait_counts_from_the_opening() {
         .expect("a probe once the wait is over")
         .success();
     assert_eq!(b.state(), State::Closed);
+}
+
+#[test]
+fn ring_slots_follow_the_ticket_modulo_the_window() {
+    for n in [1usize, 2, 3, 7, 10, 100, 1000, 4096, 65_537, 1 << 20] {
+        let ring = Ring::new(n);
+        let tickets = (0..3 * n as u32).chain([u32::MAX - 1, u32::MAX, u32::MAX / 3, 1 << 31]);
+        for t in tickets {
+            assert_eq!(ring.slot_of(t), t as usize % n, "ticket {t}, window {n}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn outcomes_are_counted_on_every_path() {
+    // Count window: successes on the lock-free path come from the ring.
+    let b = CircuitBreaker::new("counted", ten());
+    outcomes(&b, &[false, false, true, false]);
+    drop(b.try_acquire().expect("admitted")); // ignored: not counted
+    assert_eq!(b.shared.totals(), [3, 1, 0, 0]);
+    outcomes(&b, &[true; 6]);
+    assert_eq!(b.state(), State::Open);
+    assert!(b.try_acquire().is_err());
+    assert!(b.try_acquire().is_err());
+    assert_eq!(b.shared.totals(), [3, 7, 0, 2]);
+    // Half-open probes are counted under the lock.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    b.try_acquire().expect("probe").success();
+    assert_eq!(b.state(), State::Closed);
+    outcomes(&b, &[false]);
+    assert_eq!(b.shared.totals(), [5, 7, 0, 2]);
+
+    // Slow calls on the ring path, and a time window (always locked).
+    let slow = CircuitBreaker::new(
+        "counted-slow",
+        Config::count(100).slow_calls(Duration::from_secs(1), 1.0),
+    );
+    let p = slow.try_acquire().expect("admitted");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    p.success();
+    outcomes(&slow, &[false]);
+    assert_eq!(slow.shared.totals(), [1, 0, 1, 0]);
+    let timed = CircuitBreaker::new("counted-time", Config::time(Duration::from_secs(60)));
+    outcomes(&timed, &[false, true, false]);
+    assert_eq!(timed.shared.totals(), [2, 1, 0, 0]);
+}
+
+#[test]
+fn successes_into_a_window_of_successes_keep_the_last_n_rule() {
+    let b = CircuitBreaker::new(
+        "steady",
+        Config::count(10).minimum_calls(10).failure_rate(0.3),
+    );
+    let ring = b.shared.ring.as_ref().expect("count window");
+    let counts = || {
+        let read = |c: &AtomicI64| c.load(Ordering::SeqCst);
+        (read(&ring.filled), read(&ring.failed))
+    };
+    outcomes(&b, &[false; 10]);
+    assert!(ring.all_succeeded());
+    // A long healthy stream leaves the window as it is.
+    outcomes(&b, &[false; 1_000]);
+    assert_eq!(counts(), (10, 0));
+    // A failure stays in the window for exactly the next 9 calls ...
+    outcomes(&b, &[true]);
+    outcomes(&b, &[false; 9]);
+    assert_eq!(counts(), (10, 1));
+    // ... and the 10th call after it pushes it out.
+    outcomes(&b, &[false]);
+    assert_eq!(counts(), (10, 0));
+    // Three failures among the last ten still trip it, however long the
+    // healthy stream before them.
+    outcomes(&b, &[false; 500]);
+    outcomes(&b, &[true, false, true, false, true]);
+    assert_eq!(b.state(), State::Open);
+    assert_eq!(b.shared.totals(), [1_522, 4, 0, 0]);
 }
