@@ -832,7 +832,7 @@ mod tests {
 
     #[test]
     fn log_lines_carry_every_field_of_the_event() {
-        let (writer, _guard) = tracing_appender::non_blocking(std::io::sink());
+        let (writer, _guard) = crate::telemetry::LogWriter::spawn(std::io::sink(), |_| Vec::new());
         let lines = crate::telemetry::JsonLines::new("ticketing", writer);
         let mut buf = Vec::new();
         let allowed = AuditEvent {

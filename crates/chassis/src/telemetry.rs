@@ -23,10 +23,13 @@
 //! `Authorization` or `Cookie`), query strings or bodies, and configuration
 //! secrets are [`Secret`](crate::config::Secret)s that print as `[redacted]`.
 //!
-//! Lines are formatted on the request's thread and written to stdout by a
-//! background thread (`tracing-appender`), so a slow terminal or pipe never
-//! blocks a request; if that writer falls behind by more than 128 Ki lines,
-//! lines are dropped rather than requests stalled.
+//! Lines are formatted on the request's thread and appended to a buffer
+//! that a background thread writes to stdout in bursts (a few milliseconds
+//! after the first line of a burst, one `write` for all of it), so a slow
+//! terminal or pipe never blocks a request and a busy service makes a few
+//! hundred writes a second, not one per line. If stdout falls behind by
+//! more than 16 MiB, lines are dropped rather than requests stalled, and a
+//! `WARN` line says how many once it catches up.
 //!
 //! # How the chassis does it
 //!
@@ -113,13 +116,10 @@ use crate::{
 pub const REQUEST_TARGET: &str = "chassis::request";
 /// Target of the access-log events.
 pub const ACCESS_TARGET: &str = "chassis::access";
-/// Lines buffered for the stdout writer before lines are dropped.
-const BUFFERED_LINES: usize = 128 * 1024;
-
 /// Keeps the log writer alive; dropping it flushes buffered lines.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct Telemetry {
-    _guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+    _guard: Option<writer::WriterGuard>,
 }
 
 impl fmt::Debug for Telemetry {
@@ -132,15 +132,22 @@ impl fmt::Debug for Telemetry {
 /// format, stdout through a background writer. If a global subscriber is
 /// already installed (a test harness, or a second call) it is kept.
 pub fn init(service: &str, config: &Config) -> Telemetry {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(BUFFERED_LINES)
-        // The writer thread drains every queued line into this buffer and
-        // flushes once the queue is empty: one `write` for a burst of lines
-        // instead of one per line, and nothing held back once it is idle.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stdout(),
-        ));
+    let quoted_service = quoted(service);
+    let (writer, guard) = LogWriter::spawn(std::io::stdout(), move |dropped| {
+        let mut buf = Vec::with_capacity(256);
+        buf.extend_from_slice(b"{\"time\":\"");
+        write_rfc3339(&mut buf, SystemTime::now());
+        buf.extend_from_slice(
+            b"\",\"level\":\"WARN\",\"target\":\"chassis::telemetry\",\"service\":",
+        );
+        buf.extend_from_slice(&quoted_service);
+        buf.extend_from_slice(
+            b",\"message\":\"log lines dropped: stdout fell behind\",\"dropped\":",
+        );
+        write_u64(&mut buf, dropped);
+        JsonLines::end_line(&mut buf);
+        buf
+    });
     // A plain `target=level` list (the usual case) is served by `Targets`,
     // which keeps no per-span state; span and field directives need `EnvFilter`.
     let filter: Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync> =
@@ -188,7 +195,7 @@ static JSON_LINES: std::sync::OnceLock<JsonLines> = std::sync::OnceLock::new();
 pub(crate) struct JsonLines {
     /// The service name as a JSON string, quotes included.
     service: Box<[u8]>,
-    writer: tracing_appender::non_blocking::NonBlocking,
+    writer: LogWriter,
 }
 
 /// The JSON log installed by [`init`], if any.
@@ -230,7 +237,7 @@ impl JsonLines {
 
     /// Lines for `service` to `writer`, without installing anything.
     #[cfg(test)]
-    pub(crate) fn new(service: &str, writer: tracing_appender::non_blocking::NonBlocking) -> Self {
+    pub(crate) fn new(service: &str, writer: LogWriter) -> Self {
         Self {
             service: quoted(service),
             writer,
@@ -242,9 +249,9 @@ impl JsonLines {
         buf.extend_from_slice(b"}\n");
     }
 
-    /// Hands whole lines to the log writer as one message.
+    /// Hands whole lines to the log writer.
     pub(crate) fn write(&self, lines: &[u8]) {
-        let _ = self.writer.clone().write_all(lines);
+        self.writer.write(lines);
     }
 }
 
@@ -986,6 +993,10 @@ impl http_body::Body for ObservedBody {
         self.inner.size_hint()
     }
 }
+
+mod writer;
+
+pub(crate) use writer::LogWriter;
 
 #[cfg(test)]
 mod tests;

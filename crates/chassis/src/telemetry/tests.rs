@@ -371,7 +371,7 @@ fn the_direct_access_line_is_the_one_the_tracing_event_renders() {
 
     // Directly.
     let direct_out = Capture::default();
-    let (writer, guard) = tracing_appender::non_blocking(direct_out.clone());
+    let (writer, guard) = LogWriter::spawn(direct_out.clone(), |_| Vec::new());
     let lines = JsonLines::new("svc", writer);
     access_line(&lines, &id, &trace, "GET", "/svc/v1/{id}", 200, 77);
     drop(lines);
