@@ -6,8 +6,14 @@
 //! log pipeline can read them without a parser per service. Every line has
 //! `time` (RFC 3339, UTC, microseconds), `level`, `target`, `service`,
 //! `message` and the event's own fields; every line written while a request is
-//! handled also has its `correlation_id` and `trace_id`, because each request
-//! runs inside a span that carries them. Values are escaped, so an id or a
+//! handled also has its `correlation_id` and `trace_id`. Under [`init`]'s
+//! JSON log they come from the request whose future the thread is polling,
+//! with no span to open and close per request; with a subscriber built by
+//! hand (to add OpenTelemetry, say), each request runs inside a span named
+//! `request` (target [`REQUEST_TARGET`]) that carries them. Background work
+//! done for a request gets its ids onto its lines the same way, inside a
+//! span of target [`REQUEST_TARGET`] with `correlation_id` and `trace_id`
+//! fields. Values are escaped, so an id or a
 //! user-supplied string with a newline cannot forge a second line (CWE-117).
 //! `CHASSIS_LOG` filters (`info` by default, `EnvFilter` syntax), and
 //! `CHASSIS_LOG_FORMAT=pretty` gives readable multi-line output for local
@@ -162,6 +168,7 @@ pub fn init(service: &str, config: &Config) -> Telemetry {
     let installed = match config.log_format {
         LogFormat::Json => Registry::default()
             .with(filter)
+            .with(WithoutRequestSpans)
             .with(JsonLayer::new(service, writer))
             .try_init()
             .inspect(|()| {
@@ -270,9 +277,10 @@ fn log_panics() {
     }));
 }
 
-/// The correlation fields of a request span, kept in the span's extensions
-/// (inline, so opening a span allocates no strings).
-#[derive(Clone)]
+/// The correlation fields of a request: kept in the request span's
+/// extensions, and in [`CURRENT`] while the request is polled (inline, so
+/// neither allocates strings).
+#[derive(Clone, Copy)]
 struct RequestFields {
     correlation_id: Inline<{ crate::correlation::MAX_LEN }>,
     trace_id: Inline<32>,
@@ -368,6 +376,59 @@ fn with_line(f: impl FnOnce(&mut Vec<u8>)) {
     });
 }
 
+thread_local! {
+    /// The ids of the request whose future this thread is polling.
+    static CURRENT: std::cell::Cell<Option<RequestFields>> = const { std::cell::Cell::new(None) };
+}
+
+/// Puts a request's ids in [`CURRENT`] while its future is polled, and puts
+/// back what was there (a request polled inside another) when dropped.
+struct CurrentIds(Option<RequestFields>);
+
+impl CurrentIds {
+    fn enter(ids: RequestFields) -> Self {
+        Self(CURRENT.with(|current| current.replace(Some(ids))))
+    }
+}
+
+impl Drop for CurrentIds {
+    fn drop(&mut self) {
+        CURRENT.with(|current| current.set(self.0.take()));
+    }
+}
+
+/// Turns off the span [`Observe`] opens per request (target
+/// [`REQUEST_TARGET`], name `request`) in the subscriber [`init`] installs
+/// for JSON: the JSON log takes a request's ids from [`CURRENT`], so there
+/// the span would cost a registry slot, an extension and a close per
+/// request for nothing. Other spans of the request target (background work
+/// carrying a request's ids) stay, and a subscriber built by hand (with
+/// OpenTelemetry, say) keeps the request span too.
+struct WithoutRequestSpans;
+
+impl WithoutRequestSpans {
+    fn is_request_span(meta: &tracing::Metadata<'_>) -> bool {
+        meta.is_span() && meta.target() == REQUEST_TARGET && meta.name() == "request"
+    }
+}
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for WithoutRequestSpans {
+    fn register_callsite(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if Self::is_request_span(meta) {
+            tracing::subscriber::Interest::never()
+        } else {
+            tracing::subscriber::Interest::always()
+        }
+    }
+
+    fn enabled(&self, meta: &tracing::Metadata<'_>, _: LayerContext<'_, S>) -> bool {
+        !Self::is_request_span(meta)
+    }
+}
+
 /// Fields whose names the line itself uses; an event field with one of these
 /// names is written with a `field.` prefix instead of overwriting it.
 const RESERVED: [&str; 6] = [
@@ -409,15 +470,27 @@ where
             write_json_str(buf, meta.target());
             buf.extend_from_slice(b",\"service\":");
             write_json_str(buf, &self.service);
-            let mut has_request = false;
-            if let Some(scope) = ctx.event_scope(event) {
+            let write_ids = |buf: &mut Vec<u8>, f: &RequestFields| {
+                buf.extend_from_slice(b",\"correlation_id\":");
+                write_json_str(buf, f.correlation_id.as_str());
+                buf.extend_from_slice(b",\"trace_id\":");
+                write_json_str(buf, f.trace_id.as_str());
+            };
+            // The request being polled on this thread, for an event that
+            // names no parent of its own; else the request span around it.
+            let mut has_request = event.is_contextual()
+                && CURRENT.with(|current| {
+                    let ids = current.get();
+                    if let Some(f) = &ids {
+                        write_ids(buf, f);
+                    }
+                    ids.is_some()
+                });
+            if !has_request && let Some(scope) = ctx.event_scope(event) {
                 for span in scope {
                     let ext = span.extensions();
                     if let Some(f) = ext.get::<RequestFields>() {
-                        buf.extend_from_slice(b",\"correlation_id\":");
-                        write_json_str(buf, f.correlation_id.as_str());
-                        buf.extend_from_slice(b",\"trace_id\":");
-                        write_json_str(buf, f.trace_id.as_str());
+                        write_ids(buf, f);
                         has_request = true;
                         break;
                     }
@@ -800,6 +873,15 @@ where
                 tracing::info_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
             }
         };
+        let fields = ids.map(|c| {
+            let mut f = RequestFields {
+                correlation_id: Inline::EMPTY,
+                trace_id: Inline::EMPTY,
+            };
+            f.correlation_id.set(c.id().as_str());
+            f.trace_id.set(c.trace().trace_id().as_str());
+            f
+        });
         // The access line of an API call is written directly when the
         // chassis' JSON log is installed; it needs the request's ids.
         let direct = match (standard, ids) {
@@ -820,6 +902,7 @@ where
                 route,
                 standard,
                 direct,
+                fields,
                 span,
                 status: None,
                 metrics: self.metrics.clone(),
@@ -838,6 +921,9 @@ struct Guard {
     standard: bool,
     /// The ids for a directly written access line, see [`access_line`].
     direct: Option<(CorrelationId, HexId<32>)>,
+    /// The ids put in [`CURRENT`] while the request is polled.
+    fields: Option<RequestFields>,
+    /// The request span; disabled under [`init`]'s JSON log.
     span: Span,
     status: Option<u16>,
     metrics: HttpMetrics,
@@ -858,6 +944,17 @@ impl Drop for Guard {
         if let (Some((id, trace)), Some(lines)) = (&self.direct, json_lines()) {
             if tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
                 access_line(lines, id, trace, method, route, status, latency_us);
+            }
+            return;
+        }
+        if self.span.is_disabled() {
+            // No span to name as parent: the ids go the way they go for
+            // the handler's events.
+            let _ids = self.fields.map(CurrentIds::enter);
+            if self.standard {
+                tracing::debug!(target: ACCESS_TARGET, method, route, status, latency_us, "request");
+            } else {
+                tracing::info!(target: ACCESS_TARGET, method, route, status, latency_us, "request");
             }
             return;
         }
@@ -930,6 +1027,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = {
+            let _ids = this
+                .guard
+                .as_ref()
+                .and_then(|g| g.fields)
+                .map(CurrentIds::enter);
             let _enter = this.guard.as_ref().map(|g| g.span.enter());
             ready!(this.inner.poll(cx))
         };

@@ -43,7 +43,8 @@ fn app(metrics: HttpMetrics) -> Router {
         .route(
             "/items/{id}",
             get(|| async {
-                tracing::info!(answer = 42, "inside the handler");
+                let in_span = !tracing::Span::current().is_none();
+                tracing::info!(answer = 42, in_span, "inside the handler");
                 "ok"
             }),
         )
@@ -88,10 +89,59 @@ async fn send(app: Router, req: Request<Body>) -> http::StatusCode {
     status
 }
 
+/// The subscriber [`init`] installs for JSON: no request span.
+fn subscriber_as_init(capture: &Capture, filter: &str) -> impl tracing::Subscriber + Send + Sync {
+    let out = capture.clone();
+    tracing_subscriber::registry()
+        .with(EnvFilter::new(filter))
+        .with(WithoutRequestSpans)
+        .with(JsonLayer::new("svc", move || out.clone()))
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn one_access_log_line_per_request_with_correlation() {
     let capture = Capture::default();
     let _sub = tracing::subscriber::set_default(subscriber(&capture, "info"));
+    access_and_handler_lines(&capture, true).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn without_the_request_span_lines_still_carry_the_ids() {
+    let capture = Capture::default();
+    let _sub = tracing::subscriber::set_default(subscriber_as_init(&capture, "info"));
+    access_and_handler_lines(&capture, false).await;
+    // A request polled inside another's poll carries its own ids, and the
+    // outer ones come back after it.
+    let outer = RequestFields {
+        correlation_id: Inline::EMPTY,
+        trace_id: Inline::EMPTY,
+    };
+    let mut inner = outer;
+    inner.correlation_id.set("inner");
+    {
+        let _outer = CurrentIds::enter(outer);
+        {
+            let _inner = CurrentIds::enter(inner);
+            tracing::info!("nested");
+        }
+        tracing::info!("outer");
+    }
+    tracing::info!("outside");
+    // Background work carrying a request's ids keeps its span.
+    let work = tracing::info_span!(target: REQUEST_TARGET, "mail.deliver", correlation_id = "bg-1", trace_id = "t");
+    work.in_scope(|| tracing::info!("in the background"));
+    let lines = capture.lines();
+    assert_eq!(lines[lines.len() - 1]["correlation_id"], "bg-1");
+    let lines = &lines[..lines.len() - 1];
+    let [nested, outer, outside] = &lines[lines.len() - 3..] else {
+        unreachable!()
+    };
+    assert_eq!(nested["correlation_id"], "inner");
+    assert_eq!(outer["correlation_id"], "");
+    assert!(outside.get("correlation_id").is_none(), "{outside}");
+}
+
+async fn access_and_handler_lines(capture: &Capture, with_span: bool) {
     let recorder = DebuggingRecorder::new();
     let _rec = metrics::set_default_local_recorder(&recorder);
     let app = app(HttpMetrics::new("svc"));
@@ -108,6 +158,7 @@ async fn one_access_log_line_per_request_with_correlation() {
     let handler = &lines[0];
     assert_eq!(handler["message"], "inside the handler");
     assert_eq!(handler["answer"], 42);
+    assert_eq!(handler["in_span"], with_span);
     assert_eq!(handler["correlation_id"], "corr-1");
     assert_eq!(handler["trace_id"].as_str().unwrap().len(), 32);
     assert_eq!(handler["service"], "svc");
