@@ -7,9 +7,10 @@
 //! problem+json, request span, RED metrics, access log, audit, load shedding,
 //! body limit, timeout, the route guard, panic catcher). Both are driven with `tower::ServiceExt::oneshot` on a clone of
 //! the router, on a current-thread tokio runtime, and both collect the
-//! response body. A global subscriber with the chassis' JSON formatter writing
-//! to `std::io::sink` is installed first, so every chassis request formats its
-//! access-log line exactly as in production, minus the write to stdout. A
+//! response body. The chassis' log is installed first as a service installs
+//! it ([`chassis::telemetry::init_with_writer`], writing to `std::io::sink`),
+//! so every chassis request writes its access-log line exactly as in
+//! production, minus the write to stdout. A
 //! third function, `chassis_overhead_paired`, alternates batches of the two
 //! and reports only the difference, which holds up better than subtracting two
 //! separate figures when other work shares the machine.
@@ -51,7 +52,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use tower::ServiceExt;
-use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{filter::Targets, layer::SubscriberExt};
 
 const SERVICE: &str = "hello";
 const URI: &str = "/hello/v1/items/42";
@@ -169,13 +170,13 @@ fn check(rt: &Runtime, bare: &Router, chassis: &Router) {
     assert!(access[0].contains(ROUTE), "{}", access[0]);
 }
 
-/// The global subscriber the chassis cases run under.
+/// The log the chassis cases run under: the service's own, to a sink.
 fn install_subscriber() {
-    tracing_subscriber::registry()
-        .with("info".parse::<Targets>().expect("a filter"))
-        .with(JsonLayer::new(SERVICE, std::io::sink))
-        .try_init()
-        .expect("no other global subscriber");
+    static TELEMETRY: std::sync::OnceLock<chassis::telemetry::Telemetry> =
+        std::sync::OnceLock::new();
+    TELEMETRY.get_or_init(|| {
+        chassis::telemetry::init_with_writer(SERVICE, &chassis::Config::default(), std::io::sink())
+    });
 }
 
 fn core_stack(c: &mut Criterion) {

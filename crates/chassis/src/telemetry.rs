@@ -138,8 +138,24 @@ impl fmt::Debug for Telemetry {
 /// format, stdout through a background writer. If a global subscriber is
 /// already installed (a test harness, or a second call) it is kept.
 pub fn init(service: &str, config: &Config) -> Telemetry {
+    init_with_writer(service, config, std::io::stdout())
+}
+
+/// [`init`], writing the log to `out` instead of stdout: for a benchmark
+/// that must pay for everything a service's log costs but the terminal, or
+/// a process that sends its log elsewhere.
+///
+/// ```
+/// let config = chassis::Config::default();
+/// let _telemetry = chassis::telemetry::init_with_writer("hello", &config, std::io::sink());
+/// tracing::info!("written to the sink");
+/// ```
+pub fn init_with_writer<W>(service: &str, config: &Config, out: W) -> Telemetry
+where
+    W: std::io::Write + Send + 'static,
+{
     let quoted_service = quoted(service);
-    let (writer, guard) = LogWriter::spawn(std::io::stdout(), move |dropped| {
+    let (writer, guard) = LogWriter::spawn(out, move |dropped| {
         let mut buf = Vec::with_capacity(256);
         buf.extend_from_slice(b"{\"time\":\"");
         write_rfc3339(&mut buf, SystemTime::now());
