@@ -467,6 +467,12 @@ impl DownstreamBuilder {
 
     /// Builds the downstream. Fails when the base URL is not an absolute
     /// `http://` URL or a timeout is zero.
+    ///
+    /// Build each downstream once, at start-up, and clone the
+    /// [`Downstream`]: its breaker and bulkhead live for the whole process
+    /// (see [`circuit_breaker`]), so building one per
+    /// request would grow memory without bound, and would give every call a
+    /// breaker of its own that never sees the others fail.
     pub fn build(self) -> Result<Downstream, ConfigError> {
         let mut problems = Vec::new();
         let mut problem = |message: String| {
