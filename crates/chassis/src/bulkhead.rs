@@ -45,10 +45,7 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{
-        Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::atomic::{AtomicUsize, Ordering},
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -60,18 +57,14 @@ use tower::{Layer, Service};
 use crate::BoxError;
 
 /// Every bulkhead made, for the gauge.
-static LIVE: Mutex<Vec<&'static Shared>> = Mutex::new(Vec::new());
+static LIVE: crate::metrics::Live<Shared> = crate::metrics::Live::new();
 
 /// Brings `bulkhead_in_use` of every bulkhead to its calls in flight. Each
 /// bulkhead moves the gauge by its change since the last time, so
 /// bulkheads that share a name add up as the series they share. Called by
 /// [`metrics::render`](crate::metrics::render).
 pub(crate) fn refresh_gauges() {
-    // Held throughout: two renders at once must not both apply a change.
-    let live = LIVE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for b in live.iter() {
+    LIVE.each(|b| {
         let now = b.used.load(Ordering::SeqCst).min(b.max);
         let before = b.reported.swap(now, Ordering::Relaxed);
         if now > before {
@@ -79,7 +72,7 @@ pub(crate) fn refresh_gauges() {
         } else if now < before {
             b.in_use.decrement((before - now) as f64);
         }
-    }
+    });
 }
 
 /// The error of a call refused because the bulkhead is full.
@@ -144,7 +137,7 @@ impl Bulkhead {
         max_wait: Duration,
     ) -> Self {
         let max = max_concurrent.max(1);
-        let shared: &'static Shared = Box::leak(Box::new(Shared {
+        let shared = LIVE.add(Shared {
             name: name.into(),
             max,
             used: AtomicUsize::new(0),
@@ -155,10 +148,7 @@ impl Bulkhead {
             reported: AtomicUsize::new(0),
             in_use: metrics::gauge!("bulkhead_in_use", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
             rejected: metrics::counter!("bulkhead_rejected_total", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
-        }));
-        LIVE.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(shared);
+        });
         Self { shared }
     }
 

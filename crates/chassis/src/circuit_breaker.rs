@@ -425,19 +425,14 @@ struct Shared {
 }
 
 /// Every breaker made, for the counters.
-static LIVE: Mutex<Vec<&'static Shared>> = Mutex::new(Vec::new());
+static LIVE: crate::metrics::Live<Shared> = crate::metrics::Live::new();
 
 /// Brings `circuit_breaker_calls_total` of every breaker up to its counts.
 /// Each breaker adds what it counted since the last time, so breakers that
 /// share a name add up as the series they share. Called by
 /// [`metrics::render`](crate::metrics::render).
 pub(crate) fn refresh_counters() {
-    // Held throughout: two renders at once must not both add the same
-    // calls.
-    let live = LIVE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for b in live.iter() {
+    LIVE.each(|b| {
         for ((counter, reported), total) in b.calls.iter().zip(&b.reported).zip(b.totals()) {
             // A reading may lag behind an outcome in flight, never run
             // ahead of it, so the series only ever grows.
@@ -447,7 +442,7 @@ pub(crate) fn refresh_counters() {
                 reported.store(total, Ordering::Relaxed);
             }
         }
-    }
+    });
 }
 
 impl Shared {
@@ -517,11 +512,9 @@ impl CircuitBreaker {
             ],
         };
         shared.gauge.set(0.0);
-        let shared: &'static Shared = Box::leak(Box::new(shared));
-        LIVE.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(shared);
-        Self { shared }
+        Self {
+            shared: LIVE.add(shared),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

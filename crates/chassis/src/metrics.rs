@@ -153,6 +153,38 @@ fn process_collector() -> &'static metrics_process::Collector {
     COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
+/// Objects that live for the process and whose series [`render`] brings up
+/// to date from their own counts (breakers, bulkheads), so that a call
+/// pays no metric update.
+pub(crate) struct Live<T: 'static>(std::sync::Mutex<Vec<&'static T>>);
+
+impl<T> Live<T> {
+    pub(crate) const fn new() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+
+    /// Leaks `value` for the rest of the process and registers it.
+    pub(crate) fn add(&self, value: T) -> &'static T {
+        let value: &'static T = Box::leak(Box::new(value));
+        self.lock().push(value);
+        value
+    }
+
+    /// Runs `f` on each object, holding the registry throughout so that two
+    /// renders at once cannot both report the same change.
+    pub(crate) fn each(&self, mut f: impl FnMut(&'static T)) {
+        for value in self.lock().iter() {
+            f(value);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<&'static T>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Renders the metrics in the Prometheus text format, refreshing first the
 /// process metrics and the series read at render time (`bulkhead_in_use`,
 /// `circuit_breaker_calls_total`).
