@@ -411,9 +411,9 @@ struct Shared {
     inner: Mutex<Inner>,
     gauge: metrics::Gauge,
     /// Outcomes counted as they happen, by index (`SUCCESS`...): all but
-    /// the successes of the lock-free closed path, which are the ring's
-    /// pushes less its failed and slow ones. The metric is set from these
-    /// when the metrics are rendered, so a call pays no counter of its own.
+    /// the successes of the lock-free closed path, which are in
+    /// `successes`. The metric is brought up to these when the metrics are
+    /// rendered, so a call pays no metric update of its own.
     counted: [AtomicU64; 4],
     /// The successes of the lock-free closed path, one count per thread,
     /// each written only by its thread: counting them takes no atomic

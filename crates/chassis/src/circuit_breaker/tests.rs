@@ -440,7 +440,7 @@ fn ring_slots_follow_the_ticket_modulo_the_window() {
 
 #[tokio::test(start_paused = true)]
 async fn outcomes_are_counted_on_every_path() {
-    // Count window: successes on the lock-free path come from the ring.
+    // Count window: successes on the lock-free path are counted per thread.
     let b = CircuitBreaker::new("counted", ten());
     outcomes(&b, &[false, false, true, false]);
     drop(b.try_acquire().expect("admitted")); // ignored: not counted
