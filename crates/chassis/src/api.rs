@@ -32,6 +32,7 @@
 //! | valid token, permission not granted (or denied) | 403 naming the permission | `deny`, `forbidden` |
 //! | valid token, permission granted | the handler's answer | `allow` |
 //! | public route | the handler's answer | `allow`, `public` |
+//! | a method the path does not declare | 405 with `Allow` | `rejected`, `method_not_allowed` |
 //!
 //! # Example
 //!
@@ -68,7 +69,7 @@
 //! ```
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     convert::Infallible,
     fmt,
     future::Future,
@@ -78,13 +79,12 @@ use std::{
 };
 
 use axum::{
-    Router,
     extract::{FromRequestParts, RawPathParams, Request},
     handler::Handler,
     response::{IntoResponse, Response},
     routing::{MethodRouter, on},
 };
-use http::{Method, StatusCode, request::Parts};
+use http::{HeaderValue, Method, StatusCode, header, request::Parts};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service, ServiceExt};
 
@@ -219,16 +219,19 @@ impl Api {
             .any(|e| matches!(e.access, Some(Ok(Access::Permission(_)))))
     }
 
-    /// The router, each route wrapped in its guard and the panic catcher; or
-    /// every problem, each naming its route.
+    /// The API's paths, each with its handlers and its guard; or every
+    /// problem, each naming its route. The service builder wraps each path
+    /// in its layers once: every layer level axum adds boxes the route
+    /// again, which costs a clone and an allocation on every request.
     pub(crate) fn build(
         self,
         prefix: &str,
         verifier: Option<&Verifier>,
-    ) -> Result<Router, Vec<String>> {
+    ) -> Result<Vec<ApiPath>, Vec<String>> {
         let mut problems = Vec::new();
         let mut seen = HashSet::new();
-        let mut router = Router::new();
+        let mut paths: Vec<(String, MethodRouter, Vec<Declared>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
         for e in self.endpoints {
             let name = format!("{} {prefix}{}", e.method, e.path);
             if !e.path.starts_with('/') {
@@ -267,17 +270,6 @@ impl Api {
                     ));
                 }
             }
-            let guard = GuardLayer {
-                access: Arc::new(access),
-                verifier: verifier.cloned(),
-            };
-            // One layer level for both: each level boxes the route again,
-            // which costs a clone and a drop on every request.
-            let method_router = e.router.route_layer(
-                tower::ServiceBuilder::new()
-                    .layer(guard)
-                    .layer(CatchPanicLayer::new()),
-            );
             // Mounted under the prefix directly rather than with
             // `Router::nest`, which rewrites the URI on every request.
             let full = if e.path == "/" {
@@ -285,13 +277,57 @@ impl Api {
             } else {
                 format!("{prefix}{}", e.path)
             };
-            router = router.route(&full, method_router);
+            let declared = (e.method, Arc::new(access));
+            match index.get(&full) {
+                Some(&i) => {
+                    let (_, router, methods) = &mut paths[i];
+                    *router = std::mem::take(router).merge(e.router);
+                    methods.push(declared);
+                }
+                None => {
+                    index.insert(full.clone(), paths.len());
+                    paths.push((full, e.router, vec![declared]));
+                }
+            }
         }
-        if problems.is_empty() {
-            Ok(router)
-        } else {
-            Err(problems)
+        if !problems.is_empty() {
+            return Err(problems);
         }
+        Ok(paths
+            .into_iter()
+            .map(|(path, router, methods)| ApiPath {
+                path,
+                router,
+                guard: GuardLayer::new(methods, verifier.cloned()),
+            })
+            .collect())
+    }
+}
+
+/// A method declared on a path, with its access.
+type Declared = (Method, Arc<Access>);
+
+/// One path of the API: the handlers of its methods, and the guard that
+/// checks each declared method's access and answers 405 to the others.
+pub(crate) struct ApiPath {
+    pub(crate) path: String,
+    pub(crate) router: MethodRouter,
+    pub(crate) guard: GuardLayer,
+}
+
+impl fmt::Debug for ApiPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiPath")
+            .field("path", &self.path)
+            .field("allow", &self.guard.methods.allow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiPath {
+    /// The guard and the panic catcher, as one layer around the handlers.
+    pub(crate) fn guard_layer(&self) -> tower::layer::util::Stack<CatchPanicLayer, GuardLayer> {
+        tower::layer::util::Stack::new(CatchPanicLayer::new(), self.guard.clone())
     }
 }
 
@@ -400,11 +436,54 @@ impl<S: Send + Sync> FromRequestParts<S> for AccountId {
     }
 }
 
-/// Per-route layer: authenticate, validate the path, authorize.
+/// Per-path layer: for the request's method, authenticate, validate the
+/// path and authorize; a method the path does not declare is answered 405.
 #[derive(Clone)]
-struct GuardLayer {
-    access: Arc<Access>,
+pub(crate) struct GuardLayer {
+    methods: Methods,
     verifier: Option<Verifier>,
+}
+
+/// The declared methods of a path, each with its access, and the `Allow`
+/// header naming them.
+#[derive(Clone)]
+struct Methods {
+    access: Arc<[Declared]>,
+    allow: HeaderValue,
+}
+
+impl Methods {
+    /// The access of `method`; a `HEAD` request is served by the `GET`
+    /// handler, so it takes that route's access.
+    fn of(&self, method: &Method) -> Option<&Arc<Access>> {
+        let find = |m: &Method| self.access.iter().find(|(d, _)| d == m).map(|(_, a)| a);
+        find(method).or_else(|| {
+            (*method == Method::HEAD)
+                .then(|| find(&Method::GET))
+                .flatten()
+        })
+    }
+}
+
+impl GuardLayer {
+    fn new(access: Vec<Declared>, verifier: Option<Verifier>) -> Self {
+        let mut allow: Vec<&str> = Vec::new();
+        for (m, _) in &access {
+            allow.push(m.as_str());
+            if *m == Method::GET && !access.iter().any(|(d, _)| *d == Method::HEAD) {
+                allow.push("HEAD");
+            }
+        }
+        let allow =
+            HeaderValue::from_str(&allow.join(",")).expect("method names are valid header values");
+        Self {
+            methods: Methods {
+                access: access.into(),
+                allow,
+            },
+            verifier,
+        }
+    }
 }
 
 impl<S> Layer<S> for GuardLayer {
@@ -413,7 +492,7 @@ impl<S> Layer<S> for GuardLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Guard {
             inner,
-            access: self.access.clone(),
+            methods: self.methods.clone(),
             verifier: self.verifier.clone(),
         }
     }
@@ -423,14 +502,14 @@ impl<S> Layer<S> for GuardLayer {
 #[derive(Clone)]
 pub struct Guard<S> {
     inner: S,
-    access: Arc<Access>,
+    methods: Methods,
     verifier: Option<Verifier>,
 }
 
 impl<S> fmt::Debug for Guard<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
-            .field("access", &self.access)
+            .field("allow", &self.methods.allow)
             .finish_non_exhaustive()
     }
 }
@@ -456,13 +535,15 @@ fn authorize(
 ) -> Result<Request, Box<Response>> {
     let note = req.extensions().get::<AuditNote>().cloned();
     // What the audit event learns, recorded in one update of the note.
-    let record = |permission: Option<&Permission>,
+    // Takes the permission by value: on the allowed path it moves into the
+    // note rather than being copied.
+    let record = |permission: Option<Permission>,
                   account: Option<&AccountId>,
                   decision: (AuditDecision, Option<&'static str>)| {
         if let Some(n) = &note {
             n.update(|x| {
                 x.principal = Some(principal.clone());
-                x.permission = permission.cloned();
+                x.permission = permission;
                 x.account = account.cloned();
                 x.decision = Some(decision);
             });
@@ -491,7 +572,7 @@ fn authorize(
     match principal.grants().decide(&permission) {
         Decision::Allow => {
             record(
-                Some(&permission),
+                Some(permission),
                 account.as_ref(),
                 (AuditDecision::Allow, None),
             );
@@ -502,7 +583,7 @@ fn authorize(
         }
         Decision::DeniedExplicitly | Decision::NoGrant => {
             record(
-                Some(&permission),
+                Some(permission.clone()),
                 account.as_ref(),
                 (AuditDecision::Deny, Some(Reason::Forbidden.code())),
             );
@@ -541,7 +622,18 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let template = match &*self.access {
+        let Some(access) = self.methods.of(req.method()) else {
+            // Not declared: refused here, before any handler a hand-built
+            // method router might hold for it.
+            return GuardFuture::ready(
+                (
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    [(header::ALLOW, self.methods.allow.clone())],
+                )
+                    .into_response(),
+            );
+        };
+        let template = match &**access {
             Access::Public => {
                 if let Some(note) = req.extensions().get::<AuditNote>() {
                     note.update(|n| n.decision = Some((AuditDecision::Allow, Some("public"))));
@@ -563,7 +655,7 @@ where
             None => {
                 // Not cached: verify (may fetch keys), then go on.
                 let verifier = verifier.clone();
-                let access = self.access.clone();
+                let access = access.clone();
                 let inner = self.inner.clone();
                 GuardFuture::slow(Box::pin(async move {
                     let Access::Permission(template) = &*access else {

@@ -255,9 +255,10 @@ where
 ///
 /// A declared `Content-Length` over the limit is refused before the handler
 /// runs. A body without a length (chunked) is wrapped so that reading it fails
-/// past the limit, which axum's extractors answer with 413. Compose it with
+/// past the limit, which axum's extractors answer with 413. For a limit over
+/// axum's own default for extractors (2 MiB), compose it with
 /// `axum::extract::DefaultBodyLimit::max` of the same size (the service
-/// builder does) so extractors use the same limit.
+/// builder does) so extractors accept what this layer lets through.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimitLayer {
     max: usize,

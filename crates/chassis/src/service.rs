@@ -74,11 +74,12 @@
 //!
 //! 4. [`AuditLayer`]: one audit event per call;
 //! 5. [`LoadShedLayer`], [`BodyLimitLayer`], [`RequestTimeoutLayer`];
-//! 6. the layers added with [`ServiceBuilder::api_layer`], first added
-//!    outermost;
-//! 7. per route, the guard of [`crate::api`]: authentication, path
-//!    validation, authorization;
-//! 8. [`CatchPanicLayer`](crate::protect::CatchPanicLayer) around the handler.
+//! 6. per path, the guard of [`crate::api`]: a method the path does not
+//!    declare is answered 405; then authentication, path validation,
+//!    authorization;
+//! 7. [`CatchPanicLayer`](crate::protect::CatchPanicLayer);
+//! 8. the layers added with [`ServiceBuilder::api_layer`], first added
+//!    outermost, around the handler.
 //!
 //! The panic catcher sits around the handler rather than outermost so that a
 //! panic is measured, logged and answered like any other 500, with the
@@ -99,7 +100,7 @@ use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, State},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{MethodRouter, get},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
@@ -153,7 +154,7 @@ macro_rules! build_info {
     };
 }
 
-type ApiLayer = Box<dyn FnOnce(Router) -> Router + Send>;
+type ApiLayer = Box<dyn Fn(MethodRouter) -> MethodRouter + Send>;
 type MakeAuditor = Box<dyn FnOnce(&str, usize) -> Auditor + Send>;
 type TaskFn = Box<dyn FnOnce(CancellationToken) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
@@ -253,9 +254,11 @@ impl ServiceBuilder {
         self
     }
 
-    /// Adds a layer around every API route, inside the chassis' protection
-    /// layers and outside the panic catcher: the seam for authentication,
-    /// authorization and audit. Layers added first are outermost.
+    /// Adds a layer around the handlers of every API route, inside all of
+    /// the chassis' layers: it runs for authorized calls only, sees the
+    /// caller's [`Principal`](crate::auth::Principal) and the correlation
+    /// id, and a panic in it is caught like one in a handler. Layers added
+    /// first are outermost.
     pub fn api_layer<L>(mut self, layer: L) -> Self
     where
         L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
@@ -268,7 +271,7 @@ impl ServiceBuilder {
         <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
     {
         self.api_layers
-            .push(Box::new(move |r: Router| r.layer(layer)));
+            .push(Box::new(move |r: MethodRouter| r.layer(layer.clone())));
         self
     }
 
@@ -387,20 +390,41 @@ impl ServiceBuilder {
             }
         }
 
-        let mut router = api;
-        for layer in self.api_layers.into_iter().rev() {
-            router = layer(router);
-        }
-        let api_stack = Stack::new()
+        // Every layer level axum adds boxes the route again, which costs a
+        // clone and an allocation per request; so each API path gets all of
+        // its layers as one level, and the other routes the first three.
+        let front = Stack::new()
+            .layer(SetCorrelationIdLayer::new())
+            .layer(EnsureProblemLayer::new())
+            .layer(ObserveLayer::new(metrics));
+        let protect = Stack::new()
             .layer(AuditLayer::new(auditor.clone()))
             .layer(shed.clone())
             .layer(BodyLimitLayer::new(config.max_body_bytes))
-            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            // axum's extractors have a limit of their own, 2 MiB by
+            // default; it is raised only when ours is higher, since setting
+            // it costs an extension insert on every request.
+            .layer(tower::util::option_layer(
+                (config.max_body_bytes > AXUM_DEFAULT_BODY_LIMIT)
+                    .then(|| DefaultBodyLimit::max(config.max_body_bytes)),
+            ))
             .layer(RequestTimeoutLayer::new(config.request_timeout))
             .layer(tower::util::option_layer(
                 config.fault.clone().map(crate::fault::FaultLayer::new),
             ));
-        let router = router
+        let mut router = Router::new();
+        for path in api {
+            let stack = Stack::new()
+                .layer(front.clone())
+                .layer(protect.clone())
+                .layer(path.guard_layer());
+            let mut handlers = path.router;
+            for layer in self.api_layers.iter().rev() {
+                handlers = layer(handlers);
+            }
+            router = router.route(&path.path, handlers.layer(stack));
+        }
+        let standard = Router::new()
             .route("/health/live", get(crate::health::live))
             .route(
                 "/health/ready",
@@ -412,18 +436,8 @@ impl ServiceBuilder {
             )
             .route("/info", get(info_endpoint).with_state(info))
             .fallback(not_found)
-            // One `Router::layer` for everything: the API's own layers apply
-            // to API routes only, chosen by the matched route's prefix.
-            .layer(
-                Stack::new()
-                    .layer(SetCorrelationIdLayer::new())
-                    .layer(EnsureProblemLayer::new())
-                    .layer(ObserveLayer::new(metrics))
-                    .layer(ApiOnlyLayer {
-                        prefix: prefix.clone().into(),
-                        layer: api_stack,
-                    }),
-            );
+            .layer(front);
+        let router = router.merge(standard);
 
         Ok(Service {
             name: self.name,
@@ -483,6 +497,9 @@ impl ServiceBuilder {
         }
     }
 }
+
+/// The body limit axum's extractors apply unless told otherwise.
+const AXUM_DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
 
 fn valid_name(name: &str) -> bool {
     let mut bytes = name.bytes();
@@ -666,103 +683,6 @@ impl Service {
         let _ = tokio::task::spawn_blocking(move || auditor.flush()).await;
         tracing::info!(service = %name, "stopped");
         Ok(())
-    }
-}
-
-/// Applies `layer` to requests whose matched route is under the API prefix;
-/// others (standard endpoints, unmatched paths) bypass it.
-#[derive(Clone)]
-struct ApiOnlyLayer<L> {
-    prefix: Arc<str>,
-    layer: L,
-}
-
-impl<L, S> tower::Layer<S> for ApiOnlyLayer<L>
-where
-    L: tower::Layer<S>,
-    S: Clone,
-{
-    type Service = ApiOnly<L::Service, S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        ApiOnly {
-            api: self.layer.layer(inner.clone()),
-            plain: inner,
-            prefix: self.prefix.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct ApiOnly<A, S> {
-    api: A,
-    plain: S,
-    prefix: Arc<str>,
-}
-
-impl<A, S, B> tower::Service<http::Request<B>> for ApiOnly<A, S>
-where
-    A: tower::Service<http::Request<B>, Response = Response>,
-    S: tower::Service<http::Request<B>, Response = Response, Error = A::Error>,
-{
-    type Response = Response;
-    type Error = A::Error;
-    type Future = either::Either<A::Future, S::Future>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::ready!(self.api.poll_ready(cx))?;
-        self.plain.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let is_api = req
-            .extensions()
-            .get::<axum::extract::MatchedPath>()
-            .is_some_and(|m| {
-                let m = m.as_str();
-                m.starts_with(&*self.prefix)
-                    && matches!(m.as_bytes().get(self.prefix.len()), None | Some(b'/'))
-            });
-        if is_api {
-            either::Either::Left {
-                inner: self.api.call(req),
-            }
-        } else {
-            either::Either::Right {
-                inner: self.plain.call(req),
-            }
-        }
-    }
-}
-
-mod either {
-    use std::{
-        future::Future,
-        pin::Pin,
-        task::{Context, Poll},
-    };
-
-    pin_project_lite::pin_project! {
-        /// One of two futures with the same output.
-        #[project = EitherProj]
-        pub(super) enum Either<A, B> {
-            Left { #[pin] inner: A },
-            Right { #[pin] inner: B },
-        }
-    }
-
-    impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
-        type Output = A::Output;
-
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            match self.project() {
-                EitherProj::Left { inner } => inner.poll(cx),
-                EitherProj::Right { inner } => inner.poll(cx),
-            }
-        }
     }
 }
 

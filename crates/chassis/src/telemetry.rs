@@ -878,10 +878,12 @@ where
         let route_str = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
         let standard = is_standard(route_str);
         let ids = req.extensions().get::<Correlation>();
+        // Hex-encoded once for the span, the thread-local ids and the
+        // access line.
+        let trace_hex = ids.map(|c| c.trace().trace_id());
         let span = {
             let id = ids.map(|c| c.id().as_str());
-            let trace = ids.map(|c| c.trace().trace_id());
-            let trace = trace.as_ref().map(|t| t.as_str());
+            let trace = trace_hex.as_ref().map(|t| t.as_str());
             let m = req.method().as_str();
             if standard {
                 tracing::debug_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
@@ -889,20 +891,20 @@ where
                 tracing::info_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
             }
         };
-        let fields = ids.map(|c| {
+        let fields = ids.zip(trace_hex.as_ref()).map(|(c, trace)| {
             let mut f = RequestFields {
                 correlation_id: Inline::EMPTY,
                 trace_id: Inline::EMPTY,
             };
             f.correlation_id.set(c.id().as_str());
-            f.trace_id.set(c.trace().trace_id().as_str());
+            f.trace_id.set(trace.as_str());
             f
         });
         // The access line of an API call is written directly when the
         // chassis' JSON log is installed; it needs the request's ids.
-        let direct = match (standard, ids) {
-            (false, Some(c)) if json_lines().is_some() => {
-                Some((c.id().clone(), c.trace().trace_id()))
+        let direct = match (standard, ids, trace_hex) {
+            (false, Some(c), Some(trace)) if json_lines().is_some() => {
+                Some((c.id().clone(), trace))
             }
             _ => None,
         };

@@ -1513,3 +1513,88 @@ async fn readiness_waits_for_the_first_key_set() {
     .await;
     running.task.abort();
 }
+
+// A path answers only the methods it declares, whatever its handlers
+// serve; HEAD takes GET's access; the service's own layers run for
+// authorized calls and see the caller.
+#[tokio::test]
+async fn undeclared_methods_are_refused_and_api_layers_see_the_caller() {
+    use axum::middleware::{Next, from_fn};
+    use chassis::auth::Principal;
+
+    async fn caller(principal: Principal, req: axum::extract::Request, next: Next) -> Response {
+        let mut res = next.run(req).await;
+        res.headers_mut()
+            .insert("x-caller", principal.subject().parse().unwrap());
+        res
+    }
+    let keys = keys();
+    let server = JwksServer::start(&jwks(&[jwk(&keys.rsa1, Algorithm::RS256, "k1")])).await;
+    let audit = Memory::default();
+    // A hand-built method router that also serves POST, declared as GET only.
+    let notes = get(list).post(|| async { "written" });
+    let svc = ServiceBuilder::new("ticketing", 1)
+        .api(
+            Api::new().route(
+                api::Endpoint::new(http::Method::GET, "/{account}/notes", notes)
+                    .requires("ticketing:{account}:view:note"),
+            ),
+        )
+        .api_layer(from_fn(caller))
+        .verifier(verifier(&server, JwksOptions::default()))
+        .audit_sink(audit.clone())
+        .config(Config::default())
+        .build()
+        .unwrap();
+    let auditor = svc.auditor().clone();
+    let app = svc.router();
+    let token = mint(&server, Algorithm::RS256, &keys.rsa1, Some("k1"), claims());
+    let send = |method: http::Method, token: Option<&str>| {
+        let mut r = Request::builder()
+            .method(method)
+            .uri("/ticketing/v1/67000001/notes");
+        if let Some(t) = token {
+            r = r.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        app.clone().oneshot(r.body(Body::empty()).unwrap())
+    };
+
+    let res = send(http::Method::GET, Some(&token)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-caller"], "ann");
+    let res = send(http::Method::POST, Some(&token)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()[header::ALLOW], "GET,HEAD");
+    assert_eq!(
+        res.headers()[header::CONTENT_TYPE],
+        "application/problem+json"
+    );
+    assert!(
+        res.headers().get("x-caller").is_none(),
+        "refused before the layers inside"
+    );
+    let res = send(http::Method::HEAD, None).await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::UNAUTHORIZED,
+        "HEAD is guarded as GET"
+    );
+    let res = send(http::Method::HEAD, Some(&token)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    auditor.flush();
+    let events = audit.0.lock().unwrap();
+    let outcomes: Vec<_> = events
+        .iter()
+        .map(|e| (e.method.as_str(), e.decision.as_str(), e.reason))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("GET", "allow", None),
+            ("POST", "rejected", Some("method_not_allowed")),
+            ("HEAD", "unauthenticated", Some("missing_token")),
+            ("HEAD", "allow", None),
+        ]
+    );
+}

@@ -132,6 +132,44 @@ async fn body_too_large() {
 }
 
 #[tokio::test]
+async fn a_limit_above_axums_default_reaches_the_extractors() {
+    // axum's extractors refuse bodies over 2 MiB unless told otherwise;
+    // the builder raises their limit to the configured one.
+    let mut c = config();
+    c.max_body_bytes = 3 * 1024 * 1024;
+    let app = ServiceBuilder::new("stack-big", 1)
+        .api(
+            Api::new().route(
+                api::post("/echo", |body: bytes::Bytes| async move {
+                    body.len().to_string()
+                })
+                .public(),
+            ),
+        )
+        .config(c)
+        .build()
+        .unwrap()
+        .router();
+    let post = |len: usize, declared: bool| {
+        let mut r = Request::post("/stack-big/v1/echo").header("x-correlation-id", "stack-test");
+        if declared {
+            r = r.header(header::CONTENT_LENGTH, len.to_string());
+        }
+        // Without a declared length the body is read through the limit.
+        r.body(Body::from(vec![b'x'; len])).unwrap()
+    };
+    let big = 5 * 1024 * 1024 / 2;
+    for declared in [true, false] {
+        let res = app.clone().oneshot(post(big, declared)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "declared length: {declared}");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, big.to_string());
+        let (s, h, b) = call(&app, post(3 * 1024 * 1024 + 1, declared)).await;
+        assert_problem(s, &h, &b, 413);
+    }
+}
+
+#[tokio::test]
 async fn extractor_rejections_become_problems() {
     let app = service("stack-c", Arc::new(Notify::new())).router();
     let r = Request::post("/stack-c/v1/json")
