@@ -273,47 +273,28 @@ impl AuditSink for LogSink {
 /// One audit event as a line of the JSON log, with the fields and order of
 /// the `tracing` event in [`LogSink`]; absent values are left out.
 fn log_line(lines: &crate::telemetry::JsonLines, buf: &mut Vec<u8>, e: &AuditEvent) {
-    use crate::telemetry::{write_json_plain, write_json_str, write_u64};
+    use crate::telemetry::{write_field, write_u64};
     // `escape` is false for values whose types cannot hold text that needs
     // it: validated grammars (correlation id, account, permission), HTTP
     // methods and the decision.
-    let str_field = |buf: &mut Vec<u8>, name: &str, value: Option<&str>, escape: bool| {
-        if let Some(v) = value {
-            buf.extend_from_slice(b",\"");
-            buf.extend_from_slice(name.as_bytes());
-            buf.extend_from_slice(b"\":");
-            if escape {
-                write_json_str(buf, v);
-            } else {
-                write_json_plain(buf, v);
-            }
-        }
-    };
     lines.begin_line(buf, e.time, "audit", None, "audit");
-    str_field(
-        buf,
-        "correlation_id",
-        e.correlation_id.as_ref().map(CorrelationId::as_str),
-        false,
-    );
-    str_field(buf, "subject", Some(&e.subject), true);
-    str_field(buf, "subject_kind", Some(e.subject_kind), true);
-    str_field(buf, "method", Some(e.method.as_str()), false);
-    str_field(buf, "route", Some(e.route.as_str()), true);
-    str_field(
-        buf,
-        "account",
-        e.account.as_ref().map(AccountId::as_str),
-        false,
-    );
-    str_field(
-        buf,
-        "permission",
-        e.permission.as_ref().map(Permission::as_str),
-        false,
-    );
-    str_field(buf, "decision", Some(e.decision.as_str()), false);
-    str_field(buf, "reason", e.reason, true);
+    if let Some(id) = &e.correlation_id {
+        write_field(buf, ",\"correlation_id\":\"", id.as_str(), false);
+    }
+    write_field(buf, ",\"subject\":\"", &e.subject, true);
+    write_field(buf, ",\"subject_kind\":\"", e.subject_kind, true);
+    write_field(buf, ",\"method\":\"", e.method.as_str(), false);
+    write_field(buf, ",\"route\":\"", e.route.as_str(), true);
+    if let Some(account) = &e.account {
+        write_field(buf, ",\"account\":\"", account.as_str(), false);
+    }
+    if let Some(permission) = &e.permission {
+        write_field(buf, ",\"permission\":\"", permission.as_str(), false);
+    }
+    write_field(buf, ",\"decision\":\"", e.decision.as_str(), false);
+    if let Some(reason) = e.reason {
+        write_field(buf, ",\"reason\":\"", reason, true);
+    }
     buf.extend_from_slice(b",\"status\":");
     write_u64(buf, u64::from(e.status));
     if e.latency_ms.is_finite() && e.latency_ms >= 0.0 {

@@ -244,18 +244,14 @@ impl JsonLines {
     ) {
         buf.extend_from_slice(b"{\"time\":\"");
         write_rfc3339(buf, time);
-        buf.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":");
-        write_json_plain(buf, target);
+        write_field(buf, "\",\"level\":\"INFO\",\"target\":\"", target, false);
         buf.extend_from_slice(b",\"service\":");
         buf.extend_from_slice(&self.service);
         if let Some((correlation_id, trace_id)) = request {
-            buf.extend_from_slice(b",\"correlation_id\":");
-            write_json_plain(buf, correlation_id);
-            buf.extend_from_slice(b",\"trace_id\":");
-            write_json_plain(buf, trace_id);
+            write_field(buf, ",\"correlation_id\":\"", correlation_id, false);
+            write_field(buf, ",\"trace_id\":\"", trace_id, false);
         }
-        buf.extend_from_slice(b",\"message\":");
-        write_json_plain(buf, message);
+        write_field(buf, ",\"message\":\"", message, false);
     }
 
     /// Lines for `service` to `writer`, without installing anything.
@@ -640,13 +636,22 @@ fn quoted(s: &str) -> Box<[u8]> {
     buf.into_boxed_slice()
 }
 
-/// Writes `s` quoted, without escaping: only for text that cannot need it
-/// by construction (a validated grammar such as a correlation id, an
-/// account, a permission, an HTTP method, or a literal of this crate).
-pub(crate) fn write_json_plain(buf: &mut Vec<u8>, s: &str) {
-    debug_assert!(!needs_escape(s.as_bytes()), "{s:?} needs escaping");
-    buf.push(b'"');
-    buf.extend_from_slice(s.as_bytes());
+/// Appends a string member: `key` is the literal before the value, up to
+/// and including its opening quote (`,"name":"`), so a member costs one
+/// copy for its name and punctuation, one for the value and the closing
+/// quote. The value is escaped when `escape`; with `escape` false it is
+/// copied as it is, which is only for text that cannot need escaping by
+/// construction (a validated grammar such as a correlation id, an account,
+/// a permission, an HTTP method, or a literal of this crate).
+#[inline]
+pub(crate) fn write_field(buf: &mut Vec<u8>, key: &'static str, value: &str, escape: bool) {
+    buf.extend_from_slice(key.as_bytes());
+    if escape {
+        escape_into(buf, value);
+    } else {
+        debug_assert!(!needs_escape(value.as_bytes()), "{value:?} needs escaping");
+        buf.extend_from_slice(value.as_bytes());
+    }
     buf.push(b'"');
 }
 
@@ -1007,11 +1012,9 @@ fn access_line(
             Some((id.as_str(), trace.as_str())),
             "request",
         );
-        buf.extend_from_slice(b",\"method\":");
         // An HTTP method is a token: no quote, backslash or control byte.
-        write_json_plain(buf, method);
-        buf.extend_from_slice(b",\"route\":");
-        write_json_str(buf, route);
+        write_field(buf, ",\"method\":\"", method, false);
+        write_field(buf, ",\"route\":\"", route, true);
         buf.extend_from_slice(b",\"status\":");
         write_u64(buf, u64::from(status));
         buf.extend_from_slice(b",\"latency_us\":");
