@@ -428,10 +428,8 @@ impl<S: Send + Sync> FromRequestParts<S> for AccountId {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<Authorized>()
-            .and_then(|a| a.account.clone())
+        authorized(&parts.extensions)
+            .and_then(|(_, account)| account)
             .ok_or_else(Problem::not_found)
     }
 }
@@ -571,14 +569,26 @@ fn authorize(
     };
     match principal.grants().decide(&permission) {
         Decision::Allow => {
-            record(
-                Some(permission),
-                account.as_ref(),
-                (AuditDecision::Allow, None),
-            );
-            // One extension for both extractors ([`Principal`] and
-            // [`AccountId`]): one insert on the request path instead of two.
-            parts.extensions.insert(Authorized { principal, account });
+            // The note is what the extractors read (see [`authorized`]): no
+            // extension of its own to insert on the request path.
+            if note.is_some() {
+                record(
+                    Some(permission),
+                    account.as_ref(),
+                    (AuditDecision::Allow, None),
+                );
+            } else {
+                // Not inside the audit layer (the builder always puts it
+                // there): a note of its own carries the caller.
+                let note = AuditNote::default();
+                note.update(|x| {
+                    x.principal = Some(principal);
+                    x.account = account;
+                    x.permission = Some(permission);
+                    x.decision = Some((AuditDecision::Allow, None));
+                });
+                parts.extensions.insert(note);
+            }
             Ok(Request::from_parts(parts, body))
         }
         Decision::DeniedExplicitly | Decision::NoGrant => {
@@ -592,12 +602,19 @@ fn authorize(
     }
 }
 
-/// The caller and account an authorized request was checked for; read by
-/// the [`Principal`] and [`AccountId`] extractors.
-#[derive(Clone, Debug)]
-pub(crate) struct Authorized {
-    pub(crate) principal: Principal,
-    pub(crate) account: Option<AccountId>,
+/// The caller and account an authorized call was checked for, as the guard
+/// recorded them in the call's audit note; read by the [`Principal`] and
+/// [`AccountId`] extractors and the outgoing client. The guard records a
+/// caller only once its token verified, and a handler runs only when the
+/// guard allowed the call.
+pub(crate) fn authorized(extensions: &http::Extensions) -> Option<(Principal, Option<AccountId>)> {
+    let note = extensions
+        .get::<AuditNote>()?
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let principal = note.principal.clone()?;
+    Some((principal, note.account.clone()))
 }
 
 fn unauthenticated(req: &Request, reason: Reason) -> Response {

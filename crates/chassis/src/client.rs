@@ -724,10 +724,7 @@ impl CallContext {
                 .unwrap_or_else(|| {
                     Correlation::new(CorrelationId::generate(), TraceContext::new_root())
                 }),
-            principal: parts
-                .extensions
-                .get::<crate::api::Authorized>()
-                .map(|a| a.principal.clone()),
+            principal: crate::api::authorized(&parts.extensions).map(|(principal, _)| principal),
             deadline: parts.extensions.get::<Deadline>().map(|d| d.0),
         }
     }

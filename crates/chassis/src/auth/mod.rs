@@ -371,10 +371,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
     type Rejection = AuthError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<crate::api::Authorized>()
-            .map(|a| a.principal.clone())
+        crate::api::authorized(&parts.extensions)
+            .map(|(principal, _)| principal)
             .ok_or(AuthError::new(Reason::MissingToken))
     }
 }

@@ -777,13 +777,25 @@ impl Verifier {
     }
 }
 
-/// Verified tokens, keyed by a hash of the whole token and confirmed by
-/// comparing the whole token, so a hash collision can never authenticate.
+/// Verified tokens, keyed by a hash of the token's last [`KEY_TAIL`] bytes
+/// and confirmed by comparing the whole token, so a hash collision can never
+/// authenticate.
+///
+/// The tail is the end of the signature, which no one can choose for a token
+/// that verifies (and only verified tokens are inserted), so it spreads the
+/// keys as well as the whole token would; hashing it instead of the whole
+/// token (often a kilobyte) keeps a hit cheap. The maps are keyed by that
+/// hash already, so they hash it again with `foldhash`, not SipHash.
 struct TokenCache {
-    shards: Vec<Mutex<HashMap<u64, Cached>>>,
+    shards: Vec<Mutex<ShardMap>>,
     per_shard: usize,
     hasher: foldhash::fast::RandomState,
 }
+
+/// Bytes at the end of a token that its cache key is computed from.
+const KEY_TAIL: usize = 32;
+
+type ShardMap = HashMap<u64, Cached, foldhash::fast::FixedState>;
 
 struct Cached {
     token: Box<[u8]>,
@@ -795,7 +807,7 @@ impl TokenCache {
     fn new(capacity: usize) -> Self {
         Self {
             shards: (0..CACHE_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| Mutex::new(ShardMap::default()))
                 .collect(),
             per_shard: capacity.div_ceil(CACHE_SHARDS),
             hasher: foldhash::fast::RandomState::default(),
@@ -803,10 +815,11 @@ impl TokenCache {
     }
 
     fn hash(&self, token: &[u8]) -> u64 {
-        self.hasher.hash_one(token)
+        self.hasher
+            .hash_one(&token[token.len().saturating_sub(KEY_TAIL)..])
     }
 
-    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Cached>> {
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, ShardMap> {
         self.shards[(hash >> 59) as usize % CACHE_SHARDS]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
