@@ -180,8 +180,14 @@ impl CorrelationId {
     pub fn generate() -> Self {
         let uuid = crate::id::uuid_v7();
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let text = uuid.hyphenated().encode_lower(&mut buf);
-        Self(HeaderValue::from_str(text).expect("a UUID is a valid header value"))
+        uuid.hyphenated().encode_lower(&mut buf);
+        // Owned by the `Bytes` from the start: one allocation, and clones
+        // only count references (a `Bytes` made from a `Vec` allocates again
+        // on its first clone).
+        Self(
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+                .expect("a UUID is a valid header value"),
+        )
     }
 
     /// The id as text.

@@ -114,7 +114,7 @@ use tracing_subscriber::{
 
 use crate::{
     config::{Config, LogFormat},
-    correlation::{Correlation, CorrelationId, HexId},
+    correlation::Correlation,
     metrics::{HttpMetrics, UNMATCHED, method_index},
 };
 
@@ -906,13 +906,9 @@ where
             f
         });
         // The access line of an API call is written directly when the
-        // chassis' JSON log is installed; it needs the request's ids.
-        let direct = match (standard, ids, trace_hex) {
-            (false, Some(c), Some(trace)) if json_lines().is_some() => {
-                Some((c.id().clone(), trace))
-            }
-            _ => None,
-        };
+        // chassis' JSON log is installed; it needs the request's ids, which
+        // `fields` holds.
+        let direct = !standard && fields.is_some() && json_lines().is_some();
         self.metrics.active(method).increment(1.0);
         // `call` of the layers inside only builds futures; the span is
         // entered while they are polled.
@@ -942,8 +938,9 @@ struct Guard {
     method: usize,
     route: Option<MatchedPath>,
     standard: bool,
-    /// The ids for a directly written access line, see [`access_line`].
-    direct: Option<(CorrelationId, HexId<32>)>,
+    /// Whether the access line is written directly, see [`access_line`],
+    /// with the ids in `fields`.
+    direct: bool,
     /// The ids put in [`CURRENT`] while the request is polled.
     fields: Option<RequestFields>,
     /// The request span; disabled under [`init`]'s JSON log.
@@ -964,9 +961,9 @@ impl Drop for Guard {
         self.metrics.active(self.method).decrement(1.0);
         let latency_us = elapsed.as_micros() as u64;
         let method = crate::metrics::method_label_of(self.method);
-        if let (Some((id, trace)), Some(lines)) = (&self.direct, json_lines()) {
+        if let (true, Some(ids), Some(lines)) = (self.direct, &self.fields, json_lines()) {
             if tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
-                access_line(lines, id, trace, method, route, status, latency_us);
+                access_line(lines, ids, method, route, status, latency_us);
             }
             return;
         }
@@ -997,8 +994,7 @@ impl Drop for Guard {
 /// line, and this skips the dispatch, the span lookup and the field visitor.
 fn access_line(
     lines: &JsonLines,
-    id: &CorrelationId,
-    trace: &HexId<32>,
+    ids: &RequestFields,
     method: &str,
     route: &str,
     status: u16,
@@ -1009,7 +1005,7 @@ fn access_line(
             buf,
             SystemTime::now(),
             ACCESS_TARGET,
-            Some((id.as_str(), trace.as_str())),
+            Some((ids.correlation_id.as_str(), ids.trace_id.as_str())),
             "request",
         );
         // An HTTP method is a token: no quote, backslash or control byte.

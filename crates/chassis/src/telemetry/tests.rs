@@ -424,7 +424,13 @@ fn the_direct_access_line_is_the_one_the_tracing_event_renders() {
     let direct_out = Capture::default();
     let (writer, guard) = LogWriter::spawn(direct_out.clone(), |_| Vec::new());
     let lines = JsonLines::new("svc", writer);
-    access_line(&lines, &id, &trace, "GET", "/svc/v1/{id}", 200, 77);
+    let mut ids = RequestFields {
+        correlation_id: Inline::EMPTY,
+        trace_id: Inline::EMPTY,
+    };
+    ids.correlation_id.set(id.as_str());
+    ids.trace_id.set(trace.as_str());
+    access_line(&lines, &ids, "GET", "/svc/v1/{id}", 200, 77);
     drop(lines);
     drop(guard);
     let mut direct = direct_out.lines().remove(0);
