@@ -545,33 +545,38 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let id = match CorrelationId::from_headers(req.headers()) {
-            Ok(id) => id,
-            Err(rejected) => {
-                let id = CorrelationId::generate();
-                if let Rejected::Invalid(value) = rejected {
-                    tracing::debug!(
-                        correlation_id_rejected = true,
-                        sample = %sample(value),
-                        replacement = %id,
-                        "invalid x-correlation-id replaced"
-                    );
-                }
-                id
-            }
-        };
-        let trace = TraceContext::from_headers(req.headers());
-        // Inner layers and handlers read the validated id from this
-        // extension, never from the raw header.
-        req.extensions_mut().insert(Correlation {
-            id: id.clone(),
-            trace,
-        });
-        ResponseFuture {
-            inner: self.inner.call(req),
-            id: Some(id),
-        }
+        let id = assign(&mut req);
+        ResponseFuture::new(self.inner.call(req), id)
     }
+}
+
+/// What [`SetCorrelationId`] does to a request: validates or creates its
+/// id, reads its trace context, and puts both in its extensions. Returns
+/// the id, for the response.
+pub(crate) fn assign<B>(req: &mut Request<B>) -> CorrelationId {
+    let id = match CorrelationId::from_headers(req.headers()) {
+        Ok(id) => id,
+        Err(rejected) => {
+            let id = CorrelationId::generate();
+            if let Rejected::Invalid(value) = rejected {
+                tracing::debug!(
+                    correlation_id_rejected = true,
+                    sample = %sample(value),
+                    replacement = %id,
+                    "invalid x-correlation-id replaced"
+                );
+            }
+            id
+        }
+    };
+    let trace = TraceContext::from_headers(req.headers());
+    // Inner layers and handlers read the validated id from this
+    // extension, never from the raw header.
+    req.extensions_mut().insert(Correlation {
+        id: id.clone(),
+        trace,
+    });
+    id
 }
 
 pin_project! {
@@ -580,6 +585,16 @@ pin_project! {
         #[pin]
         inner: F,
         id: Option<CorrelationId>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    /// Puts `id` on the response of `inner`.
+    pub(crate) fn new(inner: F, id: CorrelationId) -> Self {
+        Self {
+            inner,
+            id: Some(id),
+        }
     }
 }
 

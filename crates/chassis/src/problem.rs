@@ -374,8 +374,15 @@ where
             .extensions()
             .get::<Correlation>()
             .map(|c| c.id().clone());
-        ResponseFuture {
-            inner: self.inner.call(req),
+        ResponseFuture::new(self.inner.call(req), id)
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    /// Normalizes the errors of `inner`, naming `id` in their bodies.
+    pub(crate) fn new(inner: F, id: Option<CorrelationId>) -> Self {
+        Self {
+            inner,
             id,
             state: State::Inner,
         }

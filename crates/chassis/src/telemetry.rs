@@ -877,56 +877,70 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let start = Instant::now();
-        let method = method_index(req.method());
-        let route = req.extensions().get::<MatchedPath>().cloned();
-        let route_str = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
-        let standard = is_standard(route_str);
-        let ids = req.extensions().get::<Correlation>();
-        // Hex-encoded once for the span, the thread-local ids and the
-        // access line.
-        let trace_hex = ids.map(|c| c.trace().trace_id());
-        let span = {
-            let id = ids.map(|c| c.id().as_str());
-            let trace = trace_hex.as_ref().map(|t| t.as_str());
-            let m = req.method().as_str();
-            if standard {
-                tracing::debug_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
-            } else {
-                tracing::info_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
-            }
-        };
-        let fields = ids.zip(trace_hex.as_ref()).map(|(c, trace)| {
-            let mut f = RequestFields {
-                correlation_id: Inline::EMPTY,
-                trace_id: Inline::EMPTY,
-            };
-            f.correlation_id.set(c.id().as_str());
-            f.trace_id.set(trace.as_str());
-            f
-        });
-        // The access line of an API call is written directly when the
-        // chassis' JSON log is installed; it needs the request's ids, which
-        // `fields` holds.
-        let direct = !standard && fields.is_some() && json_lines().is_some();
-        self.metrics.active(method).increment(1.0);
-        // `call` of the layers inside only builds futures; the span is
-        // entered while they are polled.
-        let inner = self.inner.call(req);
-        ResponseFuture {
-            inner,
-            guard: Some(Guard {
-                start,
-                method,
-                route,
-                standard,
-                direct,
-                fields,
-                span,
-                status: None,
-                metrics: self.metrics.clone(),
-            }),
+        observe(&mut self.inner, &self.metrics, req)
+    }
+}
+
+/// What [`Observe`] does: calls `inner` with `req`, and returns its future
+/// wrapped to enter the request's ids while polled and to record the request
+/// at its end.
+pub(crate) fn observe<S, B>(
+    inner: &mut S,
+    metrics: &HttpMetrics,
+    req: Request<B>,
+) -> ResponseFuture<S::Future>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    let start = Instant::now();
+    let method = method_index(req.method());
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route_str = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+    let standard = is_standard(route_str);
+    let ids = req.extensions().get::<Correlation>();
+    // Hex-encoded once for the span, the thread-local ids and the
+    // access line.
+    let trace_hex = ids.map(|c| c.trace().trace_id());
+    let span = {
+        let id = ids.map(|c| c.id().as_str());
+        let trace = trace_hex.as_ref().map(|t| t.as_str());
+        let m = req.method().as_str();
+        if standard {
+            tracing::debug_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
+        } else {
+            tracing::info_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
         }
+    };
+    let fields = ids.zip(trace_hex.as_ref()).map(|(c, trace)| {
+        let mut f = RequestFields {
+            correlation_id: Inline::EMPTY,
+            trace_id: Inline::EMPTY,
+        };
+        f.correlation_id.set(c.id().as_str());
+        f.trace_id.set(trace.as_str());
+        f
+    });
+    // The access line of an API call is written directly when the
+    // chassis' JSON log is installed; it needs the request's ids, which
+    // `fields` holds.
+    let direct = !standard && fields.is_some() && json_lines().is_some();
+    metrics.active(method).increment(1.0);
+    // `call` of the layers inside only builds futures; the span is
+    // entered while they are polled.
+    let inner = inner.call(req);
+    ResponseFuture {
+        inner,
+        guard: Some(Guard {
+            start,
+            method,
+            route,
+            standard,
+            direct,
+            fields,
+            span,
+            status: None,
+            metrics: metrics.clone(),
+        }),
     }
 }
 
