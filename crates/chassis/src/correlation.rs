@@ -374,6 +374,11 @@ impl<const N: usize> HexId<N> {
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
+
+    /// The digits, ASCII.
+    pub(crate) fn as_bytes(&self) -> &[u8; N] {
+        &self.0
+    }
 }
 
 impl<const N: usize> fmt::Display for HexId<N> {

@@ -114,7 +114,7 @@ use tracing_subscriber::{
 
 use crate::{
     config::{Config, LogFormat},
-    correlation::Correlation,
+    correlation::{Correlation, HexId},
     metrics::{HttpMetrics, UNMATCHED, method_index},
 };
 
@@ -239,7 +239,7 @@ impl JsonLines {
         buf: &mut Vec<u8>,
         time: SystemTime,
         target: &str,
-        request: Option<(&str, &str)>,
+        request: Option<(&[u8], &[u8])>,
         message: &str,
     ) {
         buf.extend_from_slice(b"{\"time\":\"");
@@ -248,8 +248,12 @@ impl JsonLines {
         buf.extend_from_slice(b",\"service\":");
         buf.extend_from_slice(&self.service);
         if let Some((correlation_id, trace_id)) = request {
-            write_field(buf, ",\"correlation_id\":\"", correlation_id, false);
-            write_field(buf, ",\"trace_id\":\"", trace_id, false);
+            // Validated ids: nothing to escape.
+            buf.extend_from_slice(b",\"correlation_id\":\"");
+            buf.extend_from_slice(correlation_id);
+            buf.extend_from_slice(b"\",\"trace_id\":\"");
+            buf.extend_from_slice(trace_id);
+            buf.push(b'"');
         }
         write_field(buf, ",\"message\":\"", message, false);
     }
@@ -320,8 +324,20 @@ impl<const N: usize> Inline<N> {
         self.len = n as u8;
     }
 
+    /// Sets ASCII text (a validated id), cut to `N` bytes.
+    fn set_ascii(&mut self, s: &[u8]) {
+        debug_assert!(s.is_ascii());
+        let n = s.len().min(N);
+        self.buf[..n].copy_from_slice(&s[..n]);
+        self.len = n as u8;
+    }
+
     fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
     }
 }
 
@@ -901,14 +917,14 @@ where
     // Hex-encoded once for the span, the thread-local ids and the
     // access line.
     let trace_hex = ids.map(|c| c.trace().trace_id());
+    // The field values are only computed when the span is enabled (it is
+    // not under `init`'s JSON log).
     let span = {
-        let id = ids.map(|c| c.id().as_str());
-        let trace = trace_hex.as_ref().map(|t| t.as_str());
         let m = req.method().as_str();
         if standard {
-            tracing::debug_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
+            tracing::debug_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = ids.map(|c| c.id().as_str()), trace_id = trace_hex.as_ref().map(HexId::as_str))
         } else {
-            tracing::info_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = id, trace_id = trace)
+            tracing::info_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = ids.map(|c| c.id().as_str()), trace_id = trace_hex.as_ref().map(HexId::as_str))
         }
     };
     let fields = ids.zip(trace_hex.as_ref()).map(|(c, trace)| {
@@ -916,8 +932,9 @@ where
             correlation_id: Inline::EMPTY,
             trace_id: Inline::EMPTY,
         };
-        f.correlation_id.set(c.id().as_str());
-        f.trace_id.set(trace.as_str());
+        // Both are ASCII by construction: copied without a UTF-8 check.
+        f.correlation_id.set_ascii(c.id().header_value().as_bytes());
+        f.trace_id.set_ascii(trace.as_bytes());
         f
     });
     // The access line of an API call is written directly when the
@@ -1019,7 +1036,7 @@ fn access_line(
             buf,
             SystemTime::now(),
             ACCESS_TARGET,
-            Some((ids.correlation_id.as_str(), ids.trace_id.as_str())),
+            Some((ids.correlation_id.as_bytes(), ids.trace_id.as_bytes())),
             "request",
         );
         // An HTTP method is a token: no quote, backslash or control byte.
