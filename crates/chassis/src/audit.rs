@@ -20,11 +20,14 @@
 //! | `status`, `latency_ms` | `201`, `3.2` |
 //! | `mutation` | `true` for a successful POST, PUT, PATCH or DELETE |
 //!
-//! Auditing never slows a request: events go through a bounded queue to a
+//! Auditing never blocks a request: events go through a bounded queue to a
 //! writer thread. When the queue is full the event is dropped, **counted**
 //! (`audit_events_dropped_total`) and logged, never silently lost; every
 //! event is counted by decision (`audit_events_total{decision}`). Shutdown
-//! flushes the queue.
+//! flushes the queue. The default sink under the chassis' JSON log is the
+//! exception to the queue: the log's own writer already never blocks (see
+//! [`telemetry`](crate::telemetry)), so the line is formatted where the call
+//! ends and handed to it directly, without a second hand-off and thread.
 //!
 //! # How the chassis does it
 //!
@@ -386,6 +389,9 @@ struct AuditorInner {
     dropped: AtomicU64,
     counters: [metrics::Counter; 4],
     dropped_counter: metrics::Counter,
+    /// Whether the sink is [`LogSink`], whose lines go straight to the
+    /// chassis' JSON log when it is installed (see [`Auditor::record`]).
+    log_sink: bool,
 }
 
 struct Queue {
@@ -428,7 +434,8 @@ impl fmt::Debug for Auditor {
 
 impl Auditor {
     /// Starts the writer thread for `sink` with a queue of `capacity` events.
-    pub fn new(service: &str, sink: impl AuditSink, capacity: usize) -> Self {
+    pub fn new<S: AuditSink>(service: &str, sink: S, capacity: usize) -> Self {
+        let log_sink = std::any::TypeId::of::<S>() == std::any::TypeId::of::<LogSink>();
         let capacity = capacity.max(1);
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState {
@@ -462,6 +469,7 @@ impl Auditor {
                 dropped: AtomicU64::new(0),
                 counters,
                 dropped_counter,
+                log_sink,
             }),
         }
     }
@@ -472,9 +480,23 @@ impl Auditor {
     }
 
     /// Queues an event; never blocks on the sink. A full queue drops it,
-    /// counted.
+    /// counted. With [`LogSink`] under the chassis' JSON log, the line is
+    /// written to the log here instead: the log's writer buffers it without
+    /// blocking, so the queue and the writer thread would only add a second
+    /// hand-off (and free the event's memory on another thread).
     pub fn record(&self, event: AuditEvent) {
         self.inner.counters[event.decision as usize].increment(1);
+        if self.inner.log_sink
+            && let Some(lines) = crate::telemetry::json_lines()
+        {
+            if tracing::enabled!(target: "audit", tracing::Level::INFO) {
+                crate::telemetry::with_line(|buf| {
+                    log_line(lines, buf, &event);
+                    lines.write(buf);
+                });
+            }
+            return;
+        }
         let q = &self.inner.queue;
         let mut s = q
             .state

@@ -391,7 +391,7 @@ thread_local! {
 
 /// Runs `f` with this thread's empty line buffer; a re-entrant call (an
 /// event logged while a line is formatted) gets a buffer of its own.
-fn with_line(f: impl FnOnce(&mut Vec<u8>)) {
+pub(crate) fn with_line(f: impl FnOnce(&mut Vec<u8>)) {
     LINE.with(|line| {
         let mut fresh = Vec::new();
         let mut borrowed = line.try_borrow_mut();
