@@ -161,9 +161,8 @@ fn now() -> u64 {
 /// // In an integration test: `env!("CARGO_BIN_EXE_<name>")`.
 /// let mut service = ServiceProcess::spawn("target/debug/hello", &[("CHASSIS_LOG", "info")]);
 /// println!("serving on {}", service.url("/health/ready"));
-/// service.terminate();
-/// assert_eq!(service.wait(Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
-/// let lines = service.lines();
+/// // SIGTERM, then exit 0 within 30 s, or the test fails with its log.
+/// let lines = service.stop(Duration::from_secs(30));
 /// # let _ = lines;
 /// ```
 #[derive(Debug)]
@@ -264,6 +263,29 @@ impl ServiceProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Stops it as an orchestrator does (SIGTERM) and returns every line it
+    /// wrote, once it has exited.
+    ///
+    /// # Panics
+    ///
+    /// Unless it exits with status 0 within `limit`; the message holds its
+    /// log.
+    pub fn stop(mut self, limit: Duration) -> Vec<String> {
+        self.terminate();
+        let status = self.wait(limit);
+        if status.and_then(|s| s.code()) != Some(0) {
+            // Still running, perhaps: end it, which ends its output too.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let lines = self.lines();
+            panic!(
+                "expected exit 0 within {limit:?} of SIGTERM, got {status:?}; its log:\n{}",
+                lines.join("\n")
+            );
+        }
+        self.lines()
     }
 
     /// Every stdout line, once it has exited (wait for that first).

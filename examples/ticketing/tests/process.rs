@@ -32,7 +32,7 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
         ("TICKETING_DATA_DIR", data.as_str()),
     ];
     env.extend(AUTH);
-    let mut ticketing = ServiceProcess::spawn(env!("CARGO_BIN_EXE_ticketing"), &env);
+    let ticketing = ServiceProcess::spawn(env!("CARGO_BIN_EXE_ticketing"), &env);
     let addr = ticketing.addr().to_owned();
 
     let downstream = Downstream::builder("ticketing", &format!("http://{addr}"))
@@ -57,19 +57,9 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
         (401, Some("missing_token"))
     );
 
-    ticketing.terminate();
-    let status = tokio::task::spawn_blocking(move || {
-        let status = ticketing.wait(Duration::from_secs(60));
-        (status, ticketing.lines())
-    })
-    .await
-    .unwrap();
-    let (status, lines) = status;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "exit 0 after SIGTERM"
-    );
+    let lines = tokio::task::spawn_blocking(move || ticketing.stop(Duration::from_secs(60)))
+        .await
+        .unwrap();
     assert!(
         lines.iter().any(|l| l.contains("\"stopped\"")),
         "{lines:#?}"
