@@ -529,23 +529,32 @@ fn now<F: Future>(fut: F) -> Option<F::Output> {
 fn authorize(
     template: &PermissionTemplate,
     principal: Principal,
-    req: Request,
+    mut req: Request,
 ) -> Result<Request, Box<Response>> {
-    let note = req.extensions().get::<AuditNote>().cloned();
+    // The note is also what the extractors read (see [`authorized`]). The
+    // builder always puts the audit layer, which inserts it, outside the
+    // guard; without it, the guard inserts one.
+    let note = match req.extensions().get::<AuditNote>() {
+        Some(note) => note.clone(),
+        None => {
+            let note = AuditNote::default();
+            req.extensions_mut().insert(note.clone());
+            note
+        }
+    };
     // What the audit event learns, recorded in one update of the note.
     // Takes the permission by value: on the allowed path it moves into the
     // note rather than being copied.
-    let record = |permission: Option<Permission>,
+    let record = |principal: Principal,
+                  permission: Option<Permission>,
                   account: Option<&AccountId>,
                   decision: (AuditDecision, Option<&'static str>)| {
-        if let Some(n) = &note {
-            n.update(|x| {
-                x.principal = Some(principal.clone());
-                x.permission = permission;
-                x.account = account.cloned();
-                x.decision = Some(decision);
-            });
-        }
+        note.update(|x| {
+            x.principal = Some(principal);
+            x.permission = permission;
+            x.account = account.cloned();
+            x.decision = Some(decision);
+        });
     };
     let (mut parts, body) = req.into_parts();
     let params = now(RawPathParams::from_request_parts(&mut parts, &())).and_then(Result::ok);
@@ -563,36 +572,28 @@ fn authorize(
                 param,
                 "path parameter outside its grammar; refused before authorization"
             );
-            record(None, None, (AuditDecision::Rejected, Some("invalid_path")));
+            record(
+                principal,
+                None,
+                None,
+                (AuditDecision::Rejected, Some("invalid_path")),
+            );
             return Err(Box::new(Problem::not_found().into_response()));
         }
     };
     match principal.grants().decide(&permission) {
         Decision::Allow => {
-            // The note is what the extractors read (see [`authorized`]): no
-            // extension of its own to insert on the request path.
-            if note.is_some() {
-                record(
-                    Some(permission),
-                    account.as_ref(),
-                    (AuditDecision::Allow, None),
-                );
-            } else {
-                // Not inside the audit layer (the builder always puts it
-                // there): a note of its own carries the caller.
-                let note = AuditNote::default();
-                note.update(|x| {
-                    x.principal = Some(principal);
-                    x.account = account;
-                    x.permission = Some(permission);
-                    x.decision = Some((AuditDecision::Allow, None));
-                });
-                parts.extensions.insert(note);
-            }
+            record(
+                principal,
+                Some(permission),
+                account.as_ref(),
+                (AuditDecision::Allow, None),
+            );
             Ok(Request::from_parts(parts, body))
         }
         Decision::DeniedExplicitly | Decision::NoGrant => {
             record(
+                principal,
                 Some(permission.clone()),
                 account.as_ref(),
                 (AuditDecision::Deny, Some(Reason::Forbidden.code())),
