@@ -417,7 +417,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Authz {
         let principal = Principal::from_request_parts(parts, state).await?;
         Ok(Self {
             principal,
-            note: parts.extensions.get::<AuditNote>().cloned(),
+            note: AuditNote::of(&parts.extensions).cloned(),
         })
     }
 }
@@ -534,7 +534,7 @@ fn authorize(
     // The note is also what the extractors read (see [`authorized`]). The
     // builder always puts the audit layer, which inserts it, outside the
     // guard; without it, the guard inserts one.
-    let note = match req.extensions().get::<AuditNote>() {
+    let note = match AuditNote::of(req.extensions()) {
         Some(note) => note.clone(),
         None => {
             let note = AuditNote::default();
@@ -609,8 +609,7 @@ fn authorize(
 /// caller only once its token verified, and a handler runs only when the
 /// guard allowed the call.
 pub(crate) fn authorized(extensions: &http::Extensions) -> Option<(Principal, Option<AccountId>)> {
-    let note = extensions
-        .get::<AuditNote>()?
+    let note = AuditNote::of(extensions)?
         .0
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -619,7 +618,7 @@ pub(crate) fn authorized(extensions: &http::Extensions) -> Option<(Principal, Op
 }
 
 fn unauthenticated(req: &Request, reason: Reason) -> Response {
-    if let Some(note) = req.extensions().get::<AuditNote>() {
+    if let Some(note) = AuditNote::of(req.extensions()) {
         note.denied(reason);
     }
     reason.problem().into_response()
@@ -653,7 +652,7 @@ where
         };
         let template = match &**access {
             Access::Public => {
-                if let Some(note) = req.extensions().get::<AuditNote>() {
+                if let Some(note) = AuditNote::of(req.extensions()) {
                     note.update(|n| n.decision = Some((AuditDecision::Allow, Some("public"))));
                 }
                 return GuardFuture::inner(self.inner.call(req));

@@ -611,6 +611,15 @@ pub(crate) struct Note {
 pub(crate) struct AuditNote(pub(crate) Arc<Mutex<Note>>);
 
 impl AuditNote {
+    /// The note of a request: in its [`Correlation`], or an extension of its
+    /// own when the audit layer runs without the correlation layer.
+    pub(crate) fn of(extensions: &http::Extensions) -> Option<&Self> {
+        extensions
+            .get::<Correlation>()
+            .and_then(|c| c.note.as_ref())
+            .or_else(|| extensions.get::<Self>())
+    }
+
     pub(crate) fn update(&self, f: impl FnOnce(&mut Note)) {
         f(&mut self
             .0
@@ -676,20 +685,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let note = AuditNote::default();
-        req.extensions_mut().insert(note.clone());
-        let pending = Pending {
-            start: Instant::now(),
-            method: req.method().clone(),
-            route: req.extensions().get::<MatchedPath>().cloned(),
-            correlation_id: req
-                .extensions()
-                .get::<Correlation>()
-                .map(|c| c.id().clone()),
-            note,
-            auditor: self.auditor.clone(),
-            status: None,
-        };
+        let pending = Pending::begin(&self.auditor, &mut req);
         ResponseFuture {
             inner: self.inner.call(req),
             pending: Some(pending),
@@ -699,7 +695,7 @@ where
 
 /// A call in progress; records its event when dropped (a call cut short by
 /// its client is recorded with status 499).
-struct Pending {
+pub(crate) struct Pending {
     start: Instant,
     method: Method,
     route: Option<MatchedPath>,
@@ -707,6 +703,46 @@ struct Pending {
     note: AuditNote,
     auditor: Auditor,
     status: Option<u16>,
+}
+
+impl Pending {
+    /// Starts auditing `req`: its [`AuditNote`] goes into the request for the
+    /// guard to fill in.
+    pub(crate) fn begin<B>(auditor: &Auditor, req: &mut Request<B>) -> Self {
+        let note = AuditNote::default();
+        // Under the correlation layer the note rides in its extension (one
+        // insert less per request); the request's start is taken from there.
+        let (start, correlation_id) = match req.extensions_mut().get_mut::<Correlation>() {
+            Some(c) => {
+                c.note = Some(note.clone());
+                (c.received(), Some(c.id().clone()))
+            }
+            None => {
+                req.extensions_mut().insert(note.clone());
+                (Instant::now(), None)
+            }
+        };
+        Self {
+            start,
+            method: req.method().clone(),
+            route: req.extensions().get::<MatchedPath>().cloned(),
+            correlation_id,
+            note,
+            auditor: auditor.clone(),
+            status: None,
+        }
+    }
+
+    /// When the call started.
+    pub(crate) fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Notes the status the call was answered with (500 for an error of the
+    /// service); the event is recorded when `self` is dropped.
+    pub(crate) fn answered<E>(&mut self, result: &Result<Response, E>) {
+        self.status = Some(result.as_ref().map_or(500, |r| r.status().as_u16()));
+    }
 }
 
 impl Drop for Pending {
@@ -797,8 +833,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        if let Some(mut pending) = this.pending.take() {
-            pending.status = Some(result.as_ref().map_or(500, |r| r.status().as_u16()));
+        if let Some(pending) = this.pending.as_mut() {
+            pending.answered(&result);
+            // Recorded in place, without moving the call out first.
+            *this.pending = None;
         }
         Poll::Ready(result)
     }

@@ -109,10 +109,16 @@ const REJECTED_SAMPLE_LEN: usize = 64;
 /// The correlation id and trace context of a request: the one request
 /// extension [`SetCorrelationIdLayer`] inserts. Handlers usually extract
 /// [`CorrelationId`] or [`TraceContext`] directly.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Correlation {
     id: CorrelationId,
     trace: TraceContext,
+    /// When the request was received: one clock reading for the layers that
+    /// measure it (latency, audit, timeout).
+    received: tokio::time::Instant,
+    /// The request's audit note, kept here by the audit layer rather than in
+    /// an extension of its own (see [`crate::audit`]).
+    pub(crate) note: Option<crate::audit::AuditNote>,
 }
 
 impl Correlation {
@@ -120,7 +126,17 @@ impl Correlation {
     /// background job continuing what a request started (pass the id stored
     /// with the job) or a scheduled task (pass [`CorrelationId::generate`]).
     pub fn new(id: CorrelationId, trace: TraceContext) -> Self {
-        Self { id, trace }
+        Self {
+            id,
+            trace,
+            received: tokio::time::Instant::now(),
+            note: None,
+        }
+    }
+
+    /// When the request was received (or the correlation made).
+    pub(crate) fn received(&self) -> tokio::time::Instant {
+        self.received
     }
 
     /// The correlation id.
@@ -134,6 +150,15 @@ impl Correlation {
     }
 }
 
+impl fmt::Debug for Correlation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Correlation")
+            .field("id", &self.id)
+            .field("trace", &self.trace)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Correlation {
     type Rejection = Infallible;
 
@@ -142,10 +167,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Correlation {
             .extensions
             .get::<Self>()
             .cloned()
-            .unwrap_or_else(|| Self {
-                id: CorrelationId::generate(),
-                trace: TraceContext::new_root(),
-            }))
+            .unwrap_or_else(|| Self::new(CorrelationId::generate(), TraceContext::new_root())))
     }
 }
 
@@ -178,16 +200,22 @@ impl CorrelationId {
 
     /// A fresh UUIDv7, hyphenated and lowercase.
     pub fn generate() -> Self {
+        Self::generate_uuid().0
+    }
+
+    /// A fresh UUIDv7 as an id, and its 128 bits.
+    fn generate_uuid() -> (Self, [u8; 16]) {
         let uuid = crate::id::uuid_v7();
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         uuid.hyphenated().encode_lower(&mut buf);
         // Owned by the `Bytes` from the start: one allocation, and clones
         // only count references (a `Bytes` made from a `Vec` allocates again
         // on its first clone).
-        Self(
+        let id = Self(
             HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
                 .expect("a UUID is a valid header value"),
-        )
+        );
+        (id, uuid.into_bytes())
     }
 
     /// The id as text.
@@ -196,6 +224,11 @@ impl CorrelationId {
         // check reads words at a time; `HeaderValue::to_str` would test
         // every byte again, on each of the several reads of a request.
         std::str::from_utf8(self.0.as_bytes()).unwrap_or_default()
+    }
+
+    /// The id as a header value, owned.
+    pub(crate) fn into_header_value(self) -> HeaderValue {
+        self.0
     }
 
     /// The id as a header value, to forward on an outgoing call.
@@ -266,6 +299,12 @@ impl TraceContext {
     /// Continues the trace of a valid `traceparent` in `headers`, or starts a
     /// new one. `tracestate` is kept only with a valid `traceparent`.
     pub fn from_headers(headers: &HeaderMap) -> Self {
+        Self::from_headers_or(headers, None)
+    }
+
+    /// As [`from_headers`](Self::from_headers); a new trace takes `root` as
+    /// its id when given.
+    fn from_headers_or(headers: &HeaderMap, root: Option<[u8; 16]>) -> Self {
         let mut values = headers.get_all(TRACEPARENT).iter();
         let parsed = match (values.next(), values.next()) {
             (Some(v), None) => parse_traceparent(v.as_bytes()),
@@ -279,7 +318,16 @@ impl TraceContext {
                 flags,
                 tracestate: clean_tracestate(headers),
             },
-            None => Self::new_root(),
+            None => match root {
+                Some(trace_id) => Self {
+                    trace_id,
+                    parent_id: None,
+                    span_id: random_nonzero(),
+                    flags: 0x01,
+                    tracestate: None,
+                },
+                None => Self::new_root(),
+            },
         }
     }
 
@@ -355,17 +403,27 @@ impl<S: Send + Sync> FromRequestParts<S> for TraceContext {
     }
 }
 
+/// The two lowercase hex digits of every byte: one lookup per byte.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = [DIGITS[i >> 4], DIGITS[i & 0x0f]];
+        i += 1;
+    }
+    table
+};
+
 /// An id printed as `N` lowercase hex digits, without allocating.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct HexId<const N: usize>([u8; N]);
 
 impl<const N: usize> HexId<N> {
     fn new(bytes: &[u8]) -> Self {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [b'0'; N];
-        for (i, b) in bytes.iter().take(N / 2).enumerate() {
-            out[2 * i] = DIGITS[usize::from(b >> 4)];
-            out[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
         }
         Self(out)
     }
@@ -559,10 +617,14 @@ where
 /// id, reads its trace context, and puts both in its extensions. Returns
 /// the id, for the response.
 pub(crate) fn assign<B>(req: &mut Request<B>) -> CorrelationId {
-    let id = match CorrelationId::from_headers(req.headers()) {
-        Ok(id) => id,
+    // A request that comes with neither id gets one UUIDv7 for both: its
+    // 128 bits are the new trace's id (version and variant bits included,
+    // the last 7 bytes random as W3C Trace Context asks), so a search by
+    // either id finds the other, and one random draw serves both.
+    let (id, root) = match CorrelationId::from_headers(req.headers()) {
+        Ok(id) => (id, None),
         Err(rejected) => {
-            let id = CorrelationId::generate();
+            let (id, uuid) = CorrelationId::generate_uuid();
             if let Rejected::Invalid(value) = rejected {
                 tracing::debug!(
                     correlation_id_rejected = true,
@@ -571,16 +633,14 @@ pub(crate) fn assign<B>(req: &mut Request<B>) -> CorrelationId {
                     "invalid x-correlation-id replaced"
                 );
             }
-            id
+            (id, Some(uuid))
         }
     };
-    let trace = TraceContext::from_headers(req.headers());
+    let trace = TraceContext::from_headers_or(req.headers(), root);
     // Inner layers and handlers read the validated id from this
     // extension, never from the raw header.
-    req.extensions_mut().insert(Correlation {
-        id: id.clone(),
-        trace,
-    });
+    req.extensions_mut()
+        .insert(Correlation::new(id.clone(), trace));
     id
 }
 
@@ -680,6 +740,43 @@ mod tests {
         let (header, body) = call(Request::get("/").body(Body::empty()).unwrap()).await;
         assert!(is_uuid_v7(&header), "{header:?}");
         assert_eq!(body[0], header.to_str().unwrap());
+        // With no traceparent either, the new trace's id is the same UUID.
+        assert_eq!(body[1], body[0].replace('-', ""));
+    }
+
+    #[tokio::test]
+    async fn a_new_trace_has_its_own_id_when_the_caller_named_the_correlation() {
+        let (a, b) = (
+            call(with_id(b"order-1")).await.1,
+            call(with_id(b"order-1")).await.1,
+        );
+        assert_eq!((a[0].as_str(), b[0].as_str()), ("order-1", "order-1"));
+        assert_eq!(a[1].len(), 32);
+        assert!(
+            a[1].bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(a[1], b[1], "each request starts its own trace");
+    }
+
+    #[tokio::test]
+    async fn a_continued_trace_keeps_the_callers_id_beside_a_generated_correlation_id() {
+        let (header, body) = call(with_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            None,
+        ))
+        .await;
+        assert!(is_uuid_v7(&header), "{header:?}");
+        assert_eq!(body[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn hex_ids_are_lowercase_digits_of_every_byte() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        for chunk in bytes.chunks(16) {
+            let expected: String = chunk.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(HexId::<32>::new(chunk).as_str(), expected);
+        }
     }
 
     // R2

@@ -51,6 +51,7 @@ use std::{
     time::Duration,
 };
 
+use axum::extract::MatchedPath;
 use http::Method;
 use metrics::{Gauge, Histogram, Label, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -293,19 +294,71 @@ impl HttpMetrics {
         &self.inner.active[method.min(METHODS.len())]
     }
 
+    /// Records one finished request of `route` (`None`: no route matched).
+    ///
+    /// The last few histograms a thread recorded into are kept with their
+    /// route, so steady traffic finds its histogram by comparing a pointer
+    /// and two numbers, without hashing the template or taking the shared
+    /// map's lock.
+    pub(crate) fn record_route(
+        &self,
+        route: Option<&MatchedPath>,
+        method: usize,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let Some(route) = route else {
+            return self.record(UNMATCHED, method, status, elapsed);
+        };
+        let text = route.as_str();
+        let slot = ((text.as_ptr() as usize >> 4) ^ usize::from(status) ^ method) % RECENT_SLOTS;
+        let hit = RECENT.with_borrow(|recent| match &recent[slot] {
+            Some(r)
+                if Arc::ptr_eq(&r.metrics, &self.inner)
+                    && std::ptr::eq(r.route.as_str(), text)
+                    && r.method == method
+                    && r.status == status =>
+            {
+                r.histogram.record(elapsed.as_secs_f64());
+                true
+            }
+            _ => false,
+        });
+        if hit {
+            return;
+        }
+        let histogram = self.histogram(text, method, status);
+        histogram.record(elapsed.as_secs_f64());
+        // The entry holds the route (a shared reference to the router's
+        // template), so its address cannot be reused while it is cached.
+        RECENT.with_borrow_mut(|recent| {
+            recent[slot] = Some(Recent {
+                metrics: self.inner.clone(),
+                route: route.clone(),
+                method,
+                status,
+                histogram,
+            });
+        });
+    }
+
     /// Records one finished request.
     pub(crate) fn record(&self, route: &str, method: usize, status: u16, elapsed: Duration) {
+        self.histogram(route, method, status)
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// The duration histogram of a route, method and status.
+    fn histogram(&self, route: &str, method: usize, status: u16) -> Histogram {
         let key = Key {
             route_hash: self.inner.route_hasher.hash_one(route),
             method,
             status,
         };
-        let seconds = elapsed.as_secs_f64();
         if let Ok(map) = self.inner.durations.read()
             && let Some(entry) = map.get(&key).filter(|e| &*e.route == route)
         {
-            entry.histogram.record(seconds);
-            return;
+            return entry.histogram.clone();
         }
         let histogram = metrics::histogram!(
             HTTP_SERVER_REQUEST_DURATION,
@@ -316,17 +369,35 @@ impl HttpMetrics {
                 Label::new("http_response_status_code", status.to_string()),
             ]
         );
-        histogram.record(seconds);
         if let Ok(mut map) = self.inner.durations.write() {
             map.insert(
                 key,
                 Entry {
                     route: route.into(),
-                    histogram,
+                    histogram: histogram.clone(),
                 },
             );
         }
+        histogram
     }
+}
+
+/// How many histograms each thread keeps at hand, see
+/// [`HttpMetrics::record_route`].
+const RECENT_SLOTS: usize = 8;
+
+/// A histogram a thread recorded into, with what it was for.
+struct Recent {
+    metrics: Arc<Inner>,
+    route: MatchedPath,
+    method: usize,
+    status: u16,
+    histogram: Histogram,
+}
+
+thread_local! {
+    static RECENT: std::cell::RefCell<[Option<Recent>; RECENT_SLOTS]> =
+        const { std::cell::RefCell::new([const { None }; RECENT_SLOTS]) };
 }
 
 /// Mixes the integer fields of a [`Key`]; the keys are few and well spread.
@@ -460,5 +531,74 @@ mod tests {
             .collect();
         assert!(routes.contains(&"/a/{x}".to_owned()));
         assert!(routes.contains(&"/b/{x}".to_owned()));
+    }
+
+    /// The templates of a router's routes, as its requests carry them.
+    async fn matched_paths() -> (MatchedPath, MatchedPath) {
+        use tower::ServiceExt;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = |seen: std::sync::Arc<std::sync::Mutex<Vec<MatchedPath>>>| {
+            move |m: MatchedPath| async move { seen.lock().unwrap().push(m) }
+        };
+        let app = axum::Router::new()
+            .route("/a/{x}", axum::routing::get(keep(seen.clone())))
+            .route("/b", axum::routing::get(keep(seen.clone())));
+        for uri in ["/a/1", "/b"] {
+            let req = http::Request::get(uri)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            app.clone().oneshot(req).await.unwrap();
+        }
+        let mut seen = seen.lock().unwrap();
+        let b = seen.pop().unwrap();
+        (seen.pop().unwrap(), b)
+    }
+
+    #[tokio::test]
+    async fn each_thread_keeps_recent_histograms_apart_by_route_method_status_and_service() {
+        let (a, b) = matched_paths().await;
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let svc = HttpMetrics::new("svc");
+            let other = HttpMetrics::new("other");
+            let get = method_index(&Method::GET);
+            let post = method_index(&Method::POST);
+            for _ in 0..3 {
+                svc.record_route(Some(&a), get, 200, Duration::ZERO);
+                svc.record_route(Some(&a), get, 404, Duration::ZERO);
+            }
+            svc.record_route(Some(&a), post, 200, Duration::ZERO);
+            svc.record_route(Some(&b), get, 200, Duration::ZERO);
+            svc.record_route(None, get, 404, Duration::ZERO);
+            other.record_route(Some(&a), get, 200, Duration::ZERO);
+            svc.record_route(Some(&a), get, 200, Duration::ZERO);
+        });
+        let mut counts: Vec<(String, usize)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == HTTP_SERVER_REQUEST_DURATION)
+            .map(|(k, _, _, v)| {
+                let labels: Vec<String> = k.key().labels().map(|l| l.value().to_owned()).collect();
+                let n = match v {
+                    DebugValue::Histogram(values) => values.len(),
+                    _ => 0,
+                };
+                (labels.join(" "), n)
+            })
+            .collect();
+        counts.sort();
+        assert_eq!(
+            counts,
+            [
+                ("other GET /a/{x} 200".to_owned(), 1),
+                ("svc GET /a/{x} 200".to_owned(), 4),
+                ("svc GET /a/{x} 404".to_owned(), 3),
+                ("svc GET /b 200".to_owned(), 1),
+                ("svc GET unmatched 404".to_owned(), 1),
+                ("svc POST /a/{x} 200".to_owned(), 1),
+            ]
+        );
     }
 }

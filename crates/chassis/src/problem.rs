@@ -380,11 +380,27 @@ where
 
 impl<F> ResponseFuture<F> {
     /// Normalizes the errors of `inner`, naming `id` in their bodies.
+    #[inline]
     pub(crate) fn new(inner: F, id: Option<CorrelationId>) -> Self {
         Self {
             inner,
             id,
             state: State::Inner,
+            id_header: false,
+        }
+    }
+
+    /// As [`new`](Self::new), and puts `id` on the response as
+    /// `x-correlation-id`, as
+    /// [`SetCorrelationId`](crate::correlation::SetCorrelationId) does: one
+    /// future for both layers.
+    #[inline]
+    pub(crate) fn with_id_header(inner: F, id: CorrelationId) -> Self {
+        Self {
+            inner,
+            id: Some(id),
+            state: State::Inner,
+            id_header: true,
         }
     }
 }
@@ -396,17 +412,22 @@ pin_project! {
         inner: F,
         id: Option<CorrelationId>,
         state: State,
+        id_header: bool,
     }
 }
 
 enum State {
     Inner,
-    /// Reading a short non-JSON error body to keep it as `detail`.
-    Collecting {
-        parts: http::response::Parts,
-        body: Pin<Box<http_body_util::Limited<Body>>>,
-        buf: Vec<u8>,
-    },
+    /// Reading a short non-JSON error body to keep it as `detail`; boxed, as
+    /// it is rare and the future of every request would otherwise carry its
+    /// size.
+    Collecting(Box<Collecting>),
+}
+
+struct Collecting {
+    parts: http::response::Parts,
+    body: http_body_util::Limited<Body>,
+    buf: Vec<u8>,
 }
 
 impl<F> std::fmt::Debug for ResponseFuture<F> {
@@ -423,7 +444,24 @@ where
 {
     type Output = Result<Response, E>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut res = ready!(self.as_mut().poll_problem(cx))?;
+        let this = self.project();
+        if *this.id_header
+            && let Some(id) = this.id.take()
+        {
+            res.headers_mut()
+                .insert(crate::correlation::X_CORRELATION_ID, id.into_header_value());
+        }
+        Poll::Ready(Ok(res))
+    }
+}
+
+impl<F, E> ResponseFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    fn poll_problem(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Response, E>> {
         let mut this = self.project();
         loop {
             match this.state {
@@ -444,22 +482,20 @@ where
                                 .upper()
                                 .is_some_and(|n| n <= MAX_KEPT_DETAIL as u64);
                             if parts.status.is_client_error() && short {
-                                *this.state = State::Collecting {
+                                *this.state = State::Collecting(Box::new(Collecting {
                                     parts,
-                                    body: Box::pin(http_body_util::Limited::new(
-                                        body,
-                                        MAX_KEPT_DETAIL,
-                                    )),
+                                    body: http_body_util::Limited::new(body, MAX_KEPT_DETAIL),
                                     buf: Vec::new(),
-                                };
+                                }));
                                 continue;
                             }
-                            return Poll::Ready(Ok(replace(parts, None, this.id.take())));
+                            return Poll::Ready(Ok(replace(parts, None, this.id.clone())));
                         }
                     }
                 }
-                State::Collecting { body, buf, .. } => {
-                    let done = match ready!(body.as_mut().poll_frame(cx)) {
+                State::Collecting(collecting) => {
+                    let Collecting { body, buf, .. } = &mut **collecting;
+                    let done = match ready!(Pin::new(body).poll_frame(cx)) {
                         Some(Ok(frame)) => {
                             if let Some(data) = frame.data_ref() {
                                 buf.extend_from_slice(data);
@@ -473,13 +509,14 @@ where
                         None => true,
                     };
                     if done {
-                        let State::Collecting { parts, buf, .. } =
+                        let State::Collecting(collecting) =
                             std::mem::replace(this.state, State::Inner)
                         else {
                             unreachable!("matched above")
                         };
+                        let Collecting { parts, buf, .. } = *collecting;
                         let detail = String::from_utf8(buf).ok().filter(|s| !s.trim().is_empty());
-                        return Poll::Ready(Ok(replace(parts, detail, this.id.take())));
+                        return Poll::Ready(Ok(replace(parts, detail, this.id.clone())));
                     }
                 }
             }

@@ -149,7 +149,7 @@ impl<S> LoadShed<S> {
 }
 
 /// One request's place in the in-flight count, given back on drop.
-struct InFlight(Arc<ShedState>);
+pub(crate) struct InFlight(Arc<ShedState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -171,34 +171,53 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let before = self.state.in_flight.fetch_add(1, Ordering::Acquire);
-        let permit = InFlight(self.state.clone());
-        if before >= self.state.max {
-            drop(permit);
-            tracing::debug!(max = self.state.max, "request shed");
-            let response = Problem::unavailable(SHED_RETRY_AFTER_SECS)
-                .with_detail("The service is at capacity; retry later.")
-                .into_response();
-            return ShedFuture {
+        match admit(&self.state) {
+            Some(permit) => ShedFuture {
+                kind: Kind::Inner {
+                    inner: self.inner.call(req),
+                },
+                permit: Some(permit),
+            },
+            None => ShedFuture {
                 kind: Kind::Ready {
-                    response: Some(response),
+                    response: Some(shed()),
                 },
                 permit: None,
-            };
-        }
-        ShedFuture {
-            kind: Kind::Inner {
-                inner: self.inner.call(req),
             },
-            permit: Some(permit),
         }
     }
+}
+
+impl LoadShedLayer {
+    /// A place in the in-flight count; `None` when there is none, to be
+    /// answered with [`shed`].
+    pub(crate) fn admit(&self) -> Option<InFlight> {
+        admit(&self.state)
+    }
+}
+
+fn admit(state: &Arc<ShedState>) -> Option<InFlight> {
+    let before = state.in_flight.fetch_add(1, Ordering::Acquire);
+    let permit = InFlight(state.clone());
+    if before >= state.max {
+        drop(permit);
+        tracing::debug!(max = state.max, "request shed");
+        return None;
+    }
+    Some(permit)
+}
+
+/// The answer to a request shed for want of a place.
+pub(crate) fn shed() -> Response {
+    Problem::unavailable(SHED_RETRY_AFTER_SECS)
+        .with_detail("The service is at capacity; retry later.")
+        .into_response()
 }
 
 pin_project! {
     /// The inner service's future, or an answer given without it.
     #[project = KindProj]
-    enum Kind<F> {
+    pub(crate) enum Kind<F> {
         Inner { #[pin] inner: F },
         Ready { response: Option<Response> },
     }
@@ -306,44 +325,39 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        match declared {
-            Some(n) if n > self.max as u64 => {
-                let problem = Problem::new(StatusCode::PAYLOAD_TOO_LARGE).with_detail(format!(
-                    "The request body is {n} bytes; the limit is {} bytes.",
-                    self.max
-                ));
-                ReadyOr {
-                    kind: Kind::Ready {
-                        response: Some(problem.into_response()),
-                    },
-                }
-            }
-            // hyper enforces a declared length, and an empty body needs nothing.
-            Some(_) => ReadyOr {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        match limit_body(&mut req, self.max) {
+            Ok(()) => ReadyOr {
                 kind: Kind::Inner {
                     inner: self.inner.call(req),
                 },
             },
-            None if req.body().is_end_stream() => ReadyOr {
-                kind: Kind::Inner {
-                    inner: self.inner.call(req),
+            Err(declared) => ReadyOr {
+                kind: Kind::Ready {
+                    response: Some(too_large(declared, self.max)),
                 },
             },
-            None => {
-                let max = self.max;
-                let req = req.map(|body| Body::new(http_body_util::Limited::new(body, max)));
-                ReadyOr {
-                    kind: Kind::Inner {
-                        inner: self.inner.call(req),
-                    },
-                }
-            }
+        }
+    }
+}
+
+/// Limits the body of `req` to `max` bytes; `Err` with the declared length
+/// when it is over, to be answered with [`too_large`].
+pub(crate) fn limit_body(req: &mut Request<Body>, max: usize) -> Result<(), u64> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > max as u64 => Err(n),
+        // hyper enforces a declared length, and an empty body needs nothing.
+        Some(_) => Ok(()),
+        None if req.body().is_end_stream() => Ok(()),
+        None => {
+            let body = std::mem::take(req.body_mut());
+            *req.body_mut() = Body::new(http_body_util::Limited::new(body, max));
+            Ok(())
         }
     }
 }
@@ -424,27 +438,91 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let now = tokio::time::Instant::now();
-        let mut timeout = self.timeout;
-        if let Some(caller) = caller_timeout(req.headers()) {
-            if caller.is_zero() {
-                // The caller has stopped waiting: do not start the work.
-                return TimeoutFuture {
-                    inner: None,
-                    sleep: None,
-                    deadline: now,
-                    timeout: caller,
-                };
-            }
-            timeout = timeout.min(caller);
-            req.extensions_mut().insert(Deadline(now + timeout));
-        }
+        let deadline = deadline(&mut req, self.timeout, tokio::time::Instant::now());
+        let inner = deadline.is_ok().then(|| self.inner.call(req));
         TimeoutFuture {
-            inner: Some(self.inner.call(req)),
+            inner,
             sleep: None,
-            deadline: now + timeout,
-            timeout,
+            deadline,
         }
+    }
+}
+
+/// The answer to a request whose declared body length is over `max`.
+pub(crate) fn too_large(declared: u64, max: usize) -> Response {
+    Problem::new(StatusCode::PAYLOAD_TOO_LARGE)
+        .with_detail(format!(
+            "The request body is {declared} bytes; the limit is {max} bytes."
+        ))
+        .into_response()
+}
+
+/// When a request must be answered, and the timeout that makes it so.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Due {
+    at: tokio::time::Instant,
+    timeout: Duration,
+}
+
+/// The deadline of `req`: `timeout` from `now`, or sooner when the caller's
+/// `x-timeout-ms` says so (then also put in the request as a [`Deadline`]).
+/// `Err` when the caller has already stopped waiting.
+pub(crate) fn deadline<B>(
+    req: &mut Request<B>,
+    timeout: Duration,
+    now: tokio::time::Instant,
+) -> Result<Due, Due> {
+    let Some(caller) = caller_timeout(req.headers()) else {
+        return Ok(Due {
+            at: now + timeout,
+            timeout,
+        });
+    };
+    if caller.is_zero() {
+        // The caller has stopped waiting: do not start the work.
+        tracing::debug!("the caller's deadline had passed; request not started");
+        return Err(Due {
+            at: now,
+            timeout: caller,
+        });
+    }
+    let timeout = timeout.min(caller);
+    req.extensions_mut().insert(Deadline(now + timeout));
+    Ok(Due {
+        at: now + timeout,
+        timeout,
+    })
+}
+
+/// The answer to a request whose caller had stopped waiting before it began.
+pub(crate) fn too_late() -> Response {
+    Problem::new(StatusCode::GATEWAY_TIMEOUT)
+        .with_detail("The caller's deadline had passed before the request started.")
+        .into_response()
+}
+
+/// Polls the timer of a request whose work is not done: the 504 answer once
+/// `due` has passed. The timer is created on the first wait, so a request
+/// answered in one poll never touches it.
+pub(crate) fn poll_due(
+    sleep: &mut Option<Pin<Box<Sleep>>>,
+    due: Due,
+    cx: &mut Context<'_>,
+) -> Poll<Response> {
+    let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due.at)));
+    match sleep.as_mut().poll(cx) {
+        Poll::Ready(()) => {
+            tracing::warn!(
+                timeout_ms = due.timeout.as_millis() as u64,
+                "request timed out"
+            );
+            Poll::Ready(
+                Problem::new(StatusCode::GATEWAY_TIMEOUT)
+                    .with_detail("The request did not complete in time.")
+                    .into_response(),
+            )
+        }
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -476,18 +554,18 @@ pin_project! {
         #[pin]
         inner: Option<F>,
         // Created only when the inner future first waits, so a request
-        // answered in one poll never touches the timer.
-        #[pin]
-        sleep: Option<Sleep>,
-        deadline: tokio::time::Instant,
-        timeout: Duration,
+        // answered in one poll never touches the timer; boxed, so that the
+        // future of every request does not carry the timer's size.
+        sleep: Option<Pin<Box<Sleep>>>,
+        // `Err` when the caller had stopped waiting (and `inner` is `None`).
+        deadline: Result<Due, Due>,
     }
 }
 
 impl<F> fmt::Debug for TimeoutFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TimeoutFuture")
-            .field("timeout", &self.timeout)
+            .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
 }
@@ -499,32 +577,14 @@ where
     type Output = Result<Response, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let Some(inner) = this.inner.as_pin_mut() else {
-            tracing::debug!("the caller's deadline had passed; request not started");
-            return Poll::Ready(Ok(Problem::new(StatusCode::GATEWAY_TIMEOUT)
-                .with_detail("The caller's deadline had passed before the request started.")
-                .into_response()));
+        let this = self.project();
+        let (Some(inner), Ok(due)) = (this.inner.as_pin_mut(), *this.deadline) else {
+            return Poll::Ready(Ok(too_late()));
         };
         if let Poll::Ready(res) = inner.poll(cx) {
             return Poll::Ready(res);
         }
-        if this.sleep.is_none() {
-            this.sleep
-                .set(Some(tokio::time::sleep_until(*this.deadline)));
-        }
-        match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
-            Some(Poll::Ready(())) => {
-                tracing::warn!(
-                    timeout_ms = this.timeout.as_millis() as u64,
-                    "request timed out"
-                );
-                Poll::Ready(Ok(Problem::new(StatusCode::GATEWAY_TIMEOUT)
-                    .with_detail("The request did not complete in time.")
-                    .into_response()))
-            }
-            _ => Poll::Pending,
-        }
+        poll_due(this.sleep, due, cx).map(Ok)
     }
 }
 

@@ -86,9 +86,10 @@
 //! correlation id; the layers outside it are the chassis' own and do not
 //! panic on any input.
 //!
-//! The builder applies 1-3 as one layer (the same code, without handing the
-//! request down three times) and, for each API path, 1-7 as one level of
-//! axum's routing, which boxes a route once per level.
+//! The builder applies 1-3 as one layer and 4-5 as another (the same code,
+//! without handing the request down at each step, and with one response
+//! future for each group instead of one per layer) and, for each API path,
+//! 1-7 as one level of axum's routing, which boxes a route once per level.
 //!
 //! [`SetCorrelationIdLayer`]: crate::correlation::SetCorrelationIdLayer
 //! [`EnsureProblemLayer`]: crate::problem::EnsureProblemLayer
@@ -118,13 +119,13 @@ use tower::ServiceBuilder as Stack;
 
 use crate::{
     api::Api,
-    audit::{AuditLayer, AuditSink, Auditor, LogSink},
+    audit::{AuditSink, Auditor, LogSink},
     auth::Verifier,
     config::{Config, Env},
     health::{Check, CheckOptions, Health},
     metrics::HttpMetrics,
     problem::Problem,
-    protect::{BodyLimitLayer, LoadShedLayer, RequestTimeoutLayer},
+    protect::LoadShedLayer,
 };
 
 /// Exit code when the service cannot be built (`EX_SOFTWARE`).
@@ -400,32 +401,43 @@ impl ServiceBuilder {
         // clone and an allocation per request; so each API path gets all of
         // its layers as one level, and the other routes the first three.
         let front = FrontLayer { metrics };
-        let protect = Stack::new()
-            .layer(AuditLayer::new(auditor.clone()))
-            .layer(shed.clone())
-            .layer(BodyLimitLayer::new(config.max_body_bytes))
-            // axum's extractors have a limit of their own, 2 MiB by
-            // default; it is raised only when ours is higher, since setting
-            // it costs an extension insert on every request.
-            .layer(tower::util::option_layer(
-                (config.max_body_bytes > AXUM_DEFAULT_BODY_LIMIT)
-                    .then(|| DefaultBodyLimit::max(config.max_body_bytes)),
-            ))
-            .layer(RequestTimeoutLayer::new(config.request_timeout))
-            .layer(tower::util::option_layer(
-                config.fault.clone().map(crate::fault::FaultLayer::new),
-            ));
+        let protect = ProtectLayer {
+            auditor: auditor.clone(),
+            shed: shed.clone(),
+            max_body: config.max_body_bytes,
+            timeout: config.request_timeout,
+        };
+        // axum's extractors have a limit of their own, 2 MiB by default; it
+        // is raised only when ours is higher, since setting it costs an
+        // extension insert on every request.
+        let extractor_limit = (config.max_body_bytes > AXUM_DEFAULT_BODY_LIMIT)
+            .then(|| DefaultBodyLimit::max(config.max_body_bytes));
+        let fault = config.fault.clone().map(crate::fault::FaultLayer::new);
         let mut router = Router::new();
-        for path in api {
-            let stack = Stack::new()
-                .layer(front.clone())
-                .layer(protect.clone())
-                .layer(path.guard_layer());
-            let mut handlers = path.router;
-            for layer in self.api_layers.iter().rev() {
-                handlers = layer(handlers);
-            }
-            router = router.route(&path.path, handlers.layer(stack));
+        // The optional layers are chosen here, once, rather than per request
+        // through `option_layer`, whose `Either` moves every request again.
+        macro_rules! mount {
+            ($optional:expr) => {{
+                let optional = $optional;
+                for path in api {
+                    let stack = Stack::new()
+                        .layer(front.clone())
+                        .layer(protect.clone())
+                        .layer(optional.clone())
+                        .layer(path.guard_layer());
+                    let mut handlers = path.router;
+                    for layer in self.api_layers.iter().rev() {
+                        handlers = layer(handlers);
+                    }
+                    router = router.route(&path.path, handlers.layer(stack));
+                }
+            }};
+        }
+        match (extractor_limit, fault) {
+            (None, None) => mount!(tower::layer::util::Identity::new()),
+            (Some(limit), None) => mount!(limit),
+            (None, Some(fault)) => mount!(fault),
+            (Some(limit), Some(fault)) => mount!(Stack::new().layer(limit).layer(fault)),
         }
         let standard = Router::new()
             .route("/health/live", get(crate::health::live))
@@ -692,8 +704,10 @@ impl Service {
 /// [`SetCorrelationIdLayer`](crate::correlation::SetCorrelationIdLayer),
 /// [`EnsureProblemLayer`](crate::problem::EnsureProblemLayer) and
 /// [`ObserveLayer`](crate::telemetry::ObserveLayer), in that order, as one
-/// layer: the request is handed down once instead of
-/// three times, and the problem layer gets the id without looking it up.
+/// layer: the request is handed down once instead of three times, the
+/// problem layer gets the id without looking it up, and its future also puts
+/// the id on the response, so two futures wrap the inner one instead of
+/// three, each built in place.
 #[derive(Clone)]
 struct FrontLayer {
     metrics: HttpMetrics,
@@ -723,9 +737,7 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = crate::correlation::ResponseFuture<
-        crate::problem::ResponseFuture<crate::telemetry::ResponseFuture<S::Future>>,
-    >;
+    type Future = crate::problem::ResponseFuture<crate::telemetry::ResponseFuture<S::Future>>;
 
     #[inline]
     fn poll_ready(
@@ -737,11 +749,147 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let id = crate::correlation::assign(&mut req);
-        let observed = crate::telemetry::observe(&mut self.inner, &self.metrics, req);
-        crate::correlation::ResponseFuture::new(
-            crate::problem::ResponseFuture::new(observed, Some(id.clone())),
+        let guard = crate::telemetry::begin(&self.metrics, &req);
+        // Built in place: the inner future is not moved from one wrapper
+        // into the next.
+        crate::problem::ResponseFuture::with_id_header(
+            crate::telemetry::ResponseFuture::new(self.inner.call(req), guard),
             id,
         )
+    }
+}
+
+/// [`AuditLayer`](crate::audit::AuditLayer),
+/// [`LoadShedLayer`], [`BodyLimitLayer`](crate::protect::BodyLimitLayer) and
+/// [`RequestTimeoutLayer`](crate::protect::RequestTimeoutLayer), in that
+/// order, as one layer over the same code: the request is handed down once
+/// instead of four times, and one future does the work of four.
+#[derive(Clone)]
+struct ProtectLayer {
+    auditor: Auditor,
+    shed: LoadShedLayer,
+    max_body: usize,
+    timeout: Duration,
+}
+
+impl<S> tower::Layer<S> for ProtectLayer {
+    type Service = Protect<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Protect {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Service built by [`ProtectLayer`].
+#[derive(Clone)]
+struct Protect<S> {
+    inner: S,
+    layer: ProtectLayer,
+}
+
+impl<S> tower::Service<http::Request<axum::body::Body>> for Protect<S>
+where
+    S: tower::Service<http::Request<axum::body::Body>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = ProtectFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<axum::body::Body>) -> Self::Future {
+        let pending = crate::audit::Pending::begin(&self.layer.auditor, &mut req);
+        let answer = |response, pending| ProtectFuture {
+            kind: crate::protect::Kind::Ready {
+                response: Some(response),
+            },
+            sleep: None,
+            due: None,
+            permit: None,
+            pending: Some(pending),
+        };
+        let Some(permit) = self.layer.shed.admit() else {
+            return answer(crate::protect::shed(), pending);
+        };
+        if let Err(declared) = crate::protect::limit_body(&mut req, self.layer.max_body) {
+            return answer(
+                crate::protect::too_large(declared, self.layer.max_body),
+                pending,
+            );
+        }
+        // The deadline counts from when the request was received.
+        let Ok(due) = crate::protect::deadline(&mut req, self.layer.timeout, pending.start())
+        else {
+            return answer(crate::protect::too_late(), pending);
+        };
+        ProtectFuture {
+            kind: crate::protect::Kind::Inner {
+                inner: self.inner.call(req),
+            },
+            sleep: None,
+            due: Some(due),
+            permit: Some(permit),
+            pending: Some(pending),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`Protect`].
+    struct ProtectFuture<F> {
+        // The inner service's future, or the answer given without it (shed,
+        // too large, or the caller had stopped waiting).
+        #[pin]
+        kind: crate::protect::Kind<F>,
+        // The timeout's timer, created on the first wait.
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        due: Option<crate::protect::Due>,
+        permit: Option<crate::protect::InFlight>,
+        pending: Option<crate::audit::Pending>,
+    }
+}
+
+impl<F, E> Future for ProtectFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use crate::protect::KindProj;
+        let this = self.project();
+        let result = match (this.kind.project(), *this.due) {
+            (KindProj::Inner { inner }, Some(due)) => match inner.poll(cx) {
+                std::task::Poll::Ready(result) => result,
+                std::task::Poll::Pending => Ok(std::task::ready!(crate::protect::poll_due(
+                    this.sleep, due, cx
+                ))),
+            },
+            (KindProj::Inner { inner }, None) => std::task::ready!(inner.poll(cx)),
+            (KindProj::Ready { response }, _) => {
+                Ok(response.take().expect("polled after completion"))
+            }
+        };
+        // In the order of the separate layers: the place in the in-flight
+        // count is given back, then the call is audited (in place).
+        *this.permit = None;
+        if let Some(pending) = this.pending.as_mut() {
+            pending.answered(&result);
+            *this.pending = None;
+        }
+        std::task::Poll::Ready(result)
     }
 }
 

@@ -631,18 +631,8 @@ impl fmt::Write for Escaper<'_> {
 }
 
 /// `n` in decimal, without the formatting machinery.
-pub(crate) fn write_u64(buf: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[i..]);
+pub(crate) fn write_u64(buf: &mut Vec<u8>, n: u64) {
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// `s` as a JSON string, quotes included.
@@ -908,12 +898,21 @@ pub(crate) fn observe<S, B>(
 where
     S: Service<Request<B>, Response = Response>,
 {
-    let start = Instant::now();
+    let guard = begin(metrics, &req);
+    // `call` of the layers inside only builds futures; the span is entered
+    // while they are polled.
+    ResponseFuture::new(inner.call(req), guard)
+}
+
+/// Starts observing `req`, before the inner service is called: what
+/// [`ResponseFuture`] records when the request ends.
+pub(crate) fn begin<B>(metrics: &HttpMetrics, req: &Request<B>) -> Guard {
+    let ids = req.extensions().get::<Correlation>();
+    let start = ids.map_or_else(Instant::now, Correlation::received);
     let method = method_index(req.method());
     let route = req.extensions().get::<MatchedPath>().cloned();
     let route_str = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
     let standard = is_standard(route_str);
-    let ids = req.extensions().get::<Correlation>();
     // Hex-encoded once for the span, the thread-local ids and the
     // access line.
     let trace_hex = ids.map(|c| c.trace().trace_id());
@@ -942,29 +941,23 @@ where
     // `fields` holds.
     let direct = !standard && fields.is_some() && json_lines().is_some();
     metrics.active(method).increment(1.0);
-    // `call` of the layers inside only builds futures; the span is
-    // entered while they are polled.
-    let inner = inner.call(req);
-    ResponseFuture {
-        inner,
-        guard: Some(Guard {
-            start,
-            method,
-            route,
-            standard,
-            direct,
-            fields,
-            span,
-            status: None,
-            metrics: metrics.clone(),
-        }),
+    Guard {
+        start,
+        method,
+        route,
+        standard,
+        direct,
+        fields,
+        span,
+        status: None,
+        metrics: metrics.clone(),
     }
 }
 
 /// Records the request when dropped: at the end of the body, when the
 /// response is ready (bodies of known length), or when the client went away
 /// first (status 499, as nginx logs it).
-struct Guard {
+pub(crate) struct Guard {
     start: Instant,
     method: usize,
     route: Option<MatchedPath>,
@@ -987,8 +980,9 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         let status = self.status.unwrap_or(CLIENT_CLOSED);
+        self.metrics
+            .record_route(self.route.as_ref(), self.method, status, elapsed);
         let route = self.route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
-        self.metrics.record(route, self.method, status, elapsed);
         self.metrics.active(self.method).decrement(1.0);
         let latency_us = elapsed.as_micros() as u64;
         let method = crate::metrics::method_label_of(self.method);
@@ -1060,6 +1054,17 @@ pin_project! {
     }
 }
 
+impl<F> ResponseFuture<F> {
+    /// Observes `inner`, the future of the request `guard` was begun for.
+    #[inline]
+    pub(crate) fn new(inner: F, guard: Guard) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
 impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
@@ -1083,7 +1088,9 @@ where
             let _enter = this.guard.as_ref().map(|g| g.span.enter());
             ready!(this.inner.poll(cx))
         };
-        let Some(mut guard) = this.guard.take() else {
+        // The guard is recorded where it lies (`*this.guard = None` drops it
+        // in place); it is moved out only to follow a streamed body.
+        let Some(guard) = this.guard.as_mut() else {
             return Poll::Ready(result);
         };
         match result {
@@ -1091,19 +1098,18 @@ where
                 guard.status = Some(res.status().as_u16());
                 let known_length = res.body().size_hint().exact().is_some();
                 if known_length || res.body().is_end_stream() {
-                    drop(guard);
+                    *this.guard = None;
                     Poll::Ready(Ok(res))
                 } else {
-                    Poll::Ready(Ok(res.map(|body| {
-                        Body::new(ObservedBody {
-                            inner: body,
-                            guard: Some(guard),
-                        })
-                    })))
+                    let guard = this.guard.take();
+                    Poll::Ready(Ok(
+                        res.map(|body| Body::new(ObservedBody { inner: body, guard }))
+                    ))
                 }
             }
             Err(e) => {
                 guard.status = Some(500);
+                *this.guard = None;
                 Poll::Ready(Err(e))
             }
         }

@@ -382,3 +382,127 @@ async fn configured_faults_hit_api_routes_only() {
         StatusCode::OK
     );
 }
+
+/// Keeps the audit events of a service.
+#[derive(Clone, Default)]
+struct Memory(Arc<std::sync::Mutex<Vec<chassis::audit::AuditEvent>>>);
+
+impl chassis::audit::AuditSink for Memory {
+    fn write(&self, events: &[chassis::audit::AuditEvent]) -> std::io::Result<()> {
+        self.0.lock().unwrap().extend_from_slice(events);
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_callers_deadline_shortens_the_timeout_and_every_refusal_is_audited() {
+    let memory = Memory::default();
+    let api = Api::new()
+        .route(
+            api::get(
+                "/deadline",
+                |deadline: Option<axum::Extension<chassis::protect::Deadline>>| async move {
+                    match deadline {
+                        Some(axum::Extension(d)) => format!(
+                            "{}",
+                            d.0.saturating_duration_since(tokio::time::Instant::now())
+                                .as_millis()
+                        ),
+                        None => "none".to_owned(),
+                    }
+                },
+            )
+            .public(),
+        )
+        .route(
+            api::get("/slow", || async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "late"
+            })
+            .public(),
+        )
+        .route(api::post("/echo", |body: bytes::Bytes| async move { body }).public());
+    let svc = ServiceBuilder::new("stack-dl", 1)
+        .api(api)
+        .config(config())
+        .audit_sink(memory.clone())
+        .build()
+        .unwrap();
+    let app = svc.router();
+    let with_timeout = |uri: &str, ms: &str| {
+        Request::get(uri)
+            .header("x-correlation-id", "stack-test")
+            .header("x-timeout-ms", ms)
+            .body(Body::empty())
+            .unwrap()
+    };
+
+    // The handler sees the caller's deadline; without one, none.
+    let res = app
+        .clone()
+        .oneshot(with_timeout("/stack-dl/v1/deadline", "250"))
+        .await
+        .unwrap();
+    let text = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(text, "250");
+    let (s, ..) = call(&app, req("GET", "/stack-dl/v1/deadline")).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // A caller with 50 ms left gets its 504 after 50 ms, not after the
+    // service's own timeout of 1 s.
+    let started = tokio::time::Instant::now();
+    let (s, h, b) = call(&app, with_timeout("/stack-dl/v1/slow", "50")).await;
+    assert_problem(s, &h, &b, 504);
+    assert_eq!(started.elapsed(), Duration::from_millis(50));
+
+    // A caller that has stopped waiting: 504 at once, the work not started.
+    let (s, h, b) = call(&app, with_timeout("/stack-dl/v1/slow", "0")).await;
+    assert_problem(s, &h, &b, 504);
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("before the request started"),
+        "{b}"
+    );
+
+    // A declared body over the limit: 413 before the handler.
+    let big = Request::post("/stack-dl/v1/echo")
+        .header("x-correlation-id", "stack-test")
+        .header(header::CONTENT_LENGTH, "17")
+        .body(Body::from("x".repeat(17)))
+        .unwrap();
+    let (s, h, b) = call(&app, big).await;
+    assert_problem(s, &h, &b, 413);
+
+    svc.auditor().flush();
+    let events = memory.0.lock().unwrap().clone();
+    let seen: Vec<(u16, &str, Option<&str>)> = events
+        .iter()
+        .map(|e| (e.status, e.decision.as_str(), e.reason))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (200, "allow", Some("public")),
+            (200, "allow", Some("public")),
+            // Allowed, then cut by the deadline: the decision stands, the
+            // status says how it ended.
+            (504, "allow", Some("public")),
+            // Refused before the guard: no decision but the refusal.
+            (504, "rejected", Some("timeout")),
+            (413, "rejected", Some("too_large")),
+        ]
+    );
+    for e in &events {
+        assert_eq!(e.correlation_id.as_ref().unwrap().as_str(), "stack-test");
+        assert_eq!(&*e.service, "stack-dl");
+    }
+    // Latency counts from when the request was received: the timed-out
+    // call took its 50 ms.
+    assert!(
+        (events[2].latency_ms - 50.0).abs() < 1.0,
+        "{}",
+        events[2].latency_ms
+    );
+}
