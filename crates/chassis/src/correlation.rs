@@ -22,7 +22,10 @@
 //! `ff`; later versions are read by their first four fields) is continued, so
 //! its trace id appears in our logs and on our outgoing calls; an invalid one
 //! is ignored together with its `tracestate`, and a new trace is started.
-//! Neither header is ever a reason to reject a request.
+//! Neither header is ever a reason to reject a request. A request that
+//! brings neither gets one UUIDv7 for both: the new trace's id is the
+//! correlation id's 128 bits (the last 7 bytes random, as Trace Context
+//! Level 2 asks of a random trace id), so a search by either finds the other.
 //!
 //! Client-supplied ids are hints for correlation, never identities: do not use
 //! them as idempotency keys, cache keys or authorization inputs, and never as
