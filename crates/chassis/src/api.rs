@@ -527,6 +527,7 @@ fn now<F: Future>(fut: F) -> Option<F::Output> {
 /// Checks `principal` against the route's template; the request to pass on,
 /// or the answer.
 fn authorize(
+    access: &Arc<Access>,
     template: &PermissionTemplate,
     principal: Principal,
     mut req: Request,
@@ -565,7 +566,7 @@ fn authorize(
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v)
     };
-    let (permission, account) = match template.fill(lookup) {
+    let (permission, account) = match fill(access, template, lookup) {
         Ok(filled) => filled,
         Err(param) => {
             tracing::debug!(
@@ -608,6 +609,68 @@ fn authorize(
 /// [`AccountId`] extractors and the outgoing client. The guard records a
 /// caller only once its token verified, and a handler runs only when the
 /// guard allowed the call.
+/// How many filled permissions each thread keeps, see [`fill`].
+const FILLED_SLOTS: usize = 16;
+
+/// A permission filled from a template and an account.
+struct Filled {
+    /// The route's access, kept alive so its address is not reused while
+    /// the entry stands.
+    access: Arc<Access>,
+    account: AccountId,
+    permission: Permission,
+}
+
+thread_local! {
+    static FILLED: std::cell::RefCell<[Option<Filled>; FILLED_SLOTS]> =
+        const { std::cell::RefCell::new([const { None }; FILLED_SLOTS]) };
+}
+
+/// [`PermissionTemplate::fill`], remembered per thread for templates whose
+/// only placeholder is the account (`svc:{account}:op:object`): the
+/// permission is then a function of the template and the account's text,
+/// so a request for an account this thread has just served on the same
+/// route gets the same validated account and permission without parsing,
+/// validating or allocating them again. An entry is used only for the very
+/// template (by address, held alive) and the same account text, byte for
+/// byte.
+fn fill<'a>(
+    access: &Arc<Access>,
+    template: &PermissionTemplate,
+    params: impl Fn(&str) -> Option<&'a str>,
+) -> Result<(Permission, Option<AccountId>), String> {
+    let Some(value) = template.only_account_param().and_then(&params) else {
+        return template.fill(params);
+    };
+    let slot = {
+        let mut h = (Arc::as_ptr(access) as usize >> 4) ^ value.len();
+        for b in value.bytes().take(16) {
+            h = h.wrapping_mul(31).wrapping_add(usize::from(b));
+        }
+        h % FILLED_SLOTS
+    };
+    let hit = FILLED.with_borrow(|filled| match &filled[slot] {
+        Some(f) if Arc::ptr_eq(&f.access, access) && f.account.as_str() == value => {
+            Some((f.permission.clone(), Some(f.account.clone())))
+        }
+        _ => None,
+    });
+    if let Some(hit) = hit {
+        return Ok(hit);
+    }
+    let (permission, account) = template.fill(params)?;
+    if let Some(account) = &account {
+        FILLED.with_borrow_mut(|filled| {
+            filled[slot] = Some(Filled {
+                access: access.clone(),
+                account: account.clone(),
+                permission: permission.clone(),
+            });
+        });
+    }
+    Ok((permission, account))
+}
+
 pub(crate) fn authorized(extensions: &http::Extensions) -> Option<(Principal, Option<AccountId>)> {
     let note = AuditNote::of(extensions)?
         .0
@@ -664,7 +727,7 @@ where
             return GuardFuture::ready(Problem::internal().into_response());
         };
         match verifier.verify_cached(req.headers()) {
-            Some(Ok(principal)) => match authorize(template, principal, req) {
+            Some(Ok(principal)) => match authorize(access, template, principal, req) {
                 Ok(req) => GuardFuture::inner(self.inner.call(req)),
                 Err(res) => GuardFuture::ready(*res),
             },
@@ -679,7 +742,7 @@ where
                         unreachable!("public routes return above")
                     };
                     match verifier.verify(req.headers()).await {
-                        Ok(principal) => match authorize(template, principal, req) {
+                        Ok(principal) => match authorize(&access, template, principal, req) {
                             Ok(req) => inner.oneshot(req).await,
                             Err(res) => Ok(*res),
                         },
@@ -758,6 +821,55 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filled_permissions_are_remembered_per_template_and_account() {
+        // More templates than the thread keeps: slots are shared, and every
+        // answer must still be its own template's.
+        let templates: Vec<Arc<Access>> = (0..64)
+            .map(|i| {
+                Arc::new(Access::Permission(
+                    format!("svc:{{account}}:op{i}:thing").parse().unwrap(),
+                ))
+            })
+            .collect();
+        let fill_for = |access: &Arc<Access>, account: &'static str| {
+            let Access::Permission(t) = &**access else {
+                unreachable!()
+            };
+            fill(access, t, |name| (name == "account").then_some(account))
+        };
+        for account in ["a1", "a2", "a1"] {
+            for round in 0..3 {
+                for (i, access) in templates.iter().enumerate() {
+                    let (permission, acc) = fill_for(access, account).unwrap();
+                    assert_eq!(
+                        permission.to_string(),
+                        format!("svc:{account}:op{i}:thing"),
+                        "round {round}"
+                    );
+                    assert_eq!(acc.unwrap().as_str(), account);
+                    // A value outside the grammar is refused right after.
+                    assert_eq!(fill_for(access, "bad:").unwrap_err(), "account");
+                }
+            }
+        }
+        // Other placeholders are filled afresh every time.
+        let other = Arc::new(Access::Permission(
+            "svc:{account}:view:{kind}".parse().unwrap(),
+        ));
+        for kind in ["a", "b", "a"] {
+            let Access::Permission(t) = &*other else {
+                unreachable!()
+            };
+            let (p, _) = fill(&other, t, |name| match name {
+                "account" => Some("a1"),
+                _ => Some(kind),
+            })
+            .unwrap();
+            assert_eq!(p.to_string(), format!("svc:a1:view:{kind}"));
+        }
+    }
 
     async fn ok() -> &'static str {
         "ok"

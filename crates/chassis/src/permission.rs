@@ -194,9 +194,11 @@ fn segment<'a>(text: &'a str, colons: &[u16; 3], i: usize) -> &'a str {
 }
 
 /// A concrete, required permission: no wildcard, every segment validated.
+///
+/// Cloning is cheap (a reference count).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Permission {
-    text: Box<str>,
+    text: Arc<str>,
     colons: [u16; 3],
 }
 
@@ -247,7 +249,7 @@ impl Permission {
         }
         text.push_str(object);
         Self {
-            text: text.into_boxed_str(),
+            text: text.into(),
             colons,
         }
     }
@@ -562,6 +564,21 @@ impl PermissionTemplate {
         matches!(self.parts[1], Part::Param(_))
     }
 
+    /// The name of the account placeholder, when it is the only placeholder
+    /// (`svc:{account}:op:object`): the permission is then a function of
+    /// the account alone.
+    pub(crate) fn only_account_param(&self) -> Option<&str> {
+        match &self.parts {
+            [
+                Part::Literal(_),
+                Part::Param(name),
+                Part::Literal(_),
+                Part::Literal(_),
+            ] => Some(name),
+            _ => None,
+        }
+    }
+
     /// Fills the placeholders from `params` (name, decoded value), validating
     /// each value against its segment's grammar. Returns the permission and,
     /// when the account came from the path, the validated account.
@@ -587,11 +604,11 @@ impl PermissionTemplate {
             (Part::Literal(_), v) => Some(AccountId::parse(v).map_err(|_| "account".to_owned())?),
         };
         for i in [0, 2, 3] {
-            if !is_name(values[i]) {
-                return Err(match &self.parts[i] {
-                    Part::Param(name) => name.to_string(),
-                    Part::Literal(_) => SEGMENT_NAMES[i].to_owned(),
-                });
+            // Literals were validated when the template was parsed.
+            if let Part::Param(name) = &self.parts[i]
+                && !is_name(values[i])
+            {
+                return Err(name.to_string());
             }
         }
         let permission = Permission::from_valid(values[0], account.as_ref(), values[2], values[3]);

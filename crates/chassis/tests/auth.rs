@@ -1602,3 +1602,65 @@ async fn undeclared_methods_are_refused_and_api_layers_see_the_caller() {
         ]
     );
 }
+
+/// The guard remembers the permissions it filled per thread, by route and
+/// account: the same account on another route, or another account on the
+/// same route, must each be decided for what they are.
+#[tokio::test]
+async fn filled_permissions_are_told_apart_by_route_and_account() {
+    let s = setup().await;
+    let viewer = {
+        let mut c = claims();
+        c["perms"] = json!(["ticketing:67000001:view:ticket"]);
+        mint(&s.server, Algorithm::RS256, &s.keys.rsa1, Some("k1"), c)
+    };
+    let send = |method: &str, uri: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {viewer}"))
+            .body(Body::empty())
+            .unwrap();
+        let app = s.app.clone();
+        async move {
+            let res = app.oneshot(req).await.unwrap();
+            let status = res.status();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null),
+            )
+        }
+    };
+    for _ in 0..3 {
+        let (status, body) = send("GET", "/ticketing/v1/67000001/tickets").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["account"], "67000001");
+        let (status, body) = send("DELETE", "/ticketing/v1/67000001/tickets/9").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(body["permission"], "ticketing:67000001:delete:ticket");
+        let (status, body) = send("GET", "/ticketing/v1/67000002/tickets").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(body["permission"], "ticketing:67000002:view:ticket");
+        // A value outside the grammar is refused even right after a valid
+        // one on the same route.
+        let (status, _) = send("GET", "/ticketing/v1/6700000%2A/tickets").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    s.svc.auditor().flush();
+    let events = s.audit.0.lock().unwrap();
+    let permissions: Vec<Option<String>> = events
+        .iter()
+        .take(4)
+        .map(|e| e.permission.as_ref().map(ToString::to_string))
+        .collect();
+    assert_eq!(
+        permissions,
+        [
+            Some("ticketing:67000001:view:ticket".to_owned()),
+            Some("ticketing:67000001:delete:ticket".to_owned()),
+            Some("ticketing:67000002:view:ticket".to_owned()),
+            None,
+        ]
+    );
+}
