@@ -122,6 +122,9 @@ pub struct Correlation {
     /// The request's audit note, kept here by the audit layer rather than in
     /// an extension of its own (see [`crate::audit`]).
     pub(crate) note: Option<crate::audit::AuditNote>,
+    /// The caller's `x-timeout-ms`, read with the ids (`None`: not read, as
+    /// for a correlation made by hand).
+    pub(crate) caller_timeout: Option<Option<std::time::Duration>>,
 }
 
 impl Correlation {
@@ -134,6 +137,7 @@ impl Correlation {
             trace,
             received: tokio::time::Instant::now(),
             note: None,
+            caller_timeout: None,
         }
     }
 
@@ -239,13 +243,12 @@ impl CorrelationId {
         &self.0
     }
 
-    /// The id of `headers`, when exactly one valid `x-correlation-id` is there.
-    fn from_headers(headers: &HeaderMap) -> Result<Self, Rejected<'_>> {
-        let mut values = headers.get_all(X_CORRELATION_ID).iter();
-        match (values.next(), values.next()) {
-            (None, _) => Err(Rejected::Missing),
-            (Some(v), None) => Self::from_header(v).ok_or(Rejected::Invalid(v)),
-            (Some(v), Some(_)) => Err(Rejected::Invalid(v)),
+    /// The id of a request, when exactly one valid `x-correlation-id` came.
+    fn from_seen(seen: Seen<'_>) -> Result<Self, Rejected<'_>> {
+        match seen {
+            Seen::Absent => Err(Rejected::Missing),
+            Seen::Once(v) => Self::from_header(v).ok_or(Rejected::Invalid(v)),
+            Seen::Repeated(v) => Err(Rejected::Invalid(v)),
         }
     }
 }
@@ -302,16 +305,22 @@ impl TraceContext {
     /// Continues the trace of a valid `traceparent` in `headers`, or starts a
     /// new one. `tracestate` is kept only with a valid `traceparent`.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        Self::from_headers_or(headers, None)
+        let mut values = headers.get_all(TRACEPARENT).iter();
+        let seen = match (values.next(), values.next()) {
+            (None, _) => Seen::Absent,
+            (Some(v), None) => Seen::Once(v),
+            (Some(v), Some(_)) => Seen::Repeated(v),
+        };
+        Self::from_seen(seen, headers, None)
     }
 
-    /// As [`from_headers`](Self::from_headers); a new trace takes `root` as
-    /// its id when given.
-    fn from_headers_or(headers: &HeaderMap, root: Option<[u8; 16]>) -> Self {
-        let mut values = headers.get_all(TRACEPARENT).iter();
-        let parsed = match (values.next(), values.next()) {
-            (Some(v), None) => parse_traceparent(v.as_bytes()),
-            _ => None,
+    /// As [`from_headers`](Self::from_headers), from the `traceparent`
+    /// already found in `headers`; a new trace takes `root` as its id when
+    /// given.
+    fn from_seen(traceparent: Seen<'_>, headers: &HeaderMap, root: Option<[u8; 16]>) -> Self {
+        let parsed = match traceparent {
+            Seen::Once(v) => parse_traceparent(v.as_bytes()),
+            Seen::Absent | Seen::Repeated(_) => None,
         };
         match parsed {
             Some((trace_id, parent_id, flags)) => Self {
@@ -624,7 +633,8 @@ pub(crate) fn assign<B>(req: &mut Request<B>) -> CorrelationId {
     // 128 bits are the new trace's id (version and variant bits included,
     // the last 7 bytes random as W3C Trace Context asks), so a search by
     // either id finds the other, and one random draw serves both.
-    let (id, root) = match CorrelationId::from_headers(req.headers()) {
+    let wanted = Wanted::scan(req.headers());
+    let (id, root) = match CorrelationId::from_seen(wanted.correlation_id) {
         Ok(id) => (id, None),
         Err(rejected) => {
             let (id, uuid) = CorrelationId::generate_uuid();
@@ -639,12 +649,85 @@ pub(crate) fn assign<B>(req: &mut Request<B>) -> CorrelationId {
             (id, Some(uuid))
         }
     };
-    let trace = TraceContext::from_headers_or(req.headers(), root);
+    let trace = TraceContext::from_seen(wanted.traceparent, req.headers(), root);
+    let mut correlation = Correlation::new(id.clone(), trace);
+    correlation.caller_timeout = Some(crate::protect::caller_timeout_of(wanted.timeout_ms.once()));
     // Inner layers and handlers read the validated id from this
     // extension, never from the raw header.
-    req.extensions_mut()
-        .insert(Correlation::new(id.clone(), trace));
+    req.extensions_mut().insert(correlation);
     id
+}
+
+/// How often a request carries a header the front layers read.
+#[derive(Clone, Copy)]
+pub(crate) enum Seen<'a> {
+    Absent,
+    Once(&'a HeaderValue),
+    /// More than once; the first value.
+    Repeated(&'a HeaderValue),
+}
+
+impl<'a> Seen<'a> {
+    fn add(&mut self, value: &'a HeaderValue) {
+        *self = match *self {
+            Seen::Absent => Seen::Once(value),
+            Seen::Once(first) | Seen::Repeated(first) => Seen::Repeated(first),
+        };
+    }
+
+    /// The value, when the header came exactly once.
+    pub(crate) fn once(self) -> Option<&'a HeaderValue> {
+        match self {
+            Seen::Once(v) => Some(v),
+            Seen::Absent | Seen::Repeated(_) => None,
+        }
+    }
+}
+
+/// The headers the front layers read: `x-correlation-id`, `traceparent` and
+/// `x-timeout-ms`.
+struct Wanted<'a> {
+    correlation_id: Seen<'a>,
+    traceparent: Seen<'a>,
+    timeout_ms: Seen<'a>,
+}
+
+/// Up to this many header values, one pass comparing names finds the wanted
+/// headers faster than hashing each wanted name for a lookup.
+const SCAN_MAX_HEADERS: usize = 24;
+
+impl<'a> Wanted<'a> {
+    fn scan(headers: &'a HeaderMap) -> Self {
+        if headers.len() > SCAN_MAX_HEADERS {
+            let seen = |name: HeaderName| {
+                let mut seen = Seen::Absent;
+                for v in headers.get_all(name).iter().take(2) {
+                    seen.add(v);
+                }
+                seen
+            };
+            return Self {
+                correlation_id: seen(X_CORRELATION_ID),
+                traceparent: seen(TRACEPARENT),
+                timeout_ms: seen(crate::protect::X_TIMEOUT_MS),
+            };
+        }
+        let mut wanted = Self {
+            correlation_id: Seen::Absent,
+            traceparent: Seen::Absent,
+            timeout_ms: Seen::Absent,
+        };
+        for (name, value) in headers {
+            if *name == X_CORRELATION_ID {
+                wanted.correlation_id.add(value);
+            } else if *name == TRACEPARENT {
+                wanted.traceparent.add(value);
+            } else if *name == crate::protect::X_TIMEOUT_MS {
+                wanted.timeout_ms.add(value);
+            }
+        }
+        wanted
+    }
 }
 
 pin_project! {
@@ -771,6 +854,38 @@ mod tests {
         .await;
         assert!(is_uuid_v7(&header), "{header:?}");
         assert_eq!(body[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[tokio::test]
+    async fn ids_are_found_among_many_headers_as_among_few() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for others in [0, 5, SCAN_MAX_HEADERS, SCAN_MAX_HEADERS + 10] {
+            let with_others = |mut b: http::request::Builder| {
+                for i in 0..others {
+                    b = b.header(format!("x-other-{i}"), "v");
+                }
+                b
+            };
+            let req = with_others(Request::get("/"))
+                .header(X_CORRELATION_ID, "kept-1")
+                .header(TRACEPARENT, tp)
+                .body(Body::empty())
+                .unwrap();
+            let (header, body) = call(req).await;
+            assert_eq!(header, "kept-1", "{others} other headers");
+            assert_eq!(body[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+            // Twice: replaced, and the trace is a new one.
+            let req = with_others(Request::get("/"))
+                .header(X_CORRELATION_ID, "kept-1")
+                .header(X_CORRELATION_ID, "kept-2")
+                .header(TRACEPARENT, tp)
+                .header(TRACEPARENT, tp)
+                .body(Body::empty())
+                .unwrap();
+            let (header, body) = call(req).await;
+            assert!(is_uuid_v7(&header), "{others} other headers: {header:?}");
+            assert_ne!(body[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+        }
     }
 
     #[test]

@@ -472,7 +472,12 @@ pub(crate) fn deadline<B>(
     timeout: Duration,
     now: tokio::time::Instant,
 ) -> Result<Due, Due> {
-    let Some(caller) = caller_timeout(req.headers()) else {
+    // Read with the correlation ids when the correlation layer is outside.
+    let read = req
+        .extensions()
+        .get::<crate::correlation::Correlation>()
+        .and_then(|c| c.caller_timeout);
+    let Some(caller) = read.unwrap_or_else(|| caller_timeout(req.headers())) else {
         return Ok(Due {
             at: now + timeout,
             timeout,
@@ -538,14 +543,22 @@ pub struct Deadline(pub tokio::time::Instant);
 fn caller_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     let mut values = headers.get_all(X_TIMEOUT_MS).iter();
     match (values.next(), values.next()) {
-        (Some(v), None) => v
-            .to_str()
-            .ok()
-            .filter(|s| !s.is_empty() && s.len() <= 12 && s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse::<u64>().ok())
-            .map(Duration::from_millis),
+        (Some(v), None) => caller_timeout_of(Some(v)),
         _ => None,
     }
+}
+
+/// The caller's remaining time from the value of its one `x-timeout-ms`.
+pub(crate) fn caller_timeout_of(value: Option<&http::HeaderValue>) -> Option<Duration> {
+    let bytes = value?.as_bytes();
+    if bytes.is_empty() || bytes.len() > 12 || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(bytes)
+        .ok()?
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_millis)
 }
 
 pin_project! {

@@ -445,6 +445,17 @@ async fn the_callers_deadline_shortens_the_timeout_and_every_refusal_is_audited(
         .unwrap();
     let text = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(text, "250");
+    // The same among many other headers.
+    let mut crowded = with_timeout("/stack-dl/v1/deadline", "120");
+    for i in 0..40 {
+        crowded.headers_mut().insert(
+            http::HeaderName::try_from(format!("x-other-{i}")).unwrap(),
+            http::HeaderValue::from_static("v"),
+        );
+    }
+    let res = app.clone().oneshot(crowded).await.unwrap();
+    let text = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(text, "120");
     let (s, ..) = call(&app, req("GET", "/stack-dl/v1/deadline")).await;
     assert_eq!(s, StatusCode::OK);
 
@@ -486,6 +497,7 @@ async fn the_callers_deadline_shortens_the_timeout_and_every_refusal_is_audited(
         [
             (200, "allow", Some("public")),
             (200, "allow", Some("public")),
+            (200, "allow", Some("public")),
             // Allowed, then cut by the deadline: the decision stands, the
             // status says how it ended.
             (504, "allow", Some("public")),
@@ -501,8 +513,8 @@ async fn the_callers_deadline_shortens_the_timeout_and_every_refusal_is_audited(
     // Latency counts from when the request was received: the timed-out
     // call took its 50 ms.
     assert!(
-        (events[2].latency_ms - 50.0).abs() < 1.0,
+        (events[3].latency_ms - 50.0).abs() < 1.0,
         "{}",
-        events[2].latency_ms
+        events[3].latency_ms
     );
 }
