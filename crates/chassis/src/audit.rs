@@ -287,7 +287,11 @@ fn log_line(lines: &crate::telemetry::JsonLines, buf: &mut Vec<u8>, e: &AuditEve
     write_field(buf, ",\"subject\":\"", &e.subject, true);
     write_field(buf, ",\"subject_kind\":\"", e.subject_kind, true);
     write_field(buf, ",\"method\":\"", e.method.as_str(), false);
-    write_field(buf, ",\"route\":\"", e.route.as_str(), true);
+    let route_clean = match &e.route {
+        AuditRoute::Matched(m) => crate::telemetry::route_is_clean(m),
+        AuditRoute::Static(_) => false,
+    };
+    write_field(buf, ",\"route\":\"", e.route.as_str(), !route_clean);
     if let Some(account) = &e.account {
         write_field(buf, ",\"account\":\"", account.as_str(), false);
     }

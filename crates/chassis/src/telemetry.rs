@@ -724,6 +724,38 @@ fn needs_escape(bytes: &[u8]) -> bool {
     i < n && word_needs_escape(word_at(bytes, n - 8))
 }
 
+/// How many clean route templates each thread remembers, see
+/// [`route_is_clean`].
+const CLEAN_ROUTE_SLOTS: usize = 8;
+
+thread_local! {
+    static CLEAN_ROUTES: std::cell::RefCell<[Option<MatchedPath>; CLEAN_ROUTE_SLOTS]> =
+        const { std::cell::RefCell::new([const { None }; CLEAN_ROUTE_SLOTS]) };
+}
+
+/// Whether `route` needs no escaping in a JSON string. A template found
+/// clean is remembered by this thread (the entry holds it, so its address
+/// cannot be reused by other text), and the same template, by address and
+/// length, is not scanned again: the access line and the audit line of
+/// every request carry the route.
+pub(crate) fn route_is_clean(route: &MatchedPath) -> bool {
+    let text = route.as_str();
+    let slot = (text.as_ptr() as usize >> 4) % CLEAN_ROUTE_SLOTS;
+    CLEAN_ROUTES.with_borrow_mut(|routes| {
+        if routes[slot]
+            .as_ref()
+            .is_some_and(|r| std::ptr::eq(r.as_str(), text))
+        {
+            return true;
+        }
+        if needs_escape(text.as_bytes()) {
+            return false;
+        }
+        routes[slot] = Some(route.clone());
+        true
+    })
+}
+
 /// Escapes `bytes`, which needs it somewhere.
 fn escape_each(buf: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -988,7 +1020,9 @@ impl Drop for Guard {
         let method = crate::metrics::method_label_of(self.method);
         if let (true, Some(ids), Some(lines)) = (self.direct, &self.fields, json_lines()) {
             if tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
-                access_line(lines, ids, method, route, status, latency_us);
+                // `unmatched` is a literal of this crate.
+                let clean = self.route.as_ref().is_none_or(route_is_clean);
+                access_line(lines, ids, method, (route, clean), status, latency_us);
             }
             return;
         }
@@ -1021,7 +1055,7 @@ fn access_line(
     lines: &JsonLines,
     ids: &RequestFields,
     method: &str,
-    route: &str,
+    (route, route_clean): (&str, bool),
     status: u16,
     latency_us: u64,
 ) {
@@ -1035,7 +1069,7 @@ fn access_line(
         );
         // An HTTP method is a token: no quote, backslash or control byte.
         write_field(buf, ",\"method\":\"", method, false);
-        write_field(buf, ",\"route\":\"", route, true);
+        write_field(buf, ",\"route\":\"", route, !route_clean);
         buf.extend_from_slice(b",\"status\":");
         write_u64(buf, u64::from(status));
         buf.extend_from_slice(b",\"latency_us\":");

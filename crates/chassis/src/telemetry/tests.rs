@@ -430,7 +430,7 @@ fn the_direct_access_line_is_the_one_the_tracing_event_renders() {
     };
     ids.correlation_id.set(id.as_str());
     ids.trace_id.set(trace.as_str());
-    access_line(&lines, &ids, "GET", "/svc/v1/{id}", 200, 77);
+    access_line(&lines, &ids, "GET", ("/svc/v1/{id}", false), 200, 77);
     drop(lines);
     drop(guard);
     let mut direct = direct_out.lines().remove(0);
@@ -442,4 +442,40 @@ fn the_direct_access_line_is_the_one_the_tracing_event_renders() {
     assert_eq!(direct, via_tracing);
     assert_eq!(direct["correlation_id"], "c-1");
     assert_eq!(direct["latency_us"], 77);
+}
+
+#[tokio::test]
+async fn routes_are_remembered_clean_only_when_they_are() {
+    use tower::ServiceExt;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = |seen: std::sync::Arc<std::sync::Mutex<Vec<MatchedPath>>>| {
+        move |m: MatchedPath| async move { seen.lock().unwrap().push(m) }
+    };
+    let app = axum::Router::new()
+        .route("/plain/{x}", axum::routing::get(keep(seen.clone())))
+        .route("/q\"uote\\d", axum::routing::get(keep(seen.clone())));
+    for uri in ["/plain/1", "/q\"uote\\d"] {
+        let req = http::Request::get(uri)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200, "{uri}");
+    }
+    let seen = seen.lock().unwrap();
+    let (plain, quoted) = (&seen[0], &seen[1]);
+    for _ in 0..3 {
+        assert!(route_is_clean(plain));
+        assert!(!route_is_clean(quoted), "{}", quoted.as_str());
+    }
+    // A line stays valid JSON with the one that needs escaping.
+    let mut buf = Vec::new();
+    write_field(
+        &mut buf,
+        "{\"route\":\"",
+        quoted.as_str(),
+        !route_is_clean(quoted),
+    );
+    buf.push(b'}');
+    let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+    assert_eq!(v["route"], "/q\"uote\\d");
 }
