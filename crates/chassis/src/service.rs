@@ -94,6 +94,9 @@
 //! [`SetCorrelationIdLayer`]: crate::correlation::SetCorrelationIdLayer
 //! [`EnsureProblemLayer`]: crate::problem::EnsureProblemLayer
 //! [`ObserveLayer`]: crate::telemetry::ObserveLayer
+//! [`AuditLayer`]: crate::audit::AuditLayer
+//! [`BodyLimitLayer`]: crate::protect::BodyLimitLayer
+//! [`RequestTimeoutLayer`]: crate::protect::RequestTimeoutLayer
 
 use std::{
     fmt,
