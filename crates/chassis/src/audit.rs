@@ -21,7 +21,9 @@
 //! | `mutation` | `true` for a successful POST, PUT, PATCH or DELETE |
 //!
 //! Auditing never blocks a request: events go through a bounded queue to a
-//! writer thread. When the queue is full the event is dropped, **counted**
+//! writer thread, which sleeps while there is nothing to write (the first
+//! event of a burst wakes it; it then gathers 10 ms of events and writes
+//! them together). When the queue is full the event is dropped, **counted**
 //! (`audit_events_dropped_total`) and logged, never silently lost; every
 //! event is counted by decision (`audit_events_total{decision}`). Shutdown
 //! flushes the queue. The default sink under the chassis' JSON log is the
@@ -372,16 +374,19 @@ impl AuditSink for FileSink {
     }
 }
 
-/// How often the writer thread wakes to drain the queue when it is not
-/// full enough to be woken early.
+/// How long the writer thread gathers events after the first of a burst
+/// woke it, unless the queue fills to half first.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The queue in front of a sink, and the thread that drains it.
 ///
-/// Recording pushes onto a buffer under a short lock; the writer thread
-/// drains it every 10 ms, or at once when it is half full, so a request never
-/// pays for waking the writer. Cheap to clone. Dropping the last clone stops
-/// the thread after it has written what is queued.
+/// Recording pushes onto a buffer under a short lock. The writer thread
+/// sleeps while the queue is empty; the first event of a burst wakes it, and
+/// it then gathers for 10 ms (or until the queue is half full) before it
+/// writes, so at most one request per burst pays for waking it, and an idle
+/// service (or one whose audit lines go straight to the JSON log) has a
+/// writer that does not wake at all. Cheap to clone. Dropping the last clone
+/// stops the thread after it has written what is queued.
 #[derive(Clone)]
 pub struct Auditor {
     inner: Arc<AuditorInner>,
@@ -413,6 +418,8 @@ struct QueueState {
     flush_asked: u64,
     flush_done: u64,
     closed: bool,
+    /// The writer is asleep until an event, a flush or the close wakes it.
+    parked: bool,
 }
 
 impl Drop for AuditorInner {
@@ -516,7 +523,7 @@ impl Auditor {
             return;
         }
         s.events.push(event);
-        if s.events.len() == q.capacity.div_ceil(2) {
+        if std::mem::take(&mut s.parked) || s.events.len() == q.capacity.div_ceil(2) {
             q.wake.notify_one();
         }
     }
@@ -562,12 +569,27 @@ fn drain(q: &Queue, sink: &dyn AuditSink, dropped: &metrics::Counter) {
                 .state
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if s.events.is_empty() && s.flush_asked == s.flush_done && !s.closed {
-                s = q
-                    .wake
-                    .wait_timeout(s, DRAIN_INTERVAL)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
+            let idle = |s: &QueueState| s.flush_asked == s.flush_done && !s.closed;
+            if s.events.is_empty() && idle(&s) {
+                // Asleep until the first event of a burst (or a flush, or
+                // the close) wakes it.
+                s.parked = true;
+                while s.parked && s.events.is_empty() && idle(&s) {
+                    s = q
+                        .wake
+                        .wait(s)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                s.parked = false;
+                // Then gather the rest of the burst; a half-full queue, a
+                // flush or the close cut this short.
+                if idle(&s) && s.events.len() < q.capacity.div_ceil(2) {
+                    s = q
+                        .wake
+                        .wait_timeout(s, DRAIN_INTERVAL)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
             }
             std::mem::swap(&mut batch, &mut s.events);
             (s.closed, s.flush_asked)
@@ -953,6 +975,25 @@ mod tests {
         }
         auditor.flush();
         assert_eq!(memory.0.lock().unwrap().len() as u64, 100 - dropped);
+    }
+
+    #[test]
+    fn an_idle_writer_is_woken_by_the_first_event_of_a_burst() {
+        let memory = Memory::default();
+        let auditor = Auditor::new("svc", memory.clone(), 100);
+        for burst in 1..=3 {
+            // Long enough for the writer to go back to sleep.
+            std::thread::sleep(Duration::from_millis(50));
+            auditor.record(AuditEvent::example());
+            // Written without a flush: the event itself woke the writer.
+            let mut waited = 0;
+            while memory.0.lock().unwrap().len() < burst {
+                assert!(waited < 500, "burst {burst} was not written");
+                std::thread::sleep(Duration::from_millis(10));
+                waited += 1;
+            }
+        }
+        assert_eq!(auditor.dropped(), 0);
     }
 
     #[test]
