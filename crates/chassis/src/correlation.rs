@@ -660,7 +660,7 @@ pub(crate) fn assign<B>(req: &mut Request<B>) -> CorrelationId {
 
 /// How often a request carries a header the front layers read.
 #[derive(Clone, Copy)]
-pub(crate) enum Seen<'a> {
+enum Seen<'a> {
     Absent,
     Once(&'a HeaderValue),
     /// More than once; the first value.
@@ -676,7 +676,7 @@ impl<'a> Seen<'a> {
     }
 
     /// The value, when the header came exactly once.
-    pub(crate) fn once(self) -> Option<&'a HeaderValue> {
+    fn once(self) -> Option<&'a HeaderValue> {
         match self {
             Seen::Once(v) => Some(v),
             Seen::Absent | Seen::Repeated(_) => None,

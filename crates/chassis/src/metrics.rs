@@ -428,6 +428,31 @@ impl Hasher for KeyHasher {
     }
 }
 
+/// The `MatchedPath` each of `routes` (template, a path it matches) gives
+/// its requests, in order: the shared template axum hands out, as the
+/// chassis' layers see it.
+#[cfg(test)]
+pub(crate) async fn matched_paths(routes: &[(&str, &str)]) -> Vec<MatchedPath> {
+    use tower::ServiceExt;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut app = axum::Router::new();
+    for (template, _) in routes {
+        let seen = seen.clone();
+        app = app.route(
+            template,
+            axum::routing::get(move |m: MatchedPath| async move { seen.lock().unwrap().push(m) }),
+        );
+    }
+    for (_, uri) in routes {
+        let req = http::Request::get(*uri)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200, "{uri}");
+    }
+    std::mem::take(&mut *seen.lock().unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,30 +558,12 @@ mod tests {
         assert!(routes.contains(&"/b/{x}".to_owned()));
     }
 
-    /// The templates of a router's routes, as its requests carry them.
-    async fn matched_paths() -> (MatchedPath, MatchedPath) {
-        use tower::ServiceExt;
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let keep = |seen: std::sync::Arc<std::sync::Mutex<Vec<MatchedPath>>>| {
-            move |m: MatchedPath| async move { seen.lock().unwrap().push(m) }
-        };
-        let app = axum::Router::new()
-            .route("/a/{x}", axum::routing::get(keep(seen.clone())))
-            .route("/b", axum::routing::get(keep(seen.clone())));
-        for uri in ["/a/1", "/b"] {
-            let req = http::Request::get(uri)
-                .body(axum::body::Body::empty())
-                .unwrap();
-            app.clone().oneshot(req).await.unwrap();
-        }
-        let mut seen = seen.lock().unwrap();
-        let b = seen.pop().unwrap();
-        (seen.pop().unwrap(), b)
-    }
-
     #[tokio::test]
     async fn each_thread_keeps_recent_histograms_apart_by_route_method_status_and_service() {
-        let (a, b) = matched_paths().await;
+        let [a, b] = matched_paths(&[("/a/{x}", "/a/1"), ("/b", "/b")])
+            .await
+            .try_into()
+            .unwrap();
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         metrics::with_local_recorder(&recorder, || {

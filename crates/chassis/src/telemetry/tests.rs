@@ -446,22 +446,11 @@ fn the_direct_access_line_is_the_one_the_tracing_event_renders() {
 
 #[tokio::test]
 async fn routes_are_remembered_clean_only_when_they_are() {
-    use tower::ServiceExt;
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let keep = |seen: std::sync::Arc<std::sync::Mutex<Vec<MatchedPath>>>| {
-        move |m: MatchedPath| async move { seen.lock().unwrap().push(m) }
-    };
-    let app = axum::Router::new()
-        .route("/plain/{x}", axum::routing::get(keep(seen.clone())))
-        .route("/q\"uote\\d", axum::routing::get(keep(seen.clone())));
-    for uri in ["/plain/1", "/q\"uote\\d"] {
-        let req = http::Request::get(uri)
-            .body(axum::body::Body::empty())
-            .unwrap();
-        let res = app.clone().oneshot(req).await.unwrap();
-        assert_eq!(res.status(), 200, "{uri}");
-    }
-    let seen = seen.lock().unwrap();
+    let seen = crate::metrics::matched_paths(&[
+        ("/plain/{x}", "/plain/1"),
+        ("/q\"uote\\d", "/q\"uote\\d"),
+    ])
+    .await;
     let (plain, quoted) = (&seen[0], &seen[1]);
     for _ in 0..3 {
         assert!(route_is_clean(plain));
