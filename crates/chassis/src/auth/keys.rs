@@ -87,7 +87,7 @@ impl Key {
         Ok(Self {
             kid: kid.map(Into::into),
             algorithms: vec![algorithm],
-            key: Arc::new(DecodingKey::from_secret(secret)),
+            key: Arc::new(DecodingKey::from_secret(secret).map_err(|_| KeyError::ShortSecret)?),
         })
     }
 
