@@ -165,6 +165,7 @@ use crate::{
     fault::{FaultConfig, Percent},
     protect::Deadline,
     retry::{IDEMPOTENCY_KEY, RetryBudget, RetryPolicy},
+    tls::ClientTls,
 };
 
 mod error;
@@ -255,6 +256,7 @@ pub struct DownstreamBuilder {
     base_url: String,
     settings: Settings,
     tokens: Option<TokenSource>,
+    tls: Option<ClientTls>,
 }
 
 impl DownstreamBuilder {
@@ -320,6 +322,14 @@ impl DownstreamBuilder {
     /// [`as_service`](Downstream::as_service).
     pub fn token_source(mut self, tokens: TokenSource) -> Self {
         self.tokens = Some(tokens);
+        self
+    }
+
+    /// The TLS settings of `https://` calls (default
+    /// [`ClientTls::global`]: the platform's roots and
+    /// `CHASSIS_TLS_CA_FILE`).
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -466,7 +476,7 @@ impl DownstreamBuilder {
     }
 
     /// Builds the downstream. Fails when the base URL is not an absolute
-    /// `http://` URL or a timeout is zero.
+    /// `http://` or `https://` URL or a timeout is zero.
     ///
     /// Build each downstream once, at start-up, and clone the
     /// [`Downstream`]: its breaker and bulkhead live for the whole process
@@ -499,7 +509,8 @@ impl DownstreamBuilder {
         let policy = RetryPolicy::new(RetryBudget::new(Duration::from_secs(10), 1, s.retry_budget))
             .max_attempts(s.max_attempts)
             .backoff(s.backoff, s.backoff_max);
-        let stack = transport::stack(s, policy, breaker.clone(), bulkhead.clone());
+        let tls = self.tls.unwrap_or_else(ClientTls::global);
+        let stack = transport::stack(s, &tls, policy, breaker.clone(), bulkhead.clone());
         Ok(Downstream {
             inner: Arc::new(Inner {
                 name,
@@ -540,9 +551,9 @@ fn parse_base(url: &str) -> Result<(http::uri::Scheme, http::uri::Authority, Str
             "base URL {url:?} must be absolute, e.g. http://host:port"
         ));
     };
-    if scheme != &http::uri::Scheme::HTTP {
+    if scheme != &http::uri::Scheme::HTTP && scheme != &http::uri::Scheme::HTTPS {
         return Err(format!(
-            "base URL {url:?}: only http:// is supported (terminate TLS in the service mesh or a sidecar)"
+            "base URL {url:?}: the scheme must be https:// (or http:// for loopback and meshes that terminate TLS in a sidecar)"
         ));
     }
     if uri.query().is_some() {
@@ -599,6 +610,7 @@ impl Downstream {
             base_url: base_url.to_owned(),
             settings: Settings::default(),
             tokens: None,
+            tls: None,
         }
     }
 

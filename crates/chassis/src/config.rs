@@ -39,6 +39,7 @@
 //! | `CHASSIS_AUDIT_FILE` | none | append audit events to this file (default: the log) |
 //! | `CHASSIS_AUDIT_QUEUE` | `8192` | audit events buffered before new ones are dropped (counted) |
 //! | `CHASSIS_FAULT_*` | off | failure injection, see [`fault`](crate::fault) |
+//! | `CHASSIS_TLS_CA_FILE` | none | PEM file of extra CAs trusted by outbound TLS, next to the platform's, see [`tls`](crate::tls) |
 //!
 //! # Example
 //!
@@ -450,6 +451,9 @@ pub struct Config {
     pub audit_queue: usize,
     /// `CHASSIS_FAULT_*`: failure injection, off unless configured.
     pub fault: Option<crate::fault::FaultConfig>,
+    /// `CHASSIS_TLS_CA_FILE`: extra CAs trusted by outbound TLS, checked
+    /// when read (see [`tls`](crate::tls)).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -467,6 +471,7 @@ impl Default for Config {
             audit_file: None,
             audit_queue: crate::audit::DEFAULT_QUEUE,
             fault: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -528,6 +533,13 @@ impl Config {
         if audit_queue == 0 {
             r.problem("CHASSIS_AUDIT_QUEUE", "must be at least 1");
         }
+        let tls_ca_file: Option<std::path::PathBuf> = r.maybe(
+            crate::tls::CA_FILE_VAR,
+            "PEM file of extra CAs trusted by outbound TLS",
+        );
+        if let Err(e) = crate::tls::ClientTls::from_ca_file(tls_ca_file.as_deref()) {
+            r.problem(crate::tls::CA_FILE_VAR, e.to_string());
+        }
         Self {
             bind,
             log: log.0,
@@ -541,6 +553,7 @@ impl Config {
             audit_file,
             audit_queue: audit_queue.max(1),
             fault,
+            tls_ca_file,
         }
     }
 
@@ -601,6 +614,28 @@ mod tests {
             text.contains("`localhost`"),
             "non-secret values are shown: {text}"
         );
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_a_problem() {
+        let dir = std::env::temp_dir().join(format!("chassis-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        for (path, says) in [
+            (dir.join("missing.pem"), "cannot read CA file"),
+            (empty, "no certificate in the PEM"),
+        ] {
+            let env = Env::from_pairs([
+                ("CHASSIS_TLS_CA_FILE", path.to_str().unwrap()),
+                ("CHASSIS_BIND", "nowhere"),
+            ]);
+            let err = Config::from_env(&env).unwrap_err();
+            let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["CHASSIS_BIND", "CHASSIS_TLS_CA_FILE"], "listed together");
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

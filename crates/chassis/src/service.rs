@@ -491,12 +491,17 @@ impl ServiceBuilder {
                 "{}",
                 crate::config::ConfigError::new(vec![crate::config::ConfigProblem {
                     name: "CHASSIS_AUTH_ISSUER".to_owned(),
-                    message: "required: the API has routes that require a permission, so tokens must be verified (set CHASSIS_AUTH_ISSUER, CHASSIS_AUTH_AUDIENCE and CHASSIS_AUTH_JWKS_URL)".to_owned(),
+                    message: "required: the API has routes that require a permission, so tokens must be verified (set CHASSIS_AUTH_ISSUER and CHASSIS_AUTH_AUDIENCE; the keys are discovered from the issuer unless CHASSIS_AUTH_JWKS_URL is set)".to_owned(),
                 }])
             );
             return ExitCode::from(crate::config::EXIT_CONFIG);
         }
         let _telemetry = crate::telemetry::init(&self.name, &config);
+        // Checked when the configuration was read; every outbound connection
+        // built from here on trusts these roots.
+        if let Ok(tls) = crate::tls::ClientTls::from_ca_file(config.tls_ca_file.as_deref()) {
+            tls.install_global();
+        }
         let service = match self.config(config).build() {
             Ok(s) => s,
             Err(e) => {

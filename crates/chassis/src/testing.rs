@@ -10,6 +10,12 @@
 //! [`Verifier`] that trusts exactly that key, to hand to
 //! [`ServiceBuilder::verifier`](crate::ServiceBuilder::verifier).
 //!
+//! Outbound TLS is tested the same way: [`TestPki`] makes a private CA at
+//! test time, issues server certificates (valid, expired, for other names),
+//! serves a router over HTTPS on loopback, and gives the
+//! [`ClientTls`](crate::tls::ClientTls) that trusts it, as
+//! `CHASSIS_TLS_CA_FILE` does in production.
+//!
 //! Enable with the `testing` feature, in `[dev-dependencies]` only.
 //!
 //! # Example
@@ -37,6 +43,10 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 use crate::auth::{Key, Verifier};
+
+mod pki;
+
+pub use pki::{TestCert, TestPki};
 
 const PRIVATE_PEM: &[u8] = include_bytes!("testing/test-ed25519.pem");
 const PUBLIC_PEM: &[u8] = include_bytes!("testing/test-ed25519.pub.pem");

@@ -645,3 +645,14 @@ async fn as_service_without_a_token_source_is_an_error() {
     );
     assert_eq!(flaky.hits(), 0);
 }
+
+#[tokio::test]
+async fn any_expires_in_is_handled_without_a_panic() {
+    for expires_in in [u64::MAX, u64::MAX / 1000, 1 << 62, 0] {
+        let (issuer, token_url) = issuer(expires_in, Duration::ZERO).await;
+        let tokens = source(&token_url, "s:cret");
+        let got = tokens.authorization().await;
+        assert_eq!(got.unwrap(), "Bearer tok-1", "expires_in {expires_in}");
+        assert_eq!(issuer.fetches.load(Ordering::SeqCst), 1);
+    }
+}

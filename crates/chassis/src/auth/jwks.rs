@@ -6,10 +6,25 @@
 //! and 1 day, 10 min when absent); a token naming an unknown `kid` triggers a
 //! refetch only when the last attempt is older than the 30 s cooldown, so a
 //! flood of made-up kids costs at most one fetch per cooldown. Concurrent
-//! callers share one fetch (single flight), and a fetch result older than the
-//! one applied is dropped (sequence guard). When a refresh fails, the last
-//! good set is kept (stale-if-error) for up to 24 h. Responses are capped at
-//! 64 KiB, must be JSON, and redirects are not followed.
+//! callers share one attempt and its outcome (single flight): a caller that
+//! waited for an attempt that failed gets the failure, and never starts one of
+//! its own; while no set was ever loaded, attempts are at least `cold_retry`
+//! (1 s) apart, so a key server that is down sees O(1) requests per second
+//! however many callers there are. A fetch result older than the one applied
+//! is dropped (sequence guard). When a refresh fails, the last good set is
+//! kept (stale-if-error) for up to 24 h. Responses are capped at 64 KiB, must
+//! be JSON, and redirects are not followed.
+//!
+//! A refresh that changes what a `kid` vouches for (its key material or
+//! algorithms), removes a `kid`, or makes one ambiguous, starts a new
+//! generation: verifications cached under the old set stop counting.
+//!
+//! With discovery (OpenID Connect Discovery 1.0, RFC 8414), the key set's
+//! URL is read from `{issuer}/.well-known/openid-configuration` before the
+//! first fetch, and again after a fetch fails. The document's `issuer` must
+//! equal the configured issuer exactly; otherwise no key is loaded, the
+//! service stays unready, and the log says why. An `https://` issuer's
+//! `jwks_uri` must be `https://` too.
 
 use std::{
     fmt,
@@ -23,13 +38,17 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use jsonwebtoken::Algorithm;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Reason, keys::KeySet};
-use crate::health::{Check, CheckError};
+use crate::{
+    health::{Check, CheckError},
+    tls::{self, ClientTls},
+};
 
 /// Tuning of a remote key set; the defaults are the standard's numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,19 +89,33 @@ struct State {
     fetched_at: Option<Instant>,
     max_age: Duration,
     last_attempt: Option<Instant>,
+    /// Attempts finished, successful or not: a caller that saw `n` and finds
+    /// more after waiting shares that attempt's outcome.
+    attempts: u64,
     applied_seq: u64,
+    /// The key set URL the discovery document named, until a fetch fails.
+    discovered: Option<Uri>,
     /// Bumped whenever a refresh removes a kid, so cached verifications made
     /// with a removed key stop counting.
     generation: u64,
 }
 
+/// Where a key set's URL comes from.
+#[derive(Debug, Clone)]
+enum Location {
+    /// Configured.
+    Fixed(Uri),
+    /// Named by the discovery document at this URL.
+    Discovered(Uri),
+}
+
 /// A key set at a URL.
 pub(crate) struct RemoteJwks {
     issuer: Arc<str>,
-    uri: Uri,
+    location: Location,
     options: JwksOptions,
     allowed: Vec<Algorithm>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     state: RwLock<State>,
     next_seq: AtomicU64,
     single_flight: tokio::sync::Mutex<()>,
@@ -91,7 +124,7 @@ pub(crate) struct RemoteJwks {
 impl fmt::Debug for RemoteJwks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteJwks")
-            .field("uri", &self.uri)
+            .field("location", &self.location)
             .finish_non_exhaustive()
     }
 }
@@ -101,8 +134,8 @@ impl fmt::Debug for RemoteJwks {
 enum FetchError {
     #[error("timed out")]
     Timeout,
-    #[error("connection failed")]
-    Connect,
+    #[error("connection failed: {0}")]
+    Connect(String),
     #[error("answered {0}")]
     Status(StatusCode),
     #[error("content type is not JSON")]
@@ -111,23 +144,61 @@ enum FetchError {
     TooLarge,
     #[error("not a usable key set: {0}")]
     Invalid(String),
+    #[error("discovery: {0}")]
+    Discovery(String),
+}
+
+/// The members of a discovery document the verifier reads.
+#[derive(serde::Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+/// Checks that `url` is an absolute `http(s)://` URL; warns when it is plain
+/// `http://` to a host that is not loopback.
+fn remote_url(url: &str, what: &str) -> Result<Uri, String> {
+    let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || uri.authority().is_none() {
+        return Err(format!("`{url}` must be an absolute https:// (or http://) URL"));
+    }
+    if tls::is_plain_remote(&uri) {
+        tracing::warn!(url, "the {what} is fetched over plain http: anyone on the path can swap the keys; use https:// unless a sidecar terminates TLS");
+    }
+    Ok(uri)
+}
+
+/// `{issuer}/.well-known/openid-configuration`.
+pub(crate) fn discovery_url(issuer: &str) -> String {
+    format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    )
 }
 
 impl RemoteJwks {
+    /// The key set at `url`, or, with `url` `None`, the one the issuer's
+    /// discovery document names.
     pub(crate) fn new(
         issuer: &str,
-        url: &str,
+        url: Option<&str>,
         options: JwksOptions,
         allowed: &[Algorithm],
+        tls: &ClientTls,
     ) -> Result<Self, String> {
-        let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            return Err(format!("`{url}` must be an absolute http:// URL"));
-        }
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let location = match url {
+            Some(url) => Location::Fixed(remote_url(url, "key set")?),
+            None => Location::Discovered(
+                remote_url(&discovery_url(issuer), "discovery document")
+                    .map_err(|e| format!("issuer {issuer:?} cannot be discovered: {e}"))?,
+            ),
+        };
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(tls.connector(Some(options.timeout)));
         Ok(Self {
             issuer: issuer.into(),
-            uri,
+            location,
             options,
             allowed: allowed.to_vec(),
             client,
@@ -182,7 +253,7 @@ impl RemoteJwks {
                     (stale || missing) && since_attempt.is_none_or(|d| d >= self.options.cooldown)
                 }
             };
-            (needs, s.applied_seq)
+            (needs, s.attempts)
         };
         if needs {
             self.refresh_after(seen).await;
@@ -193,10 +264,12 @@ impl RemoteJwks {
         self.current().ok_or(Reason::JwksUnavailable)
     }
 
-    /// Fetches unless another fetch completed after `seen` (single flight).
+    /// Fetches unless an attempt finished after the caller saw `seen`
+    /// attempts: then its outcome, success or failure, is the caller's too
+    /// (single flight).
     async fn refresh_after(&self, seen: u64) {
         let _flight = self.single_flight.lock().await;
-        if self.read().applied_seq > seen {
+        if self.read().attempts > seen {
             return;
         }
         self.refresh().await;
@@ -211,6 +284,14 @@ impl RemoteJwks {
             Ok(r) => r,
             Err(_) => Err(FetchError::Timeout),
         };
+        {
+            let mut s = self.write();
+            s.attempts += 1;
+            if result.is_err() {
+                // Discover again next time: the key set may have moved.
+                s.discovered = None;
+            }
+        }
         match result {
             Ok((keys, max_age)) => {
                 let n = keys.len();
@@ -225,7 +306,7 @@ impl RemoteJwks {
             Err(e) => {
                 metrics::counter!("jwks_fetches_total", "issuer" => self.issuer.to_string(), "outcome" => "error").increment(1);
                 let have = self.read().keys.is_some();
-                tracing::warn!(issuer = %self.issuer, url = %self.uri, error = %e, keeping_last_good = have, "key set fetch failed");
+                tracing::warn!(issuer = %self.issuer, location = ?self.location, error = %e, keeping_last_good = have, "key set fetch failed");
                 false
             }
         }
@@ -238,7 +319,7 @@ impl RemoteJwks {
             return false;
         }
         if let Some(old) = &s.keys
-            && old.kids().any(|k| !keys.contains_kid(k))
+            && !keys.still_vouches_for(old)
         {
             s.generation += 1;
         }
@@ -250,15 +331,66 @@ impl RemoteJwks {
     }
 
     async fn fetch(&self) -> Result<(KeySet, Duration), FetchError> {
-        let req = http::Request::get(self.uri.clone())
-            .header(header::ACCEPT, "application/jwk-set+json, application/json")
+        let uri = match &self.location {
+            Location::Fixed(uri) => uri.clone(),
+            Location::Discovered(document) => {
+                let known = self.read().discovered.clone();
+                match known {
+                    Some(uri) => uri,
+                    None => {
+                        let uri = self.discover(document).await?;
+                        self.write().discovered = Some(uri.clone());
+                        uri
+                    }
+                }
+            }
+        };
+        let (headers, body) = self
+            .get_json(&uri, "application/jwk-set+json, application/json")
+            .await?;
+        let max_age = self.max_age(&headers);
+        let keys = KeySet::from_jwks(&body, &self.allowed)
+            .map_err(|e| FetchError::Invalid(e.to_string()))?;
+        if keys.is_empty() {
+            return Err(FetchError::Invalid("no usable key".to_owned()));
+        }
+        Ok((keys, max_age))
+    }
+
+    /// Reads the discovery document and returns its `jwks_uri`, once its
+    /// `issuer` is checked.
+    async fn discover(&self, document: &Uri) -> Result<Uri, FetchError> {
+        let (_, body) = self.get_json(document, "application/json").await?;
+        let doc: Discovery = serde_json::from_slice(&body).map_err(|e| {
+            FetchError::Discovery(format!("{document} is not a discovery document: {e}"))
+        })?;
+        if doc.issuer != *self.issuer {
+            return Err(FetchError::Discovery(format!(
+                "{document} names issuer {:?}, not the configured {:?}; no key is trusted",
+                doc.issuer, self.issuer
+            )));
+        }
+        let uri = remote_url(&doc.jwks_uri, "key set").map_err(FetchError::Discovery)?;
+        if document.scheme_str() == Some("https") && uri.scheme_str() != Some("https") {
+            return Err(FetchError::Discovery(format!(
+                "jwks_uri {uri} is not https:// while the issuer is"
+            )));
+        }
+        tracing::info!(issuer = %self.issuer, jwks_uri = %uri, "issuer discovered");
+        Ok(uri)
+    }
+
+    /// A GET answered 200 with a JSON body of at most `max_bytes`.
+    async fn get_json(&self, uri: &Uri, accept: &str) -> Result<(HeaderMap, Bytes), FetchError> {
+        let req = http::Request::get(uri.clone())
+            .header(header::ACCEPT, accept)
             .body(Empty::new())
-            .map_err(|_| FetchError::Connect)?;
+            .map_err(|e| FetchError::Connect(e.to_string()))?;
         let res = self
             .client
             .request(req)
             .await
-            .map_err(|_| FetchError::Connect)?;
+            .map_err(|e| FetchError::Connect(tls::error_chain(&e)))?;
         if res.status() != StatusCode::OK {
             return Err(FetchError::Status(res.status()));
         }
@@ -273,7 +405,6 @@ impl RemoteJwks {
         if !json {
             return Err(FetchError::ContentType);
         }
-        let max_age = self.max_age(res.headers());
         let declared = res
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -281,17 +412,13 @@ impl RemoteJwks {
         if declared.is_some_and(|n| n > self.options.max_bytes) {
             return Err(FetchError::TooLarge);
         }
-        let body = Limited::new(res.into_body(), self.options.max_bytes)
+        let (parts, body) = res.into_parts();
+        let body = Limited::new(body, self.options.max_bytes)
             .collect()
             .await
             .map_err(|_| FetchError::TooLarge)?
             .to_bytes();
-        let keys = KeySet::from_jwks(&body, &self.allowed)
-            .map_err(|e| FetchError::Invalid(e.to_string()))?;
-        if keys.is_empty() {
-            return Err(FetchError::Invalid("no usable key".to_owned()));
-        }
-        Ok((keys, max_age))
+        Ok((parts.headers, body))
     }
 
     fn max_age(&self, headers: &HeaderMap) -> Duration {
@@ -343,7 +470,7 @@ impl RemoteJwks {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }
-            let seen = self.read().applied_seq;
+            let seen = self.read().attempts;
             self.refresh_after(seen).await;
         }
     }
@@ -357,14 +484,14 @@ impl Check for JwksReady {
         if self.0.current().is_some() {
             return Ok(());
         }
-        let seen = self.0.read().applied_seq;
+        let seen = self.0.read().attempts;
         self.0.refresh_after(seen).await;
         if self.0.current().is_some() {
             Ok(())
         } else {
             Err(CheckError::new(format!(
-                "no key set loaded from {}",
-                self.0.uri
+                "no key set loaded for issuer {} (the log says why)",
+                self.0.issuer
             )))
         }
     }
@@ -377,9 +504,10 @@ mod tests {
     fn remote() -> RemoteJwks {
         RemoteJwks::new(
             "iss",
-            "http://127.0.0.1:9/jwks",
+            Some("http://127.0.0.1:9/jwks"),
             JwksOptions::default(),
             &[Algorithm::RS256],
+            &ClientTls::global(),
         )
         .unwrap()
     }
@@ -421,11 +549,20 @@ mod tests {
         assert_eq!(r.max_age(&h("max-age=abc")), Duration::from_secs(600));
     }
 
-    #[test]
-    fn only_plain_http_urls() {
+    #[tokio::test]
+    async fn only_absolute_http_or_https_urls() {
         let opts = JwksOptions::default();
-        assert!(RemoteJwks::new("i", "file:///etc/passwd", opts, &[]).is_err());
-        assert!(RemoteJwks::new("i", "/relative", opts, &[]).is_err());
-        assert!(RemoteJwks::new("i", "http://127.0.0.1:1/k", opts, &[]).is_ok());
+        let tls = ClientTls::global();
+        let new = |url| RemoteJwks::new("https://i.example", Some(url), opts, &[], &tls);
+        assert!(new("file:///etc/passwd").is_err());
+        assert!(new("/relative").is_err());
+        assert!(new("http://127.0.0.1:1/k").is_ok());
+        assert!(new("https://127.0.0.1:1/k").is_ok());
+        let discovered = RemoteJwks::new("https://i.example/t/", None, opts, &[], &tls).unwrap();
+        assert!(
+            format!("{discovered:?}").contains("https://i.example/t/.well-known/openid-configuration"),
+            "{discovered:?}"
+        );
+        assert!(RemoteJwks::new("not a url", None, opts, &[], &tls).is_err());
     }
 }

@@ -21,6 +21,9 @@ pub struct Key {
     pub(crate) kid: Option<Arc<str>>,
     pub(crate) algorithms: Vec<Algorithm>,
     pub(crate) key: Arc<DecodingKey>,
+    /// What the key is (its public parameters), to tell when a key set
+    /// changes the key under a `kid`.
+    material: Arc<str>,
 }
 
 impl fmt::Debug for Key {
@@ -68,6 +71,7 @@ impl Key {
             kid: kid.map(Into::into),
             algorithms: vec![algorithm],
             key: Arc::new(key),
+            material: String::from_utf8_lossy(pem).into(),
         })
     }
 
@@ -88,6 +92,8 @@ impl Key {
             kid: kid.map(Into::into),
             algorithms: vec![algorithm],
             key: Arc::new(DecodingKey::from_secret(secret).map_err(|_| KeyError::ShortSecret)?),
+            // Never compared: fixed keys are never refreshed.
+            material: "".into(),
         })
     }
 
@@ -160,10 +166,16 @@ impl Key {
                     .into(),
             ),
         };
+        let material = ["kty", "crv", "n", "e", "x", "y"]
+            .iter()
+            .map(|name| field(name).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("|");
         Ok(Self {
             kid,
             algorithms,
             key: Arc::new(key),
+            material: material.into(),
         })
     }
 
@@ -254,6 +266,25 @@ impl KeySet {
     /// Every kid in the set.
     pub fn kids(&self) -> impl Iterator<Item = &str> {
         self.by_kid.keys().map(|k| &**k)
+    }
+
+    /// Whether every key of `old` that a token could have been verified
+    /// with is in this set unchanged: each unambiguous `kid` names the same
+    /// key material with the same algorithms, and each key without a `kid`
+    /// is still there. When not, verifications made with `old` must stop
+    /// counting.
+    pub(crate) fn still_vouches_for(&self, old: &KeySet) -> bool {
+        let same = |a: &Key, b: &Key| a.material == b.material && a.algorithms == b.algorithms;
+        let kids_kept = old.by_kid.iter().all(|(kid, key)| match key {
+            // Ambiguous before: no token was verified with it.
+            None => true,
+            Some(key) => matches!(self.by_kid.get(kid), Some(Some(now)) if same(key, now)),
+        });
+        kids_kept
+            && old
+                .without_kid
+                .iter()
+                .all(|key| self.without_kid.iter().any(|now| same(key, now)))
     }
 
     /// The key for a token with `kid` (or none) signed with `alg`.

@@ -23,6 +23,7 @@ use crate::{
     config::{Reader, Secret},
     health::CheckOptions,
     permission::Grants,
+    tls::ClientTls,
 };
 
 /// Longest `Authorization` value looked at (8 KiB); longer ones are refused
@@ -126,11 +127,13 @@ pub struct VerifierBuilder {
     clock: Arc<dyn Clock>,
     cache_capacity: usize,
     jwks: JwksOptions,
+    tls: Option<ClientTls>,
 }
 
 enum KeySpec {
     Static(Vec<Key>),
-    Jwks(String),
+    /// A key set URL, or `None` to discover it.
+    Jwks(Option<String>),
 }
 
 impl fmt::Debug for VerifierBuilder {
@@ -154,6 +157,7 @@ impl Default for VerifierBuilder {
             clock: Arc::new(SystemClock),
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             jwks: JwksOptions::default(),
+            tls: None,
         }
     }
 }
@@ -165,8 +169,28 @@ impl VerifierBuilder {
         self.issuers.push((
             issuer.to_owned(),
             audience.to_owned(),
-            KeySpec::Jwks(url.to_owned()),
+            KeySpec::Jwks(Some(url.to_owned())),
         ));
+        self
+    }
+
+    /// Trusts `issuer` for tokens addressed to `audience`, with keys from
+    /// the JWKS its discovery document names
+    /// (`{issuer}/.well-known/openid-configuration`, whose `issuer` must be
+    /// `issuer` exactly).
+    pub fn discover(mut self, issuer: &str, audience: &str) -> Self {
+        self.issuers.push((
+            issuer.to_owned(),
+            audience.to_owned(),
+            KeySpec::Jwks(None),
+        ));
+        self
+    }
+
+    /// The TLS settings for `https://` key sets and discovery documents
+    /// (default [`ClientTls::global`]).
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -231,6 +255,7 @@ impl VerifierBuilder {
             problems.push("no algorithm allowed".to_owned());
         }
         let mut issuers = Vec::new();
+        let tls = self.tls.unwrap_or_else(ClientTls::global);
         for (issuer, audience, spec) in self.issuers {
             if issuer.is_empty() || audience.is_empty() {
                 problems.push("issuer and audience must not be empty".to_owned());
@@ -251,7 +276,13 @@ impl VerifierBuilder {
                     Keys::Static(Arc::new(KeySet::new(keys)))
                 }
                 KeySpec::Jwks(url) => {
-                    match RemoteJwks::new(&issuer, &url, self.jwks, &self.algorithms) {
+                    match RemoteJwks::new(
+                        &issuer,
+                        url.as_deref(),
+                        self.jwks,
+                        &self.algorithms,
+                        &tls,
+                    ) {
                         Ok(r) => Keys::Remote(Arc::new(r)),
                         Err(e) => {
                             problems.push(e);
@@ -288,14 +319,19 @@ impl VerifierBuilder {
 /// |---|---|---|
 /// | `CHASSIS_AUTH_ISSUER` | none | the trusted issuer (`iss`) |
 /// | `CHASSIS_AUTH_AUDIENCE` | none | this service's audience (`aud`) |
-/// | `CHASSIS_AUTH_JWKS_URL` | none | the issuer's key set (`http://`) |
+/// | `CHASSIS_AUTH_JWKS_URL` | discovered | the issuer's key set; when unset, the `jwks_uri` of `{issuer}/.well-known/openid-configuration` |
 /// | `CHASSIS_AUTH_HS256_SECRET` | none | an HMAC secret of at least 32 bytes, instead of a key set |
 /// | `CHASSIS_AUTH_ALGORITHMS` | `EdDSA,ES256,RS256` | accepted algorithms |
 /// | `CHASSIS_AUTH_LEEWAY_SECS` | `30` | clock skew allowed |
 /// | `CHASSIS_AUTH_MAX_LIFETIME_SECS` | `86400` | longest token lifetime |
 ///
 /// Authentication is configured when `CHASSIS_AUTH_ISSUER` is set; then the
-/// audience and exactly one of the URL and the secret are required.
+/// audience is required, and the keys come from, in this order: the HMAC
+/// secret, the key set URL, or discovery (OpenID Connect Discovery 1.0: the
+/// issuer's `/.well-known/openid-configuration`, whose `issuer` must equal
+/// `CHASSIS_AUTH_ISSUER` exactly). The secret and the URL exclude each
+/// other. `https://` URLs are verified against the roots of
+/// [`tls`](crate::tls).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthConfig {
     /// `CHASSIS_AUTH_ISSUER`.
@@ -382,10 +418,14 @@ impl AuthConfig {
             r.problem("CHASSIS_AUTH_AUDIENCE", "required with CHASSIS_AUTH_ISSUER");
         }
         match (&jwks_url, &secret) {
-            (None, None) => r.problem(
-                "CHASSIS_AUTH_JWKS_URL",
-                "set it, or CHASSIS_AUTH_HS256_SECRET, with CHASSIS_AUTH_ISSUER",
-            ),
+            (None, None) => {
+                if let Err(e) = super::jwks::discovery_url(&issuer).parse::<http::Uri>() {
+                    r.problem(
+                        "CHASSIS_AUTH_ISSUER",
+                        format!("cannot be discovered (not a URL: {e}); set CHASSIS_AUTH_JWKS_URL"),
+                    );
+                }
+            }
             (Some(_), Some(_)) => r.problem(
                 "CHASSIS_AUTH_HS256_SECRET",
                 "set either CHASSIS_AUTH_JWKS_URL or CHASSIS_AUTH_HS256_SECRET, not both",
@@ -428,7 +468,11 @@ impl AuthConfig {
                     .algorithms(&[Algorithm::HS256])
                     .keys(&self.issuer, &self.audience, vec![key]);
             }
-            (None, None) => return Err(VerifierError(vec!["no key source".to_owned()])),
+            (None, None) => {
+                b = b
+                    .algorithms(&self.algorithms)
+                    .discover(&self.issuer, &self.audience)
+            }
         }
         b.build()
     }

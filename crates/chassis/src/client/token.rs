@@ -10,13 +10,17 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
 use tokio::time::Instant;
 
-use crate::config::{Reader, Secret};
+use crate::{
+    config::{Reader, Secret},
+    tls::{self, ClientTls},
+};
 
 /// Why no token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -74,7 +78,7 @@ struct Inner {
     refresh_before: Duration,
     timeout: Duration,
     retry_after_failure: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     cached: RwLock<Option<Cached>>,
     last_failure: RwLock<Option<Failure>>,
     refresh: tokio::sync::Mutex<()>,
@@ -141,12 +145,17 @@ struct ErrorResponse {
 
 /// Lifetime assumed when the endpoint does not send `expires_in`.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Longest lifetime believed: a larger `expires_in` (even `u64::MAX`) is
+/// cut to this, so the token is still refreshed daily.
+const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 /// Largest token response read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 impl TokenSource {
-    /// Tokens for `client_id` from the token endpoint at `token_url` (an
-    /// `http://` URL). Fails when the URL is not one.
+    /// Tokens for `client_id` from the token endpoint at `token_url`, an
+    /// `https://` URL (or `http://` on loopback or behind a sidecar that
+    /// terminates TLS: see [`tls`](crate::tls)). Fails when the URL is not
+    /// one.
     pub fn client_credentials(
         token_url: &str,
         client_id: &str,
@@ -155,12 +164,17 @@ impl TokenSource {
         let url: Uri = token_url
             .parse()
             .map_err(|e| format!("token URL {token_url:?} is not a URL: {e}"))?;
-        if url.scheme() != Some(&http::uri::Scheme::HTTP) || url.authority().is_none() {
+        let scheme_ok = url.scheme() == Some(&http::uri::Scheme::HTTP)
+            || url.scheme() == Some(&http::uri::Scheme::HTTPS);
+        if !scheme_ok || url.authority().is_none() {
             return Err(format!(
-                "token URL {token_url:?} must be an absolute http:// URL"
+                "token URL {token_url:?} must be an absolute https:// (or http://) URL"
             ));
         }
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        if tls::is_plain_remote(&url) {
+            tracing::warn!(url = %token_url, "the client secret goes to a token endpoint over plain http; use https:// unless a sidecar terminates TLS");
+        }
+        let client = client_for(&ClientTls::global());
         Ok(Self {
             inner: Arc::new(Inner {
                 url,
@@ -228,6 +242,14 @@ impl TokenSource {
     #[must_use]
     pub fn timeout(self, d: Duration) -> Self {
         self.with(|i| i.timeout = d)
+    }
+
+    /// The TLS settings for an `https://` token endpoint (default
+    /// [`ClientTls::global`]).
+    #[must_use]
+    pub fn tls(self, tls: &ClientTls) -> Self {
+        let client = client_for(tls);
+        self.with(|i| i.client = client)
     }
 
     fn with(self, f: impl FnOnce(&mut Inner)) -> Self {
@@ -367,11 +389,7 @@ impl TokenSource {
                 .await
                 .map_err(|e| TokenError::Unreachable {
                     url: url(),
-                    reason: if e.is_connect() {
-                        "connection failed".to_owned()
-                    } else {
-                        e.to_string()
-                    },
+                    reason: tls::error_chain(&e),
                 })?;
             let status = res.status();
             let body = Limited::new(res.into_body(), MAX_RESPONSE_BYTES)
@@ -419,7 +437,8 @@ impl TokenSource {
         authorization.set_sensitive(true);
         let lifetime = token
             .expires_in
-            .map_or(DEFAULT_LIFETIME, Duration::from_secs);
+            .map_or(DEFAULT_LIFETIME, Duration::from_secs)
+            .min(MAX_LIFETIME);
         // Measured from when the request was sent, so the time the fetch
         // took does not make the token look younger than it is.
         let expires_at = started + lifetime;
@@ -435,6 +454,10 @@ impl TokenSource {
             expires_at,
         })
     }
+}
+
+fn client_for(tls: &ClientTls) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(tls.connector(None))
 }
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {

@@ -1,5 +1,6 @@
 //! The inner part of the client stack: retry, breaker, bulkhead, attempt
-//! timeout, failure injection and the connection pool.
+//! timeout, failure injection and the connection pool (TLS through
+//! [`ClientTls`]).
 
 use std::{
     future::Future,
@@ -11,6 +12,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
@@ -26,6 +28,7 @@ use crate::{
     fault::FaultLayer,
     protect::X_TIMEOUT_MS,
     retry::RetryPolicy,
+    tls::ClientTls,
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -50,14 +53,12 @@ pub(super) enum TransportError {
 
 pub(super) fn stack(
     s: &Settings,
+    tls: &ClientTls,
     policy: RetryPolicy,
     breaker: CircuitBreaker,
     bulkhead: Bulkhead,
 ) -> Stack {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(s.attempt_timeout));
-    connector.enforce_http(true);
+    let connector = tls.connector(Some(s.attempt_timeout));
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(s.pool_idle_timeout)
         .pool_max_idle_per_host(s.pool_max_idle)
@@ -84,7 +85,7 @@ pub(super) fn stack(
 /// hyper-util's pool, reading the body whole up to a limit.
 #[derive(Clone)]
 struct Pool {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     max_bytes: usize,
 }
 
@@ -101,16 +102,9 @@ impl Service<Request<Full<Bytes>>> for Pool {
         let fut = self.client.request(req);
         let max = self.max_bytes;
         Box::pin(async move {
-            let res = fut.await.map_err(|e| {
-                let mut message = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    message.push_str(": ");
-                    message.push_str(&s.to_string());
-                    source = s.source();
-                }
-                TransportError::Connection(message)
-            })?;
+            let res = fut
+                .await
+                .map_err(|e| TransportError::Connection(crate::tls::error_chain(&e)))?;
             let (parts, body) = res.into_parts();
             let body = Limited::new(body, max)
                 .collect()
