@@ -1554,15 +1554,19 @@ async fn readiness_waits_for_the_first_key_set() {
         verifier(&server, JwksOptions::default()),
         &Memory::default(),
     );
+    let health = svc.health().clone();
     let running = support::start(svc).await;
     let check = format!("jwks:{}", server.issuer());
     let url = running.url("/health/ready");
     support::eventually("a failed warm-up", || {
-        let url = url.clone();
+        let health = health.clone();
         let check = check.clone();
-        async move { support::get(&url).await.json()["checks"][&check]["error"].is_string() }
+        async move { health.report().checks[&check].duration_ms.is_some() }
     })
     .await;
+    // Anyone sees the check and its state; its error stays in the process.
+    let r = support::get(&url).await;
+    assert_eq!(r.json()["checks"][&check], json!({"status": "down"}));
     let r = support::get(&url).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
     // Requests meanwhile answer 503 jwks_unavailable, not 401.

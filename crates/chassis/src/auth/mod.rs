@@ -229,10 +229,13 @@ impl AuthError {
 }
 
 impl Reason {
-    /// The problem document for this reason.
+    /// The problem document for this reason. Its content is the chassis'
+    /// own, so a 503 `jwks_unavailable` keeps it (see
+    /// [`problem`](crate::problem)); setting its `detail` or a member clears
+    /// that.
     pub fn problem(self) -> Problem {
         let problem = Problem::new(self.status()).with_member("reason", self.code());
-        match self {
+        let problem = match self {
             Self::JwksUnavailable => problem
                 .with_detail("The service cannot verify tokens right now; retry later.")
                 .with_header(
@@ -249,7 +252,8 @@ impl Reason {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
                 ),
-        }
+        };
+        problem.vetted()
     }
 }
 
