@@ -346,6 +346,11 @@ pub struct Forbidden {
 }
 
 impl Forbidden {
+    /// The 403 of `permission`.
+    pub(crate) fn new(permission: Permission) -> Self {
+        Self { permission }
+    }
+
     /// The permission that was required.
     pub fn permission(&self) -> &Permission {
         &self.permission
@@ -724,7 +729,7 @@ where
         };
         let Some(verifier) = &self.verifier else {
             // The builder refuses this; answer as a misconfiguration would.
-            return GuardFuture::ready(Problem::internal().into_response());
+            return GuardFuture::ready(Problem::internal().vetted().into_response());
         };
         match verifier.verify_cached(req.headers()) {
             Some(Ok(principal)) => match authorize(access, template, principal, req) {

@@ -7,8 +7,10 @@
 //!   the orchestrator restart every instance at once.
 //! * `GET /health/ready` answers whether this instance should get traffic:
 //!   200 when every *critical* check is up, 503 otherwise, and 503 from the
-//!   moment shutdown starts. The body is
-//!   `{"status":"up"|"down","checks":{"<name>":{"status":..,"critical":..,"duration_ms":..,"error":..}}}`.
+//!   moment shutdown starts. Anyone may ask, so the body shows each check's
+//!   name and state and nothing else:
+//!   `{"status":"up"|"down","checks":{"<name>":{"status":"up"|"down"}}}`.
+//!   Error texts (database paths, driver errors, URLs) never reach it.
 //! * Checks run **in the background**, each on its own schedule and with its
 //!   own timeout (default 1 s). A probe only reads their last state, so a
 //!   burst of probes can never hammer a database, and a check that hangs is
@@ -21,14 +23,32 @@
 //!   until every critical check has passed once.
 //! * A non-critical check (a cache, an optional downstream) is reported but
 //!   does not fail readiness.
-//! * Error texts are shown on `/health/ready`: write them for operators and
-//!   keep secrets out of them (they are cut to 200 characters).
+//! * Error texts are for operators. They go to the **log**: a `WARN` line
+//!   `health check down` with the check's name and its error when a check
+//!   turns down (or fails its first run), an `INFO` line `health check up`
+//!   when it recovers. An operator may also read them over HTTP, on the
+//!   detail view `GET /health/ready?detail`, which the service builder
+//!   serves only to a bearer token holding the permission
+//!   `<service>::view:health` (401 without a valid token, 403 without the
+//!   permission) and which adds each check's `critical`, `duration_ms` and
+//!   `error`. Still keep secrets out of error texts (they are cut to 200
+//!   characters). Check *names* are shown to anyone: make them plain words
+//!   (`database`, `ticketing`), not connection strings.
 //!
 //! # How the chassis does it
 //!
 //! Implement [`Check`] (or use [`check_fn`], [`HttpCheck`], [`TcpCheck`]) and
 //! register it on the service builder or a [`Health`]; the service starts the
 //! check loops and stops them on shutdown.
+//!
+//! [`ready`] is the public view and [`detailed`] the operators' one; mount
+//! [`detailed`] only behind authorization (the service builder does, see
+//! [`crate::service`]). The readiness report is the chassis' own body, so the
+//! service builder lets its 503 through the rule of [`crate::problem`] that
+//! withholds 5xx bodies; a stack composed by hand with
+//! [`EnsureProblemLayer`](crate::problem::EnsureProblemLayer) answers a
+//! not-ready probe with the generic 503 problem instead (the status, which
+//! is what probes read, is the same).
 //!
 //! # Example
 //!
@@ -339,7 +359,24 @@ pub struct CheckReport {
     pub error: Option<String>,
 }
 
-/// The readiness answer.
+/// What `/health/ready` shows to anyone: each check's name and state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Up when not shutting down and every critical check is up.
+    pub status: Status,
+    /// Each check's state by name.
+    pub checks: BTreeMap<String, CheckSummary>,
+}
+
+/// The state of one check, as `/health/ready` shows it to anyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CheckSummary {
+    /// Up or down, after hysteresis.
+    pub status: Status,
+}
+
+/// The readiness answer, with every check's error: for operators and the
+/// process itself; `/health/ready` shows its [`summary`](Report::summary).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Report {
     /// Up when not shutting down and every critical check is up.
@@ -352,6 +389,18 @@ impl Report {
     /// Whether the service is ready.
     pub fn is_up(&self) -> bool {
         self.status == Status::Up
+    }
+
+    /// Names and states only: what anyone may see.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            status: self.status,
+            checks: self
+                .checks
+                .iter()
+                .map(|(name, c)| (name.clone(), CheckSummary { status: c.status }))
+                .collect(),
+        }
     }
 }
 
@@ -533,19 +582,19 @@ async fn run(entry: Arc<Entry>, stop: CancellationToken) {
             },
         };
         let elapsed = start.elapsed();
-        let (was_up, is_up) = {
+        let (first, was_up, is_up, error) = {
             let mut state = lock(&entry.state);
-            let was_up = state.up;
+            let (first, was_up) = (state.duration.is_none(), state.up);
             state.record(outcome, elapsed, &entry.options);
-            (was_up, state.up)
+            (first, was_up, state.up, state.error.clone())
         };
-        if was_up != is_up {
-            let error = lock(&entry.state).error.clone().unwrap_or_default();
-            if is_up {
-                tracing::info!(check = %entry.name, "health check up");
-            } else {
-                tracing::warn!(check = %entry.name, error, "health check down");
-            }
+        // A check starts down: its first failure is a change worth a line
+        // too, or a check that never passes would never say why.
+        if is_up && !was_up {
+            tracing::info!(check = %entry.name, "health check up");
+        } else if !is_up && (was_up || first) {
+            let error = error.unwrap_or_default();
+            tracing::warn!(check = %entry.name, error, "health check down");
         }
         tokio::select! {
             () = stop.cancelled() => return,
@@ -559,15 +608,28 @@ pub async fn live() -> Response {
     Json(serde_json::json!({ "status": "up" })).into_response()
 }
 
-/// `GET /health/ready`.
+/// `GET /health/ready`: 200 or 503, each check's name and state
+/// ([`Report::summary`]), for anyone.
 pub async fn ready(State(health): State<Health>) -> Response {
     let report = health.report();
-    let status = if report.is_up() {
+    answer(report.is_up(), &report.summary())
+}
+
+/// The operators' readiness answer: 200 or 503 with the whole [`Report`],
+/// error texts included. Serve it only to callers allowed to read them; the
+/// service builder serves it at `/health/ready?detail` to a bearer token
+/// holding `<service>::view:health`.
+pub fn detailed(report: &Report) -> Response {
+    answer(report.is_up(), report)
+}
+
+fn answer<T: Serialize>(up: bool, body: &T) -> Response {
+    let status = if up {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let mut res = (status, Json(report)).into_response();
+    let mut res = (status, Json(body)).into_response();
     res.headers_mut().insert(
         http::header::CACHE_CONTROL,
         http::HeaderValue::from_static("no-store"),

@@ -27,6 +27,14 @@
 //!   implication (a three-segment grant is not a grant).
 //! * a leading `!` makes a grant a **deny**: `!ticketing:67000001:delete:*`.
 //!
+//! A token's grants are parsed failing closed: a grant outside the grammar
+//! that contains a `!` anywhere (` !ticketing:1:delete:*`,
+//! `!ticketing:1:delete`, `!!ticketing:1:delete:*`) may be a deny written
+//! wrongly, and ignoring it could allow what it meant to deny, so it refuses
+//! the whole token (401 `bad_claim_type`). Any other invalid grant is an
+//! allow written wrongly; it is ignored (and logged), which only narrows
+//! access.
+//!
 //! A request is allowed when some allow grant matches and no deny grant
 //! does: **deny always wins**, and **no grant means deny**.
 //!
@@ -434,8 +442,9 @@ pub enum GrantsError {
     /// More than [`MAX_GRANTS`].
     #[error("more than {MAX_GRANTS} grants")]
     TooMany,
-    /// A deny grant outside the grammar: ignoring it could allow what it
-    /// meant to deny, so the whole set is refused.
+    /// A grant outside the grammar that contains a `!`, so may have been
+    /// meant as a deny: ignoring it could allow what it meant to deny, so
+    /// the whole set is refused.
     #[error("deny grant #{index} is not valid: {error}")]
     InvalidDeny {
         /// Its position.
@@ -459,14 +468,16 @@ impl Grants {
         Ok(out)
     }
 
-    /// Parses grants from a token: an invalid **allow** grant is dropped and
-    /// returned in the list of rejected grants (the caller logs them); an
-    /// invalid **deny** grant refuses the whole set, since dropping it would
-    /// widen access.
+    /// Parses grants from a token. An invalid grant that contains a `!`
+    /// anywhere (a deny written wrongly: a leading space, three segments, a
+    /// doubled `!`) refuses the whole set, since dropping it could widen
+    /// access; any other invalid grant is an allow that is dropped and
+    /// returned in the list of rejected grants (the caller logs them):
+    /// dropping it only narrows access.
     ///
     /// # Errors
     ///
-    /// An invalid deny grant, or more than [`MAX_GRANTS`].
+    /// An invalid grant containing `!`, or more than [`MAX_GRANTS`].
     pub fn from_claim<'a>(
         grants: impl IntoIterator<Item = &'a str>,
     ) -> Result<(Self, Vec<(usize, PermissionError)>), GrantsError> {
@@ -478,7 +489,10 @@ impl Grants {
             }
             match raw.parse::<Grant>() {
                 Ok(g) => out.insert(g),
-                Err(error) if raw.starts_with('!') => {
+                // Whatever holds a `!` may have been meant as a deny, even
+                // one written wrongly (` !x:1:y:z`, `!x:1:y`, `!!x:1:y:z`):
+                // fail closed.
+                Err(error) if raw.contains('!') => {
                     return Err(GrantsError::InvalidDeny { index, error });
                 }
                 Err(error) => rejected.push((index, error)),

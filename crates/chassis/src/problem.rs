@@ -18,13 +18,35 @@
 //!   sure every error response leaving the service is a problem document that
 //!   carries the correlation id:
 //!   - a [`Problem`] rendered without an id is rendered again with it;
-//!   - any other response with status ≥ 400 whose body is not JSON (axum's
-//!     extractor rejections, the router's bare 405, a handler's
-//!     `(StatusCode, String)`) is replaced by a problem document with the same
-//!     status and headers (`Allow`, `Retry-After`, `WWW-Authenticate` are
-//!     kept). For a 4xx the original text becomes `detail`, because
-//!     extractor rejections are written for the client; for a 5xx the text is
-//!     dropped, because it is where internal details leak.
+//!   - any other 4xx whose body is not JSON (axum's extractor rejections,
+//!     the router's bare 405, a handler's `(StatusCode, String)`) is
+//!     replaced by a problem document with the same status and headers
+//!     (`Allow`, `Retry-After`, `WWW-Authenticate` are kept), its text
+//!     becoming `detail` (when short), because extractor rejections are
+//!     written for the client; a 4xx JSON body is the handler's own and
+//!     passes;
+//!   - **no 5xx body from a handler ever reaches the client**, whatever its
+//!     media type, because a 5xx body is where internal details leak
+//!     (`{"error":"no such table: users ..."}`, a driver error, a URL with a
+//!     password). The client gets the generic problem of that status, with
+//!     the correlation id, the same status and the same headers (a 503 keeps
+//!     its `Retry-After`). The original body goes to the log instead: one
+//!     `ERROR` event of target [`LOG_TARGET`] with the request's
+//!     `correlation_id`, the `status`, the `content_type`, the `body` (its
+//!     first 2 KiB, as text) and whether it was `truncated`. An empty body
+//!     is not logged (the access log has the status), and a streamed one is
+//!     not waited for (logged without its text).
+//!
+//! A handler's own 5xx [`Problem`] is replaced entirely too, `type`,
+//! `title`, `detail` and members alike (they go to the log): a handler can
+//! put anything in them, and a client can do nothing with the details of a
+//! server failure anyway, so the generic document loses it nothing. Only
+//! the problems the chassis writes itself keep their content on a 5xx, as
+//! does the readiness report: a shed request's 503, a timeout's 504, a
+//! caught panic's 500, `jwks_unavailable`'s 503 with its `reason`.
+//! Changing such a problem (its `detail`, a member) makes it a handler's
+//! again. Only error responses pay for any of this: a response below 400
+//! is handed on untouched.
 //!
 //! # Example
 //!
@@ -58,6 +80,11 @@
 //! assert_eq!(body["detail"], "the ticket is already reserved");
 //! # }
 //! ```
+//!
+//! With the chassis' JSON log, the line of a withheld body carries the
+//! request's `correlation_id` as a field of its own (the problem layer is
+//! outside the request's span), so a client quoting the id of its generic
+//! 500 leads an operator to the original error.
 //!
 //! # Ordering
 //!
@@ -93,6 +120,12 @@ pub const CONTENT_TYPE: &str = "application/problem+json";
 /// The largest non-JSON error body whose text is kept as `detail` of a 4xx.
 const MAX_KEPT_DETAIL: usize = 512;
 
+/// The most of a withheld 5xx body that is logged.
+const MAX_LOGGED_BODY: usize = 2048;
+
+/// Target of the log events of withheld 5xx bodies.
+pub const LOG_TARGET: &str = "chassis::problem";
+
 /// An RFC 9457 problem document, the body of every error response.
 ///
 /// The `type` of a chassis problem is a URN, `urn:chassis:problem:<slug>`,
@@ -114,6 +147,10 @@ pub struct Problem {
     members: serde_json::Map<String, serde_json::Value>,
     #[serde(skip)]
     headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// Whether the chassis wrote this problem's content itself, see
+    /// [`Vetted`].
+    #[serde(skip)]
+    vetted: bool,
 }
 
 fn serialize_status<S: serde::Serializer>(status: &StatusCode, s: S) -> Result<S::Ok, S::Error> {
@@ -124,6 +161,13 @@ fn serialize_status<S: serde::Serializer>(status: &StatusCode, s: S) -> Result<S
 /// render it again with the correlation id when it was built without one.
 #[derive(Debug, Clone)]
 struct RenderedProblem(Problem);
+
+/// Marks a response whose body the chassis wrote itself and vouches for
+/// (its own problems, the readiness report): a 5xx so marked reaches the
+/// client as it is, any other 5xx body is withheld. Crate-private, so a
+/// handler cannot set it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Vetted;
 
 // === impl Problem ===
 
@@ -140,7 +184,16 @@ impl Problem {
             correlation_id: None,
             members: serde_json::Map::new(),
             headers: Vec::new(),
+            vetted: false,
         }
+    }
+
+    /// Marks a problem whose content the chassis wrote, so that a 5xx keeps
+    /// it (see the [module docs](self)). Setting `type`, `title`, `detail`
+    /// or a member afterwards clears the mark.
+    pub(crate) fn vetted(mut self) -> Self {
+        self.vetted = true;
+        self
     }
 
     /// 404: no route matches the request path.
@@ -163,6 +216,7 @@ impl Problem {
     #[must_use]
     pub fn with_type(mut self, kind: impl Into<Cow<'static, str>>) -> Self {
         self.kind = kind.into();
+        self.vetted = false;
         self
     }
 
@@ -170,6 +224,7 @@ impl Problem {
     #[must_use]
     pub fn with_title(mut self, title: impl Into<Cow<'static, str>>) -> Self {
         self.title = title.into();
+        self.vetted = false;
         self
     }
 
@@ -178,6 +233,7 @@ impl Problem {
     #[must_use]
     pub fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
         self.detail = detail.into();
+        self.vetted = false;
         self
     }
 
@@ -204,6 +260,7 @@ impl Problem {
             "`{name}` is a standard problem member; use its own setter"
         );
         self.members.insert(name.to_owned(), value.into());
+        self.vetted = false;
         self
     }
 
@@ -251,6 +308,9 @@ impl Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let mut res = self.render();
+        if self.vetted {
+            res.extensions_mut().insert(Vetted);
+        }
         if self.correlation_id.is_none() {
             res.extensions_mut().insert(RenderedProblem(self));
         }
@@ -418,16 +478,83 @@ pin_project! {
 
 enum State {
     Inner,
-    /// Reading a short non-JSON error body to keep it as `detail`; boxed, as
-    /// it is rare and the future of every request would otherwise carry its
-    /// size.
+    /// Reading an error body: a short non-JSON 4xx to keep it as `detail`,
+    /// or the start of a 5xx to log it; boxed, as it is rare and the future
+    /// of every request would otherwise carry its size.
     Collecting(Box<Collecting>),
 }
 
 struct Collecting {
     parts: http::response::Parts,
-    body: http_body_util::Limited<Body>,
+    body: Body,
     buf: Vec<u8>,
+    /// Whether bytes beyond [`Collecting::limit`] were left unread.
+    truncated: bool,
+}
+
+impl Collecting {
+    /// A 5xx body is read for the log, a 4xx one for `detail`.
+    fn for_log(&self) -> bool {
+        self.parts.status.is_server_error()
+    }
+
+    fn limit(&self) -> usize {
+        if self.for_log() {
+            MAX_LOGGED_BODY
+        } else {
+            MAX_KEPT_DETAIL
+        }
+    }
+
+    /// Takes one frame; `true` once there is nothing more to read.
+    fn take(&mut self, frame: Option<Result<http_body::Frame<Bytes>, axum::Error>>) -> bool {
+        match frame {
+            Some(Ok(frame)) => {
+                let Some(data) = frame.data_ref() else {
+                    return false;
+                };
+                let room = self.limit() - self.buf.len();
+                if data.len() > room {
+                    self.buf.extend_from_slice(&data[..room]);
+                    self.truncated = true;
+                    return true;
+                }
+                self.buf.extend_from_slice(data);
+                false
+            }
+            Some(Err(_)) => {
+                self.truncated = true;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// The answer once the body is read.
+    fn finish(self, id: Option<CorrelationId>) -> Response {
+        let Self {
+            parts,
+            buf,
+            truncated,
+            ..
+        } = self;
+        if parts.status.is_server_error() {
+            let content_type = parts.headers.get(header::CONTENT_TYPE);
+            log_withheld(
+                parts.status,
+                id.as_ref(),
+                content_type,
+                &String::from_utf8_lossy(&buf),
+                truncated,
+            );
+            return replace(parts, None, id);
+        }
+        let detail = (!truncated)
+            .then(|| String::from_utf8(buf).ok())
+            .flatten()
+            .filter(|s| !s.trim().is_empty());
+        replace(parts, detail, id)
+    }
 }
 
 impl<F> std::fmt::Debug for ResponseFuture<F> {
@@ -470,6 +597,16 @@ where
                     if res.status().as_u16() < 400 {
                         return Poll::Ready(Ok(res));
                     }
+                    if res.status().is_server_error() && res.extensions().get::<Vetted>().is_none()
+                    {
+                        match withhold(res, this.id.as_ref()) {
+                            Ok(res) => return Poll::Ready(Ok(res)),
+                            Err(collecting) => {
+                                *this.state = State::Collecting(collecting);
+                                continue;
+                            }
+                        }
+                    }
                     match classify(&res) {
                         Kind::Problem => {
                             return Poll::Ready(Ok(with_correlation(res, this.id.as_ref())));
@@ -484,8 +621,9 @@ where
                             if parts.status.is_client_error() && short {
                                 *this.state = State::Collecting(Box::new(Collecting {
                                     parts,
-                                    body: http_body_util::Limited::new(body, MAX_KEPT_DETAIL),
+                                    body,
                                     buf: Vec::new(),
+                                    truncated: false,
                                 }));
                                 continue;
                             }
@@ -494,34 +632,97 @@ where
                     }
                 }
                 State::Collecting(collecting) => {
-                    let Collecting { body, buf, .. } = &mut **collecting;
-                    let done = match ready!(Pin::new(body).poll_frame(cx)) {
-                        Some(Ok(frame)) => {
-                            if let Some(data) = frame.data_ref() {
-                                buf.extend_from_slice(data);
-                            }
-                            false
-                        }
-                        Some(Err(_)) => {
-                            buf.clear();
-                            true
-                        }
-                        None => true,
-                    };
-                    if done {
+                    let frame = ready!(Pin::new(&mut collecting.body).poll_frame(cx));
+                    if collecting.take(frame) {
                         let State::Collecting(collecting) =
                             std::mem::replace(this.state, State::Inner)
                         else {
                             unreachable!("matched above")
                         };
-                        let Collecting { parts, buf, .. } = *collecting;
-                        let detail = String::from_utf8(buf).ok().filter(|s| !s.trim().is_empty());
-                        return Poll::Ready(Ok(replace(parts, detail, this.id.clone())));
+                        return Poll::Ready(Ok(collecting.finish(this.id.clone())));
                     }
                 }
             }
         }
     }
+}
+
+/// A 5xx the chassis did not write: its body never reaches the client. A
+/// [`Problem`] or an empty or streamed body is answered at once (the
+/// problem logged); a body of bounded length is read first, up to
+/// [`MAX_LOGGED_BODY`] bytes, for the log.
+#[cold]
+fn withhold(mut res: Response, id: Option<&CorrelationId>) -> Result<Response, Box<Collecting>> {
+    if let Some(RenderedProblem(problem)) = res.extensions_mut().remove::<RenderedProblem>() {
+        let text = serde_json::to_string(&problem).unwrap_or_default();
+        let (text, truncated) = cut(&text, MAX_LOGGED_BODY);
+        log_withheld(
+            res.status(),
+            id,
+            res.headers().get(header::CONTENT_TYPE),
+            text,
+            truncated,
+        );
+        let (parts, _) = res.into_parts();
+        return Ok(replace(parts, None, id.cloned()));
+    }
+    let (parts, body) = res.into_parts();
+    let hint = body.size_hint();
+    if body.is_end_stream() || hint.upper() == Some(0) {
+        // Nothing to keep: the access log has the status.
+        return Ok(replace(parts, None, id.cloned()));
+    }
+    if hint.upper().is_none() {
+        // A streamed body might never end; it is not waited for.
+        log_withheld(
+            parts.status,
+            id,
+            parts.headers.get(header::CONTENT_TYPE),
+            "",
+            true,
+        );
+        return Ok(replace(parts, None, id.cloned()));
+    }
+    Err(Box::new(Collecting {
+        parts,
+        body,
+        buf: Vec::new(),
+        truncated: false,
+    }))
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, and whether it
+/// was cut.
+fn cut(s: &str, max: usize) -> (&str, bool) {
+    if s.len() <= max {
+        return (s, false);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&s[..end], true)
+}
+
+/// Logs the body of a 5xx withheld from the client, with the request's
+/// correlation id.
+#[cold]
+fn log_withheld(
+    status: StatusCode,
+    id: Option<&CorrelationId>,
+    content_type: Option<&HeaderValue>,
+    body: &str,
+    truncated: bool,
+) {
+    tracing::error!(
+        target: LOG_TARGET,
+        correlation_id = id.map(CorrelationId::as_str),
+        status = status.as_u16(),
+        content_type = content_type.and_then(|v| v.to_str().ok()),
+        body,
+        truncated,
+        "server error body withheld from the client"
+    );
 }
 
 enum Kind {
@@ -557,7 +758,8 @@ fn with_correlation(mut res: Response, id: Option<&CorrelationId>) -> Response {
     Response::from_parts(parts, body)
 }
 
-/// Replaces a non-problem error response with a problem of the same status.
+/// Replaces an error response with a problem of the same status, keeping
+/// its headers (`Allow`, `Retry-After`, `WWW-Authenticate`, ...).
 fn replace(
     mut parts: http::response::Parts,
     detail: Option<String>,
@@ -672,6 +874,102 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
         assert!(!text.contains("SELECT"), "{text}");
         assert_eq!(body["title"], "Internal Server Error");
+    }
+
+    #[tokio::test]
+    async fn server_error_bodies_of_any_kind_are_withheld() {
+        let app = app(Router::new()
+            .route(
+                "/json",
+                get(|| async {
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        axum::Json(
+                            serde_json::json!({"error": "no such table: users (password=hunter2)"}),
+                        ),
+                    )
+                }),
+            )
+            .route(
+                "/problem",
+                get(|| async {
+                    Problem::unavailable(7)
+                        .with_detail("pool exhausted at postgres://app:hunter2@db")
+                        .with_member("reason", "hunter2")
+                }),
+            )
+            .route(
+                "/stream",
+                get(|| async {
+                    let chunks = futures_core_stream("hunter2");
+                    (StatusCode::BAD_GATEWAY, Body::from_stream(chunks))
+                }),
+            )
+            .route(
+                "/empty",
+                get(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
+            ));
+        for (path, status) in [
+            ("/json", 500),
+            ("/problem", 503),
+            ("/stream", 502),
+            ("/empty", 500),
+        ] {
+            let (res, body) = send(app.clone(), get_req(path)).await;
+            assert_eq!(res.status(), status, "{path}");
+            assert_eq!(res.headers()[header::CONTENT_TYPE], CONTENT_TYPE, "{path}");
+            assert!(!body.to_string().contains("hunter2"), "{path}: {body}");
+            assert_eq!(
+                body["detail"],
+                Problem::new(res.status()).detail(),
+                "{path}"
+            );
+            assert_eq!(body["correlation_id"], "req-1", "{path}");
+            assert!(body.get("reason").is_none(), "{path}: {body}");
+            if status == 503 {
+                assert_eq!(res.headers()[header::RETRY_AFTER], "7");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_chassis_own_server_errors_keep_their_content() {
+        let app = app(Router::new()
+            .route(
+                "/own",
+                get(|| async { Problem::unavailable(3).with_detail("At capacity.").vetted() }),
+            )
+            .route(
+                "/changed",
+                get(|| async {
+                    Problem::unavailable(3)
+                        .vetted()
+                        .with_detail("changed after: hunter2")
+                }),
+            ));
+        let (res, body) = send(app.clone(), get_req("/own")).await;
+        assert_eq!(res.status(), 503);
+        assert_eq!(body["detail"], "At capacity.");
+        assert_eq!(body["correlation_id"], "req-1");
+        let (_, body) = send(app, get_req("/changed")).await;
+        assert!(!body.to_string().contains("hunter2"), "{body}");
+    }
+
+    /// A body of unknown length, as a streamed response has.
+    fn futures_core_stream(
+        text: &'static str,
+    ) -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        struct Once(Option<Bytes>);
+        impl futures_core::Stream for Once {
+            type Item = Result<Bytes, std::io::Error>;
+            fn poll_next(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Self::Item>> {
+                Poll::Ready(self.0.take().map(Ok))
+            }
+        }
+        Once(Some(Bytes::from_static(text.as_bytes())))
     }
 
     #[tokio::test]

@@ -211,6 +211,7 @@ fn admit(state: &Arc<ShedState>) -> Option<InFlight> {
 pub(crate) fn shed() -> Response {
     Problem::unavailable(SHED_RETRY_AFTER_SECS)
         .with_detail("The service is at capacity; retry later.")
+        .vetted()
         .into_response()
 }
 
@@ -503,6 +504,7 @@ pub(crate) fn deadline<B>(
 pub(crate) fn too_late() -> Response {
     Problem::new(StatusCode::GATEWAY_TIMEOUT)
         .with_detail("The caller's deadline had passed before the request started.")
+        .vetted()
         .into_response()
 }
 
@@ -524,6 +526,7 @@ pub(crate) fn poll_due(
             Poll::Ready(
                 Problem::new(StatusCode::GATEWAY_TIMEOUT)
                     .with_detail("The request did not complete in time.")
+                    .vetted()
                     .into_response(),
             )
         }
@@ -677,7 +680,7 @@ impl<F> fmt::Debug for PanicFuture<F> {
 
 fn panicked() -> Response {
     metrics::counter!("http_server_panics_total").increment(1);
-    Problem::internal().into_response()
+    Problem::internal().vetted().into_response()
 }
 
 impl<F, E> Future for PanicFuture<F>

@@ -10,7 +10,10 @@
 //!   side by side and a gateway can route by prefix;
 //! * the standard endpoints at the root, outside the API: `GET /health/live`,
 //!   `GET /health/ready`, `GET /metrics`, `GET /info` (never shed, never
-//!   authenticated);
+//!   authenticated, never audited); `/health/ready` shows each check's name
+//!   and state to anyone, and its errors only on `/health/ready?detail` to a
+//!   bearer token holding `<service>::view:health` ([`health_permission`];
+//!   see [`crate::health`]);
 //! * the same layers, in the same order, on every request (see
 //!   `docs/architecture.md` and [Ordering](#ordering));
 //! * configuration from `CHASSIS_*` variables, JSON logs, graceful shutdown.
@@ -110,7 +113,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, RawQuery, State},
     response::{IntoResponse, Response},
     routing::{MethodRouter, get},
 };
@@ -127,6 +130,7 @@ use crate::{
     config::{Config, Env},
     health::{Check, CheckOptions, Health},
     metrics::HttpMetrics,
+    permission::Permission,
     problem::Problem,
     protect::LoadShedLayer,
 };
@@ -446,7 +450,11 @@ impl ServiceBuilder {
             .route("/health/live", get(crate::health::live))
             .route(
                 "/health/ready",
-                get(crate::health::ready).with_state(self.health.clone()),
+                get(ready_endpoint).with_state(Arc::new(Readiness {
+                    health: self.health.clone(),
+                    verifier: verifier.clone(),
+                    permission: health_permission(&self.name),
+                })),
             )
             .route(
                 "/metrics",
@@ -912,6 +920,71 @@ async fn upkeep(handle: PrometheusHandle, stop: CancellationToken) {
 
 async fn not_found() -> Problem {
     Problem::not_found()
+}
+
+/// The permission that lets a caller read the detail view of readiness,
+/// `<service>::view:health`; `None` only for a name the builder refuses.
+pub fn health_permission(service: &str) -> Option<Permission> {
+    Permission::new(service, None, "view", "health").ok()
+}
+
+/// What `/health/ready` needs: the checks, and who may read their errors.
+struct Readiness {
+    health: Health,
+    verifier: Option<Verifier>,
+    permission: Option<Permission>,
+}
+
+/// `GET /health/ready`: names and states for anyone; with `?detail`, the
+/// whole report to a bearer token holding [`health_permission`].
+async fn ready_endpoint(
+    State(r): State<Arc<Readiness>>,
+    RawQuery(query): RawQuery,
+    headers: http::HeaderMap,
+) -> Response {
+    let mut res = if wants_detail(query.as_deref()) {
+        if let Err(refused) = r.may_read_details(&headers).await {
+            return refused;
+        }
+        crate::health::detailed(&r.health.report())
+    } else {
+        crate::health::ready(State(r.health.clone())).await
+    };
+    // The report is the chassis' own: a 503 keeps its body.
+    res.extensions_mut().insert(crate::problem::Vetted);
+    res
+}
+
+/// Whether the query asks for the detail view: `detail`, `detail=1`,
+/// `detail=true`.
+fn wants_detail(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .any(|(k, v)| k == "detail" && matches!(&*v, "" | "1" | "true"))
+    })
+}
+
+impl Readiness {
+    /// `Ok` for a verified token holding the permission; else the 401 or 403
+    /// to answer. A service that verifies no tokens shows no details.
+    async fn may_read_details(&self, headers: &http::HeaderMap) -> Result<(), Response> {
+        let Some(permission) = &self.permission else {
+            return Err(Problem::new(http::StatusCode::FORBIDDEN).into_response());
+        };
+        let forbidden = || crate::api::Forbidden::new(permission.clone()).into_response();
+        let Some(verifier) = &self.verifier else {
+            return Err(forbidden());
+        };
+        let principal = match verifier.verify(headers).await {
+            Ok(p) => p,
+            Err(e) => return Err(e.into_response()),
+        };
+        if principal.grants().decide(permission).is_allowed() {
+            Ok(())
+        } else {
+            Err(forbidden())
+        }
+    }
 }
 
 async fn metrics_endpoint(State(handle): State<PrometheusHandle>) -> Response {

@@ -730,6 +730,42 @@ async fn time_claims() {
     }
 }
 
+/// A grant that holds a `!` but is not a valid grant refuses the token at
+/// the verifier, whatever else the token grants.
+#[tokio::test]
+async fn malformed_deny_grants_refuse_the_token_at_the_verifier() {
+    let keys = keys();
+    let server = JwksServer::start(&jwks(&[jwk(&keys.rsa1, Algorithm::RS256, "k1")])).await;
+    let v = verifier(&server, JwksOptions::default());
+    let with_perms = |perms: Value| {
+        let mut c = claims();
+        c["perms"] = perms;
+        mint(&server, Algorithm::RS256, &keys.rsa1, Some("k1"), c)
+    };
+    for bad in [
+        " !ticketing:1:delete:*",
+        "!ticketing:1:delete",
+        "!!x:y:z:w",
+        "ticketing:1:delete:*!",
+        "\t!ticketing:1:delete:*",
+    ] {
+        let token = with_perms(json!(["ticketing:*:*:*", bad]));
+        assert_eq!(
+            v.verify_token(&token).await.unwrap_err(),
+            chassis::auth::Reason::BadClaimType,
+            "{bad:?} was not refused"
+        );
+    }
+    // A valid deny and a malformed allow are both fine.
+    let token = with_perms(json!([
+        "ticketing:*:*:*",
+        "!ticketing:1:delete:*",
+        " ticketing:2:view:*"
+    ]));
+    let principal = v.verify_token(&token).await.unwrap();
+    assert_eq!(principal.grants().len(), 2);
+}
+
 // T26, T27, T28, T31, and sub/perms types
 #[tokio::test]
 async fn identity_claims() {
@@ -803,6 +839,39 @@ async fn identity_claims() {
         (
             Box::new(|c| c["perms"] = json!(["ticketing:67000001:*:*", "!Bad:deny"])),
             Some("bad_claim_type"),
+        ),
+        // A malformed deny grant refuses the token wherever its `!` sits:
+        // ignoring it would allow what it meant to deny.
+        (
+            Box::new(|c| {
+                c["perms"] = json!(["ticketing:67000001:*:*", " !ticketing:67000001:view:*"])
+            }),
+            Some("bad_claim_type"),
+        ),
+        (
+            Box::new(|c| {
+                c["perms"] = json!(["ticketing:67000001:*:*", "!ticketing:67000001:view"])
+            }),
+            Some("bad_claim_type"),
+        ),
+        (
+            Box::new(|c| {
+                c["perms"] = json!(["ticketing:67000001:*:*", "!!ticketing:67000001:view:*"])
+            }),
+            Some("bad_claim_type"),
+        ),
+        (
+            Box::new(|c| {
+                c["perms"] = json!(["ticketing:67000001:*:*", "ticketing:67000001:view:!ticket"])
+            }),
+            Some("bad_claim_type"),
+        ),
+        // A malformed allow grant (no `!`) is ignored: it only narrows.
+        (
+            Box::new(|c| {
+                c["perms"] = json!(["ticketing:67000001:*:*", " ticketing:67000001:view:*"])
+            }),
+            None,
         ),
         (
             Box::new(|c| c["kind"] = json!("robot")),
@@ -1485,15 +1554,19 @@ async fn readiness_waits_for_the_first_key_set() {
         verifier(&server, JwksOptions::default()),
         &Memory::default(),
     );
+    let health = svc.health().clone();
     let running = support::start(svc).await;
     let check = format!("jwks:{}", server.issuer());
     let url = running.url("/health/ready");
     support::eventually("a failed warm-up", || {
-        let url = url.clone();
+        let health = health.clone();
         let check = check.clone();
-        async move { support::get(&url).await.json()["checks"][&check]["error"].is_string() }
+        async move { health.report().checks[&check].duration_ms.is_some() }
     })
     .await;
+    // Anyone sees the check and its state; its error stays in the process.
+    let r = support::get(&url).await;
+    assert_eq!(r.json()["checks"][&check], json!({"status": "down"}));
     let r = support::get(&url).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
     // Requests meanwhile answer 503 jwks_unavailable, not 401.

@@ -331,13 +331,14 @@ async fn failing_and_hanging_checks_over_http() {
         .config(config())
         .build()
         .unwrap();
+    let running_health = svc.health().clone();
     let running = start(svc).await;
     let url = running.url("/health/ready");
+    let health = running_health.clone();
     eventually("the hanging check to time out", || {
-        let url = url.clone();
+        let health = health.clone();
         async move {
-            let r = get(&url).await;
-            r.json()["checks"]["slow"]["error"] == "timed out after 200 ms"
+            health.report().checks["slow"].error.as_deref() == Some("timed out after 200 ms")
         }
     })
     .await;
@@ -345,12 +346,110 @@ async fn failing_and_hanging_checks_over_http() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.headers["content-type"], "application/json");
     let body = r.json();
-    assert_eq!(body["status"], "down");
-    assert_eq!(body["checks"]["db"]["status"], "down");
-    assert_eq!(body["checks"]["db"]["error"], "connection refused");
-    assert_eq!(body["checks"]["cache"]["critical"], false);
-    assert!(body["checks"]["slow"]["duration_ms"].as_u64().unwrap() >= 200);
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "status": "down",
+            "checks": {
+                "cache": {"status": "down"},
+                "db": {"status": "down"},
+                "slow": {"status": "down"},
+            }
+        })
+    );
+    // In process, the whole report.
+    let report = health.report();
+    assert_eq!(
+        report.checks["db"].error.as_deref(),
+        Some("connection refused")
+    );
+    assert!(!report.checks["cache"].critical);
+    assert!(report.checks["slow"].duration_ms.unwrap() >= 200);
     assert_eq!(get(&running.url("/health/live")).await.status, 200);
+    running.task.abort();
+}
+
+/// A failing check whose error names a path and a URL: anyone sees the
+/// check's name and state, only the log and an operator holding
+/// `<service>::view:health` see the error.
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn readiness_shows_errors_only_to_operators_and_the_log() {
+    use chassis::testing::TestIssuer;
+    let (logs, _guard) = support::Logs::capture("serve-ready");
+    const ERROR: &str = "cannot open /var/lib/orders/orders.db: unable to open database file; \
+                         replica https://db.internal:5432/orders?sslmode=require refused";
+    let opts = CheckOptions::default()
+        .interval(Duration::from_millis(20))
+        .thresholds(1, 1);
+    let issuer = TestIssuer::with("https://issuer.test", "serve-ready");
+    let svc = builder("serve-ready")
+        .health_check("database", check_fn(|| async { Err(ERROR.into()) }), opts)
+        .verifier(issuer.verifier())
+        .config(config())
+        .build()
+        .unwrap();
+    let health = svc.health().clone();
+    let running = start(svc).await;
+    eventually("the check to run", || {
+        let health = health.clone();
+        async move { health.report().checks["database"].error.as_deref() == Some(ERROR) }
+    })
+    .await;
+
+    for path in ["/health/ready", "/health/ready?verbose=1"] {
+        let r = get(&running.url(path)).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        let text = r.text();
+        for secret in [
+            "/var/lib",
+            "orders.db",
+            "https://",
+            "db.internal",
+            "unable to open",
+        ] {
+            assert!(!text.contains(secret), "{path}: {secret} in {text}");
+        }
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"status": "down", "checks": {"database": {"status": "down"}}})
+        );
+    }
+
+    // The detail view needs a token holding the permission.
+    let url = running.url("/health/ready?detail");
+    let r = get(&url).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(r.json()["reason"], "missing_token");
+    assert!(!r.text().contains("db.internal"));
+    let bearer = |perms: &[&str]| format!("Bearer {}", issuer.user_token("ops", perms));
+    let viewer = bearer(&["serve-ready:acme:view:health", "other::view:health"]);
+    let r = send(Method::GET, &url, &[("authorization", &viewer)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert_eq!(r.json()["permission"], "serve-ready::view:health");
+    assert!(!r.text().contains("db.internal"));
+    let operator = bearer(&["serve-ready::view:health"]);
+    let r = send(Method::GET, &url, &[("authorization", &operator)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["checks"]["database"]["error"], ERROR);
+    assert_eq!(body["checks"]["database"]["critical"], true);
+
+    // The log has the error, once, when the check turned down.
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["message"] == "health check down")
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["check"], "database");
+    assert_eq!(lines[0]["error"], ERROR);
+    assert_eq!(lines[0]["level"], "WARN");
     running.task.abort();
 }
 

@@ -2,6 +2,8 @@
 //! problem+json with the correlation id, and the layers sit in the order the
 //! service builder documents.
 
+mod support;
+
 use std::{sync::Arc, time::Duration};
 
 use axum::{Router, body::Body};
@@ -517,4 +519,121 @@ async fn the_callers_deadline_shortens_the_timeout_and_every_refusal_is_audited(
         "{}",
         events[3].latency_ms
     );
+}
+
+#[tokio::test]
+async fn a_handlers_5xx_body_goes_to_the_log_never_to_the_client() {
+    let (logs, _guard) = support::Logs::capture("stack-leak");
+    let long = format!("{}password=hunter2", "x".repeat(100_000));
+    let api = Api::new()
+        .route(
+            api::get("/json", || async {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    axum::Json(serde_json::json!({
+                        "error": "query failed: no such table: users (password=hunter2)"
+                    })),
+                )
+            })
+            .public(),
+        )
+        .route(
+            api::get("/busy", || async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "7")],
+                    axum::Json(serde_json::json!({
+                        "error": "pool timed out: postgres://app:hunter2@db.internal/orders"
+                    })),
+                )
+            })
+            .public(),
+        )
+        .route(
+            api::get("/problem", || async {
+                chassis::Problem::new(StatusCode::BAD_GATEWAY)
+                    .with_type("https://example.test/leak")
+                    .with_title("hunter2 title")
+                    .with_detail("upstream said password=hunter2")
+                    .with_member("sql", "SELECT * FROM users -- hunter2")
+            })
+            .public(),
+        )
+        .route(
+            api::get("/long", move || {
+                let long = long.clone();
+                async move { (StatusCode::INTERNAL_SERVER_ERROR, long) }
+            })
+            .public(),
+        );
+    let app = ServiceBuilder::new("stack-leak", 1)
+        .api(api)
+        .config(config())
+        .build()
+        .unwrap()
+        .router();
+    for (path, status) in [
+        ("/stack-leak/v1/json", 500),
+        ("/stack-leak/v1/busy", 503),
+        ("/stack-leak/v1/problem", 502),
+        ("/stack-leak/v1/long", 500),
+    ] {
+        let (s, h, b) = call(&app, req("GET", path)).await;
+        assert_problem(s, &h, &b, status);
+        let text = b.to_string();
+        assert!(!text.contains("hunter2"), "{path}: {text}");
+        // The generic problem of the status, nothing of the handler's.
+        let generic = chassis::Problem::new(s);
+        assert_eq!(b["detail"], generic.detail(), "{path}");
+        assert_eq!(b["type"], generic.kind(), "{path}");
+        assert_eq!(b["title"], s.canonical_reason().unwrap(), "{path}");
+        assert_eq!(
+            b.as_object().unwrap().len(),
+            5,
+            "{path}: only the standard members: {text}"
+        );
+        if status == 503 {
+            assert_eq!(h[header::RETRY_AFTER], "7");
+        }
+    }
+
+    // Each withheld body is in the log, at error level, bounded, with the
+    // request's correlation id.
+    let lines = logs.lines();
+    let withheld: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["target"] == "chassis::problem")
+        .collect();
+    assert_eq!(withheld.len(), 4, "{lines:#?}");
+    for (line, status) in withheld.iter().zip([500, 503, 502, 500]) {
+        assert_eq!(line["level"], "ERROR", "{line}");
+        assert_eq!(line["correlation_id"], "stack-test", "{line}");
+        assert_eq!(line["status"], status, "{line}");
+    }
+    assert!(
+        withheld[0]["body"]
+            .as_str()
+            .unwrap()
+            .contains("no such table: users")
+    );
+    assert!(
+        withheld[1]["body"]
+            .as_str()
+            .unwrap()
+            .contains("postgres://")
+    );
+    let problem = withheld[2]["body"].as_str().unwrap();
+    assert!(
+        problem.contains("upstream said password=hunter2") && problem.contains("SELECT"),
+        "{problem}"
+    );
+    // A long body is cut: the log line stays small.
+    let long_line = lines
+        .iter()
+        .find(|l| l.contains("chassis::problem") && l.contains("xxxx"))
+        .unwrap();
+    assert!(long_line.len() < 8 * 1024, "{} bytes", long_line.len());
+    assert!(!long_line.contains("hunter2"));
+    assert_eq!(withheld[3]["truncated"], true);
 }

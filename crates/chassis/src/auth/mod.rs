@@ -46,7 +46,7 @@
 //! | `expired`, `not_yet_valid`, `iat_in_future` | time checks |
 //! | `lifetime_too_long` | `exp - iat` above the maximum |
 //! | `missing_claim` | `exp`, `iss`, `aud` or `sub` missing |
-//! | `bad_claim_type` | a claim of the wrong type, or an invalid deny grant |
+//! | `bad_claim_type` | a claim of the wrong type, or an invalid grant containing `!` (a deny written wrongly) |
 //! | `bad_issuer`, `bad_audience` | not our issuer, not for us |
 //! | `unsupported_crit`, `bad_typ` | header policies |
 //! | `jwks_unavailable` | the issuer's keys were never loaded (503) |
@@ -146,7 +146,8 @@ pub enum Reason {
     LifetimeTooLong,
     /// A required claim is missing.
     MissingClaim,
-    /// A claim has the wrong type.
+    /// A claim has the wrong type, or `perms` holds an invalid grant that
+    /// contains `!` (a deny written wrongly).
     BadClaimType,
     /// Not a trusted issuer.
     BadIssuer,
@@ -228,10 +229,13 @@ impl AuthError {
 }
 
 impl Reason {
-    /// The problem document for this reason.
+    /// The problem document for this reason. Its content is the chassis'
+    /// own, so a 503 `jwks_unavailable` keeps it (see
+    /// [`problem`](crate::problem)); setting its `detail` or a member clears
+    /// that.
     pub fn problem(self) -> Problem {
         let problem = Problem::new(self.status()).with_member("reason", self.code());
-        match self {
+        let problem = match self {
             Self::JwksUnavailable => problem
                 .with_detail("The service cannot verify tokens right now; retry later.")
                 .with_header(
@@ -248,7 +252,8 @@ impl Reason {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
                 ),
-        }
+        };
+        problem.vetted()
     }
 }
 

@@ -123,6 +123,29 @@ fn token_grants_drop_bad_allows_but_refuse_bad_denies() {
     );
 }
 
+#[test]
+fn token_grants_refuse_any_malformed_grant_with_a_bang() {
+    for bad in [
+        " !ticketing:1:delete:*",
+        "!ticketing:1:delete",
+        "!!x:y:z:w",
+        "ticketing:1:delete:*!",
+        "ticketing:!1:delete:*",
+        "\u{a0}!ticketing:1:delete:*",
+    ] {
+        let err = Grants::from_claim(["ticketing:*:*:*", bad]).unwrap_err();
+        assert!(
+            matches!(err, GrantsError::InvalidDeny { index: 1, .. }),
+            "{bad:?}: {err:?}"
+        );
+    }
+    // Without a `!`, a malformed grant is an allow that is dropped.
+    let (grants, rejected) =
+        Grants::from_claim([" ticketing:1:view:*", "!ticketing:1:delete:*"]).unwrap();
+    assert_eq!(grants.len(), 1);
+    assert_eq!(rejected.len(), 1);
+}
+
 // P14, P15: requirements can never carry a wildcard or shift segments.
 #[test]
 fn requirements_are_concrete() {
