@@ -637,3 +637,38 @@ async fn a_handlers_5xx_body_goes_to_the_log_never_to_the_client() {
     assert!(!long_line.contains("hunter2"));
     assert_eq!(withheld[3]["truncated"], true);
 }
+
+#[tokio::test]
+async fn a_downstream_failure_keeps_the_chassis_reason_code() {
+    // A port nothing listens on: the call fails to connect.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let downstream = chassis::client::Downstream::builder("gone", &url)
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let api = Api::new().route(
+        api::get("/call", move |cx: chassis::client::CallContext| {
+            let d = downstream.clone();
+            async move {
+                d.anonymous(&cx)
+                    .get("/x")
+                    .send()
+                    .await
+                    .map(|_| "reached")
+            }
+        })
+        .public(),
+    );
+    let app = ServiceBuilder::new("stack-down", 1)
+        .api(api)
+        .config(config())
+        .build()
+        .unwrap()
+        .router();
+    let (s, h, b) = call(&app, req("GET", "/stack-down/v1/call")).await;
+    assert_problem(s, &h, &b, 503);
+    assert_eq!(b["reason"], "downstream_unavailable", "{b}");
+    assert!(h.contains_key(header::RETRY_AFTER));
+}

@@ -255,7 +255,8 @@ impl ClientError {
             };
             problem = problem.with_header(header::RETRY_AFTER, secs.into());
         }
-        problem
+        // Fixed texts of the chassis' own: they may reach the client.
+        problem.vetted()
     }
 }
 
