@@ -1024,6 +1024,71 @@ async fn rotation_and_removal() {
     assert_refused(&a, "unknown_kid", &t1);
 }
 
+// A kid whose key material changes, and a kid that becomes ambiguous: tokens
+// whose verification was cached under the old key stop passing.
+#[tokio::test]
+async fn a_cached_token_does_not_outlive_a_replaced_key() {
+    let k = keys();
+    for replaced in [
+        // The issuer reuses kid k1 for another key.
+        jwks(&[
+            jwk(&k.rsa2, Algorithm::RS256, "k1"),
+            jwk(&k.ed, Algorithm::EdDSA, "ed1"),
+        ]),
+        // k1 now names two keys: ambiguous.
+        jwks(&[
+            jwk(&k.rsa1, Algorithm::RS256, "k1"),
+            jwk(&k.rsa2, Algorithm::RS256, "k1"),
+            jwk(&k.ed, Algorithm::EdDSA, "ed1"),
+        ]),
+    ] {
+        let server = JwksServer::start(&jwks(&[jwk(&k.rsa1, Algorithm::RS256, "k1")])).await;
+        let audit = Memory::default();
+        let app = service(verifier(&server, eager()), &audit).router();
+        let t1 = mint(&server, Algorithm::RS256, &k.rsa1, Some("k1"), claims());
+        assert_eq!(call(&app, &t1).await.status, 200);
+        assert_eq!(call(&app, &t1).await.status, 200, "cached");
+        server.set(|s| s.body = replaced.to_string());
+        svc_refresh(&app, &t1).await;
+        let a = call(&app, &t1).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{replaced}: {}", a.body);
+        assert!(
+            ["bad_signature", "unknown_kid"].contains(&a.body["reason"].as_str().unwrap()),
+            "{}",
+            a.body
+        );
+    }
+}
+
+// While the issuer is down at a cold start, concurrent callers share one
+// attempt and its failure, and are answered at once.
+#[tokio::test]
+async fn a_cold_start_with_the_issuer_down_costs_one_fetch() {
+    let k = keys();
+    let server = JwksServer::start(&jwks(&[jwk(&k.rsa1, Algorithm::RS256, "k1")])).await;
+    server.set(|s| s.status = StatusCode::SERVICE_UNAVAILABLE);
+    let v = verifier(&server, JwksOptions::default());
+    let token = mint(&server, Algorithm::RS256, &k.rsa1, Some("k1"), claims());
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (v, t) = (v.clone(), token.clone());
+            tokio::spawn(async move { v.verify_token(&t).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap_err().code(), "jwks_unavailable");
+    }
+    assert_eq!(server.hits(), 1, "one attempt, shared by every caller");
+    // Within the cold-retry interval, more callers cost nothing.
+    for _ in 0..20 {
+        assert_eq!(
+            v.verify_token(&token).await.unwrap_err().code(),
+            "jwks_unavailable"
+        );
+    }
+    assert_eq!(server.hits(), 1);
+}
+
 /// Forces a refresh through a request with an unknown kid (cooldown is 0).
 async fn svc_refresh(app: &Router, any: &str) {
     let _ = any;
