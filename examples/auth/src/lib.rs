@@ -3,10 +3,15 @@
 //!
 //! * `POST /auth/v1/token` (public): the OAuth 2.0 token endpoint: the
 //!   password grant for users (an access token and a refresh token), the
-//!   client-credentials grant for services (an access token), and the
-//!   refresh-token grant with rotation and reuse detection.
+//!   client-credentials grant for services (an access token), the
+//!   refresh-token grant with rotation and reuse detection, and the
+//!   token-exchange grant (RFC 8693) by which a service gets a token for
+//!   another service on its caller's behalf.
 //! * `GET /auth/v1/jwks` (public): the public signing keys, current and
 //!   previous.
+//! * `GET /auth/v1/.well-known/openid-configuration` (public): the OpenID
+//!   Connect discovery document; found from the issuer when `AUTH_ISSUER`
+//!   is `<origin>/auth/v1`.
 //! * `POST /auth/v1/keys/rotate` (`auth::rotate:key`): make a new signing
 //!   key current now.
 //!
@@ -16,9 +21,18 @@
 //! contract is `docs/system.md`, section "auth"; this crate's `README.md`
 //! shows how to run and test it.
 //!
-//! Run with `cargo run -p auth`, then
-//! `curl -s -d grant_type=password -d username=alice -d password=alice-password localhost:8081/auth/v1/token`
-//! (with `CHASSIS_BIND=127.0.0.1:8081`).
+//! Each token is for one audience: the `audience` asked for (one of
+//! `AUTH_AUDIENCES`), or `AUTH_DEFAULT_AUDIENCE`. A narrower `scope` never
+//! drops the subject's deny grants. Failed logins are throttled per user
+//! name or client id and in total (429 with `Retry-After`, `AUTH_LOGIN_*`),
+//! and password hashing is bounded (`AUTH_HASH_CONCURRENCY`; 503 with
+//! `Retry-After` after `AUTH_HASH_QUEUE_MS`). The demo users and clients,
+//! whose passwords are public, exist only with `AUTH_SEED_DEMO=true`. The
+//! settings are in [`Settings::read`].
+//!
+//! Run with `cargo run -p auth` (with `CHASSIS_BIND=127.0.0.1:8081` and
+//! `AUTH_SEED_DEMO=true`), then
+//! `curl -s -d grant_type=password -d username=alice -d password=alice-password localhost:8081/auth/v1/token`.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
