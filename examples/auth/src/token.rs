@@ -790,4 +790,24 @@ mod tests {
         assert_eq!(answered_scope(None, &grants), None);
         assert_eq!(answered_scope(Some(&requested), &[]), Some(String::new()));
     }
+
+    #[test]
+    fn narrowing_keeps_every_deny() {
+        let grants = vec![
+            "a:b:*:*".to_owned(),
+            "!a:b:delete:*".to_owned(),
+            "e:f:g:h".to_owned(),
+            "!e:f:g:x".to_owned(),
+        ];
+        assert_eq!(
+            narrow(&grants, Some(&["e:f:g:h".to_owned()])).unwrap(),
+            ["e:f:g:h", "!a:b:delete:*", "!e:f:g:x"]
+        );
+        // Asking for a deny is asking for what the token has anyway.
+        assert_eq!(
+            narrow(&grants, Some(&["!a:b:delete:*".to_owned()])).unwrap(),
+            ["!a:b:delete:*", "!e:f:g:x"]
+        );
+        assert_eq!(narrow(&grants, None).unwrap(), grants);
+    }
 }
