@@ -40,6 +40,13 @@ pub const TOKEN_PATH: &str = "/auth/v1/token";
 pub const JWKS_PATH: &str = "/auth/v1/jwks";
 /// The path of the key rotation.
 pub const ROTATE_PATH: &str = "/auth/v1/keys/rotate";
+/// The path of the OpenID Connect discovery document.
+pub const DISCOVERY_PATH: &str = "/auth/v1/.well-known/openid-configuration";
+/// The `grant_type` of the token exchange (RFC 8693).
+pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The token type of an access token (RFC 8693 §3): the only
+/// `subject_token_type` accepted and the `issued_token_type` of an exchange.
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// A successful token answer (RFC 6749 §5.1).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +64,10 @@ pub struct TokenResponse {
     /// from the scope asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// [`ACCESS_TOKEN_TYPE`], on the answer of a token exchange
+    /// (RFC 8693 §2.2.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_token_type: Option<String>,
 }
 
 impl std::fmt::Debug for TokenResponse {
@@ -70,6 +81,7 @@ impl std::fmt::Debug for TokenResponse {
                 &self.refresh_token.as_ref().map(|_| "[redacted]"),
             )
             .field("scope", &self.scope)
+            .field("issued_token_type", &self.issued_token_type)
             .finish()
     }
 }
@@ -78,7 +90,9 @@ impl std::fmt::Debug for TokenResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenErrorResponse {
     /// `invalid_request`, `invalid_client`, `invalid_grant`,
-    /// `invalid_scope` or `unsupported_grant_type`.
+    /// `invalid_scope`, `invalid_target`, `unauthorized_client`,
+    /// `unsupported_grant_type`, `slow_down` (429: too many failed logins)
+    /// or `temporarily_unavailable` (503: every hashing slot is busy).
     pub error: String,
     /// A human-readable explanation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +122,29 @@ pub struct Jwk {
     /// Always `sig`.
     #[serde(rename = "use")]
     pub key_use: String,
+}
+
+/// The OpenID Connect discovery document (OpenID Connect Discovery 1.0
+/// §3, RFC 8414 §2), at [`DISCOVERY_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenIdConfiguration {
+    /// Exactly `AUTH_ISSUER`: the `iss` of every token.
+    pub issuer: String,
+    /// The key set.
+    pub jwks_uri: String,
+    /// The token endpoint.
+    pub token_endpoint: String,
+    /// `password`, `client_credentials`, `refresh_token` and
+    /// [`TOKEN_EXCHANGE_GRANT`].
+    pub grant_types_supported: Vec<String>,
+    /// `client_secret_basic`, `client_secret_post` and `none`.
+    pub token_endpoint_auth_methods_supported: Vec<String>,
+    /// `token`: tokens come from the token endpoint only.
+    pub response_types_supported: Vec<String>,
+    /// `public`: `sub` is the user name or client id.
+    pub subject_types_supported: Vec<String>,
+    /// `EdDSA`, the algorithm of every token signed here.
+    pub id_token_signing_alg_values_supported: Vec<String>,
 }
 
 /// The answer of `POST /auth/v1/keys/rotate`.
@@ -236,6 +273,58 @@ impl AuthClient {
         .await
     }
 
+    /// The token exchange (RFC 8693): a token for `audience` with the
+    /// subject and grants (or the `scope` asked for, never more) of
+    /// `subject_token`, acting as the client `client_id`, which needs the
+    /// grant `auth:<audience>:exchange:token`.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthClientError::Refused`] with `invalid_client` for bad
+    /// credentials, `unauthorized_client` without the grant,
+    /// `invalid_target` for an unknown audience, `invalid_request` for a
+    /// subject token that is not valid.
+    pub async fn token_exchange(
+        &self,
+        cx: &CallContext,
+        client_id: &str,
+        client_secret: &Secret<String>,
+        subject_token: &str,
+        audience: &str,
+        scope: Option<&str>,
+    ) -> Result<TokenResponse, AuthClientError> {
+        let mut form = vec![
+            ("grant_type", TOKEN_EXCHANGE_GRANT),
+            ("client_id", client_id),
+            ("client_secret", client_secret.expose()),
+            ("subject_token", subject_token),
+            ("subject_token_type", ACCESS_TOKEN_TYPE),
+            ("audience", audience),
+        ];
+        if let Some(scope) = scope {
+            form.push(("scope", scope));
+        }
+        self.token(cx, &form).await
+    }
+
+    /// The OpenID Connect discovery document.
+    ///
+    /// # Errors
+    ///
+    /// When the call fails or the answer is not a discovery document.
+    pub async fn discovery(
+        &self,
+        cx: &CallContext,
+    ) -> Result<OpenIdConfiguration, AuthClientError> {
+        let res = self
+            .downstream
+            .anonymous(cx)
+            .get(DISCOVERY_PATH)
+            .send()
+            .await?;
+        Ok(res.json()?)
+    }
+
     /// The public signing keys.
     ///
     /// # Errors
@@ -330,6 +419,7 @@ mod tests {
             expires_in: 900,
             refresh_token: Some("refresh-secret".to_owned()),
             scope: None,
+            issued_token_type: None,
         };
         let shown = format!("{t:?}");
         assert!(!shown.contains("secret"), "{shown}");

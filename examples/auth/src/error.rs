@@ -64,6 +64,8 @@ pub(crate) struct OAuthError {
     status: StatusCode,
     code: &'static str,
     description: Option<&'static str>,
+    /// Seconds for `Retry-After`.
+    retry_after: Option<u64>,
 }
 
 impl OAuthError {
@@ -73,6 +75,7 @@ impl OAuthError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_request",
             description: Some(description),
+            retry_after: None,
         }
     }
 
@@ -82,6 +85,7 @@ impl OAuthError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_grant",
             description: Some(description),
+            retry_after: None,
         }
     }
 
@@ -91,6 +95,29 @@ impl OAuthError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_scope",
             description: Some(description),
+            retry_after: None,
+        }
+    }
+
+    /// 400 `invalid_target` (RFC 8707 §2): an audience that is not a known
+    /// service.
+    pub(crate) const fn invalid_target(description: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_target",
+            description: Some(description),
+            retry_after: None,
+        }
+    }
+
+    /// 400 `unauthorized_client`: the client may not use this grant (here,
+    /// exchange tokens for that audience).
+    pub(crate) const fn unauthorized_client(description: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "unauthorized_client",
+            description: Some(description),
+            retry_after: None,
         }
     }
 
@@ -99,7 +126,33 @@ impl OAuthError {
         Self {
             status: StatusCode::BAD_REQUEST,
             code: "unsupported_grant_type",
-            description: Some("supported grant types: password, client_credentials, refresh_token"),
+            description: Some(
+                "supported grant types: password, client_credentials, refresh_token, \
+                 urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            retry_after: None,
+        }
+    }
+
+    /// 429 `slow_down` (RFC 8628 §3.5, registered for the token endpoint)
+    /// with `Retry-After`: too many failed logins.
+    pub(crate) const fn throttled(retry_after: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "slow_down",
+            description: Some("too many failed attempts; retry later"),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// 503 `temporarily_unavailable` with `Retry-After: 1`: no hashing slot
+    /// freed up in time.
+    pub(crate) const fn busy() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "temporarily_unavailable",
+            description: Some("the service is busy; retry later"),
+            retry_after: Some(1),
         }
     }
 
@@ -109,6 +162,7 @@ impl OAuthError {
             status: StatusCode::UNAUTHORIZED,
             code: "invalid_client",
             description: None,
+            retry_after: None,
         }
     }
 
@@ -126,6 +180,10 @@ impl IntoResponse for OAuthError {
             error_description: self.description.map(str::to_owned),
         };
         let mut res = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -208,6 +208,22 @@ impl Keys {
         ))
     }
 
+    /// The public key `kid` when it is published at `now` (current, or
+    /// retired and still in the key set): what verifies a token that this
+    /// service signed.
+    pub(crate) async fn published(&self, kid: &str, now: u64) -> Result<Option<Vec<u8>>, AppError> {
+        let row: Option<(Vec<u8>,)> = sqlx::query_as(
+            "SELECT public_key FROM signing_keys \
+             WHERE kid = ? AND (retired_at IS NULL OR retired_at + ? > ?)",
+        )
+        .bind(kid)
+        .bind(to_i64(self.publish_for))
+        .bind(to_i64(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(public,)| public))
+    }
+
     /// The published keys at `now`: the current one first, then the
     /// retired ones whose tokens may still be valid, newest first.
     pub(crate) async fn jwks(&self, now: u64) -> Result<Jwks, AppError> {

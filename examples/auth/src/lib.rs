@@ -3,10 +3,15 @@
 //!
 //! * `POST /auth/v1/token` (public): the OAuth 2.0 token endpoint: the
 //!   password grant for users (an access token and a refresh token), the
-//!   client-credentials grant for services (an access token), and the
-//!   refresh-token grant with rotation and reuse detection.
+//!   client-credentials grant for services (an access token), the
+//!   refresh-token grant with rotation and reuse detection, and the
+//!   token-exchange grant (RFC 8693) by which a service gets a token for
+//!   another service on its caller's behalf.
 //! * `GET /auth/v1/jwks` (public): the public signing keys, current and
 //!   previous.
+//! * `GET /auth/v1/.well-known/openid-configuration` (public): the OpenID
+//!   Connect discovery document; found from the issuer when `AUTH_ISSUER`
+//!   is `<origin>/auth/v1`.
 //! * `POST /auth/v1/keys/rotate` (`auth::rotate:key`): make a new signing
 //!   key current now.
 //!
@@ -16,9 +21,18 @@
 //! contract is `docs/system.md`, section "auth"; this crate's `README.md`
 //! shows how to run and test it.
 //!
-//! Run with `cargo run -p auth`, then
-//! `curl -s -d grant_type=password -d username=alice -d password=alice-password localhost:8081/auth/v1/token`
-//! (with `CHASSIS_BIND=127.0.0.1:8081`).
+//! Each token is for one audience: the `audience` asked for (one of
+//! `AUTH_AUDIENCES`), or `AUTH_DEFAULT_AUDIENCE`. A narrower `scope` never
+//! drops the subject's deny grants. Failed logins are throttled per user
+//! name or client id and in total (429 with `Retry-After`, `AUTH_LOGIN_*`),
+//! and password hashing is bounded (`AUTH_HASH_CONCURRENCY`; 503 with
+//! `Retry-After` after `AUTH_HASH_QUEUE_MS`). The demo users and clients,
+//! whose passwords are public, exist only with `AUTH_SEED_DEMO=true`. The
+//! settings are in [`Settings::read`].
+//!
+//! Run with `cargo run -p auth` (with `CHASSIS_BIND=127.0.0.1:8081` and
+//! `AUTH_SEED_DEMO=true`), then
+//! `curl -s -d grant_type=password -d username=alice -d password=alice-password localhost:8081/auth/v1/token`.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
@@ -26,7 +40,7 @@ use axum::{Extension, Json, response::IntoResponse};
 use chassis::{
     Problem, ServiceBuilder,
     api::{self, Api},
-    auth::{JwksOptions, Principal, Verifier},
+    auth::{Clock, JwksOptions, Principal, SystemClock, Verifier},
     config::{Config, Reader, Secret},
     health::CheckOptions,
     sqlite::{Database, DbConfig},
@@ -37,10 +51,13 @@ use sqlx::{SqlitePool, migrate::Migrator};
 use tokio_util::sync::CancellationToken;
 
 pub mod client;
+mod discovery;
 mod error;
+mod exchange;
 mod keys;
 mod password;
 mod store;
+mod throttle;
 mod token;
 
 pub use error::AppError;
@@ -84,14 +101,84 @@ impl Default for HashCost {
     }
 }
 
+/// Brute-force protection of the token endpoint (`AUTH_LOGIN_*`): how
+/// many failed logins a user name or client id, and all of them together,
+/// may have before attempts are answered 429 without checking the password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginLimits {
+    /// `AUTH_LOGIN_MAX_FAILURES`: failures of one name before it is locked
+    /// (default 5).
+    pub max_failures: u32,
+    /// `AUTH_LOGIN_WINDOW_SECS`: how long a name's failures are remembered
+    /// after its last one (default 900, 15 minutes).
+    pub window: Duration,
+    /// `AUTH_LOGIN_LOCKOUT_SECS`: the first lock of a name (default 60); each
+    /// further failure after a lock doubles it.
+    pub lockout: Duration,
+    /// `AUTH_LOGIN_MAX_LOCKOUT_SECS`: the longest lock (default 900).
+    pub max_lockout: Duration,
+    /// `AUTH_LOGIN_GLOBAL_MAX_FAILURES`: failures of all names together per
+    /// global window before every attempt waits (default 100).
+    pub global_max_failures: u32,
+    /// `AUTH_LOGIN_GLOBAL_WINDOW_SECS`: the global window (default 60).
+    pub global_window: Duration,
+    /// `AUTH_LOGIN_TRACKED_NAMES`: most names tracked at once; the one seen
+    /// least recently is forgotten first (default 10000).
+    pub tracked_names: usize,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            window: Duration::from_secs(900),
+            lockout: Duration::from_secs(60),
+            max_lockout: Duration::from_secs(900),
+            global_max_failures: 100,
+            global_window: Duration::from_secs(60),
+            tracked_names: 10_000,
+        }
+    }
+}
+
+/// How much password hashing may run at once (`AUTH_HASH_CONCURRENCY`,
+/// `AUTH_HASH_QUEUE_MS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashLimits {
+    /// `AUTH_HASH_CONCURRENCY`: hashes computed at once (default half the
+    /// CPUs, at least 1, so that hashing leaves cores to the other routes).
+    pub concurrency: usize,
+    /// `AUTH_HASH_QUEUE_MS`: how long a login waits for a free slot before
+    /// it is answered 503 with `Retry-After` (default 1000).
+    pub queue_timeout: Duration,
+}
+
+impl Default for HashLimits {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        Self {
+            concurrency: (cpus / 2).max(1),
+            queue_timeout: Duration::from_millis(1000),
+        }
+    }
+}
+
 /// The service's own settings (`AUTH_*`); see [`Settings::read`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Settings {
-    /// `AUTH_ISSUER`: the `iss` of every token.
+    /// `AUTH_ISSUER`: the `iss` of every token, an `http://` or `https://`
+    /// URL. The OpenID discovery document is served at
+    /// `/auth/v1/.well-known/openid-configuration`, so set it to
+    /// `<origin>/auth/v1` for discovery from the issuer to work.
     pub issuer: String,
-    /// `AUTH_AUDIENCE`: the `aud` of every token.
-    pub audience: String,
+    /// `AUTH_DEFAULT_AUDIENCE` (formerly `AUTH_AUDIENCE`): the `aud` of a
+    /// token asked for without an `audience` parameter; always one of the
+    /// known audiences.
+    pub default_audience: String,
+    /// `AUTH_AUDIENCES`: the audiences a token may be asked for (the
+    /// services), besides the default one.
+    pub audiences: Vec<String>,
     /// `AUTH_TOKEN_TTL_SECS`: access-token lifetime, and how long a retired
     /// key stays published.
     pub token_ttl: Duration,
@@ -101,12 +188,19 @@ pub struct Settings {
     pub key_rotate: Duration,
     /// `AUTH_KEY_CHECK_SECS`: how often rotation and key expiry are checked.
     pub key_check: Duration,
-    /// `AUTH_SEED_DEMO`: create the demo users and clients on start-up.
+    /// `AUTH_SEED_DEMO`: create the demo users and clients (with their
+    /// well-known passwords) on start-up. Off unless asked for.
     pub seed_demo: bool,
     /// `AUTH_CLIENT_SECRET_*`: the demo clients' secrets.
     pub demo_secrets: DemoSecrets,
-    /// `AUTH_HASH_*`: the cost of new password hashes.
+    /// `AUTH_HASH_MEMORY_KIB`, `AUTH_HASH_ITERATIONS`: the cost of new
+    /// password hashes.
     pub hash_cost: HashCost,
+    /// `AUTH_HASH_CONCURRENCY`, `AUTH_HASH_QUEUE_MS`: how much hashing runs
+    /// at once.
+    pub hash_limits: HashLimits,
+    /// `AUTH_LOGIN_*`: brute-force protection of the token endpoint.
+    pub login: LoginLimits,
     /// `AUTH_PUBLIC_URL`: the base URL at which this service reaches its own
     /// API, to fetch its key set when verifying tokens on its protected
     /// route. `None`: [`run`] uses the address it listens on, [`app`]
@@ -162,20 +256,110 @@ impl<const MAX: u64> std::str::FromStr for Secs<MAX> {
 /// Ten years, the longest refresh or rotation period accepted.
 const TEN_YEARS: u64 = 10 * 365 * 86_400;
 
+/// Whole milliseconds from 1 to 60 000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Millis(u64);
+
+impl std::str::FromStr for Millis {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<u64>() {
+            Ok(n @ 1..=60_000) => Ok(Self(n)),
+            Ok(_) => Err("must be from 1 to 60000 milliseconds".to_owned()),
+            Err(e) => Err(format!("expected whole milliseconds: {e}")),
+        }
+    }
+}
+
+/// What an audience may look like: an account segment of a permission, so
+/// that a client's right to exchange tokens for it is a grant
+/// (`auth:<audience>:exchange:token`).
+const AUDIENCE_GRAMMAR: &str = "audiences are 1 to 64 characters of [A-Za-z0-9_-]";
+
+/// Reads `AUTH_LOGIN_*`.
+fn read_login_limits(r: &mut Reader<'_>) -> LoginLimits {
+    let d = LoginLimits::default();
+    let count = |r: &mut Reader<'_>, name: &str, default: u32, what: &str| {
+        let n: u32 = r.optional(name, default, what);
+        if !(1..=1_000_000).contains(&n) {
+            r.problem(name, "must be from 1 to 1000000");
+        }
+        n
+    };
+    let max_failures = count(
+        r,
+        "AUTH_LOGIN_MAX_FAILURES",
+        d.max_failures,
+        "failed logins of one name before it is locked",
+    );
+    let global_max_failures = count(
+        r,
+        "AUTH_LOGIN_GLOBAL_MAX_FAILURES",
+        d.global_max_failures,
+        "failed logins of all names per global window",
+    );
+    let tracked_names = count(
+        r,
+        "AUTH_LOGIN_TRACKED_NAMES",
+        u32::try_from(d.tracked_names).unwrap_or(u32::MAX),
+        "most names whose failed logins are remembered",
+    );
+    let mut secs = |name: &str, default: Duration, what: &str| {
+        Duration::from_secs(r.optional(name, Secs::<86_400>(default.as_secs()), what).0)
+    };
+    let window = secs(
+        "AUTH_LOGIN_WINDOW_SECS",
+        d.window,
+        "seconds failed logins are remembered after the last one",
+    );
+    let lockout = secs(
+        "AUTH_LOGIN_LOCKOUT_SECS",
+        d.lockout,
+        "seconds of the first lock of a name",
+    );
+    let max_lockout = secs(
+        "AUTH_LOGIN_MAX_LOCKOUT_SECS",
+        d.max_lockout,
+        "seconds of the longest lock of a name",
+    );
+    let global_window = secs(
+        "AUTH_LOGIN_GLOBAL_WINDOW_SECS",
+        d.global_window,
+        "seconds of the window of the global failure budget",
+    );
+    LoginLimits {
+        max_failures,
+        window,
+        lockout,
+        max_lockout: max_lockout.max(lockout),
+        global_max_failures,
+        global_window,
+        tracked_names: tracked_names as usize,
+    }
+}
+
 impl Settings {
     /// Reads the `AUTH_*` settings, recording problems in `r`:
     ///
     /// | variable | default |
     /// |---|---|
-    /// | `AUTH_ISSUER` | `http://127.0.0.1:8081` |
-    /// | `AUTH_AUDIENCE` | `chassis-demo` |
+    /// | `AUTH_ISSUER` | `http://127.0.0.1:8081` (an `http(s)://` URL) |
+    /// | `AUTH_DEFAULT_AUDIENCE` (or its former name `AUTH_AUDIENCE`) | `chassis-demo` |
+    /// | `AUTH_AUDIENCES` | `auth,ticketing,orders,mail` |
     /// | `AUTH_TOKEN_TTL_SECS` | `900` (at most 86400) |
     /// | `AUTH_REFRESH_TTL_SECS` | `86400` |
     /// | `AUTH_KEY_ROTATE_SECS` | `2592000` (30 days) |
     /// | `AUTH_KEY_CHECK_SECS` | `60` |
-    /// | `AUTH_SEED_DEMO` | `true` |
+    /// | `AUTH_SEED_DEMO` | `false` |
     /// | `AUTH_CLIENT_SECRET_ORDERS`, `_TICKETING`, `_MAIL` | `orders-secret`, `ticketing-secret`, `mail-secret` |
     /// | `AUTH_HASH_MEMORY_KIB`, `AUTH_HASH_ITERATIONS` | `19456`, `2` |
+    /// | `AUTH_HASH_CONCURRENCY` | half the CPUs, at least 1 |
+    /// | `AUTH_HASH_QUEUE_MS` | `1000` |
+    /// | `AUTH_LOGIN_MAX_FAILURES`, `AUTH_LOGIN_WINDOW_SECS` | `5`, `900` |
+    /// | `AUTH_LOGIN_LOCKOUT_SECS`, `AUTH_LOGIN_MAX_LOCKOUT_SECS` | `60`, `900` |
+    /// | `AUTH_LOGIN_GLOBAL_MAX_FAILURES`, `AUTH_LOGIN_GLOBAL_WINDOW_SECS` | `100`, `60` |
+    /// | `AUTH_LOGIN_TRACKED_NAMES` | `10000` |
     /// | `AUTH_PUBLIC_URL` | the address it listens on |
     /// | `AUTH_DATA_DIR` | `./data/auth` |
     /// | `AUTH_DB_POOL_SIZE` | `4` |
@@ -185,16 +369,33 @@ impl Settings {
             "http://127.0.0.1:8081".to_owned(),
             "the iss of issued tokens",
         );
-        if issuer.is_empty() {
-            r.problem("AUTH_ISSUER", "must not be empty");
+        if let Err(e) = discovery::origin(&issuer) {
+            r.problem("AUTH_ISSUER", e);
         }
-        let audience: String = r.optional(
-            "AUTH_AUDIENCE",
-            "chassis-demo".to_owned(),
-            "the aud of issued tokens",
+        let former: Option<String> =
+            r.maybe("AUTH_AUDIENCE", "former name of AUTH_DEFAULT_AUDIENCE");
+        let default_audience: String = r.optional(
+            "AUTH_DEFAULT_AUDIENCE",
+            former.unwrap_or_else(|| "chassis-demo".to_owned()),
+            "the aud of tokens asked for without an audience",
         );
-        if audience.is_empty() {
-            r.problem("AUTH_AUDIENCE", "must not be empty");
+        if !chassis::permission::is_account(&default_audience) {
+            r.problem("AUTH_DEFAULT_AUDIENCE", AUDIENCE_GRAMMAR);
+        }
+        let listed: String = r.optional(
+            "AUTH_AUDIENCES",
+            "auth,ticketing,orders,mail".to_owned(),
+            "comma list of the audiences a token may be asked for",
+        );
+        let mut audiences: Vec<String> = Vec::new();
+        for a in listed.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            if !chassis::permission::is_account(a) {
+                r.problem("AUTH_AUDIENCES", AUDIENCE_GRAMMAR);
+                break;
+            }
+            if !audiences.iter().any(|known| known == a) {
+                audiences.push(a.to_owned());
+            }
         }
         let token_ttl = r.optional(
             "AUTH_TOKEN_TTL_SECS",
@@ -218,7 +419,7 @@ impl Settings {
         );
         let seed_demo = r.optional(
             "AUTH_SEED_DEMO",
-            true,
+            false,
             "create the demo users and clients (true or false)",
         );
         let secret = |r: &mut Reader<'_>, name: &str, default: &str| {
@@ -252,6 +453,21 @@ impl Settings {
         if !(1..=16).contains(&iterations) {
             r.problem("AUTH_HASH_ITERATIONS", "must be from 1 to 16");
         }
+        let dh = HashLimits::default();
+        let concurrency: usize = r.optional(
+            "AUTH_HASH_CONCURRENCY",
+            dh.concurrency,
+            "password hashes computed at once",
+        );
+        if !(1..=1024).contains(&concurrency) {
+            r.problem("AUTH_HASH_CONCURRENCY", "must be from 1 to 1024");
+        }
+        let queue_ms = r.optional(
+            "AUTH_HASH_QUEUE_MS",
+            Millis(1000),
+            "milliseconds a login waits for a free hashing slot",
+        );
+        let login = read_login_limits(r);
         let public_url: Option<BaseUrl> = r.maybe(
             "AUTH_PUBLIC_URL",
             "base URL where the service reaches itself, e.g. http://127.0.0.1:8081",
@@ -262,7 +478,8 @@ impl Settings {
         let chassis_issuer: Option<String> = r.maybe("CHASSIS_AUTH_ISSUER", "trusted token issuer");
         Self {
             issuer,
-            audience,
+            default_audience,
+            audiences,
             token_ttl: Duration::from_secs(token_ttl.0),
             refresh_ttl: Duration::from_secs(refresh_ttl.0),
             key_rotate: Duration::from_secs(key_rotate.0),
@@ -273,6 +490,11 @@ impl Settings {
                 memory_kib,
                 iterations,
             },
+            hash_limits: HashLimits {
+                concurrency,
+                queue_timeout: Duration::from_millis(queue_ms.0),
+            },
+            login,
             public_url: public_url.map(|u| u.0),
             verify_own_tokens: chassis_issuer.is_none(),
             db,
@@ -291,15 +513,30 @@ impl Settings {
 }
 
 /// What the handlers share.
-#[derive(Debug)]
 struct State {
     pool: SqlitePool,
     keys: Arc<keys::Keys>,
     hasher: password::Hasher,
     issuer: String,
-    audience: String,
+    default_audience: String,
+    /// Every audience a token may be for, the default one included.
+    audiences: Vec<String>,
     token_ttl: u64,
     refresh_ttl: u64,
+    /// The time of tokens, refresh tokens and the throttle.
+    clock: Arc<dyn Clock>,
+    throttle: throttle::Throttle,
+    discovery: client::OpenIdConfiguration,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("issuer", &self.issuer)
+            .field("default_audience", &self.default_audience)
+            .field("audiences", &self.audiences)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The service: opens and migrates the database, seeds the demo subjects
@@ -313,6 +550,21 @@ struct State {
 /// When the database cannot be opened, migrated or read, or a key cannot be
 /// made.
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
+    app_with_clock(settings, SystemClock).await
+}
+
+/// [`app`] with `clock` as the time of issued tokens, refresh tokens and
+/// the login throttle (key rotation keeps the system clock): tests move it
+/// by hand instead of waiting.
+///
+/// # Errors
+///
+/// As [`app`].
+pub async fn app_with_clock(
+    settings: Settings,
+    clock: impl Clock,
+) -> Result<ServiceBuilder, AppError> {
+    let clock: Arc<dyn Clock> = Arc::new(clock);
     // The recorder the service will export (installed once per process), so
     // that the description below is not lost.
     let _ = chassis::metrics::install_recorder();
@@ -320,8 +572,15 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
         token::FAILED_LOGINS,
         "Logins refused: a wrong password, an unknown user, or a client that failed authentication"
     );
+    metrics::describe_counter!(
+        token::THROTTLED_LOGINS,
+        "Login attempts answered 429 without a password check, by the limit that refused them"
+    );
+    metrics::describe_counter!(
+        token::HASH_BUSY,
+        "Login attempts answered 503 because every password hashing slot stayed busy"
+    );
     let db = Database::open_migrated(&settings.db, &MIGRATOR).await?;
-    let concurrency = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
     let params = argon2::Params::new(
         settings.hash_cost.memory_kib,
         settings.hash_cost.iterations,
@@ -329,7 +588,12 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
         None,
     )
     .map_err(|e| AppError::Crypto(format!("argon2 parameters: {e}")))?;
-    let hasher = password::Hasher::with_params(params, concurrency).await?;
+    let hasher = password::Hasher::with_params(
+        params,
+        settings.hash_limits.concurrency,
+        settings.hash_limits.queue_timeout,
+    )
+    .await?;
     if settings.seed_demo {
         let created = store::seed(db.pool(), &hasher, &settings.demo_secrets, token::now()).await?;
         tracing::info!(created, "demo users and clients in place");
@@ -344,18 +608,36 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
     .await?;
     log_check(&checked);
     let keys = Arc::new(keys);
+    let mut audiences = vec![settings.default_audience.clone()];
+    for a in &settings.audiences {
+        if !audiences.contains(a) {
+            audiences.push(a.clone());
+        }
+    }
+    if !discovery::found_from_issuer(&settings.issuer) {
+        tracing::warn!(
+            issuer = %settings.issuer,
+            "the discovery document is served at /auth/v1/.well-known/openid-configuration; \
+             discovery from this issuer will not find it (set AUTH_ISSUER to <origin>/auth/v1)"
+        );
+    }
     let state = Arc::new(State {
         pool: db.pool().clone(),
         keys: keys.clone(),
         hasher,
         issuer: settings.issuer.clone(),
-        audience: settings.audience.clone(),
+        default_audience: settings.default_audience.clone(),
+        audiences,
         token_ttl,
         refresh_ttl: settings.refresh_ttl.as_secs(),
+        throttle: throttle::Throttle::new(settings.login, clock.clone()),
+        clock,
+        discovery: discovery::document(&settings.issuer),
     });
     let api = Api::new()
         .route(api::post("/token", token::token).public())
         .route(api::get("/jwks", jwks).public())
+        .route(api::get(discovery::ROUTE, discovery::openid_configuration).public())
         .route(api::post("/keys/rotate", rotate).requires("auth::rotate:key"));
     let interval = settings.key_check;
     let mut builder = ServiceBuilder::new(NAME, 1)
@@ -384,7 +666,7 @@ fn own_verifier(settings: &Settings) -> Result<Verifier, AppError> {
         .unwrap_or("http://127.0.0.1:8081");
     let url = format!("{base}{}", client::JWKS_PATH);
     Ok(Verifier::builder()
-        .jwks(&settings.issuer, &settings.audience, &url)
+        .jwks(&settings.issuer, &settings.default_audience, &url)
         .algorithms(&[Algorithm::EdDSA])
         .max_lifetime(Duration::from_secs(MAX_TOKEN_TTL_SECS))
         .jwks_options(JwksOptions {
@@ -550,12 +832,19 @@ mod tests {
     fn defaults_match_the_contract() {
         let s = Settings::with_data_dir("/tmp/x");
         assert_eq!(s.issuer, "http://127.0.0.1:8081");
-        assert_eq!(s.audience, "chassis-demo");
+        assert_eq!(s.default_audience, "chassis-demo");
+        assert_eq!(s.audiences, ["auth", "ticketing", "orders", "mail"]);
         assert_eq!(s.token_ttl.as_secs(), 900);
         assert_eq!(s.refresh_ttl.as_secs(), 86_400);
         assert_eq!(s.key_rotate.as_secs(), 2_592_000);
-        assert!(s.seed_demo);
+        assert!(!s.seed_demo, "no well-known passwords unless asked for");
         assert_eq!(s.demo_secrets.orders.expose(), "orders-secret");
+        assert_eq!(s.login, LoginLimits::default());
+        assert_eq!(s.login.max_failures, 5);
+        assert_eq!(s.login.window.as_secs(), 900);
+        let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        assert_eq!(s.hash_limits.concurrency, (cpus / 2).max(1));
+        assert_eq!(s.hash_limits.queue_timeout, Duration::from_secs(1));
         assert_eq!(s.db.path(), PathBuf::from("/tmp/x/auth.db"));
 
         let env = Env::from_pairs::<&str, &str>([]);
@@ -610,6 +899,78 @@ mod tests {
         assert_eq!(s.public_url.as_deref(), Some("http://127.0.0.1:9999"));
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(s.demo_secrets.mail.expose(), "hunter2");
+    }
+
+    #[test]
+    fn audiences_limits_and_the_seed_are_settings() {
+        let env = Env::from_pairs([
+            ("AUTH_ISSUER", "http://127.0.0.1:8081/auth/v1"),
+            ("AUTH_AUDIENCE", "legacy"),
+            ("AUTH_AUDIENCES", " ticketing, orders ,ticketing,"),
+            ("AUTH_SEED_DEMO", "true"),
+            ("AUTH_HASH_CONCURRENCY", "3"),
+            ("AUTH_HASH_QUEUE_MS", "250"),
+            ("AUTH_LOGIN_MAX_FAILURES", "10"),
+            ("AUTH_LOGIN_WINDOW_SECS", "600"),
+            ("AUTH_LOGIN_LOCKOUT_SECS", "30"),
+            ("AUTH_LOGIN_MAX_LOCKOUT_SECS", "3600"),
+            ("AUTH_LOGIN_GLOBAL_MAX_FAILURES", "1000"),
+            ("AUTH_LOGIN_GLOBAL_WINDOW_SECS", "10"),
+            ("AUTH_LOGIN_TRACKED_NAMES", "50"),
+        ]);
+        let mut r = Reader::new(&env);
+        let s = Settings::read(&mut r);
+        r.finish().unwrap();
+        // The former name still sets the default audience.
+        assert_eq!(s.default_audience, "legacy");
+        assert_eq!(s.audiences, ["ticketing", "orders"]);
+        assert!(s.seed_demo);
+        assert_eq!(s.hash_limits.concurrency, 3);
+        assert_eq!(s.hash_limits.queue_timeout, Duration::from_millis(250));
+        assert_eq!(
+            s.login,
+            LoginLimits {
+                max_failures: 10,
+                window: Duration::from_secs(600),
+                lockout: Duration::from_secs(30),
+                max_lockout: Duration::from_secs(3600),
+                global_max_failures: 1000,
+                global_window: Duration::from_secs(10),
+                tracked_names: 50,
+            }
+        );
+        let env = Env::from_pairs([
+            ("AUTH_AUDIENCE", "legacy"),
+            ("AUTH_DEFAULT_AUDIENCE", "ticketing"),
+        ]);
+        let mut r = Reader::new(&env);
+        assert_eq!(Settings::read(&mut r).default_audience, "ticketing");
+
+        let env = Env::from_pairs([
+            ("AUTH_ISSUER", "auth-service"),
+            ("AUTH_DEFAULT_AUDIENCE", "https://api.example"),
+            ("AUTH_AUDIENCES", "ticketing,a b"),
+            ("AUTH_HASH_CONCURRENCY", "0"),
+            ("AUTH_HASH_QUEUE_MS", "0"),
+            ("AUTH_LOGIN_MAX_FAILURES", "0"),
+            ("AUTH_LOGIN_LOCKOUT_SECS", "0"),
+        ]);
+        let mut r = Reader::new(&env);
+        let _ = Settings::read(&mut r);
+        let err = r.finish().unwrap_err();
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "AUTH_ISSUER",
+                "AUTH_DEFAULT_AUDIENCE",
+                "AUTH_AUDIENCES",
+                "AUTH_HASH_CONCURRENCY",
+                "AUTH_HASH_QUEUE_MS",
+                "AUTH_LOGIN_MAX_FAILURES",
+                "AUTH_LOGIN_LOCKOUT_SECS",
+            ]
+        );
     }
 
     #[test]

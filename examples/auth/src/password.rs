@@ -7,13 +7,17 @@
 //!
 //! Hashing is slow and takes memory on purpose (19 MiB per hash with the
 //! defaults, OWASP's recommendation), so it runs on the blocking pool, and
-//! a semaphore bounds how many run at once: a burst of logins waits instead
-//! of taking all the memory.
+//! a semaphore bounds how many run at once (`AUTH_HASH_CONCURRENCY`, by
+//! default half the CPUs): a burst of logins cannot take all the memory, nor
+//! every core from the other routes. A check that waits longer than
+//! `AUTH_HASH_QUEUE_MS` for its turn gives up with [`HashError::Busy`]
+//! (the token endpoint answers 503 with `Retry-After`), so a flood is
+//! refused instead of queueing without end.
 //!
 //! A login for a subject that does not exist is checked against a dummy
 //! hash made with the same parameters, so both answers cost the same work.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use base64::{Engine as _, engine::general_purpose::STANDARD_NO_PAD as B64};
@@ -44,6 +48,9 @@ pub(crate) enum HashError {
     /// The hashing task failed.
     #[error("the hashing task failed")]
     Task,
+    /// Every hashing slot stayed taken for longer than the queue timeout.
+    #[error("every hashing slot is taken")]
+    Busy,
 }
 
 /// A parsed PHC string.
@@ -163,6 +170,7 @@ fn verify_with(stored: &str, secret: &[u8]) -> Result<bool, HashError> {
 pub(crate) struct Hasher {
     params: Params,
     permits: Arc<Semaphore>,
+    queue_timeout: Duration,
     dummy: Arc<str>,
 }
 
@@ -171,14 +179,20 @@ impl std::fmt::Debug for Hasher {
         f.debug_struct("Hasher")
             .field("params", &self.params)
             .field("concurrency", &self.permits.available_permits())
+            .field("queue_timeout", &self.queue_timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl Hasher {
     /// A hasher making new hashes with `params`, at most `concurrency`
-    /// hashes at once.
-    pub(crate) async fn with_params(params: Params, concurrency: usize) -> Result<Self, HashError> {
+    /// hashes at once; a verification waits at most `queue_timeout` for
+    /// its turn.
+    pub(crate) async fn with_params(
+        params: Params,
+        concurrency: usize,
+        queue_timeout: Duration,
+    ) -> Result<Self, HashError> {
         // The dummy is the hash of a random secret nobody knows.
         let mut unknown = [0u8; 32];
         aws_lc_rs::rand::fill(&mut unknown).map_err(|_| HashError::Random)?;
@@ -189,6 +203,7 @@ impl Hasher {
         Ok(Self {
             params,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            queue_timeout,
             dummy: dummy.into(),
         })
     }
@@ -205,12 +220,20 @@ impl Hasher {
 
     /// Whether `secret` matches `stored`; with `None` (no such subject) the
     /// same work is done against the dummy hash and the answer is `false`.
+    ///
+    /// # Errors
+    ///
+    /// [`HashError::Busy`] when no hashing slot frees up within the queue
+    /// timeout.
     pub(crate) async fn verify(
         &self,
         stored: Option<&str>,
         secret: &str,
     ) -> Result<bool, HashError> {
-        let _permit = self.permits.acquire().await.map_err(|_| HashError::Task)?;
+        let _permit = tokio::time::timeout(self.queue_timeout, self.permits.acquire())
+            .await
+            .map_err(|_| HashError::Busy)?
+            .map_err(|_| HashError::Task)?;
         let known = stored.is_some();
         let stored: Arc<str> = stored.map_or_else(|| self.dummy.clone(), Into::into);
         let secret = secret.as_bytes().to_vec();
@@ -272,11 +295,36 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_subjects_never_match() {
-        let hasher = Hasher::with_params(small(), 2).await.unwrap();
+        let hasher = Hasher::with_params(small(), 2, Duration::from_secs(1))
+            .await
+            .unwrap();
         let stored = hasher.hash("s3cret").await.unwrap();
         assert!(hasher.verify(Some(&stored), "s3cret").await.unwrap());
         assert!(!hasher.verify(Some(&stored), "s3creT").await.unwrap());
         assert!(!hasher.verify(None, "s3cret").await.unwrap());
         assert!(!format!("{hasher:?}").contains(&*hasher.dummy));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_waits_too_long_for_a_slot_is_refused() {
+        let hasher = Hasher::with_params(small(), 1, Duration::from_millis(500))
+            .await
+            .unwrap();
+        let stored = hasher.hash("s3cret").await.unwrap();
+        // Every slot taken (as by a flood of logins hashing).
+        let held = hasher.permits.clone().acquire_owned().await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            hasher.verify(Some(&stored), "s3cret").await,
+            Err(HashError::Busy)
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+        // A slot that frees up in time is taken.
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(held);
+        });
+        assert!(hasher.verify(Some(&stored), "s3cret").await.unwrap());
+        release.await.unwrap();
     }
 }

@@ -106,6 +106,9 @@ pub(crate) async fn seed(
                 "ticketing:*:reserve:ticket",
                 "ticketing:*:view:ticket",
                 "mail::send:message",
+                // To call ticketing and mail on behalf of the customer.
+                "auth:ticketing:exchange:token",
+                "auth:mail:exchange:token",
             ],
         ),
         (Kind::Client, "ticketing", secrets.ticketing.expose(), &[]),

@@ -6,20 +6,58 @@
 //! `Cache-Control: no-store`.
 //!
 //! The password and refresh-token grants are for the first-party login of
-//! users and need no client authentication; the client-credentials grant
-//! authenticates the client with HTTP Basic (RFC 6749 §2.3.1: id and secret
-//! each form-urlencoded) or with `client_id`/`client_secret` form fields,
-//! never both.
+//! users and need no client authentication; the client-credentials and
+//! token-exchange grants authenticate the client with HTTP Basic (RFC 6749
+//! §2.3.1: id and secret each form-urlencoded) or with
+//! `client_id`/`client_secret` form fields, never both.
+//!
+//! # Scope
 //!
 //! An optional `scope` (space-separated grants) narrows the token to those
 //! grants; asking for a grant the subject does not have is `invalid_scope`.
 //! On a refresh, the scope may only narrow the login's scope further.
+//! Narrowing never drops a deny: every deny grant of the subject (`!…`) is
+//! carried into the token whatever the scope, since a token without it
+//! would allow what the subject is denied.
+//!
+//! # Audience
+//!
+//! Every grant takes an optional `audience` (RFC 8693 §2.1): the service
+//! the token is for, one of `AUTH_AUDIENCES` or `AUTH_DEFAULT_AUDIENCE`;
+//! any other is `invalid_target` (RFC 8707 §2). Without it the token is for
+//! `AUTH_DEFAULT_AUDIENCE`. Resource indicators (`resource`, RFC 8707) are
+//! not supported and answered `invalid_target` rather than ignored.
+//!
+//! # Token exchange
+//!
+//! `grant_type=urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693)
+//! lets a service that received a caller's token get one for another
+//! service, to call it on the caller's behalf. The service authenticates as
+//! a client, and sends `subject_token` (an access token that this service
+//! issued), `subject_token_type=urn:ietf:params:oauth:token-type:access_token`
+//! and `audience` (required here). It needs the grant
+//! `auth:<audience>:exchange:token` (or a wildcard such as
+//! `auth:*:exchange:token`), else `unauthorized_client`. The subject token
+//! must verify: this service's signature by a published key, its issuer, an
+//! audience it knows, not expired, else `invalid_request` (RFC 8693
+//! §2.2.2). The new token has the subject token's `sub` and `kind`, its
+//! `perms` (or the `scope` asked for, never more, every deny kept),
+//! `aud` the requested audience, `act: {"sub": <client id>}` (with the
+//! subject token's own `act` nested inside, RFC 8693 §4.1), and expires no
+//! later than the subject token. Actor tokens are not supported.
+//!
+//! # Brute-force protection
+//!
+//! Each login (password grant) and client authentication is first
+//! admitted by the [throttle](crate::throttle): over a limit it is answered
+//! 429 `slow_down` with `Retry-After`, without computing any hash, and
+//! counted in `auth_login_throttled_total{limit="name"|"global"}`. A check
+//! that cannot get a hashing slot within `AUTH_HASH_QUEUE_MS` is answered
+//! 503 `temporarily_unavailable` with `Retry-After`, counted in
+//! `auth_hash_busy_total`. User names and client ids longer than 256 bytes
+//! and secrets longer than 1024 bytes are `invalid_request`.
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     Extension, Json,
@@ -35,20 +73,32 @@ use crate::{
     State,
     client::TokenResponse,
     error::{AppError, OAuthError, internal, no_store},
-    store::{self, Refresh},
+    exchange,
+    password::HashError,
+    store::{self, Refresh, Subject},
+    throttle::{self, MAX_NAME_LEN, Throttled},
 };
+
+pub(crate) use crate::client::TOKEN_EXCHANGE_GRANT as GRANT_TOKEN_EXCHANGE;
 
 /// The counter of refused logins (wrong password, unknown user, bad client).
 pub(crate) const FAILED_LOGINS: &str = "auth_failed_logins_total";
+/// The counter of attempts refused by the throttle, by `limit`.
+pub(crate) const THROTTLED_LOGINS: &str = "auth_login_throttled_total";
+/// The counter of checks refused because every hashing slot was busy.
+pub(crate) const HASH_BUSY: &str = "auth_hash_busy_total";
+
+/// The grant types besides the token exchange.
+pub(crate) const SUPPORTED_GRANTS: [&str; 3] = ["password", "client_credentials", "refresh_token"];
 
 /// Longest `scope` accepted, in bytes.
 const MAX_SCOPE_LEN: usize = 4096;
+/// Longest password or client secret accepted, in bytes.
+const MAX_SECRET_LEN: usize = 1024;
 
 /// Seconds since the Unix epoch.
 pub(crate) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    chassis::auth::Clock::now(&chassis::auth::SystemClock)
 }
 
 /// The claims of an access token.
@@ -63,17 +113,19 @@ struct Claims<'a> {
     jti: String,
     kind: &'static str,
     perms: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    act: Option<&'a serde_json::Value>,
 }
 
 /// Whether the token is for a person or a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     User,
     Service,
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::User => "user",
             Self::Service => "service",
@@ -81,9 +133,22 @@ impl Kind {
     }
 }
 
+/// What a new access token says, besides what every token says.
+#[derive(Debug)]
+pub(crate) struct NewToken<'a> {
+    pub(crate) subject: &'a str,
+    pub(crate) kind: Kind,
+    pub(crate) perms: &'a [String],
+    pub(crate) audience: &'a str,
+    pub(crate) now: u64,
+    /// Expiry when earlier than `now` + the token lifetime.
+    pub(crate) not_after: Option<u64>,
+    pub(crate) act: Option<&'a serde_json::Value>,
+}
+
 /// Why a request got no token.
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     OAuth(OAuthError),
     Internal(AppError),
 }
@@ -100,9 +165,28 @@ impl From<AppError> for Failure {
     }
 }
 
-impl From<crate::password::HashError> for Failure {
-    fn from(e: crate::password::HashError) -> Self {
-        Self::Internal(e.into())
+impl From<HashError> for Failure {
+    fn from(e: HashError) -> Self {
+        match e {
+            HashError::Busy => {
+                metrics::counter!(HASH_BUSY).increment(1);
+                tracing::warn!("every password hashing slot is busy; a login is refused");
+                Self::OAuth(OAuthError::busy())
+            }
+            e => Self::Internal(e.into()),
+        }
+    }
+}
+
+impl From<Throttled> for Failure {
+    fn from(t: Throttled) -> Self {
+        metrics::counter!(THROTTLED_LOGINS, "limit" => t.limit.as_str()).increment(1);
+        tracing::info!(
+            limit = t.limit.as_str(),
+            retry_after = t.retry_after,
+            "login throttled"
+        );
+        Self::OAuth(OAuthError::throttled(t.retry_after))
     }
 }
 
@@ -123,16 +207,28 @@ pub(crate) async fn token(
     }
 }
 
+/// What every grant reads from the form.
+#[derive(Debug)]
+pub(crate) struct Common<'a> {
+    pub(crate) scope: Option<&'a [String]>,
+    /// The audience asked for, known; `None`: none asked for.
+    pub(crate) audience: Option<&'a str>,
+}
+
 async fn grant(state: &State, headers: &HeaderMap, body: &[u8]) -> Result<TokenResponse, Failure> {
     let form = parse_form(headers, body)?;
     let scope = requested_scope(&form)?;
+    let audience = requested_audience(state, &form)?;
+    let common = Common {
+        scope: scope.as_deref(),
+        audience,
+    };
     match form.get("grant_type").map(String::as_str) {
         None => Err(OAuthError::invalid_request("grant_type is required").into()),
-        Some("password") => password(state, &form, scope.as_deref()).await,
-        Some("client_credentials") => {
-            client_credentials(state, headers, &form, scope.as_deref()).await
-        }
-        Some("refresh_token") => refresh(state, &form, scope.as_deref()).await,
+        Some("password") => password(state, &form, &common).await,
+        Some("client_credentials") => client_credentials(state, headers, &form, &common).await,
+        Some("refresh_token") => refresh(state, &form, &common).await,
+        Some(GRANT_TOKEN_EXCHANGE) => exchange::exchange(state, headers, &form, &common).await,
         Some(_) => Err(OAuthError::unsupported_grant_type().into()),
     }
 }
@@ -166,7 +262,7 @@ fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, String
     Ok(form)
 }
 
-fn required<'a>(
+pub(crate) fn required<'a>(
     form: &'a HashMap<String, String>,
     name: &str,
     description: &'static str,
@@ -193,21 +289,59 @@ fn requested_scope(form: &HashMap<String, String>) -> Result<Option<Vec<String>>
     Ok(Some(grants))
 }
 
+/// The audience asked for, when it is a known one.
+fn requested_audience<'s>(
+    state: &'s State,
+    form: &HashMap<String, String>,
+) -> Result<Option<&'s str>, OAuthError> {
+    if form.contains_key("resource") {
+        return Err(OAuthError::invalid_target(
+            "resource indicators are not supported; name the service with audience",
+        ));
+    }
+    let Some(asked) = form.get("audience") else {
+        return Ok(None);
+    };
+    state
+        .audiences
+        .iter()
+        .find(|a| *a == asked)
+        .map(|a| Some(a.as_str()))
+        .ok_or(OAuthError::invalid_target(
+            "the audience is not a known service",
+        ))
+}
+
 /// The grants a token carries: all of `grants`, or the `requested` ones
-/// when each is one of them.
-fn narrow(grants: &[String], requested: Option<&[String]>) -> Result<Vec<String>, OAuthError> {
+/// when each is one of them, with every deny of `grants` in any case.
+pub(crate) fn narrow(
+    grants: &[String],
+    requested: Option<&[String]>,
+) -> Result<Vec<String>, OAuthError> {
     match requested {
         None => Ok(grants.to_vec()),
-        Some(requested) if requested.iter().all(|r| grants.contains(r)) => Ok(requested.to_vec()),
+        Some(requested) if requested.iter().all(|r| grants.contains(r)) => {
+            Ok(with_denies(requested.to_vec(), grants))
+        }
         Some(_) => Err(OAuthError::invalid_scope(
             "the scope asks for a grant the subject does not have",
         )),
     }
 }
 
+/// `perms` with every deny grant of `grants` added.
+fn with_denies(mut perms: Vec<String>, grants: &[String]) -> Vec<String> {
+    for deny in grants.iter().filter(|g| g.starts_with('!')) {
+        if !perms.contains(deny) {
+            perms.push(deny.clone());
+        }
+    }
+    perms
+}
+
 /// `scope` for the answer: only when the token's grants differ from the
 /// scope asked for (RFC 6749 §5.1).
-fn answered_scope(requested: Option<&[String]>, perms: &[String]) -> Option<String> {
+pub(crate) fn answered_scope(requested: Option<&[String]>, perms: &[String]) -> Option<String> {
     requested.filter(|r| *r != perms).map(|_| perms.join(" "))
 }
 
@@ -215,13 +349,22 @@ fn refused_login(kind: Kind) {
     metrics::counter!(FAILED_LOGINS, "kind" => kind.as_str()).increment(1);
 }
 
+fn check_lengths(name: &str, secret: &str, what: &'static str) -> Result<(), OAuthError> {
+    if name.len() > MAX_NAME_LEN || secret.len() > MAX_SECRET_LEN {
+        return Err(OAuthError::invalid_request(what));
+    }
+    Ok(())
+}
+
 async fn password(
     state: &State,
     form: &HashMap<String, String>,
-    scope: Option<&[String]>,
+    common: &Common<'_>,
 ) -> Result<TokenResponse, Failure> {
     let username = required(form, "username", "username is required")?;
     let password = required(form, "password", "password is required")?;
+    check_lengths(username, password, "the username or password is too long")?;
+    let attempt = state.throttle.begin(throttle::Subject::User, username)?;
     let user = store::user(&state.pool, username).await?;
     // The same work whether or not the user exists: an unknown user is
     // checked against the dummy hash.
@@ -230,13 +373,15 @@ async fn password(
         .verify(user.as_ref().map(|u| u.hash.as_str()), password)
         .await?;
     let Some(user) = user.filter(|_| matched) else {
+        attempt.failed();
         refused_login(Kind::User);
         tracing::info!(grant = "password", "login refused");
         return Err(OAuthError::invalid_grant("invalid username or password").into());
     };
-    let perms = narrow(&user.grants, scope)?;
-    let now = now();
-    let scope_text = scope.map(|s| s.join(" "));
+    attempt.succeeded();
+    let perms = narrow(&user.grants, common.scope)?;
+    let now = state.clock.now();
+    let scope_text = common.scope.map(|s| s.join(" "));
     let refresh_token = store::start_family(
         &state.pool,
         &user.name,
@@ -245,51 +390,84 @@ async fn password(
         now,
     )
     .await?;
-    let access_token = state.sign(&user.name, Kind::User, &perms, now)?;
+    let (access_token, expires_in) = state.sign(&NewToken {
+        subject: &user.name,
+        kind: Kind::User,
+        perms: &perms,
+        audience: state.audience(common),
+        now,
+        not_after: None,
+        act: None,
+    })?;
     tracing::info!(subject = %user.name, grant = "password", "token issued");
     Ok(TokenResponse {
         access_token,
         token_type: "Bearer".to_owned(),
-        expires_in: state.token_ttl,
+        expires_in,
         refresh_token: Some(refresh_token),
-        scope: answered_scope(scope, &perms),
+        scope: answered_scope(common.scope, &perms),
+        issued_token_type: None,
     })
 }
 
-async fn client_credentials(
+/// Authenticates the client of a request (client-credentials and token
+/// exchange), throttled like a login.
+pub(crate) async fn authenticate_client(
     state: &State,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
-    scope: Option<&[String]>,
-) -> Result<TokenResponse, Failure> {
+    grant: &'static str,
+) -> Result<Subject, Failure> {
     let (client_id, secret) = client_authentication(headers, form)?;
+    check_lengths(&client_id, &secret, "the client id or secret is too long")?;
+    let attempt = state
+        .throttle
+        .begin(throttle::Subject::Client, &client_id)?;
     let client = store::client(&state.pool, &client_id).await?;
     let matched = state
         .hasher
         .verify(client.as_ref().map(|c| c.hash.as_str()), &secret)
         .await?;
     let Some(client) = client.filter(|_| matched) else {
+        attempt.failed();
         refused_login(Kind::Service);
-        tracing::info!(
-            grant = "client_credentials",
-            "client authentication refused"
-        );
+        tracing::info!(grant, "client authentication refused");
         return Err(OAuthError::invalid_client().into());
     };
-    let perms = narrow(&client.grants, scope)?;
-    let access_token = state.sign(&client.name, Kind::Service, &perms, now())?;
+    attempt.succeeded();
+    Ok(client)
+}
+
+async fn client_credentials(
+    state: &State,
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+    common: &Common<'_>,
+) -> Result<TokenResponse, Failure> {
+    let client = authenticate_client(state, headers, form, "client_credentials").await?;
+    let perms = narrow(&client.grants, common.scope)?;
+    let (access_token, expires_in) = state.sign(&NewToken {
+        subject: &client.name,
+        kind: Kind::Service,
+        perms: &perms,
+        audience: state.audience(common),
+        now: state.clock.now(),
+        not_after: None,
+        act: None,
+    })?;
     tracing::info!(subject = %client.name, grant = "client_credentials", "token issued");
     Ok(TokenResponse {
         access_token,
         token_type: "Bearer".to_owned(),
-        expires_in: state.token_ttl,
+        expires_in,
         refresh_token: None,
-        scope: answered_scope(scope, &perms),
+        scope: answered_scope(common.scope, &perms),
+        issued_token_type: None,
     })
 }
 
 /// The client's id and secret, from HTTP Basic or the form (one of them).
-fn client_authentication(
+pub(crate) fn client_authentication(
     headers: &HeaderMap,
     form: &HashMap<String, String>,
 ) -> Result<(String, String), OAuthError> {
@@ -355,10 +533,11 @@ fn form_decode(s: &str) -> Option<String> {
 async fn refresh(
     state: &State,
     form: &HashMap<String, String>,
-    requested: Option<&[String]>,
+    common: &Common<'_>,
 ) -> Result<TokenResponse, Failure> {
+    let requested = common.scope;
     let presented = required(form, "refresh_token", "refresh_token is required")?;
-    let now = now();
+    let now = state.clock.now();
     let outcome = store::refresh(
         &state.pool,
         presented,
@@ -368,13 +547,18 @@ async fn refresh(
             let Some(requested) = requested else {
                 return true;
             };
-            match family_scope {
-                Some(family) => {
-                    let family: Vec<&str> = family.split(' ').collect();
-                    requested.iter().all(|r| family.contains(&r.as_str()))
+            // Denies are in every token anyway: asking for one the user has
+            // is never a widening.
+            let (denies, allows): (Vec<&String>, Vec<&String>) =
+                requested.iter().partition(|r| r.starts_with('!'));
+            denies.iter().all(|d| grants.contains(d))
+                && match family_scope {
+                    Some(family) => {
+                        let family: Vec<&str> = family.split(' ').collect();
+                        allows.iter().all(|r| family.contains(&r.as_str()))
+                    }
+                    None => allows.iter().all(|r| grants.contains(r)),
                 }
-                None => requested.iter().all(|r| grants.contains(r)),
-            }
         },
     )
     .await?;
@@ -386,22 +570,35 @@ async fn refresh(
             token,
         } => {
             // The login's scope, narrowed further by this request; grants
-            // removed since the login are gone from the token too.
+            // removed since the login are gone from the token too, and
+            // every current deny is in it.
             let wanted: Option<Vec<String>> = requested
                 .map(<[String]>::to_vec)
                 .or_else(|| scope.map(|s| s.split(' ').map(str::to_owned).collect()));
             let perms: Vec<String> = match &wanted {
                 None => grants,
-                Some(w) => w.iter().filter(|g| grants.contains(g)).cloned().collect(),
+                Some(w) => with_denies(
+                    w.iter().filter(|g| grants.contains(g)).cloned().collect(),
+                    &grants,
+                ),
             };
-            let access_token = state.sign(&username, Kind::User, &perms, now)?;
+            let (access_token, expires_in) = state.sign(&NewToken {
+                subject: &username,
+                kind: Kind::User,
+                perms: &perms,
+                audience: state.audience(common),
+                now,
+                not_after: None,
+                act: None,
+            })?;
             tracing::info!(subject = %username, grant = "refresh_token", "token issued");
             Ok(TokenResponse {
                 access_token,
                 token_type: "Bearer".to_owned(),
-                expires_in: state.token_ttl,
+                expires_in,
                 refresh_token: Some(token),
                 scope: answered_scope(requested, &perms),
+                issued_token_type: None,
             })
         }
         Refresh::Reused { family } => {
@@ -419,26 +616,32 @@ async fn refresh(
 }
 
 impl State {
-    /// Signs an access token for `subject` with the current key.
-    fn sign(
-        &self,
-        subject: &str,
-        kind: Kind,
-        perms: &[String],
-        now: u64,
-    ) -> Result<String, AppError> {
+    /// The audience of a new token: the one asked for, or the default.
+    pub(crate) fn audience<'a>(&'a self, common: &Common<'a>) -> &'a str {
+        common.audience.unwrap_or(&self.default_audience)
+    }
+
+    /// Signs an access token with the current key: the token and the
+    /// seconds it is valid for.
+    pub(crate) fn sign(&self, t: &NewToken<'_>) -> Result<(String, u64), AppError> {
+        let mut exp = t.now.saturating_add(self.token_ttl);
+        if let Some(not_after) = t.not_after {
+            exp = exp.min(not_after);
+        }
         let claims = Claims {
             iss: &self.issuer,
-            aud: &self.audience,
-            sub: subject,
-            iat: now,
-            nbf: now,
-            exp: now.saturating_add(self.token_ttl),
+            aud: t.audience,
+            sub: t.subject,
+            iat: t.now,
+            nbf: t.now,
+            exp,
             jti: store::random_id()?,
-            kind: kind.as_str(),
-            perms,
+            kind: t.kind.as_str(),
+            perms: t.perms,
+            act: t.act,
         };
-        self.keys.current().sign(&claims)
+        let token = self.keys.current().sign(&claims)?;
+        Ok((token, exp.saturating_sub(t.now)))
     }
 }
 
@@ -586,5 +789,25 @@ mod tests {
         assert_eq!(answered_scope(Some(&requested), &requested), None);
         assert_eq!(answered_scope(None, &grants), None);
         assert_eq!(answered_scope(Some(&requested), &[]), Some(String::new()));
+    }
+
+    #[test]
+    fn narrowing_keeps_every_deny() {
+        let grants = vec![
+            "a:b:*:*".to_owned(),
+            "!a:b:delete:*".to_owned(),
+            "e:f:g:h".to_owned(),
+            "!e:f:g:x".to_owned(),
+        ];
+        assert_eq!(
+            narrow(&grants, Some(&["e:f:g:h".to_owned()])).unwrap(),
+            ["e:f:g:h", "!a:b:delete:*", "!e:f:g:x"]
+        );
+        // Asking for a deny is asking for what the token has anyway.
+        assert_eq!(
+            narrow(&grants, Some(&["!a:b:delete:*".to_owned()])).unwrap(),
+            ["!a:b:delete:*", "!e:f:g:x"]
+        );
+        assert_eq!(narrow(&grants, None).unwrap(), grants);
     }
 }

@@ -12,7 +12,7 @@ use auth::{HashCost, Settings};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use bytes::Bytes;
 use chassis::{
-    auth::{PrincipalKind, Verifier},
+    auth::{Clock, ManualClock, PrincipalKind, SystemClock, Verifier},
     config::Config,
     testing::ServiceProcess,
 };
@@ -25,11 +25,19 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 const FORM: &str = "application/x-www-form-urlencoded";
 const ALICE_GRANTS: [&str; 2] = ["ticketing:acme:*:*", "orders:acme:*:*"];
-const ORDERS_GRANTS: [&str; 3] = [
+const ORDERS_GRANTS: [&str; 5] = [
     "ticketing:*:reserve:ticket",
     "ticketing:*:view:ticket",
     "mail::send:message",
+    "auth:ticketing:exchange:token",
+    "auth:mail:exchange:token",
 ];
+/// A stored argon2id hash of `password` (the reference implementation's
+/// known answer), for subjects the tests add to the database themselves.
+const PASSWORD_HASH: &str =
+    "$argon2id$v=19$m=256,t=2,p=1$c29tZXNhbHQ$nf65EOgLrQMR/uIPnA4rEsF5h7TKyQwu9U1bMCHGi/4";
+const TOKEN_EXCHANGE: &str = "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token";
 
 // === helpers ===
 
@@ -123,10 +131,12 @@ struct Auth {
     task: Option<JoinHandle<Result<(), chassis::service::ServeError>>>,
 }
 
-/// Settings for a test: the demo seed, a cheap hash (the tests check
-/// behaviour, not cost) and the service's own URL.
+/// Settings for a test: the demo seed (off by default, asked for here), a
+/// cheap hash (the tests check behaviour, not cost) and the service's own
+/// URL.
 fn settings(dir: &Path) -> Settings {
     let mut s = Settings::with_data_dir(dir);
+    s.seed_demo = true;
     s.hash_cost = HashCost {
         memory_kib: 256,
         iterations: 1,
@@ -139,12 +149,21 @@ async fn start(dir: &Path) -> Auth {
 }
 
 async fn start_with(dir: &Path, tweak: impl FnOnce(&mut Settings)) -> Auth {
+    start_clocked(dir, SystemClock, tweak).await
+}
+
+/// A clock at the system's time, that the test moves by hand.
+fn manual_clock() -> ManualClock {
+    ManualClock::new(SystemClock.now())
+}
+
+async fn start_clocked(dir: &Path, clock: impl Clock, tweak: impl FnOnce(&mut Settings)) -> Auth {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let mut s = settings(dir);
     s.public_url = Some(url.clone());
     tweak(&mut s);
-    let service = auth::app(s)
+    let service = auth::app_with_clock(s, clock)
         .await
         .expect("auth starts")
         .config(Config::default())
@@ -182,7 +201,13 @@ impl Auth {
 
     /// An access token for `user`, who must exist.
     async fn access_token(&self, user: &str) -> String {
-        let res = self.login(user, &format!("{user}-password")).await;
+        self.access_token_of(user, &format!("{user}-password"))
+            .await
+    }
+
+    /// An access token for `user` with `password`.
+    async fn access_token_of(&self, user: &str, password: &str) -> String {
+        let res = self.login(user, password).await;
         assert_eq!(res.status, 200, "{res:?}");
         res.json()["access_token"].as_str().unwrap().to_owned()
     }
@@ -227,10 +252,15 @@ impl Auth {
 
     /// A chassis verifier configured as the other services are.
     fn verifier(&self) -> Verifier {
+        self.verifier_for("chassis-demo")
+    }
+
+    /// A chassis verifier of a service whose audience is `audience`.
+    fn verifier_for(&self, audience: &str) -> Verifier {
         Verifier::builder()
             .jwks(
                 "http://127.0.0.1:8081",
-                "chassis-demo",
+                audience,
                 &self.url("/auth/v1/jwks"),
             )
             .algorithms(&[Algorithm::EdDSA])
@@ -239,15 +269,67 @@ impl Auth {
     }
 
     async fn failed_logins(&self, kind: &str) -> u64 {
+        self.counter("auth_failed_logins_total", &format!("kind=\"{kind}\""))
+            .await
+    }
+
+    /// The value of the counter `name` with the label `label` (`k="v"`).
+    async fn counter(&self, name: &str, label: &str) -> u64 {
         let res = send(Method::GET, &self.url("/metrics"), &[], "").await;
         let text = String::from_utf8_lossy(&res.body).into_owned();
         text.lines()
             .find(|l| {
-                l.starts_with("auth_failed_logins_total{")
-                    && l.contains(&format!("kind=\"{kind}\""))
+                (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+                    && l.contains(label)
             })
             .and_then(|l| l.rsplit(' ').next())
             .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
+    }
+
+    /// Logs in with the password grant and the extra form fields `extra`
+    /// (already encoded, each starting with `&`).
+    async fn login_with(&self, user: &str, password: &str, extra: &str) -> Answer {
+        self.post_form(
+            &format!("grant_type=password&username={user}&password={password}{extra}"),
+            &[],
+        )
+        .await
+    }
+
+    /// Exchanges `subject` as the client `client` (HTTP Basic) with the
+    /// extra form fields `extra`.
+    async fn exchange(&self, client: (&str, &str), subject: &str, extra: &str) -> Answer {
+        self.post_form(
+            &format!(
+                "grant_type={TOKEN_EXCHANGE}&subject_token={subject}\
+                 &subject_token_type={ACCESS_TOKEN_TYPE}{extra}"
+            ),
+            &[("authorization", &basic(client.0, client.1))],
+        )
+        .await
+    }
+
+    /// Adds a user (or, with `client`, a service client) whose password is
+    /// `password`, with `grants`, to the service's database file.
+    async fn add_subject(&self, dir: &Path, client: bool, name: &str, grants: &[&str]) {
+        let pool = sqlx::SqlitePool::connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new().filename(dir.join("auth.db")),
+        )
+        .await
+        .unwrap();
+        let sql = if client {
+            "INSERT INTO clients (client_id, secret_hash, grants, created_at) VALUES (?, ?, ?, 0)"
+        } else {
+            "INSERT INTO users (username, password_hash, grants, created_at) VALUES (?, ?, ?, 0)"
+        };
+        sqlx::query(sql)
+            .bind(name)
+            .bind(PASSWORD_HASH)
+            .bind(serde_json::to_string(grants).unwrap())
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
     }
 
     /// Shuts down as a signal would and waits until it has stopped (the
@@ -621,6 +703,596 @@ async fn futures_join<T: std::fmt::Debug>(handles: Vec<JoinHandle<T>>) -> Vec<T>
     out
 }
 
+// === deny grants survive narrowing ===
+
+const DORA_GRANTS: [&str; 3] = [
+    "ticketing:acme:*:*",
+    "orders:acme:*:*",
+    "!ticketing:acme:delete:*",
+];
+
+fn perms_of(res: &Answer) -> Value {
+    decode(res.json()["access_token"].as_str().unwrap()).1["perms"].clone()
+}
+
+#[tokio::test]
+async fn a_narrower_scope_keeps_every_deny_grant() {
+    let dir = TempDir::new("denies");
+    let auth = start(dir.path()).await;
+    auth.add_subject(dir.path(), false, "dora", &DORA_GRANTS)
+        .await;
+    auth.add_subject(
+        dir.path(),
+        true,
+        "gate",
+        &["mail::send:message", "!mail::send:newsletter"],
+    )
+    .await;
+
+    // Without a scope: every grant, the deny included.
+    let res = auth.login("dora", "password").await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(perms_of(&res), serde_json::json!(DORA_GRANTS));
+
+    // Password grant with a narrower scope.
+    let res = auth
+        .login_with("dora", "password", "&scope=ticketing%3Aacme%3A%2A%3A%2A")
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let expected = serde_json::json!(["ticketing:acme:*:*", "!ticketing:acme:delete:*"]);
+    assert_eq!(perms_of(&res), expected);
+    // The answer says which grants the token has, since they differ.
+    assert_eq!(
+        res.json()["scope"],
+        "ticketing:acme:*:* !ticketing:acme:delete:*"
+    );
+
+    // Refresh: the login's scope, and a narrower one still.
+    let refresh = res.json()["refresh_token"].as_str().unwrap().to_owned();
+    let res = auth.refresh(&refresh).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(perms_of(&res), expected);
+    let login = auth.login("dora", "password").await;
+    let res = auth
+        .post_form(
+            &format!(
+                "grant_type=refresh_token&refresh_token={}&scope=orders%3Aacme%3A%2A%3A%2A",
+                login.json()["refresh_token"].as_str().unwrap()
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(
+        perms_of(&res),
+        serde_json::json!(["orders:acme:*:*", "!ticketing:acme:delete:*"])
+    );
+    // Asking for the deny itself is no widening.
+    let res = auth
+        .post_form(
+            &format!(
+                "grant_type=refresh_token&refresh_token={}\
+                 &scope=orders%3Aacme%3A%2A%3A%2A+%21ticketing%3Aacme%3Adelete%3A%2A",
+                res.json()["refresh_token"].as_str().unwrap()
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+
+    // Client credentials.
+    let res = auth
+        .post_form(
+            "grant_type=client_credentials&scope=mail%3A%3Asend%3Amessage",
+            &[("authorization", &basic("gate", "password"))],
+        )
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(
+        perms_of(&res),
+        serde_json::json!(["mail::send:message", "!mail::send:newsletter"])
+    );
+
+    // And the chassis enforces it: the narrowed token still denies.
+    let token = auth
+        .login_with("dora", "password", "&scope=ticketing%3Aacme%3A%2A%3A%2A")
+        .await
+        .json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let principal = auth.verifier().verify_token(&token).await.unwrap();
+    let delete: chassis::permission::Permission = "ticketing:acme:delete:ticket".parse().unwrap();
+    assert!(!principal.grants().decide(&delete).is_allowed());
+    auth.stop().await;
+}
+
+// === audiences ===
+
+#[tokio::test]
+async fn a_token_asked_for_one_service_is_for_that_service_only() {
+    let dir = TempDir::new("audience");
+    let auth = start(dir.path()).await;
+    let res = auth
+        .login_with("alice", "alice-password", "&audience=ticketing")
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let token = res.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(decode(&token).1["aud"], "ticketing");
+    let principal = auth.verifier_for("ticketing").verify_token(&token).await;
+    assert_eq!(principal.unwrap().subject(), "alice");
+    for other in ["orders", "chassis-demo"] {
+        assert_eq!(
+            auth.verifier_for(other)
+                .verify_token(&token)
+                .await
+                .unwrap_err()
+                .code(),
+            "bad_audience",
+            "{other}"
+        );
+    }
+
+    // Without one: the default audience.
+    let (_, claims) = decode(&auth.access_token("alice").await);
+    assert_eq!(claims["aud"], "chassis-demo");
+
+    // The refresh and client-credentials grants take one too.
+    let refresh = res.json()["refresh_token"].as_str().unwrap().to_owned();
+    let res = auth
+        .post_form(
+            &format!("grant_type=refresh_token&refresh_token={refresh}&audience=orders"),
+            &[],
+        )
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(
+        decode(res.json()["access_token"].as_str().unwrap()).1["aud"],
+        "orders"
+    );
+    let res = auth
+        .post_form(
+            "grant_type=client_credentials&audience=mail",
+            &[("authorization", &basic("orders", "orders-secret"))],
+        )
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(
+        decode(res.json()["access_token"].as_str().unwrap()).1["aud"],
+        "mail"
+    );
+
+    // An audience that is not a known service, or a resource indicator.
+    for extra in [
+        "&audience=billing",
+        "&audience=ticketing%2Corders",
+        "&resource=http%3A%2F%2F127.0.0.1%3A8082%2Fticketing%2Fv1",
+    ] {
+        let res = auth.login_with("alice", "alice-password", extra).await;
+        assert_eq!(res.status, 400, "{extra}: {res:?}");
+        assert_eq!(res.header("cache-control"), "no-store");
+        assert_eq!(res.json()["error"], "invalid_target", "{extra}");
+    }
+    auth.stop().await;
+}
+
+// === token exchange ===
+
+#[tokio::test]
+async fn an_authorised_client_exchanges_a_users_token_for_another_audience() {
+    let dir = TempDir::new("exchange");
+    let clock = manual_clock();
+    let auth = start_clocked(dir.path(), clock.clone(), |_| {}).await;
+    let login = auth
+        .login_with("alice", "alice-password", "&audience=orders")
+        .await;
+    let subject = login.json()["access_token"].as_str().unwrap().to_owned();
+    let (_, subject_claims) = decode(&subject);
+
+    let res = auth
+        .exchange(("orders", "orders-secret"), &subject, "&audience=ticketing")
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.header("cache-control"), "no-store");
+    let body = res.json();
+    assert_eq!(
+        body["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:access_token"
+    );
+    assert_eq!(body["token_type"], "Bearer");
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    let exchanged = body["access_token"].as_str().unwrap();
+    let (header, claims) = decode(exchanged);
+    assert_eq!(header["typ"], "at+jwt");
+    assert_eq!(claims["aud"], "ticketing");
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["kind"], "user");
+    assert_eq!(claims["iss"], subject_claims["iss"]);
+    assert_eq!(claims["perms"], serde_json::json!(ALICE_GRANTS));
+    assert_eq!(claims["act"], serde_json::json!({"sub": "orders"}));
+    assert_ne!(claims["jti"], subject_claims["jti"]);
+    let principal = auth
+        .verifier_for("ticketing")
+        .verify_token(exchanged)
+        .await
+        .unwrap();
+    assert_eq!(principal.subject(), "alice");
+    assert_eq!(principal.kind(), PrincipalKind::User);
+
+    // Never outliving the subject token: 600 s later, 300 s are left.
+    clock.advance(600);
+    let res = auth
+        .exchange(("orders", "orders-secret"), &subject, "&audience=mail")
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.json()["expires_in"], 300);
+    let (_, claims) = decode(res.json()["access_token"].as_str().unwrap());
+    assert_eq!(claims["exp"], subject_claims["exp"]);
+
+    // An exchanged token exchanged again names both actors.
+    let again = auth
+        .exchange(("orders", "orders-secret"), exchanged, "&audience=mail")
+        .await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(
+        perms_of(&again),
+        serde_json::json!(ALICE_GRANTS),
+        "never more than the subject token"
+    );
+    let (_, claims) = decode(again.json()["access_token"].as_str().unwrap());
+    assert_eq!(
+        claims["act"],
+        serde_json::json!({"sub": "orders", "act": {"sub": "orders"}})
+    );
+
+    // Past the subject token's expiry: refused.
+    clock.advance(300);
+    let res = auth
+        .exchange(("orders", "orders-secret"), &subject, "&audience=ticketing")
+        .await;
+    assert_eq!(res.status, 400, "{res:?}");
+    assert_eq!(
+        res.json(),
+        serde_json::json!({"error": "invalid_request", "error_description": "the subject token is not valid"})
+    );
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn exchanged_tokens_never_have_more_than_the_subject_token_and_keep_its_denies() {
+    let dir = TempDir::new("exchange-perms");
+    let auth = start(dir.path()).await;
+    auth.add_subject(dir.path(), false, "dora", &DORA_GRANTS)
+        .await;
+    let exchange = |subject: String, extra: &'static str| {
+        let auth = &auth;
+        async move {
+            auth.exchange(("orders", "orders-secret"), &subject, extra)
+                .await
+        }
+    };
+
+    // A subject token narrowed at login: the exchange cannot widen it, and
+    // the deny goes with it.
+    let narrowed = auth
+        .login_with("dora", "password", "&scope=ticketing%3Aacme%3A%2A%3A%2A")
+        .await;
+    let subject = narrowed.json()["access_token"].as_str().unwrap().to_owned();
+    let res = exchange(subject.clone(), "&audience=ticketing").await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(
+        perms_of(&res),
+        serde_json::json!(["ticketing:acme:*:*", "!ticketing:acme:delete:*"])
+    );
+    let res = exchange(
+        subject.clone(),
+        "&audience=ticketing&scope=orders%3Aacme%3A%2A%3A%2A",
+    )
+    .await;
+    assert_eq!(res.status, 400, "{res:?}");
+    assert_eq!(res.json()["error"], "invalid_scope");
+
+    // A narrower scope on the exchange keeps the deny too.
+    let full = auth.access_token_of("dora", "password").await;
+    let res = exchange(full, "&audience=mail&scope=orders%3Aacme%3A%2A%3A%2A").await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(
+        perms_of(&res),
+        serde_json::json!(["orders:acme:*:*", "!ticketing:acme:delete:*"])
+    );
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn token_exchange_refuses_bad_clients_audiences_and_subject_tokens() {
+    let dir = TempDir::new("exchange-refused");
+    let auth = start(dir.path()).await;
+    let subject = auth.access_token("alice").await;
+
+    // A client without the grant, or without it for that audience.
+    for (client, audience) in [
+        (("mail", "mail-secret"), "ticketing"),
+        (("orders", "orders-secret"), "orders"),
+        (("orders", "orders-secret"), "auth"),
+    ] {
+        let res = auth
+            .exchange(client, &subject, &format!("&audience={audience}"))
+            .await;
+        assert_eq!(res.status, 400, "{client:?} {audience}: {res:?}");
+        assert_eq!(res.json()["error"], "unauthorized_client");
+    }
+    // A client that fails authentication.
+    let res = auth
+        .exchange(("orders", "guess"), &subject, "&audience=ticketing")
+        .await;
+    assert_eq!(res.status, 401, "{res:?}");
+    assert_eq!(res.json()["error"], "invalid_client");
+    // An unknown audience; none at all.
+    let res = auth
+        .exchange(("orders", "orders-secret"), &subject, "&audience=billing")
+        .await;
+    assert_eq!(res.status, 400);
+    assert_eq!(res.json()["error"], "invalid_target");
+    let res = auth
+        .exchange(("orders", "orders-secret"), &subject, "")
+        .await;
+    assert_eq!(res.status, 400);
+    assert_eq!(res.json()["error"], "invalid_request");
+
+    // Forged subject tokens: changed claims, another key, no signature,
+    // not a token at all.
+    let (h, rest) = subject.split_once('.').unwrap();
+    let (_, sig) = rest.split_once('.').unwrap();
+    let (_, mut claims) = decode(&subject);
+    claims["perms"] = serde_json::json!(["*:*:*:*"]);
+    let widened = format!(
+        "{h}.{}.{sig}",
+        B64URL.encode(serde_json::to_vec(&claims).unwrap())
+    );
+    let other_key = {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.typ = Some("at+jwt".to_owned());
+        header.kid = decode(&subject).0["kid"].as_str().map(str::to_owned);
+        let (_, claims) = decode(&subject);
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ed_der(pkcs8.as_ref()),
+        )
+        .unwrap()
+    };
+    let unsigned = format!("{h}.{}.", rest.split_once('.').unwrap().0);
+    for (what, forged) in [
+        ("changed claims", widened.as_str()),
+        ("another key", other_key.as_str()),
+        ("no signature", unsigned.as_str()),
+        ("not a token", "not-a-token"),
+    ] {
+        let res = auth
+            .exchange(("orders", "orders-secret"), forged, "&audience=ticketing")
+            .await;
+        assert_eq!(res.status, 400, "{what}: {res:?}");
+        assert_eq!(
+            res.json(),
+            serde_json::json!({"error": "invalid_request", "error_description": "the subject token is not valid"}),
+            "{what}"
+        );
+    }
+    // A subject token type this service does not take; an actor token.
+    let res = auth
+        .post_form(
+            &format!(
+                "grant_type={TOKEN_EXCHANGE}&subject_token={subject}&audience=ticketing\
+                 &subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aid_token"
+            ),
+            &[("authorization", &basic("orders", "orders-secret"))],
+        )
+        .await;
+    assert_eq!(res.json()["error"], "invalid_request", "{res:?}");
+    let res = auth
+        .exchange(
+            ("orders", "orders-secret"),
+            &subject,
+            &format!(
+                "&audience=ticketing&actor_token={subject}&actor_token_type={ACCESS_TOKEN_TYPE}"
+            ),
+        )
+        .await;
+    assert_eq!(res.json()["error"], "invalid_request", "{res:?}");
+    auth.stop().await;
+}
+
+// === brute-force protection ===
+
+#[tokio::test]
+async fn failed_logins_lock_the_user_name_with_429_and_retry_after() {
+    let dir = TempDir::new("throttle");
+    let clock = manual_clock();
+    let auth = start_clocked(dir.path(), clock.clone(), |_| {}).await;
+    let before = auth
+        .counter("auth_login_throttled_total", "limit=\"name\"")
+        .await;
+    // Five wrong passwords are checked; then not even the right one is.
+    for _ in 0..5 {
+        let res = auth.login("alice", "guess").await;
+        assert_eq!(res.status, 400, "{res:?}");
+    }
+    let mut answers = Vec::new();
+    for password in ["guess"; 24].into_iter().chain(["alice-password"]) {
+        answers.push(auth.login("alice", password).await);
+    }
+    for res in &answers {
+        assert_eq!(res.status, 429, "{res:?}");
+        assert_eq!(res.header("retry-after"), "60");
+        assert_eq!(res.header("cache-control"), "no-store");
+        assert_eq!(
+            res.json(),
+            serde_json::json!({"error": "slow_down", "error_description": "too many failed attempts; retry later"})
+        );
+    }
+    let after = auth
+        .counter("auth_login_throttled_total", "limit=\"name\"")
+        .await;
+    assert!(after >= before + 25, "{before} -> {after}");
+    // Another user is not affected.
+    assert_eq!(auth.login("bob", "bob-password").await.status, 200);
+
+    // When the lock is over, the right password works at once.
+    clock.advance(30);
+    assert_eq!(
+        auth.login("alice", "alice-password")
+            .await
+            .header("retry-after"),
+        "30"
+    );
+    clock.advance(30);
+    assert_eq!(auth.login("alice", "alice-password").await.status, 200);
+
+    // A success forgets the failures; five more lock again, and one more
+    // failure after that lock doubles it.
+    for _ in 0..5 {
+        assert_eq!(auth.login("alice", "guess").await.status, 400);
+    }
+    clock.advance(60);
+    assert_eq!(auth.login("alice", "guess").await.status, 400);
+    let res = auth.login("alice", "alice-password").await;
+    assert_eq!(res.status, 429);
+    assert_eq!(res.header("retry-after"), "120");
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_guesses_for_one_name_get_only_the_allowed_checks() {
+    let dir = TempDir::new("throttle-burst");
+    let auth = start_clocked(dir.path(), manual_clock(), |_| {}).await;
+    let answers = futures_join(
+        (0..20)
+            .map(|_| {
+                let url = auth.url("/auth/v1/token");
+                tokio::spawn(async move {
+                    send(
+                        Method::POST,
+                        &url,
+                        &[("content-type", FORM)],
+                        "grant_type=password&username=alice&password=guess",
+                    )
+                    .await
+                    .status
+                })
+            })
+            .collect(),
+    )
+    .await;
+    let checked = answers
+        .iter()
+        .filter(|s| **s == StatusCode::BAD_REQUEST)
+        .count();
+    let throttled = answers
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert!(checked <= 5, "{answers:?}");
+    assert_eq!(checked + throttled, 20, "{answers:?}");
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn clients_are_throttled_too_and_so_are_failures_over_many_names() {
+    let dir = TempDir::new("throttle-global");
+    let clock = manual_clock();
+    let auth = start_clocked(dir.path(), clock.clone(), |s| {
+        s.login.global_max_failures = 8;
+        s.login.global_window = Duration::from_secs(60);
+    })
+    .await;
+    let orders_wrong = basic("orders", "guess");
+    for _ in 0..5 {
+        let res = auth
+            .post_form(
+                "grant_type=client_credentials",
+                &[("authorization", &orders_wrong)],
+            )
+            .await;
+        assert_eq!(res.status, 401, "{res:?}");
+    }
+    let res = auth
+        .post_form(
+            "grant_type=client_credentials",
+            &[("authorization", &basic("orders", "orders-secret"))],
+        )
+        .await;
+    assert_eq!(res.status, 429, "{res:?}");
+    assert_eq!(res.header("retry-after"), "60");
+
+    // Three more failures, each for another name, use up the budget of 8:
+    // then every name waits, whatever its own record.
+    for name in ["u1", "u2", "u3"] {
+        assert_eq!(auth.login(name, "guess").await.status, 400);
+    }
+    clock.advance(10);
+    let before = auth
+        .counter("auth_login_throttled_total", "limit=\"global\"")
+        .await;
+    let res = auth.login("bob", "bob-password").await;
+    assert_eq!(res.status, 429, "{res:?}");
+    assert_eq!(res.header("retry-after"), "50");
+    let after = auth
+        .counter("auth_login_throttled_total", "limit=\"global\"")
+        .await;
+    assert!(after > before, "{before} -> {after}");
+    clock.advance(50);
+    assert_eq!(auth.login("bob", "bob-password").await.status, 200);
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_beyond_the_hashing_slots_is_answered_503_with_retry_after() {
+    let dir = TempDir::new("hash-busy");
+    let auth = start_with(dir.path(), |s| {
+        // One slot, a short wait, and hashes slow enough to queue behind.
+        s.hash_limits.concurrency = 1;
+        s.hash_limits.queue_timeout = Duration::from_millis(1);
+        s.hash_cost = HashCost {
+            memory_kib: 32 * 1024,
+            iterations: 3,
+        };
+    })
+    .await;
+    let answers = futures_join(
+        (0..8)
+            .map(|i| {
+                let url = auth.url("/auth/v1/token");
+                tokio::spawn(async move {
+                    send(
+                        Method::POST,
+                        &url,
+                        &[("content-type", FORM)],
+                        &format!("grant_type=password&username=user-{i}&password=guess"),
+                    )
+                    .await
+                })
+            })
+            .collect(),
+    )
+    .await;
+    let busy: Vec<&Answer> = answers.iter().filter(|a| a.status == 503).collect();
+    assert!(!busy.is_empty(), "{answers:?}");
+    for res in &busy {
+        assert_eq!(res.header("retry-after"), "1");
+        assert_eq!(res.json()["error"], "temporarily_unavailable");
+    }
+    assert!(
+        answers.iter().all(|a| a.status == 503 || a.status == 400),
+        "{answers:?}"
+    );
+    // Once the flood is over, logins are checked again.
+    assert_eq!(auth.login("alice", "alice-password").await.status, 200);
+    assert!(auth.counter("auth_hash_busy_total", "").await >= 1);
+    auth.stop().await;
+}
+
 // === keys ===
 
 #[tokio::test]
@@ -766,6 +1438,82 @@ async fn keys_rotate_when_due_and_retired_keys_leave_after_the_token_lifetime() 
     auth.stop().await;
 }
 
+// === discovery ===
+
+#[tokio::test]
+async fn the_discovery_document_lives_under_the_issuer_and_names_the_key_set() {
+    let dir = TempDir::new("discovery");
+    let auth = start_with(dir.path(), |s| {
+        s.issuer = format!("{}/auth/v1", s.public_url.as_deref().unwrap());
+    })
+    .await;
+    let issuer = format!("{}/auth/v1", auth.url);
+    let res = send(
+        Method::GET,
+        &format!("{issuer}/.well-known/openid-configuration"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert!(res.header("content-type").starts_with("application/json"));
+    let doc = res.json();
+    assert_eq!(doc["issuer"].as_str(), Some(issuer.as_str()));
+    assert_eq!(
+        doc["token_endpoint"].as_str(),
+        Some(format!("{issuer}/token").as_str())
+    );
+    for field in [
+        "grant_types_supported",
+        "token_endpoint_auth_methods_supported",
+        "response_types_supported",
+        "subject_types_supported",
+        "id_token_signing_alg_values_supported",
+    ] {
+        assert!(doc[field].is_array(), "{field}: {doc}");
+    }
+    assert!(
+        doc["grant_types_supported"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(
+                "urn:ietf:params:oauth:grant-type:token-exchange"
+            )),
+        "{doc}"
+    );
+    assert_eq!(
+        doc["id_token_signing_alg_values_supported"],
+        serde_json::json!(["EdDSA"])
+    );
+
+    // The key set it names verifies the tokens of that issuer.
+    let jwks = send(Method::GET, doc["jwks_uri"].as_str().unwrap(), &[], "").await;
+    assert_eq!(jwks.status, 200, "{jwks:?}");
+    assert_eq!(jwks.json(), auth.jwks().await);
+    let token = auth.access_token("alice").await;
+    assert_eq!(decode(&token).1["iss"].as_str(), Some(issuer.as_str()));
+    let verifier = Verifier::builder()
+        .jwks(&issuer, "chassis-demo", doc["jwks_uri"].as_str().unwrap())
+        .algorithms(&[Algorithm::EdDSA])
+        .build()
+        .unwrap();
+    assert_eq!(
+        verifier.verify_token(&token).await.unwrap().subject(),
+        "alice"
+    );
+
+    // The driver client reads it, and the service's own protected route
+    // still takes its tokens.
+    use auth::client::AuthClient;
+    use chassis::client::{CallContext, Downstream};
+    let client = AuthClient::new(Downstream::builder("auth", &auth.url).build().unwrap());
+    let read = client.discovery(&CallContext::background()).await.unwrap();
+    assert_eq!(read.issuer, issuer);
+    let admin = auth.access_token("admin").await;
+    assert_eq!(auth.rotate(Some(&admin)).await.status, 200);
+    auth.stop().await;
+}
+
 // === restarts ===
 
 #[tokio::test]
@@ -830,7 +1578,11 @@ async fn keys_and_users_survive_a_restart_and_the_seed_runs_once() {
 #[tokio::test]
 async fn without_the_seed_nobody_can_log_in() {
     let dir = TempDir::new("noseed");
-    let auth = start_with(dir.path(), |s| s.seed_demo = false).await;
+    // The default: no demo users with their well-known passwords.
+    let auth = start_with(dir.path(), |s| {
+        s.seed_demo = Settings::with_data_dir("/unused").seed_demo;
+    })
+    .await;
     let res = auth.login("alice", "alice-password").await;
     assert_eq!(res.status, 400);
     assert_eq!(res.json()["error"], "invalid_grant");
@@ -922,6 +1674,7 @@ fn spawn(data_dir: &Path, env: &[(&str, &str)]) -> ServiceProcess {
     let mut all = vec![
         ("CHASSIS_SHUTDOWN_GRACE_SECS", "5"),
         ("AUTH_DATA_DIR", data.as_str()),
+        ("AUTH_SEED_DEMO", "true"),
     ];
     all.extend_from_slice(env);
     ServiceProcess::spawn(env!("CARGO_BIN_EXE_auth"), &all)

@@ -136,6 +136,9 @@ fn env_of(service: &str, ports: Ports, data: &Path) -> Vec<(String, String)> {
         set("AUTH_ISSUER", auth.clone());
         set("AUTH_PUBLIC_URL", auth.clone());
         set("AUTH_AUDIENCE", AUDIENCE.to_owned());
+        // The demo's users and clients, with their well-known passwords:
+        // auth creates them only when asked.
+        set("AUTH_SEED_DEMO", "true".to_owned());
     } else {
         set("CHASSIS_AUTH_ISSUER", auth.clone());
         set("CHASSIS_AUTH_AUDIENCE", AUDIENCE.to_owned());
