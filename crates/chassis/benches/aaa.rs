@@ -9,7 +9,7 @@
 //!   through core + authentication (cached token) + authorization + audit
 //!   (default log sink, formatted by the JSON layer into a sink).
 //!
-//! Run with `cargo bench -p chassis --bench aaa`; results are recorded in
+//! Run with `cargo bench -p service-chassis --bench aaa`; results are recorded in
 //! `docs/benchmarks.md`.
 
 use std::{hint::black_box, time::Duration};

@@ -21,7 +21,7 @@
 //! their routes built once (as `axum::serve` does per connection), and the
 //! chassis stack with no subscriber at all.
 //!
-//! Run with `cargo bench -p chassis --bench core_stack`; results are recorded
+//! Run with `cargo bench -p service-chassis --bench core_stack`; results are recorded
 //! in `docs/benchmarks.md`.
 
 use std::{

@@ -16,7 +16,7 @@
 //! counters and the bulkhead's gauge are read when the metrics are
 //! rendered, so they cost nothing per call).
 //!
-//! Run with `cargo bench -p chassis --bench resilience`.
+//! Run with `cargo bench -p service-chassis --bench resilience`.
 
 use std::{hint::black_box, sync::Arc, time::Duration};
 

@@ -259,7 +259,7 @@ pub(crate) fn run(exe: &Path, o: &Options) -> Result<(), String> {
 }
 
 fn command_line(o: &Options) -> String {
-    let mut c = "cargo bench -p chassis --bench load --".to_owned();
+    let mut c = "cargo bench -p service-chassis --bench load --".to_owned();
     let _ = write!(
         c,
         " --secs {} --warmup {} --rounds {} --connections {} --scenarios {}",

@@ -2,9 +2,9 @@
 //! stack a Rust team assembles by hand (B), side by side in one run.
 //!
 //! ```text
-//! cargo bench -p chassis --bench load                      # all scenarios, about 6 minutes
-//! cargo bench -p chassis --bench load -- --write           # and write the table into docs/benchmarks.md
-//! cargo bench -p chassis --bench load -- --scenarios cached --rounds 1 --secs 5
+//! cargo bench -p service-chassis --bench load                      # all scenarios, about 6 minutes
+//! cargo bench -p service-chassis --bench load -- --write           # and write the table into docs/benchmarks.md
+//! cargo bench -p service-chassis --bench load -- --scenarios cached --rounds 1 --secs 5
 //! ```
 //!
 //! Options: `--secs N` per measured run (10), `--warmup N` seconds before it

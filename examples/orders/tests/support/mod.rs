@@ -153,6 +153,7 @@ impl System {
             ("AUTH_ISSUER", ISSUER.to_owned()),
             ("AUTH_AUDIENCE", AUDIENCE.to_owned()),
             ("AUTH_PUBLIC_URL", auth_url),
+            ("AUTH_SEED_DEMO", "true".to_owned()),
         ]));
         let mut r = Reader::new(&auth_env);
         let settings = auth::Settings::read(&mut r);
