@@ -86,7 +86,7 @@ async fn login(e: &Endpoints) -> Result<(String, CallContext), JourneyError> {
     let verifier = step(
         "load auth's keys",
         Verifier::builder()
-            .jwks(e.issuer(), AUDIENCE, &format!("{}/auth/v1/jwks", e.auth))
+            .discover(&e.issuer(), AUDIENCE)
             .build(),
     )?;
     let alice = step(

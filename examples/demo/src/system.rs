@@ -80,8 +80,8 @@ pub struct Endpoints {
 
 impl Endpoints {
     /// The issuer of the demo's tokens.
-    pub fn issuer(&self) -> &str {
-        &self.auth
+    pub fn issuer(&self) -> String {
+        format!("{}/auth/v1", self.auth)
     }
 }
 
@@ -132,17 +132,19 @@ fn env_of(service: &str, ports: Ports, data: &Path) -> Vec<(String, String)> {
         ),
     ];
     let mut set = |k: &str, v: String| env.push((k.to_owned(), v));
+    // The issuer is where its discovery document lives: the services find
+    // auth's keys from the issuer alone.
+    let issuer = format!("{auth}/auth/v1");
     if service == "auth" {
-        set("AUTH_ISSUER", auth.clone());
+        set("AUTH_ISSUER", issuer);
         set("AUTH_PUBLIC_URL", auth.clone());
         set("AUTH_AUDIENCE", AUDIENCE.to_owned());
         // The demo's users and clients, with their well-known passwords:
         // auth creates them only when asked.
         set("AUTH_SEED_DEMO", "true".to_owned());
     } else {
-        set("CHASSIS_AUTH_ISSUER", auth.clone());
+        set("CHASSIS_AUTH_ISSUER", issuer);
         set("CHASSIS_AUTH_AUDIENCE", AUDIENCE.to_owned());
-        set("CHASSIS_AUTH_JWKS_URL", format!("{auth}/auth/v1/jwks"));
         set("CHASSIS_AUTH_ALGORITHMS", "EdDSA".to_owned());
     }
     if service == "mail" {

@@ -47,7 +47,7 @@ async fn alice(e: &Endpoints) -> CallContext {
         .await
         .expect("alice logs in");
     let verifier = Verifier::builder()
-        .jwks(e.issuer(), AUDIENCE, &format!("{}/auth/v1/jwks", e.auth))
+        .discover(&e.issuer(), AUDIENCE)
         .build()
         .unwrap();
     let principal = verifier.verify_token(&tokens.access_token).await.unwrap();
