@@ -26,9 +26,14 @@
 //! * **identity, chosen at each call site**: [`Downstream::as_service`]
 //!   presents the service's own token from a [`TokenSource`]
 //!   (client-credentials grant, refreshed before expiry);
-//!   [`Downstream::on_behalf_of`] forwards the caller's token, so the
-//!   downstream checks the user's permissions; [`Downstream::anonymous`]
-//!   sends none;
+//!   [`Downstream::on_behalf_of`] acts for the caller, so the downstream
+//!   checks the user's permissions: it forwards the caller's token, or, when
+//!   the downstream has an **audience** of its own, trades it at the token
+//!   endpoint for a token addressed to that downstream (RFC 8693 token
+//!   exchange, cached until near expiry), so that no token is accepted by a
+//!   service it was not minted for; [`Downstream::anonymous`] sends none;
+//! * **TLS**: `https://` base URLs are verified against the platform's roots
+//!   and `CHASSIS_TLS_CA_FILE`, HTTP/2 by ALPN (see [`crate::tls`]);
 //! * **measurement**: `http_client_request_duration_seconds` with labels
 //!   `service`, `downstream`, `http_request_method` and
 //!   `http_response_status_code` (`error` when there is no answer), the
@@ -67,7 +72,8 @@
 //!
 //! | setting | variable suffix | default |
 //! |---|---|---|
-//! | base URL | `URL` | given in code |
+//! | base URL (`https://`, or `http://` on loopback or behind a TLS sidecar) | `URL` | given in code |
+//! | audience of this downstream's tokens (service tokens ask for it; calls on behalf of a caller exchange the caller's token for it) | `AUDIENCE` | none: the token source's own audience, the caller's token forwarded |
 //! | per-attempt timeout | `TIMEOUT_MS` | 2 000 ms |
 //! | deadline of the whole call, retries included | `DEADLINE_MS` | 5 000 ms |
 //! | attempts, the first included | `RETRY_MAX_ATTEMPTS` | 3 |
@@ -207,6 +213,10 @@ pub struct Settings {
     pub pool_idle_timeout: Duration,
     /// Failure injection, off when `None`.
     pub fault: Option<FaultConfig>,
+    /// The audience of this downstream's tokens, when it has one of its
+    /// own: service tokens are asked for it, and calls on behalf of a caller
+    /// exchange the caller's token for one addressed to it.
+    pub audience: Option<String>,
 }
 
 impl Default for Settings {
@@ -229,6 +239,7 @@ impl Default for Settings {
             pool_max_idle: 32,
             pool_idle_timeout: Duration::from_secs(90),
             fault: None,
+            audience: None,
         }
     }
 }
@@ -315,6 +326,16 @@ impl DownstreamBuilder {
     /// Injects faults into calls to this downstream.
     pub fn fault(mut self, fault: FaultConfig) -> Self {
         self.settings.fault = Some(fault);
+        self
+    }
+
+    /// The audience of this downstream's tokens: calls
+    /// [`as_service`](Downstream::as_service) ask the token source for it,
+    /// and calls [`on_behalf_of`](Downstream::on_behalf_of) a caller
+    /// exchange the caller's token for one addressed to it
+    /// ([`TokenSource::exchange`]).
+    pub fn audience(mut self, audience: &str) -> Self {
+        self.settings.audience = Some(audience.to_owned());
         self
     }
 
@@ -463,6 +484,14 @@ impl DownstreamBuilder {
             ms(s.pool_idle_timeout),
             "idle connection lifetime, ms",
         ));
+        if let Some(audience) =
+            r.maybe::<String>(&v("AUDIENCE"), "audience of the downstream's tokens")
+        {
+            if audience.is_empty() {
+                r.problem(&v("AUDIENCE"), "must not be empty");
+            }
+            s.audience = Some(audience);
+        }
         if let Some(fault) = FaultConfig::read_prefixed(r, &v("FAULT_"), false) {
             s.fault = Some(fault);
         }
@@ -510,6 +539,13 @@ impl DownstreamBuilder {
             .max_attempts(s.max_attempts)
             .backoff(s.backoff, s.backoff_max);
         let tls = self.tls.unwrap_or_else(ClientTls::global);
+        // Service tokens for this downstream's audience; the source as given
+        // exchanges callers' tokens.
+        let own_tokens = match (&self.tokens, &s.audience) {
+            (Some(t), Some(audience)) => Some(t.for_audience(audience)),
+            (t, None) => t.clone(),
+            (None, Some(_)) => None,
+        };
         let stack = transport::stack(s, &tls, policy, breaker.clone(), bulkhead.clone());
         Ok(Downstream {
             inner: Arc::new(Inner {
@@ -519,6 +555,7 @@ impl DownstreamBuilder {
                 prefix,
                 settings: self.settings,
                 tokens: self.tokens,
+                own_tokens,
                 breaker,
                 bulkhead,
                 stack,
@@ -576,6 +613,7 @@ struct Inner {
     prefix: String,
     settings: Settings,
     tokens: Option<TokenSource>,
+    own_tokens: Option<TokenSource>,
     breaker: CircuitBreaker,
     bulkhead: Bulkhead,
     stack: Stack,
@@ -962,18 +1000,42 @@ impl RequestBuilder<'_> {
                 let principal = cx.principal().ok_or_else(|| ClientError::NoCallerToken {
                     downstream: name.clone(),
                 })?;
-                let mut v = HeaderValue::from_str(&format!("Bearer {}", principal.bearer_token()))
-                    .map_err(|_| ClientError::NoCallerToken {
-                        downstream: name.clone(),
-                    })?;
-                v.set_sensitive(true);
-                Some(v)
+                match &inner.settings.audience {
+                    // A token of the caller's, addressed to this downstream.
+                    Some(audience) => {
+                        let tokens = inner.tokens.as_ref().ok_or_else(|| ClientError::Token {
+                            downstream: name.clone(),
+                            source: TokenError::NotConfigured,
+                        })?;
+                        Some(
+                            tokens
+                                .exchange(principal.bearer_token(), audience)
+                                .await
+                                .map_err(|source| ClientError::Token {
+                                    downstream: name.clone(),
+                                    source,
+                                })?,
+                        )
+                    }
+                    None => {
+                        let mut v =
+                            HeaderValue::from_str(&format!("Bearer {}", principal.bearer_token()))
+                                .map_err(|_| ClientError::NoCallerToken {
+                                    downstream: name.clone(),
+                                })?;
+                        v.set_sensitive(true);
+                        Some(v)
+                    }
+                }
             }
             Identity::Service => {
-                let tokens = inner.tokens.as_ref().ok_or_else(|| ClientError::Token {
-                    downstream: name.clone(),
-                    source: TokenError::NotConfigured,
-                })?;
+                let tokens = inner
+                    .own_tokens
+                    .as_ref()
+                    .ok_or_else(|| ClientError::Token {
+                        downstream: name.clone(),
+                        source: TokenError::NotConfigured,
+                    })?;
                 Some(
                     tokens
                         .authorization()

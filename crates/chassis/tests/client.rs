@@ -656,3 +656,155 @@ async fn any_expires_in_is_handled_without_a_panic() {
         assert_eq!(issuer.fetches.load(Ordering::SeqCst), 1);
     }
 }
+
+// === audiences and token exchange ===
+
+/// A token endpoint answering client credentials with `svc-<audience>` and
+/// token exchanges with `x<n>-<audience>`, keeping each request's form.
+async fn audience_endpoint() -> (Arc<Mutex<Vec<Vec<(String, String)>>>>, String) {
+    let forms: Arc<Mutex<Vec<Vec<(String, String)>>>> = Arc::default();
+    let router = Router::new()
+        .route(
+            "/token",
+            post(
+                |State(forms): State<Arc<Mutex<Vec<Vec<(String, String)>>>>>, body: String| async move {
+                    let form: Vec<(String, String)> =
+                        form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+                    let get = |k: &str| {
+                        form.iter()
+                            .find(|(n, _)| n == k)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_default()
+                    };
+                    let audience = get("audience");
+                    let token = match get("grant_type").as_str() {
+                        "client_credentials" => format!("svc-{audience}"),
+                        "urn:ietf:params:oauth:grant-type:token-exchange" => {
+                            let n = forms.lock().unwrap().len();
+                            format!("x{n}-{audience}")
+                        }
+                        _ => return StatusCode::BAD_REQUEST.into_response(),
+                    };
+                    forms.lock().unwrap().push(form);
+                    axum::Json(serde_json::json!({
+                        "access_token": token, "token_type": "Bearer", "expires_in": 300,
+                    }))
+                    .into_response()
+                },
+            ),
+        )
+        .with_state(forms.clone());
+    let addr = serve(router).await;
+    (forms, format!("http://{addr}/token"))
+}
+
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_downstream_with_an_audience_gets_tokens_minted_for_it() {
+    let (forms, token_url) = audience_endpoint().await;
+    let (flaky, url) = flaky().await;
+    let env =
+        chassis::config::Env::from_pairs([("CHASSIS_DOWNSTREAM_TICKETING_AUDIENCE", "ticketing")]);
+    let mut r = chassis::config::Reader::new(&env);
+    let ticketing = quick("ticketing", &url)
+        .token_source(source(&token_url, "s"))
+        .configure(&mut r)
+        .build()
+        .unwrap();
+    r.finish().unwrap();
+    assert_eq!(ticketing.settings().audience.as_deref(), Some("ticketing"));
+
+    // As the service: a token asked for the downstream's audience.
+    let background = CallContext::background();
+    ticketing
+        .as_service(&background)
+        .get("/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        flaky.last_headers()["authorization"],
+        "Bearer svc-ticketing"
+    );
+
+    // On behalf of a user: the user's token, exchanged for one addressed to
+    // the downstream, once per user token while it lasts.
+    let issuer = chassis::testing::TestIssuer::new();
+    let user = issuer.user_token("ann", &["ticketing:acme:view:ticket"]);
+    let principal = issuer.verifier().verify_token(&user).await.unwrap();
+    let cx = CallContext::background().with_principal(principal);
+    for _ in 0..3 {
+        ticketing.on_behalf_of(&cx).get("/x").send().await.unwrap();
+    }
+    assert_eq!(flaky.last_headers()["authorization"], "Bearer x1-ticketing");
+    let forms = forms.lock().unwrap().clone();
+    assert_eq!(
+        forms.len(),
+        2,
+        "one client-credentials grant, one exchange: {forms:?}"
+    );
+    let exchange = &forms[1];
+    for (name, value) in [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", user.as_str()),
+        (
+            "subject_token_type",
+            "urn:ietf:params:oauth:token-type:access_token",
+        ),
+        ("audience", "ticketing"),
+    ] {
+        assert!(
+            exchange.iter().any(|(n, v)| n == name && v == value),
+            "{name} missing from {exchange:?}"
+        );
+    }
+}
+
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn without_an_audience_the_callers_token_is_forwarded() {
+    let (forms, token_url) = audience_endpoint().await;
+    let (flaky, url) = flaky().await;
+    let d = quick("plain", &url)
+        .token_source(source(&token_url, "s"))
+        .build()
+        .unwrap();
+    let issuer = chassis::testing::TestIssuer::new();
+    let user = issuer.user_token("ann", &[]);
+    let principal = issuer.verifier().verify_token(&user).await.unwrap();
+    let cx = CallContext::background().with_principal(principal);
+    d.on_behalf_of(&cx).get("/x").send().await.unwrap();
+    assert_eq!(
+        flaky.last_headers()["authorization"],
+        format!("Bearer {user}")
+    );
+    assert!(forms.lock().unwrap().is_empty());
+}
+
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn an_audience_without_a_token_source_is_a_clear_error() {
+    let (_flaky, url) = flaky().await;
+    let d = quick("lonely", &url).audience("lonely").build().unwrap();
+    let issuer = chassis::testing::TestIssuer::new();
+    let principal = issuer
+        .verifier()
+        .verify_token(&issuer.user_token("ann", &[]))
+        .await
+        .unwrap();
+    let cx = CallContext::background().with_principal(principal);
+    let err = fail(d.on_behalf_of(&cx)).await;
+    assert!(
+        matches!(
+            &err,
+            ClientError::Token {
+                source: TokenError::NotConfigured,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}

@@ -226,6 +226,33 @@ impl AuthClient {
         .await
     }
 
+    /// [`password_login`](Self::password_login) for a token addressed to
+    /// `audience` (one of auth's `AUTH_AUDIENCES`): each service accepts
+    /// only tokens minted for it.
+    ///
+    /// # Errors
+    ///
+    /// As [`password_login`](Self::password_login); `invalid_target` for an
+    /// unknown audience.
+    pub async fn password_login_for(
+        &self,
+        cx: &CallContext,
+        username: &str,
+        password: &str,
+        audience: &str,
+    ) -> Result<TokenResponse, AuthClientError> {
+        self.token(
+            cx,
+            &[
+                ("grant_type", "password"),
+                ("username", username),
+                ("password", password),
+                ("audience", audience),
+            ],
+        )
+        .await
+    }
+
     /// The refresh grant: a new access token and a new refresh token; the
     /// one presented stops working.
     ///

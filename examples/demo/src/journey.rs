@@ -11,7 +11,7 @@ use chassis::{
 };
 use time::{Date, Month};
 
-use crate::system::{AUDIENCE, Endpoints};
+use crate::system::Endpoints;
 
 /// Why the journey failed: the step and what went wrong.
 #[derive(Debug)]
@@ -75,19 +75,20 @@ fn date(year: i32, month: Month, day: u8) -> Date {
     Date::from_calendar_date(year, month, day).unwrap_or(Date::MIN)
 }
 
-/// Logs in as alice and returns a context acting on her behalf.
-async fn login(e: &Endpoints) -> Result<(String, CallContext), JourneyError> {
+/// Logs in as alice for calls to `audience` (each service accepts only
+/// tokens minted for it) and returns her token and a context acting on her
+/// behalf.
+async fn login(e: &Endpoints, audience: &str) -> Result<(String, CallContext), JourneyError> {
     let cx = CallContext::background();
     let auth = auth::client::AuthClient::new(downstream("auth", &e.auth)?);
     let tokens = step(
         "log in as alice",
-        auth.password_login(&cx, "alice", "alice-password").await,
+        auth.password_login_for(&cx, "alice", "alice-password", audience)
+            .await,
     )?;
     let verifier = step(
         "load auth's keys",
-        Verifier::builder()
-            .discover(&e.issuer(), AUDIENCE)
-            .build(),
+        Verifier::builder().discover(&e.issuer(), audience).build(),
     )?;
     let alice = step(
         "verify alice's token",
@@ -104,8 +105,9 @@ async fn login(e: &Endpoints) -> Result<(String, CallContext), JourneyError> {
 /// The first step that failed.
 pub async fn run(e: &Endpoints) -> Result<Report, JourneyError> {
     let start = tokio::time::Instant::now();
-    let (token, cx) = login(e).await?;
-    let ticket = create_product(e, &cx, "Day pass", 100).await?;
+    let (_, shop) = login(e, "ticketing").await?;
+    let ticket = create_product(e, &shop, "Day pass", 100).await?;
+    let (token, cx) = login(e, "orders").await?;
     let orders = orders::OrdersClient::new(downstream("orders", &e.orders)?);
     let key = format!("journey-{}", chassis::id::uuid_v7());
     let placed = step(
@@ -175,8 +177,9 @@ async fn create_product(
 ///
 /// A step failed.
 pub async fn load_setup(e: &Endpoints) -> Result<(String, String), JourneyError> {
-    let (token, cx) = login(e).await?;
-    let ticket = create_product(e, &cx, "Load pass", 1_000_000).await?;
+    let (_, shop) = login(e, "ticketing").await?;
+    let ticket = create_product(e, &shop, "Load pass", 1_000_000).await?;
+    let (token, _) = login(e, "orders").await?;
     Ok((token, ticket.id))
 }
 
@@ -258,25 +261,29 @@ pub fn instructions(e: &Endpoints, intro: &Intro) -> String {
     format!(
         r#"The system is up.
 
-  auth       {auth}      (JWKS: {auth}/auth/v1/jwks)
+  auth       {auth}      (discovery: {auth}/auth/v1/.well-known/openid-configuration)
   ticketing  {ticketing}
   orders     {orders}
   mail       {mail}      (sent mail: {outbox})
   each one:  /health/live  /health/ready  /metrics  /info
   logs:      {logs}
 
-Alice's token (15 minutes; get another with the first command):
+Alice's token for orders (15 minutes; get another with the first command):
 
   TOKEN={token}
 
-The journey:
+The journey (each service accepts only tokens minted for it: `audience`):
 
-  # log in (password grant)
-  TOKEN=$(curl -s {auth}/auth/v1/token -d grant_type=password -d username=alice -d password=alice-password | sed 's/.*"access_token":"\([^"]*\)".*/\1/')
+  # log in (password grant), once for ticketing and once for orders
+  login() {{ curl -s {auth}/auth/v1/token -d grant_type=password -d username=$1 -d password=$1-password -d audience=$2 | sed 's/.*"access_token":"\([^"]*\)".*/\1/'; }}
+  SHOP=$(login alice ticketing); TOKEN=$(login alice orders)
 
   # create a ticket product in account acme
-  curl -s {ticketing}/ticketing/v1/acme/tickets -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+  curl -s {ticketing}/ticketing/v1/acme/tickets -H "authorization: Bearer $SHOP" -H 'content-type: application/json' \
     -d '{{"name":"Season pass","price_minor":59000,"currency":"EUR","capacity":50,"valid_from":"2026-12-01","valid_until":"2027-04-30"}}'
+
+  # a token for ticketing is refused by orders: 401 bad_audience
+  curl -s {orders}/orders/v1/acme/orders -H "authorization: Bearer $SHOP"
 
   # order 2 of the demo's day pass (send it twice: the same key gives the same order)
   curl -si {orders}/orders/v1/acme/orders -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
@@ -287,7 +294,7 @@ The journey:
   ls {outbox}
 
   # bob may not see acme's orders: 403
-  curl -si {orders}/orders/v1/acme/orders -H "authorization: Bearer $(curl -s {auth}/auth/v1/token -d grant_type=password -d username=bob -d password=bob-password | sed 's/.*"access_token":"\([^"]*\)".*/\1/')"
+  curl -si {orders}/orders/v1/acme/orders -H "authorization: Bearer $(login bob orders)"
 
 The synthetic monitor runs this journey every minute: see synthetic_journey_* at http://127.0.0.1:{demo_port}/metrics.
 Press Ctrl-C to stop."#,

@@ -14,9 +14,6 @@ use tokio::process::{Child, Command};
 /// The services, in start order (auth first: the others load its keys).
 pub const SERVICES: [&str; 4] = ["auth", "ticketing", "mail", "orders"];
 
-/// The audience of every token in the demo.
-pub const AUDIENCE: &str = "chassis-demo";
-
 /// The demo's client secret for orders (seeded by auth in demo mode).
 const ORDERS_SECRET: &str = "orders-secret";
 
@@ -138,13 +135,15 @@ fn env_of(service: &str, ports: Ports, data: &Path) -> Vec<(String, String)> {
     if service == "auth" {
         set("AUTH_ISSUER", issuer);
         set("AUTH_PUBLIC_URL", auth.clone());
-        set("AUTH_AUDIENCE", AUDIENCE.to_owned());
+        // A token asked for without an `audience` is for auth alone.
+        set("AUTH_DEFAULT_AUDIENCE", "auth".to_owned());
         // The demo's users and clients, with their well-known passwords:
         // auth creates them only when asked.
         set("AUTH_SEED_DEMO", "true".to_owned());
     } else {
         set("CHASSIS_AUTH_ISSUER", issuer);
-        set("CHASSIS_AUTH_AUDIENCE", AUDIENCE.to_owned());
+        // Each service accepts only tokens minted for it.
+        set("CHASSIS_AUTH_AUDIENCE", service.to_owned());
         set("CHASSIS_AUTH_ALGORITHMS", "EdDSA".to_owned());
     }
     if service == "mail" {
@@ -157,6 +156,12 @@ fn env_of(service: &str, ports: Ports, data: &Path) -> Vec<(String, String)> {
         set("CHASSIS_CLIENT_SECRET", ORDERS_SECRET.to_owned());
         set("CHASSIS_DOWNSTREAM_TICKETING_URL", url(ports.ticketing));
         set("CHASSIS_DOWNSTREAM_MAIL_URL", url(ports.mail));
+        // Orders' own tokens are asked for each downstream's audience.
+        set(
+            "CHASSIS_DOWNSTREAM_TICKETING_AUDIENCE",
+            "ticketing".to_owned(),
+        );
+        set("CHASSIS_DOWNSTREAM_MAIL_AUDIENCE", "mail".to_owned());
     }
     env
 }

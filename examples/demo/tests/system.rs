@@ -13,7 +13,7 @@ use chassis::{
     client::{CallContext, Downstream},
     permission::AccountId,
 };
-use demo::system::{AUDIENCE, Endpoints, Ports, System};
+use demo::system::{Endpoints, Ports, System};
 use orders::{NewOrder, OrdersClient};
 use ticketing::client::{NewTicket, TicketingClient};
 use time::{Date, Month};
@@ -39,15 +39,16 @@ fn downstream(name: &str, url: &str) -> Downstream {
         .unwrap()
 }
 
-/// Alice, logged in through auth, as a context for calls on her behalf.
-async fn alice(e: &Endpoints) -> CallContext {
+/// Alice, logged in through auth for calls to `audience` (each service
+/// accepts only tokens minted for it), as a context for calls on her behalf.
+async fn alice(e: &Endpoints, audience: &str) -> CallContext {
     let cx = CallContext::background();
     let tokens = auth::client::AuthClient::new(downstream("auth", &e.auth))
-        .password_login(&cx, "alice", "alice-password")
+        .password_login_for(&cx, "alice", "alice-password", audience)
         .await
         .expect("alice logs in");
     let verifier = Verifier::builder()
-        .discover(&e.issuer(), AUDIENCE)
+        .discover(&e.issuer(), audience)
         .build()
         .unwrap();
     let principal = verifier.verify_token(&tokens.access_token).await.unwrap();
@@ -168,8 +169,9 @@ fn smoke_exits_zero() {
 async fn orders_killed_mid_flight_loses_nothing_and_reserves_nothing_twice() {
     let mut system = start("kill-orders").await;
     let e = system.endpoints();
-    let cx = alice(&e).await;
-    let ticket = product(&e, &cx, 100).await;
+    let shop = alice(&e, "ticketing").await;
+    let cx = alice(&e, "orders").await;
+    let ticket = product(&e, &shop, 100).await;
     let orders = OrdersClient::new(downstream("orders", &e.orders));
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -220,7 +222,7 @@ async fn orders_killed_mid_flight_loses_nothing_and_reserves_nothing_twice() {
     every_order_mailed_once(&e.data, &unique).await;
     // No reservation was made twice or left behind: 12 places taken.
     let start = tokio::time::Instant::now();
-    while available(&e, &cx, &ticket).await != 88 {
+    while available(&e, &shop, &ticket).await != 88 {
         assert!(start.elapsed() < Duration::from_secs(60), "capacity leaked");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -231,8 +233,9 @@ async fn orders_killed_mid_flight_loses_nothing_and_reserves_nothing_twice() {
 async fn mail_killed_mid_flight_sends_every_confirmation_once() {
     let mut system = start("kill-mail").await;
     let e = system.endpoints();
-    let cx = alice(&e).await;
-    let ticket = product(&e, &cx, 100).await;
+    let shop = alice(&e, "ticketing").await;
+    let cx = alice(&e, "orders").await;
+    let ticket = product(&e, &shop, 100).await;
     let orders = OrdersClient::new(downstream("orders", &e.orders));
 
     let mut ids = HashSet::new();
@@ -264,8 +267,9 @@ fn one_order(ticket: &str) -> NewOrder {
 async fn a_crash_before_the_commit_leaves_nothing_and_the_retry_places_one_order() {
     let mut system = start("crash-before-commit").await;
     let e = system.endpoints();
-    let cx = alice(&e).await;
-    let ticket = product(&e, &cx, 100).await;
+    let shop = alice(&e, "ticketing").await;
+    let cx = alice(&e, "orders").await;
+    let ticket = product(&e, &shop, 100).await;
     let orders = OrdersClient::new(downstream("orders", &e.orders));
     system
         .restart_with(
@@ -306,7 +310,7 @@ async fn a_crash_before_the_commit_leaves_nothing_and_the_retry_places_one_order
     every_order_mailed_once(&e.data, &HashSet::from([id])).await;
     // The retry found the reservation the crashed attempt made.
     let start = tokio::time::Instant::now();
-    while available(&e, &cx, &ticket).await != 99 {
+    while available(&e, &shop, &ticket).await != 99 {
         assert!(start.elapsed() < Duration::from_secs(60), "capacity leaked");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -320,8 +324,9 @@ async fn a_crash_before_the_commit_leaves_nothing_and_the_retry_places_one_order
 async fn a_crash_after_the_commit_is_answered_by_a_replay() {
     let mut system = start("crash-after-commit").await;
     let e = system.endpoints();
-    let cx = alice(&e).await;
-    let ticket = product(&e, &cx, 100).await;
+    let shop = alice(&e, "ticketing").await;
+    let cx = alice(&e, "orders").await;
+    let ticket = product(&e, &shop, 100).await;
     let orders = OrdersClient::new(downstream("orders", &e.orders));
     system
         .restart_with("orders", &[("ORDERS_FAULT_CRASH", "after_commit")])
@@ -346,7 +351,7 @@ async fn a_crash_after_the_commit_is_answered_by_a_replay() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, placed.order.id);
     every_order_mailed_once(&e.data, &HashSet::from([placed.order.id])).await;
-    assert_eq!(available(&e, &cx, &ticket).await, 99);
+    assert_eq!(available(&e, &shop, &ticket).await, 99);
     system.stop().await;
 }
 
@@ -358,8 +363,9 @@ async fn a_crash_after_the_commit_is_answered_by_a_replay() {
 async fn sigterm_under_load_loses_nothing_that_was_accepted() {
     let mut system = start("sigterm").await;
     let e = system.endpoints();
-    let cx = alice(&e).await;
-    let ticket = product(&e, &cx, 1000).await;
+    let shop = alice(&e, "ticketing").await;
+    let cx = alice(&e, "orders").await;
+    let ticket = product(&e, &shop, 1000).await;
     let orders = OrdersClient::new(
         Downstream::builder("orders", &e.orders)
             .max_attempts(1)
@@ -421,5 +427,46 @@ async fn sigterm_under_load_loses_nothing_that_was_accepted() {
     // At most 100 orders, all of them in the listing.
     assert_eq!(listed, accepted, "exactly the accepted orders exist");
     every_order_mailed_once(&e.data, &accepted).await;
+    system.stop().await;
+}
+
+/// Each service accepts only tokens minted for it: alice's token for
+/// ticketing is refused by mail and by orders, and orders' own calls to
+/// ticketing and mail (tokens asked for their audiences) go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_minted_for_one_service_is_refused_by_the_others() {
+    let mut system = start("audiences").await;
+    let e = system.endpoints();
+    let shop = alice(&e, "ticketing").await;
+    let ticket = product(&e, &shop, 10).await;
+    for (name, url, path) in [
+        ("mail", &e.mail, "/mail/v1/messages/m-1"),
+        ("orders", &e.orders, "/orders/v1/acme/orders"),
+    ] {
+        let err = downstream(name, url)
+            .on_behalf_of(&shop)
+            .get(path)
+            .send()
+            .await
+            .expect_err("refused");
+        match err {
+            chassis::client::ClientError::Status {
+                status, problem, ..
+            } => {
+                assert_eq!(status, 401, "{name}");
+                let problem = problem.expect("a problem body");
+                assert_eq!(
+                    problem.members["reason"], "bad_audience",
+                    "{name}: {problem:?}"
+                );
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // An order (orders → ticketing as itself, then → mail) still flows.
+    let cx = alice(&e, "orders").await;
+    let orders = OrdersClient::new(downstream("orders", &e.orders));
+    let id = place(&orders, &cx, &ticket, "aud-1").await;
+    every_order_mailed_once(&e.data, &HashSet::from([id])).await;
     system.stop().await;
 }

@@ -1,6 +1,7 @@
 //! The service's own tokens, from the OAuth 2.0 client-credentials grant.
 
 use std::{
+    collections::HashMap,
     fmt,
     sync::{Arc, RwLock},
     time::Duration,
@@ -75,6 +76,7 @@ struct Inner {
     client_id: String,
     secret: Secret<String>,
     scope: Option<String>,
+    audience: Option<String>,
     refresh_before: Duration,
     timeout: Duration,
     retry_after_failure: Duration,
@@ -82,7 +84,16 @@ struct Inner {
     cached: RwLock<Option<Cached>>,
     last_failure: RwLock<Option<Failure>>,
     refresh: tokio::sync::Mutex<()>,
+    /// Exchanged tokens by (audience, subject token).
+    exchanged: std::sync::Mutex<HashMap<(String, String), Cached>>,
 }
+
+/// Most exchanged tokens kept; past it, expired ones are dropped, then all.
+const MAX_EXCHANGED: usize = 4096;
+
+/// RFC 8693's grant type and token type of an access token.
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// Tokens for calls made as the service itself, fetched with the OAuth 2.0
 /// client-credentials grant (RFC 6749 §4.4) and cached.
@@ -97,6 +108,11 @@ struct Inner {
 ///   expired, calls fail with a [`TokenError`] that says why. After a failed
 ///   fetch, callers within the next second get the same error instead of
 ///   each trying again.
+/// * [`for_audience`](Self::for_audience) asks for tokens for one service
+///   (the `audience` parameter), so a token for ticketing is refused by
+///   mail; [`exchange`](Self::exchange) trades a caller's token for one
+///   addressed to another service (RFC 8693 token exchange), cached per
+///   caller token and audience until near its expiry.
 /// * Client credentials go in HTTP Basic authentication, form-encoded as
 ///   RFC 6749 §2.3.1 asks; the secret never appears in logs or errors.
 ///
@@ -182,6 +198,7 @@ impl TokenSource {
                 client_id: client_id.to_owned(),
                 secret: client_secret,
                 scope: None,
+                audience: None,
                 refresh_before: Duration::from_secs(60),
                 timeout: Duration::from_secs(5),
                 retry_after_failure: Duration::from_secs(1),
@@ -189,6 +206,7 @@ impl TokenSource {
                 cached: RwLock::new(None),
                 last_failure: RwLock::new(None),
                 refresh: tokio::sync::Mutex::new(()),
+                exchanged: std::sync::Mutex::default(),
             }),
         })
     }
@@ -231,6 +249,19 @@ impl TokenSource {
         self.with(|i| i.scope = Some(scope.to_owned()))
     }
 
+    /// The same client, asking for tokens addressed to `audience` (the
+    /// `audience` parameter of the token request), with a cache of its own.
+    #[must_use]
+    pub fn for_audience(&self, audience: &str) -> Self {
+        self.clone()
+            .with(|i| i.audience = Some(audience.to_owned()))
+    }
+
+    /// The audience asked for, if any.
+    pub fn audience(&self) -> Option<&str> {
+        self.inner.audience.as_deref()
+    }
+
     /// Refreshes tokens this long before they expire (at most half their
     /// lifetime).
     #[must_use]
@@ -259,6 +290,7 @@ impl TokenSource {
             client_id: shared.client_id.clone(),
             secret: shared.secret.clone(),
             scope: shared.scope.clone(),
+            audience: shared.audience.clone(),
             refresh_before: shared.refresh_before,
             timeout: shared.timeout,
             retry_after_failure: shared.retry_after_failure,
@@ -266,6 +298,7 @@ impl TokenSource {
             cached: RwLock::new(None),
             last_failure: RwLock::new(None),
             refresh: tokio::sync::Mutex::new(()),
+            exchanged: std::sync::Mutex::default(),
         });
         f(&mut inner);
         Self {
@@ -293,7 +326,7 @@ impl TokenSource {
         if let Some(error) = self.recent_failure() {
             return self.current(false).ok_or(error);
         }
-        match self.fetch().await {
+        match self.fetch_own().await {
             Ok(cached) => {
                 let authorization = cached.authorization.clone();
                 *write(&self.inner.cached) = Some(cached);
@@ -345,13 +378,63 @@ impl TokenSource {
             .map(|f| f.error.clone())
     }
 
-    async fn fetch(&self) -> Result<Cached, TokenError> {
+    /// A token for calls to `audience` on behalf of the caller whose token
+    /// is `subject_token`, by RFC 8693 token exchange at the token endpoint,
+    /// authenticated as this client. Cached until near its expiry.
+    pub async fn exchange(
+        &self,
+        subject_token: &str,
+        audience: &str,
+    ) -> Result<HeaderValue, TokenError> {
+        let key = (audience.to_owned(), subject_token.to_owned());
+        let now = Instant::now();
+        if let Some(hit) = self.exchanged().get(&key).filter(|c| now < c.refresh_at) {
+            return Ok(hit.authorization.clone());
+        }
+        let cached = self
+            .fetch(&[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", subject_token),
+                ("subject_token_type", ACCESS_TOKEN_TYPE),
+                ("requested_token_type", ACCESS_TOKEN_TYPE),
+                ("audience", audience),
+            ])
+            .await?;
+        let authorization = cached.authorization.clone();
+        let mut map = self.exchanged();
+        if map.len() >= MAX_EXCHANGED {
+            map.retain(|_, c| now < c.expires_at);
+            if map.len() >= MAX_EXCHANGED {
+                map.clear();
+            }
+        }
+        map.insert(key, cached);
+        Ok(authorization)
+    }
+
+    fn exchanged(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Cached>> {
+        self.inner
+            .exchanged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The client-credentials request of this source.
+    async fn fetch_own(&self) -> Result<Cached, TokenError> {
         let i = &self.inner;
-        let url = || i.url_text.clone();
         let mut form = vec![("grant_type", "client_credentials")];
         if let Some(scope) = &i.scope {
             form.push(("scope", scope));
         }
+        if let Some(audience) = &i.audience {
+            form.push(("audience", audience));
+        }
+        self.fetch(&form).await
+    }
+
+    async fn fetch(&self, form: &[(&str, &str)]) -> Result<Cached, TokenError> {
+        let i = &self.inner;
+        let url = || i.url_text.clone();
         let body = serde_urlencoded::to_string(&form).map_err(|e| TokenError::Invalid {
             url: url(),
             reason: e.to_string(),
