@@ -51,9 +51,15 @@
 //! | `unsupported_crit`, `bad_typ` | header policies |
 //! | `jwks_unavailable` | the issuer's keys were never loaded (503) |
 //!
-//! Keys come from a JWKS URL (fetched at start-up, readiness down until the
-//! first set loads, refreshed in the background, see [`JwksOptions`]) or
-//! from fixed keys. A verified token is cached (by a hash of the whole token,
+//! Keys come from the issuer's key set (fetched at start-up, readiness down
+//! until the first set loads, refreshed in the background, see
+//! [`JwksOptions`]) or from fixed keys. The key set's URL is configured
+//! (`CHASSIS_AUTH_JWKS_URL`) or, with the issuer alone, found by **OpenID
+//! Connect Discovery**: `{issuer}/.well-known/openid-configuration`, whose
+//! `issuer` must equal the configured issuer exactly (else no key is
+//! trusted, readiness stays down and the log says why), and whose
+//! `jwks_uri` is then fetched. Both travel over verified TLS (see
+//! [`tls`](crate::tls)); plain `http://` is for loopback and sidecars. A verified token is cached (by a hash of the whole token,
 //! confirmed by comparing the whole token, never past its `exp`, dropped when
 //! its key leaves the set), so a caller repeating one token pays a lookup,
 //! not a signature check.
