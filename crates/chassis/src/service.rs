@@ -185,6 +185,7 @@ pub struct ServiceBuilder {
     build_info: Option<BuildInfo>,
     verifier: Option<Verifier>,
     audit_sink: Option<MakeAuditor>,
+    peer_addresses: bool,
 }
 
 impl fmt::Debug for ServiceBuilder {
@@ -242,6 +243,7 @@ impl ServiceBuilder {
             build_info: None,
             verifier: None,
             audit_sink: None,
+            peer_addresses: false,
         }
     }
 
@@ -265,6 +267,16 @@ impl ServiceBuilder {
         self.audit_sink = Some(Box::new(move |name: &str, queue: usize| {
             Auditor::new(name, sink, queue)
         }));
+        self
+    }
+
+    /// Gives each request the TCP peer's address, for handlers to extract
+    /// as `ConnectInfo<SocketAddr>` (e.g. throttling by client address).
+    /// Behind a proxy or load balancer it is the proxy's address. Off by
+    /// default: it costs an extension per request, and most services have
+    /// no use for it.
+    pub fn peer_addresses(mut self) -> Self {
+        self.peer_addresses = true;
         self
     }
 
@@ -475,6 +487,7 @@ impl ServiceBuilder {
             shed,
             prometheus,
             auditor,
+            peer_addresses: self.peer_addresses,
         })
     }
 
@@ -550,6 +563,7 @@ pub struct Service {
     shed: LoadShedLayer,
     prometheus: PrometheusHandle,
     auditor: Auditor,
+    peer_addresses: bool,
 }
 
 impl fmt::Debug for Service {
@@ -624,6 +638,7 @@ impl Service {
             shed,
             prometheus,
             auditor,
+            peer_addresses,
         } = self;
 
         let stop_tasks = CancellationToken::new();
@@ -671,9 +686,23 @@ impl Service {
         };
 
         tracing::info!(address = %local, service = %name, api_version = version, "listening");
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(close_listener)
-            .into_future();
+        let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+            if peer_addresses {
+                Box::pin(
+                    axum::serve(
+                        listener,
+                        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(close_listener)
+                    .into_future(),
+                )
+            } else {
+                Box::pin(
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(close_listener)
+                        .into_future(),
+                )
+            };
         let cut_at_deadline = async {
             draining.cancelled().await;
             let at = deadline

@@ -525,3 +525,41 @@ async fn run_refuses_protected_routes_without_token_verification() {
         .await;
     assert_eq!(code, std::process::ExitCode::from(78));
 }
+
+#[tokio::test]
+async fn handlers_see_the_peer_address_when_asked_for() {
+    use axum::extract::ConnectInfo;
+    let peer = || {
+        Api::new().route(
+            api::get(
+                "/peer",
+                |info: Option<axum::Extension<ConnectInfo<std::net::SocketAddr>>>| async move {
+                    info.map_or_else(|| "none".to_owned(), |i| i.0.0.ip().to_string())
+                },
+            )
+            .public(),
+        )
+    };
+    let on = builder("serve-peer")
+        .api(peer())
+        .peer_addresses()
+        .config(config())
+        .build()
+        .unwrap();
+    let running = start(on).await;
+    assert_eq!(
+        get(&running.url("/serve-peer/v1/peer")).await.text(),
+        "127.0.0.1"
+    );
+
+    let off = builder("serve-nopeer")
+        .api(peer())
+        .config(config())
+        .build()
+        .unwrap();
+    let running = start(off).await;
+    assert_eq!(
+        get(&running.url("/serve-nopeer/v1/peer")).await.text(),
+        "none"
+    );
+}
