@@ -91,7 +91,7 @@ async fn every_setting_has_a_variable() {
 #[tokio::test]
 async fn every_bad_variable_is_reported_at_once() {
     let (_, r) = configured(&[
-        ("CHASSIS_DOWNSTREAM_TICKET_STORE_URL", "https://secure:443"),
+        ("CHASSIS_DOWNSTREAM_TICKET_STORE_URL", "ftp://files:21"),
         ("CHASSIS_DOWNSTREAM_TICKET_STORE_TIMEOUT_MS", "soon"),
         ("CHASSIS_DOWNSTREAM_TICKET_STORE_DEADLINE_MS", "0"),
         (
@@ -122,7 +122,7 @@ async fn bad_base_urls_are_refused() {
     for url in [
         "ticketing:8080",
         "/relative",
-        "https://ticketing",
+        "ftp://ticketing",
         "http://t/?q=1",
     ] {
         let err = Downstream::builder("t", url).build().unwrap_err();
