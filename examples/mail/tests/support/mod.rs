@@ -417,6 +417,8 @@ pub struct Received {
     pub from: String,
     pub to: Vec<String>,
     pub data: String,
+    /// When its data was taken.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -536,6 +538,7 @@ impl FakeSmtp {
                     from: from.clone(),
                     to: std::mem::take(&mut to),
                     data,
+                    at: std::time::Instant::now(),
                 });
                 b"250 queued\r\n"
             } else if upper.starts_with("RSET") {
