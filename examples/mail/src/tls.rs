@@ -173,6 +173,10 @@ pub(crate) fn hint(err: &(dyn std::error::Error + 'static)) -> Option<String> {
                     "the relay's certificate is not signed by a trusted CA; \
                      add the CA to the platform store or to CHASSIS_TLS_CA_FILE"
                 }
+                Error::InvalidCertificate(CertificateError::BadSignature) => {
+                    "the relay's certificate does not verify against the trusted CA \
+                     of its issuer's name (another key?)"
+                }
                 Error::InvalidCertificate(
                     CertificateError::NotValidForName
                     | CertificateError::NotValidForNameContext { .. },
