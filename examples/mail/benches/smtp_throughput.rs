@@ -6,20 +6,50 @@
 //! workers pointed at a sink that takes every mail, and the rate is taken
 //! between the first and the last mail the sink receives. Each case stops by
 //! itself after its messages (or after a minute).
+//!
+//! Cases: plain SMTP, implicit TLS (smtps) and required STARTTLS, each with
+//! connections reused (`MAIL_SMTP_POOL_SIZE=4`) and with one connection per
+//! mail (`MAIL_SMTP_POOL_SIZE=0`), with one worker and with four.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::{Behaviour, FakeSmtp, Server, TempDir, database};
+use tokio::time::Instant;
+
+use support::{Behaviour, FakeSmtp, RelayTls, Server, TempDir, TestPki, database};
 
 /// Messages per case.
-const MESSAGES: usize = 300;
+const MESSAGES: usize = 2000;
+
+#[derive(Debug, Clone, Copy)]
+enum Security {
+    Plain,
+    Smtps,
+    StartTls,
+}
 
 struct Case {
-    name: &'static str,
+    security: Security,
+    pool: &'static str,
     workers: &'static str,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        let security = match self.security {
+            Security::Plain => "smtp",
+            Security::Smtps => "smtps",
+            Security::StartTls => "starttls",
+        };
+        let reuse = if self.pool == "0" {
+            "new connection per mail"
+        } else {
+            "connections reused"
+        };
+        format!("{security}, {reuse}, {} worker(s)", self.workers)
+    }
 }
 
 async fn fill(dir: &TempDir, n: usize) {
@@ -54,11 +84,23 @@ async fn fill(dir: &TempDir, n: usize) {
 async fn run(case: &Case) -> f64 {
     let dir = TempDir::new("bench");
     fill(&dir, MESSAGES).await;
-    let smtp = FakeSmtp::start(Behaviour::Accept).await;
+    let pki = TestPki::new(&["127.0.0.1"]);
+    let tls = match case.security {
+        Security::Plain => RelayTls::None,
+        Security::Smtps => RelayTls::Implicit(pki.server.clone()),
+        Security::StartTls => RelayTls::StartTls(pki.server.clone()),
+    };
+    let smtp = FakeSmtp::start_with(Behaviour::Accept, tls).await;
     let url = smtp.url();
+    let ca = pki.write_ca(dir.path());
     let server = Server::start(
         dir.path(),
-        &[("MAIL_SMTP_URL", &url), ("MAIL_WORKERS", case.workers)],
+        &[
+            ("MAIL_SMTP_URL", &url),
+            ("CHASSIS_TLS_CA_FILE", &ca),
+            ("MAIL_SMTP_POOL_SIZE", case.pool),
+            ("MAIL_WORKERS", case.workers),
+        ],
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -67,7 +109,7 @@ async fn run(case: &Case) -> f64 {
     }
     server.stop().await;
     let times: Vec<Instant> = smtp.received().iter().map(|r| r.at).collect();
-    assert_eq!(times.len(), MESSAGES, "{}: every mail arrives", case.name);
+    assert_eq!(times.len(), MESSAGES, "{}: every mail arrives", case.name());
     let span = times[times.len() - 1].duration_since(times[0]);
     (MESSAGES - 1) as f64 / span.as_secs_f64()
 }
@@ -77,19 +119,21 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let cases = [
-        Case {
-            name: "smtp, 1 worker",
-            workers: "1",
-        },
-        Case {
-            name: "smtp, 4 workers",
-            workers: "4",
-        },
-    ];
+    let mut cases = Vec::new();
+    for security in [Security::Plain, Security::Smtps, Security::StartTls] {
+        for workers in ["1", "4"] {
+            for pool in ["0", "4"] {
+                cases.push(Case {
+                    security,
+                    pool,
+                    workers,
+                });
+            }
+        }
+    }
     println!("{MESSAGES} mails per case");
     for case in &cases {
         let rate = rt.block_on(run(case));
-        println!("{:<40} {rate:>8.1} mails/s", case.name);
+        println!("{:<50} {rate:>8.1} mails/s", case.name());
     }
 }

@@ -9,7 +9,7 @@ use std::{
     str::FromStr,
     sync::Mutex,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use chassis::config::Secret;
@@ -28,6 +28,7 @@ use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
+    time::Instant,
 };
 
 use crate::{format::Email, tls::Trust};

@@ -405,7 +405,7 @@ impl TestAuth {
     }
 }
 
-// === a scriptable SMTP relay ===
+// === what the SMTP relay does, and what it took ===
 
 /// What the relay does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -430,7 +430,7 @@ pub struct Received {
     /// Whether it came over TLS.
     pub tls: bool,
     /// When its data was taken.
-    pub at: std::time::Instant,
+    pub at: tokio::time::Instant,
 }
 
 impl Received {
@@ -490,7 +490,7 @@ impl TestPki {
         )
         .unwrap();
         Self {
-            ca_pem: ca_cert.pem(),
+            ca_pem: pem(ca_cert.der()),
             server: Arc::new(server),
         }
     }
@@ -501,6 +501,21 @@ impl TestPki {
         std::fs::write(&path, &self.ca_pem).unwrap();
         path.to_str().unwrap().to_owned()
     }
+}
+
+/// `der` as a PEM `CERTIFICATE` block.
+pub fn pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
 }
 
 // === a scriptable SMTP relay ===
@@ -690,7 +705,7 @@ impl FakeSmtp {
                     to: std::mem::take(&mut to),
                     data,
                     tls,
-                    at: std::time::Instant::now(),
+                    at: tokio::time::Instant::now(),
                 });
                 if *self.behaviour.lock().unwrap() == Behaviour::CloseAfterEachMail {
                     io.get_mut().write_all(b"250 queued\r\n").await?;
