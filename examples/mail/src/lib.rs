@@ -14,6 +14,34 @@
 //! [`delivery`] for the guarantees and what they rest on, and the README
 //! for how to run it.
 //!
+//! # SMTP, TLS and connections
+//!
+//! Which `MAIL_SMTP_URL` to use (see [`SmtpRelay`]):
+//!
+//! * `smtps://host` (port 465): implicit TLS, the default choice for a
+//!   relay reached over any network (RFC 8314 prefers it to STARTTLS).
+//! * `smtp://host:587?tls=required`: STARTTLS, required: for a relay that
+//!   offers only that. A relay that does not offer STARTTLS fails the send
+//!   (retried with backoff, never sent in plain text); there is no
+//!   "opportunistic" mode, which an attacker on the path can downgrade.
+//! * `smtp://127.0.0.1:25`: plain, only to a relay on loopback or a
+//!   trusted link (a local MTA, a sidecar) that forwards with TLS.
+//!
+//! TLS runs on rustls with aws-lc-rs (the crypto library of the token
+//! verification), trusts the platform's roots (`SSL_CERT_FILE` and
+//! `SSL_CERT_DIR` honoured) plus the PEM bundle in `CHASSIS_TLS_CA_FILE`
+//! ([`CaBundle`]), and always verifies the certificate chain and the host
+//! name. A missing, unreadable or invalid `CHASSIS_TLS_CA_FILE` stops the
+//! start like any other invalid setting.
+//!
+//! The SMTP client is built once at start-up and shared by the workers; it
+//! keeps up to `MAIL_SMTP_POOL_SIZE` idle connections and sends each mail
+//! on one of them (0: a new connection per mail). The workers
+//! (`MAIL_WORKERS`) are what sends several mails at once: each holds one
+//! message and at most one connection. Reuse changes nothing of the
+//! guarantees: a mail is sent in one transaction on one connection, and a
+//! connection that saw an error is closed, never reused.
+//!
 //! | method and path | permission |
 //! |---|---|
 //! | `POST /mail/v1/messages` | `mail::send:message` |
@@ -56,7 +84,13 @@ use chassis::{
 use lettre::Address;
 use tokio::sync::Notify;
 
-use crate::{api::AppState, delivery::Worker, store::Store, transport::Transport};
+use crate::{
+    api::AppState,
+    delivery::Worker,
+    store::Store,
+    tls::Trust,
+    transport::{Smtp, Transport},
+};
 
 mod api;
 pub mod client;
@@ -66,10 +100,12 @@ mod job;
 mod meters;
 mod store;
 mod template;
+mod tls;
 mod transport;
 
 pub use delivery::RetryPolicy;
-pub use transport::SmtpRelay;
+pub use tls::CaBundle;
+pub use transport::{Security, SmtpRelay};
 
 /// The name of the directory of the file transport, in the data directory.
 pub const OUTBOX_DIR: &str = "outbox";
@@ -78,6 +114,9 @@ pub const OUTBOX_DIR: &str = "outbox";
 /// `MAIL_SHUTDOWN_FINISH_MS` says otherwise.
 const DEFAULT_FINISH: Duration = Duration::from_secs(5);
 
+/// Idle SMTP connections kept, unless `MAIL_SMTP_POOL_SIZE` says otherwise.
+const DEFAULT_SMTP_POOL_SIZE: usize = 4;
+
 /// How often the queue depth is measured.
 const DEPTH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -85,9 +124,11 @@ const DEPTH_INTERVAL: Duration = Duration::from_secs(1);
 ///
 /// | variable | default | meaning |
 /// |---|---|---|
-/// | `MAIL_SMTP_URL` | none: write files | `smtp://[user:password@]host[:port][/helo-name]`, a [`SmtpRelay`]; a secret |
+/// | `MAIL_SMTP_URL` | none: write files | `smtps://…` (TLS), `smtp://…?tls=required` (STARTTLS) or `smtp://…` (plain, loopback only): `[user:password@]host[:port][/helo-name]`, a [`SmtpRelay`]; a secret |
+/// | `MAIL_SMTP_POOL_SIZE` | `4` | idle SMTP connections kept for reuse, 0 to 64 (0: one connection per mail) |
+/// | `CHASSIS_TLS_CA_FILE` | none | PEM bundle of extra CAs trusted for TLS to the relay, besides the platform's ([`CaBundle`]) |
 /// | `MAIL_FROM` | `tickets@chassis.example` | sender address |
-/// | `MAIL_WORKERS` | `1` | delivery workers (0: accept jobs, deliver none) |
+/// | `MAIL_WORKERS` | `1` | delivery workers, each sending one mail at a time (0: accept jobs, deliver none) |
 /// | `MAIL_MAX_ATTEMPTS` | `8` | attempts before a message is dead |
 /// | `MAIL_RETRY_BASE_MS` | `1000` | longest wait after the first failure |
 /// | `MAIL_RETRY_MAX_MS` | `60000` | longest wait after any failure |
@@ -100,6 +141,11 @@ const DEPTH_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Settings {
     /// The SMTP relay; `None` writes files to the outbox directory.
     pub smtp: Option<SmtpRelay>,
+    /// Idle SMTP connections kept for reuse; 0 opens one per mail.
+    pub smtp_pool_size: usize,
+    /// Extra certificate authorities for TLS (`CHASSIS_TLS_CA_FILE`),
+    /// trusted besides the platform's.
+    pub tls_ca: Option<CaBundle>,
     /// The sender.
     pub from: Address,
     /// Delivery workers.
@@ -149,6 +195,8 @@ impl Settings {
     pub fn new(data_dir: impl AsRef<Path>) -> Self {
         Self {
             smtp: None,
+            smtp_pool_size: DEFAULT_SMTP_POOL_SIZE,
+            tls_ca: None,
             from: "tickets@chassis.example"
                 .parse()
                 .expect("the default sender is a valid address"),
@@ -173,12 +221,31 @@ impl Settings {
         let smtp = r
             .maybe_secret(
                 "MAIL_SMTP_URL",
-                "SMTP relay, smtp://[user:password@]host[:port]",
+                "SMTP relay, smtps://, smtp://…?tls=required or smtp://",
             )
             .and_then(|url| match url.expose().parse::<SmtpRelay>() {
                 Ok(relay) => Some(relay),
                 Err(e) => {
                     r.problem("MAIL_SMTP_URL", format!("invalid SMTP URL: {e}"));
+                    None
+                }
+            });
+        let smtp_pool_size = r
+            .optional(
+                "MAIL_SMTP_POOL_SIZE",
+                Bounded::<0, 64>(DEFAULT_SMTP_POOL_SIZE as u64),
+                "idle SMTP connections kept for reuse",
+            )
+            .0;
+        let tls_ca = r
+            .maybe::<PathBuf>(
+                tls::CA_FILE_VAR,
+                "PEM bundle of extra certificate authorities",
+            )
+            .and_then(|path| match CaBundle::read(path) {
+                Ok(bundle) => Some(bundle),
+                Err(e) => {
+                    r.problem(tls::CA_FILE_VAR, e);
                     None
                 }
             });
@@ -235,6 +302,8 @@ impl Settings {
             .0;
         Self {
             smtp,
+            smtp_pool_size: usize::try_from(smtp_pool_size).unwrap_or(DEFAULT_SMTP_POOL_SIZE),
+            tls_ca,
             from,
             workers: usize::try_from(workers).unwrap_or(1),
             retry: RetryPolicy {
@@ -268,6 +337,9 @@ pub enum AppError {
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Database(#[from] DbError),
+    /// The SMTP client could not be set up (e.g. no trusted root for TLS).
+    #[error("cannot set up SMTP: {0}")]
+    Smtp(String),
     /// The outbox directory could not be created.
     #[error("cannot create the outbox directory {path}: {source}")]
     Outbox {
@@ -284,13 +356,35 @@ pub enum AppError {
 ///
 /// # Errors
 ///
-/// When the database cannot be opened or migrated, or the outbox directory
-/// cannot be created.
+/// When the database cannot be opened or migrated, the outbox directory
+/// cannot be created, or TLS to the relay cannot be set up (no trusted
+/// root at all).
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
     let db = Database::open_migrated(&settings.db, &sqlx::migrate!()).await?;
     let store = Store::new(db.clone());
     let transport = Arc::new(match &settings.smtp {
-        Some(relay) => Transport::smtp(relay, settings.send_timeout()),
+        Some(relay) => {
+            let trust = match relay.security() {
+                Security::Plain => None,
+                Security::StartTls | Security::Tls => {
+                    Some(Trust::load(settings.tls_ca.as_ref()).map_err(AppError::Smtp)?)
+                }
+            };
+            let smtp = Smtp::new(
+                relay,
+                trust,
+                settings.send_timeout(),
+                settings.smtp_pool_size,
+            )
+            .map_err(AppError::Smtp)?;
+            tracing::info!(
+                relay = %format!("{}:{}", relay.host(), relay.port()),
+                security = relay.security().as_str(),
+                pool_size = settings.smtp_pool_size,
+                "SMTP relay configured"
+            );
+            Transport::Smtp(Box::new(smtp))
+        }
         None => {
             let dir = settings.outbox_dir();
             std::fs::create_dir_all(&dir).map_err(|source| AppError::Outbox {
@@ -386,6 +480,8 @@ mod tests {
         assert!(s.smtp.is_none());
         assert_eq!(s.from.to_string(), "tickets@chassis.example");
         assert_eq!(s.workers, 1);
+        assert_eq!(s.smtp_pool_size, 4);
+        assert!(s.tls_ca.is_none());
         assert_eq!(s.retry.max_attempts, 8);
         assert_eq!(s.retry.base, Duration::from_secs(1));
         assert_eq!(s.retry.max, Duration::from_secs(60));
@@ -398,7 +494,12 @@ mod tests {
     #[test]
     fn every_problem_is_reported_and_the_password_never() {
         let err = read(&[
-            ("MAIL_SMTP_URL", "smtps://u:hunter2@mail.example"),
+            (
+                "MAIL_SMTP_URL",
+                "smtp://u:hunter2@mail.example?tls=opportunistic",
+            ),
+            ("MAIL_SMTP_POOL_SIZE", "65"),
+            ("CHASSIS_TLS_CA_FILE", "/nonexistent/ca.pem"),
             ("MAIL_FROM", "nobody"),
             ("MAIL_WORKERS", "-1"),
             ("MAIL_MAX_ATTEMPTS", "0"),
@@ -413,6 +514,8 @@ mod tests {
             names,
             [
                 "MAIL_SMTP_URL",
+                "MAIL_SMTP_POOL_SIZE",
+                "CHASSIS_TLS_CA_FILE",
                 "MAIL_FROM",
                 "MAIL_WORKERS",
                 "MAIL_MAX_ATTEMPTS",

@@ -8,7 +8,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -20,10 +23,14 @@ use chassis::{
     testing::TestIssuer,
 };
 use mail::client::{MailClient, MailJob, OrderConfirmation};
+use rustls::{
+    ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+};
 use serde_json::{Value, json};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
     sync::{Notify, oneshot},
     task::JoinHandle,
@@ -398,7 +405,7 @@ impl TestAuth {
     }
 }
 
-// === a scriptable SMTP relay ===
+// === what the SMTP relay does, and what it took ===
 
 /// What the relay does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -409,6 +416,9 @@ pub enum Behaviour {
     RefuseRecipient(String),
     /// Never answers after a message's data: the client waits.
     HangAfterData,
+    /// Takes every message, then closes the connection without a word,
+    /// as a relay that drops idle clients does.
+    CloseAfterEachMail,
 }
 
 /// A message the relay took.
@@ -417,6 +427,10 @@ pub struct Received {
     pub from: String,
     pub to: Vec<String>,
     pub data: String,
+    /// Whether it came over TLS.
+    pub tls: bool,
+    /// When its data was taken.
+    pub at: tokio::time::Instant,
 }
 
 impl Received {
@@ -435,6 +449,88 @@ pub fn header(message: &str, name: &str) -> Option<String> {
     })
 }
 
+// === certificates made at test time ===
+
+/// A private CA and a relay certificate it signed, made at test time.
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    /// The relay's TLS configuration: its certificate and key.
+    pub server: Arc<ServerConfig>,
+}
+
+impl TestPki {
+    /// A fresh CA, and a relay certificate for `names` (DNS names or IP
+    /// addresses) signed by it.
+    pub fn new(names: &[&str]) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(
+            DnType::CommonName,
+            format!("mail test CA {:08x}", fastrand::u32(..)),
+        );
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let leaf = CertificateParams::new(names).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        let server = ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf_cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+        Self {
+            ca_pem: pem(ca_cert.der()),
+            server: Arc::new(server),
+        }
+    }
+
+    /// Writes the CA certificate to `<dir>/ca.pem`, for `CHASSIS_TLS_CA_FILE`.
+    pub fn write_ca(&self, dir: &Path) -> String {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+}
+
+/// `der` as a PEM `CERTIFICATE` block.
+pub fn pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+// === a scriptable SMTP relay ===
+
+/// How the relay speaks TLS.
+#[derive(Debug, Clone)]
+pub enum RelayTls {
+    /// Plain SMTP; STARTTLS not offered.
+    None,
+    /// TLS from the first byte (smtps).
+    Implicit(Arc<ServerConfig>),
+    /// STARTTLS offered, and required before `MAIL`.
+    StartTls(Arc<ServerConfig>),
+}
+
 /// An SMTP relay on loopback that records what it takes.
 #[derive(Debug, Clone)]
 pub struct FakeSmtp {
@@ -444,10 +540,17 @@ pub struct FakeSmtp {
     /// Messages whose data arrived (taken, refused or left hanging).
     data_seen: Arc<Mutex<usize>>,
     seen: Arc<Notify>,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
+    tls: RelayTls,
 }
 
 impl FakeSmtp {
     pub async fn start(behaviour: Behaviour) -> Self {
+        Self::start_with(behaviour, RelayTls::None).await
+    }
+
+    pub async fn start_with(behaviour: Behaviour, tls: RelayTls) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let smtp = Self {
             addr: listener.local_addr().unwrap(),
@@ -455,49 +558,114 @@ impl FakeSmtp {
             received: Arc::default(),
             data_seen: Arc::default(),
             seen: Arc::default(),
+            connections: Arc::default(),
+            tls,
         };
         let s = smtp.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                s.connections.fetch_add(1, Ordering::SeqCst);
                 let s = s.clone();
                 tokio::spawn(async move {
-                    let _ = s.session(stream).await;
+                    let _ = s.serve(stream).await;
                 });
             }
         });
         smtp
     }
 
+    /// `smtp://`, `smtps://` or `smtp://…?tls=required` to `host` (which
+    /// must resolve to 127.0.0.1) at the relay's port.
+    pub fn url_for(&self, host: &str) -> String {
+        let port = self.addr.port();
+        match self.tls {
+            RelayTls::None => format!("smtp://{host}:{port}"),
+            RelayTls::Implicit(_) => format!("smtps://{host}:{port}"),
+            RelayTls::StartTls(_) => format!("smtp://{host}:{port}?tls=required"),
+        }
+    }
+
     pub fn url(&self) -> String {
-        format!("smtp://{}", self.addr)
+        self.url_for("127.0.0.1")
     }
 
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }
 
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
     pub fn data_seen(&self) -> usize {
         *self.data_seen.lock().unwrap()
     }
 
-    async fn session(&self, stream: TcpStream) -> std::io::Result<()> {
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read);
-        write.write_all(b"220 fake.test ESMTP\r\n").await?;
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    async fn serve(&self, stream: TcpStream) -> std::io::Result<()> {
+        match &self.tls {
+            RelayTls::None => {
+                self.session(stream, true, false, false).await?;
+            }
+            RelayTls::Implicit(config) => {
+                let tls = tokio_rustls::TlsAcceptor::from(config.clone())
+                    .accept(stream)
+                    .await?;
+                self.session(tls, true, false, true).await?;
+            }
+            RelayTls::StartTls(config) => {
+                if let Some(plain) = self.session(stream, true, true, false).await? {
+                    let tls = tokio_rustls::TlsAcceptor::from(config.clone())
+                        .accept(plain)
+                        .await?;
+                    self.session(tls, false, false, true).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One SMTP session on `stream`; returns the stream when the client
+    /// asked for STARTTLS (and `offer_starttls`), for the handshake.
+    async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        greet: bool,
+        offer_starttls: bool,
+        tls: bool,
+    ) -> std::io::Result<Option<S>> {
+        let mut io = BufReader::new(stream);
+        if greet {
+            io.get_mut().write_all(b"220 fake.test ESMTP\r\n").await?;
+        }
         let mut from = String::new();
         let mut to = Vec::new();
         let mut line = String::new();
         loop {
             line.clear();
-            if lines.read_line(&mut line).await? == 0 {
-                return Ok(());
+            if io.read_line(&mut line).await? == 0 {
+                return Ok(None);
             }
             let command = line.trim_end().to_owned();
             let upper = command.to_ascii_uppercase();
             let reply: &[u8] = if upper.starts_with("EHLO") {
-                b"250-fake.test\r\n250 8BITMIME\r\n"
+                if offer_starttls {
+                    b"250-fake.test\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+                } else {
+                    b"250-fake.test\r\n250 8BITMIME\r\n"
+                }
             } else if upper.starts_with("HELO") || upper.starts_with("NOOP") {
                 b"250 ok\r\n"
+            } else if upper == "STARTTLS" && offer_starttls {
+                io.get_mut().write_all(b"220 go ahead\r\n").await?;
+                return Ok(Some(io.into_inner()));
+            } else if upper.starts_with("MAIL FROM:") && offer_starttls {
+                b"530 5.7.0 must issue a STARTTLS command first\r\n"
             } else if upper.starts_with("MAIL FROM:") {
                 from = command["MAIL FROM:".len()..].to_owned();
                 to.clear();
@@ -515,12 +683,12 @@ impl FakeSmtp {
                     b"250 ok\r\n"
                 }
             } else if upper == "DATA" {
-                write.write_all(b"354 go ahead\r\n").await?;
+                io.get_mut().write_all(b"354 go ahead\r\n").await?;
                 let mut data = String::new();
                 loop {
                     line.clear();
-                    if lines.read_line(&mut line).await? == 0 {
-                        return Ok(());
+                    if io.read_line(&mut line).await? == 0 {
+                        return Ok(None);
                     }
                     if line == ".\r\n" {
                         break;
@@ -536,18 +704,24 @@ impl FakeSmtp {
                     from: from.clone(),
                     to: std::mem::take(&mut to),
                     data,
+                    tls,
+                    at: tokio::time::Instant::now(),
                 });
+                if *self.behaviour.lock().unwrap() == Behaviour::CloseAfterEachMail {
+                    io.get_mut().write_all(b"250 queued\r\n").await?;
+                    return Ok(None);
+                }
                 b"250 queued\r\n"
             } else if upper.starts_with("RSET") {
                 to.clear();
                 b"250 ok\r\n"
             } else if upper.starts_with("QUIT") {
-                write.write_all(b"221 bye\r\n").await?;
-                return Ok(());
+                io.get_mut().write_all(b"221 bye\r\n").await?;
+                return Ok(None);
             } else {
                 b"502 not implemented\r\n"
             };
-            write.write_all(reply).await?;
+            io.get_mut().write_all(reply).await?;
         }
     }
 }
