@@ -306,11 +306,18 @@ impl<'a> Reader<'a> {
 
     /// Records a problem found by the service itself, e.g. two settings that
     /// contradict each other.
+    ///
+    /// The same problem recorded twice (for example a shared variable such
+    /// as `CHASSIS_TLS_CA_FILE` read by the chassis and by the service) is
+    /// listed once.
     pub fn problem(&mut self, name: &str, message: impl Into<String>) {
-        self.problems.push(ConfigProblem {
+        let problem = ConfigProblem {
             name: name.to_owned(),
             message: message.into(),
-        });
+        };
+        if !self.problems.contains(&problem) {
+            self.problems.push(problem);
+        }
     }
 
     /// `Err` with every problem found, if any.

@@ -98,6 +98,8 @@ pub enum TlsError {
 #[derive(Clone)]
 pub struct ClientTls {
     config: Arc<rustls::ClientConfig>,
+    /// The trusted certificates, for clients that take roots one by one.
+    certificates: Arc<[CertificateDer<'static>]>,
     roots: usize,
     extra: usize,
 }
@@ -136,25 +138,32 @@ impl ClientTls {
             None => Vec::new(),
         };
         let mut roots = RootCertStore::empty();
-        let (_, ignored) = roots.add_parsable_certificates(platform_roots().iter().cloned());
-        if ignored > 0 {
-            tracing::debug!(ignored, "platform root certificates rustls cannot use");
+        let mut certificates = Vec::new();
+        for cert in platform_roots() {
+            if roots.add(cert.clone()).is_ok() {
+                certificates.push(cert.clone());
+            }
         }
         let extra_count = extra.len();
-        for cert in extra {
-            roots
-                .add(cert)
-                .map_err(|e| TlsError::Pem(format!("a CA certificate is not usable: {e}")))?;
+        for (i, cert) in extra.into_iter().enumerate() {
+            roots.add(cert.clone()).map_err(|e| {
+                TlsError::Pem(format!("CA certificate {} is not usable: {e}", i + 1))
+            })?;
+            certificates.push(cert);
         }
         if roots.is_empty() {
             tracing::warn!(
                 "no trusted root certificates (none on the platform, {CA_FILE_VAR} unset): every https:// connection will fail"
             );
         }
-        Ok(Self::with_roots(roots, extra_count))
+        Ok(Self::with_roots(roots, certificates, extra_count))
     }
 
-    fn with_roots(roots: RootCertStore, extra: usize) -> Self {
+    fn with_roots(
+        roots: RootCertStore,
+        certificates: Vec<CertificateDer<'static>>,
+        extra: usize,
+    ) -> Self {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let n = roots.len();
         let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -164,6 +173,7 @@ impl ClientTls {
             .with_no_client_auth();
         Self {
             config: Arc::new(config),
+            certificates: certificates.into(),
             roots: n,
             extra,
         }
@@ -194,8 +204,13 @@ impl ClientTls {
     /// The platform's roots only.
     fn platform() -> Self {
         let mut roots = RootCertStore::empty();
-        roots.add_parsable_certificates(platform_roots().iter().cloned());
-        Self::with_roots(roots, 0)
+        let mut certificates = Vec::new();
+        for cert in platform_roots() {
+            if roots.add(cert.clone()).is_ok() {
+                certificates.push(cert.clone());
+            }
+        }
+        Self::with_roots(roots, certificates, 0)
     }
 
     /// The process-wide settings: those the service builder installed from
@@ -223,6 +238,25 @@ impl ClientTls {
     /// How many root certificates are trusted.
     pub fn root_count(&self) -> usize {
         self.roots
+    }
+
+    /// How many of them came from `CHASSIS_TLS_CA_FILE` (or the PEM given).
+    pub fn extra_root_count(&self) -> usize {
+        self.extra
+    }
+
+    /// The trusted root certificates, for a client that takes them one by
+    /// one (lettre's STARTTLS, for example).
+    pub fn root_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.certificates
+    }
+
+    /// The rustls client configuration (roots, versions, aws-lc-rs), for a
+    /// client the chassis does not build, such as implicit TLS on a
+    /// service's own socket. Its ALPN list is empty; set one on a copy if
+    /// the protocol needs it.
+    pub fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.config.clone()
     }
 
     /// A connector for hyper-util's client: TLS for `https://`, plain TCP

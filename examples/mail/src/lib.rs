@@ -88,7 +88,6 @@ use crate::{
     api::AppState,
     delivery::Worker,
     store::Store,
-    tls::Trust,
     transport::{Smtp, Transport},
 };
 
@@ -104,7 +103,6 @@ mod tls;
 mod transport;
 
 pub use delivery::RetryPolicy;
-pub use tls::CaBundle;
 pub use transport::{Security, SmtpRelay};
 
 /// The name of the directory of the file transport, in the data directory.
@@ -126,7 +124,7 @@ const DEPTH_INTERVAL: Duration = Duration::from_secs(1);
 /// |---|---|---|
 /// | `MAIL_SMTP_URL` | none: write files | `smtps://…` (TLS), `smtp://…?tls=required` (STARTTLS) or `smtp://…` (plain, loopback only): `[user:password@]host[:port][/helo-name]`, a [`SmtpRelay`]; a secret |
 /// | `MAIL_SMTP_POOL_SIZE` | `4` | idle SMTP connections kept for reuse, 0 to 64 (0: one connection per mail) |
-/// | `CHASSIS_TLS_CA_FILE` | none | PEM bundle of extra CAs trusted for TLS to the relay, besides the platform's ([`CaBundle`]) |
+/// | `CHASSIS_TLS_CA_FILE` | none | PEM bundle of extra CAs trusted for TLS to the relay, besides the platform's (the chassis' [`ClientTls`](chassis::tls::ClientTls)) |
 /// | `MAIL_FROM` | `tickets@chassis.example` | sender address |
 /// | `MAIL_WORKERS` | `1` | delivery workers, each sending one mail at a time (0: accept jobs, deliver none) |
 /// | `MAIL_MAX_ATTEMPTS` | `8` | attempts before a message is dead |
@@ -143,9 +141,9 @@ pub struct Settings {
     pub smtp: Option<SmtpRelay>,
     /// Idle SMTP connections kept for reuse; 0 opens one per mail.
     pub smtp_pool_size: usize,
-    /// Extra certificate authorities for TLS (`CHASSIS_TLS_CA_FILE`),
-    /// trusted besides the platform's.
-    pub tls_ca: Option<CaBundle>,
+    /// The roots trusted for TLS to the relay: the platform's plus
+    /// `CHASSIS_TLS_CA_FILE`.
+    pub tls: chassis::tls::ClientTls,
     /// The sender.
     pub from: Address,
     /// Delivery workers.
@@ -196,7 +194,7 @@ impl Settings {
         Self {
             smtp: None,
             smtp_pool_size: DEFAULT_SMTP_POOL_SIZE,
-            tls_ca: None,
+            tls: chassis::tls::ClientTls::global(),
             from: "tickets@chassis.example"
                 .parse()
                 .expect("the default sender is a valid address"),
@@ -237,18 +235,16 @@ impl Settings {
                 "idle SMTP connections kept for reuse",
             )
             .0;
-        let tls_ca = r
-            .maybe::<PathBuf>(
-                tls::CA_FILE_VAR,
-                "PEM bundle of extra certificate authorities",
-            )
-            .and_then(|path| match CaBundle::read(path) {
-                Ok(bundle) => Some(bundle),
-                Err(e) => {
-                    r.problem(tls::CA_FILE_VAR, e);
-                    None
-                }
-            });
+        // Read as the chassis' configuration reads it: a bad file is one
+        // problem, however many readers look at it.
+        let ca_file = r.maybe::<PathBuf>(
+            chassis::tls::CA_FILE_VAR,
+            "PEM file of extra CAs trusted by outbound TLS",
+        );
+        let tls = chassis::tls::ClientTls::from_ca_file(ca_file.as_deref()).unwrap_or_else(|e| {
+            r.problem(chassis::tls::CA_FILE_VAR, e.to_string());
+            chassis::tls::ClientTls::global()
+        });
         let from = r
             .optional("MAIL_FROM", FromAddress(d.from.clone()), "sender address")
             .0;
@@ -303,7 +299,7 @@ impl Settings {
         Self {
             smtp,
             smtp_pool_size: usize::try_from(smtp_pool_size).unwrap_or(DEFAULT_SMTP_POOL_SIZE),
-            tls_ca,
+            tls,
             from,
             workers: usize::try_from(workers).unwrap_or(1),
             retry: RetryPolicy {
@@ -367,7 +363,7 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
             let trust = match relay.security() {
                 Security::Plain => None,
                 Security::StartTls | Security::Tls => {
-                    Some(Trust::load(settings.tls_ca.as_ref()).map_err(AppError::Smtp)?)
+                    Some(tls::trust(&settings.tls).map_err(AppError::Smtp)?)
                 }
             };
             let smtp = Smtp::new(
@@ -481,7 +477,7 @@ mod tests {
         assert_eq!(s.from.to_string(), "tickets@chassis.example");
         assert_eq!(s.workers, 1);
         assert_eq!(s.smtp_pool_size, 4);
-        assert!(s.tls_ca.is_none());
+        assert_eq!(s.tls.extra_root_count(), 0);
         assert_eq!(s.retry.max_attempts, 8);
         assert_eq!(s.retry.base, Duration::from_secs(1));
         assert_eq!(s.retry.max, Duration::from_secs(60));

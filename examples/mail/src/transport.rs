@@ -31,7 +31,9 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{format::Email, tls::Trust};
+use chassis::tls::ClientTls;
+
+use crate::format::Email;
 
 /// How the connection to the relay is protected; chosen by the URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,7 +270,7 @@ pub(crate) struct Smtp {
     /// The bound of connect, TLS handshake, greeting and authentication.
     connect_timeout: Duration,
     /// Trust for implicit TLS (rustls directly, on our socket).
-    tls: Option<Trust>,
+    tls: Option<ClientTls>,
     /// The same trust for STARTTLS (through lettre).
     starttls: Option<TlsParameters>,
     /// Idle connections kept at most; 0: one connection per mail.
@@ -302,7 +304,7 @@ impl Smtp {
     /// kept for reuse. For TLS relays, `trust` is required.
     pub(crate) fn new(
         relay: &SmtpRelay,
-        trust: Option<Trust>,
+        trust: Option<ClientTls>,
         timeout: Duration,
         pool_size: usize,
     ) -> Result<Self, String> {
@@ -320,7 +322,7 @@ impl Smtp {
             (Some(trust), Security::StartTls) => {
                 let mut params = TlsParameters::builder(relay.host.clone())
                     .certificate_store(CertificateStore::None);
-                for root in &trust.roots {
+                for root in trust.root_certificates() {
                     let cert = Certificate::from_der(root.to_vec())
                         .map_err(|e| format!("TLS root: {e}"))?;
                     params = params.add_root_certificate(cert);
@@ -421,7 +423,7 @@ impl Smtp {
                 (Some(trust), Security::Tls) => {
                     let name = ServerName::try_from(self.relay.host.clone())
                         .map_err(|e| format!("{}: {e}", self.prefix()))?;
-                    let tls = tokio_rustls::TlsConnector::from(trust.config.clone())
+                    let tls = tokio_rustls::TlsConnector::from(trust.rustls_config())
                         .connect(name, tcp)
                         .await
                         .map_err(|e| self.describe(&e))?;

@@ -55,7 +55,9 @@ impl std::fmt::Debug for TestCert {
 }
 
 impl TestPki {
-    /// A new CA named `name`.
+    /// A new CA named `name` and a random suffix, so that two CAs never
+    /// share a subject (a verifier would then find the other CA by name and
+    /// report a bad signature instead of an unknown issuer).
     ///
     /// # Panics
     ///
@@ -64,7 +66,9 @@ impl TestPki {
     pub fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("no names");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} {:016x}", fastrand::u64(..)));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,

@@ -23,10 +23,7 @@ use chassis::{
     testing::TestIssuer,
 };
 use mail::client::{MailClient, MailJob, OrderConfirmation};
-use rustls::{
-    ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
-};
+use rustls::ServerConfig;
 use serde_json::{Value, json};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use tokio::{
@@ -451,7 +448,8 @@ pub fn header(message: &str, name: &str) -> Option<String> {
 
 // === certificates made at test time ===
 
-/// A private CA and a relay certificate it signed, made at test time.
+/// A private CA (the chassis' [`chassis::testing::TestPki`]) and a relay
+/// certificate it signed, made at test time.
 #[derive(Debug, Clone)]
 pub struct TestPki {
     /// The CA certificate, PEM.
@@ -464,34 +462,10 @@ impl TestPki {
     /// A fresh CA, and a relay certificate for `names` (DNS names or IP
     /// addresses) signed by it.
     pub fn new(names: &[&str]) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(
-            DnType::CommonName,
-            format!("mail test CA {:08x}", fastrand::u32(..)),
-        );
-        let ca_key = KeyPair::generate().unwrap();
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca, ca_key);
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let leaf = CertificateParams::new(names).unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
-        let server = ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from(leaf_cert.der().to_vec())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-        )
-        .unwrap();
+        let pki = chassis::testing::TestPki::new("mail test CA");
         Self {
-            ca_pem: pem(ca_cert.der()),
-            server: Arc::new(server),
+            ca_pem: pki.ca_pem(),
+            server: Arc::new(pki.server_cert(names).server_config(&[])),
         }
     }
 
@@ -501,21 +475,6 @@ impl TestPki {
         std::fs::write(&path, &self.ca_pem).unwrap();
         path.to_str().unwrap().to_owned()
     }
-}
-
-/// `der` as a PEM `CERTIFICATE` block.
-pub fn pem(der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
 }
 
 // === a scriptable SMTP relay ===
