@@ -659,39 +659,41 @@ async fn any_expires_in_is_handled_without_a_panic() {
 
 // === audiences and token exchange ===
 
+/// The forms a token endpoint received, in order.
+type Forms = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+
 /// A token endpoint answering client credentials with `svc-<audience>` and
 /// token exchanges with `x<n>-<audience>`, keeping each request's form.
-async fn audience_endpoint() -> (Arc<Mutex<Vec<Vec<(String, String)>>>>, String) {
-    let forms: Arc<Mutex<Vec<Vec<(String, String)>>>> = Arc::default();
+async fn audience_endpoint() -> (Forms, String) {
+    let forms: Forms = Arc::default();
     let router = Router::new()
         .route(
             "/token",
-            post(
-                |State(forms): State<Arc<Mutex<Vec<Vec<(String, String)>>>>>, body: String| async move {
-                    let form: Vec<(String, String)> =
-                        form_urlencoded::parse(body.as_bytes()).into_owned().collect();
-                    let get = |k: &str| {
-                        form.iter()
-                            .find(|(n, _)| n == k)
-                            .map(|(_, v)| v.clone())
-                            .unwrap_or_default()
-                    };
-                    let audience = get("audience");
-                    let token = match get("grant_type").as_str() {
-                        "client_credentials" => format!("svc-{audience}"),
-                        "urn:ietf:params:oauth:grant-type:token-exchange" => {
-                            let n = forms.lock().unwrap().len();
-                            format!("x{n}-{audience}")
-                        }
-                        _ => return StatusCode::BAD_REQUEST.into_response(),
-                    };
-                    forms.lock().unwrap().push(form);
-                    axum::Json(serde_json::json!({
-                        "access_token": token, "token_type": "Bearer", "expires_in": 300,
-                    }))
-                    .into_response()
-                },
-            ),
+            post(|State(forms): State<Forms>, body: String| async move {
+                let form: Vec<(String, String)> = form_urlencoded::parse(body.as_bytes())
+                    .into_owned()
+                    .collect();
+                let get = |k: &str| {
+                    form.iter()
+                        .find(|(n, _)| n == k)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                let audience = get("audience");
+                let token = match get("grant_type").as_str() {
+                    "client_credentials" => format!("svc-{audience}"),
+                    "urn:ietf:params:oauth:grant-type:token-exchange" => {
+                        let n = forms.lock().unwrap().len();
+                        format!("x{n}-{audience}")
+                    }
+                    _ => return StatusCode::BAD_REQUEST.into_response(),
+                };
+                forms.lock().unwrap().push(form);
+                axum::Json(serde_json::json!({
+                    "access_token": token, "token_type": "Bearer", "expires_in": 300,
+                }))
+                .into_response()
+            }),
         )
         .with_state(forms.clone());
     let addr = serve(router).await;

@@ -66,9 +66,10 @@ impl TestPki {
     pub fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("no names");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} {:016x}", fastrand::u64(..)));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("{name} {:016x}", fastrand::u64(..)),
+        );
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
