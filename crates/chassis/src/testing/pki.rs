@@ -166,15 +166,30 @@ impl TestCert {
     ///
     /// If no loopback port can be bound.
     pub async fn serve(&self, router: Router, http2: bool) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        self.serve_on(listener, router, http2)
+    }
+
+    /// [`serve`](Self::serve) on a listener bound already, for servers whose
+    /// documents name their own address.
+    ///
+    /// # Panics
+    ///
+    /// If the listener has no local address.
+    pub fn serve_on(
+        &self,
+        listener: tokio::net::TcpListener,
+        router: Router,
+        http2: bool,
+    ) -> SocketAddr {
         let alpn: &[&[u8]] = if http2 {
             &[b"h2", b"http/1.1"]
         } else {
             &[b"http/1.1"]
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(self.server_config(alpn)));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a loopback port");
         let addr = listener.local_addr().expect("bound");
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
