@@ -632,7 +632,11 @@ mod tests {
             ]);
             let err = Config::from_env(&env).unwrap_err();
             let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
-            assert_eq!(names, ["CHASSIS_BIND", "CHASSIS_TLS_CA_FILE"], "listed together");
+            assert_eq!(
+                names,
+                ["CHASSIS_BIND", "CHASSIS_TLS_CA_FILE"],
+                "listed together"
+            );
             assert!(err.to_string().contains(says), "{err}");
         }
         let _ = std::fs::remove_dir_all(&dir);

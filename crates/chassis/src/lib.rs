@@ -101,10 +101,10 @@ pub mod shutdown;
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
 pub mod telemetry;
-pub mod tls;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+pub mod tls;
 
 pub use config::Config;
 pub use problem::Problem;

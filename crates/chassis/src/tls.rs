@@ -227,7 +227,10 @@ impl ClientTls {
 
     /// A connector for hyper-util's client: TLS for `https://`, plain TCP
     /// for `http://`, HTTP/2 offered by ALPN.
-    pub(crate) fn connector(&self, connect_timeout: Option<Duration>) -> HttpsConnector<HttpConnector> {
+    pub(crate) fn connector(
+        &self,
+        connect_timeout: Option<Duration>,
+    ) -> HttpsConnector<HttpConnector> {
         let mut tcp = HttpConnector::new();
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(connect_timeout);
@@ -303,9 +306,15 @@ mod tests {
     #[test]
     fn bad_ca_files_are_refused_with_the_reason() {
         let err = ClientTls::from_ca_file(Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
-        assert!(err.to_string().starts_with("cannot read CA file /nonexistent/ca.pem"), "{err}");
-        let err = ClientTls::new(Some(b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"))
-            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read CA file /nonexistent/ca.pem"),
+            "{err}"
+        );
+        let err = ClientTls::new(Some(
+            b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        ))
+        .unwrap_err();
         assert!(matches!(err, TlsError::Pem(_)), "{err}");
     }
 }

@@ -651,13 +651,7 @@ async fn a_downstream_failure_keeps_the_chassis_reason_code() {
     let api = Api::new().route(
         api::get("/call", move |cx: chassis::client::CallContext| {
             let d = downstream.clone();
-            async move {
-                d.anonymous(&cx)
-                    .get("/x")
-                    .send()
-                    .await
-                    .map(|_| "reached")
-            }
+            async move { d.anonymous(&cx).get("/x").send().await.map(|_| "reached") }
         })
         .public(),
     );

@@ -67,15 +67,24 @@ async fn a_private_ca_is_trusted_and_http2_is_negotiated() {
     let h2 = cert.serve(version_router(), true).await;
     let h1 = cert.serve(version_router(), false).await;
 
-    let d = downstream(&format!("https://localhost:{}", h2.port()), pki.client_tls());
+    let d = downstream(
+        &format!("https://localhost:{}", h2.port()),
+        pki.client_tls(),
+    );
     assert_eq!(version_over(&d).await.unwrap(), "HTTP/2.0", "h2 by ALPN");
-    let d = downstream(&format!("https://127.0.0.1:{}", h2.port()), pki.client_tls());
+    let d = downstream(
+        &format!("https://127.0.0.1:{}", h2.port()),
+        pki.client_tls(),
+    );
     assert_eq!(
         version_over(&d).await.unwrap(),
         "HTTP/2.0",
         "IP address names"
     );
-    let d = downstream(&format!("https://localhost:{}", h1.port()), pki.client_tls());
+    let d = downstream(
+        &format!("https://localhost:{}", h1.port()),
+        pki.client_tls(),
+    );
     assert_eq!(
         version_over(&d).await.unwrap(),
         "HTTP/1.1",
@@ -125,7 +134,10 @@ async fn an_expired_certificate_is_refused() {
         .expired_server_cert(&["localhost"])
         .serve(version_router(), true)
         .await;
-    let d = downstream(&format!("https://localhost:{}", addr.port()), pki.client_tls());
+    let d = downstream(
+        &format!("https://localhost:{}", addr.port()),
+        pki.client_tls(),
+    );
     let message = refusal(&d).await;
     assert!(message.contains("certificate expired"), "{message}");
 }
@@ -137,20 +149,34 @@ async fn a_wrong_host_name_is_refused() {
         .server_cert(&["ticketing.internal"])
         .serve(version_router(), true)
         .await;
-    let d = downstream(&format!("https://localhost:{}", addr.port()), pki.client_tls());
+    let d = downstream(
+        &format!("https://localhost:{}", addr.port()),
+        pki.client_tls(),
+    );
     let message = refusal(&d).await;
-    assert!(message.contains("not valid for name \"localhost\""), "{message}");
+    assert!(
+        message.contains("not valid for name \"localhost\""),
+        "{message}"
+    );
 }
 
 #[tokio::test]
 async fn plain_http_and_other_schemes() {
-    assert!(Downstream::builder("x", "ftp://127.0.0.1:1").build().is_err());
+    assert!(
+        Downstream::builder("x", "ftp://127.0.0.1:1")
+            .build()
+            .is_err()
+    );
     assert!(
         Downstream::builder("x", "https://127.0.0.1:1")
             .build()
             .is_ok()
     );
-    assert!(Downstream::builder("x", "http://127.0.0.1:1").build().is_ok());
+    assert!(
+        Downstream::builder("x", "http://127.0.0.1:1")
+            .build()
+            .is_ok()
+    );
 }
 
 #[tokio::test]
@@ -224,7 +250,11 @@ async fn provider(pki: &TestPki, claimed: Option<&str>, test_issuer: &TestIssuer
                 let hits = jwks_hits.clone();
                 move || async move {
                     hits.fetch_add(1, Ordering::SeqCst);
-                    ([(header::CONTENT_TYPE, "application/json")], jwks.to_string()).into_response()
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        jwks.to_string(),
+                    )
+                        .into_response()
                 }
             }),
         );
@@ -318,5 +348,9 @@ async fn discovery_over_an_untrusted_certificate_loads_nothing() {
         verifier.verify_token(&token).await.unwrap_err().code(),
         "jwks_unavailable"
     );
-    assert_eq!(p.document_hits.load(Ordering::SeqCst), 0, "no handshake, no request");
+    assert_eq!(
+        p.document_hits.load(Ordering::SeqCst),
+        0,
+        "no handshake, no request"
+    );
 }

@@ -161,10 +161,15 @@ fn remote_url(url: &str, what: &str) -> Result<Uri, String> {
     let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
     let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
     if !scheme_ok || uri.authority().is_none() {
-        return Err(format!("`{url}` must be an absolute https:// (or http://) URL"));
+        return Err(format!(
+            "`{url}` must be an absolute https:// (or http://) URL"
+        ));
     }
     if tls::is_plain_remote(&uri) {
-        tracing::warn!(url, "the {what} is fetched over plain http: anyone on the path can swap the keys; use https:// unless a sidecar terminates TLS");
+        tracing::warn!(
+            url,
+            "the {what} is fetched over plain http: anyone on the path can swap the keys; use https:// unless a sidecar terminates TLS"
+        );
     }
     Ok(uri)
 }
@@ -560,7 +565,8 @@ mod tests {
         assert!(new("https://127.0.0.1:1/k").is_ok());
         let discovered = RemoteJwks::new("https://i.example/t/", None, opts, &[], &tls).unwrap();
         assert!(
-            format!("{discovered:?}").contains("https://i.example/t/.well-known/openid-configuration"),
+            format!("{discovered:?}")
+                .contains("https://i.example/t/.well-known/openid-configuration"),
             "{discovered:?}"
         );
         assert!(RemoteJwks::new("not a url", None, opts, &[], &tls).is_err());

@@ -179,11 +179,8 @@ impl VerifierBuilder {
     /// (`{issuer}/.well-known/openid-configuration`, whose `issuer` must be
     /// `issuer` exactly).
     pub fn discover(mut self, issuer: &str, audience: &str) -> Self {
-        self.issuers.push((
-            issuer.to_owned(),
-            audience.to_owned(),
-            KeySpec::Jwks(None),
-        ));
+        self.issuers
+            .push((issuer.to_owned(), audience.to_owned(), KeySpec::Jwks(None)));
         self
     }
 
