@@ -301,7 +301,7 @@ async fn info_describes_the_service() {
     assert_eq!(b["service"], "stack-h");
     assert_eq!(b["api_version"], 3);
     assert_eq!(b["api_prefix"], "/stack-h/v3");
-    assert_eq!(b["build"]["package"], "chassis");
+    assert_eq!(b["build"]["package"], "service-chassis");
     assert_eq!(b["build"]["version"], env!("CARGO_PKG_VERSION"));
     assert!(b["uptime_secs"].is_u64());
 }
