@@ -510,7 +510,9 @@ async fn correlation_over_the_wire() {
 
 /// Routes that require permissions with no way to verify tokens is a
 /// deployment problem: `run` says which setting is missing and exits 78,
-/// before binding anything.
+/// before binding anything. (Without the `jwt` feature it is a build
+/// problem instead, exit 70: see `tests/without_jwt.rs`.)
+#[cfg(feature = "jwt")]
 #[tokio::test]
 async fn run_refuses_protected_routes_without_token_verification() {
     let code = builder("serve-noauth")

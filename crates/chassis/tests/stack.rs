@@ -638,6 +638,7 @@ async fn a_handlers_5xx_body_goes_to_the_log_never_to_the_client() {
     assert_eq!(withheld[3]["truncated"], true);
 }
 
+#[cfg(feature = "client")]
 #[tokio::test]
 async fn a_downstream_failure_keeps_the_chassis_reason_code() {
     // A port nothing listens on: the call fails to connect.

@@ -65,14 +65,23 @@
 //! route that requires a permission then authenticates. Handlers extract the
 //! [`Principal`].
 //!
+//! Verification is the `jwt` feature (on by default; it brings
+//! jsonwebtoken, and outbound TLS to fetch key sets). Without it this module
+//! keeps [`Principal`], [`AuthError`] and [`Reason`], so handlers, audit and
+//! permission checks compile unchanged, but nothing can verify a token: a
+//! service built so may only have public API routes (a route that requires a
+//! permission fails the build, naming the feature), and `CHASSIS_AUTH_*`
+//! set in its environment is a configuration problem.
+//!
 //! # Example
 //!
 //! ```
+//! # #[cfg(feature = "jwt")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
 //! use chassis::auth::{Key, Verifier, ManualClock};
 //! use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 //!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
 //! let secret = b"an HMAC secret of at least 32 bytes!";
 //! let verifier = Verifier::builder()
 //!     .algorithms(&[Algorithm::HS256])
@@ -93,10 +102,15 @@
 //! let forged = format!("{}x", &token[..token.len() - 1]);
 //! assert_eq!(verifier.verify_token(&forged).await.unwrap_err().code(), "bad_signature");
 //! # }
+//! # #[cfg(not(feature = "jwt"))]
+//! # fn main() {}
 //! ```
 
+#[cfg(feature = "jwt")]
 mod jwks;
+#[cfg(feature = "jwt")]
 mod keys;
+#[cfg(feature = "jwt")]
 mod verify;
 
 use std::{fmt, sync::Arc};
@@ -107,12 +121,42 @@ use axum::{
 };
 use http::{HeaderValue, StatusCode, header, request::Parts};
 
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub use jwks::JwksOptions;
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub use keys::{DEFAULT_ALGORITHMS, Key, KeyError, KeySet, MIN_HMAC_SECRET};
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub use verify::{
     AuthConfig, Clock, DEFAULT_CACHE_CAPACITY, MAX_AUTHORIZATION_LEN, ManualClock, SystemClock,
     Verifier, VerifierBuilder, VerifierError,
 };
+
+/// Stands in for the token verifier when the `jwt` feature is off. It has
+/// no values, so the route guard and the readiness endpoint, which hold an
+/// `Option<Verifier>`, always hold `None`, and their code is the same in
+/// every build.
+#[cfg(not(feature = "jwt"))]
+#[derive(Debug, Clone)]
+pub(crate) struct Verifier(std::convert::Infallible);
+
+#[cfg(not(feature = "jwt"))]
+impl Verifier {
+    /// Never called: there is no verifier to call it on.
+    pub(crate) fn verify_cached(
+        &self,
+        _headers: &http::HeaderMap,
+    ) -> Option<Result<Principal, AuthError>> {
+        match self.0 {}
+    }
+
+    /// Never called: there is no verifier to call it on.
+    pub(crate) async fn verify(&self, _headers: &http::HeaderMap) -> Result<Principal, AuthError> {
+        match self.0 {}
+    }
+}
 
 use crate::{permission::Grants, problem::Problem};
 
@@ -300,6 +344,10 @@ struct PrincipalInner {
 }
 
 impl Principal {
+    #[cfg_attr(
+        not(feature = "jwt"),
+        allow(dead_code, reason = "only the verifier (and tests) make principals")
+    )]
     pub(crate) fn new(
         subject: &str,
         issuer: &str,
