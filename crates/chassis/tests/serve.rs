@@ -124,15 +124,17 @@ async fn metrics_endpoint_follows_the_contract() {
     // The scrape itself is in flight while it renders.
     assert_eq!(find("http_server_active_requests", &active).unwrap().2, 1.0);
     assert!(text.contains("# TYPE http_server_request_duration_seconds histogram"));
+    // Process metrics are there exactly when the `process-metrics` feature is.
     for process in [
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
         "process_open_fds",
         "process_start_time_seconds",
     ] {
-        assert!(
+        assert_eq!(
             series.iter().any(|(n, ..)| n == process),
-            "{process} missing:\n{text}"
+            cfg!(feature = "process-metrics"),
+            "{process}:\n{text}"
         );
     }
     assert!(!text.contains("/no/such/path"));
