@@ -93,7 +93,8 @@
 //!     "iss": "https://auth.example", "aud": "ticketing", "sub": "ann",
 //!     "iat": 1_000_000, "exp": 1_000_900, "perms": ["ticketing:67000001:view:ticket"],
 //! });
-//! let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).unwrap();
+//! let key = EncodingKey::from_secret(secret).unwrap();
+//! let token = encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
 //! let principal = verifier.verify_token(&token).await.unwrap();
 //! assert_eq!(principal.subject(), "ann");
 //! assert_eq!(principal.grants().len(), 1);
