@@ -14,7 +14,10 @@
 //! Every call to a route that requires a permission is **authenticated**
 //! ([`auth`](crate::auth)), **authorized** (the caller's grants must allow
 //! the filled-in permission; deny wins; no grant means 403) and **audited**
-//! ([`audit`](crate::audit)), by the chassis, before the handler runs. The
+//! ([`audit`](crate::audit)), by the chassis, before the handler runs.
+//! Authentication needs the `jwt` feature (on by default): without it, a
+//! route that requires a permission fails the build with a message naming
+//! the feature, and only public routes can be served. The
 //! handler receives what was checked: the [`Principal`], the validated
 //! [`AccountId`], and an [`Authz`] handle for resource-level checks (such as
 //! "only the owner may cancel") that go through the same decision and audit
@@ -213,6 +216,7 @@ impl Api {
     }
 
     /// Whether a route requires a permission (and so a token verifier).
+    #[cfg(feature = "jwt")]
     pub(crate) fn requires_auth(&self) -> bool {
         self.endpoints
             .iter()
@@ -265,9 +269,7 @@ impl Api {
                     }
                 }
                 if verifier.is_none() {
-                    problems.push(format!(
-                        "{name}: requires `{t}` but no token verifier is configured (set CHASSIS_AUTH_ISSUER, or give the builder a Verifier)"
-                    ));
+                    problems.push(format!("{name}: requires `{t}` but {NO_VERIFIER}"));
                 }
             }
             // Mounted under the prefix directly rather than with
@@ -303,6 +305,14 @@ impl Api {
             .collect())
     }
 }
+
+/// Why a route that requires a permission cannot be served: nothing
+/// verifies tokens.
+#[cfg(feature = "jwt")]
+const NO_VERIFIER: &str =
+    "no token verifier is configured (set CHASSIS_AUTH_ISSUER, or give the builder a Verifier)";
+#[cfg(not(feature = "jwt"))]
+const NO_VERIFIER: &str = "this build of the chassis cannot verify tokens: enable the `jwt` feature of service-chassis (on by default), or make the route public";
 
 /// A method declared on a path, with its access.
 type Declared = (Method, Arc<Access>);
@@ -907,7 +917,15 @@ mod tests {
             text.contains("GET /ticketing/v1/status: declared twice"),
             "{text}"
         );
+        #[cfg(feature = "jwt")]
         assert!(text.contains("no token verifier is configured"), "{text}");
+        #[cfg(not(feature = "jwt"))]
+        assert!(
+            text.contains(
+                "GET /ticketing/v1/{account}/tickets: requires `ticketing:{account}:view:ticket` but this build of the chassis cannot verify tokens: enable the `jwt` feature"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -118,6 +118,9 @@
 //!   time close to how long the downstream takes to recover (restart, fail
 //!   over): 10 s by default.
 //!
+//! This module is the `client` feature (on by default), which enables
+//! `tls`. A service that calls no other service can leave it out.
+//!
 //! # Example
 //!
 //! ```

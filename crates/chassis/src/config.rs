@@ -35,11 +35,17 @@
 //! | `CHASSIS_REQUEST_TIMEOUT_SECS` | `30` | longest time a request may take (504 after) |
 //! | `CHASSIS_MAX_BODY_BYTES` | `1048576` | largest request body (413 above) |
 //! | `CHASSIS_MAX_CONCURRENT_REQUESTS` | `1024` | requests in flight before shedding (503) |
-//! | `CHASSIS_AUTH_*` | none | token verification, see [`AuthConfig`](crate::auth::AuthConfig) |
+//! | `CHASSIS_AUTH_*` | none | token verification, see [`AuthConfig`](crate::auth::AuthConfig) (feature `jwt`) |
 //! | `CHASSIS_AUDIT_FILE` | none | append audit events to this file (default: the log) |
 //! | `CHASSIS_AUDIT_QUEUE` | `8192` | audit events buffered before new ones are dropped (counted) |
 //! | `CHASSIS_FAULT_*` | off | failure injection, see [`fault`](crate::fault) |
-//! | `CHASSIS_TLS_CA_FILE` | none | PEM file of extra CAs trusted by outbound TLS, next to the platform's, see [`tls`](crate::tls) |
+//! | `CHASSIS_TLS_CA_FILE` | none | PEM file of extra CAs trusted by outbound TLS, next to the platform's, see [`tls`](crate::tls) (feature `tls`) |
+//!
+//! A setting of a part the chassis was built without is not ignored: with
+//! the `jwt` feature off, every `CHASSIS_AUTH_*` variable set is a problem
+//! that names the feature, and so is `CHASSIS_TLS_CA_FILE` with `tls` off.
+//! A deployment that means to verify tokens then never starts a service
+//! that would not.
 //!
 //! # Example
 //!
@@ -129,6 +135,22 @@ impl Env {
         match &self.source {
             Source::Process => std::env::var_os(name),
             Source::Map(map) => map.get(name).cloned(),
+        }
+    }
+
+    /// The names of the variables set that start with `prefix`.
+    #[cfg(not(all(feature = "jwt", feature = "tls")))]
+    fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        match &self.source {
+            Source::Process => std::env::vars_os()
+                .filter_map(|(name, _)| name.into_string().ok())
+                .filter(|name| name.starts_with(prefix))
+                .collect(),
+            Source::Map(map) => map
+                .keys()
+                .filter(|name| name.starts_with(prefix))
+                .cloned()
+                .collect(),
         }
     }
 }
@@ -451,6 +473,8 @@ pub struct Config {
     /// `CHASSIS_MAX_CONCURRENT_REQUESTS`.
     pub max_concurrent_requests: usize,
     /// `CHASSIS_AUTH_*`: token verification, when configured.
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
     pub auth: Option<crate::auth::AuthConfig>,
     /// `CHASSIS_AUDIT_FILE`: append audit events to this file instead of the log.
     pub audit_file: Option<std::path::PathBuf>,
@@ -459,7 +483,8 @@ pub struct Config {
     /// `CHASSIS_FAULT_*`: failure injection, off unless configured.
     pub fault: Option<crate::fault::FaultConfig>,
     /// `CHASSIS_TLS_CA_FILE`: extra CAs trusted by outbound TLS, checked
-    /// when read (see [`tls`](crate::tls)).
+    /// when read (see [`tls`](crate::tls)); without the `tls` feature,
+    /// setting it is a problem.
     pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
@@ -474,6 +499,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
             max_concurrent_requests: 1024,
+            #[cfg(feature = "jwt")]
             auth: None,
             audit_file: None,
             audit_queue: crate::audit::DEFAULT_QUEUE,
@@ -529,7 +555,10 @@ impl Config {
         if max_concurrent_requests == 0 {
             r.problem("CHASSIS_MAX_CONCURRENT_REQUESTS", "must be at least 1");
         }
+        #[cfg(feature = "jwt")]
         let auth = crate::auth::AuthConfig::read(r);
+        #[cfg(not(feature = "jwt"))]
+        refuse_without_feature(r, "CHASSIS_AUTH_", "jwt", "token verification");
         let fault = crate::fault::FaultConfig::read(r);
         let audit_file = r.maybe("CHASSIS_AUDIT_FILE", "file to append audit events to");
         let audit_queue = r.optional(
@@ -540,13 +569,22 @@ impl Config {
         if audit_queue == 0 {
             r.problem("CHASSIS_AUDIT_QUEUE", "must be at least 1");
         }
-        let tls_ca_file: Option<std::path::PathBuf> = r.maybe(
-            crate::tls::CA_FILE_VAR,
-            "PEM file of extra CAs trusted by outbound TLS",
-        );
-        if let Err(e) = crate::tls::ClientTls::from_ca_file(tls_ca_file.as_deref()) {
-            r.problem(crate::tls::CA_FILE_VAR, e.to_string());
-        }
+        #[cfg(feature = "tls")]
+        let tls_ca_file: Option<std::path::PathBuf> = {
+            let path: Option<std::path::PathBuf> = r.maybe(
+                crate::tls::CA_FILE_VAR,
+                "PEM file of extra CAs trusted by outbound TLS",
+            );
+            if let Err(e) = crate::tls::ClientTls::from_ca_file(path.as_deref()) {
+                r.problem(crate::tls::CA_FILE_VAR, e.to_string());
+            }
+            path
+        };
+        #[cfg(not(feature = "tls"))]
+        let tls_ca_file = {
+            refuse_without_feature(r, "CHASSIS_TLS_CA_FILE", "tls", "outbound TLS");
+            None
+        };
         Self {
             bind,
             log: log.0,
@@ -556,6 +594,7 @@ impl Config {
             request_timeout: Duration::from_secs(timeout.0.max(1)),
             max_body_bytes,
             max_concurrent_requests: max_concurrent_requests.max(1),
+            #[cfg(feature = "jwt")]
             auth,
             audit_file,
             audit_queue: audit_queue.max(1),
@@ -569,6 +608,23 @@ impl Config {
         let mut r = Reader::new(env);
         let config = Self::read(&mut r);
         r.finish().map(|()| config)
+    }
+}
+
+/// Records a problem for each variable named `prefix…` that is set, when
+/// the part that reads them, `feature`, was not built: a setting is never
+/// silently ignored.
+#[cfg(not(all(feature = "jwt", feature = "tls")))]
+fn refuse_without_feature(r: &mut Reader<'_>, prefix: &str, feature: &str, part: &str) {
+    let mut names = r.env.names_with_prefix(prefix);
+    names.sort_unstable();
+    for name in names {
+        r.problem(
+            &name,
+            format!(
+                "set, but this build of the chassis has no {part}: enable the `{feature}` feature of service-chassis, or unset it"
+            ),
+        );
     }
 }
 
@@ -623,6 +679,34 @@ mod tests {
         );
     }
 
+    #[cfg(not(feature = "jwt"))]
+    #[test]
+    fn auth_settings_without_jwt_are_problems_naming_the_feature() {
+        let env = Env::from_pairs([
+            ("CHASSIS_AUTH_ISSUER", "https://auth.example"),
+            ("CHASSIS_AUTH_AUDIENCE", "ticketing"),
+            ("CHASSIS_AUTHX", "not ours"),
+        ]);
+        let err = Config::from_env(&env).unwrap_err();
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["CHASSIS_AUTH_AUDIENCE", "CHASSIS_AUTH_ISSUER"]);
+        for p in err.problems() {
+            assert!(p.message.contains("`jwt` feature"), "{p}");
+        }
+        assert!(!err.to_string().contains("auth.example"), "{err}");
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn a_ca_file_without_tls_is_a_problem_naming_the_feature() {
+        let env = Env::from_pairs([("CHASSIS_TLS_CA_FILE", "/etc/ssl/extra.pem")]);
+        let err = Config::from_env(&env).unwrap_err();
+        assert_eq!(err.problems().len(), 1);
+        assert_eq!(err.problems()[0].name, "CHASSIS_TLS_CA_FILE");
+        assert!(err.problems()[0].message.contains("`tls` feature"), "{err}");
+    }
+
+    #[cfg(feature = "tls")]
     #[test]
     fn an_unusable_ca_file_is_a_problem() {
         let dir = std::env::temp_dir().join(format!("chassis-ca-{}", std::process::id()));

@@ -20,11 +20,11 @@
 //! | Health | answers liveness without dependencies and readiness from background checks with hysteresis | [`health`] |
 //! | Errors | answers every error with `application/problem+json` carrying the correlation id, and no internals | [`problem`] |
 //! | Deny by default | declares, next to every API route, the permission it requires or that it is public; undeclared routes stop the build | [`api`] |
-//! | Authentication | verifies a bearer JWT on every non-public call, locally, with keys from the issuer's JWKS | [`auth`] |
+//! | Authentication | verifies a bearer JWT on every non-public call, locally, with keys from the issuer's JWKS | [`auth`] (verification: feature `jwt`) |
 //! | Authorization | checks `service:account:operation:object` permissions against the caller's grants; deny wins; no grant, no access | [`permission`] |
 //! | Audit | writes exactly one audit event per API call, allowed or not, without ever slowing it | [`audit`] |
-//! | Calls to other services | calls each downstream with a per-attempt timeout and a deadline sent as `x-timeout-ms`, safe retries within a budget, a breaker and a bulkhead, its correlation id and trace, and an identity chosen per call | [`client`] |
-//! | Outbound TLS | verifies every `https://` peer's certificate and host name against the platform's roots and `CHASSIS_TLS_CA_FILE`; offers HTTP/2 | [`tls`] |
+//! | Calls to other services | calls each downstream with a per-attempt timeout and a deadline sent as `x-timeout-ms`, safe retries within a budget, a breaker and a bulkhead, its correlation id and trace, and an identity chosen per call | `client` (feature `client`) |
+//! | Outbound TLS | verifies every `https://` peer's certificate and host name against the platform's roots and `CHASSIS_TLS_CA_FILE`; offers HTTP/2 | `tls` (feature `tls`) |
 //! | Circuit breakers | stops calling a failing downstream, probes it, never wedges | [`circuit_breaker`] |
 //! | Bulkheads | bounds the calls in flight to each downstream; refuses fast | [`bulkhead`] |
 //! | Retries | retries only idempotent calls, only retryable failures, with jittered backoff, within a budget | [`retry`] |
@@ -60,13 +60,41 @@
 //!
 //! # Feature flags
 //!
+//! One feature per optional part, as in tower-http, with "batteries
+//! included" defaults: a service gets token verification and the downstream
+//! client unless it opts out.
+//!
 //! | feature | default? | what it adds |
 //! |---|---|---|
 //! | `process-metrics` | yes | process CPU, memory, file descriptors and start time at `/metrics` |
-//! | `testing` | no | [`testing`]: a fixed-key token issuer and the verifier that trusts it, for API tests (dev-dependencies only) |
-//! | `sqlite` | no | [`sqlite`]: one SQLite database per service through sqlx, WAL mode, migrations at start-up, a readiness check |
+//! | `jwt` | yes | token verification in [`auth`]: `Verifier`, `AuthConfig` (`CHASSIS_AUTH_*`), key sets and OpenID discovery; enables `tls` (keys are fetched over https); pulls in jsonwebtoken |
+//! | `client` | yes | `client`: the downstream client and `TokenSource`; enables `tls` |
+//! | `tls` | with `jwt` or `client` | `tls`: outbound TLS through rustls on aws-lc-rs, the platform's roots plus `CHASSIS_TLS_CA_FILE` |
+//! | `sqlite` | no | `sqlite`: one SQLite database per service through sqlx, WAL mode, migrations at start-up, a readiness check |
+//! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it and a test PKI, for API tests (dev-dependencies only); enables `jwt` and `tls` |
 //!
-//! Everything else is what the service builder needs, so it is always built.
+//! The defaults are `["process-metrics", "jwt", "client"]`. Everything else
+//! is what the service builder needs, so it is always built: the route
+//! table and its guard ([`api`]), [`Principal`](auth::Principal),
+//! [`AuthError`](auth::AuthError) and the reason codes, [`permission`],
+//! [`audit`], health (its [`HttpCheck`](health::HttpCheck) speaks plain
+//! HTTP), and the rest of the standards above.
+//!
+//! A service that verifies no token and calls no other service needs
+//! neither jsonwebtoken nor rustls and its aws-lc-sys, the slowest parts of
+//! a build:
+//!
+//! ```toml
+//! [dependencies]
+//! chassis = { package = "service-chassis", version = "0.1", default-features = false, features = ["process-metrics"] }
+//! ```
+//!
+//! Without `jwt` a service serves public API routes only: a route that
+//! `.requires(..)` a permission fails [`ServiceBuilder::build`] (exit 70
+//! from [`ServiceBuilder::run`]) with a message naming the `jwt` feature,
+//! and a `CHASSIS_AUTH_*` variable set in its environment (or, without
+//! `tls`, `CHASSIS_TLS_CA_FILE`) is a configuration problem naming the
+//! feature (exit 78), never a setting silently ignored.
 //!
 //! # Minimum supported Rust version
 //!
@@ -85,6 +113,8 @@ pub mod audit;
 pub mod auth;
 pub mod bulkhead;
 pub mod circuit_breaker;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
 pub mod config;
 pub mod correlation;
@@ -105,6 +135,8 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
 
 pub use config::Config;

@@ -256,6 +256,8 @@ impl ServiceBuilder {
 
     /// Verifies tokens with `verifier` instead of one built from
     /// `CHASSIS_AUTH_*`.
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
     pub fn verifier(mut self, verifier: Verifier) -> Self {
         self.verifier = Some(verifier);
         self
@@ -337,8 +339,12 @@ impl ServiceBuilder {
     ///
     /// # Errors
     ///
-    /// Every problem at once: an invalid name, a version of 0, or (when no
-    /// [`config`](Self::config) was given) invalid `CHASSIS_*` settings.
+    /// Every problem at once: an invalid name, a version of 0, an API route
+    /// that declares no access or an invalid one, a route that requires a
+    /// permission when no token verifier is configured (in a build without
+    /// the `jwt` feature, always: the message then names the feature), or
+    /// (when no [`config`](Self::config) was given) invalid `CHASSIS_*`
+    /// settings.
     pub fn build(self) -> Result<Service, BuildError> {
         let mut problems = Vec::new();
         if !valid_name(&self.name) {
@@ -357,6 +363,7 @@ impl ServiceBuilder {
                 Config::default()
             }),
         };
+        #[cfg(feature = "jwt")]
         let verifier = match (self.verifier, &config.auth) {
             (Some(v), _) => Some(v),
             (None, Some(auth)) => match auth.verifier() {
@@ -368,6 +375,10 @@ impl ServiceBuilder {
             },
             (None, None) => None,
         };
+        // Without `jwt` nothing verifies tokens: the API's build below
+        // refuses a route that requires a permission, naming the feature.
+        #[cfg(not(feature = "jwt"))]
+        let verifier = self.verifier;
         let prefix = format!("/{}/v{}", self.name, self.version);
         let api = match self.api.build(&prefix, verifier.as_ref()) {
             Ok(api) => Some(api),
@@ -406,15 +417,21 @@ impl ServiceBuilder {
             started: SystemTime::now(),
             started_mono: Instant::now(),
         });
-        let mut tasks = self.tasks;
-        if let Some(v) = &verifier {
-            for (name, check, options) in v.health_checks() {
-                self.health.register(name, check, options);
+        #[cfg(feature = "jwt")]
+        let tasks = {
+            let mut tasks = self.tasks;
+            if let Some(v) = &verifier {
+                for (name, check, options) in v.health_checks() {
+                    self.health.register(name, check, options);
+                }
+                for task in v.refresh_tasks() {
+                    tasks.push(("jwks-refresh".to_owned(), Box::new(task)));
+                }
             }
-            for task in v.refresh_tasks() {
-                tasks.push(("jwks-refresh".to_owned(), Box::new(task)));
-            }
-        }
+            tasks
+        };
+        #[cfg(not(feature = "jwt"))]
+        let tasks = self.tasks;
 
         // Every layer level axum adds boxes the route again, which costs a
         // clone and an allocation per request; so each API path gets all of
@@ -493,8 +510,10 @@ impl ServiceBuilder {
 
     /// Everything `main` needs: reads `CHASSIS_*` (exit 78 listing every
     /// problem, or when routes require permissions and `CHASSIS_AUTH_*` is
-    /// not set), sets up logging, builds (exit 70 on a programming error),
-    /// binds `CHASSIS_BIND` and serves until SIGTERM or SIGINT (exit 0).
+    /// not set), sets up logging, builds (exit 70 on a programming error,
+    /// such as a route that requires a permission in a build without the
+    /// `jwt` feature), binds `CHASSIS_BIND` and serves until SIGTERM or
+    /// SIGINT (exit 0).
     pub async fn run(mut self) -> ExitCode {
         let config = match self.config.take() {
             Some(c) => c,
@@ -506,6 +525,7 @@ impl ServiceBuilder {
                 }
             },
         };
+        #[cfg(feature = "jwt")]
         if config.auth.is_none() && self.verifier.is_none() && self.api.requires_auth() {
             // A deployment problem, not a programming one: say which setting.
             eprintln!(
@@ -520,6 +540,7 @@ impl ServiceBuilder {
         let _telemetry = crate::telemetry::init(&self.name, &config);
         // Checked when the configuration was read; every outbound connection
         // built from here on trusts these roots.
+        #[cfg(feature = "tls")]
         if let Ok(tls) = crate::tls::ClientTls::from_ca_file(config.tls_ca_file.as_deref()) {
             tls.install_global();
         }

@@ -16,7 +16,8 @@
 //! [`ClientTls`](crate::tls::ClientTls) that trusts it, as
 //! `CHASSIS_TLS_CA_FILE` does in production.
 //!
-//! Enable with the `testing` feature, in `[dev-dependencies]` only.
+//! Enable with the `testing` feature, in `[dev-dependencies]` only; it
+//! enables `jwt` and `tls`.
 //!
 //! # Example
 //!

@@ -44,6 +44,8 @@
 //! [`ClientTls::global`] unless given one, so a test can trust a CA it made
 //! without touching the process environment.
 //!
+//! This module is the `tls` feature, which `jwt` and `client` enable.
+//!
 //! # Example
 //!
 //! ```
@@ -58,6 +60,14 @@
 //! let err = ClientTls::new(Some(b"not a certificate")).unwrap_err();
 //! assert!(err.to_string().contains("no certificate"));
 //! ```
+
+#![cfg_attr(
+    not(any(feature = "jwt", feature = "client")),
+    allow(
+        dead_code,
+        reason = "with `tls` alone nothing opens a connection: the connector and its helpers serve `jwt` and `client`"
+    )
+)]
 
 use std::{
     fmt,

@@ -124,15 +124,17 @@ async fn metrics_endpoint_follows_the_contract() {
     // The scrape itself is in flight while it renders.
     assert_eq!(find("http_server_active_requests", &active).unwrap().2, 1.0);
     assert!(text.contains("# TYPE http_server_request_duration_seconds histogram"));
+    // Process metrics are there exactly when the `process-metrics` feature is.
     for process in [
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
         "process_open_fds",
         "process_start_time_seconds",
     ] {
-        assert!(
+        assert_eq!(
             series.iter().any(|(n, ..)| n == process),
-            "{process} missing:\n{text}"
+            cfg!(feature = "process-metrics"),
+            "{process}:\n{text}"
         );
     }
     assert!(!text.contains("/no/such/path"));
@@ -510,7 +512,9 @@ async fn correlation_over_the_wire() {
 
 /// Routes that require permissions with no way to verify tokens is a
 /// deployment problem: `run` says which setting is missing and exits 78,
-/// before binding anything.
+/// before binding anything. (Without the `jwt` feature it is a build
+/// problem instead, exit 70: see `tests/without_jwt.rs`.)
+#[cfg(feature = "jwt")]
 #[tokio::test]
 async fn run_refuses_protected_routes_without_token_verification() {
     let code = builder("serve-noauth")

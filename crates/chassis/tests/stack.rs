@@ -301,7 +301,7 @@ async fn info_describes_the_service() {
     assert_eq!(b["service"], "stack-h");
     assert_eq!(b["api_version"], 3);
     assert_eq!(b["api_prefix"], "/stack-h/v3");
-    assert_eq!(b["build"]["package"], "chassis");
+    assert_eq!(b["build"]["package"], "service-chassis");
     assert_eq!(b["build"]["version"], env!("CARGO_PKG_VERSION"));
     assert!(b["uptime_secs"].is_u64());
 }
@@ -638,6 +638,7 @@ async fn a_handlers_5xx_body_goes_to_the_log_never_to_the_client() {
     assert_eq!(withheld[3]["truncated"], true);
 }
 
+#[cfg(feature = "client")]
 #[tokio::test]
 async fn a_downstream_failure_keeps_the_chassis_reason_code() {
     // A port nothing listens on: the call fails to connect.

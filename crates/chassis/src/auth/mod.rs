@@ -71,14 +71,23 @@
 //! route that requires a permission then authenticates. Handlers extract the
 //! [`Principal`].
 //!
+//! Verification is the `jwt` feature (on by default; it brings
+//! jsonwebtoken, and outbound TLS to fetch key sets). Without it this module
+//! keeps [`Principal`], [`AuthError`] and [`Reason`], so handlers, audit and
+//! permission checks compile unchanged, but nothing can verify a token: a
+//! service built so may only have public API routes (a route that requires a
+//! permission fails the build, naming the feature), and `CHASSIS_AUTH_*`
+//! set in its environment is a configuration problem.
+//!
 //! # Example
 //!
 //! ```
+//! # #[cfg(feature = "jwt")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
 //! use chassis::auth::{Key, Verifier, ManualClock};
 //! use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 //!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
 //! let secret = b"an HMAC secret of at least 32 bytes!";
 //! let verifier = Verifier::builder()
 //!     .algorithms(&[Algorithm::HS256])
@@ -90,7 +99,8 @@
 //!     "iss": "https://auth.example", "aud": "ticketing", "sub": "ann",
 //!     "iat": 1_000_000, "exp": 1_000_900, "perms": ["ticketing:67000001:view:ticket"],
 //! });
-//! let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).unwrap();
+//! let key = EncodingKey::from_secret(secret).unwrap();
+//! let token = encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
 //! let principal = verifier.verify_token(&token).await.unwrap();
 //! assert_eq!(principal.subject(), "ann");
 //! assert_eq!(principal.grants().len(), 1);
@@ -99,10 +109,15 @@
 //! let forged = format!("{}x", &token[..token.len() - 1]);
 //! assert_eq!(verifier.verify_token(&forged).await.unwrap_err().code(), "bad_signature");
 //! # }
+//! # #[cfg(not(feature = "jwt"))]
+//! # fn main() {}
 //! ```
 
+#[cfg(feature = "jwt")]
 mod jwks;
+#[cfg(feature = "jwt")]
 mod keys;
+#[cfg(feature = "jwt")]
 mod verify;
 
 use std::{fmt, sync::Arc};
@@ -113,12 +128,42 @@ use axum::{
 };
 use http::{HeaderValue, StatusCode, header, request::Parts};
 
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub use jwks::JwksOptions;
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub use keys::{DEFAULT_ALGORITHMS, Key, KeyError, KeySet, MIN_HMAC_SECRET};
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub use verify::{
     AuthConfig, Clock, DEFAULT_CACHE_CAPACITY, MAX_AUTHORIZATION_LEN, ManualClock, SystemClock,
     Verifier, VerifierBuilder, VerifierError,
 };
+
+/// Stands in for the token verifier when the `jwt` feature is off. It has
+/// no values, so the route guard and the readiness endpoint, which hold an
+/// `Option<Verifier>`, always hold `None`, and their code is the same in
+/// every build.
+#[cfg(not(feature = "jwt"))]
+#[derive(Debug, Clone)]
+pub(crate) struct Verifier(std::convert::Infallible);
+
+#[cfg(not(feature = "jwt"))]
+impl Verifier {
+    /// Never called: there is no verifier to call it on.
+    pub(crate) fn verify_cached(
+        &self,
+        _headers: &http::HeaderMap,
+    ) -> Option<Result<Principal, AuthError>> {
+        match self.0 {}
+    }
+
+    /// Never called: there is no verifier to call it on.
+    pub(crate) async fn verify(&self, _headers: &http::HeaderMap) -> Result<Principal, AuthError> {
+        match self.0 {}
+    }
+}
 
 use crate::{permission::Grants, problem::Problem};
 
@@ -306,6 +351,10 @@ struct PrincipalInner {
 }
 
 impl Principal {
+    #[cfg_attr(
+        not(feature = "jwt"),
+        allow(dead_code, reason = "only the verifier (and tests) make principals")
+    )]
     pub(crate) fn new(
         subject: &str,
         issuer: &str,
