@@ -435,7 +435,7 @@ impl TokenSource {
     async fn fetch(&self, form: &[(&str, &str)]) -> Result<Cached, TokenError> {
         let i = &self.inner;
         let url = || i.url_text.clone();
-        let body = serde_urlencoded::to_string(&form).map_err(|e| TokenError::Invalid {
+        let body = serde_urlencoded::to_string(form).map_err(|e| TokenError::Invalid {
             url: url(),
             reason: e.to_string(),
         })?;
