@@ -177,7 +177,8 @@ pub(crate) async fn exchange(
         )
         .into());
     }
-    let client = token::authenticate_client(state, headers, form, "token_exchange").await?;
+    let client =
+        token::authenticate_client(state, common.peer, headers, form, "token_exchange").await?;
     if !may_exchange(&client.grants, audience) {
         tracing::info!(
             client = %client.name,

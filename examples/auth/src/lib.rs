@@ -24,7 +24,9 @@
 //! Each token is for one audience: the `audience` asked for (one of
 //! `AUTH_AUDIENCES`), or `AUTH_DEFAULT_AUDIENCE`. A narrower `scope` never
 //! drops the subject's deny grants. Failed logins are throttled per user
-//! name or client id and in total (429 with `Retry-After`, `AUTH_LOGIN_*`),
+//! name or client id, per client address and in total (429 with
+//! `Retry-After`, `AUTH_LOGIN_*`; behind a proxy every client has the
+//! proxy's address, and `X-Forwarded-For` is deliberately not trusted),
 //! and password hashing is bounded (`AUTH_HASH_CONCURRENCY`; 503 with
 //! `Retry-After` after `AUTH_HASH_QUEUE_MS`). The demo users and clients,
 //! whose passwords are public, exist only with `AUTH_SEED_DEMO=true`. The
@@ -102,8 +104,9 @@ impl Default for HashCost {
 }
 
 /// Brute-force protection of the token endpoint (`AUTH_LOGIN_*`): how
-/// many failed logins a user name or client id, and all of them together,
-/// may have before attempts are answered 429 without checking the password.
+/// many failed logins a user name or client id, a client address, and all
+/// of them together, may have before attempts are answered 429 without
+/// checking the password.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoginLimits {
     /// `AUTH_LOGIN_MAX_FAILURES`: failures of one name before it is locked
@@ -117,13 +120,22 @@ pub struct LoginLimits {
     pub lockout: Duration,
     /// `AUTH_LOGIN_MAX_LOCKOUT_SECS`: the longest lock (default 900).
     pub max_lockout: Duration,
+    /// `AUTH_LOGIN_ADDRESS_MAX_FAILURES`: failures from one client address
+    /// (an IPv4 address, an IPv6 /64), whatever the names, before it is
+    /// locked (default 20), with the same window and locks as a name. A
+    /// success does not forget them. Behind a proxy every client has the
+    /// proxy's address, so this counts all of them together: raise it
+    /// there (1000000 in effect turns it off). `X-Forwarded-For` is not
+    /// trusted, since any client can send it.
+    pub address_max_failures: u32,
     /// `AUTH_LOGIN_GLOBAL_MAX_FAILURES`: failures of all names together per
     /// global window before every attempt waits (default 100).
     pub global_max_failures: u32,
     /// `AUTH_LOGIN_GLOBAL_WINDOW_SECS`: the global window (default 60).
     pub global_window: Duration,
-    /// `AUTH_LOGIN_TRACKED_NAMES`: most names tracked at once; the one seen
-    /// least recently is forgotten first (default 10000).
+    /// `AUTH_LOGIN_TRACKED_NAMES`: most names tracked at once, and most
+    /// addresses; the one seen least recently is forgotten first (default
+    /// 10000).
     pub tracked_names: usize,
 }
 
@@ -134,6 +146,7 @@ impl Default for LoginLimits {
             window: Duration::from_secs(900),
             lockout: Duration::from_secs(60),
             max_lockout: Duration::from_secs(900),
+            address_max_failures: 20,
             global_max_failures: 100,
             global_window: Duration::from_secs(60),
             tracked_names: 10_000,
@@ -293,6 +306,12 @@ fn read_login_limits(r: &mut Reader<'_>) -> LoginLimits {
         d.max_failures,
         "failed logins of one name before it is locked",
     );
+    let address_max_failures = count(
+        r,
+        "AUTH_LOGIN_ADDRESS_MAX_FAILURES",
+        d.address_max_failures,
+        "failed logins from one client address before it is locked",
+    );
     let global_max_failures = count(
         r,
         "AUTH_LOGIN_GLOBAL_MAX_FAILURES",
@@ -303,7 +322,7 @@ fn read_login_limits(r: &mut Reader<'_>) -> LoginLimits {
         r,
         "AUTH_LOGIN_TRACKED_NAMES",
         u32::try_from(d.tracked_names).unwrap_or(u32::MAX),
-        "most names whose failed logins are remembered",
+        "most names (and addresses) whose failed logins are remembered",
     );
     let mut secs = |name: &str, default: Duration, what: &str| {
         Duration::from_secs(r.optional(name, Secs::<86_400>(default.as_secs()), what).0)
@@ -333,6 +352,7 @@ fn read_login_limits(r: &mut Reader<'_>) -> LoginLimits {
         window,
         lockout,
         max_lockout: max_lockout.max(lockout),
+        address_max_failures,
         global_max_failures,
         global_window,
         tracked_names: tracked_names as usize,
@@ -358,6 +378,7 @@ impl Settings {
     /// | `AUTH_HASH_QUEUE_MS` | `1000` |
     /// | `AUTH_LOGIN_MAX_FAILURES`, `AUTH_LOGIN_WINDOW_SECS` | `5`, `900` |
     /// | `AUTH_LOGIN_LOCKOUT_SECS`, `AUTH_LOGIN_MAX_LOCKOUT_SECS` | `60`, `900` |
+    /// | `AUTH_LOGIN_ADDRESS_MAX_FAILURES` | `20` |
     /// | `AUTH_LOGIN_GLOBAL_MAX_FAILURES`, `AUTH_LOGIN_GLOBAL_WINDOW_SECS` | `100`, `60` |
     /// | `AUTH_LOGIN_TRACKED_NAMES` | `10000` |
     /// | `AUTH_PUBLIC_URL` | the address it listens on |
@@ -643,6 +664,8 @@ pub async fn app_with_clock(
     let mut builder = ServiceBuilder::new(NAME, 1)
         .api(api)
         .api_layer(Extension(state))
+        // The throttle counts failed logins per client address.
+        .peer_addresses()
         .health_check("database", db.clone(), CheckOptions::default())
         .background("signing-keys", move |stop| {
             maintain(db, keys, interval, stop)
@@ -842,6 +865,7 @@ mod tests {
         assert_eq!(s.login, LoginLimits::default());
         assert_eq!(s.login.max_failures, 5);
         assert_eq!(s.login.window.as_secs(), 900);
+        assert_eq!(s.login.address_max_failures, 20);
         let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         assert_eq!(s.hash_limits.concurrency, (cpus / 2).max(1));
         assert_eq!(s.hash_limits.queue_timeout, Duration::from_secs(1));
@@ -914,6 +938,7 @@ mod tests {
             ("AUTH_LOGIN_WINDOW_SECS", "600"),
             ("AUTH_LOGIN_LOCKOUT_SECS", "30"),
             ("AUTH_LOGIN_MAX_LOCKOUT_SECS", "3600"),
+            ("AUTH_LOGIN_ADDRESS_MAX_FAILURES", "40"),
             ("AUTH_LOGIN_GLOBAL_MAX_FAILURES", "1000"),
             ("AUTH_LOGIN_GLOBAL_WINDOW_SECS", "10"),
             ("AUTH_LOGIN_TRACKED_NAMES", "50"),
@@ -934,6 +959,7 @@ mod tests {
                 window: Duration::from_secs(600),
                 lockout: Duration::from_secs(30),
                 max_lockout: Duration::from_secs(3600),
+                address_max_failures: 40,
                 global_max_failures: 1000,
                 global_window: Duration::from_secs(10),
                 tracked_names: 50,
@@ -953,6 +979,7 @@ mod tests {
             ("AUTH_HASH_CONCURRENCY", "0"),
             ("AUTH_HASH_QUEUE_MS", "0"),
             ("AUTH_LOGIN_MAX_FAILURES", "0"),
+            ("AUTH_LOGIN_ADDRESS_MAX_FAILURES", "0"),
             ("AUTH_LOGIN_LOCKOUT_SECS", "0"),
         ]);
         let mut r = Reader::new(&env);
@@ -968,6 +995,7 @@ mod tests {
                 "AUTH_HASH_CONCURRENCY",
                 "AUTH_HASH_QUEUE_MS",
                 "AUTH_LOGIN_MAX_FAILURES",
+                "AUTH_LOGIN_ADDRESS_MAX_FAILURES",
                 "AUTH_LOGIN_LOCKOUT_SECS",
             ]
         );

@@ -49,20 +49,25 @@
 //! # Brute-force protection
 //!
 //! Each login (password grant) and client authentication is first
-//! admitted by the [throttle](crate::throttle): over a limit it is answered
+//! admitted by the [throttle]: over a limit it is answered
 //! 429 `slow_down` with `Retry-After`, without computing any hash, and
-//! counted in `auth_login_throttled_total{limit="name"|"global"}`. A check
+//! counted in `auth_login_throttled_total{limit="name"|"address"|"global"}`
+//! (the address is the TCP peer's; `X-Forwarded-For` is not trusted). A check
 //! that cannot get a hashing slot within `AUTH_HASH_QUEUE_MS` is answered
 //! 503 `temporarily_unavailable` with `Retry-After`, counted in
 //! `auth_hash_busy_total`. User names and client ids longer than 256 bytes
 //! and secrets longer than 1024 bytes are `invalid_request`.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use axum::{
     Extension, Json,
     body::Bytes,
-    extract::rejection::BytesRejection,
+    extract::{ConnectInfo, rejection::BytesRejection},
     response::{IntoResponse, Response},
 };
 use base64::Engine as _;
@@ -191,13 +196,18 @@ impl From<Throttled> for Failure {
 }
 
 /// The handler.
+///
+/// `peer` is the client's address when the server gives it (always, when
+/// served; never, in-process through the router alone).
 pub(crate) async fn token(
     Extension(state): Extension<Arc<State>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
     let answer = match body {
-        Ok(body) => grant(&state, &headers, &body).await,
+        Ok(body) => grant(&state, peer, &headers, &body).await,
         Err(_) => Err(OAuthError::invalid_request("the request body could not be read").into()),
     };
     match answer {
@@ -207,19 +217,28 @@ pub(crate) async fn token(
     }
 }
 
-/// What every grant reads from the form.
+/// What every grant reads from the form, and where the request came from.
 #[derive(Debug)]
 pub(crate) struct Common<'a> {
+    /// The client's address, when known: the throttle counts failures per
+    /// address.
+    pub(crate) peer: Option<IpAddr>,
     pub(crate) scope: Option<&'a [String]>,
     /// The audience asked for, known; `None`: none asked for.
     pub(crate) audience: Option<&'a str>,
 }
 
-async fn grant(state: &State, headers: &HeaderMap, body: &[u8]) -> Result<TokenResponse, Failure> {
+async fn grant(
+    state: &State,
+    peer: Option<IpAddr>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<TokenResponse, Failure> {
     let form = parse_form(headers, body)?;
     let scope = requested_scope(&form)?;
     let audience = requested_audience(state, &form)?;
     let common = Common {
+        peer,
         scope: scope.as_deref(),
         audience,
     };
@@ -364,7 +383,9 @@ async fn password(
     let username = required(form, "username", "username is required")?;
     let password = required(form, "password", "password is required")?;
     check_lengths(username, password, "the username or password is too long")?;
-    let attempt = state.throttle.begin(throttle::Subject::User, username)?;
+    let attempt = state
+        .throttle
+        .begin(throttle::Subject::User, username, common.peer)?;
     let user = store::user(&state.pool, username).await?;
     // The same work whether or not the user exists: an unknown user is
     // checked against the dummy hash.
@@ -411,9 +432,10 @@ async fn password(
 }
 
 /// Authenticates the client of a request (client-credentials and token
-/// exchange), throttled like a login.
+/// exchange) from `peer`, throttled like a login.
 pub(crate) async fn authenticate_client(
     state: &State,
+    peer: Option<IpAddr>,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
     grant: &'static str,
@@ -422,7 +444,7 @@ pub(crate) async fn authenticate_client(
     check_lengths(&client_id, &secret, "the client id or secret is too long")?;
     let attempt = state
         .throttle
-        .begin(throttle::Subject::Client, &client_id)?;
+        .begin(throttle::Subject::Client, &client_id, peer)?;
     let client = store::client(&state.pool, &client_id).await?;
     let matched = state
         .hasher
@@ -444,7 +466,8 @@ async fn client_credentials(
     form: &HashMap<String, String>,
     common: &Common<'_>,
 ) -> Result<TokenResponse, Failure> {
-    let client = authenticate_client(state, headers, form, "client_credentials").await?;
+    let client =
+        authenticate_client(state, common.peer, headers, form, "client_credentials").await?;
     let perms = narrow(&client.grants, common.scope)?;
     let (access_token, expires_in) = state.sign(&NewToken {
         subject: &client.name,

@@ -3,6 +3,7 @@
 //! binary as operators run it.
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -18,10 +19,14 @@ use chassis::{
 };
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
 use jsonwebtoken::Algorithm;
 use serde_json::Value;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tower::ServiceExt as _;
 
 const FORM: &str = "application/x-www-form-urlencoded";
 const ALICE_GRANTS: [&str; 2] = ["ticketing:acme:*:*", "orders:acme:*:*"];
@@ -90,9 +95,23 @@ impl Answer {
 }
 
 async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    send_from(None, method, url, headers, body).await
+}
+
+/// [`send`] from the local address `from` (any of 127.0.0.0/8 reaches a
+/// service on 127.0.0.1), or the system's choice.
+async fn send_from(
+    from: Option<IpAddr>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let mut connector = HttpConnector::new();
+    connector.set_local_address(from);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
-        .build_http();
+        .build(connector);
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -127,6 +146,9 @@ fn decode(token: &str) -> (Value, Value) {
 /// `auth` serving on 127.0.0.1 at an ephemeral port.
 struct Auth {
     url: String,
+    /// The same service in-process: requests through it have no peer
+    /// address.
+    router: axum::Router,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), chassis::service::ServeError>>>,
 }
@@ -169,12 +191,14 @@ async fn start_clocked(dir: &Path, clock: impl Clock, tweak: impl FnOnce(&mut Se
         .config(Config::default())
         .build()
         .expect("auth builds");
+    let router = service.router();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(service.serve_with(listener, async move {
         let _ = rx.await;
     }));
     Auth {
         url,
+        router,
         stop: Some(tx),
         task: Some(task),
     }
@@ -197,6 +221,35 @@ impl Auth {
             &[],
         )
         .await
+    }
+
+    /// [`Auth::login`] over a connection from the local address `from`.
+    async fn login_from(&self, from: &str, user: &str, password: &str) -> Answer {
+        send_from(
+            Some(from.parse().unwrap()),
+            Method::POST,
+            &self.url("/auth/v1/token"),
+            &[("content-type", FORM)],
+            &format!("grant_type=password&username={user}&password={password}"),
+        )
+        .await
+    }
+
+    /// [`Auth::login`] through the router in-process, without a socket.
+    async fn login_in_process(&self, user: &str, password: &str) -> Answer {
+        let req = Request::post("/auth/v1/token")
+            .header("content-type", FORM)
+            .body(axum::body::Body::from(format!(
+                "grant_type=password&username={user}&password={password}"
+            )))
+            .unwrap();
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let (parts, body) = res.into_parts();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
     }
 
     /// An access token for `user`, who must exist.
@@ -1244,6 +1297,84 @@ async fn clients_are_throttled_too_and_so_are_failures_over_many_names() {
     assert!(after > before, "{before} -> {after}");
     clock.advance(50);
     assert_eq!(auth.login("bob", "bob-password").await.status, 200);
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn failures_over_many_names_from_one_address_lock_the_address() {
+    const HERE: &str = "127.0.0.1";
+    const ELSEWHERE: &str = "127.0.0.2";
+    let dir = TempDir::new("throttle-address");
+    let clock = manual_clock();
+    let auth = start_clocked(dir.path(), clock.clone(), |s| {
+        s.login.address_max_failures = 4;
+    })
+    .await;
+    let throttled = || auth.counter("auth_login_throttled_total", "limit=\"address\"");
+    let before = throttled().await;
+
+    // Without a peer address (in-process, no socket), failures count per
+    // name and in total only: more than the address limit, and none locks.
+    for i in 0..6 {
+        let res = auth.login_in_process(&format!("nobody-{i}"), "guess").await;
+        assert_eq!(res.status, 400, "{res:?}");
+    }
+    // Over a socket: four failures from one address, each for another name,
+    // are checked; then that address waits, whatever the name or password.
+    for i in 0..4 {
+        let res = auth.login_from(HERE, &format!("user-{i}"), "guess").await;
+        assert_eq!(res.status, 400, "{res:?}");
+    }
+    for (user, password) in [
+        ("alice", "alice-password"),
+        ("bob", "guess"),
+        ("user-9", "guess"),
+    ] {
+        let res = auth.login_from(HERE, user, password).await;
+        assert_eq!(res.status, 429, "{res:?}");
+        assert_eq!(res.header("retry-after"), "60");
+        assert_eq!(res.json()["error"], "slow_down");
+    }
+    // Client authentication from there too.
+    let res = auth
+        .post_form(
+            "grant_type=client_credentials",
+            &[("authorization", &basic("orders", "orders-secret"))],
+        )
+        .await;
+    assert_eq!(res.status, 429, "{res:?}");
+    let after = throttled().await;
+    assert!(after >= before + 4, "{before} -> {after}");
+
+    // Neither in-process requests nor another address are locked, and a
+    // success from another address does not unlock this one.
+    let res = auth.login_in_process("alice", "alice-password").await;
+    assert_eq!(res.status, 200, "{res:?}");
+    for i in 0..3 {
+        let res = auth
+            .login_from(ELSEWHERE, &format!("other-{i}"), "guess")
+            .await;
+        assert_eq!(res.status, 400, "{res:?}");
+    }
+    let res = auth.login_from(ELSEWHERE, "bob", "bob-password").await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let res = auth.login_from(HERE, "alice", "alice-password").await;
+    assert_eq!(res.status, 429, "{res:?}");
+    assert_eq!(res.header("retry-after"), "60");
+
+    // The lock ends on the injected clock; a success does not forget the
+    // address's failures, so the next failure locks it for twice as long.
+    clock.advance(30);
+    let res = auth.login_from(HERE, "alice", "alice-password").await;
+    assert_eq!(res.header("retry-after"), "30", "{res:?}");
+    clock.advance(30);
+    let res = auth.login_from(HERE, "alice", "alice-password").await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let res = auth.login_from(HERE, "user-5", "guess").await;
+    assert_eq!(res.status, 400, "{res:?}");
+    let res = auth.login_from(HERE, "alice", "alice-password").await;
+    assert_eq!(res.status, 429, "{res:?}");
+    assert_eq!(res.header("retry-after"), "120");
     auth.stop().await;
 }
 
