@@ -92,7 +92,7 @@ pub struct TokenErrorResponse {
     /// `invalid_request`, `invalid_client`, `invalid_grant`,
     /// `invalid_scope`, `invalid_target`, `unauthorized_client`,
     /// `unsupported_grant_type`, `slow_down` (429: too many failed logins)
-    /// or `temporarily_unavailable` (503: every hashing slot is busy).
+    /// or a 503 problem with `Retry-After` when every hashing slot is busy.
     pub error: String,
     /// A human-readable explanation.
     #[serde(default, skip_serializing_if = "Option::is_none")]

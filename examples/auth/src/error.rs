@@ -145,8 +145,9 @@ impl OAuthError {
         }
     }
 
-    /// 503 `temporarily_unavailable` with `Retry-After: 1`: no hashing slot
-    /// freed up in time.
+    /// 503 with `Retry-After: 1`: no hashing slot freed up in time. The
+    /// client sees the chassis' generic 503 problem with this
+    /// `Retry-After` (no 5xx body of a handler reaches a client).
     pub(crate) const fn busy() -> Self {
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,

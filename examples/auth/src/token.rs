@@ -54,7 +54,7 @@
 //! counted in `auth_login_throttled_total{limit="name"|"address"|"global"}`
 //! (the address is the TCP peer's; `X-Forwarded-For` is not trusted). A check
 //! that cannot get a hashing slot within `AUTH_HASH_QUEUE_MS` is answered
-//! 503 `temporarily_unavailable` with `Retry-After`, counted in
+//! 503 with `Retry-After` (the chassis' generic problem), counted in
 //! `auth_hash_busy_total`. User names and client ids longer than 256 bytes
 //! and secrets longer than 1024 bytes are `invalid_request`.
 
