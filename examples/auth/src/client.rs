@@ -215,15 +215,7 @@ impl AuthClient {
         username: &str,
         password: &str,
     ) -> Result<TokenResponse, AuthClientError> {
-        self.token(
-            cx,
-            &[
-                ("grant_type", "password"),
-                ("username", username),
-                ("password", password),
-            ],
-        )
-        .await
+        self.password(cx, username, password, None).await
     }
 
     /// [`password_login`](Self::password_login) for a token addressed to
@@ -241,16 +233,25 @@ impl AuthClient {
         password: &str,
         audience: &str,
     ) -> Result<TokenResponse, AuthClientError> {
-        self.token(
-            cx,
-            &[
-                ("grant_type", "password"),
-                ("username", username),
-                ("password", password),
-                ("audience", audience),
-            ],
-        )
-        .await
+        self.password(cx, username, password, Some(audience)).await
+    }
+
+    async fn password(
+        &self,
+        cx: &CallContext,
+        username: &str,
+        password: &str,
+        audience: Option<&str>,
+    ) -> Result<TokenResponse, AuthClientError> {
+        let mut form = vec![
+            ("grant_type", "password"),
+            ("username", username),
+            ("password", password),
+        ];
+        if let Some(audience) = audience {
+            form.push(("audience", audience));
+        }
+        self.token(cx, &form).await
     }
 
     /// The refresh grant: a new access token and a new refresh token; the
