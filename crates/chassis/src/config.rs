@@ -43,9 +43,11 @@
 //!
 //! A setting of a part the chassis was built without is not ignored: with
 //! the `jwt` feature off, every `CHASSIS_AUTH_*` variable set is a problem
-//! that names the feature, and so is `CHASSIS_TLS_CA_FILE` with `tls` off.
-//! A deployment that means to verify tokens then never starts a service
-//! that would not.
+//! that names the feature. A deployment that means to verify tokens then
+//! never starts a service that would not. `CHASSIS_TLS_CA_FILE` is the one
+//! exception: it widens what outbound TLS trusts, a build without `tls`
+//! opens no outbound connection, and platforms often set it for every
+//! workload, so it is ignored there.
 //!
 //! # Example
 //!
@@ -139,7 +141,7 @@ impl Env {
     }
 
     /// The names of the variables set that start with `prefix`.
-    #[cfg(not(all(feature = "jwt", feature = "tls")))]
+    #[cfg(not(feature = "jwt"))]
     fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
         match &self.source {
             Source::Process => std::env::vars_os()
@@ -580,11 +582,9 @@ impl Config {
             }
             path
         };
+        // Without outbound TLS there is nothing for extra CAs to widen.
         #[cfg(not(feature = "tls"))]
-        let tls_ca_file = {
-            refuse_without_feature(r, "CHASSIS_TLS_CA_FILE", "tls", "outbound TLS");
-            None
-        };
+        let tls_ca_file = None;
         Self {
             bind,
             log: log.0,
@@ -614,7 +614,7 @@ impl Config {
 /// Records a problem for each variable named `prefix…` that is set, when
 /// the part that reads them, `feature`, was not built: a setting is never
 /// silently ignored.
-#[cfg(not(all(feature = "jwt", feature = "tls")))]
+#[cfg(not(feature = "jwt"))]
 fn refuse_without_feature(r: &mut Reader<'_>, prefix: &str, feature: &str, part: &str) {
     let mut names = r.env.names_with_prefix(prefix);
     names.sort_unstable();
@@ -698,12 +698,10 @@ mod tests {
 
     #[cfg(not(feature = "tls"))]
     #[test]
-    fn a_ca_file_without_tls_is_a_problem_naming_the_feature() {
-        let env = Env::from_pairs([("CHASSIS_TLS_CA_FILE", "/etc/ssl/extra.pem")]);
-        let err = Config::from_env(&env).unwrap_err();
-        assert_eq!(err.problems().len(), 1);
-        assert_eq!(err.problems()[0].name, "CHASSIS_TLS_CA_FILE");
-        assert!(err.problems()[0].message.contains("`tls` feature"), "{err}");
+    fn a_ca_file_without_tls_is_ignored() {
+        let env = Env::from_pairs([("CHASSIS_TLS_CA_FILE", "/nonexistent/extra.pem")]);
+        let c = Config::from_env(&env).unwrap();
+        assert_eq!(c.tls_ca_file, None);
     }
 
     #[cfg(feature = "tls")]

@@ -92,9 +92,11 @@
 //! Without `jwt` a service serves public API routes only: a route that
 //! `.requires(..)` a permission fails [`ServiceBuilder::build`] (exit 70
 //! from [`ServiceBuilder::run`]) with a message naming the `jwt` feature,
-//! and a `CHASSIS_AUTH_*` variable set in its environment (or, without
-//! `tls`, `CHASSIS_TLS_CA_FILE`) is a configuration problem naming the
-//! feature (exit 78), never a setting silently ignored.
+//! and a `CHASSIS_AUTH_*` variable set in its environment is a
+//! configuration problem naming the feature (exit 78), never a setting
+//! silently ignored. `CHASSIS_TLS_CA_FILE` is ignored without `tls`: such a
+//! build opens no outbound connection, and platforms often set it for
+//! every workload.
 //!
 //! # Minimum supported Rust version
 //!
