@@ -30,7 +30,7 @@
 //! TLS runs on rustls with aws-lc-rs (the crypto library of the token
 //! verification), trusts the platform's roots (`SSL_CERT_FILE` and
 //! `SSL_CERT_DIR` honoured) plus the PEM bundle in `CHASSIS_TLS_CA_FILE`
-//! ([`CaBundle`]), and always verifies the certificate chain and the host
+//! (the chassis' [`ClientTls`](chassis::tls::ClientTls)), and always verifies the certificate chain and the host
 //! name. A missing, unreadable or invalid `CHASSIS_TLS_CA_FILE` stops the
 //! start like any other invalid setting.
 //!
