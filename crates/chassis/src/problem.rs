@@ -754,7 +754,11 @@ fn with_correlation(mut res: Response, id: Option<&CorrelationId>) -> Response {
     let fresh = problem.0.with_correlation_id(id.clone()).render();
     let (mut parts, _) = res.into_parts();
     let (new_parts, body) = fresh.into_parts();
-    parts.headers = new_parts.headers;
+    // The problem's own headers again (content type and length of the new
+    // body among them), and every header a layer added on the way out
+    // (CORS, `Vary`, ...) kept.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.extend(new_parts.headers);
     Response::from_parts(parts, body)
 }
 

@@ -179,6 +179,7 @@ pub struct ServiceBuilder {
     version: u32,
     api: Api,
     api_layers: Vec<ApiLayer>,
+    outer_layers: Vec<ApiLayer>,
     health: Health,
     tasks: Vec<(String, TaskFn)>,
     config: Option<Config>,
@@ -237,6 +238,7 @@ impl ServiceBuilder {
             version,
             api: Api::new(),
             api_layers: Vec::new(),
+            outer_layers: Vec::new(),
             health: Health::new(),
             tasks: Vec::new(),
             config: None,
@@ -299,6 +301,49 @@ impl ServiceBuilder {
         <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
     {
         self.api_layers
+            .push(Box::new(move |r: MethodRouter| r.layer(layer.clone())));
+        self
+    }
+
+    /// Adds a layer around every API route **outside** the guard, the audit
+    /// and the protection layers, and inside correlation, problem and
+    /// observation: the place for a service's own HTTP policy, such as
+    /// tower-http's `CorsLayer` (a CORS preflight is answered before
+    /// authentication, so a browser can ask before it sends a token) or
+    /// `CompressionLayer`. Its responses carry the correlation id and are
+    /// counted and logged like any other; what it answers itself is neither
+    /// authenticated nor audited, so it must grant nothing. Layers added
+    /// first are outermost. With none, the API's stack is one level, as
+    /// always; with some, one more level per route.
+    ///
+    /// ```
+    /// use chassis::{ServiceBuilder, api::{self, Api}};
+    ///
+    /// // A layer of the service's own (tower-http's CorsLayer fits here).
+    /// let stamp = axum::middleware::map_response(|mut res: axum::response::Response| async move {
+    ///     res.headers_mut().insert("x-edge", http::HeaderValue::from_static("1"));
+    ///     res
+    /// });
+    /// let service = ServiceBuilder::new("shop", 1)
+    ///     .api(Api::new().route(api::get("/items", || async { "[]" }).public()))
+    ///     .outer_layer(stamp)
+    ///     .config(chassis::Config::default())
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = service;
+    /// ```
+    pub fn outer_layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: tower::Service<axum::extract::Request, Error = std::convert::Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Response: IntoResponse + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
+    {
+        self.outer_layers
             .push(Box::new(move |r: MethodRouter| r.layer(layer.clone())));
         self
     }
@@ -456,8 +501,7 @@ impl ServiceBuilder {
             ($optional:expr) => {{
                 let optional = $optional;
                 for path in api {
-                    let stack = Stack::new()
-                        .layer(front.clone())
+                    let inner = Stack::new()
                         .layer(protect.clone())
                         .layer(optional.clone())
                         .layer(path.guard_layer());
@@ -465,7 +509,18 @@ impl ServiceBuilder {
                     for layer in self.api_layers.iter().rev() {
                         handlers = layer(handlers);
                     }
-                    router = router.route(&path.path, handlers.layer(stack));
+                    let handlers = if self.outer_layers.is_empty() {
+                        handlers.layer(Stack::new().layer(front.clone()).layer(inner))
+                    } else {
+                        // The service's outer layers sit between the front
+                        // and the rest: one more level per route.
+                        let mut guarded = handlers.layer(inner);
+                        for layer in self.outer_layers.iter().rev() {
+                            guarded = layer(guarded);
+                        }
+                        guarded.layer(front.clone())
+                    };
+                    router = router.route(&path.path, handlers);
                 }
             }};
         }
