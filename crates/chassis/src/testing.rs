@@ -46,6 +46,7 @@ use serde_json::{Value, json};
 use crate::auth::{Key, Verifier};
 
 mod pki;
+mod token_endpoint;
 
 pub use pki::{TestCert, TestPki};
 
@@ -143,6 +144,44 @@ impl TestIssuer {
             "kind": kind,
             "perms": perms,
         }))
+    }
+
+    /// A [`TokenSource`](crate::client::TokenSource) for the service
+    /// `client_id` holding `perms`, from a token endpoint this issuer serves
+    /// on loopback until the runtime ends: the client-credentials grant
+    /// (with `audience`, else this issuer's audience) and RFC 8693 token
+    /// exchange (the subject token's `sub`, `kind` and `perms`, the audience
+    /// asked for, `act` naming the client). Service-identity calls are then
+    /// tested in-process, through the real client and verifier.
+    ///
+    /// ```
+    /// use chassis::testing::TestIssuer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let issuer = TestIssuer::new();
+    /// let tokens = issuer.token_source("orders", &["ticketing:*:reserve:ticket"]).await;
+    /// let header = tokens.authorization().await.unwrap();
+    /// let token = header.to_str().unwrap().strip_prefix("Bearer ").unwrap();
+    /// let principal = issuer.verifier().verify_token(token).await.unwrap();
+    /// assert_eq!(principal.subject(), "orders");
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If no loopback port can be bound (a test helper: the panic is the
+    /// test's failure).
+    pub async fn token_source(
+        &self,
+        client_id: &str,
+        perms: &[&str],
+    ) -> crate::client::TokenSource {
+        token_endpoint::serve(self.clone(), client_id, perms).await
+    }
+
+    fn public_key(&self) -> jsonwebtoken::DecodingKey {
+        jsonwebtoken::DecodingKey::from_ed_pem(PUBLIC_PEM).expect("the test key is valid")
     }
 
     /// Signs any claims (for tests of expired or malformed tokens).

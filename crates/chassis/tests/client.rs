@@ -810,3 +810,61 @@ async fn an_audience_without_a_token_source_is_a_clear_error() {
         "{err:?}"
     );
 }
+
+/// Service-identity and on-behalf-of calls tested in-process: the test
+/// issuer's token endpoint, the real client, a real service verifying the
+/// tokens it mints.
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn the_test_issuers_token_source_serves_both_identities() {
+    use chassis::{
+        ServiceBuilder,
+        api::{self, Api},
+        testing::TestIssuer,
+    };
+    let ticketing_tokens = TestIssuer::with("https://issuer.test", "ticketing");
+    let svc = ServiceBuilder::new("ticketing", 1)
+        .api(
+            Api::new().route(
+                api::post("/{account}/reservations", || async { "reserved" })
+                    .requires("ticketing:{account}:reserve:ticket"),
+            ),
+        )
+        .verifier(ticketing_tokens.verifier())
+        .config(chassis::Config::default())
+        .build()
+        .unwrap();
+    let addr = serve(svc.router()).await;
+
+    let issuer = TestIssuer::new();
+    let tokens = issuer
+        .token_source("orders", &["ticketing:*:reserve:ticket"])
+        .await;
+    let d = quick("ticketing", &format!("http://{addr}"))
+        .audience("ticketing")
+        .token_source(tokens)
+        .build()
+        .unwrap();
+    let path = "/ticketing/v1/acme/reservations";
+
+    // As the service: its own grant.
+    let background = CallContext::background();
+    let res = d.as_service(&background).post(path).send().await.unwrap();
+    assert_eq!(res.body().as_ref(), b"reserved");
+
+    // On behalf of a user: the user's grants, exchanged for ticketing.
+    for (perms, allowed) in [
+        (&["ticketing:acme:reserve:ticket"][..], true),
+        (&[][..], false),
+    ] {
+        let user = issuer.user_token("ann", perms);
+        let principal = issuer.verifier().verify_token(&user).await.unwrap();
+        let cx = CallContext::background().with_principal(principal);
+        let result = d.on_behalf_of(&cx).post(path).send().await;
+        match (result, allowed) {
+            (Ok(res), true) => assert_eq!(res.body().as_ref(), b"reserved"),
+            (Err(ClientError::Status { status, .. }), false) => assert_eq!(status, 403),
+            (other, _) => panic!("{perms:?}: {other:?}"),
+        }
+    }
+}
