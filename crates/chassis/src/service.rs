@@ -568,28 +568,73 @@ impl ServiceBuilder {
     /// not set), sets up logging, builds (exit 70 on a programming error,
     /// such as a route that requires a permission in a build without the
     /// `jwt` feature), binds `CHASSIS_BIND` and serves until SIGTERM or
-    /// SIGINT (exit 0).
-    pub async fn run(mut self) -> ExitCode {
+    /// SIGINT (exit 0). [`run_with`](Self::run_with) with no settings of the
+    /// service's own and nothing to set up.
+    pub async fn run(self) -> ExitCode {
+        self.run_with(
+            |_, _| (),
+            |builder, (), _| async move { Ok::<_, std::convert::Infallible>(builder) },
+        )
+        .await
+    }
+
+    /// `main` for a service with settings and start-up work of its own, in
+    /// this order:
+    ///
+    /// 1. `read` reads the service's settings with the same
+    ///    [`Reader`](crate::config::Reader) as `CHASSIS_*` (it also sees
+    ///    the chassis' [`Config`]), so every problem of both is listed at
+    ///    once (exit 78);
+    /// 2. logging starts, so nothing `app` logs is lost;
+    /// 3. `CHASSIS_BIND` is bound, so `app` knows the service's address
+    ///    (with port 0, the one the system chose);
+    /// 4. `app` gets this builder, the settings and the address, and returns
+    ///    the builder with its API, checks and tasks (opening a database,
+    ///    say); an error is logged and exits 1;
+    /// 5. the service is built and serves as [`run`](Self::run) does.
+    ///
+    /// ```no_run
+    /// use chassis::{ServiceBuilder, api::{self, Api}, config::Reader};
+    ///
+    /// struct Settings { greeting: String }
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> std::process::ExitCode {
+    ///     ServiceBuilder::new("hello", 1)
+    ///         .run_with(
+    ///             |r: &mut Reader<'_>, _| Settings {
+    ///                 greeting: r.optional("HELLO_GREETING", "hello".to_owned(), "the greeting"),
+    ///             },
+    ///             |builder, settings, address| async move {
+    ///                 tracing::info!(%address, "setting up");
+    ///                 let greeting = settings.greeting;
+    ///                 Ok::<_, std::io::Error>(builder.api(Api::new().route(
+    ///                     api::get("/greeting", move || async move { greeting }).public(),
+    ///                 )))
+    ///             },
+    ///         )
+    ///         .await
+    /// }
+    /// ```
+    pub async fn run_with<S, F, Fut, E>(
+        mut self,
+        read: impl FnOnce(&mut crate::config::Reader<'_>, &Config) -> S,
+        app: F,
+    ) -> ExitCode
+    where
+        F: FnOnce(ServiceBuilder, S, SocketAddr) -> Fut,
+        Fut: Future<Output = Result<ServiceBuilder, E>>,
+        E: fmt::Display,
+    {
+        let env = Env::process();
+        let mut reader = crate::config::Reader::new(&env);
         let config = match self.config.take() {
             Some(c) => c,
-            None => match Config::from_env(&Env::process()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(crate::config::EXIT_CONFIG);
-                }
-            },
+            None => Config::read(&mut reader),
         };
-        #[cfg(feature = "jwt")]
-        if config.auth.is_none() && self.verifier.is_none() && self.api.requires_auth() {
-            // A deployment problem, not a programming one: say which setting.
-            eprintln!(
-                "{}",
-                crate::config::ConfigError::new(vec![crate::config::ConfigProblem {
-                    name: "CHASSIS_AUTH_ISSUER".to_owned(),
-                    message: "required: the API has routes that require a permission, so tokens must be verified (set CHASSIS_AUTH_ISSUER and CHASSIS_AUTH_AUDIENCE; the keys are discovered from the issuer unless CHASSIS_AUTH_JWKS_URL is set)".to_owned(),
-                }])
-            );
+        let settings = read(&mut reader, &config);
+        if let Err(e) = reader.finish() {
+            eprintln!("{e}");
             return ExitCode::from(crate::config::EXIT_CONFIG);
         }
         let _telemetry = crate::telemetry::init(&self.name, &config);
@@ -599,7 +644,43 @@ impl ServiceBuilder {
         if let Ok(tls) = crate::tls::ClientTls::from_ca_file(config.tls_ca_file.as_deref()) {
             tls.install_global();
         }
-        let service = match self.config(config).build() {
+        let listener = match TcpListener::bind(config.bind).await {
+            Ok(l) => l,
+            Err(source) => {
+                return stopped(&ServeError::Bind {
+                    addr: config.bind,
+                    source,
+                });
+            }
+        };
+        let address = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => return stopped(&ServeError::Io(e)),
+        };
+        let name = self.name.clone();
+        let builder = match app(self.config(config), settings, address).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("{name} cannot start: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        #[cfg(feature = "jwt")]
+        if builder.config.as_ref().is_some_and(|c| c.auth.is_none())
+            && builder.verifier.is_none()
+            && builder.api.requires_auth()
+        {
+            // A deployment problem, not a programming one: say which setting.
+            let e = crate::config::ConfigError::new(vec![crate::config::ConfigProblem {
+                name: "CHASSIS_AUTH_ISSUER".to_owned(),
+                message: "required: the API has routes that require a permission, so tokens must be verified (set CHASSIS_AUTH_ISSUER and CHASSIS_AUTH_AUDIENCE; the keys are discovered from the issuer unless CHASSIS_AUTH_JWKS_URL is set)".to_owned(),
+            }]);
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("{e}");
+            return ExitCode::from(crate::config::EXIT_CONFIG);
+        }
+        let service = match builder.build() {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot build the service");
@@ -607,15 +688,21 @@ impl ServiceBuilder {
                 return ExitCode::from(EXIT_SOFTWARE);
             }
         };
-        match service.serve().await {
+        match service
+            .serve_with(listener, crate::shutdown::signal())
+            .await
+        {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = %e, "service stopped");
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
+            Err(e) => stopped(&e),
         }
     }
+}
+
+/// Logs why the service stopped, and exits 1.
+fn stopped(e: &ServeError) -> ExitCode {
+    tracing::error!(error = %e, "service stopped");
+    eprintln!("{e}");
+    ExitCode::FAILURE
 }
 
 /// The body limit axum's extractors apply unless told otherwise.

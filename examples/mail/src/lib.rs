@@ -356,6 +356,20 @@ pub enum AppError {
 /// cannot be created, or TLS to the relay cannot be set up (no trusted
 /// root at all).
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
+    app_on(ServiceBuilder::new("mail", 1), settings).await
+}
+
+/// [`app`] on a builder given by the caller, as
+/// [`ServiceBuilder::run_with`] hands one over (with the chassis'
+/// configuration set and logging started).
+///
+/// # Errors
+///
+/// As [`app`].
+pub async fn app_on(
+    builder: ServiceBuilder,
+    settings: Settings,
+) -> Result<ServiceBuilder, AppError> {
     let db = Database::open_migrated(&settings.db, &sqlx::migrate!()).await?;
     let store = Store::new(db.clone());
     let transport = Arc::new(match &settings.smtp {
@@ -387,6 +401,7 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
                 path: dir.clone(),
                 source,
             })?;
+            tracing::info!(dir = %dir.display(), "no SMTP relay configured: mail is written to files");
             Transport::files(dir)
         }
     });
@@ -397,7 +412,7 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
         wake: wake.clone(),
     };
 
-    let mut builder = ServiceBuilder::new("mail", 1)
+    let mut builder = builder
         .api(api::routes())
         .api_layer(axum::Extension(state))
         .health_check("database", db, CheckOptions::default())

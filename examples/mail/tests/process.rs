@@ -93,6 +93,17 @@ async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
     assert_eq!(stopped, 2, "{lines:#?}");
     assert!(!lines.concat().contains("cut"), "{lines:#?}");
     assert!(json.iter().any(|l| l["message"] == "stopped"));
+    // What the app logged while it was set up, before it served, is kept.
+    let setup = json
+        .iter()
+        .position(|l| l["message"] == "no SMTP relay configured: mail is written to files")
+        .expect("the set-up line");
+    let listening = json
+        .iter()
+        .position(|l| l["message"] == "listening")
+        .unwrap();
+    assert!(setup < listening, "{lines:#?}");
+    assert_eq!(json[setup]["service"], "mail");
 }
 
 #[test]
