@@ -177,10 +177,12 @@ use crate::{
     tls::ClientTls,
 };
 
+mod driver;
 mod error;
 mod token;
 mod transport;
 
+pub use driver::{Api, Calls, DriverClient};
 pub use error::{ClientError, RemoteProblem};
 pub use token::{TokenError, TokenSource};
 

@@ -1,50 +1,20 @@
-//! What the tests share: a temporary data directory, the service on a real
-//! loopback socket, callers with test tokens, and a driver client.
+//! What the tests share: the service on a real loopback socket, callers
+//! with test tokens, and a driver client (temporary directories, polling
+//! and refusals come from `chassis::testing`).
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::{
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
+pub use chassis::testing::{TempDir, eventually, refusal};
 use chassis::{
-    client::{CallContext, ClientError, Downstream},
+    client::{CallContext, Downstream},
     config::{Config, Env, Reader},
     service::ServeError,
     testing::TestIssuer,
 };
 use ticketing::client::{NewTicket, TicketingClient};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-
-/// A directory under the system's temporary directory, removed on drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ticketing-test-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temporary directory");
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The service serving on 127.0.0.1 at an ephemeral port.
 #[derive(Debug)]
@@ -148,18 +118,6 @@ pub fn day_pass(capacity: u32) -> NewTicket {
     }
 }
 
-/// The status and problem document of a refused call.
-pub fn refusal(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, serde_json::Value) {
-    match result {
-        Err(ClientError::Status { status, body, .. }) => (
-            status.as_u16(),
-            serde_json::from_slice(&body)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body))),
-        ),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
 /// Sends `request` (an HTTP/1.1 request without its `Host`, `Connection`
 /// and `Content-Length` headers) as raw bytes; returns the whole answer as
 /// text.
@@ -179,20 +137,4 @@ pub async fn raw_http(addr: std::net::SocketAddr, request: &str) -> String {
         .expect("an answer in time")
         .unwrap();
     String::from_utf8_lossy(&answer).into_owned()
-}
-
-/// Polls `check` every 100 ms until it holds, for at most 60 s.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
