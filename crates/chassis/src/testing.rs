@@ -60,9 +60,7 @@ mod support;
 mod token_endpoint;
 
 pub use pki::{TestCert, TestPki};
-pub use process::{
-    ProcessCheck, READY_WITHIN, ServiceProcess, ServiceProcessBuilder, parse_lines,
-};
+pub use process::{ProcessCheck, READY_WITHIN, ServiceProcess, ServiceProcessBuilder, parse_lines};
 pub use support::{EVENTUALLY_WITHIN, TempDir, eventually, eventually_within, refusal};
 
 const PRIVATE_PEM: &[u8] = include_bytes!("testing/test-ed25519.pem");

@@ -28,9 +28,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ::time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::format_description};
 
-const RFC3339_MILLIS: &[BorrowedFormatItem<'static>] = format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-);
+const RFC3339_MILLIS: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
 
 /// Milliseconds from the Unix epoch to `t` (0 before it, `i64::MAX` past
 /// what an `i64` holds).
@@ -71,7 +70,10 @@ mod tests {
     fn formats_are_fixed_width_and_utc() {
         assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_millis(-5), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_millis(4_102_444_799_000), "2099-12-31T23:59:59.000Z");
+        assert_eq!(
+            rfc3339_millis(4_102_444_799_000),
+            "2099-12-31T23:59:59.000Z"
+        );
         assert_eq!(rfc3339_millis(i64::MAX), "9999-12-31T23:59:59.999Z");
         assert_eq!(unix_millis(UNIX_EPOCH - Duration::from_secs(1)), 0);
         let a = now_rfc3339();

@@ -398,7 +398,9 @@ mod tests {
         assert_eq!(f.optional("b", string), Some(Some("x")));
         let mut data = f.object("data").unwrap();
         assert_eq!(
-            data.required("q", |v| (integer(v)? > 0).then_some(()).ok_or("must be positive")),
+            data.required("q", |v| (integer(v)? > 0)
+                .then_some(())
+                .ok_or("must be positive")),
             None
         );
         f.merge(data);
@@ -430,8 +432,14 @@ mod tests {
 
     #[test]
     fn pointers_escape_as_rfc_6901_and_3986_say() {
-        assert_eq!(FieldError::at(&["a/b", "m~n"], "x").pointer(), "#/a~1b/m~0n");
-        assert_eq!(FieldError::at(&["a b", "é"], "x").pointer(), "#/a%20b/%C3%A9");
+        assert_eq!(
+            FieldError::at(&["a/b", "m~n"], "x").pointer(),
+            "#/a~1b/m~0n"
+        );
+        assert_eq!(
+            FieldError::at(&["a b", "é"], "x").pointer(),
+            "#/a%20b/%C3%A9"
+        );
         assert_eq!(FieldError::at(&[], "x").pointer(), "#");
         assert_eq!(FieldError::field("", "x").pointer(), "#/");
     }

@@ -232,7 +232,9 @@ impl Calls<'_> {
     ///
     /// A [`ClientError`]; 404 when the account has no such ticket.
     pub async fn get_ticket(self, account: &AccountId, id: &str) -> Result<Ticket, ClientError> {
-        let path = self.0.path("/ticketing/v1/{}/tickets/{}", &[account, &id])?;
+        let path = self
+            .0
+            .path("/ticketing/v1/{}/tickets/{}", &[account, &id])?;
         self.0.get_json(&path).await
     }
 
@@ -272,7 +274,9 @@ impl Calls<'_> {
         account: &AccountId,
         id: &str,
     ) -> Result<Reservation, ClientError> {
-        let path = self.0.path("/ticketing/v1/{}/reservations/{}", &[account, &id])?;
+        let path = self
+            .0
+            .path("/ticketing/v1/{}/reservations/{}", &[account, &id])?;
         self.0.get_json(&path).await
     }
 

@@ -24,8 +24,10 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
         .envs(&AUTH)
         .data_dir("TICKETING_DATA_DIR")
         .spawn();
-    let check = ProcessCheck::new("ticketing")
-        .protected("/ticketing/v1/acme/tickets", "/ticketing/v1/{account}/tickets");
+    let check = ProcessCheck::new("ticketing").protected(
+        "/ticketing/v1/acme/tickets",
+        "/ticketing/v1/{account}/tickets",
+    );
     check.serving(&ticketing).await;
     assert!(ticketing.data_dir().unwrap().join("ticketing.db").exists());
     check.stopped(ticketing).await;

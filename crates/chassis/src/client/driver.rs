@@ -175,7 +175,11 @@ impl<'a> Calls<'a> {
     ///
     /// [`ClientError::InvalidRequest`] for a segment that is not an
     /// identifier, or when the number of `{}` and of segments differ.
-    pub fn path(&self, template: &str, segments: &[&dyn fmt::Display]) -> Result<String, ClientError> {
+    pub fn path(
+        &self,
+        template: &str,
+        segments: &[&dyn fmt::Display],
+    ) -> Result<String, ClientError> {
         let invalid = |message: String| ClientError::InvalidRequest {
             downstream: Arc::from(self.downstream.name()),
             message,
@@ -282,8 +286,7 @@ fn is_identifier(s: &str) -> bool {
     (1..=128).contains(&s.len())
         && s != "."
         && s != ".."
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b':' | b'-'))
 }
 
@@ -292,7 +295,9 @@ mod tests {
     use super::*;
 
     fn with_calls(check: impl FnOnce(Calls<'_>)) {
-        let downstream = Downstream::builder("svc", "http://127.0.0.1:9").build().unwrap();
+        let downstream = Downstream::builder("svc", "http://127.0.0.1:9")
+            .build()
+            .unwrap();
         let cx = CallContext::background();
         check(Calls::new(&downstream, downstream.anonymous(&cx)));
     }
@@ -301,11 +306,27 @@ mod tests {
     fn paths_take_identifiers_only() {
         with_calls(|calls| {
             assert_eq!(calls.path("/a/{}/b/{}", &[&"x", &7]).unwrap(), "/a/x/b/7");
-            assert_eq!(calls.path("/a/{}", &[&"v1.2~x:y-z_"]).unwrap(), "/a/v1.2~x:y-z_");
+            assert_eq!(
+                calls.path("/a/{}", &[&"v1.2~x:y-z_"]).unwrap(),
+                "/a/v1.2~x:y-z_"
+            );
             assert_eq!(calls.path("/a", &[]).unwrap(), "/a");
-            for bad in ["", ".", "..", "a/b", "a b", "a?b", "é", "%2F", &"k".repeat(129)] {
+            for bad in [
+                "",
+                ".",
+                "..",
+                "a/b",
+                "a b",
+                "a?b",
+                "é",
+                "%2F",
+                &"k".repeat(129),
+            ] {
                 let e = calls.path("/a/{}/b", &[&bad]).unwrap_err();
-                assert!(matches!(e, ClientError::InvalidRequest { .. }), "{bad:?}: {e}");
+                assert!(
+                    matches!(e, ClientError::InvalidRequest { .. }),
+                    "{bad:?}: {e}"
+                );
                 assert_eq!(e.downstream(), "svc");
             }
             assert!(calls.path("/a/{}/{}", &[&"x"]).is_err());

@@ -224,7 +224,10 @@ mod tests {
         assert_eq!((status, retry), (StatusCode::INTERNAL_SERVER_ERROR, None));
         assert!(!json.to_string().contains("CHECK"), "{json}");
 
-        assert_eq!(Failure::of(&sqlx::Error::PoolTimedOut), Failure::Unavailable);
+        assert_eq!(
+            Failure::of(&sqlx::Error::PoolTimedOut),
+            Failure::Unavailable
+        );
         assert_eq!(Failure::of(&sqlx::Error::RowNotFound), Failure::Other);
         a.close().await;
         b.close().await;

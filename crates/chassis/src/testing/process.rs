@@ -345,7 +345,9 @@ impl Drop for ServiceProcess {
 pub fn parse_lines(lines: &[String]) -> Vec<Value> {
     lines
         .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {l}")))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {l}"))
+        })
         .collect()
 }
 
@@ -474,7 +476,11 @@ impl ProcessCheck {
             .and_then(|r| r.json())
             .expect("/info answers JSON");
         assert_eq!(info["service"], self.service.as_str(), "/info: {info}");
-        assert_eq!(info["build"]["package"], self.package.as_str(), "/info: {info}");
+        assert_eq!(
+            info["build"]["package"],
+            self.package.as_str(),
+            "/info: {info}"
+        );
 
         if let Some((path, route)) = &self.protected {
             let id = CorrelationId::parse(&self.correlation_id).expect("a valid correlation id");
@@ -514,7 +520,11 @@ impl ProcessCheck {
             });
             assert!(counted, "the refused call is not in /metrics:\n{text}");
         } else {
-            calls.get("/metrics").send().await.expect("/metrics answers 200");
+            calls
+                .get("/metrics")
+                .send()
+                .await
+                .expect("/metrics answers 200");
         }
     }
 
@@ -548,14 +558,24 @@ impl ProcessCheck {
                     .collect()
             };
             let access = of_call("chassis::access");
-            assert_eq!(access.len(), 1, "one access line for the refused call:\n{}", dump());
+            assert_eq!(
+                access.len(),
+                1,
+                "one access line for the refused call:\n{}",
+                dump()
+            );
             let access = access[0];
             assert_eq!(access["route"], route.as_str(), "{access}");
             assert_eq!(access["status"], 401, "{access}");
             assert_eq!(access["service"], self.service.as_str(), "{access}");
 
             let audit = of_call("audit");
-            assert_eq!(audit.len(), 1, "one audit event for the refused call:\n{}", dump());
+            assert_eq!(
+                audit.len(),
+                1,
+                "one audit event for the refused call:\n{}",
+                dump()
+            );
             let audit = audit[0];
             assert_eq!(audit["level"], "INFO", "{audit}");
             assert_eq!(audit["message"], "audit", "{audit}");

@@ -4,12 +4,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
+pub use chassis::testing::{TempDir, eventually};
 use chassis::{
     ServiceBuilder,
     client::{CallContext, Downstream},
@@ -74,20 +71,11 @@ pub async fn wait_ready(base: &str) {
         .unwrap();
     probe.breaker().disable(true);
     let cx = CallContext::background();
-    let start = tokio::time::Instant::now();
-    while probe
-        .anonymous(&cx)
-        .get("/health/ready")
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{base} never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let calls = probe.anonymous(&cx);
+    eventually(&format!("{base} to be ready"), || async move {
+        calls.get("/health/ready").send().await.is_ok()
+    })
+    .await;
 }
 
 /// Settings read from `pairs` as the service would read its environment.
@@ -99,12 +87,6 @@ fn pairs(list: &[(&str, String)]) -> Vec<(String, String)> {
     list.iter()
         .map(|(k, v)| ((*k).to_owned(), v.clone()))
         .collect()
-}
-
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("orders-test-{name}-{}", chassis::id::uuid_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The chassis settings of a service that trusts the test system's auth.
@@ -125,7 +107,7 @@ fn chassis_config(env: &Env) -> Config {
 }
 
 pub struct System {
-    pub dir: PathBuf,
+    pub dir: TempDir,
     pub auth: Node,
     pub ticketing: Node,
     pub mail: Node,
@@ -141,7 +123,7 @@ impl System {
     /// Starts the four services; `orders_env` adds or overrides orders'
     /// settings.
     pub async fn start(name: &str, orders_env: &[(&str, &str)]) -> Self {
-        let dir = temp_dir(name);
+        let dir = TempDir::new(&format!("orders-{name}"));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
 
         // Auth checks tokens on its own routes with its own key set, so it
@@ -166,9 +148,9 @@ impl System {
         .await;
         let auth_url = auth.url();
 
-        let ticketing = start_ticketing(&dir, &auth_url, any).await;
+        let ticketing = start_ticketing(dir.path(), &auth_url, any).await;
 
-        let mail = start_mail(&dir, &auth_url, any).await;
+        let mail = start_mail(dir.path(), &auth_url, any).await;
 
         let mut orders_pairs = verifying(&auth_url);
         orders_pairs.extend(pairs(&[
@@ -213,7 +195,8 @@ impl System {
 
     /// Starts ticketing again on the same port and data.
     pub async fn restart_ticketing(&mut self) {
-        self.ticketing = start_ticketing(&self.dir, &self.auth.url(), self.ticketing.addr).await;
+        self.ticketing =
+            start_ticketing(self.dir.path(), &self.auth.url(), self.ticketing.addr).await;
     }
 
     /// Stops mail.
@@ -223,7 +206,7 @@ impl System {
 
     /// Starts mail again on the same port and data.
     pub async fn restart_mail(&mut self) {
-        self.mail = start_mail(&self.dir, &self.auth.url(), self.mail.addr).await;
+        self.mail = start_mail(self.dir.path(), &self.auth.url(), self.mail.addr).await;
     }
 
     /// Restarts orders on the same port and data (a new process would read
@@ -380,20 +363,4 @@ async fn start_mail(dir: &Path, auth: &str, addr: SocketAddr) -> Node {
         addr,
     )
     .await
-}
-
-/// Polls `f` until true, for at most 60 s.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = tokio::time::Instant::now();
-    while !f().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
