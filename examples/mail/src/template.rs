@@ -5,8 +5,8 @@ use serde_json::Value;
 use crate::{
     client::{ORDER_CONFIRMATION, OrderConfirmation, is_valid_message_id},
     format::Rendered,
-    job::FieldError,
 };
+use chassis::validation::{FieldError, Invalid};
 
 /// Longest free-text member of a template's data, in characters.
 const MAX_TEXT: usize = 200;
@@ -14,7 +14,7 @@ const MAX_TEXT: usize = 200;
 /// Checks `data` for `template` (known to be one of
 /// [`TEMPLATES`](crate::client::TEMPLATES)), adding a problem per invalid
 /// member to `errors`.
-pub(crate) fn validate(template: &str, data: &Value, errors: &mut Vec<FieldError>) {
+pub(crate) fn validate(template: &str, data: &Value, errors: &mut Invalid) {
     if template == ORDER_CONFIRMATION {
         validate_order_confirmation(data, errors);
     }
@@ -30,10 +30,10 @@ pub(crate) fn validate(template: &str, data: &Value, errors: &mut Vec<FieldError
 pub(crate) fn render(template: &str, data: &Value) -> Result<Rendered, String> {
     match template {
         ORDER_CONFIRMATION => {
-            let mut errors = Vec::new();
+            let mut errors = Invalid::new();
             validate_order_confirmation(data, &mut errors);
-            if let Some(e) = errors.first() {
-                return Err(format!("{}: {}", e.field, e.message));
+            if let Some(e) = errors.errors().first() {
+                return Err(format!("{}: {}", e.pointer(), e.detail()));
             }
             let order: OrderConfirmation = serde_json::from_value(data.clone())
                 .map_err(|e| format!("data does not fit {ORDER_CONFIRMATION}: {e}"))?;
@@ -43,13 +43,13 @@ pub(crate) fn render(template: &str, data: &Value) -> Result<Rendered, String> {
     }
 }
 
-fn validate_order_confirmation(data: &Value, errors: &mut Vec<FieldError>) {
+fn validate_order_confirmation(data: &Value, errors: &mut Invalid) {
     let Some(obj) = data.as_object() else {
-        errors.push(FieldError::new("data", "must be an object"));
+        errors.push(FieldError::field("data", "must be an object"));
         return;
     };
-    let mut problem = |field: &str, message: &str| {
-        errors.push(FieldError::new(&format!("data.{field}"), message));
+    let mut problem = |field: &str, message: &'static str| {
+        errors.push(FieldError::at(&["data", field], message));
     };
     match obj.get("order_id") {
         Some(Value::String(s)) if is_valid_message_id(s) => {}
@@ -164,9 +164,12 @@ mod tests {
     use super::*;
 
     fn errors(data: &Value) -> Vec<String> {
-        let mut e = Vec::new();
+        let mut e = Invalid::new();
         validate(ORDER_CONFIRMATION, data, &mut e);
-        e.into_iter().map(|e| e.field).collect()
+        e.errors()
+            .iter()
+            .map(|e| e.pointer().trim_start_matches("#/").replace('/', "."))
+            .collect()
     }
 
     #[test]
