@@ -102,7 +102,7 @@ pub(super) struct Inner {
 }
 
 /// A circuit breaker shared by every clone of its layer, living for the
-/// whole process; see the [module docs](self).
+/// whole process; see the [module docs](super).
 #[derive(Clone)]
 pub struct CircuitBreaker {
     pub(super) shared: &'static Shared,
