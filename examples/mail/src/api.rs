@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use axum::{
-    Extension, Json,
-    extract::Path,
+    Json,
+    extract::{Path, State},
     response::{IntoResponse, Response},
 };
 use chassis::{
@@ -31,7 +31,7 @@ pub(crate) struct AppState {
 }
 
 /// The routes, each with its permission.
-pub(crate) fn routes() -> Api {
+pub(crate) fn routes() -> Api<AppState> {
     Api::new()
         .route(api::post("/messages", send).requires("mail::send:message"))
         .route(api::get("/messages/{id}", get).requires("mail::view:message"))
@@ -39,7 +39,7 @@ pub(crate) fn routes() -> Api {
 
 /// Stores a job, once per `message_id`.
 async fn send(
-    Extension(state): Extension<AppState>,
+    State(state): State<AppState>,
     request_id: CorrelationId,
     Json(body): Json<Value>,
 ) -> Result<Response, Problem> {
@@ -109,7 +109,7 @@ async fn send(
 
 /// A stored message.
 async fn get(
-    Extension(state): Extension<AppState>,
+    State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Message>, Problem> {
     if !is_valid_message_id(&id) {

@@ -413,8 +413,7 @@ pub async fn app_on(
     };
 
     let mut builder = builder
-        .api(api::routes())
-        .api_layer(axum::Extension(state))
+        .api(api::routes().with_state(state))
         .health_check("database", db, CheckOptions::default())
         .health_check(
             "dead-messages",

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use axum::{
-    Extension, Json,
+    Json,
     body::Bytes,
-    extract::Path,
+    extract::{self, Path},
     response::{IntoResponse, Response},
 };
 use chassis::{
@@ -102,7 +102,7 @@ fn replay(status: u16, body: String) -> Response {
 
 /// `POST /orders/v1/{account}/orders`.
 pub(crate) async fn place(
-    Extension(state): Extension<Arc<State>>,
+    extract::State(state): extract::State<Arc<State>>,
     account: AccountId,
     principal: Principal,
     correlation: CorrelationId,
@@ -250,7 +250,10 @@ async fn refused(state: &State, scope: &Scope, e: ClientError) -> Response {
 }
 
 /// `GET /orders/v1/{account}/orders`.
-pub(crate) async fn list(Extension(state): Extension<Arc<State>>, account: AccountId) -> Response {
+pub(crate) async fn list(
+    extract::State(state): extract::State<Arc<State>>,
+    account: AccountId,
+) -> Response {
     match store::list(&state.db, account.as_str(), 100).await {
         Ok(orders) => Json(OrderList { orders }).into_response(),
         Err(e) => internal(&e),
@@ -259,7 +262,7 @@ pub(crate) async fn list(Extension(state): Extension<Arc<State>>, account: Accou
 
 /// `GET /orders/v1/{account}/orders/{id}`.
 pub(crate) async fn get(
-    Extension(state): Extension<Arc<State>>,
+    extract::State(state): extract::State<Arc<State>>,
     account: AccountId,
     Path((_, id)): Path<(String, String)>,
 ) -> Response {

@@ -214,10 +214,10 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
         .route(
             api::get("/{account}/orders/{id}", handlers::get)
                 .requires("orders:{account}:view:order"),
-        );
+        )
+        .with_state(Arc::new(state));
     Ok(ServiceBuilder::new("orders", 1)
         .api(api)
-        .api_layer(axum::Extension(Arc::new(state)))
         .health_check("database-writes", db.write_check(), CheckOptions::default())
         .health_check("database", db, CheckOptions::default())
         .health_check("ticketing-breaker", ticketing_breaker, non_critical)

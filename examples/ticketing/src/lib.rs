@@ -159,8 +159,7 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
     let store = Store::new(db.clone(), settings.hold);
     let expiry_interval = settings.hold.min(MAX_EXPIRY_INTERVAL);
     Ok(ServiceBuilder::new("ticketing", 1)
-        .api(routes::api())
-        .api_layer(axum::Extension(store.clone()))
+        .api(routes::api().with_state(store.clone()))
         .health_check("database", db, CheckOptions::default())
         .background("expire-holds", move |stop| {
             expire_holds(store, expiry_interval, stop)

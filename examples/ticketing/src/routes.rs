@@ -5,7 +5,10 @@
 //! recorded the call for audit; the handler gets the checked account as an
 //! [`AccountId`].
 
-use axum::{Extension, Json, extract::Path};
+use axum::{
+    Json,
+    extract::{Path, State},
+};
 use chassis::{
     api::{Api, get, post},
     permission::AccountId,
@@ -22,7 +25,7 @@ use crate::{
 };
 
 /// The routes, under `/ticketing/v1`.
-pub(crate) fn api() -> Api {
+pub(crate) fn api() -> Api<Store> {
     Api::new()
         .route(
             post("/{account}/tickets", create_ticket).requires("ticketing:{account}:create:ticket"),
@@ -56,7 +59,7 @@ struct Id {
 
 async fn create_ticket(
     account: AccountId,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, Json<Ticket>), ApiError> {
     let new = validation::new_ticket(&body)?;
@@ -66,7 +69,7 @@ async fn create_ticket(
 
 async fn list_tickets(
     account: AccountId,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Vec<Ticket>>, ApiError> {
     Ok(Json(store.list_tickets(&account).await?))
 }
@@ -74,7 +77,7 @@ async fn list_tickets(
 async fn get_ticket(
     account: AccountId,
     Path(Id { id }): Path<Id>,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Ticket>, ApiError> {
     Ok(Json(store.ticket(&account, &id).await?))
 }
@@ -83,7 +86,7 @@ async fn get_ticket(
 /// `Idempotency-Key` was seen before in this account.
 async fn reserve(
     account: AccountId,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, Json<Reservation>), ApiError> {
@@ -111,7 +114,7 @@ async fn reserve(
 async fn get_reservation(
     account: AccountId,
     Path(Id { id }): Path<Id>,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Reservation>, ApiError> {
     Ok(Json(store.reservation(&account, &id).await?))
 }
@@ -119,7 +122,7 @@ async fn get_reservation(
 async fn confirm(
     account: AccountId,
     Path(Id { id }): Path<Id>,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Reservation>, ApiError> {
     Ok(Json(store.confirm(&account, &id).await?))
 }
@@ -127,7 +130,7 @@ async fn confirm(
 async fn release(
     account: AccountId,
     Path(Id { id }): Path<Id>,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Reservation>, ApiError> {
     Ok(Json(store.release(&account, &id).await?))
 }
