@@ -120,7 +120,7 @@ mod tests {
 
     use super::*;
 
-    fn fields(e: Invalid) -> Vec<String> {
+    fn fields(e: &Invalid) -> Vec<String> {
         e.errors()
             .iter()
             .map(|e| e.pointer().trim_start_matches("#/").to_owned())
@@ -149,13 +149,13 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(
-            fields(e),
+            fields(&e),
             ["name", "price_minor", "currency", "capacity", "valid_until"]
         );
         let e =
             new_ticket(&json!({"name": 7, "price_minor": 1.5, "valid_from": "1 May"})).unwrap_err();
         assert_eq!(
-            fields(e),
+            fields(&e),
             [
                 "name",
                 "price_minor",
@@ -166,7 +166,7 @@ mod tests {
             ]
         );
         let e = new_reservation(&json!({"ticket_id": "", "quantity": 101})).unwrap_err();
-        assert_eq!(fields(e), ["ticket_id", "quantity"]);
+        assert_eq!(fields(&e), ["ticket_id", "quantity"]);
         let e = new_reservation(&json!([1])).unwrap_err();
         assert_eq!(e.errors()[0].pointer(), "#");
     }

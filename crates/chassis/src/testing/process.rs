@@ -6,7 +6,7 @@ use std::{
     io::BufRead as _,
     path::Path,
     process::{Child, Command, ExitStatus, Stdio},
-    time::{Duration, Instant},
+    time::{Duration, SystemTime},
 };
 
 use serde_json::Value;
@@ -260,12 +260,14 @@ impl ServiceProcess {
 
     /// Waits at most `limit` for it to exit; `None` if it is still running.
     pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
+        // Real time, on a thread of its own: the process does not see a
+        // paused test clock.
+        let start = SystemTime::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Some(status);
             }
-            if start.elapsed() > limit {
+            if start.elapsed().unwrap_or_default() > limit {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(20));
