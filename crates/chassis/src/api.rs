@@ -284,7 +284,6 @@ where
 }
 
 impl Api {
-
     /// Whether a route requires a permission (and so a token verifier).
     #[cfg(feature = "jwt")]
     pub(crate) fn requires_auth(&self) -> bool {

@@ -4,9 +4,9 @@
 //! requests by hand: the client knows the routes, sets the
 //! `Idempotency-Key` (so the chassis may retry a send: `mail` deduplicates
 //! by `message_id`) and turns answers into typed values. The identity of
-//! each call is chosen where it is made: [`DriverClient::as_service`]
+//! each call is chosen where it is made: [`as_service`](chassis::client::DriverClient::as_service)
 //! presents the calling service's own token (what an outbox relay does),
-//! [`DriverClient::on_behalf_of`] forwards the token of the request being
+//! [`on_behalf_of`](chassis::client::DriverClient::on_behalf_of) forwards the token of the request being
 //! served.
 //!
 //! # Example
@@ -41,7 +41,7 @@
 
 use std::{fmt, str::FromStr};
 
-use chassis::client::{self, Api, ClientError, DriverClient};
+use chassis::client::ClientError;
 use serde::{Deserialize, Serialize};
 
 /// The path of the messages collection.
@@ -270,29 +270,15 @@ pub struct Message {
     pub sent_at: Option<String>,
 }
 
-/// The `mail` API, for [`DriverClient`].
-#[derive(Debug)]
-pub enum Mail {}
-
-impl Api for Mail {
-    type Calls<'a> = Calls<'a>;
-}
-
-/// The typed client of `mail`; see the [module docs](self). Made with
-/// `MailClient::new(downstream)`, `downstream`'s base URL being `mail`'s
-/// (e.g. `http://127.0.0.1:8084`); `as_service` calls need the calling
-/// service to hold `mail::send:message`.
-pub type MailClient = DriverClient<Mail>;
-
-/// The calls of `mail`'s API, with one identity and context; made by
-/// `as_service` and `on_behalf_of` of [`MailClient`].
-#[derive(Debug, Clone, Copy)]
-pub struct Calls<'a>(client::Calls<'a>);
-
-impl<'a> From<client::Calls<'a>> for Calls<'a> {
-    fn from(calls: client::Calls<'a>) -> Self {
-        Self(calls)
-    }
+chassis::driver_client! {
+    /// The typed client of `mail`; see the [module docs](self). Made with
+    /// `MailClient::new(downstream)`, `downstream`'s base URL being `mail`'s
+    /// (e.g. `http://127.0.0.1:8084`); `as_service` calls need the calling
+    /// service to hold `mail::send:message`.
+    pub type MailClient = DriverClient<Mail>;
+    /// The calls of `mail`'s API, with one identity and context; made by
+    /// `as_service` and `on_behalf_of` of [`MailClient`].
+    pub struct Calls;
 }
 
 impl Calls<'_> {

@@ -15,7 +15,7 @@
 //! # }
 //! ```
 
-use chassis::client::{self, Api, ClientError, DriverClient};
+use chassis::client::ClientError;
 use serde::{Deserialize, Serialize};
 
 /// An order to place.
@@ -79,26 +79,12 @@ pub struct OrderList {
     pub orders: Vec<Order>,
 }
 
-/// The orders API, for [`DriverClient`].
-#[derive(Debug)]
-pub enum Orders {}
-
-impl Api for Orders {
-    type Calls<'a> = Calls<'a>;
-}
-
-/// Calls to `orders`: `OrdersClient::new(downstream)`, then `as_service`
-/// or `on_behalf_of` for each call.
-pub type OrdersClient = DriverClient<Orders>;
-
-/// Calls with one identity; see [`OrdersClient`].
-#[derive(Debug, Clone, Copy)]
-pub struct Calls<'a>(client::Calls<'a>);
-
-impl<'a> From<client::Calls<'a>> for Calls<'a> {
-    fn from(calls: client::Calls<'a>) -> Self {
-        Self(calls)
-    }
+chassis::driver_client! {
+    /// Calls to `orders`: `OrdersClient::new(downstream)`, then `as_service`
+    /// or `on_behalf_of` for each call.
+    pub type OrdersClient = DriverClient<Orders>;
+    /// Calls with one identity; see [`OrdersClient`].
+    pub struct Calls;
 }
 
 impl Calls<'_> {

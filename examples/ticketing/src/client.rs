@@ -6,9 +6,9 @@
 //! through a [`Downstream`], with its timeouts, retries, circuit breaker and
 //! bulkhead, and the caller chooses the identity at each call site:
 //!
-//! * [`DriverClient::as_service`]: the calling service's own token (from
+//! * [`as_service`](chassis::client::DriverClient::as_service): the calling service's own token (from
 //!   the `Downstream`'s token source); `orders` reserves tickets this way;
-//! * [`DriverClient::on_behalf_of`]: the token of the request being
+//! * [`on_behalf_of`](chassis::client::DriverClient::on_behalf_of): the token of the request being
 //!   served, so ticketing checks the end user's own permissions.
 //!
 //! Errors are [`ClientError`]s. A refusal by ticketing is
@@ -38,10 +38,7 @@
 
 use std::fmt;
 
-use chassis::{
-    client::{self, Api, ClientError, DriverClient},
-    permission::AccountId,
-};
+use chassis::{client::ClientError, permission::AccountId};
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime, format_description::StaticFormatDescription};
 
@@ -175,29 +172,15 @@ impl std::str::FromStr for ReservationStatus {
     }
 }
 
-/// The ticketing API, for [`DriverClient`].
-#[derive(Debug)]
-pub enum Ticketing {}
-
-impl Api for Ticketing {
-    type Calls<'a> = Calls<'a>;
-}
-
-/// A client of the ticketing API over one
-/// [`Downstream`](chassis::client::Downstream); cheap to clone.
-/// Made with `TicketingClient::new(downstream)`, whose base URL is
-/// ticketing's root (e.g. `http://127.0.0.1:8082`).
-pub type TicketingClient = DriverClient<Ticketing>;
-
-/// The ticketing API with one identity and call context; made by
-/// `as_service` and `on_behalf_of` of [`TicketingClient`].
-#[derive(Debug, Clone, Copy)]
-pub struct Calls<'a>(client::Calls<'a>);
-
-impl<'a> From<client::Calls<'a>> for Calls<'a> {
-    fn from(calls: client::Calls<'a>) -> Self {
-        Self(calls)
-    }
+chassis::driver_client! {
+    /// A client of the ticketing API over one
+    /// [`Downstream`](chassis::client::Downstream); cheap to clone.
+    /// Made with `TicketingClient::new(downstream)`, whose base URL is
+    /// ticketing's root (e.g. `http://127.0.0.1:8082`).
+    pub type TicketingClient = DriverClient<Ticketing>;
+    /// The ticketing API with one identity and call context; made by
+    /// `as_service` and `on_behalf_of` of [`TicketingClient`].
+    pub struct Calls;
 }
 
 impl Calls<'_> {

@@ -8,7 +8,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::{CallContext, Caller, ClientError, Downstream, RequestBuilder};
 
 /// A service's API, as its driver client sees it: the type that holds its
-/// calls. See [`DriverClient`].
+/// calls. See [`DriverClient`]; [`driver_client!`](crate::driver_client)
+/// implements it.
 pub trait Api {
     /// The service's calls with one identity and context: a newtype over
     /// [`Calls`] with a method per operation.
@@ -21,34 +22,24 @@ pub trait Api {
 /// [`Api::Calls`]. Cheap to clone: it shares the downstream's pool,
 /// breaker, bulkhead and retry budget.
 ///
-/// A service's driver client is its request and response types, a marker
-/// type, and a method per operation:
+/// A service's driver client is its request and response types, the
+/// [`driver_client!`](crate::driver_client) declaration (the client type,
+/// the marker type naming the API, and the calls' newtype), and a method
+/// per operation:
 ///
 /// ```
-/// use chassis::client::{self, Api, ClientError, DriverClient};
+/// use chassis::client::ClientError;
 /// use serde::{Deserialize, Serialize};
 ///
 /// /// A lesson.
 /// #[derive(Debug, Serialize, Deserialize)]
 /// pub struct Lesson { pub id: String, pub seats: u32 }
 ///
-/// /// The lessons API.
-/// #[derive(Debug)]
-/// pub enum Lessons {}
-///
-/// impl Api for Lessons {
-///     type Calls<'a> = Calls<'a>;
-/// }
-///
-/// /// The driver client of `lessons`.
-/// pub type LessonsClient = DriverClient<Lessons>;
-///
-/// /// The lessons API with one identity.
-/// #[derive(Debug, Clone, Copy)]
-/// pub struct Calls<'a>(client::Calls<'a>);
-///
-/// impl<'a> From<client::Calls<'a>> for Calls<'a> {
-///     fn from(calls: client::Calls<'a>) -> Self { Self(calls) }
+/// chassis::driver_client! {
+///     /// The driver client of `lessons`.
+///     pub type LessonsClient = DriverClient<Lessons>;
+///     /// The lessons API with one identity.
+///     pub struct Calls;
 /// }
 ///
 /// impl Calls<'_> {
@@ -280,6 +271,52 @@ impl<'a> Calls<'a> {
     pub async fn delete_path(&self, path: &str) -> Result<(), ClientError> {
         self.delete(path).send().await.map(drop)
     }
+}
+
+/// Declares a service's driver client: the client type (a
+/// [`DriverClient`]), the marker type naming its API, and the newtype of
+/// its calls over [`Calls`], to which the service adds a method per
+/// operation (`self.0` is the [`Calls`]). See [`DriverClient`] for a whole
+/// client.
+///
+/// ```
+/// chassis::driver_client! {
+///     /// The driver client of `lessons`.
+///     pub type LessonsClient = DriverClient<Lessons>;
+///     /// The lessons API with one identity.
+///     pub struct Calls;
+/// }
+/// # let _ = |c: LessonsClient, cx: chassis::client::CallContext| { let _: Calls<'_> = c.as_service(&cx); };
+/// ```
+#[macro_export]
+macro_rules! driver_client {
+    (
+        $(#[$client_meta:meta])*
+        $vis:vis type $client:ident = DriverClient<$api:ident>;
+        $(#[$calls_meta:meta])*
+        $calls_vis:vis struct $calls:ident;
+    ) => {
+        #[doc = concat!("The API that [`", stringify!($client), "`] calls.")]
+        #[derive(Debug)]
+        $vis enum $api {}
+
+        impl $crate::client::Api for $api {
+            type Calls<'a> = $calls<'a>;
+        }
+
+        $(#[$client_meta])*
+        $vis type $client = $crate::client::DriverClient<$api>;
+
+        $(#[$calls_meta])*
+        #[derive(Debug, Clone, Copy)]
+        $calls_vis struct $calls<'a>($crate::client::Calls<'a>);
+
+        impl<'a> ::core::convert::From<$crate::client::Calls<'a>> for $calls<'a> {
+            fn from(calls: $crate::client::Calls<'a>) -> Self {
+                Self(calls)
+            }
+        }
+    };
 }
 
 fn is_identifier(s: &str) -> bool {
