@@ -16,7 +16,9 @@
 //! [`ClientTls`](crate::tls::ClientTls) that trusts it, as
 //! `CHASSIS_TLS_CA_FILE` does in production.
 //!
-//! A service's own binary is tested as operators run it:
+//! A service's API is tested through a real socket with [`TestServer`]:
+//! its builder served in the test's process on a loopback port. Its own
+//! binary is tested as operators run it:
 //! [`ServiceProcess`] starts it on a free loopback port with a temporary
 //! data directory, waits for `/health/ready`, and stops it with SIGTERM,
 //! asserting exit 0 and handing back its JSON log lines; [`ProcessCheck`]
@@ -56,11 +58,13 @@ use crate::auth::{Key, Verifier};
 
 mod pki;
 mod process;
+mod server;
 mod support;
 mod token_endpoint;
 
 pub use pki::{TestCert, TestPki};
 pub use process::{ProcessCheck, READY_WITHIN, ServiceProcess, ServiceProcessBuilder, parse_lines};
+pub use server::TestServer;
 pub use support::{EVENTUALLY_WITHIN, TempDir, eventually, eventually_within, refusal};
 
 const PRIVATE_PEM: &[u8] = include_bytes!("testing/test-ed25519.pem");

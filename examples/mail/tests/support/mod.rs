@@ -18,8 +18,7 @@ use chassis::{
     client::{CallContext, Downstream, TokenSource},
     config::{Config, Env, Reader, Secret},
     correlation::CorrelationId,
-    service::ServeError,
-    testing::TestIssuer,
+    testing::{TestIssuer, TestServer},
 };
 #[allow(unused_imports)] // each test file uses some
 pub use chassis::{
@@ -33,8 +32,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
-    sync::{Notify, oneshot},
-    task::JoinHandle,
+    sync::Notify,
 };
 
 /// The grant `orders` has.
@@ -99,8 +97,7 @@ pub fn issuer() -> TestIssuer {
 #[derive(Debug)]
 pub struct Server {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
+    server: TestServer,
     downstream: Downstream,
 }
 
@@ -113,34 +110,20 @@ impl Server {
     pub async fn start_with(settings: mail::Settings) -> Self {
         let mut config = Config::default();
         config.shutdown_grace = Duration::from_secs(20);
-        let service = mail::app(settings)
+        let builder = mail::app(settings)
             .await
             .unwrap()
             .verifier(issuer().verifier())
-            .config(config)
+            .config(config);
+        let server = TestServer::start(builder).await;
+        let downstream = Downstream::builder("mail", &server.url(""))
             .build()
             .unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(service.serve_with(listener, async move {
-            let _ = rx.await;
-        }));
-        let downstream = Downstream::builder("mail", &format!("http://{addr}"))
-            .build()
-            .unwrap();
-        let server = Self {
-            addr,
-            stop: Some(tx),
-            task: Some(task),
+        Self {
+            addr: server.addr(),
+            server,
             downstream,
-        };
-        let ready = server.url("/health/ready");
-        eventually("the service to be ready", || async {
-            get_status(&ready).await == Some(200)
-        })
-        .await;
-        server
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -175,26 +158,10 @@ impl Server {
 
     /// Shuts down as SIGTERM would, and waits for a clean stop; returns how
     /// long it took.
-    pub async fn stop(mut self) -> Duration {
+    pub async fn stop(self) -> Duration {
         let started = tokio::time::Instant::now();
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(Duration::from_secs(60), task)
-            .await
-            .expect("the service stops within its grace period")
-            .unwrap()
-            .expect("the service stops without an error");
+        self.server.stop().await;
         started.elapsed()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
     }
 }
 
@@ -224,15 +191,6 @@ pub fn job(message_id: &str, to: &str) -> MailJob {
     order.price_minor = Some(4500);
     order.currency = Some("EUR".to_owned());
     MailJob::order_confirmation(message_id, to, &order)
-}
-
-async fn get_status(url: &str) -> Option<u16> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let req = http::Request::get(url)
-        .body(http_body_util::Empty::new())
-        .unwrap();
-    client.request(req).await.ok().map(|r| r.status().as_u16())
 }
 
 /// `GET url`: status and body.

@@ -4,15 +4,16 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path};
 
 pub use chassis::testing::{TempDir, eventually};
 use chassis::{
     ServiceBuilder,
-    client::{CallContext, Downstream},
+    client::Downstream,
     config::{Config, Env, Reader},
+    testing::TestServer,
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::net::TcpListener;
 
 pub const ISSUER: &str = "http://auth.test";
 pub const AUDIENCE: &str = "chassis-demo";
@@ -20,8 +21,7 @@ pub const AUDIENCE: &str = "chassis-demo";
 /// One running service.
 pub struct Node {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), chassis::service::ServeError>>>,
+    server: Option<TestServer>,
 }
 
 impl Node {
@@ -29,53 +29,27 @@ impl Node {
         format!("http://{}", self.addr)
     }
 
-    /// Stops it gracefully and waits.
+    /// Stops it gracefully and waits for a clean stop.
     pub async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        if let Some(server) = self.server.take() {
+            server.stop().await;
         }
     }
 }
 
-/// Serves `builder` on `addr` (port 0 for any).
+/// Serves `builder` on `addr` (port 0 for any), once it is ready.
 pub async fn serve(builder: ServiceBuilder, config: Config, addr: SocketAddr) -> Node {
     let listener = TcpListener::bind(addr).await.expect("bind");
     serve_on(builder, config, listener).await
 }
 
-/// Serves `builder` on a bound listener.
+/// Serves `builder` on a bound listener, once it is ready.
 pub async fn serve_on(builder: ServiceBuilder, config: Config, listener: TcpListener) -> Node {
-    let addr = listener.local_addr().unwrap();
-    let service = builder.config(config).build().expect("service builds");
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(service.serve_with(listener, async move {
-        let _ = rx.await;
-    }));
-    let node = Node {
-        addr,
-        stop: Some(tx),
-        task: Some(task),
-    };
-    wait_ready(&node.url()).await;
-    node
-}
-
-/// Polls `/health/ready` until 200.
-pub async fn wait_ready(base: &str) {
-    let probe = Downstream::builder("probe", base)
-        .max_attempts(1)
-        .build()
-        .unwrap();
-    probe.breaker().disable(true);
-    let cx = CallContext::background();
-    let calls = probe.anonymous(&cx);
-    eventually(&format!("{base} to be ready"), || async move {
-        calls.get("/health/ready").send().await.is_ok()
-    })
-    .await;
+    let server = TestServer::start_on(builder.config(config), listener).await;
+    Node {
+        addr: server.addr(),
+        server: Some(server),
+    }
 }
 
 /// Settings read from `pairs` as the service would read its environment.

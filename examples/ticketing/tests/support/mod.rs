@@ -10,18 +10,15 @@ pub use chassis::testing::{TempDir, eventually, refusal};
 use chassis::{
     client::{CallContext, Downstream},
     config::{Config, Env, Reader},
-    service::ServeError,
-    testing::TestIssuer,
+    testing::{TestIssuer, TestServer},
 };
 use ticketing::client::{NewTicket, TicketingClient};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 /// The service serving on 127.0.0.1 at an ephemeral port.
 #[derive(Debug)]
 pub struct Server {
     pub addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), ServeError>>,
+    server: TestServer,
     downstream: Downstream,
 }
 
@@ -39,42 +36,27 @@ impl Server {
         // than the default 5 s allows; the tests are about answers, not speed.
         settings.db.busy_timeout = Duration::from_secs(30);
 
-        let service = ticketing::app(settings)
+        let builder = ticketing::app(settings)
             .await
             .expect("the app starts")
             .verifier(TestIssuer::new().verifier())
-            .config(Config::default())
-            .build()
-            .expect("the service builds");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(service.serve_with(listener, async move {
-            let _ = stopped.await;
-        }));
-        let downstream = Downstream::builder("ticketing", &format!("http://{addr}"))
+            .config(Config::default());
+        let server = TestServer::start(builder).await;
+        let downstream = Downstream::builder("ticketing", &server.url(""))
             .attempt_timeout(Duration::from_secs(30))
             .deadline(Duration::from_secs(60))
             .build()
             .unwrap();
         Self {
-            addr,
-            stop: Some(stop),
-            task,
+            addr: server.addr(),
+            server,
             downstream,
         }
     }
 
     /// Shuts down as on SIGTERM and waits until the service has stopped.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("the service stops")
-            .expect("the serving task does not panic")
-            .expect("the service stops cleanly");
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 
     /// A downstream to this server, for raw calls.
