@@ -99,9 +99,8 @@ async fn read(state: &State, kind: Kind, name: &str) -> Result<SubjectGrants, Pr
         .await
         .map_err(database)?;
     let (grants, managed_by) = row.ok_or_else(|| not_found(kind))?;
-    let grants = serde_json::from_str(&grants).map_err(|e| {
-        error::internal("stored grants unusable", &AppError::Data(e.to_string()))
-    })?;
+    let grants = serde_json::from_str(&grants)
+        .map_err(|e| error::internal("stored grants unusable", &AppError::Data(e.to_string())))?;
     Ok(SubjectGrants {
         kind: kind.as_str().to_owned(),
         name: name.to_owned(),

@@ -170,7 +170,9 @@ pub(crate) fn parse(
                         None
                     }
                     None => {
-                        problems.push(format!("{what}: the variable {var} of secret_env is not set"));
+                        problems.push(format!(
+                            "{what}: the variable {var} of secret_env is not set"
+                        ));
                         None
                     }
                 },
@@ -465,12 +467,18 @@ pub(crate) struct Status(Arc<Mutex<Option<Vec<String>>>>);
 
 impl Status {
     fn set(&self, problems: Option<Vec<String>>) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = problems;
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = problems;
     }
 
     /// The readiness check: down while the file's last change is refused.
     pub(crate) fn check(&self) -> Result<(), CheckError> {
-        let problems = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let problems = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match problems.as_deref() {
             None => Ok(()),
             Some(p) => Err(CheckError::new(format!(

@@ -479,7 +479,7 @@ impl Settings {
         let seed_demo = r.optional(
             "AUTH_SEED_DEMO",
             false,
-            "create the demo users and clients (true or false)",
+            "apply the demo users and clients too (true or false)",
         );
         let grants_file: Option<PathBuf> = r.maybe(
             "AUTH_GRANTS_FILE",
@@ -610,16 +610,18 @@ impl std::fmt::Debug for State {
     }
 }
 
-/// The service: opens and migrates the database, seeds the demo subjects
-/// when configured, makes sure a signing key is current, and returns the
-/// builder with the API, the database readiness check, the key-rotation
-/// task and (unless [`Settings::verify_own_tokens`] is off) a verifier over
-/// its own key set.
+/// The service: opens and migrates the database, applies the grants (the
+/// grants file, and the demo's with [`Settings::seed_demo`]), makes sure a
+/// signing key is current, and returns the builder with the API (the admin
+/// API of grants included), the database readiness check, the key-rotation
+/// task, with a grants file its watcher and the `grants-file` check, and
+/// (unless [`Settings::verify_own_tokens`] is off) a verifier over its own
+/// key set.
 ///
 /// # Errors
 ///
-/// When the database cannot be opened, migrated or read, or a key cannot be
-/// made.
+/// When the grants have problems ([`AppError::Grants`], each listed), the
+/// database cannot be opened, migrated or read, or a key cannot be made.
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
     app_with_clock(settings, SystemClock).await
 }
@@ -877,7 +879,7 @@ fn reachable(addr: SocketAddr) -> String {
 /// service knows the address it listens on (with `CHASSIS_BIND` on port 0,
 /// too) and can fetch its own key set there when `AUTH_PUBLIC_URL` is not
 /// set; and it sets up logging first, so that start-up (migrations, keys,
-/// seeding) is logged.
+/// grants) is logged.
 pub async fn run(config: Config, mut settings: Settings) -> ExitCode {
     let _telemetry = chassis::telemetry::init(NAME, &config);
     let listener = match tokio::net::TcpListener::bind(config.bind).await {
@@ -1007,10 +1009,7 @@ mod tests {
         )
         .unwrap();
         let path = file.to_str().unwrap().to_owned();
-        let env = Env::from_pairs([
-            ("AUTH_GRANTS_FILE", path.as_str()),
-            ("A_SECRET", "hunter2"),
-        ]);
+        let env = Env::from_pairs([("AUTH_GRANTS_FILE", path.as_str()), ("A_SECRET", "hunter2")]);
         let mut r = Reader::new(&env);
         let _ = Settings::read(&mut r);
         let err = r.finish().unwrap_err();
@@ -1018,8 +1017,14 @@ mod tests {
         let shown = err.to_string();
         assert_eq!(err.problems().len(), 2, "{shown}");
         assert!(err.problems().iter().all(|p| p.name == "AUTH_GRANTS_FILE"));
-        assert!(shown.contains("client \"a\": grant \"x\" is not valid"), "{shown}");
-        assert!(shown.contains("B_SECRET of secret_env is not set"), "{shown}");
+        assert!(
+            shown.contains("client \"a\": grant \"x\" is not valid"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("B_SECRET of secret_env is not set"),
+            "{shown}"
+        );
         assert!(!shown.contains("hunter2"));
     }
 

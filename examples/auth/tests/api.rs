@@ -1858,7 +1858,10 @@ async fn subjects_in_the_grants_file_get_tokens_and_its_changes_reach_their_next
 async fn a_bad_change_of_the_grants_file_keeps_the_last_good_grants() {
     let dir = TempDir::new("badchange");
     let file = dir.path().join("grants.toml");
-    write_grants(&file, &entry("clients", "keycards", &["ticketing:*:view:ticket"]));
+    write_grants(
+        &file,
+        &entry("clients", "keycards", &["ticketing:*:view:ticket"]),
+    );
     let auth = start_with(dir.path(), from_file(&file)).await;
     let rejected = || auth.counter("auth_grants_file_rejected_total", "");
     let before = rejected().await;
@@ -1893,7 +1896,10 @@ async fn a_bad_change_of_the_grants_file_keeps_the_last_good_grants() {
     assert_eq!(auth.login("dave", "password").await.status, 400);
 
     // Fixed: applied.
-    write_grants(&file, &entry("clients", "keycards", &["mail::send:message"]));
+    write_grants(
+        &file,
+        &entry("clients", "keycards", &["mail::send:message"]),
+    );
     eventually("the fixed file applied", || async {
         auth.client_claims("keycards", "password").await["perms"]
             == serde_json::json!(["mail::send:message"])
@@ -1922,7 +1928,11 @@ async fn the_admin_api_needs_its_permissions_and_changes_the_next_token() {
             "/auth/v1/clients/orders/grants",
             r#"{"grants": []}"#,
         ),
-        (Method::PUT, "/auth/v1/users/alice/grants", r#"{"grants": []}"#),
+        (
+            Method::PUT,
+            "/auth/v1/users/alice/grants",
+            r#"{"grants": []}"#,
+        ),
         (
             Method::POST,
             "/auth/v1/clients",
@@ -1958,7 +1968,10 @@ async fn the_admin_api_needs_its_permissions_and_changes_the_next_token() {
     assert_eq!(res.header("cache-control"), "no-store");
     let secret = res.json()["client_secret"].as_str().unwrap().to_owned();
     let claims = auth.client_claims("keycards", &secret).await;
-    assert_eq!(claims["perms"], serde_json::json!(["ticketing:*:view:ticket"]));
+    assert_eq!(
+        claims["perms"],
+        serde_json::json!(["ticketing:*:view:ticket"])
+    );
     let res = auth
         .admin(
             Method::POST,
@@ -1987,7 +2000,12 @@ async fn the_admin_api_needs_its_permissions_and_changes_the_next_token() {
         serde_json::json!(new)
     );
     let res = auth
-        .admin(Method::GET, "/auth/v1/clients/keycards/grants", Some(&admin), "")
+        .admin(
+            Method::GET,
+            "/auth/v1/clients/keycards/grants",
+            Some(&admin),
+            "",
+        )
         .await;
     assert_eq!(
         res.json(),
