@@ -2265,6 +2265,87 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
     assert!(json.iter().any(|l| l["message"] == "stopped"), "{lines:#?}");
 }
 
+#[tokio::test]
+async fn the_binary_reads_secrets_from_its_environment_and_logs_a_refused_change() {
+    let dir = TempDir::new("binarygrants");
+    let file = dir.path().join("grants.toml");
+    write_grants(
+        &file,
+        "[clients.keycards]\nsecret_env = \"KEYCARDS_SECRET\"\ngrants = [\"ticketing:*:view:ticket\"]\n",
+    );
+    let path = file.to_str().unwrap().to_owned();
+    let process = spawn(
+        dir.path(),
+        &[
+            ("AUTH_GRANTS_FILE", path.as_str()),
+            ("AUTH_GRANTS_POLL_SECS", "1"),
+            ("KEYCARDS_SECRET", "keycards-env-secret"),
+            ("AUTH_HASH_MEMORY_KIB", "256"),
+            ("AUTH_HASH_ITERATIONS", "1"),
+        ],
+    );
+    let base = process.url("");
+    let ready = || async { send(Method::GET, &format!("{base}/health/ready"), &[], "").await };
+    eventually("readiness", || async { ready().await.status == 200 }).await;
+    let token = || async {
+        let res = send(
+            Method::POST,
+            &format!("{base}/auth/v1/token"),
+            &[
+                ("content-type", FORM),
+                ("authorization", &basic("keycards", "keycards-env-secret")),
+            ],
+            "grant_type=client_credentials",
+        )
+        .await;
+        assert_eq!(res.status, 200, "{res:?}");
+        decode(res.json()["access_token"].as_str().unwrap()).1["perms"].clone()
+    };
+    assert_eq!(
+        token().await,
+        serde_json::json!(["ticketing:*:view:ticket"])
+    );
+
+    // A change with two problems: refused, logged, shown; the grants stay.
+    write_grants(
+        &file,
+        "[clients.keycards]\nsecret_env = \"NOT_SET_ANYWHERE\"\ngrants = [\"mail::send\"]\n",
+    );
+    eventually("the refusal shown", || async {
+        ready().await.json()["checks"]["grants-file"]["status"] == "down"
+    })
+    .await;
+    assert_eq!(
+        token().await,
+        serde_json::json!(["ticketing:*:view:ticket"])
+    );
+
+    let lines = tokio::task::spawn_blocking(move || process.stop(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(!lines.concat().contains("keycards-env-secret"));
+    let json: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let refused: Vec<&str> = json
+        .iter()
+        .filter(|l| l["message"] == "grants file refused")
+        .filter_map(|l| l["problem"].as_str())
+        .collect();
+    assert_eq!(refused.len(), 2, "{lines:#?}");
+    assert!(
+        refused
+            .iter()
+            .any(|p| p.contains("grant \"mail::send\" is not valid"))
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|p| p.contains("NOT_SET_ANYWHERE of secret_env is not set"))
+    );
+}
+
 #[test]
 fn a_bad_setting_exits_78_listing_every_problem() {
     let dir = TempDir::new("badconfig");
