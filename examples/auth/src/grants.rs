@@ -27,6 +27,9 @@
 //! grant changed in the file is in the subject's next token; tokens issued
 //! before keep theirs until they expire.
 //!
+//! Without a grants file (and without the demo's grants) nothing is
+//! applied, and the stored subjects stay as they are.
+//!
 //! A file with problems is refused whole, with every problem listed: at
 //! start-up as a configuration error, later by keeping the grants last
 //! applied (logged, counted in `auth_grants_file_rejected_total`, and shown
@@ -426,7 +429,8 @@ pub(crate) async fn apply(
     Ok(applied)
 }
 
-/// Applies the sources at start-up.
+/// Applies the sources at start-up. Without any (no file, no demo grants)
+/// nothing is applied: the stored subjects stay as they are.
 ///
 /// # Errors
 ///
@@ -438,6 +442,9 @@ pub(crate) async fn apply_at_start(
     hasher: &Hasher,
     now: u64,
 ) -> Result<Option<Vec<u8>>, AppError> {
+    if !sources.demo && sources.file.is_none() {
+        return Ok(None);
+    }
     let seen = sources.look().await;
     let declared = sources
         .declared(&seen, &mut process_lookup())
