@@ -2182,6 +2182,52 @@ async fn the_driver_client_speaks_the_api() {
     .unwrap_err();
     assert!(refused.to_string().contains("invalid_client"), "{refused}");
     assert!(!refused.to_string().contains("nope"));
+
+    // The admin API, on behalf of admin (who holds its permissions).
+    let admin_cx = cx
+        .clone()
+        .with_principal(verifier.verify_token(&admin.access_token).await.unwrap());
+    let registered = client
+        .register_client(&admin_cx, "lessons", &["ticketing:*:view:ticket"])
+        .await
+        .unwrap();
+    assert_eq!(registered.grants, ["ticketing:*:view:ticket"]);
+    assert!(!format!("{registered:?}").contains(&registered.client_secret));
+    let replaced = client
+        .replace_client_grants(&admin_cx, "lessons", &["mail::send:message"])
+        .await
+        .unwrap();
+    assert_eq!(replaced.managed_by, "api");
+    let read = client.client_grants(&admin_cx, "lessons").await.unwrap();
+    assert_eq!(read.grants, ["mail::send:message"]);
+    let header = token_source(
+        &auth.url,
+        "lessons",
+        chassis::config::Secret::new(registered.client_secret.clone()),
+    )
+    .unwrap()
+    .authorization()
+    .await
+    .unwrap();
+    let bearer = header.to_str().unwrap().strip_prefix("Bearer ").unwrap();
+    let principal = verifier.verify_token(bearer).await.unwrap();
+    assert_eq!(principal.subject(), "lessons");
+    assert_eq!(
+        decode(bearer).1["perms"],
+        serde_json::json!(["mail::send:message"])
+    );
+    let err = client
+        .replace_client_grants(&admin_cx, "orders", &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            auth::client::AuthClientError::Call(chassis::client::ClientError::Status { status, .. })
+                if *status == 409
+        ),
+        "{err:?}"
+    );
     auth.stop().await;
 }
 
