@@ -11,7 +11,10 @@ use std::{
 
 use serde_json::Value;
 
-use super::{TempDir, eventually_within};
+use super::{
+    TempDir,
+    support::{plain_downstream, until_ready},
+};
 use crate::{
     client::{CallContext, ClientError, Downstream},
     correlation::CorrelationId,
@@ -203,21 +206,15 @@ impl ServiceProcess {
         self.data_dir.as_ref().map(TempDir::path)
     }
 
-    /// A [`Downstream`] named after nothing in particular (`process`) to
-    /// its address: one attempt per call, 30 s each, so that a test sees
-    /// every answer as it is.
+    /// A [`Downstream`] named `process` to its address: one attempt per
+    /// call, 30 s each, the breaker disabled, so that a test sees every
+    /// answer as it is.
     ///
     /// # Panics
     ///
     /// Never for an address the process logged.
     pub fn downstream(&self) -> Downstream {
-        let downstream = Downstream::builder("process", &self.url(""))
-            .attempt_timeout(Duration::from_secs(30))
-            .max_attempts(1)
-            .build()
-            .expect("a loopback base URL");
-        downstream.breaker().disable(true);
-        downstream
+        plain_downstream("process", &self.url(""))
     }
 
     /// Waits until `GET /health/ready` answers 200, for at most
@@ -227,13 +224,7 @@ impl ServiceProcess {
     ///
     /// If it is not ready in time.
     pub async fn ready(&self) {
-        let downstream = self.downstream();
-        let cx = CallContext::background();
-        let calls = downstream.anonymous(&cx);
-        eventually_within(READY_WITHIN, "/health/ready to answer 200", || async move {
-            calls.get("/health/ready").send().await.is_ok()
-        })
-        .await;
+        until_ready(&self.downstream(), READY_WITHIN).await;
     }
 
     /// Sends SIGTERM, as an orchestrator does to stop a service; on other

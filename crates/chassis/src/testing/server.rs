@@ -4,12 +4,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
-use super::eventually_within;
-use crate::{
-    ServiceBuilder,
-    client::{CallContext, Downstream},
-    service::ServeError,
-};
+use super::support::{plain_downstream, until_ready};
+use crate::{ServiceBuilder, client::Downstream, service::ServeError};
 
 /// A service built from its [`ServiceBuilder`] and served in the test's
 /// process on a loopback port: the quick way to test its API through a real
@@ -77,15 +73,7 @@ impl TestServer {
             stop: Some(stop),
             task: Some(task),
         };
-        let probe = server.downstream();
-        let cx = CallContext::background();
-        let calls = probe.anonymous(&cx);
-        eventually_within(
-            Duration::from_secs(60),
-            "/health/ready to answer 200",
-            || async move { calls.get("/health/ready").send().await.is_ok() },
-        )
-        .await;
+        until_ready(&server.downstream(), Duration::from_secs(60)).await;
         server
     }
 
@@ -106,13 +94,7 @@ impl TestServer {
     ///
     /// Never for a loopback address.
     pub fn downstream(&self) -> Downstream {
-        let downstream = Downstream::builder("test", &self.url(""))
-            .attempt_timeout(Duration::from_secs(30))
-            .max_attempts(1)
-            .build()
-            .expect("a loopback base URL");
-        downstream.breaker().disable(true);
-        downstream
+        plain_downstream("test", &self.url(""))
     }
 
     /// Shuts it down as SIGTERM would and waits, at most 60 s, for a clean

@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::client::ClientError;
+use crate::client::{CallContext, ClientError, Downstream};
 
 /// How long [`eventually`] polls.
 pub const EVENTUALLY_WITHIN: Duration = Duration::from_secs(60);
@@ -151,4 +151,27 @@ pub fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (u16, Valu
         ),
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+/// A downstream named `name` to `base`: one attempt per call (30 s), the
+/// breaker disabled, so that a test sees every answer as it is.
+pub(super) fn plain_downstream(name: &str, base: &str) -> Downstream {
+    let downstream = Downstream::builder(name, base)
+        .attempt_timeout(Duration::from_secs(30))
+        .max_attempts(1)
+        .build()
+        .expect("a loopback base URL");
+    downstream.breaker().disable(true);
+    downstream
+}
+
+/// Waits until `GET /health/ready` through `downstream` answers 2xx, for
+/// at most `limit`.
+pub(super) async fn until_ready(downstream: &Downstream, limit: Duration) {
+    let cx = CallContext::background();
+    let calls = downstream.anonymous(&cx);
+    eventually_within(limit, "/health/ready to answer 200", || async move {
+        calls.get("/health/ready").send().await.is_ok()
+    })
+    .await;
 }
