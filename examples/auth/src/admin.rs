@@ -14,7 +14,11 @@
 
 use std::sync::Arc;
 
-use axum::{Extension, Json, extract::Path, response::IntoResponse};
+use axum::{
+    Json,
+    extract::{Path, State},
+    response::IntoResponse,
+};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use chassis::{
     Problem,
@@ -25,7 +29,7 @@ use http::StatusCode;
 use serde_json::{Value, json};
 
 use crate::{
-    State,
+    AuthState,
     client::{RegisteredClient, SubjectGrants},
     error::{self, AppError},
     grants::{NAME_GRAMMAR, grant_problems, is_subject_name},
@@ -34,7 +38,7 @@ use crate::{
 };
 
 /// The routes, under `/auth/v1`.
-pub(crate) fn api() -> Api {
+pub(crate) fn api() -> Api<Arc<AuthState>> {
     Api::new()
         .route(get("/clients/{name}/grants", view_client).requires("auth::view:grant"))
         .route(get("/users/{name}/grants", view_user).requires("auth::view:grant"))
@@ -85,7 +89,7 @@ fn grants_of(body: &Value, errors: &mut Vec<Value>) -> Vec<String> {
 }
 
 /// A subject's grants and manager.
-async fn read(state: &State, kind: Kind, name: &str) -> Result<SubjectGrants, Problem> {
+async fn read(state: &AuthState, kind: Kind, name: &str) -> Result<SubjectGrants, Problem> {
     if !is_subject_name(name) {
         return Err(not_found(kind));
     }
@@ -110,14 +114,14 @@ async fn read(state: &State, kind: Kind, name: &str) -> Result<SubjectGrants, Pr
 }
 
 async fn view_client(
-    Extension(state): Extension<Arc<State>>,
+    State(state): State<Arc<AuthState>>,
     Path(name): Path<String>,
 ) -> Result<Json<SubjectGrants>, Problem> {
     Ok(Json(read(&state, Kind::Client, &name).await?))
 }
 
 async fn view_user(
-    Extension(state): Extension<Arc<State>>,
+    State(state): State<Arc<AuthState>>,
     Path(name): Path<String>,
 ) -> Result<Json<SubjectGrants>, Problem> {
     Ok(Json(read(&state, Kind::User, &name).await?))
@@ -125,7 +129,7 @@ async fn view_user(
 
 /// Replaces the grants of an API-managed subject.
 async fn replace(
-    state: &State,
+    state: &AuthState,
     kind: Kind,
     name: &str,
     by: &Principal,
@@ -178,7 +182,7 @@ async fn replace(
 }
 
 async fn replace_client(
-    Extension(state): Extension<Arc<State>>,
+    State(state): State<Arc<AuthState>>,
     principal: Principal,
     Path(name): Path<String>,
     Json(body): Json<Value>,
@@ -187,7 +191,7 @@ async fn replace_client(
 }
 
 async fn replace_user(
-    Extension(state): Extension<Arc<State>>,
+    State(state): State<Arc<AuthState>>,
     principal: Principal,
     Path(name): Path<String>,
     Json(body): Json<Value>,
@@ -198,7 +202,7 @@ async fn replace_user(
 /// `POST /auth/v1/clients`: a new client with a secret made here, shown
 /// once in the answer.
 async fn register(
-    Extension(state): Extension<Arc<State>>,
+    State(state): State<Arc<AuthState>>,
     principal: Principal,
     Json(body): Json<Value>,
 ) -> Result<axum::response::Response, Problem> {

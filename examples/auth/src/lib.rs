@@ -78,7 +78,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use axum::{Extension, Json, response::IntoResponse};
+use axum::{Json, extract::State, response::IntoResponse};
 use chassis::{
     Problem, ServiceBuilder,
     api::{self, Api},
@@ -584,7 +584,7 @@ impl Settings {
 }
 
 /// What the handlers share.
-struct State {
+struct AuthState {
     pool: SqlitePool,
     keys: Arc<keys::Keys>,
     hasher: password::Hasher,
@@ -600,9 +600,9 @@ struct State {
     discovery: client::OpenIdConfiguration,
 }
 
-impl std::fmt::Debug for State {
+impl std::fmt::Debug for AuthState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
+        f.debug_struct("AuthState")
             .field("issuer", &self.issuer)
             .field("default_audience", &self.default_audience)
             .field("audiences", &self.audiences)
@@ -699,7 +699,7 @@ pub async fn app_with_clock(
              discovery from this issuer will not find it (set AUTH_ISSUER to <origin>/auth/v1)"
         );
     }
-    let state = Arc::new(State {
+    let state = Arc::new(AuthState {
         pool: db.pool().clone(),
         keys: keys.clone(),
         hasher,
@@ -717,7 +717,8 @@ pub async fn app_with_clock(
         .route(api::get("/jwks", jwks).public())
         .route(api::get(discovery::ROUTE, discovery::openid_configuration).public())
         .route(api::post("/keys/rotate", rotate).requires("auth::rotate:key"))
-        .merge(admin::api());
+        .merge(admin::api())
+        .with_state(state.clone());
     let interval = settings.key_check;
     let status = grants::Status::default();
     let watched = status.clone();
@@ -725,7 +726,6 @@ pub async fn app_with_clock(
     let poll = settings.grants_poll;
     let mut builder = ServiceBuilder::new(NAME, 1)
         .api(api)
-        .api_layer(Extension(state))
         // The throttle counts failed logins per client address.
         .peer_addresses()
         .health_check("database", db.clone(), CheckOptions::default())
@@ -820,9 +820,7 @@ async fn maintain(
 }
 
 /// `GET /auth/v1/jwks`.
-async fn jwks(
-    Extension(state): Extension<Arc<State>>,
-) -> Result<axum::response::Response, Problem> {
+async fn jwks(State(state): State<Arc<AuthState>>) -> Result<axum::response::Response, Problem> {
     let set = state
         .keys
         .jwks(token::now())
@@ -840,7 +838,7 @@ async fn jwks(
 
 /// `POST /auth/v1/keys/rotate`.
 async fn rotate(
-    Extension(state): Extension<Arc<State>>,
+    State(state): State<Arc<AuthState>>,
     principal: Principal,
 ) -> Result<Json<client::RotatedKey>, Problem> {
     let checked = state
