@@ -50,8 +50,11 @@ pub const MESSAGES_PATH: &str = "/mail/v1/messages";
 /// The name of the order confirmation template.
 pub const ORDER_CONFIRMATION: &str = "order_confirmation";
 
+/// The name of the sold-out notice template.
+pub const SOLD_OUT: &str = "sold_out";
+
 /// The templates `mail` knows.
-pub const TEMPLATES: &[&str] = &[ORDER_CONFIRMATION];
+pub const TEMPLATES: &[&str] = &[ORDER_CONFIRMATION, SOLD_OUT];
 
 /// Longest `message_id`.
 pub const MAX_MESSAGE_ID_LEN: usize = 128;
@@ -173,6 +176,33 @@ impl OrderConfirmation {
             valid_from: None,
             valid_until: None,
         }
+    }
+}
+
+/// The data of the [`SOLD_OUT`] template: a ticket product has no places
+/// left. Every member is required.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoldOut {
+    /// The account the product belongs to.
+    pub account: String,
+    /// The ticket product.
+    pub ticket_id: String,
+    /// The ticket product's name, e.g. `Day pass`.
+    pub ticket_name: String,
+    /// Its capacity, all of it taken.
+    pub capacity: u32,
+}
+
+impl MailJob {
+    /// A sold-out notice to `to` about `product`.
+    pub fn sold_out(
+        message_id: impl Into<String>,
+        to: impl Into<String>,
+        product: &SoldOut,
+    ) -> Self {
+        // A struct of strings and numbers always serializes.
+        let data = serde_json::to_value(product).unwrap_or_default();
+        Self::new(message_id, to, SOLD_OUT, data)
     }
 }
 

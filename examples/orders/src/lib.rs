@@ -80,21 +80,10 @@ impl Settings {
             "ORDERS_FAULT_CRASH",
             "crash on purpose: before_commit or after_commit (resilience tests only)",
         );
-        let tokens = TokenSource::read(r);
-        if tokens.is_none() {
-            for name in [
-                "CHASSIS_CLIENT_TOKEN_URL",
-                "CHASSIS_CLIENT_ID",
-                "CHASSIS_CLIENT_SECRET",
-            ] {
-                if r.maybe::<String>(name, "").is_none() {
-                    r.problem(
-                        name,
-                        "required: orders calls ticketing and mail as itself (client credentials)",
-                    );
-                }
-            }
-        }
+        let tokens = TokenSource::read_required(
+            r,
+            "orders calls ticketing and mail as itself (client credentials)",
+        );
         let downstream = |r: &mut Reader<'_>, name: &str, url: &str| {
             let mut b = Downstream::builder(name, url);
             if let Some(tokens) = &tokens {

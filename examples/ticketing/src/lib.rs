@@ -44,11 +44,20 @@
 //! | `TICKETING_HOLD_SECS` | `900` | how long a reservation holds its places unless confirmed (1 to 604800) |
 //! | `TICKETING_DATA_DIR` | `./data/ticketing` | directory of the database file |
 //! | `TICKETING_DB_POOL_SIZE` | `4` | database connections |
+//! | `TICKETING_SOLD_OUT_MAIL_TO` | unset | where sold-out notices go; when set, `CHASSIS_CLIENT_*` (this service's own identity) is required and `CHASSIS_DOWNSTREAM_MAIL_*` configures the call |
+//!
+//! # Calls to other services
+//!
+//! When a hold takes a product's last places, ticketing asks `mail` to
+//! send a sold-out notice, **as itself** (its own token, not the buyer's),
+//! through mail's driver client: the pattern of every call a service makes
+//! in its own name. See `src/alerts.rs`.
 //!
 //! # Metrics
 //!
-//! Besides the chassis' own: `ticketing_reservations_total{outcome="held"|"replayed"|"sold_out"}`
-//! and `ticketing_holds_expired_total`.
+//! Besides the chassis' own: `ticketing_reservations_total{outcome="held"|"replayed"|"sold_out"}`,
+//! `ticketing_holds_expired_total` and
+//! `ticketing_sold_out_notices_total{outcome="sent"|"duplicate"|"failed"}`.
 //!
 //! # Example
 //!
@@ -89,12 +98,14 @@ use chassis::{
 };
 use sqlx::migrate::Migrator;
 
+mod alerts;
 pub mod client;
 mod error;
 mod routes;
 mod store;
 mod validation;
 
+pub use alerts::SoldOutNotices;
 pub use error::AppError;
 
 use store::Store;
@@ -115,13 +126,30 @@ const HOLDS_EXPIRED_TOTAL: &str = "ticketing_holds_expired_total";
 static MIGRATOR: Migrator = sqlx::migrate!();
 
 /// The service's own settings, `TICKETING_*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// How long a reservation holds its places unless confirmed
     /// (`TICKETING_HOLD_SECS`).
     pub hold: Duration,
     /// The database (`TICKETING_DATA_DIR`, `TICKETING_DB_POOL_SIZE`).
     pub db: DbConfig,
+    /// Sold-out notices to the operators, sent through mail as this
+    /// service (`TICKETING_SOLD_OUT_MAIL_TO`; see [`SoldOutNotices`]).
+    pub sold_out: Option<SoldOutNotices>,
+}
+
+/// What the handlers share; each takes its part with `State<Store>` or
+/// `State<Alerts>`.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    store: Store,
+    alerts: alerts::Alerts,
+}
+
+impl axum::extract::FromRef<AppState> for Store {
+    fn from_ref(state: &AppState) -> Self {
+        state.store.clone()
+    }
 }
 
 impl Settings {
@@ -142,6 +170,7 @@ impl Settings {
         Self {
             hold: Duration::from_secs(hold_secs.clamp(1, MAX_HOLD_SECS)),
             db: DbConfig::read(r, "TICKETING", "ticketing"),
+            sold_out: SoldOutNotices::read(r),
         }
     }
 }
@@ -159,7 +188,10 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
     let store = Store::new(db.clone(), settings.hold);
     let expiry_interval = settings.hold.min(MAX_EXPIRY_INTERVAL);
     Ok(ServiceBuilder::new("ticketing", 1)
-        .api(routes::api().with_state(store.clone()))
+        .api(routes::api().with_state(AppState {
+            store: store.clone(),
+            alerts: alerts::Alerts::new(settings.sold_out),
+        }))
         .health_check("database", db, CheckOptions::default())
         .background("expire-holds", move |stop| {
             expire_holds(store, expiry_interval, stop)

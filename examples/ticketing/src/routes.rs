@@ -11,6 +11,7 @@ use axum::{
 };
 use chassis::{
     api::{Api, get, post},
+    client::CallContext,
     permission::AccountId,
 };
 use http::{HeaderMap, StatusCode};
@@ -18,6 +19,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
+    AppState,
+    alerts::Alerts,
     client::{Reservation, Ticket},
     error::ApiError,
     store::Store,
@@ -25,7 +28,7 @@ use crate::{
 };
 
 /// The routes, under `/ticketing/v1`.
-pub(crate) fn api() -> Api<Store> {
+pub(crate) fn api() -> Api<AppState> {
     Api::new()
         .route(
             post("/{account}/tickets", create_ticket).requires("ticketing:{account}:create:ticket"),
@@ -84,9 +87,14 @@ async fn get_ticket(
 
 /// 201 with a new reservation; 200 with the earlier one when the
 /// `Idempotency-Key` was seen before in this account.
+///
+/// A hold that takes the last places sends the sold-out notice, as this
+/// service (see [`alerts`](crate::alerts)).
 async fn reserve(
     account: AccountId,
     State(store): State<Store>,
+    State(alerts): State<Alerts>,
+    cx: CallContext,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, Json<Reservation>), ApiError> {
@@ -94,21 +102,27 @@ async fn reserve(
     let new = validation::new_reservation(&body)?;
     let result = store.reserve(&account, &new, key).await;
     let outcome = match &result {
-        Ok((_, true)) => Some("held"),
-        Ok((_, false)) => Some("replayed"),
+        Ok(held) if held.created => Some("held"),
+        Ok(_) => Some("replayed"),
         Err(ApiError::SoldOut { .. }) => Some("sold_out"),
         Err(_) => None,
     };
     if let Some(outcome) = outcome {
         metrics::counter!(crate::RESERVATIONS_TOTAL, "outcome" => outcome).increment(1);
     }
-    let (reservation, created) = result?;
-    let status = if created {
+    let held = result?;
+    if held.sold_out {
+        // The hold stands whatever becomes of the notice.
+        if let Ok(ticket) = store.ticket(&account, &held.reservation.ticket_id).await {
+            alerts.sold_out(&cx, &ticket).await;
+        }
+    }
+    let status = if held.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(reservation)))
+    Ok((status, Json(held.reservation)))
 }
 
 async fn get_reservation(

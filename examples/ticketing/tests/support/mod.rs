@@ -26,16 +26,11 @@ impl Server {
     /// Starts the service on the database in `dir`, with `TICKETING_*`
     /// settings from `env`, trusting [`TestIssuer`]'s tokens.
     pub async fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
-        let mut pairs = vec![("TICKETING_DATA_DIR".to_owned(), dir.display().to_string())];
-        pairs.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let env = Env::from_pairs(pairs);
-        let mut r = Reader::new(&env);
-        let mut settings = ticketing::Settings::read(&mut r);
-        r.finish().expect("valid test settings");
-        // A busy test machine may keep the write lock or a connection longer
-        // than the default 5 s allows; the tests are about answers, not speed.
-        settings.db.busy_timeout = Duration::from_secs(30);
+        Self::start_with(settings(dir, env)).await
+    }
 
+    /// Starts the service with `settings`, trusting [`TestIssuer`]'s tokens.
+    pub async fn start_with(settings: ticketing::Settings) -> Self {
         let builder = ticketing::app(settings)
             .await
             .expect("the app starts")
@@ -68,6 +63,21 @@ impl Server {
     pub fn client(&self) -> TicketingClient {
         TicketingClient::new(self.downstream.clone())
     }
+}
+
+/// The settings of a service on the database in `dir`, with `TICKETING_*`
+/// settings from `env`.
+pub fn settings(dir: &Path, env: &[(&str, &str)]) -> ticketing::Settings {
+    let mut pairs = vec![("TICKETING_DATA_DIR".to_owned(), dir.display().to_string())];
+    pairs.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let env = Env::from_pairs(pairs);
+    let mut r = Reader::new(&env);
+    let mut settings = ticketing::Settings::read(&mut r);
+    r.finish().expect("valid test settings");
+    // A busy test machine may keep the write lock or a connection longer
+    // than the default 5 s allows; the tests are about answers, not speed.
+    settings.db.busy_timeout = Duration::from_secs(30);
+    settings
 }
 
 /// The context of calls made by user `subject` with grants `perms`,
