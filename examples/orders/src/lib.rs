@@ -29,7 +29,6 @@ use std::{sync::Arc, time::Duration};
 
 use chassis::{
     ServiceBuilder,
-    api::{self, Api},
     client::{Downstream, TokenSource},
     config::Reader,
     health::CheckOptions,
@@ -37,9 +36,9 @@ use chassis::{
 };
 
 pub mod client;
-mod handlers;
 pub mod idempotency;
 pub mod relay;
+mod routes;
 mod store;
 
 pub use client::{NewOrder, Order, OrderStatus, OrdersClient};
@@ -192,19 +191,7 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
         critical: false,
         ..CheckOptions::default()
     };
-    let api = Api::new()
-        .route(
-            api::post("/{account}/orders", handlers::place)
-                .requires("orders:{account}:create:order"),
-        )
-        .route(
-            api::get("/{account}/orders", handlers::list).requires("orders:{account}:view:order"),
-        )
-        .route(
-            api::get("/{account}/orders/{id}", handlers::get)
-                .requires("orders:{account}:view:order"),
-        )
-        .with_state(Arc::new(state));
+    let api = routes::api().with_state(Arc::new(state));
     Ok(ServiceBuilder::new("orders", 1)
         .api(api)
         .health_check("database-writes", db.write_check(), CheckOptions::default())

@@ -1,4 +1,8 @@
-//! The API handlers.
+//! The API: each route, the permission it requires, and its handler.
+//!
+//! By the time a handler runs, the chassis has authenticated the caller,
+//! checked the route's permission for the account in the path, and
+//! recorded the call for audit.
 
 use std::sync::Arc;
 
@@ -10,6 +14,7 @@ use axum::{
 };
 use chassis::{
     Problem,
+    api::{self, Api},
     auth::Principal,
     client::{CallContext, ClientError},
     correlation::CorrelationId,
@@ -25,6 +30,14 @@ use crate::{
     idempotency::{self, Claim, Scope},
     store,
 };
+
+/// The routes, under `/orders/v1`.
+pub(crate) fn api() -> Api<Arc<State>> {
+    Api::new()
+        .route(api::post("/{account}/orders", place).requires("orders:{account}:create:order"))
+        .route(api::get("/{account}/orders", list).requires("orders:{account}:view:order"))
+        .route(api::get("/{account}/orders/{id}", get).requires("orders:{account}:view:order"))
+}
 
 /// The route template, part of every fingerprint.
 const PLACE_ROUTE: &str = "/orders/v1/{account}/orders";

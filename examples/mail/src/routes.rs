@@ -1,4 +1,5 @@
-//! The HTTP API: `POST /messages` and `GET /messages/{id}`.
+//! The API: each route, the permission it requires, and its handler:
+//! `POST /messages` and `GET /messages/{id}`.
 
 use std::sync::Arc;
 
@@ -30,8 +31,8 @@ pub(crate) struct AppState {
     pub(crate) wake: Arc<Notify>,
 }
 
-/// The routes, each with its permission.
-pub(crate) fn routes() -> Api<AppState> {
+/// The routes, under `/mail/v1`.
+pub(crate) fn api() -> Api<AppState> {
     Api::new()
         .route(api::post("/messages", send).requires("mail::send:message"))
         .route(api::get("/messages/{id}", get).requires("mail::view:message"))
