@@ -144,6 +144,31 @@ impl TestIssuer {
         self.token(subject, "user", perms)
     }
 
+    /// The context of a call made on behalf of user `subject` holding
+    /// `perms`: this issuer's token for them, verified, as a handler's
+    /// [`CallContext`](crate::client::CallContext) carries it. Hand it to a
+    /// driver client's `on_behalf_of` to call a service as that user.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let cx = chassis::testing::TestIssuer::new().user_context("alice", &["ticketing:acme:*:*"]).await;
+    /// assert_eq!(cx.principal().unwrap().subject(), "alice");
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Never for the issuer's own tokens (a panic is the test's failure).
+    pub async fn user_context(&self, subject: &str, perms: &[&str]) -> crate::client::CallContext {
+        let principal = self
+            .verifier()
+            .verify_token(&self.user_token(subject, perms))
+            .await
+            .expect("the test issuer's tokens verify");
+        crate::client::CallContext::background().with_principal(principal)
+    }
+
     /// A service's token with `perms`, valid for 15 minutes.
     pub fn service_token(&self, subject: &str, perms: &[&str]) -> String {
         self.token(subject, "service", perms)

@@ -88,14 +88,7 @@ impl Settings {
             if let Some(tokens) = &tokens {
                 b = b.token_source(tokens.clone());
             }
-            b.configure(r)
-                .build()
-                .map_err(|e| {
-                    for p in e.problems() {
-                        r.problem(&p.name, p.message.clone());
-                    }
-                })
-                .ok()
+            b.read(r)
         };
         let ticketing = downstream(r, "ticketing", "http://127.0.0.1:8082");
         let mail = downstream(r, "mail", "http://127.0.0.1:8084");

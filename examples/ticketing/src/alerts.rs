@@ -64,14 +64,7 @@ impl SoldOutNotices {
         );
         let mail = Downstream::builder("mail", "http://127.0.0.1:8084")
             .token_source(tokens?)
-            .configure(r)
-            .build()
-            .map_err(|e| {
-                for p in e.problems() {
-                    r.problem(&p.name, p.message.clone());
-                }
-            })
-            .ok()?;
+            .read(r)?;
         Some(Self { to, mail })
     }
 }

@@ -61,29 +61,25 @@
 //!
 //! # Example
 //!
-//! What `main` does:
+//! What `main` does: the chassis reads its settings and the service's
+//! together (one list of every problem, exit 78), starts logging, binds,
+//! and hands the builder to [`app_on`]:
 //!
 //! ```no_run
-//! use chassis::config::{Config, Env, Reader};
+//! use chassis::ServiceBuilder;
 //!
 //! # async fn run() -> std::process::ExitCode {
-//! let env = Env::process();
-//! let mut r = Reader::new(&env);
-//! let config = Config::read(&mut r);
-//! if config.auth.is_none() {
-//!     r.problem("CHASSIS_AUTH_ISSUER", "required: every ticketing route requires a permission");
-//! }
-//! let settings = ticketing::Settings::read(&mut r);
-//! if let Err(e) = r.finish() {
-//!     e.exit();
-//! }
-//! match ticketing::app(settings).await {
-//!     Ok(service) => service.config(config).run().await,
-//!     Err(e) => {
-//!         eprintln!("ticketing cannot start: {e}");
-//!         std::process::ExitCode::FAILURE
-//!     }
-//! }
+//! ServiceBuilder::new(ticketing::NAME, 1)
+//!     .run_with(
+//!         |r, config| {
+//!             if config.auth.is_none() {
+//!                 r.problem("CHASSIS_AUTH_ISSUER", "required: every ticketing route requires a permission");
+//!             }
+//!             ticketing::Settings::read(r)
+//!         },
+//!         |builder, settings, _address| ticketing::app_on(builder, settings),
+//!     )
+//!     .await
 //! # }
 //! ```
 
@@ -109,6 +105,13 @@ pub use alerts::SoldOutNotices;
 pub use error::AppError;
 
 use store::Store;
+
+/// The service's name: its routes are under `/ticketing/v1`.
+pub const NAME: &str = "ticketing";
+
+/// How long a reservation holds its places unless confirmed, by default:
+/// 15 minutes.
+const DEFAULT_HOLD_SECS: u64 = 900;
 
 /// The longest hold: a week.
 const MAX_HOLD_SECS: u64 = 7 * 24 * 3600;
@@ -153,12 +156,22 @@ impl axum::extract::FromRef<AppState> for Store {
 }
 
 impl Settings {
+    /// The defaults, with the database under `data_dir` and no sold-out
+    /// notices: what a test that runs ticketing in its own process needs.
+    pub fn new(data_dir: impl AsRef<std::path::Path>) -> Self {
+        Self {
+            hold: Duration::from_secs(DEFAULT_HOLD_SECS),
+            db: DbConfig::new(data_dir, "ticketing.db"),
+            sold_out: None,
+        }
+    }
+
     /// Reads the settings; problems go to `r`, so that one message lists
     /// every problem of the configuration.
     pub fn read(r: &mut Reader<'_>) -> Self {
         let hold_secs: u64 = r.optional(
             "TICKETING_HOLD_SECS",
-            900,
+            DEFAULT_HOLD_SECS,
             "seconds a reservation holds its places unless confirmed",
         );
         if !(1..=MAX_HOLD_SECS).contains(&hold_secs) {
@@ -184,10 +197,24 @@ impl Settings {
 ///
 /// When the database cannot be opened or migrated.
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
+    app_on(ServiceBuilder::new(NAME, 1), settings).await
+}
+
+/// [`app`] on a builder given by the caller, as
+/// [`ServiceBuilder::run_with`] hands one over (with the chassis'
+/// configuration set and logging started).
+///
+/// # Errors
+///
+/// As [`app`].
+pub async fn app_on(
+    builder: ServiceBuilder,
+    settings: Settings,
+) -> Result<ServiceBuilder, AppError> {
     let db = Database::open_migrated(&settings.db, &MIGRATOR).await?;
     let store = Store::new(db.clone(), settings.hold);
     let expiry_interval = settings.hold.min(MAX_EXPIRY_INTERVAL);
-    Ok(ServiceBuilder::new("ticketing", 1)
+    Ok(builder
         .api(routes::api().with_state(AppState {
             store: store.clone(),
             alerts: alerts::Alerts::new(settings.sold_out),

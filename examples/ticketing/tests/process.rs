@@ -19,7 +19,7 @@ const AUTH: [(&str, &str); 4] = [
 
 #[tokio::test]
 async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
-    let ticketing = ServiceProcess::builder(env!("CARGO_BIN_EXE_ticketing"))
+    let process = ServiceProcess::builder(env!("CARGO_BIN_EXE_ticketing"))
         .env("CHASSIS_SHUTDOWN_GRACE_SECS", "5")
         .envs(&AUTH)
         .data_dir("TICKETING_DATA_DIR")
@@ -28,9 +28,9 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
         "/ticketing/v1/acme/tickets",
         "/ticketing/v1/{account}/tickets",
     );
-    check.serving(&ticketing).await;
-    assert!(ticketing.data_dir().unwrap().join("ticketing.db").exists());
-    check.stopped(ticketing).await;
+    check.serving(&process).await;
+    assert!(process.data_dir().unwrap().join("ticketing.db").exists());
+    check.stopped(process).await;
 }
 
 #[test]

@@ -83,14 +83,7 @@ pub fn settings(dir: &Path, env: &[(&str, &str)]) -> ticketing::Settings {
 /// The context of calls made by user `subject` with grants `perms`,
 /// carrying a real token from [`TestIssuer`].
 pub async fn user(subject: &str, perms: &[&str]) -> CallContext {
-    let issuer = TestIssuer::new();
-    let token = issuer.user_token(subject, perms);
-    let principal = issuer
-        .verifier()
-        .verify_token(&token)
-        .await
-        .expect("test tokens verify");
-    CallContext::background().with_principal(principal)
+    TestIssuer::new().user_context(subject, perms).await
 }
 
 /// Alice, who may do anything in account `acme` and nothing elsewhere.
