@@ -24,14 +24,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::FromRef;
 use chassis::{
     client::{CallContext, Downstream, TokenSource},
     config::Reader,
 };
 use mail::client::{MailClient, MailJob, SoldOut};
 
-use crate::{AppState, client::Ticket};
+use crate::client::Ticket;
 
 /// Sold-out notices by `outcome`: `sent`, `duplicate`, `failed`.
 const NOTICES_TOTAL: &str = "ticketing_sold_out_notices_total";
@@ -103,11 +102,5 @@ impl Alerts {
             }
         };
         metrics::counter!(NOTICES_TOTAL, "outcome" => outcome).increment(1);
-    }
-}
-
-impl FromRef<AppState> for Alerts {
-    fn from_ref(state: &AppState) -> Self {
-        state.alerts.clone()
     }
 }

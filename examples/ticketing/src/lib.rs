@@ -143,16 +143,10 @@ pub struct Settings {
 
 /// What the handlers share; each takes its part with `State<Store>` or
 /// `State<Alerts>`.
-#[derive(Clone)]
+#[derive(Clone, axum::extract::FromRef)]
 pub(crate) struct AppState {
     store: Store,
     alerts: alerts::Alerts,
-}
-
-impl axum::extract::FromRef<AppState> for Store {
-    fn from_ref(state: &AppState) -> Self {
-        state.store.clone()
-    }
 }
 
 impl Settings {
