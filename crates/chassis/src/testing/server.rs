@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use axum::Router;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use super::support::{plain_downstream, until_ready};
@@ -32,6 +33,7 @@ use crate::{ServiceBuilder, client::Downstream, service::ServeError};
 #[derive(Debug)]
 pub struct TestServer {
     addr: SocketAddr,
+    router: Router,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
@@ -64,12 +66,14 @@ impl TestServer {
         let service = builder
             .build()
             .unwrap_or_else(|e| panic!("the service builds: {e}"));
+        let router = service.router();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(service.serve_with(listener, async move {
             let _ = stopped.await;
         }));
         let server = Self {
             addr,
+            router,
             stop: Some(stop),
             task: Some(task),
         };
@@ -80,6 +84,14 @@ impl TestServer {
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The application it serves, with every layer and the same state: a
+    /// request sent through it (e.g. with `tower::ServiceExt::oneshot`)
+    /// reaches the service without a socket, and so without a peer
+    /// address.
+    pub fn router(&self) -> Router {
+        self.router.clone()
     }
 
     /// `http://127.0.0.1:<port>` followed by `path`.
