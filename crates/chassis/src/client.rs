@@ -345,9 +345,12 @@ impl DownstreamBuilder {
     }
 
     /// Presents tokens from `tokens` on calls made
-    /// [`as_service`](Downstream::as_service).
-    pub fn token_source(mut self, tokens: TokenSource) -> Self {
-        self.tokens = Some(tokens);
+    /// [`as_service`](Downstream::as_service). Takes an `Option` too, as
+    /// [`TokenSource::read`] gives it: with `None` the downstream has no
+    /// identity of its own, and an `as_service` call fails without being
+    /// sent.
+    pub fn token_source(mut self, tokens: impl Into<Option<TokenSource>>) -> Self {
+        self.tokens = tokens.into();
         self
     }
 
@@ -511,27 +514,34 @@ impl DownstreamBuilder {
 
     /// [`configure`](Self::configure) from `r`, then
     /// [`build`](Self::build), with every problem of either in `r`: what a
-    /// service's `Settings::read` does for each downstream. `None` when
-    /// there was a problem (the reader lists it).
+    /// service's `Settings::read` does for each downstream. Like every
+    /// `read` of the chassis, it always gives a value, so that one pass
+    /// lists every problem: when there was one, the reader fails
+    /// ([`Reader::finish`]) and the downstream it gave (at
+    /// `http://127.0.0.1`) is never called.
     ///
     /// ```
-    /// use chassis::{client::Downstream, config::{Env, Reader}};
+    /// use chassis::{client::{Downstream, TokenSource}, config::{Env, Reader}};
     ///
     /// let env = Env::from_pairs([("CHASSIS_DOWNSTREAM_TICKETING_URL", "http://127.0.0.1:8082")]);
     /// let mut r = Reader::new(&env);
-    /// let ticketing = Downstream::builder("ticketing", "http://127.0.0.1:9").read(&mut r);
-    /// assert!(ticketing.is_some());
+    /// let tokens = TokenSource::read(&mut r);
+    /// let ticketing = Downstream::builder("ticketing", "http://127.0.0.1:9")
+    ///     .token_source(tokens)
+    ///     .read(&mut r);
     /// r.finish().unwrap();
+    /// # let _ = ticketing;
     /// ```
-    pub fn read(self, r: &mut Reader<'_>) -> Option<Downstream> {
-        self.configure(r)
-            .build()
-            .map_err(|e| {
-                for p in e.problems() {
-                    r.problem(&p.name, p.message.clone());
-                }
-            })
-            .ok()
+    pub fn read(self, r: &mut Reader<'_>) -> Downstream {
+        let name = self.name.clone();
+        self.configure(r).build().unwrap_or_else(|e| {
+            for p in e.problems() {
+                r.problem(&p.name, p.message.clone());
+            }
+            Downstream::builder(&name, "http://127.0.0.1")
+                .build()
+                .expect("a loopback base URL and the default timeouts are valid")
+        })
     }
 
     /// Builds the downstream. Fails when the base URL is not an absolute

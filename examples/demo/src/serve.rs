@@ -41,10 +41,9 @@ pub async fn run(name: &str) -> ExitCode {
         }
         "orders" => {
             let settings = orders::Settings::read(&mut r);
-            match (finish(r), settings) {
-                (Ok(()), Some(settings)) => orders::app(settings).await.map_err(|e| e.to_string()),
-                (Err(code), _) => return code,
-                (Ok(()), None) => return ExitCode::from(EXIT_CONFIG),
+            match finish(r) {
+                Ok(()) => orders::app(settings).await.map_err(|e| e.to_string()),
+                Err(code) => return code,
             }
         }
         other => {

@@ -65,9 +65,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Reads the settings; every problem goes to `r`. `None` when a problem
-    /// makes the settings unusable.
-    pub fn read(r: &mut Reader<'_>) -> Option<Self> {
+    /// Reads the settings; every problem goes to `r` (and when there is
+    /// one, the reader's `finish` fails and these settings are not used).
+    pub fn read(r: &mut Reader<'_>) -> Self {
         let db = DbConfig::read(r, "ORDERS", "orders");
         let lease: u64 = r.optional(
             "ORDERS_IDEMPOTENCY_LEASE_SECS",
@@ -83,23 +83,20 @@ impl Settings {
             r,
             "orders calls ticketing and mail as itself (client credentials)",
         );
-        let downstream = |r: &mut Reader<'_>, name: &str, url: &str| {
-            let mut b = Downstream::builder(name, url);
-            if let Some(tokens) = &tokens {
-                b = b.token_source(tokens.clone());
-            }
-            b.read(r)
-        };
-        let ticketing = downstream(r, "ticketing", "http://127.0.0.1:8082");
-        let mail = downstream(r, "mail", "http://127.0.0.1:8084");
-        Some(Self {
+        let ticketing = Downstream::builder("ticketing", "http://127.0.0.1:8082")
+            .token_source(tokens.clone())
+            .read(r);
+        let mail = Downstream::builder("mail", "http://127.0.0.1:8084")
+            .token_source(tokens)
+            .read(r);
+        Self {
             db,
             idempotency_lease: Duration::from_secs(lease.max(1)),
             relay,
             crash,
-            ticketing: ticketing?,
-            mail: mail?,
-        })
+            ticketing,
+            mail,
+        }
     }
 }
 
@@ -157,7 +154,25 @@ impl CrashPoint {
 
 /// The service: opens and migrates the database, and returns the builder
 /// with the API, the readiness checks and the outbox relay.
+///
+/// # Errors
+///
+/// When the database cannot be opened or migrated.
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
+    app_on(ServiceBuilder::new("orders", 1), settings).await
+}
+
+/// [`app`] on a builder given by the caller, as
+/// [`ServiceBuilder::run_with`] hands one over (with the chassis'
+/// configuration set and logging started).
+///
+/// # Errors
+///
+/// As [`app`].
+pub async fn app_on(
+    builder: ServiceBuilder,
+    settings: Settings,
+) -> Result<ServiceBuilder, AppError> {
     let db = Database::open_migrated(&settings.db, &sqlx::migrate!()).await?;
     let ticketing_breaker = settings.ticketing.breaker().clone();
     let mail_breaker = settings.mail.breaker().clone();
@@ -185,7 +200,7 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
         ..CheckOptions::default()
     };
     let api = routes::api().with_state(Arc::new(state));
-    Ok(ServiceBuilder::new("orders", 1)
+    Ok(builder
         .api(api)
         .health_check("database-writes", db.write_check(), CheckOptions::default())
         .health_check("database", db, CheckOptions::default())

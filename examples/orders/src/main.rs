@@ -1,29 +1,18 @@
-//! `orders`: binds `CHASSIS_BIND` (the demo uses `127.0.0.1:8083`) and serves
-//! until SIGTERM or SIGINT. Settings: see the crate docs and README.
+//! `orders`: reads `CHASSIS_*` and `ORDERS_*` (exit 78 listing every
+//! problem), starts logging, opens its database, binds `CHASSIS_BIND` (the
+//! demo uses `127.0.0.1:8083`) and serves until SIGTERM or SIGINT.
+//! Settings: see the crate docs and README.
 
 use std::process::ExitCode;
 
-use chassis::config::{Config, EXIT_CONFIG, Env, Reader};
+use chassis::ServiceBuilder;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let env = Env::process();
-    let mut r = Reader::new(&env);
-    let config = Config::read(&mut r);
-    let settings = orders::Settings::read(&mut r);
-    let settings = match (r.finish(), settings) {
-        (Ok(()), Some(s)) => s,
-        (Err(e), _) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        (Ok(()), None) => return ExitCode::from(EXIT_CONFIG),
-    };
-    match orders::app(settings).await {
-        Ok(service) => service.config(config).run().await,
-        Err(e) => {
-            eprintln!("orders cannot start: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    ServiceBuilder::new("orders", 1)
+        .run_with(
+            |r, _config| orders::Settings::read(r),
+            |builder, settings, _address| orders::app_on(builder, settings),
+        )
+        .await
 }

@@ -175,8 +175,7 @@ async fn a_notice_that_fails_never_fails_the_hold() {
 fn notices_need_an_address_and_the_services_own_identity() {
     let env = Env::from_pairs([("TICKETING_SOLD_OUT_MAIL_TO", "not an address")]);
     let mut r = Reader::new(&env);
-    let settings = ticketing::Settings::read(&mut r);
-    assert!(settings.sold_out.is_none());
+    ticketing::Settings::read(&mut r);
     let problems = r.finish().unwrap_err().to_string();
     for name in [
         "TICKETING_SOLD_OUT_MAIL_TO",

@@ -254,7 +254,6 @@ async fn start_orders(p: &[(String, String)], addr: SocketAddr) -> (Node, Downst
     let mut r = Reader::new(&e);
     let settings = orders::Settings::read(&mut r);
     r.finish().expect("orders settings");
-    let settings = settings.expect("orders settings");
     let (ticketing, mail) = (settings.ticketing.clone(), settings.mail.clone());
     let node = serve(
         orders::app(settings).await.expect("orders starts"),
