@@ -92,8 +92,8 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::{
-    audit::{AuditDecision, AuditNote},
     auth::{Principal, Reason, Verifier},
+    context::{AuditDecision, AuditNote, RequestContext},
     permission::{AccountId, Decision, Permission, PermissionTemplate},
     problem::Problem,
     protect::CatchPanicLayer,
@@ -547,17 +547,9 @@ fn authorize(
     principal: Principal,
     mut req: Request,
 ) -> Result<Request, Box<Response>> {
-    // The note is also what the extractors read (see [`authorized`]). The
-    // builder always puts the audit layer, which inserts it, outside the
-    // guard; without it, the guard inserts one.
-    let note = match AuditNote::of(req.extensions()) {
-        Some(note) => note.clone(),
-        None => {
-            let note = AuditNote::default();
-            req.extensions_mut().insert(note.clone());
-            note
-        }
-    };
+    // The note is also what the extractors read (see [`authorized`]); the
+    // audit step opens it, or the guard when used without one.
+    let note = RequestContext::of_request(&mut req).note().clone();
     // What the audit event learns, recorded in one update of the note.
     // Takes the permission by value: on the allowed path it moves into the
     // note rather than being copied.
@@ -686,18 +678,15 @@ fn fill<'a>(
     Ok((permission, account))
 }
 
-pub(crate) fn authorized(extensions: &http::Extensions) -> Option<(Principal, Option<AccountId>)> {
-    let note = AuditNote::of(extensions)?
-        .0
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let principal = note.principal.clone()?;
-    Some((principal, note.account.clone()))
-}
+pub(crate) use crate::context::authorized;
 
 fn unauthenticated(req: &Request, reason: Reason) -> Response {
     if let Some(note) = AuditNote::of(req.extensions()) {
-        note.denied(reason);
+        let decision = match reason {
+            Reason::Forbidden => AuditDecision::Deny,
+            _ => AuditDecision::Unauthenticated,
+        };
+        note.decide(decision, reason.code());
     }
     reason.problem().into_response()
 }
@@ -731,7 +720,7 @@ where
         let template = match &**access {
             Access::Public => {
                 if let Some(note) = AuditNote::of(req.extensions()) {
-                    note.update(|n| n.decision = Some((AuditDecision::Allow, Some("public"))));
+                    note.decide(AuditDecision::Allow, "public");
                 }
                 return GuardFuture::inner(self.inner.call(req));
             }

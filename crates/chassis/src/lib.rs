@@ -119,6 +119,9 @@ pub mod circuit_breaker;
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
 pub mod config;
+pub mod context;
+mod env;
+mod log_line;
 pub mod correlation;
 pub mod fault;
 pub mod health;

@@ -89,7 +89,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::{Layer, Service};
 
-use crate::problem::Problem;
+use crate::{context::RequestContext, problem::Problem};
 
 /// `Retry-After` seconds sent with a shed request.
 const SHED_RETRY_AFTER_SECS: u32 = 1;
@@ -473,12 +473,7 @@ pub(crate) fn deadline<B>(
     timeout: Duration,
     now: tokio::time::Instant,
 ) -> Result<Due, Due> {
-    // Read with the correlation ids when the correlation layer is outside.
-    let read = req
-        .extensions()
-        .get::<crate::correlation::Correlation>()
-        .and_then(|c| c.caller_timeout);
-    let Some(caller) = read.unwrap_or_else(|| caller_timeout(req.headers())) else {
+    let Some(caller) = RequestContext::of_request(req).caller_timeout() else {
         return Ok(Due {
             at: now + timeout,
             timeout,
@@ -534,35 +529,13 @@ pub(crate) fn poll_due(
     }
 }
 
-/// `x-timeout-ms`: how many milliseconds the caller will still wait.
-pub const X_TIMEOUT_MS: http::HeaderName = http::HeaderName::from_static("x-timeout-ms");
+pub use crate::context::X_TIMEOUT_MS;
 
 /// The instant by which a request must be answered, when the caller sent
 /// `x-timeout-ms` (a request extension, for calls made on its behalf).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline(pub tokio::time::Instant);
 
-/// The caller's remaining time from a single valid `x-timeout-ms`.
-fn caller_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let mut values = headers.get_all(X_TIMEOUT_MS).iter();
-    match (values.next(), values.next()) {
-        (Some(v), None) => caller_timeout_of(Some(v)),
-        _ => None,
-    }
-}
-
-/// The caller's remaining time from the value of its one `x-timeout-ms`.
-pub(crate) fn caller_timeout_of(value: Option<&http::HeaderValue>) -> Option<Duration> {
-    let bytes = value?.as_bytes();
-    if bytes.is_empty() || bytes.len() > 12 || !bytes.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(bytes)
-        .ok()?
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_millis)
-}
 
 pin_project! {
     /// Response future of [`RequestTimeout`].
