@@ -90,11 +90,11 @@ use http::Request;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::context::RequestContext;
 pub use crate::context::{
     CorrelationId, HexId, MAX_LEN, RequestContext as Correlation, TRACEPARENT, TRACESTATE,
     TraceContext, X_CORRELATION_ID,
 };
-use crate::context::RequestContext;
 
 /// Layer that validates or generates the [`CorrelationId`], parses the
 /// [`TraceContext`] and returns the id on the response; see the
@@ -197,7 +197,8 @@ where
         let this = self.project();
         let mut res = ready!(this.inner.poll(cx))?;
         if let Some(id) = this.id.take() {
-            res.headers_mut().insert(X_CORRELATION_ID, id.into_header_value());
+            res.headers_mut()
+                .insert(X_CORRELATION_ID, id.into_header_value());
         }
         Poll::Ready(Ok(res))
     }

@@ -536,7 +536,6 @@ pub use crate::context::X_TIMEOUT_MS;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline(pub tokio::time::Instant);
 
-
 pin_project! {
     /// Response future of [`RequestTimeout`].
     pub struct TimeoutFuture<F> {

@@ -848,7 +848,8 @@ impl Service {
             }
         };
 
-        tracing::info!(address = %local, service = %name, api_version = version, "listening");
+        // The line carries the service already (see `telemetry`).
+        tracing::info!(address = %local, api_version = version, "listening");
         let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
             if peer_addresses {
                 Box::pin(
@@ -904,7 +905,7 @@ impl Service {
         }
         // Every call has been answered: write out what the audit queue holds.
         let _ = tokio::task::spawn_blocking(move || auditor.flush()).await;
-        tracing::info!(service = %name, "stopped");
+        tracing::info!("stopped");
         Ok(())
     }
 }

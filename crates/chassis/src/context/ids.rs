@@ -26,7 +26,6 @@ const MAX_TRACESTATE_MEMBER_LEN: usize = 128;
 /// At most this many bytes of a rejected id are logged, escaped.
 pub(crate) const REJECTED_SAMPLE_LEN: usize = 64;
 
-
 /// A validated correlation id: 1-128 characters of `[A-Za-z0-9._~:-]`.
 ///
 /// Cloning is cheap (a reference count), and the value is exactly what goes
@@ -166,7 +165,11 @@ impl TraceContext {
     /// As [`from_headers`](Self::from_headers), from the `traceparent`
     /// already found in `headers`; a new trace takes `root` as its id when
     /// given.
-    pub(super) fn from_seen(traceparent: Seen<'_>, headers: &HeaderMap, root: Option<[u8; 16]>) -> Self {
+    pub(super) fn from_seen(
+        traceparent: Seen<'_>,
+        headers: &HeaderMap,
+        root: Option<[u8; 16]>,
+    ) -> Self {
         let parsed = match traceparent {
             Seen::Once(v) => parse_traceparent(v.as_bytes()),
             Seen::Absent | Seen::Repeated(_) => None,

@@ -73,7 +73,9 @@ pub(crate) mod ids;
 mod note;
 mod principal;
 
-pub use ids::{CorrelationId, HexId, MAX_LEN, TRACEPARENT, TRACESTATE, TraceContext, X_CORRELATION_ID};
+pub use ids::{
+    CorrelationId, HexId, MAX_LEN, TRACEPARENT, TRACESTATE, TraceContext, X_CORRELATION_ID,
+};
 pub use note::AuditDecision;
 pub(crate) use note::{AuditNote, authorized};
 pub use principal::{Principal, PrincipalKind};

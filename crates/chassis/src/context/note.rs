@@ -77,7 +77,9 @@ impl AuditNote {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Note> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -14,7 +14,6 @@ mod writer;
 
 pub(crate) use writer::{LogWriter, WriterGuard};
 
-
 /// The installed JSON log's writer, for a producer that formats whole lines
 /// of the same shape itself (the audit log sink, which writes a batch of
 /// events as one message instead of one event each through `tracing`).

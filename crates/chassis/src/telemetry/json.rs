@@ -12,17 +12,10 @@ use tracing::{
     field::{Field, Visit},
     span::{Attributes, Id},
 };
-use tracing_subscriber::{
-    fmt::MakeWriter,
-    layer::Context as LayerContext,
-    registry::LookupSpan,
-};
-
+use tracing_subscriber::{fmt::MakeWriter, layer::Context as LayerContext, registry::LookupSpan};
 
 use super::REQUEST_TARGET;
-use crate::log_line::{with_line, write_json_str, write_rfc3339, write_u64, Escaper, escape_into};
-
-
+use crate::log_line::{Escaper, escape_into, with_line, write_json_str, write_rfc3339, write_u64};
 
 /// The correlation fields of a request: kept in the request span's
 /// extensions, and in [`CURRENT`] while the request is polled (inline, so

@@ -89,15 +89,15 @@ use tracing_subscriber::{
 
 use crate::config::{Config, LogFormat};
 
-use crate::log_line::{JsonLines, LogWriter, quoted, write_rfc3339, write_u64, JSON_LINES};
+use crate::log_line::{JSON_LINES, JsonLines, LogWriter, quoted, write_rfc3339, write_u64};
 
 mod json;
 mod observe;
 
 pub use json::JsonLayer;
-pub use observe::{Observe, ObserveLayer, ResponseFuture};
-pub(crate) use observe::begin;
 use json::WithoutRequestSpans;
+pub(crate) use observe::begin;
+pub use observe::{Observe, ObserveLayer, ResponseFuture};
 
 /// Target of the request spans.
 pub const REQUEST_TARGET: &str = "chassis::request";

@@ -23,10 +23,12 @@ use crate::{
     metrics::{HttpMetrics, UNMATCHED, method_index},
 };
 
-use crate::log_line::{JsonLines, json_lines, with_line, write_field, write_u64, route_is_clean};
+use crate::log_line::{JsonLines, json_lines, route_is_clean, with_line, write_field, write_u64};
 
-
-use super::{ACCESS_TARGET, REQUEST_TARGET, json::{CurrentIds, Inline, RequestFields}};
+use super::{
+    ACCESS_TARGET, REQUEST_TARGET,
+    json::{CurrentIds, Inline, RequestFields},
+};
 
 /// Layer that opens the request span, records RED metrics and writes the
 /// access log; see the [module docs](self).

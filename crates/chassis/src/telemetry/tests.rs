@@ -20,7 +20,9 @@ use super::{
 };
 use crate::{
     correlation::SetCorrelationIdLayer,
-    log_line::{LogWriter, escape_into, route_is_clean, word_needs_escape, write_field, write_rfc3339},
+    log_line::{
+        LogWriter, escape_into, route_is_clean, word_needs_escape, write_field, write_rfc3339,
+    },
     metrics::{HttpMetrics, UNMATCHED},
     problem::EnsureProblemLayer,
 };
