@@ -64,7 +64,7 @@
 //!     "open"
 //! }
 //!
-//! let api = Api::new()
+//! let api: Api = Api::new()
 //!     .route(api::get("/{account}/tickets", list).requires("ticketing:{account}:view:ticket"))
 //!     .route(api::delete("/{account}/tickets/{id}", cancel).requires("ticketing:{account}:delete:ticket"))
 //!     .route(api::get("/status", status).public());
@@ -107,15 +107,19 @@ enum Access {
 }
 
 /// One route: a method, a path, a handler and its access declaration.
+///
+/// `S` is the type of the state its handler extracts with
+/// [`State<S>`](axum::extract::State), `()` when it takes none; the state
+/// is given once, to the whole [`Api`], with [`Api::with_state`].
 #[must_use = "add it to an `Api` with `Api::route`"]
-pub struct Endpoint {
+pub struct Endpoint<S = ()> {
     method: Method,
     path: String,
-    router: MethodRouter,
+    router: MethodRouter<S>,
     access: Option<Result<Access, String>>,
 }
 
-impl fmt::Debug for Endpoint {
+impl<S> fmt::Debug for Endpoint<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Endpoint")
             .field("method", &self.method)
@@ -125,10 +129,10 @@ impl fmt::Debug for Endpoint {
     }
 }
 
-impl Endpoint {
+impl<S> Endpoint<S> {
     /// A route for `method` at `path` served by `router` (e.g.
-    /// `axum::routing::get(handler).with_state(state)`).
-    pub fn new(method: Method, path: &str, router: MethodRouter) -> Self {
+    /// `axum::routing::get(handler)`).
+    pub fn new(method: Method, path: &str, router: MethodRouter<S>) -> Self {
         Self {
             method,
             path: path.to_owned(),
@@ -174,10 +178,11 @@ fn filter(method: &Method) -> axum::routing::MethodFilter {
 macro_rules! method_fn {
     ($name:ident, $method:ident) => {
         #[doc = concat!("A `", stringify!($method), "` route; declare its access with [`Endpoint::requires`] or [`Endpoint::public`].")]
-        pub fn $name<H, T>(path: &str, handler: H) -> Endpoint
+        pub fn $name<H, T, S>(path: &str, handler: H) -> Endpoint<S>
         where
-            H: Handler<T, ()>,
+            H: Handler<T, S>,
             T: 'static,
+            S: Clone + Send + Sync + 'static,
         {
             Endpoint::new(Method::$method, path, on(filter(&Method::$method), handler))
         }
@@ -191,29 +196,94 @@ method_fn!(patch, PATCH);
 method_fn!(delete, DELETE);
 
 /// The routes of a service's API; see the [module docs](self).
-#[derive(Debug, Default)]
+///
+/// As with axum's `Router<S>`, `S` is the state the handlers extract with
+/// [`State<S>`](axum::extract::State). The service builder takes an
+/// `Api<()>`: an API whose handlers take state is handed its state with
+/// [`with_state`](Api::with_state) first. State so given is checked at
+/// compile time (a missing `with_state` does not build), where state passed
+/// through an `Extension` is a 500 at run time when it is missing.
+///
+/// ```
+/// use axum::extract::State;
+/// use chassis::api::{self, Api};
+///
+/// #[derive(Clone)]
+/// struct Greeter {
+///     greeting: &'static str,
+/// }
+///
+/// async fn greet(State(greeter): State<Greeter>) -> String {
+///     greeter.greeting.to_owned()
+/// }
+///
+/// let api: Api = Api::new()
+///     .route(api::get("/greeting", greet).public())
+///     .with_state(Greeter { greeting: "hello" });
+/// # chassis::ServiceBuilder::new("doc", 1).api(api).build().unwrap();
+/// ```
 #[must_use]
-pub struct Api {
-    endpoints: Vec<Endpoint>,
+pub struct Api<S = ()> {
+    endpoints: Vec<Endpoint<S>>,
 }
 
-impl Api {
+impl<S> fmt::Debug for Api<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Api")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl<S> Default for Api<S> {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+impl<S> Api<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     /// No routes yet.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Adds a route.
-    pub fn route(mut self, endpoint: Endpoint) -> Self {
+    pub fn route(mut self, endpoint: Endpoint<S>) -> Self {
         self.endpoints.push(endpoint);
         self
     }
 
     /// Adds every route of `other`.
-    pub fn merge(mut self, other: Api) -> Self {
+    pub fn merge(mut self, other: Api<S>) -> Self {
         self.endpoints.extend(other.endpoints);
         self
     }
+
+    /// Gives every handler its state, as axum's `Router::with_state` does:
+    /// the result needs no more state (`S2` is usually `()`, what the
+    /// service builder takes), and can be merged with other APIs.
+    pub fn with_state<S2>(self, state: S) -> Api<S2> {
+        Api {
+            endpoints: self
+                .endpoints
+                .into_iter()
+                .map(|e| Endpoint {
+                    method: e.method,
+                    path: e.path,
+                    router: e.router.with_state(state.clone()),
+                    access: e.access,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Api {
 
     /// Whether a route requires a permission (and so a token verifier).
     #[cfg(feature = "jwt")]

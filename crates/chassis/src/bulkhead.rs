@@ -14,9 +14,10 @@
 //!
 //! `bulkhead_in_use{name}` shows the calls in flight and
 //! `bulkhead_rejected_total{name}` the refusals. The gauge is read from the
-//! bulkhead's own counter when the metrics are rendered
-//! ([`metrics::render`](crate::metrics::render)), so a call pays nothing for
-//! it; bulkheads sharing a name add up.
+//! bulkhead's own counter when the metrics are rendered (each bulkhead
+//! registers a [refresher](crate::metrics::register_refresher) that
+//! [`metrics::render`](crate::metrics::render) runs), so a call pays nothing
+//! for it; bulkheads sharing a name add up.
 //!
 //! A bulkhead lives for the whole process, as its metric series do: create
 //! one per downstream (or route) at start-up and clone the handle, which
@@ -55,25 +56,6 @@ use tokio::sync::Notify;
 use tower::{Layer, Service};
 
 use crate::BoxError;
-
-/// Every bulkhead made, for the gauge.
-static LIVE: crate::metrics::Live<Shared> = crate::metrics::Live::new();
-
-/// Brings `bulkhead_in_use` of every bulkhead to its calls in flight. Each
-/// bulkhead moves the gauge by its change since the last time, so
-/// bulkheads that share a name add up as the series they share. Called by
-/// [`metrics::render`](crate::metrics::render).
-pub(crate) fn refresh_gauges() {
-    LIVE.each(|b| {
-        let now = b.used.load(Ordering::SeqCst).min(b.max);
-        let before = b.reported.swap(now, Ordering::Relaxed);
-        if now > before {
-            b.in_use.increment((now - before) as f64);
-        } else if now < before {
-            b.in_use.decrement((before - now) as f64);
-        }
-    });
-}
 
 /// The error of a call refused because the bulkhead is full.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -137,7 +119,7 @@ impl Bulkhead {
         max_wait: Duration,
     ) -> Self {
         let max = max_concurrent.max(1);
-        let shared = LIVE.add(Shared {
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
             name: name.into(),
             max,
             used: AtomicUsize::new(0),
@@ -148,7 +130,8 @@ impl Bulkhead {
             reported: AtomicUsize::new(0),
             in_use: metrics::gauge!("bulkhead_in_use", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
             rejected: metrics::counter!("bulkhead_rejected_total", "service" => crate::metrics::service_label(), "name" => name.to_owned()),
-        });
+        }));
+        crate::metrics::register_refresher(move || shared.refresh_gauge());
         Self { shared }
     }
 
@@ -212,6 +195,19 @@ impl Bulkhead {
 }
 
 impl Shared {
+    /// Brings `bulkhead_in_use` to the calls in flight now, by the change
+    /// since the last time, so that bulkheads sharing a name add up in the
+    /// series they share. Run by [`metrics::render`](crate::metrics::render).
+    fn refresh_gauge(&self) {
+        let now = self.used.load(Ordering::SeqCst).min(self.max);
+        let before = self.reported.swap(now, Ordering::Relaxed);
+        if now > before {
+            self.in_use.increment((now - before) as f64);
+        } else if now < before {
+            self.in_use.decrement((before - now) as f64);
+        }
+    }
+
     /// Takes a place by adding one and giving it back if that went over
     /// the limit: one atomic add on the way in, cheaper than a load and a
     /// compare-and-swap, and a refused call (the rare case) pays the second.

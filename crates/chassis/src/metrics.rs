@@ -32,6 +32,10 @@
 //! `metrics::counter!(...)` calls land in the same output. Handles are
 //! resolved once per (route, method, status) and cached in [`HttpMetrics`], so
 //! a request records with a few atomic operations and no allocation.
+//! Parts that count on their own (circuit breakers, bulkheads) register a
+//! refresher ([`register_refresher`]) that [`render`] runs to copy their
+//! counts into their series, so that their calls pay no metric update; this
+//! module knows nothing of them.
 //!
 //! # Example
 //!
@@ -47,7 +51,7 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher, BuildHasherDefault, Hasher},
-    sync::{Arc, OnceLock, RwLock},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock},
     time::Duration,
 };
 
@@ -104,7 +108,7 @@ static SERVICE_LABEL: RwLock<Option<SharedString>> = RwLock::new(None);
 pub fn set_service_label(service: &str) {
     let mut label = SERVICE_LABEL
         .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+        .unwrap_or_else(PoisonError::into_inner);
     *label = Some(SharedString::from(service.to_owned()));
 }
 
@@ -113,7 +117,7 @@ pub fn set_service_label(service: &str) {
 pub fn service_label() -> SharedString {
     SERVICE_LABEL
         .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(PoisonError::into_inner)
         .clone()
         .unwrap_or_else(|| SharedString::const_str(""))
 }
@@ -154,44 +158,65 @@ fn process_collector() -> &'static metrics_process::Collector {
     COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
-/// Objects that live for the process and whose series [`render`] brings up
-/// to date from their own counts (breakers, bulkheads), so that a call
-/// pays no metric update.
-pub(crate) struct Live<T: 'static>(std::sync::Mutex<Vec<&'static T>>);
+/// Series brought up to date at render time, for the rest of the process.
+type Refresher = Box<dyn Fn() + Send + Sync>;
 
-impl<T> Live<T> {
-    pub(crate) const fn new() -> Self {
-        Self(std::sync::Mutex::new(Vec::new()))
-    }
+static REFRESHERS: Mutex<Vec<Refresher>> = Mutex::new(Vec::new());
 
-    /// Leaks `value` for the rest of the process and registers it.
-    pub(crate) fn add(&self, value: T) -> &'static T {
-        let value: &'static T = Box::leak(Box::new(value));
-        self.lock().push(value);
-        value
-    }
+/// Registers `refresh` to run at every [`render`] from now on, for the rest
+/// of the process, before the output is written.
+///
+/// This is how a part keeps series that would cost too much to update on
+/// every change: it counts in its own atomics and copies them to its
+/// `metrics` handles only when someone looks. Circuit breakers and bulkheads
+/// register themselves this way; a service may do the same for, say, a
+/// queue's depth. Register once per object that lives for the process,
+/// never per request: a refresher is never removed.
+///
+/// Refreshers run one at a time, one render after another, never two at
+/// once, so one may compare what it reported last with what it counts now
+/// without a read-modify-write. A refresher must not register another.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+///
+/// static QUEUED: AtomicU64 = AtomicU64::new(0);
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let handle = chassis::metrics::install_recorder();
+/// let depth = metrics::gauge!("mail_queue_depth", "service" => "mail");
+/// chassis::metrics::register_refresher(move || depth.set(QUEUED.load(Ordering::Relaxed) as f64));
+///
+/// QUEUED.store(3, Ordering::Relaxed);
+/// let text = chassis::metrics::render(&handle);
+/// assert!(text.contains("mail_queue_depth{service=\"mail\"} 3"), "{text}");
+/// # }
+/// ```
+pub fn register_refresher(refresh: impl Fn() + Send + Sync + 'static) {
+    refreshers().push(Box::new(refresh));
+}
 
-    /// Runs `f` on each object, holding the registry throughout so that two
-    /// renders at once cannot both report the same change.
-    pub(crate) fn each(&self, mut f: impl FnMut(&'static T)) {
-        for value in self.lock().iter() {
-            f(value);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<&'static T>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Runs every refresher, holding the list throughout so that two renders
+/// at once cannot both report the same change.
+fn refresh() {
+    for refresh in refreshers().iter() {
+        refresh();
     }
 }
 
-/// Renders the metrics in the Prometheus text format, refreshing first the
-/// process metrics and the series read at render time (`bulkhead_in_use`,
-/// `circuit_breaker_calls_total`).
+fn refreshers() -> MutexGuard<'static, Vec<Refresher>> {
+    REFRESHERS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Renders the metrics in the Prometheus text format, bringing up to date
+/// first the process metrics and the series of every
+/// [registered refresher](register_refresher) (`bulkhead_in_use`,
+/// `circuit_breaker_calls_total`, ...).
 pub fn render(handle: &PrometheusHandle) -> String {
-    crate::bulkhead::refresh_gauges();
-    crate::circuit_breaker::refresh_counters();
+    refresh();
     #[cfg(feature = "process-metrics")]
     process_collector().collect();
     handle.render()
@@ -607,5 +632,98 @@ mod tests {
                 ("svc POST /a/{x} 200".to_owned(), 1),
             ]
         );
+    }
+
+    /// Answers `GET /metrics` of a service at `addr`, over a real socket.
+    async fn scrape(addr: std::net::SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        let raw = String::from_utf8(raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        body.to_owned()
+    }
+
+    /// The value of the one series of `metric` whose labels include all of
+    /// `labels`.
+    fn value(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+        let mut found = text.lines().filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{'))
+                && labels.iter().all(|label| l.contains(label))
+        });
+        let line = found.next()?;
+        assert_eq!(found.next(), None, "{metric} {labels:?} is one series");
+        line.rsplit(' ').next()?.parse().ok()
+    }
+
+    // Breakers and bulkheads are made after the recorder is installed (a
+    // service makes them in its `app()`); the refreshers they register are
+    // what brings their counts to `/metrics`.
+    #[tokio::test]
+    async fn breakers_and_bulkheads_made_after_the_recorder_show_at_the_endpoint() {
+        use crate::{bulkhead::Bulkhead, circuit_breaker};
+        let service = crate::service::ServiceBuilder::new("late-parts", 1)
+            .config(crate::Config::default())
+            .build()
+            .unwrap();
+        let breaker = circuit_breaker::CircuitBreaker::new(
+            "late-breaker",
+            circuit_breaker::Config::count(10),
+        );
+        for ok in [true, true, false] {
+            let permit = breaker.try_acquire().unwrap();
+            if ok {
+                permit.success()
+            } else {
+                permit.failure()
+            }
+        }
+        let bulkhead = Bulkhead::new("late-bulkhead", 2);
+        let held = bulkhead.try_acquire().unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(service.serve_with(listener, async {
+            let _ = stopped.await;
+        }));
+
+        let breaker_name = "name=\"late-breaker\"";
+        let calls = |text: &str, outcome: &str| {
+            let outcome = format!("outcome=\"{outcome}\"");
+            value(
+                text,
+                "circuit_breaker_calls_total",
+                &[breaker_name, &outcome],
+            )
+        };
+        let in_use = |text: &str| value(text, "bulkhead_in_use", &["name=\"late-bulkhead\""]);
+        let text = scrape(addr).await;
+        assert_eq!(calls(&text, "success"), Some(2.0), "{text}");
+        assert_eq!(calls(&text, "failure"), Some(1.0), "{text}");
+        assert_eq!(
+            value(&text, "circuit_breaker_state", &[breaker_name]),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(in_use(&text), Some(1.0), "{text}");
+
+        // A second render reports what changed since the first, and only that.
+        drop(held);
+        breaker.try_acquire().unwrap().failure();
+        let text = scrape(addr).await;
+        assert_eq!(calls(&text, "success"), Some(2.0), "{text}");
+        assert_eq!(calls(&text, "failure"), Some(2.0), "{text}");
+        assert_eq!(in_use(&text), Some(0.0), "{text}");
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
     }
 }

@@ -250,7 +250,9 @@ impl ServiceBuilder {
     }
 
     /// Adds API routes, mounted under `/<name>/v<version>`. Every route
-    /// declares its access (see [`crate::api`]).
+    /// declares its access (see [`crate::api`]). Handlers that take
+    /// [`State<S>`](axum::extract::State) get it from
+    /// [`Api::with_state`](crate::api::Api::with_state), called before this.
     pub fn api(mut self, api: Api) -> Self {
         self.api = self.api.merge(api);
         self

@@ -667,3 +667,57 @@ async fn a_downstream_failure_keeps_the_chassis_reason_code() {
     assert_eq!(b["reason"], "downstream_unavailable", "{b}");
     assert!(h.contains_key(header::RETRY_AFTER));
 }
+
+#[tokio::test]
+async fn handlers_take_typed_state_and_apis_with_different_states_merge() {
+    use axum::extract::State;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Clone)]
+    struct Counter(Arc<AtomicU32>);
+
+    async fn bump(State(Counter(n)): State<Counter>) -> String {
+        (n.fetch_add(1, Ordering::SeqCst) + 1).to_string()
+    }
+
+    async fn greeting(State(text): State<&'static str>) -> &'static str {
+        text
+    }
+
+    let counter = Counter(Arc::new(AtomicU32::new(0)));
+    let counted = Api::new()
+        .route(api::post("/bumps", bump).public())
+        .with_state(counter.clone());
+    let greeted = Api::new()
+        .route(api::get("/greeting", greeting).public())
+        .with_state("hello");
+    let app = ServiceBuilder::new("stack-state", 1)
+        .api(counted.merge(greeted))
+        .api(Api::new().route(api::get("/plain", || async { "plain" }).public()))
+        .config(config())
+        .build()
+        .unwrap()
+        .router();
+
+    for want in ["1", "2"] {
+        let res = app
+            .clone()
+            .oneshot(req("POST", "/stack-state/v1/bumps"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, want);
+    }
+    // The handlers share the state the API was given.
+    assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+    for (path, want) in [
+        ("/stack-state/v1/greeting", "hello"),
+        ("/stack-state/v1/plain", "plain"),
+    ] {
+        let res = app.clone().oneshot(req("GET", path)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, want, "{path}");
+    }
+}

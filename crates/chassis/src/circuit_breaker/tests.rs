@@ -1,15 +1,19 @@
 //! The scenarios C1-C14, C20 and C21 of the reference, with a paused clock.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
 use http::{Response, StatusCode};
 use tokio::sync::Notify;
-use tower::{ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt, service_fn};
 
-use super::*;
+use super::{window::Ring, *};
+use crate::BoxError;
 
 fn breaker(config: Config) -> CircuitBreaker {
     CircuitBreaker::new("test", config)
@@ -318,7 +322,7 @@ async fn exact_counts_under_concurrency() {
     assert_eq!(b.state(), State::Open);
     assert_eq!(b.lock().generation, 1, "exactly one transition");
     // The counters are read from the breaker when metrics are rendered.
-    refresh_counters();
+    b.shared.refresh_counters();
     let counts: std::collections::HashMap<String, u64> = snapshotter
         .snapshot()
         .into_vec()

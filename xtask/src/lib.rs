@@ -1,0 +1,475 @@
+//! The project's tasks. `new-service` copies an exemplar into a new service
+//! with every name renamed; the binary (`src/main.rs`) reads the command
+//! line.
+//!
+//! A name has four forms, and each appears in a service in its own places:
+//!
+//! | form | `ticketing` | `key-cards` | where |
+//! |---|---|---|---|
+//! | service | `ticketing` | `key-cards` | the service and package name, routes, permissions, audiences, metric labels, file names |
+//! | crate | `ticketing` | `key_cards` | `use …::`, `[lib] name` |
+//! | type | `Ticketing` | `KeyCards` | `TicketingClient`, and the name at the start of a sentence |
+//! | env | `TICKETING` | `KEY_CARDS` | `TICKETING_*` variables, `CHASSIS_DOWNSTREAM_TICKETING_*` |
+//!
+//! ```
+//! use xtask::Names;
+//!
+//! let names = Names::new("key-cards").unwrap();
+//! assert_eq!(names.type_name, "KeyCards");
+//! let from = Names::new("ticketing").unwrap();
+//! assert_eq!(
+//!     xtask::rename("use ticketing::TicketingClient; // TICKETING_DATA_DIR, /ticketing/v1", "rs", &from, &names),
+//!     "use key_cards::KeyCardsClient; // KEY_CARDS_DATA_DIR, /key-cards/v1",
+//! );
+//! ```
+
+use std::{
+    collections::BTreeSet,
+    fmt, fs,
+    path::{Path, PathBuf},
+};
+
+/// The forms of a service's name; see the [crate docs](crate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// As the service calls itself: `key-cards`.
+    pub service: String,
+    /// As a Rust crate: `key_cards`.
+    pub crate_name: String,
+    /// As a Rust type prefix: `KeyCards`.
+    pub type_name: String,
+    /// As an environment variable prefix: `KEY_CARDS`.
+    pub env: String,
+}
+
+impl Names {
+    /// The forms of `service`, or why it cannot name a service: the
+    /// chassis' rule (lowercase letters, digits and `-`, starting with a
+    /// letter, at most 63 bytes), no `--` and no trailing `-`.
+    pub fn new(service: &str) -> Result<Self, String> {
+        let valid = service.len() <= 63
+            && service.starts_with(|c: char| c.is_ascii_lowercase())
+            && service
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !service.ends_with('-')
+            && !service.contains("--");
+        if !valid {
+            return Err(format!(
+                "`{service}` cannot name a service: use lowercase letters, digits and single `-`, starting with a letter (at most 63)"
+            ));
+        }
+        let type_name = service
+            .split('-')
+            .map(|part| {
+                let mut chars = part.chars();
+                chars
+                    .next()
+                    .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+                    .unwrap_or_default()
+            })
+            .collect();
+        Ok(Self {
+            service: service.to_owned(),
+            crate_name: service.replace('-', "_"),
+            type_name,
+            env: service.replace('-', "_").to_ascii_uppercase(),
+        })
+    }
+}
+
+/// `text`, from a file with extension `ext`, with every form of `from`'s
+/// name replaced by the same form of `to`'s.
+///
+/// In Rust files the service form followed by `::` is the crate form; in a
+/// Cargo manifest, so is the `name` of `[lib]`.
+pub fn rename(text: &str, ext: &str, from: &Names, to: &Names) -> String {
+    let text = text
+        .replace(&from.env, &to.env)
+        .replace(&from.type_name, &to.type_name)
+        .replace(
+            &format!("{}::", from.crate_name),
+            &format!("{}::", to.crate_name),
+        )
+        .replace(
+            &format!("{}_", from.crate_name),
+            &format!("{}_", to.crate_name),
+        );
+    let text = match ext {
+        "toml" => lib_name(&text, from, to),
+        _ => text,
+    };
+    text.replace(&from.service, &to.service)
+        .replace(&from.crate_name, &to.crate_name)
+}
+
+/// A manifest's `[lib] name = "…"` in the crate form.
+fn lib_name(manifest: &str, from: &Names, to: &Names) -> String {
+    let mut out = String::with_capacity(manifest.len());
+    let mut in_lib = false;
+    for line in manifest.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            in_lib = trimmed == "[lib]";
+        }
+        if in_lib && trimmed == format!("name = \"{}\"", from.service) {
+            out.push_str(&line.replace(
+                &format!("\"{}\"", from.service),
+                &format!("\"{}\"", to.crate_name),
+            ));
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// The workspace: its root and its exemplars.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    root: PathBuf,
+}
+
+impl Workspace {
+    /// The workspace this task belongs to.
+    pub fn locate() -> Self {
+        Self::at(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+    }
+
+    /// The workspace at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn exemplar(&self, name: &str) -> PathBuf {
+        self.root.join("examples").join(name)
+    }
+
+    /// Every `127.0.0.1:<port>` an exemplar's docs or code use.
+    fn ports_in_use(&self) -> BTreeSet<u16> {
+        let mut ports = BTreeSet::new();
+        let Ok(entries) = fs::read_dir(self.root.join("examples")) else {
+            return ports;
+        };
+        for entry in entries.flatten() {
+            for file in files(&entry.path()) {
+                if let Ok(text) = fs::read_to_string(&file) {
+                    ports.extend(loopback_ports(&text));
+                }
+            }
+        }
+        ports
+    }
+}
+
+/// The ports of `127.0.0.1:<port>` in `text`.
+fn loopback_ports(text: &str) -> impl Iterator<Item = u16> + '_ {
+    text.match_indices("127.0.0.1:").filter_map(|(i, m)| {
+        let digits: String = text[i + m.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok().filter(|&p| p > 0)
+    })
+}
+
+/// The port `exemplar`'s docs say it binds (`CHASSIS_BIND=127.0.0.1:<port>`).
+fn bound_port(exemplar: &Path) -> Option<u16> {
+    files(exemplar).into_iter().find_map(|file| {
+        let text = fs::read_to_string(file).ok()?;
+        let at = text.find("CHASSIS_BIND=127.0.0.1:")?;
+        loopback_ports(&text[at..]).next()
+    })
+}
+
+/// The files under `dir`, in order, without build output, data, hidden
+/// files and databases.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let skipped = name.starts_with('.')
+                || ["target", "data"].contains(&name.as_str())
+                || [".db", ".db-wal", ".db-shm"]
+                    .iter()
+                    .any(|s| name.ends_with(s));
+            if skipped {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A new service to write: planned and checked before anything is written.
+#[derive(Debug)]
+pub struct NewService {
+    template: PathBuf,
+    into: PathBuf,
+    from: Names,
+    to: Names,
+    ports: Option<(u16, u16)>,
+}
+
+impl NewService {
+    /// Plans `name` from the exemplar `from` of `workspace`, written to
+    /// `into` (default: `examples/<name>`) with `port` (default: one above
+    /// the highest an exemplar uses), or every reason it cannot be made.
+    pub fn plan(
+        workspace: &Workspace,
+        name: &str,
+        from: &str,
+        into: Option<PathBuf>,
+        port: Option<u16>,
+    ) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let to = Names::new(name).map_err(|e| problems.push(e)).ok();
+        let template = workspace.exemplar(from);
+        if !template.join("Cargo.toml").is_file() {
+            problems.push(format!(
+                "no exemplar `{from}`: {} has no Cargo.toml",
+                template.display()
+            ));
+        }
+        let from_names = Names::new(from).map_err(|e| problems.push(e)).ok();
+        let into = into.unwrap_or_else(|| workspace.exemplar(name));
+        if into.exists() {
+            problems.push(format!("{} exists already", into.display()));
+        }
+        if let (Some(to), Some(from)) = (&to, &from_names) {
+            if to.service == from.service {
+                problems.push(format!(
+                    "the new service must not be named `{from}` too",
+                    from = from.service
+                ));
+            } else if to.service.contains(&from.service) || from.service.contains(&to.service) {
+                problems.push(format!(
+                    "`{}` and `{}` contain one another, so renaming one into the other is ambiguous; choose another name",
+                    to.service, from.service
+                ));
+            }
+        }
+        let in_use = workspace.ports_in_use();
+        let new_port = port.unwrap_or_else(|| {
+            in_use
+                .iter()
+                .copied()
+                .filter(|p| (8080..9000).contains(p))
+                .max()
+                .map_or(8085, |p| p + 1)
+        });
+        if port.is_some() && in_use.contains(&new_port) {
+            problems.push(format!("port {new_port} is used by an exemplar already"));
+        }
+        match (to, from_names) {
+            (Some(to), Some(from)) if problems.is_empty() => Ok(Self {
+                ports: bound_port(&template).map(|old| (old, new_port)),
+                template,
+                into,
+                from,
+                to,
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    /// Writes the service, renamed; returns what was written and what to do
+    /// next, or the reasons it was not written (nothing is left behind).
+    pub fn write(&self) -> Result<Written, Vec<String>> {
+        let mut written = Vec::new();
+        let mut left = Vec::new();
+        for source in files(&self.template) {
+            let relative = source
+                .strip_prefix(&self.template)
+                .expect("listed under the template");
+            let target = self.into.join(rename(
+                &relative.to_string_lossy(),
+                "",
+                &self.from,
+                &self.to,
+            ));
+            let result = fs::create_dir_all(target.parent().expect("a file has a parent"))
+                .and_then(|()| match fs::read_to_string(&source) {
+                    Ok(text) => {
+                        let ext = source.extension().and_then(|e| e.to_str()).unwrap_or("");
+                        let mut text = rename(&text, ext, &self.from, &self.to);
+                        if let Some((old, new)) = self.ports {
+                            text = text
+                                .replace(&format!("127.0.0.1:{old}"), &format!("127.0.0.1:{new}"));
+                        }
+                        for (n, line) in text.lines().enumerate() {
+                            if line.to_ascii_lowercase().contains(&self.from.service) {
+                                left.push(format!(
+                                    "{}:{}: {}",
+                                    relative.display(),
+                                    n + 1,
+                                    line.trim()
+                                ));
+                            }
+                        }
+                        fs::write(&target, text)
+                    }
+                    // Not text: copied as it is.
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        fs::copy(&source, &target).map(drop)
+                    }
+                    Err(e) => Err(e),
+                });
+            if let Err(e) = result {
+                let _ = fs::remove_dir_all(&self.into);
+                return Err(vec![format!("{}: {e}", target.display())]);
+            }
+            written.push(target);
+        }
+        if !left.is_empty() {
+            let _ = fs::remove_dir_all(&self.into);
+            left.insert(
+                0,
+                format!(
+                    "these lines still name `{}` in a form this task does not know; rename them in the exemplar's own forms",
+                    self.from.service
+                ),
+            );
+            return Err(left);
+        }
+        Ok(Written {
+            names: self.to.clone(),
+            from: self.from.service.clone(),
+            into: self.into.clone(),
+            files: written.len(),
+            port: self.ports.map(|(_, new)| new),
+        })
+    }
+}
+
+/// What [`NewService::write`] wrote.
+#[derive(Debug)]
+pub struct Written {
+    /// The new service's names.
+    pub names: Names,
+    /// The exemplar it was made from.
+    pub from: String,
+    /// Its directory.
+    pub into: PathBuf,
+    /// How many files.
+    pub files: usize,
+    /// Its port in docs and examples.
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for Written {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Names {
+            service,
+            env,
+            type_name,
+            ..
+        } = &self.names;
+        writeln!(
+            f,
+            "{service}: {} files in {}, made from {}",
+            self.files,
+            self.into.display(),
+            self.from
+        )?;
+        writeln!(f, "  routes        /{service}/v1/...")?;
+        writeln!(f, "  permissions   {service}:{{account}}:<verb>:<noun>")?;
+        writeln!(f, "  audience      {service}")?;
+        writeln!(
+            f,
+            "  settings      {env}_*   downstream CHASSIS_DOWNSTREAM_{env}_*"
+        )?;
+        writeln!(f, "  driver client {type_name}Client")?;
+        if let Some(port) = self.port {
+            writeln!(f, "  port          127.0.0.1:{port} (docs and examples)")?;
+        }
+        writeln!(f)?;
+        writeln!(f, "next:")?;
+        writeln!(f, "  cargo test -p {service}")?;
+        writeln!(
+            f,
+            "  replace the example domain (migrations/, src/client.rs, the routes): docs/new-service.md"
+        )?;
+        write!(
+            f,
+            "  register its client and grants with auth: docs/new-service.md, \"Register it\""
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_form_of_a_name() {
+        let n = Names::new("key-cards").unwrap();
+        assert_eq!(
+            (
+                n.service.as_str(),
+                n.crate_name.as_str(),
+                n.type_name.as_str(),
+                n.env.as_str()
+            ),
+            ("key-cards", "key_cards", "KeyCards", "KEY_CARDS")
+        );
+        let n = Names::new("keycards2").unwrap();
+        assert_eq!(
+            (n.type_name.as_str(), n.env.as_str()),
+            ("Keycards2", "KEYCARDS2")
+        );
+        for bad in [
+            "",
+            "Keycards",
+            "2cards",
+            "key_cards",
+            "key--cards",
+            "cards-",
+            "k".repeat(64).as_str(),
+        ] {
+            assert!(Names::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn renames_each_form_in_its_place() {
+        let from = Names::new("ticketing").unwrap();
+        let to = Names::new("key-cards").unwrap();
+        let manifest = "[package]\nname = \"ticketing\"\n\n[lib]\nname = \"ticketing\"\n\n[[bin]]\nname = \"ticketing\"\n";
+        assert_eq!(
+            rename(manifest, "toml", &from, &to),
+            "[package]\nname = \"key-cards\"\n\n[lib]\nname = \"key_cards\"\n\n[[bin]]\nname = \"key-cards\"\n"
+        );
+        assert_eq!(
+            rename(
+                r#"ServiceBuilder::new("ticketing", 1); r.prefix("TICKETING"); ".requires(\"ticketing:{account}:view:ticket\")"; ticketing::app(s)"#,
+                "rs",
+                &from,
+                &to
+            ),
+            r#"ServiceBuilder::new("key-cards", 1); r.prefix("KEY_CARDS"); ".requires(\"key-cards:{account}:view:ticket\")"; key_cards::app(s)"#
+        );
+        // The domain's own nouns are the template's example: kept.
+        assert_eq!(rename("NewTicket", "rs", &from, &to), "NewTicket");
+    }
+
+    #[test]
+    fn finds_loopback_ports() {
+        let ports: Vec<u16> =
+            loopback_ports("CHASSIS_BIND=127.0.0.1:8082 curl http://127.0.0.1:8083/x 127.0.0.1:")
+                .collect();
+        assert_eq!(ports, [8082, 8083]);
+    }
+}

@@ -1,0 +1,113 @@
+//! `new-service` on the real template exemplar, written to a temporary
+//! directory. `.ci/run` also builds and tests a service made this way.
+
+use std::{fs, path::PathBuf};
+
+use xtask::{NewService, Workspace};
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp(name: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    TempDir(dir)
+}
+
+#[test]
+fn the_template_is_renamed_everywhere() {
+    let out = temp("keycards");
+    let into = out.0.join("key-cards");
+    let written = NewService::plan(
+        &Workspace::locate(),
+        "key-cards",
+        "ticketing",
+        Some(into.clone()),
+        Some(8099),
+    )
+    .unwrap()
+    .write()
+    .unwrap();
+    assert!(written.files >= 10, "{written}");
+    let manifest = fs::read_to_string(into.join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("name = \"key-cards\""), "{manifest}");
+    assert!(
+        manifest.contains("[lib]\nname = \"key_cards\""),
+        "{manifest}"
+    );
+    let main = fs::read_to_string(into.join("src/main.rs")).unwrap();
+    assert!(main.contains("key_cards::"), "{main}");
+    let lib = fs::read_to_string(into.join("src/lib.rs")).unwrap();
+    assert!(lib.contains("\"key-cards\""), "the service name: {lib}");
+    let readme = fs::read_to_string(into.join("README.md")).unwrap();
+    assert!(readme.contains("127.0.0.1:8099"), "{readme}");
+    // Nothing names the template any more, in any case.
+    for entry in walk(&into) {
+        let text = fs::read_to_string(&entry)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        assert!(
+            !text.contains("ticketing"),
+            "{} still names it",
+            entry.display()
+        );
+        assert!(
+            !entry.to_string_lossy().contains("ticketing"),
+            "{}",
+            entry.display()
+        );
+    }
+}
+
+#[test]
+fn every_problem_is_listed_and_nothing_is_written() {
+    let out = temp("refused");
+    fs::create_dir_all(&out.0).unwrap();
+    let problems = NewService::plan(
+        &Workspace::locate(),
+        "Key_Cards",
+        "no-such-exemplar",
+        Some(out.0.clone()),
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(
+        problems[0].contains("`Key_Cards` cannot name a service"),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[1].contains("no exemplar `no-such-exemplar`"),
+        "{problems:#?}"
+    );
+    assert!(problems[2].contains("exists already"), "{problems:#?}");
+    // A name that contains the template's cannot be renamed back out.
+    let problems = NewService::plan(
+        &Workspace::locate(),
+        "ticketing-v2",
+        "ticketing",
+        Some(out.0.join("x")),
+        None,
+    )
+    .unwrap_err();
+    assert!(problems[0].contains("contain one another"), "{problems:#?}");
+    assert_eq!(fs::read_dir(&out.0).unwrap().count(), 0);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
