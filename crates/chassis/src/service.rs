@@ -794,7 +794,7 @@ impl Service {
     ) -> Result<(), ServeError> {
         let local = listener.local_addr()?;
         let Self {
-            name,
+            name: _,
             version,
             router,
             config,
