@@ -284,7 +284,6 @@ where
 }
 
 impl Api {
-
     /// Whether a route requires a permission (and so a token verifier).
     #[cfg(feature = "jwt")]
     pub(crate) fn requires_auth(&self) -> bool {
@@ -373,6 +372,49 @@ impl Api {
                 guard: GuardLayer::new(methods, verifier.cloned()),
             })
             .collect())
+    }
+}
+
+// === impl Api: by hand ===
+
+impl Api {
+    /// The API as an axum [`Router`](axum::Router) under `prefix` with each
+    /// path behind its guard (405 for an undeclared method, then
+    /// authentication, path validation and authorization) and the
+    /// [`CatchPanicLayer`], and no other layer: for composing the chassis'
+    /// public layers by hand. The service builder runs the same steps, in
+    /// the order [`service`](crate::service) lists.
+    ///
+    /// # Errors
+    ///
+    /// Every problem of the declarations, each naming its route, as
+    /// [`ServiceBuilder::build`](crate::ServiceBuilder::build) reports them.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use chassis::api::{self, Api};
+    /// use chassis::{correlation::SetCorrelationIdLayer, problem::EnsureProblemLayer};
+    /// use tower::ServiceBuilder;
+    ///
+    /// let api = Api::new().route(api::get("/items/{id}", || async { "item" }).public());
+    /// let app = api
+    ///     .into_router("/hello/v1", None)
+    ///     .unwrap()
+    ///     .layer(ServiceBuilder::new().layer(SetCorrelationIdLayer::new()).layer(EnsureProblemLayer::new()));
+    /// # let _: axum::Router = app;
+    /// ```
+    pub fn into_router(
+        self,
+        prefix: &str,
+        verifier: Option<&Verifier>,
+    ) -> Result<axum::Router, Vec<String>> {
+        let mut router = axum::Router::new();
+        for path in self.build(prefix, verifier)? {
+            let guard = path.guard_layer();
+            router = router.route(&path.path, path.router.layer(guard));
+        }
+        Ok(router)
     }
 }
 

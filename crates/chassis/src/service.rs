@@ -961,10 +961,9 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let id = crate::correlation::assign(&mut req);
         let guard = crate::telemetry::begin(&self.metrics, &req);
-        // Built in place: the inner future is not moved from one wrapper
-        // into the next.
+        let inner = guard.in_scope(|| self.inner.call(req));
         crate::problem::ResponseFuture::with_id_header(
-            crate::telemetry::ResponseFuture::new(self.inner.call(req), guard),
+            crate::telemetry::ResponseFuture::new(inner, guard),
             id,
         )
     }

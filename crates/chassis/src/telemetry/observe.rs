@@ -106,9 +106,8 @@ where
 {
     RequestContext::of_request(&mut req);
     let guard = begin(metrics, &req);
-    // `call` of the layers inside only builds futures; the span is entered
-    // while they are polled.
-    ResponseFuture::new(inner.call(req), guard)
+    let inner = guard.in_scope(|| inner.call(req));
+    ResponseFuture::new(inner, guard)
 }
 
 /// Starts observing `req`, before the inner service is called: what
@@ -181,6 +180,18 @@ pub(crate) struct Guard {
 }
 
 /// Status recorded for a request whose client went away before the response.
+impl Guard {
+    /// Runs `f` (the `call` of the layers inside) with the request's ids and
+    /// span entered, as its future is polled: whatever those layers log
+    /// before their future first runs carries the ids too.
+    #[inline]
+    pub(crate) fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _ids = self.fields.map(CurrentIds::enter);
+        let _enter = self.span.enter();
+        f()
+    }
+}
+
 const CLIENT_CLOSED: u16 = 499;
 
 impl Drop for Guard {
