@@ -172,7 +172,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Reads settings from an [`Env`], collecting every problem; see the
-/// [module docs](self).
+/// [module docs](crate::config).
 #[derive(Debug)]
 pub struct Reader<'a> {
     env: &'a Env,

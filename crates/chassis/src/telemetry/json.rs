@@ -82,7 +82,7 @@ impl Visit for RequestFields {
 }
 
 /// A `tracing-subscriber` layer that writes one JSON object per event; see
-/// the [module docs](self).
+/// the [module docs](crate::telemetry).
 pub struct JsonLayer<W> {
     service: Box<str>,
     make_writer: W,

@@ -31,7 +31,7 @@ use super::{
 };
 
 /// Layer that opens the request span, records RED metrics and writes the
-/// access log; see the [module docs](self).
+/// access log; see the [module docs](crate::telemetry).
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
     metrics: HttpMetrics,
