@@ -377,6 +377,8 @@ impl Api {
 
 // === impl Api: by hand ===
 
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 impl Api {
     /// The API as an axum [`Router`](axum::Router) under `prefix` with each
     /// path behind its guard (405 for an undeclared method, then

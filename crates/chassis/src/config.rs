@@ -254,7 +254,7 @@ impl Config {
         #[cfg(feature = "jwt")]
         let auth = crate::auth::AuthConfig::read(r);
         #[cfg(not(feature = "jwt"))]
-        refuse_without_feature(r, "CHASSIS_AUTH_", "jwt", "token verification");
+        r.refuse_without_feature("CHASSIS_AUTH_", "jwt", "token verification");
         let fault = crate::fault::FaultConfig::read(r);
         let audit_file = r.maybe("CHASSIS_AUDIT_FILE", "file to append audit events to");
         let audit_queue = r.optional(
@@ -302,23 +302,6 @@ impl Config {
         let mut r = Reader::new(env);
         let config = Self::read(&mut r);
         r.finish().map(|()| config)
-    }
-}
-
-/// Records a problem for each variable named `prefix…` that is set, when
-/// the part that reads them, `feature`, was not built: a setting is never
-/// silently ignored.
-#[cfg(not(feature = "jwt"))]
-fn refuse_without_feature(r: &mut Reader<'_>, prefix: &str, feature: &str, part: &str) {
-    let mut names = r.env.names_with_prefix(prefix);
-    names.sort_unstable();
-    for name in names {
-        r.problem(
-            &name,
-            format!(
-                "set, but this build of the chassis has no {part}: enable the `{feature}` feature of service-chassis, or unset it"
-            ),
-        );
     }
 }
 

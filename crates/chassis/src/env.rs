@@ -313,3 +313,22 @@ impl<'a> Reader<'a> {
         }
     }
 }
+
+impl Reader<'_> {
+    /// Records a problem for each variable named `prefix…` that is set, when
+    /// the part that reads them, `feature`, was not built: a setting is never
+    /// silently ignored.
+    #[cfg(not(feature = "jwt"))]
+    pub(crate) fn refuse_without_feature(&mut self, prefix: &str, feature: &str, part: &str) {
+        let mut names = self.env.names_with_prefix(prefix);
+        names.sort_unstable();
+        for name in names {
+            self.problem(
+                &name,
+                format!(
+                    "set, but this build of the chassis has no {part}: enable the `{feature}` feature of service-chassis, or unset it"
+                ),
+            );
+        }
+    }
+}
