@@ -157,7 +157,10 @@ where
 /// headers (inner steps and handlers read the validated id from there, never
 /// from the raw header) and returns the id, for the response.
 pub(crate) fn assign<B>(req: &mut Request<B>) -> CorrelationId {
-    RequestContext::of_request(req).id().clone()
+    let ctx = RequestContext::from_headers(req.headers());
+    let id = ctx.id().clone();
+    req.extensions_mut().insert(ctx);
+    id
 }
 
 pin_project! {

@@ -84,8 +84,13 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let id = correlation::assign(&mut req);
         let guard = telemetry::begin(&self.metrics, &req);
-        let inner = guard.in_scope(|| self.inner.call(req));
-        problem::ResponseFuture::with_id_header(telemetry::ResponseFuture::new(inner, guard), id)
+        let _ids = guard.enter_ids();
+        // Built in place: the inner future is not moved from one wrapper
+        // into the next.
+        problem::ResponseFuture::with_id_header(
+            telemetry::ResponseFuture::new(self.inner.call(req), guard),
+            id,
+        )
     }
 }
 

@@ -106,8 +106,8 @@ where
 {
     RequestContext::of_request(&mut req);
     let guard = begin(metrics, &req);
-    let inner = guard.in_scope(|| inner.call(req));
-    ResponseFuture::new(inner, guard)
+    let _ids = guard.enter_ids();
+    ResponseFuture::new(inner.call(req), guard)
 }
 
 /// Starts observing `req`, before the inner service is called: what
@@ -181,14 +181,14 @@ pub(crate) struct Guard {
 
 /// Status recorded for a request whose client went away before the response.
 impl Guard {
-    /// Runs `f` (the `call` of the layers inside) with the request's ids and
-    /// span entered, as its future is polled: whatever those layers log
-    /// before their future first runs carries the ids too.
+    /// Puts the request's ids where the log finds them until the result is
+    /// dropped: around the `call` of the layers inside, so that whatever
+    /// they log before their future first runs carries the ids too, as it
+    /// does while the future is polled. Owned, so the future is still built
+    /// in place.
     #[inline]
-    pub(crate) fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        let _ids = self.fields.map(CurrentIds::enter);
-        let _enter = self.span.enter();
-        f()
+    pub(crate) fn enter_ids(&self) -> Option<CurrentIds> {
+        self.fields.map(CurrentIds::enter)
     }
 }
 
