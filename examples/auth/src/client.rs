@@ -42,6 +42,12 @@ pub const JWKS_PATH: &str = "/auth/v1/jwks";
 pub const ROTATE_PATH: &str = "/auth/v1/keys/rotate";
 /// The path of the OpenID Connect discovery document.
 pub const DISCOVERY_PATH: &str = "/auth/v1/.well-known/openid-configuration";
+/// The path of the admin API's clients (`POST`: register one); a client's
+/// grants are at `{CLIENTS_PATH}/{client_id}/grants`.
+pub const CLIENTS_PATH: &str = "/auth/v1/clients";
+/// The path of the admin API's users; a user's grants are at
+/// `{USERS_PATH}/{username}/grants`.
+pub const USERS_PATH: &str = "/auth/v1/users";
 /// The `grant_type` of the token exchange (RFC 8693).
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// The token type of an access token (RFC 8693 §3): the only
@@ -154,6 +160,42 @@ pub struct RotatedKey {
     pub kid: String,
     /// The key it replaced, still published until its tokens expire.
     pub previous_kid: Option<String>,
+}
+
+/// A user's or client's grants, as the admin API shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectGrants {
+    /// `user` or `client`.
+    pub kind: String,
+    /// The user name or client id.
+    pub name: String,
+    /// Its grants: the `perms` of its next token.
+    pub grants: Vec<String>,
+    /// `file` (the grants file declares it, and only the file changes it)
+    /// or `api`.
+    pub managed_by: String,
+}
+
+/// The answer of `POST /auth/v1/clients`: the new client, with its secret,
+/// which is shown this once and stored only as a hash.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredClient {
+    /// The client id.
+    pub client_id: String,
+    /// The secret of the client-credentials grant.
+    pub client_secret: String,
+    /// Its grants.
+    pub grants: Vec<String>,
+}
+
+impl std::fmt::Debug for RegisteredClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisteredClient")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("grants", &self.grants)
+            .finish()
+    }
 }
 
 /// Why a call to `auth` failed.
@@ -374,6 +416,73 @@ impl AuthClient {
             .downstream
             .on_behalf_of(cx)
             .post(ROTATE_PATH)
+            .send()
+            .await?;
+        Ok(res.json()?)
+    }
+
+    /// The grants of the client `client_id`, on behalf of the caller of
+    /// `cx` (who needs `auth::view:grant`).
+    ///
+    /// # Errors
+    ///
+    /// When the call fails: 403 without the grant, 404 for an unknown
+    /// client.
+    pub async fn client_grants(
+        &self,
+        cx: &CallContext,
+        client_id: &str,
+    ) -> Result<SubjectGrants, AuthClientError> {
+        let path = format!("{CLIENTS_PATH}/{client_id}/grants");
+        let res = self.downstream.on_behalf_of(cx).get(&path).send().await?;
+        Ok(res.json()?)
+    }
+
+    /// Replaces the grants of the client `client_id`, on behalf of the
+    /// caller of `cx` (who needs `auth::manage:grant`). Its next token has
+    /// them.
+    ///
+    /// # Errors
+    ///
+    /// When the call fails: 403 without the grant, 404 for an unknown
+    /// client, 409 for one the grants file declares, 422 for an invalid
+    /// grant.
+    pub async fn replace_client_grants(
+        &self,
+        cx: &CallContext,
+        client_id: &str,
+        grants: &[&str],
+    ) -> Result<SubjectGrants, AuthClientError> {
+        let path = format!("{CLIENTS_PATH}/{client_id}/grants");
+        let res = self
+            .downstream
+            .on_behalf_of(cx)
+            .put(&path)
+            .json(&serde_json::json!({ "grants": grants }))
+            .send()
+            .await?;
+        Ok(res.json()?)
+    }
+
+    /// Registers the client `client_id` with `grants`, on behalf of the
+    /// caller of `cx` (who needs `auth::register:client`); the answer holds
+    /// its secret.
+    ///
+    /// # Errors
+    ///
+    /// When the call fails: 403 without the grant, 409 when the id is
+    /// taken, 422 for an invalid id or grant.
+    pub async fn register_client(
+        &self,
+        cx: &CallContext,
+        client_id: &str,
+        grants: &[&str],
+    ) -> Result<RegisteredClient, AuthClientError> {
+        let res = self
+            .downstream
+            .on_behalf_of(cx)
+            .post(CLIENTS_PATH)
+            .json(&serde_json::json!({ "client_id": client_id, "grants": grants }))
             .send()
             .await?;
         Ok(res.json()?)

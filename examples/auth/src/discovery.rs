@@ -20,11 +20,11 @@
 
 use std::sync::Arc;
 
-use axum::{Extension, Json, response::IntoResponse};
+use axum::{Json, extract::State, response::IntoResponse};
 use http::{HeaderValue, header};
 
 use crate::{
-    State,
+    AuthState,
     client::{JWKS_PATH, OpenIdConfiguration, TOKEN_PATH},
     token::{GRANT_TOKEN_EXCHANGE, SUPPORTED_GRANTS},
 };
@@ -80,7 +80,7 @@ pub(crate) fn document(issuer: &str) -> OpenIdConfiguration {
 
 /// The handler.
 pub(crate) async fn openid_configuration(
-    Extension(state): Extension<Arc<State>>,
+    State(state): State<Arc<AuthState>>,
 ) -> axum::response::Response {
     let mut res = Json(&state.discovery).into_response();
     res.headers_mut().insert(

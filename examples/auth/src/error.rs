@@ -30,6 +30,10 @@ pub enum AppError {
     /// Hashing, key generation, signing or randomness failed.
     #[error("cryptography failed: {0}")]
     Crypto(String),
+    /// The grants (`AUTH_GRANTS_FILE`, `AUTH_SEED_DEMO`) have problems,
+    /// each listed.
+    #[error("the grants are not valid ({} problems): {}", .0.len(), .0.join("; "))]
+    Grants(Vec<String>),
     /// The verifier for the service's own tokens could not be built.
     #[error(transparent)]
     Verifier(#[from] chassis::auth::VerifierError),

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
-    State,
+    AuthState,
     client::{ACCESS_TOKEN_TYPE, TokenResponse},
     error::OAuthError,
     token::{self, Common, Failure, Kind, NewToken},
@@ -75,7 +75,7 @@ fn depth(v: &Value) -> usize {
 /// issuer, a known audience, `exp` and `nbf` at `now` (no leeway: the
 /// clock is this service's own).
 pub(crate) async fn verify_subject(
-    state: &State,
+    state: &AuthState,
     token: &str,
     now: u64,
 ) -> Result<SubjectToken, Failure> {
@@ -145,7 +145,7 @@ pub(crate) async fn verify_subject(
 
 /// The grant.
 pub(crate) async fn exchange(
-    state: &State,
+    state: &AuthState,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
     common: &Common<'_>,

@@ -14,6 +14,46 @@
 //!   is `<origin>/auth/v1`.
 //! * `POST /auth/v1/keys/rotate` (`auth::rotate:key`): make a new signing
 //!   key current now.
+//! * `GET`, `PUT /auth/v1/clients/{client_id}/grants` and
+//!   `/auth/v1/users/{username}/grants` (`auth::view:grant`,
+//!   `auth::manage:grant`), `POST /auth/v1/clients`
+//!   (`auth::register:client`): the admin API of grants.
+//!
+//! # Permissions as data
+//!
+//! Users, service clients and their grants are data, not code. The grants
+//! file named by `AUTH_GRANTS_FILE` (TOML) declares them:
+//!
+//! ```toml
+//! [clients.keycards]
+//! secret_env = "KEYCARDS_CLIENT_SECRET"   # or secret_hash = "$argon2id$v=19$..."
+//! grants = ["ticketing:*:view:ticket", "auth:ticketing:exchange:token"]
+//!
+//! [users.carol]
+//! password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."
+//! grants = ["ticketing:acme:*:*", "!ticketing:acme:delete:ticket"]
+//! ```
+//!
+//! A secret is given by reference (`secret_env`, the name of an environment
+//! variable) or as an argon2id hash (`secret_hash`); a literal `secret` (or
+//! `password`) is accepted only in a file that says `demo = true`. The file
+//! is read at start-up, where any problem stops the service with exit 78
+//! and every problem listed, and looked at again every
+//! `AUTH_GRANTS_POLL_SECS`. Applying it upserts: each subject it names gets
+//! its secret and grants, new or not, and subjects it named before but no
+//! longer names are removed (with a user's refresh tokens). A grant added or
+//! removed reaches the subject's next token, with no restart and nothing
+//! wiped. A later change with problems is refused whole: the grants last
+//! applied stay in force, each problem is logged, the refusal is counted in
+//! `auth_grants_file_rejected_total`, and the `grants-file` readiness check
+//! reports it (readiness does not depend on it).
+//!
+//! The file is authoritative for what it names. Subjects it does not name
+//! are managed through the admin API: a client registered there
+//! (`POST /auth/v1/clients`, whose answer carries the secret, once) and any
+//! subject's grants replaced there (`PUT .../grants`), unless the file names
+//! it (409 `managed_by_file`). Naming an API-managed subject in the file
+//! hands it to the file. Every admin call is audited like any other route.
 //!
 //! Access tokens are EdDSA (Ed25519) JWTs that every chassis service
 //! verifies locally with the key set; passwords and client secrets are
@@ -28,9 +68,9 @@
 //! `Retry-After`, `AUTH_LOGIN_*`; behind a proxy every client has the
 //! proxy's address, and `X-Forwarded-For` is deliberately not trusted),
 //! and password hashing is bounded (`AUTH_HASH_CONCURRENCY`; 503 with
-//! `Retry-After` after `AUTH_HASH_QUEUE_MS`). The demo users and clients,
-//! whose passwords are public, exist only with `AUTH_SEED_DEMO=true`. The
-//! settings are in [`Settings::read`].
+//! `Retry-After` after `AUTH_HASH_QUEUE_MS`). The demo users and clients
+//! ([`DEMO_GRANTS`]), whose passwords are public, exist only with
+//! `AUTH_SEED_DEMO=true`. The settings are in [`Settings::read`].
 //!
 //! Run with `cargo run -p auth` (with `CHASSIS_BIND=127.0.0.1:8081` and
 //! `AUTH_SEED_DEMO=true`), then
@@ -38,13 +78,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use axum::{Extension, Json, response::IntoResponse};
+use axum::{Json, extract::State, response::IntoResponse};
 use chassis::{
     Problem, ServiceBuilder,
     api::{self, Api},
     auth::{Clock, JwksOptions, Principal, SystemClock, Verifier},
-    config::{Config, Reader, Secret},
-    health::CheckOptions,
+    config::{Config, Reader},
+    health::{CheckOptions, check_fn},
     sqlite::{Database, DbConfig},
 };
 use http::{HeaderValue, header};
@@ -52,10 +92,12 @@ use jsonwebtoken::Algorithm;
 use sqlx::{SqlitePool, migrate::Migrator};
 use tokio_util::sync::CancellationToken;
 
+mod admin;
 pub mod client;
 mod discovery;
 mod error;
 mod exchange;
+mod grants;
 mod keys;
 mod password;
 mod store;
@@ -63,6 +105,7 @@ mod throttle;
 mod token;
 
 pub use error::AppError;
+pub use grants::DEMO_GRANTS;
 
 /// The service's name: its API lives under `/auth/v1`.
 pub const NAME: &str = "auth";
@@ -72,17 +115,6 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Longest access-token lifetime accepted (the chassis verifier's limit).
 const MAX_TOKEN_TTL_SECS: u64 = 86_400;
-
-/// The secrets of the demo service clients (`AUTH_CLIENT_SECRET_*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DemoSecrets {
-    /// `AUTH_CLIENT_SECRET_ORDERS` (default `orders-secret`).
-    pub orders: Secret<String>,
-    /// `AUTH_CLIENT_SECRET_TICKETING` (default `ticketing-secret`).
-    pub ticketing: Secret<String>,
-    /// `AUTH_CLIENT_SECRET_MAIL` (default `mail-secret`).
-    pub mail: Secret<String>,
-}
 
 /// The cost of argon2id hashes of new passwords and secrets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,11 +233,16 @@ pub struct Settings {
     pub key_rotate: Duration,
     /// `AUTH_KEY_CHECK_SECS`: how often rotation and key expiry are checked.
     pub key_check: Duration,
-    /// `AUTH_SEED_DEMO`: create the demo users and clients (with their
-    /// well-known passwords) on start-up. Off unless asked for.
+    /// `AUTH_SEED_DEMO`: apply the demo users and clients ([`DEMO_GRANTS`],
+    /// with their well-known passwords) with the grants file, whose entries
+    /// win. Off unless asked for.
     pub seed_demo: bool,
-    /// `AUTH_CLIENT_SECRET_*`: the demo clients' secrets.
-    pub demo_secrets: DemoSecrets,
+    /// `AUTH_GRANTS_FILE`: the grants file (TOML) declaring users, clients
+    /// and their grants; see the [crate docs](crate#permissions-as-data).
+    pub grants_file: Option<PathBuf>,
+    /// `AUTH_GRANTS_POLL_SECS`: how often the grants file is looked at for
+    /// a change.
+    pub grants_poll: Duration,
     /// `AUTH_HASH_MEMORY_KIB`, `AUTH_HASH_ITERATIONS`: the cost of new
     /// password hashes.
     pub hash_cost: HashCost,
@@ -372,7 +409,8 @@ impl Settings {
     /// | `AUTH_KEY_ROTATE_SECS` | `2592000` (30 days) |
     /// | `AUTH_KEY_CHECK_SECS` | `60` |
     /// | `AUTH_SEED_DEMO` | `false` |
-    /// | `AUTH_CLIENT_SECRET_ORDERS`, `_TICKETING`, `_MAIL` | `orders-secret`, `ticketing-secret`, `mail-secret` |
+    /// | `AUTH_GRANTS_FILE` | none (a TOML file; its problems are listed too) |
+    /// | `AUTH_GRANTS_POLL_SECS` | `5` |
     /// | `AUTH_HASH_MEMORY_KIB`, `AUTH_HASH_ITERATIONS` | `19456`, `2` |
     /// | `AUTH_HASH_CONCURRENCY` | half the CPUs, at least 1 |
     /// | `AUTH_HASH_QUEUE_MS` | `1000` |
@@ -441,22 +479,33 @@ impl Settings {
         let seed_demo = r.optional(
             "AUTH_SEED_DEMO",
             false,
-            "create the demo users and clients (true or false)",
+            "apply the demo users and clients too (true or false)",
         );
-        let secret = |r: &mut Reader<'_>, name: &str, default: &str| {
-            let s = r
-                .maybe_secret(name, "secret of a demo client")
-                .unwrap_or_else(|| Secret::new(default.to_owned()));
-            if s.expose().is_empty() {
-                r.problem(name, "must not be empty");
-            }
-            s
+        let grants_file: Option<PathBuf> = r.maybe(
+            "AUTH_GRANTS_FILE",
+            "TOML file declaring the users, clients and their grants",
+        );
+        let grants_poll = r.optional(
+            "AUTH_GRANTS_POLL_SECS",
+            Secs::<3600>(5),
+            "seconds between looks at the grants file for a change",
+        );
+        // Every problem of the grants, with the other settings' problems.
+        let sources = grants::Sources {
+            demo: seed_demo,
+            file: grants_file.clone(),
         };
-        let demo_secrets = DemoSecrets {
-            orders: secret(r, "AUTH_CLIENT_SECRET_ORDERS", "orders-secret"),
-            ticketing: secret(r, "AUTH_CLIENT_SECRET_TICKETING", "ticketing-secret"),
-            mail: secret(r, "AUTH_CLIENT_SECRET_MAIL", "mail-secret"),
-        };
+        let problems = sources.check_now(&mut |name| {
+            r.maybe_secret(name, "a secret named by secret_env in the grants file")
+        });
+        for problem in problems {
+            let name = if grants_file.is_some() {
+                "AUTH_GRANTS_FILE"
+            } else {
+                "AUTH_SEED_DEMO"
+            };
+            r.problem(name, problem);
+        }
         let d = HashCost::default();
         let memory_kib: u32 = r.optional(
             "AUTH_HASH_MEMORY_KIB",
@@ -506,7 +555,8 @@ impl Settings {
             key_rotate: Duration::from_secs(key_rotate.0),
             key_check: Duration::from_secs(key_check.0),
             seed_demo,
-            demo_secrets,
+            grants_file,
+            grants_poll: Duration::from_secs(grants_poll.0),
             hash_cost: HashCost {
                 memory_kib,
                 iterations,
@@ -534,7 +584,7 @@ impl Settings {
 }
 
 /// What the handlers share.
-struct State {
+struct AuthState {
     pool: SqlitePool,
     keys: Arc<keys::Keys>,
     hasher: password::Hasher,
@@ -550,9 +600,9 @@ struct State {
     discovery: client::OpenIdConfiguration,
 }
 
-impl std::fmt::Debug for State {
+impl std::fmt::Debug for AuthState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
+        f.debug_struct("AuthState")
             .field("issuer", &self.issuer)
             .field("default_audience", &self.default_audience)
             .field("audiences", &self.audiences)
@@ -560,16 +610,18 @@ impl std::fmt::Debug for State {
     }
 }
 
-/// The service: opens and migrates the database, seeds the demo subjects
-/// when configured, makes sure a signing key is current, and returns the
-/// builder with the API, the database readiness check, the key-rotation
-/// task and (unless [`Settings::verify_own_tokens`] is off) a verifier over
-/// its own key set.
+/// The service: opens and migrates the database, applies the grants (the
+/// grants file, and the demo's with [`Settings::seed_demo`]), makes sure a
+/// signing key is current, and returns the builder with the API (the admin
+/// API of grants included), the database readiness check, the key-rotation
+/// task, with a grants file its watcher and the `grants-file` check, and
+/// (unless [`Settings::verify_own_tokens`] is off) a verifier over its own
+/// key set.
 ///
 /// # Errors
 ///
-/// When the database cannot be opened, migrated or read, or a key cannot be
-/// made.
+/// When the grants have problems ([`AppError::Grants`], each listed), the
+/// database cannot be opened, migrated or read, or a key cannot be made.
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
     app_with_clock(settings, SystemClock).await
 }
@@ -598,6 +650,10 @@ pub async fn app_with_clock(
         "Login attempts answered 429 without a password check, by the limit that refused them"
     );
     metrics::describe_counter!(
+        grants::REJECTED,
+        "Changes of the grants file refused for their problems; the grants last applied stay in force"
+    );
+    metrics::describe_counter!(
         token::HASH_BUSY,
         "Login attempts answered 503 because every password hashing slot stayed busy"
     );
@@ -615,10 +671,11 @@ pub async fn app_with_clock(
         settings.hash_limits.queue_timeout,
     )
     .await?;
-    if settings.seed_demo {
-        let created = store::seed(db.pool(), &hasher, &settings.demo_secrets, token::now()).await?;
-        tracing::info!(created, "demo users and clients in place");
-    }
+    let sources = grants::Sources {
+        demo: settings.seed_demo,
+        file: settings.grants_file.clone(),
+    };
+    let applied = grants::apply_at_start(&sources, db.pool(), &hasher, token::now()).await?;
     let token_ttl = settings.token_ttl.as_secs();
     let (keys, checked) = keys::Keys::open(
         db.pool().clone(),
@@ -642,7 +699,7 @@ pub async fn app_with_clock(
              discovery from this issuer will not find it (set AUTH_ISSUER to <origin>/auth/v1)"
         );
     }
-    let state = Arc::new(State {
+    let state = Arc::new(AuthState {
         pool: db.pool().clone(),
         keys: keys.clone(),
         hasher,
@@ -659,11 +716,16 @@ pub async fn app_with_clock(
         .route(api::post("/token", token::token).public())
         .route(api::get("/jwks", jwks).public())
         .route(api::get(discovery::ROUTE, discovery::openid_configuration).public())
-        .route(api::post("/keys/rotate", rotate).requires("auth::rotate:key"));
+        .route(api::post("/keys/rotate", rotate).requires("auth::rotate:key"))
+        .merge(admin::api())
+        .with_state(state.clone());
     let interval = settings.key_check;
+    let status = grants::Status::default();
+    let watched = status.clone();
+    let (pool, grants_hasher) = (state.pool.clone(), state.hasher.clone());
+    let poll = settings.grants_poll;
     let mut builder = ServiceBuilder::new(NAME, 1)
         .api(api)
-        .api_layer(Extension(state))
         // The throttle counts failed logins per client address.
         .peer_addresses()
         .health_check("database", db.clone(), CheckOptions::default())
@@ -671,6 +733,23 @@ pub async fn app_with_clock(
             maintain(db, keys, interval, stop)
         })
         .build_info(chassis::build_info!());
+    if sources.file.is_some() {
+        builder = builder
+            .health_check(
+                "grants-file",
+                check_fn(move || {
+                    let status = status.clone();
+                    async move { status.check() }
+                }),
+                CheckOptions::default()
+                    .non_critical()
+                    .interval(poll)
+                    .thresholds(1, 1),
+            )
+            .background("grants-file", move |stop| {
+                grants::watch(sources, pool, grants_hasher, watched, applied, poll, stop)
+            });
+    }
     if settings.verify_own_tokens {
         builder = builder.verifier(own_verifier(&settings)?);
     }
@@ -741,9 +820,7 @@ async fn maintain(
 }
 
 /// `GET /auth/v1/jwks`.
-async fn jwks(
-    Extension(state): Extension<Arc<State>>,
-) -> Result<axum::response::Response, Problem> {
+async fn jwks(State(state): State<Arc<AuthState>>) -> Result<axum::response::Response, Problem> {
     let set = state
         .keys
         .jwks(token::now())
@@ -761,7 +838,7 @@ async fn jwks(
 
 /// `POST /auth/v1/keys/rotate`.
 async fn rotate(
-    Extension(state): Extension<Arc<State>>,
+    State(state): State<Arc<AuthState>>,
     principal: Principal,
 ) -> Result<Json<client::RotatedKey>, Problem> {
     let checked = state
@@ -800,7 +877,7 @@ fn reachable(addr: SocketAddr) -> String {
 /// service knows the address it listens on (with `CHASSIS_BIND` on port 0,
 /// too) and can fetch its own key set there when `AUTH_PUBLIC_URL` is not
 /// set; and it sets up logging first, so that start-up (migrations, keys,
-/// seeding) is logged.
+/// grants) is logged.
 pub async fn run(config: Config, mut settings: Settings) -> ExitCode {
     let _telemetry = chassis::telemetry::init(NAME, &config);
     let listener = match tokio::net::TcpListener::bind(config.bind).await {
@@ -861,7 +938,8 @@ mod tests {
         assert_eq!(s.refresh_ttl.as_secs(), 86_400);
         assert_eq!(s.key_rotate.as_secs(), 2_592_000);
         assert!(!s.seed_demo, "no well-known passwords unless asked for");
-        assert_eq!(s.demo_secrets.orders.expose(), "orders-secret");
+        assert_eq!(s.grants_file, None);
+        assert_eq!(s.grants_poll.as_secs(), 5);
         assert_eq!(s.login, LoginLimits::default());
         assert_eq!(s.login.max_failures, 5);
         assert_eq!(s.login.window.as_secs(), 900);
@@ -892,7 +970,7 @@ mod tests {
             ("AUTH_REFRESH_TTL_SECS", "0"),
             ("AUTH_SEED_DEMO", "yes"),
             ("AUTH_PUBLIC_URL", "https://auth.example/x"),
-            ("AUTH_CLIENT_SECRET_ORDERS", ""),
+            ("AUTH_GRANTS_POLL_SECS", "0"),
             ("AUTH_HASH_MEMORY_KIB", "8"),
             ("AUTH_DB_POOL_SIZE", "0"),
         ]);
@@ -906,23 +984,46 @@ mod tests {
                 "AUTH_TOKEN_TTL_SECS",
                 "AUTH_REFRESH_TTL_SECS",
                 "AUTH_SEED_DEMO",
-                "AUTH_CLIENT_SECRET_ORDERS",
+                "AUTH_GRANTS_POLL_SECS",
                 "AUTH_HASH_MEMORY_KIB",
                 "AUTH_PUBLIC_URL",
                 "AUTH_DB_POOL_SIZE",
             ]
         );
 
-        let env = Env::from_pairs([
-            ("AUTH_CLIENT_SECRET_MAIL", "hunter2"),
-            ("AUTH_PUBLIC_URL", "http://127.0.0.1:9999/"),
-        ]);
+        let env = Env::from_pairs([("AUTH_PUBLIC_URL", "http://127.0.0.1:9999/")]);
         let mut r = Reader::new(&env);
         let s = Settings::read(&mut r);
         r.finish().unwrap();
         assert_eq!(s.public_url.as_deref(), Some("http://127.0.0.1:9999"));
-        assert!(!format!("{s:?}").contains("hunter2"));
-        assert_eq!(s.demo_secrets.mail.expose(), "hunter2");
+
+        // The grants file's problems are configuration problems, each one
+        // listed, and the secrets it names are never shown.
+        let file = std::env::temp_dir().join(format!("auth-settings-{}.toml", std::process::id()));
+        std::fs::write(
+            &file,
+            "[clients.a]\nsecret_env = \"A_SECRET\"\ngrants = [\"x\"]\n\n\
+             [clients.b]\nsecret_env = \"B_SECRET\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap().to_owned();
+        let env = Env::from_pairs([("AUTH_GRANTS_FILE", path.as_str()), ("A_SECRET", "hunter2")]);
+        let mut r = Reader::new(&env);
+        let _ = Settings::read(&mut r);
+        let err = r.finish().unwrap_err();
+        let _ = std::fs::remove_file(&file);
+        let shown = err.to_string();
+        assert_eq!(err.problems().len(), 2, "{shown}");
+        assert!(err.problems().iter().all(|p| p.name == "AUTH_GRANTS_FILE"));
+        assert!(
+            shown.contains("client \"a\": grant \"x\" is not valid"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("B_SECRET of secret_env is not set"),
+            "{shown}"
+        );
+        assert!(!shown.contains("hunter2"));
     }
 
     #[test]

@@ -127,6 +127,11 @@ impl Phc {
     }
 }
 
+/// Whether `stored` is an argon2id PHC string this service can verify.
+pub(crate) fn check_phc(stored: &str) -> Result<(), HashError> {
+    Phc::parse(stored).map(|_| ())
+}
+
 /// Runs argon2id with `params` over `secret` and `salt`.
 fn derive(
     params: &Params,

@@ -4,7 +4,7 @@ use aws_lc_rs::digest;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use sqlx::SqlitePool;
 
-use crate::{DemoSecrets, error::AppError, keys::to_i64, password::Hasher};
+use crate::{error::AppError, keys::to_i64};
 
 /// A user or a client: its name, stored hash and grants.
 #[derive(Clone, PartialEq, Eq)]
@@ -64,91 +64,23 @@ pub(crate) async fn client(
     .transpose()
 }
 
-/// Which table a seeded subject goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+/// Which table a subject is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kind {
+    /// `users`: logs in with the password grant.
     User,
+    /// `clients`: a service, with the client-credentials grant.
     Client,
 }
 
-/// Creates the demo users and clients that do not exist yet; never changes
-/// one that does. Returns how many were created.
-pub(crate) async fn seed(
-    pool: &SqlitePool,
-    hasher: &Hasher,
-    secrets: &DemoSecrets,
-    now: u64,
-) -> Result<usize, AppError> {
-    let subjects: [(Kind, &str, &str, &[&str]); 6] = [
-        (
-            Kind::User,
-            "alice",
-            "alice-password",
-            &["ticketing:acme:*:*", "orders:acme:*:*"],
-        ),
-        (
-            Kind::User,
-            "bob",
-            "bob-password",
-            &["ticketing:globex:*:*", "orders:globex:*:*"],
-        ),
-        (
-            Kind::User,
-            "admin",
-            "admin-password",
-            &["auth::rotate:key", "mail::view:message"],
-        ),
-        (
-            Kind::Client,
-            "orders",
-            secrets.orders.expose(),
-            &[
-                "ticketing:*:reserve:ticket",
-                "ticketing:*:view:ticket",
-                "mail::send:message",
-                // To call ticketing and mail on behalf of the customer.
-                "auth:ticketing:exchange:token",
-                "auth:mail:exchange:token",
-            ],
-        ),
-        (Kind::Client, "ticketing", secrets.ticketing.expose(), &[]),
-        (Kind::Client, "mail", secrets.mail.expose(), &[]),
-    ];
-    let mut created = 0;
-    for (kind, name, secret, grants) in subjects {
-        let exists = match kind {
-            Kind::User => user(pool, name).await?.is_some(),
-            Kind::Client => client(pool, name).await?.is_some(),
-        };
-        if exists {
-            continue;
-        }
-        let hash = hasher.hash(secret).await?;
-        let grants = serde_json::to_string(grants).unwrap_or_else(|_| "[]".to_owned());
-        let sql = match kind {
-            Kind::User => {
-                "INSERT INTO users (username, password_hash, grants, created_at) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (username) DO NOTHING"
-            }
-            Kind::Client => {
-                "INSERT INTO clients (client_id, secret_hash, grants, created_at) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (client_id) DO NOTHING"
-            }
-        };
-        let inserted = sqlx::query(sql)
-            .bind(name)
-            .bind(hash)
-            .bind(grants)
-            .bind(to_i64(now))
-            .execute(pool)
-            .await?
-            .rows_affected();
-        if inserted == 1 {
-            created += 1;
-            tracing::info!(subject = name, kind = ?kind, "demo subject created");
+impl Kind {
+    /// `user` or `client`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Client => "client",
         }
     }
-    Ok(created)
 }
 
 /// A fresh refresh token (32 random bytes, base64url) and its SHA-256.

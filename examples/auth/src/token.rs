@@ -67,7 +67,7 @@ use std::{
 use axum::{
     Extension, Json,
     body::Bytes,
-    extract::{ConnectInfo, rejection::BytesRejection},
+    extract::{ConnectInfo, State, rejection::BytesRejection},
     response::{IntoResponse, Response},
 };
 use base64::Engine as _;
@@ -75,7 +75,7 @@ use http::{HeaderMap, header};
 use serde::Serialize;
 
 use crate::{
-    State,
+    AuthState,
     client::TokenResponse,
     error::{AppError, OAuthError, internal, no_store},
     exchange,
@@ -200,7 +200,7 @@ impl From<Throttled> for Failure {
 /// `peer` is the client's address when the server gives it (always, when
 /// served; never, in-process through the router alone).
 pub(crate) async fn token(
-    Extension(state): Extension<Arc<State>>,
+    State(state): State<Arc<AuthState>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -229,7 +229,7 @@ pub(crate) struct Common<'a> {
 }
 
 async fn grant(
-    state: &State,
+    state: &AuthState,
     peer: Option<IpAddr>,
     headers: &HeaderMap,
     body: &[u8],
@@ -310,7 +310,7 @@ fn requested_scope(form: &HashMap<String, String>) -> Result<Option<Vec<String>>
 
 /// The audience asked for, when it is a known one.
 fn requested_audience<'s>(
-    state: &'s State,
+    state: &'s AuthState,
     form: &HashMap<String, String>,
 ) -> Result<Option<&'s str>, OAuthError> {
     if form.contains_key("resource") {
@@ -376,7 +376,7 @@ fn check_lengths(name: &str, secret: &str, what: &'static str) -> Result<(), OAu
 }
 
 async fn password(
-    state: &State,
+    state: &AuthState,
     form: &HashMap<String, String>,
     common: &Common<'_>,
 ) -> Result<TokenResponse, Failure> {
@@ -434,7 +434,7 @@ async fn password(
 /// Authenticates the client of a request (client-credentials and token
 /// exchange) from `peer`, throttled like a login.
 pub(crate) async fn authenticate_client(
-    state: &State,
+    state: &AuthState,
     peer: Option<IpAddr>,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
@@ -461,7 +461,7 @@ pub(crate) async fn authenticate_client(
 }
 
 async fn client_credentials(
-    state: &State,
+    state: &AuthState,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
     common: &Common<'_>,
@@ -554,7 +554,7 @@ fn form_decode(s: &str) -> Option<String> {
 }
 
 async fn refresh(
-    state: &State,
+    state: &AuthState,
     form: &HashMap<String, String>,
     common: &Common<'_>,
 ) -> Result<TokenResponse, Failure> {
@@ -638,7 +638,7 @@ async fn refresh(
     }
 }
 
-impl State {
+impl AuthState {
     /// The audience of a new token: the one asked for, or the default.
     pub(crate) fn audience<'a>(&'a self, common: &Common<'a>) -> &'a str {
         common.audience.unwrap_or(&self.default_audience)

@@ -1651,7 +1651,7 @@ async fn the_discovery_document_lives_under_the_issuer_and_names_the_key_set() {
 // === restarts ===
 
 #[tokio::test]
-async fn keys_and_users_survive_a_restart_and_the_seed_runs_once() {
+async fn keys_and_users_survive_a_restart_and_the_demo_grants_change_nothing() {
     let dir = TempDir::new("restart");
     let auth = start(dir.path()).await;
     let kids = auth.kids().await;
@@ -1682,11 +1682,8 @@ async fn keys_and_users_survive_a_restart_and_the_seed_runs_once() {
     assert_eq!(names(&seeded.0), ["admin", "alice", "bob"]);
     assert_eq!(names(&seeded.1), ["mail", "orders", "ticketing"]);
 
-    // Same data directory, another secret for orders: nothing is reset.
-    let auth = start_with(dir.path(), |s| {
-        s.demo_secrets.orders = chassis::config::Secret::new("changed".to_owned());
-    })
-    .await;
+    // Same data directory: the demo grants, applied again, change nothing.
+    let auth = start(dir.path()).await;
     assert_eq!(auth.kids().await, kids, "the same key after a restart");
     let after = auth.access_token("alice").await;
     assert_eq!(decode(&after).0["kid"], decode(&before).0["kid"]);
@@ -1704,9 +1701,13 @@ async fn keys_and_users_survive_a_restart_and_the_seed_runs_once() {
             &[("authorization", &basic("orders", "orders-secret"))],
         )
         .await;
-    assert_eq!(res.status, 200, "the first secret still holds: {res:?}");
+    assert_eq!(res.status, 200, "{res:?}");
     auth.stop().await;
-    assert_eq!(hashes(db).await, seeded, "no row added or changed");
+    assert_eq!(
+        hashes(db).await,
+        seeded,
+        "no row added, no secret hashed again"
+    );
 }
 
 #[tokio::test]
@@ -1722,6 +1723,396 @@ async fn without_the_seed_nobody_can_log_in() {
     assert_eq!(res.json()["error"], "invalid_grant");
     assert_eq!(auth.kids().await.len(), 1, "a key all the same");
     auth.stop().await;
+}
+
+// === permissions as data ===
+
+/// Writes the grants file as editors and deployments do: whole, by a
+/// rename, so that it is never read half-written.
+fn write_grants(file: &Path, text: &str) {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+/// Settings with `file` as the grants file, without the demo grants, looked
+/// at every 50 ms.
+fn from_file(file: &Path) -> impl FnOnce(&mut Settings) {
+    let file = file.to_owned();
+    move |s| {
+        s.seed_demo = false;
+        s.grants_file = Some(file);
+        s.grants_poll = Duration::from_millis(50);
+    }
+}
+
+/// A client's or user's grants in the file, with the secret `password`.
+fn entry(table: &str, name: &str, grants: &[&str]) -> String {
+    let field = if table == "users" {
+        "password_hash"
+    } else {
+        "secret_hash"
+    };
+    format!(
+        "[{table}.{name}]\n{field} = \"{PASSWORD_HASH}\"\ngrants = {}\n\n",
+        serde_json::to_string(grants).unwrap()
+    )
+}
+
+impl Auth {
+    /// The claims of a token for the client `id`.
+    async fn client_claims(&self, id: &str, secret: &str) -> Value {
+        let res = self
+            .post_form(
+                "grant_type=client_credentials",
+                &[("authorization", &basic(id, secret))],
+            )
+            .await;
+        assert_eq!(res.status, 200, "{res:?}");
+        decode(res.json()["access_token"].as_str().unwrap()).1
+    }
+
+    /// A call to the admin API with `token`.
+    async fn admin(&self, method: Method, path: &str, token: Option<&str>, body: &str) -> Answer {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(b) = &bearer {
+            headers.push(("authorization", b));
+        }
+        send(method, &self.url(path), &headers, body).await
+    }
+}
+
+#[tokio::test]
+async fn subjects_in_the_grants_file_get_tokens_and_its_changes_reach_their_next_token() {
+    let dir = TempDir::new("grantsfile");
+    let file = dir.path().join("grants.toml");
+    let keycards_v1 = ["ticketing:*:view:ticket", "auth:ticketing:exchange:token"];
+    write_grants(
+        &file,
+        &(entry("clients", "keycards", &keycards_v1)
+            + &entry("users", "carol", &["ticketing:acme:*:*"])),
+    );
+    let auth = start_with(dir.path(), from_file(&file)).await;
+
+    // A new service, registered by data alone.
+    let claims = auth.client_claims("keycards", "password").await;
+    assert_eq!(claims["sub"], "keycards");
+    assert_eq!(claims["kind"], "service");
+    assert_eq!(claims["perms"], serde_json::json!(keycards_v1));
+    let res = auth.login("carol", "password").await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let refresh = res.json()["refresh_token"].as_str().unwrap().to_owned();
+    let (_, carol) = decode(res.json()["access_token"].as_str().unwrap());
+    assert_eq!(carol["perms"], serde_json::json!(["ticketing:acme:*:*"]));
+    // Only what the file declares: no demo users.
+    assert_eq!(auth.login("alice", "alice-password").await.status, 400);
+
+    // A grant removed, two added (one a deny): in the next tokens of the
+    // same subjects, without a restart.
+    let keycards_v2 = [
+        "ticketing:*:view:ticket",
+        "!ticketing:vip:view:ticket",
+        "mail::send:message",
+    ];
+    let carol_v2 = ["ticketing:acme:*:*", "orders:acme:*:*"];
+    write_grants(
+        &file,
+        &(entry("clients", "keycards", &keycards_v2) + &entry("users", "carol", &carol_v2)),
+    );
+    eventually("keycards' new grants", || async {
+        auth.client_claims("keycards", "password").await["perms"] == serde_json::json!(keycards_v2)
+    })
+    .await;
+    // Carol's login survives the change, and its next token has her new
+    // grants.
+    let res = auth.refresh(&refresh).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let refresh = res.json()["refresh_token"].as_str().unwrap().to_owned();
+    let (_, carol) = decode(res.json()["access_token"].as_str().unwrap());
+    assert_eq!(carol["perms"], serde_json::json!(carol_v2));
+
+    // A subject no longer in the file is removed, with its logins.
+    let keycards_v3 = ["ticketing:*:view:ticket"];
+    write_grants(&file, &entry("clients", "keycards", &keycards_v3));
+    eventually("keycards' third grants", || async {
+        auth.client_claims("keycards", "password").await["perms"] == serde_json::json!(keycards_v3)
+    })
+    .await;
+    assert_eq!(auth.login("carol", "password").await.status, 400);
+    let res = auth.refresh(&refresh).await;
+    assert_eq!(res.json()["error"], "invalid_grant", "{res:?}");
+    auth.stop().await;
+
+    // Without a grants file nothing is applied: the subjects stay.
+    let auth = start_with(dir.path(), |s| s.seed_demo = false).await;
+    assert_eq!(
+        auth.client_claims("keycards", "password").await["perms"],
+        serde_json::json!(keycards_v3)
+    );
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_change_of_the_grants_file_keeps_the_last_good_grants() {
+    let dir = TempDir::new("badchange");
+    let file = dir.path().join("grants.toml");
+    write_grants(
+        &file,
+        &entry("clients", "keycards", &["ticketing:*:view:ticket"]),
+    );
+    let auth = start_with(dir.path(), from_file(&file)).await;
+    let rejected = || auth.counter("auth_grants_file_rejected_total", "");
+    let before = rejected().await;
+    let grants_check = || async {
+        let res = send(Method::GET, &auth.url("/health/ready"), &[], "").await;
+        (
+            res.status,
+            res.json()["checks"]["grants-file"]["status"].clone(),
+        )
+    };
+    // The checks' first runs.
+    eventually("readiness", || async {
+        grants_check().await == (StatusCode::OK, "up".into())
+    })
+    .await;
+
+    // Three problems: the whole change is refused.
+    write_grants(
+        &file,
+        "[clients.keycards]\nsecret = \"literal\"\ngrants = [\"ticketing:*:view\"]\n\n\
+         [users.dave]\ngrants = []\n",
+    );
+    eventually("the refusal counted", || async {
+        rejected().await > before
+    })
+    .await;
+    // Readiness does not depend on the file.
+    eventually("the readiness check down", || async {
+        grants_check().await == (StatusCode::OK, "down".into())
+    })
+    .await;
+    let claims = auth.client_claims("keycards", "password").await;
+    assert_eq!(
+        claims["perms"],
+        serde_json::json!(["ticketing:*:view:ticket"]),
+        "the last good grants stay"
+    );
+    assert_eq!(auth.login("dave", "password").await.status, 400);
+
+    // Fixed: applied.
+    write_grants(
+        &file,
+        &entry("clients", "keycards", &["mail::send:message"]),
+    );
+    eventually("the fixed file applied", || async {
+        auth.client_claims("keycards", "password").await["perms"]
+            == serde_json::json!(["mail::send:message"])
+    })
+    .await;
+    eventually("the readiness check up", || async {
+        grants_check().await == (StatusCode::OK, "up".into())
+    })
+    .await;
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_its_permissions_and_changes_the_next_token() {
+    let dir = TempDir::new("admin");
+    // The demo grants: admin holds auth::view:grant, auth::manage:grant and
+    // auth::register:client; alice none of them.
+    let auth = start(dir.path()).await;
+    let alice = auth.access_token("alice").await;
+    let admin = auth.access_token("admin").await;
+    let calls = [
+        (Method::GET, "/auth/v1/clients/orders/grants", ""),
+        (Method::GET, "/auth/v1/users/alice/grants", ""),
+        (
+            Method::PUT,
+            "/auth/v1/clients/orders/grants",
+            r#"{"grants": []}"#,
+        ),
+        (
+            Method::PUT,
+            "/auth/v1/users/alice/grants",
+            r#"{"grants": []}"#,
+        ),
+        (
+            Method::POST,
+            "/auth/v1/clients",
+            r#"{"client_id": "keycards", "grants": []}"#,
+        ),
+    ];
+    for (method, path, body) in &calls {
+        let res = auth.admin(method.clone(), path, None, body).await;
+        assert_eq!(res.status, 401, "{method} {path}: {res:?}");
+        let res = auth.admin(method.clone(), path, Some(&alice), body).await;
+        assert_eq!(res.status, 403, "{method} {path}: {res:?}");
+        assert_eq!(res.header("content-type"), "application/problem+json");
+        assert!(res.json()["correlation_id"].is_string());
+    }
+    assert_eq!(
+        auth.login("alice", "alice-password").await.json()["access_token"]
+            .as_str()
+            .map(|t| decode(t).1["perms"].clone()),
+        Some(serde_json::json!(ALICE_GRANTS)),
+        "nothing changed"
+    );
+
+    // A new service registered through the API: its secret is in the answer.
+    let res = auth
+        .admin(
+            Method::POST,
+            "/auth/v1/clients",
+            Some(&admin),
+            r#"{"client_id": "keycards", "grants": ["ticketing:*:view:ticket"]}"#,
+        )
+        .await;
+    assert_eq!(res.status, 201, "{res:?}");
+    assert_eq!(res.header("cache-control"), "no-store");
+    let secret = res.json()["client_secret"].as_str().unwrap().to_owned();
+    let claims = auth.client_claims("keycards", &secret).await;
+    assert_eq!(
+        claims["perms"],
+        serde_json::json!(["ticketing:*:view:ticket"])
+    );
+    let res = auth
+        .admin(
+            Method::POST,
+            "/auth/v1/clients",
+            Some(&admin),
+            r#"{"client_id": "keycards", "grants": []}"#,
+        )
+        .await;
+    assert_eq!(res.status, 409, "{res:?}");
+    assert_eq!(res.json()["reason"], "exists");
+
+    // Its grants replaced: in its next token.
+    let new = ["ticketing:*:view:ticket", "!ticketing:vip:view:ticket"];
+    let res = auth
+        .admin(
+            Method::PUT,
+            "/auth/v1/clients/keycards/grants",
+            Some(&admin),
+            &serde_json::json!({ "grants": new }).to_string(),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.json()["managed_by"], "api");
+    assert_eq!(
+        auth.client_claims("keycards", &secret).await["perms"],
+        serde_json::json!(new)
+    );
+    let res = auth
+        .admin(
+            Method::GET,
+            "/auth/v1/clients/keycards/grants",
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(
+        res.json(),
+        serde_json::json!({"kind": "client", "name": "keycards", "grants": new, "managed_by": "api"})
+    );
+
+    // The file (here the demo grants) is authoritative for what it names.
+    let res = auth
+        .admin(
+            Method::PUT,
+            "/auth/v1/clients/orders/grants",
+            Some(&admin),
+            r#"{"grants": []}"#,
+        )
+        .await;
+    assert_eq!(res.status, 409, "{res:?}");
+    assert_eq!(res.json()["reason"], "managed_by_file");
+    let res = auth
+        .admin(Method::GET, "/auth/v1/users/alice/grants", Some(&admin), "")
+        .await;
+    assert_eq!(res.json()["managed_by"], "file");
+    assert_eq!(res.json()["grants"], serde_json::json!(ALICE_GRANTS));
+
+    // A user the file does not name.
+    auth.add_subject(dir.path(), false, "dave", &[]).await;
+    let res = auth
+        .admin(
+            Method::PUT,
+            "/auth/v1/users/dave/grants",
+            Some(&admin),
+            r#"{"grants": ["orders:acme:view:order"]}"#,
+        )
+        .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let (_, dave) = decode(&auth.access_token_of("dave", "password").await);
+    assert_eq!(dave["perms"], serde_json::json!(["orders:acme:view:order"]));
+
+    // Bad input: every invalid field named; unknown subjects are 404.
+    let res = auth
+        .admin(
+            Method::POST,
+            "/auth/v1/clients",
+            Some(&admin),
+            r#"{"client_id": "bad id", "grants": ["nope", "!ticketing:acme:view"]}"#,
+        )
+        .await;
+    assert_eq!(res.status, 422, "{res:?}");
+    assert_eq!(res.json()["reason"], "invalid_fields");
+    assert_eq!(res.json()["errors"].as_array().unwrap().len(), 3, "{res:?}");
+    let res = auth
+        .admin(
+            Method::PUT,
+            "/auth/v1/users/dave/grants",
+            Some(&admin),
+            r#"{"grants": "orders:acme:view:order"}"#,
+        )
+        .await;
+    assert_eq!(res.status, 422, "{res:?}");
+    for path in [
+        "/auth/v1/clients/nobody/grants",
+        "/auth/v1/users/nobody/grants",
+    ] {
+        let res = auth.admin(Method::GET, path, Some(&admin), "").await;
+        assert_eq!(res.status, 404, "{res:?}");
+    }
+    auth.stop().await;
+}
+
+#[test]
+fn a_bad_grants_file_at_start_up_exits_78_listing_every_problem() {
+    let dir = TempDir::new("badgrants");
+    let file = dir.path().join("grants.toml");
+    std::fs::write(
+        &file,
+        "[clients.keycards]\nsecret_env = \"KEYCARDS_SECRET\"\ngrants = [\"ticketing:*:view\"]\n\n\
+         [clients.lessons]\nsecret = \"hunter2\"\n\n\
+         [users.carol]\npassword_hash = \"not-a-hash\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_auth"))
+        .env("CHASSIS_BIND", "127.0.0.1:0")
+        .env("AUTH_DATA_DIR", dir.path())
+        .env("AUTH_GRANTS_FILE", &file)
+        .env_remove("KEYCARDS_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("invalid configuration (4 problems):"),
+        "{stderr}"
+    );
+    for problem in [
+        "client \"keycards\": grant \"ticketing:*:view\" is not valid",
+        "client \"keycards\": the variable KEYCARDS_SECRET of secret_env is not set",
+        "client \"lessons\": a literal secret is allowed only in a file that says `demo = true`",
+        "user \"carol\": secret_hash:",
+    ] {
+        assert!(stderr.contains(problem), "{problem} missing: {stderr}");
+    }
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(!dir.path().join("auth.db").exists());
 }
 
 // === the driver client ===
@@ -1797,6 +2188,52 @@ async fn the_driver_client_speaks_the_api() {
     .unwrap_err();
     assert!(refused.to_string().contains("invalid_client"), "{refused}");
     assert!(!refused.to_string().contains("nope"));
+
+    // The admin API, on behalf of admin (who holds its permissions).
+    let admin_cx = cx
+        .clone()
+        .with_principal(verifier.verify_token(&admin.access_token).await.unwrap());
+    let registered = client
+        .register_client(&admin_cx, "lessons", &["ticketing:*:view:ticket"])
+        .await
+        .unwrap();
+    assert_eq!(registered.grants, ["ticketing:*:view:ticket"]);
+    assert!(!format!("{registered:?}").contains(&registered.client_secret));
+    let replaced = client
+        .replace_client_grants(&admin_cx, "lessons", &["mail::send:message"])
+        .await
+        .unwrap();
+    assert_eq!(replaced.managed_by, "api");
+    let read = client.client_grants(&admin_cx, "lessons").await.unwrap();
+    assert_eq!(read.grants, ["mail::send:message"]);
+    let header = token_source(
+        &auth.url,
+        "lessons",
+        chassis::config::Secret::new(registered.client_secret.clone()),
+    )
+    .unwrap()
+    .authorization()
+    .await
+    .unwrap();
+    let bearer = header.to_str().unwrap().strip_prefix("Bearer ").unwrap();
+    let principal = verifier.verify_token(bearer).await.unwrap();
+    assert_eq!(principal.subject(), "lessons");
+    assert_eq!(
+        decode(bearer).1["perms"],
+        serde_json::json!(["mail::send:message"])
+    );
+    let err = client
+        .replace_client_grants(&admin_cx, "orders", &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            auth::client::AuthClientError::Call(chassis::client::ClientError::Status { status, .. })
+                if *status == 409
+        ),
+        "{err:?}"
+    );
     auth.stop().await;
 }
 
@@ -1868,7 +2305,7 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
         .collect();
     assert!(
         json.iter()
-            .any(|l| l["message"] == "demo users and clients in place"),
+            .any(|l| l["message"] == "grants applied" && l["subjects"] == 6),
         "start-up is logged: {lines:#?}"
     );
     assert!(
@@ -1879,6 +2316,87 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
     assert!(json.iter().any(|l| l["message"] == "stopped"), "{lines:#?}");
 }
 
+#[tokio::test]
+async fn the_binary_reads_secrets_from_its_environment_and_logs_a_refused_change() {
+    let dir = TempDir::new("binarygrants");
+    let file = dir.path().join("grants.toml");
+    write_grants(
+        &file,
+        "[clients.keycards]\nsecret_env = \"KEYCARDS_SECRET\"\ngrants = [\"ticketing:*:view:ticket\"]\n",
+    );
+    let path = file.to_str().unwrap().to_owned();
+    let process = spawn(
+        dir.path(),
+        &[
+            ("AUTH_GRANTS_FILE", path.as_str()),
+            ("AUTH_GRANTS_POLL_SECS", "1"),
+            ("KEYCARDS_SECRET", "keycards-env-secret"),
+            ("AUTH_HASH_MEMORY_KIB", "256"),
+            ("AUTH_HASH_ITERATIONS", "1"),
+        ],
+    );
+    let base = process.url("");
+    let ready = || async { send(Method::GET, &format!("{base}/health/ready"), &[], "").await };
+    eventually("readiness", || async { ready().await.status == 200 }).await;
+    let token = || async {
+        let res = send(
+            Method::POST,
+            &format!("{base}/auth/v1/token"),
+            &[
+                ("content-type", FORM),
+                ("authorization", &basic("keycards", "keycards-env-secret")),
+            ],
+            "grant_type=client_credentials",
+        )
+        .await;
+        assert_eq!(res.status, 200, "{res:?}");
+        decode(res.json()["access_token"].as_str().unwrap()).1["perms"].clone()
+    };
+    assert_eq!(
+        token().await,
+        serde_json::json!(["ticketing:*:view:ticket"])
+    );
+
+    // A change with two problems: refused, logged, shown; the grants stay.
+    write_grants(
+        &file,
+        "[clients.keycards]\nsecret_env = \"NOT_SET_ANYWHERE\"\ngrants = [\"mail::send\"]\n",
+    );
+    eventually("the refusal shown", || async {
+        ready().await.json()["checks"]["grants-file"]["status"] == "down"
+    })
+    .await;
+    assert_eq!(
+        token().await,
+        serde_json::json!(["ticketing:*:view:ticket"])
+    );
+
+    let lines = tokio::task::spawn_blocking(move || process.stop(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(!lines.concat().contains("keycards-env-secret"));
+    let json: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let refused: Vec<&str> = json
+        .iter()
+        .filter(|l| l["message"] == "grants file refused")
+        .filter_map(|l| l["problem"].as_str())
+        .collect();
+    assert_eq!(refused.len(), 2, "{lines:#?}");
+    assert!(
+        refused
+            .iter()
+            .any(|p| p.contains("grant \"mail::send\" is not valid"))
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|p| p.contains("NOT_SET_ANYWHERE of secret_env is not set"))
+    );
+}
+
 #[test]
 fn a_bad_setting_exits_78_listing_every_problem() {
     let dir = TempDir::new("badconfig");
@@ -1887,7 +2405,7 @@ fn a_bad_setting_exits_78_listing_every_problem() {
         .env("AUTH_DATA_DIR", dir.path())
         .env("AUTH_TOKEN_TTL_SECS", "0")
         .env("AUTH_PUBLIC_URL", "ftp://auth.example")
-        .env("AUTH_CLIENT_SECRET_ORDERS", "")
+        .env("AUTH_GRANTS_POLL_SECS", "0")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
@@ -1899,7 +2417,7 @@ fn a_bad_setting_exits_78_listing_every_problem() {
     for name in [
         "AUTH_TOKEN_TTL_SECS",
         "AUTH_PUBLIC_URL",
-        "AUTH_CLIENT_SECRET_ORDERS",
+        "AUTH_GRANTS_POLL_SECS",
     ] {
         assert!(stderr.contains(name), "{name} missing: {stderr}");
     }

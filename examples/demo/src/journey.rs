@@ -267,6 +267,8 @@ pub fn instructions(e: &Endpoints, intro: &Intro) -> String {
   mail       {mail}      (sent mail: {outbox})
   each one:  /health/live  /health/ready  /metrics  /info
   logs:      {logs}
+  grants:    {grants}
+             (users, service clients and their grants: an edit reaches the next token)
 
 Alice's token for orders (15 minutes; get another with the first command):
 
@@ -304,6 +306,7 @@ Press Ctrl-C to stop."#,
         mail = e.mail,
         outbox = e.data.join("mail").join("outbox").display(),
         logs = e.data.join("logs").display(),
+        grants = crate::system::grants_file(&e.data).display(),
         token = intro.token,
         ticket = intro.ticket_id,
         demo_port = std::env::var("DEMO_PORT").unwrap_or_else(|_| "8080".to_owned()),

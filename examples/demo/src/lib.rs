@@ -15,6 +15,12 @@
 //! | mail | 8084 | `DEMO_MAIL_PORT` |
 //! | the demo's own `/metrics` and health (the synthetic monitor) | 8080 | `DEMO_PORT` |
 //!
+//! auth's users and service clients, with their grants, are data: the
+//! demo writes [`auth::DEMO_GRANTS`] as `<data>/auth/grants.toml` (unless
+//! the data directory has one already) and runs auth with
+//! `AUTH_GRANTS_FILE` pointing at it. An edit of that file reaches the
+//! subject's next token within a second or two, with nothing restarted.
+//!
 //! The synthetic monitor runs the journey every `DEMO_MONITOR_SECS` (60 by
 //! default) and exports `synthetic_journey_runs_total{outcome}` and
 //! `synthetic_journey_duration_seconds` at `http://127.0.0.1:8080/metrics`.

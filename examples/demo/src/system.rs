@@ -14,8 +14,29 @@ use tokio::process::{Child, Command};
 /// The services, in start order (auth first: the others load its keys).
 pub const SERVICES: [&str; 4] = ["auth", "ticketing", "mail", "orders"];
 
-/// The demo's client secret for orders (seeded by auth in demo mode).
+/// The demo's client secret for orders (in auth's grants file).
 const ORDERS_SECRET: &str = "orders-secret";
+
+/// auth's grants file in the data directory `data`: the demo's users and
+/// service clients with their grants ([`auth::DEMO_GRANTS`] when the demo
+/// writes it). auth applies an edit within seconds; the next token of the
+/// subject has it.
+pub fn grants_file(data: &Path) -> PathBuf {
+    data.join("auth").join("grants.toml")
+}
+
+/// Writes [`auth::DEMO_GRANTS`] as auth's grants file, unless the data
+/// directory has one already (edits survive restarts).
+fn write_grants(data: &Path) -> std::io::Result<()> {
+    let file = grants_file(data);
+    if file.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(file, auth::DEMO_GRANTS)
+}
 
 /// Where each service listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,9 +158,10 @@ fn env_of(service: &str, ports: Ports, data: &Path) -> Vec<(String, String)> {
         set("AUTH_PUBLIC_URL", auth.clone());
         // A token asked for without an `audience` is for auth alone.
         set("AUTH_DEFAULT_AUDIENCE", "auth".to_owned());
-        // The demo's users and clients, with their well-known passwords:
-        // auth creates them only when asked.
-        set("AUTH_SEED_DEMO", "true".to_owned());
+        // The demo's users and clients, with their well-known passwords,
+        // are data: the grants file the demo writes.
+        set("AUTH_GRANTS_FILE", grants_file(data).display().to_string());
+        set("AUTH_GRANTS_POLL_SECS", "1".to_owned());
     } else {
         set("CHASSIS_AUTH_ISSUER", issuer);
         // Each service accepts only tokens minted for it.
@@ -189,6 +211,7 @@ impl System {
         let io = |what: &str, e: std::io::Error| StartError::Io(format!("{what}: {e}"));
         let logs = data.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| io("cannot create the data directory", e))?;
+        write_grants(data).map_err(|e| io("cannot write auth's grants file", e))?;
         let url = |port: u16| format!("http://127.0.0.1:{port}");
         let endpoints = Endpoints {
             auth: url(ports.auth),

@@ -42,11 +42,17 @@ fn downstream(name: &str, url: &str) -> Downstream {
 /// Alice, logged in through auth for calls to `audience` (each service
 /// accepts only tokens minted for it), as a context for calls on her behalf.
 async fn alice(e: &Endpoints, audience: &str) -> CallContext {
+    user(e, "alice", audience).await
+}
+
+/// A demo user (whose password is `<name>-password`), logged in for calls
+/// to `audience`.
+async fn user(e: &Endpoints, name: &str, audience: &str) -> CallContext {
     let cx = CallContext::background();
     let tokens = auth::client::AuthClient::new(downstream("auth", &e.auth))
-        .password_login_for(&cx, "alice", "alice-password", audience)
+        .password_login_for(&cx, name, &format!("{name}-password"), audience)
         .await
-        .expect("alice logs in");
+        .expect("the user logs in");
     let verifier = Verifier::builder()
         .discover(&e.issuer(), audience)
         .build()
@@ -468,5 +474,53 @@ async fn a_token_minted_for_one_service_is_refused_by_the_others() {
     let orders = OrdersClient::new(downstream("orders", &e.orders));
     let id = place(&orders, &cx, &ticket, "aud-1").await;
     every_order_mailed_once(&e.data, &HashSet::from([id])).await;
+    system.stop().await;
+}
+
+/// The demo's users and clients are data: an edit of auth's grants file
+/// reaches the user's next token while everything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_of_the_grants_file_reaches_the_next_token() {
+    let mut system = start("grants").await;
+    let e = system.endpoints();
+    let file = demo::system::grants_file(&e.data);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text, auth::DEMO_GRANTS, "the demo wrote its grants file");
+    let acme_orders = |cx: CallContext| {
+        let orders = e.orders.clone();
+        async move {
+            downstream("orders", &orders)
+                .on_behalf_of(&cx)
+                .get("/orders/v1/acme/orders")
+                .send()
+                .await
+        }
+    };
+    let err = acme_orders(user(&e, "bob", "orders").await)
+        .await
+        .expect_err("bob may not see acme's orders");
+    assert!(
+        matches!(&err, chassis::client::ClientError::Status { status, .. } if *status == 403),
+        "{err:?}"
+    );
+
+    // Bob may now view acme's orders: written as a deployment would, whole.
+    let grants = r#"grants = ["ticketing:globex:*:*", "orders:globex:*:*"]"#;
+    assert!(text.contains(grants), "{text}");
+    let edited = text.replace(
+        grants,
+        r#"grants = ["ticketing:globex:*:*", "orders:globex:*:*", "orders:acme:view:order"]"#,
+    );
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, edited).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let start = tokio::time::Instant::now();
+    while acme_orders(user(&e, "bob", "orders").await).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "bob's new grant never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     system.stop().await;
 }
