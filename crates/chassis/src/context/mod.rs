@@ -11,7 +11,8 @@
 //! * when it was received: one clock reading from which the access line, the
 //!   audit event and the timeout all count;
 //! * how long the caller will still wait (`x-timeout-ms`, see
-//!   [`protect`](crate::protect)), from which its deadline follows;
+//!   [`protect`](crate::protect)), and the deadline the timeout step sets
+//!   from it and the server's own timeout;
 //! * who called (the [`Principal`], once a token verified) and what was
 //!   decided about the call ([`AuditDecision`], with the account and
 //!   permission it was checked for).
@@ -28,7 +29,7 @@
 //! | problem | the id | |
 //! | observation | the ids, when received | |
 //! | audit | the id, when received, the decision | opens the decision note |
-//! | timeout | when received, the caller's timeout | |
+//! | timeout | when received, the caller's timeout | the deadline |
 //! | guard | | the principal, account, permission and decision |
 //! | handler extractors | everything | a handler's own denial ([`Authz`](crate::api::Authz)) |
 //!
@@ -97,6 +98,8 @@ pub struct RequestContext {
     received: Instant,
     /// The caller's `x-timeout-ms`.
     caller_timeout: Option<Duration>,
+    /// When the request must be answered, once the timeout step set it.
+    deadline: Option<Instant>,
     /// The decision note, opened by the first step that records or reads
     /// a decision (the audit step, or the guard without one).
     note: Option<AuditNote>,
@@ -114,6 +117,7 @@ impl RequestContext {
             trace,
             received: Instant::now(),
             caller_timeout: None,
+            deadline: None,
             note: None,
         }
     }
@@ -179,6 +183,18 @@ impl RequestContext {
     /// (`x-timeout-ms`), if it said so validly.
     pub fn caller_timeout(&self) -> Option<Duration> {
         self.caller_timeout
+    }
+
+    /// When the request must be answered: the server's timeout from when it
+    /// was received, or sooner when the caller said so; `None` until the
+    /// timeout step ran (or without one).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Sets the deadline (the timeout step).
+    pub(crate) fn set_deadline(&mut self, at: Instant) {
+        self.deadline = Some(at);
     }
 
     /// The authenticated caller, once the guard verified a token.

@@ -276,3 +276,30 @@ async fn panics_in_call_are_caught() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_is_noted_in_the_request_context() {
+    use crate::context::RequestContext;
+    let app = Router::new()
+        .route(
+            "/",
+            get(|ctx: RequestContext| async move {
+                let left = ctx.deadline().unwrap() - ctx.received();
+                left.as_millis().to_string()
+            }),
+        )
+        .layer(RequestTimeoutLayer::new(Duration::from_secs(1)));
+    let res = app
+        .clone()
+        .oneshot(
+            Request::get("/")
+                .header("x-timeout-ms", "250")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(crate::problem::body_bytes(res.into_body()).await, "250");
+    let res = app.oneshot(get_req("/")).await.unwrap();
+    assert_eq!(crate::problem::body_bytes(res.into_body()).await, "1000");
+}

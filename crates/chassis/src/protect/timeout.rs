@@ -66,7 +66,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let deadline = deadline(&mut req, self.timeout, tokio::time::Instant::now());
+        // Counted from when the request was received, as in the builder.
+        let received = RequestContext::of_request(&mut req).received();
+        let deadline = deadline(&mut req, self.timeout, received);
         let inner = deadline.is_ok().then(|| self.inner.call(req));
         TimeoutFuture {
             inner,
@@ -91,7 +93,9 @@ pub(crate) fn deadline<B>(
     timeout: Duration,
     now: tokio::time::Instant,
 ) -> Result<Due, Due> {
-    let Some(caller) = RequestContext::of_request(req).caller_timeout() else {
+    let ctx = RequestContext::of_request(req);
+    let Some(caller) = ctx.caller_timeout() else {
+        ctx.set_deadline(now + timeout);
         return Ok(Due {
             at: now + timeout,
             timeout,
@@ -100,12 +104,14 @@ pub(crate) fn deadline<B>(
     if caller.is_zero() {
         // The caller has stopped waiting: do not start the work.
         tracing::debug!("the caller's deadline had passed; request not started");
+        ctx.set_deadline(now);
         return Err(Due {
             at: now,
             timeout: caller,
         });
     }
     let timeout = timeout.min(caller);
+    ctx.set_deadline(now + timeout);
     req.extensions_mut().insert(Deadline(now + timeout));
     Ok(Due {
         at: now + timeout,
