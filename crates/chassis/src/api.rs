@@ -663,7 +663,7 @@ fn authorize(
 ) -> Result<Request, Box<Response>> {
     // The note is also what the extractors read (see [`authorized`]); the
     // audit step opens it, or the guard when used without one.
-    let note = RequestContext::of_request(&mut req).note().clone();
+    let note = RequestContext::with(&mut req, |ctx| ctx.note().clone());
     // What the audit event learns, recorded in one update of the note.
     // Takes the permission by value: on the allowed path it moves into the
     // note rather than being copied.

@@ -672,9 +672,9 @@ impl Pending {
     pub(crate) fn begin<B>(auditor: &Auditor, req: &mut Request<B>) -> Self {
         let method = req.method().clone();
         let route = req.extensions().get::<MatchedPath>().cloned();
-        let ctx = RequestContext::of_request(req);
-        let (start, correlation_id) = (ctx.received(), Some(ctx.id().clone()));
-        let note = ctx.note().clone();
+        let (start, correlation_id, note) = RequestContext::with(req, |ctx| {
+            (ctx.received(), Some(ctx.id().clone()), ctx.note().clone())
+        });
         Self {
             start,
             method,

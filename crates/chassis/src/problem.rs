@@ -430,7 +430,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let id = RequestContext::of_request(&mut req).id().clone();
+        let id = RequestContext::with(&mut req, |ctx| ctx.id().clone());
         ResponseFuture::new(self.inner.call(req), Some(id))
     }
 }

@@ -152,16 +152,17 @@ impl RequestContext {
         ctx
     }
 
-    /// The context of `req`, made from its headers and inserted when no step
-    /// made it yet.
-    pub(crate) fn of_request<B>(req: &mut Request<B>) -> &mut Self {
-        if req.extensions().get::<Self>().is_none() {
-            let ctx = Self::from_headers(req.headers());
-            req.extensions_mut().insert(ctx);
+    /// Runs `f` on the context of `req`, made from its headers and inserted
+    /// first when no step made it yet: one lookup when it is there.
+    #[inline]
+    pub(crate) fn with<B, R>(req: &mut Request<B>, f: impl FnOnce(&mut Self) -> R) -> R {
+        if let Some(ctx) = req.extensions_mut().get_mut::<Self>() {
+            return f(ctx);
         }
-        req.extensions_mut()
-            .get_mut::<Self>()
-            .expect("inserted above")
+        let mut ctx = Self::from_headers(req.headers());
+        let r = f(&mut ctx);
+        req.extensions_mut().insert(ctx);
+        r
     }
 
     /// The correlation id.

@@ -67,7 +67,7 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // Counted from when the request was received, as in the builder.
-        let received = RequestContext::of_request(&mut req).received();
+        let received = RequestContext::with(&mut req, |ctx| ctx.received());
         let deadline = deadline(&mut req, self.timeout, received);
         let inner = deadline.is_ok().then(|| self.inner.call(req));
         TimeoutFuture {
@@ -93,30 +93,36 @@ pub(crate) fn deadline<B>(
     timeout: Duration,
     now: tokio::time::Instant,
 ) -> Result<Due, Due> {
-    let ctx = RequestContext::of_request(req);
-    let Some(caller) = ctx.caller_timeout() else {
-        ctx.set_deadline(now + timeout);
-        return Ok(Due {
-            at: now + timeout,
-            timeout,
-        });
-    };
-    if caller.is_zero() {
-        // The caller has stopped waiting: do not start the work.
-        tracing::debug!("the caller's deadline had passed; request not started");
-        ctx.set_deadline(now);
-        return Err(Due {
-            at: now,
-            timeout: caller,
-        });
+    let due = RequestContext::with(req, |ctx| {
+        let due = match ctx.caller_timeout() {
+            None => Ok(Due {
+                at: now + timeout,
+                timeout,
+            }),
+            // The caller has stopped waiting: do not start the work.
+            Some(caller) if caller.is_zero() => Err(Due {
+                at: now,
+                timeout: caller,
+            }),
+            Some(caller) => {
+                let timeout = timeout.min(caller);
+                Ok(Due {
+                    at: now + timeout,
+                    timeout,
+                })
+            }
+        };
+        ctx.set_deadline(due.map_or_else(|d| d.at, |d| d.at));
+        (due, ctx.caller_timeout().is_some())
+    });
+    match due {
+        (Err(_), _) => tracing::debug!("the caller's deadline had passed; request not started"),
+        (Ok(due), true) => {
+            req.extensions_mut().insert(Deadline(due.at));
+        }
+        (Ok(_), false) => {}
     }
-    let timeout = timeout.min(caller);
-    ctx.set_deadline(now + timeout);
-    req.extensions_mut().insert(Deadline(now + timeout));
-    Ok(Due {
-        at: now + timeout,
-        timeout,
-    })
+    due.0
 }
 
 /// The answer to a request whose caller had stopped waiting before it began.

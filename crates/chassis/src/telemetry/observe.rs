@@ -104,7 +104,7 @@ pub(crate) fn observe<S, B>(
 where
     S: Service<Request<B>, Response = Response>,
 {
-    RequestContext::of_request(&mut req);
+    RequestContext::with(&mut req, |_| ());
     let guard = begin(metrics, &req);
     let _ids = guard.enter_ids();
     ResponseFuture::new(inner.call(req), guard)
