@@ -166,22 +166,26 @@ impl RequestContext {
     }
 
     /// The correlation id.
+    #[inline]
     pub fn id(&self) -> &CorrelationId {
         &self.id
     }
 
     /// The trace context.
+    #[inline]
     pub fn trace(&self) -> &TraceContext {
         &self.trace
     }
 
     /// When the request was received (or the context made).
+    #[inline]
     pub fn received(&self) -> Instant {
         self.received
     }
 
     /// How long the caller said it would still wait when the request came
     /// (`x-timeout-ms`), if it said so validly.
+    #[inline]
     pub fn caller_timeout(&self) -> Option<Duration> {
         self.caller_timeout
     }
@@ -194,6 +198,7 @@ impl RequestContext {
     }
 
     /// Sets the deadline (the timeout step).
+    #[inline]
     pub(crate) fn set_deadline(&mut self, at: Instant) {
         self.deadline = Some(at);
     }
@@ -204,6 +209,7 @@ impl RequestContext {
     }
 
     /// The decision note, opened here if no step opened it yet.
+    #[inline]
     pub(crate) fn note(&mut self) -> &AuditNote {
         self.note.get_or_insert_with(AuditNote::default)
     }

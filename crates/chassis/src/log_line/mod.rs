@@ -29,6 +29,7 @@ pub(crate) struct JsonLines {
 }
 
 /// The JSON log installed by [`init`], if any.
+#[inline]
 pub(crate) fn json_lines() -> Option<&'static JsonLines> {
     JSON_LINES.get()
 }
@@ -41,6 +42,7 @@ impl JsonLines {
     /// `trace_id` when given (as the request span adds them), then
     /// `"message":..`; the caller adds `,"field":value` pairs and ends it
     /// with [`end_line`](Self::end_line).
+    #[inline]
     pub(crate) fn begin_line(
         &self,
         buf: &mut Vec<u8>,
@@ -74,11 +76,13 @@ impl JsonLines {
     }
 
     /// Ends a line.
+    #[inline]
     pub(crate) fn end_line(buf: &mut Vec<u8>) {
         buf.extend_from_slice(b"}\n");
     }
 
     /// Hands whole lines to the log writer.
+    #[inline]
     pub(crate) fn write(&self, lines: &[u8]) {
         self.writer.write(lines);
     }
@@ -90,6 +94,7 @@ thread_local! {
 
 /// Runs `f` with this thread's empty line buffer; a re-entrant call (an
 /// event logged while a line is formatted) gets a buffer of its own.
+#[inline]
 pub(crate) fn with_line(f: impl FnOnce(&mut Vec<u8>)) {
     LINE.with(|line| {
         let mut fresh = Vec::new();
@@ -114,6 +119,7 @@ impl fmt::Write for Escaper<'_> {
 }
 
 /// `n` in decimal, without the formatting machinery.
+#[inline]
 pub(crate) fn write_u64(buf: &mut Vec<u8>, n: u64) {
     buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
@@ -144,6 +150,7 @@ pub(crate) fn write_field(buf: &mut Vec<u8>, key: &'static str, value: &str, esc
     buf.push(b'"');
 }
 
+#[inline]
 pub(crate) fn write_json_str(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
     escape_into(buf, s);
@@ -166,6 +173,7 @@ pub(crate) fn word_needs_escape(x: u64) -> bool {
         || has_zero(x ^ (ONES * 0x7f))
 }
 
+#[inline]
 pub(crate) fn escape_into(buf: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     // Most text needs no escape: check it whole, then copy it once.
@@ -221,6 +229,7 @@ thread_local! {
 /// cannot be reused by other text), and the same template, by address and
 /// length, is not scanned again: the access line and the audit line of
 /// every request carry the route.
+#[inline]
 pub(crate) fn route_is_clean(route: &MatchedPath) -> bool {
     let text = route.as_str();
     let slot = (text.as_ptr() as usize >> 4) % CLEAN_ROUTE_SLOTS;
@@ -293,6 +302,7 @@ thread_local! {
 
 /// Writes `t` as `YYYY-MM-DDTHH:MM:SS.uuuuuuZ`. The date and time part is
 /// formatted once per second per thread; the microseconds by hand.
+#[inline]
 pub(crate) fn write_rfc3339(buf: &mut Vec<u8>, t: SystemTime) {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();

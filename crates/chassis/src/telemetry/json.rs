@@ -49,6 +49,7 @@ impl<const N: usize> Inline<N> {
     }
 
     /// Sets ASCII text (a validated id), cut to `N` bytes.
+    #[inline]
     pub(super) fn set_ascii(&mut self, s: &[u8]) {
         debug_assert!(s.is_ascii());
         let n = s.len().min(N);
@@ -60,6 +61,7 @@ impl<const N: usize> Inline<N> {
         std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 
+    #[inline]
     pub(super) fn as_bytes(&self) -> &[u8] {
         &self.buf[..usize::from(self.len)]
     }
@@ -119,12 +121,14 @@ thread_local! {
 pub(crate) struct CurrentIds(Option<RequestFields>);
 
 impl CurrentIds {
+    #[inline]
     pub(super) fn enter(ids: RequestFields) -> Self {
         Self(CURRENT.with(|current| current.replace(Some(ids))))
     }
 }
 
 impl Drop for CurrentIds {
+    #[inline]
     fn drop(&mut self) {
         CURRENT.with(|current| current.set(self.0.take()));
     }
