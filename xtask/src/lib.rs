@@ -294,6 +294,11 @@ impl NewService {
             let relative = source
                 .strip_prefix(&self.template)
                 .expect("listed under the template");
+            // The template's README describes the template; the new
+            // service gets its own, written below.
+            if relative == Path::new("README.md") {
+                continue;
+            }
             let target = self.into.join(rename(
                 &relative.to_string_lossy(),
                 "",
@@ -333,6 +338,12 @@ impl NewService {
             }
             written.push(target);
         }
+        let readme = self.into.join("README.md");
+        if let Err(e) = fs::write(&readme, self.readme()) {
+            left.push(format!("{}: {e}", readme.display()));
+        } else {
+            written.push(readme);
+        }
         if !left.is_empty() {
             let _ = fs::remove_dir_all(&self.into);
             left.insert(
@@ -344,13 +355,50 @@ impl NewService {
             );
             return Err(left);
         }
+        // Renaming changes line lengths and the order of `use` lines: the
+        // result is formatted as the workspace formats its code.
+        let sources: Vec<&PathBuf> = written
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+            .collect();
+        let formatted = std::process::Command::new("rustfmt")
+            .args(["--edition", "2024"])
+            .args(&sources)
+            .status()
+            .is_ok_and(|s| s.success());
         Ok(Written {
+            formatted,
             names: self.to.clone(),
             from: self.from.service.clone(),
             into: self.into.clone(),
             files: written.len(),
             port: self.ports.map(|(_, new)| new),
         })
+    }
+}
+
+impl NewService {
+    /// The new service's README: what it is made from, and how to run and
+    /// test it.
+    fn readme(&self) -> String {
+        let Names { service, env, .. } = &self.to;
+        let bind = self
+            .ports
+            .map(|(_, p)| format!("CHASSIS_BIND=127.0.0.1:{p} "))
+            .unwrap_or_default();
+        format!(
+            "# {service}\n\n\
+             Made from the template exemplar with `cargo run -p xtask -- new-service {service}`: its\n\
+             routes are under `/{service}/v1`, its permissions are `{service}:{{account}}:<verb>:<noun>`,\n\
+             its settings are `{env}_*` and the chassis' `CHASSIS_*`. The crate docs\n\
+             (`cargo doc -p {service} --open`) list its API, settings and metrics.\n\n\
+             ```sh\n\
+             cargo test -p {service}\n\
+             {bind}CHASSIS_AUTH_ISSUER=<issuer> CHASSIS_AUTH_AUDIENCE={service} cargo run -p {service}\n\
+             ```\n\n\
+             See `docs/new-service.md` for what to replace and how to register its\n\
+             client and grants with auth.\n"
+        )
     }
 }
 
@@ -367,6 +415,8 @@ pub struct Written {
     pub files: usize,
     /// Its port in docs and examples.
     pub port: Option<u16>,
+    /// Whether rustfmt formatted its Rust files.
+    pub formatted: bool,
 }
 
 impl fmt::Display for Written {
@@ -394,6 +444,12 @@ impl fmt::Display for Written {
         writeln!(f, "  driver client {type_name}Client")?;
         if let Some(port) = self.port {
             writeln!(f, "  port          127.0.0.1:{port} (docs and examples)")?;
+        }
+        if !self.formatted {
+            writeln!(
+                f,
+                "  (rustfmt was not found or failed: run `cargo fmt -p {service}`)"
+            )?;
         }
         writeln!(f)?;
         writeln!(f, "next:")?;

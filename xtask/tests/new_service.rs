@@ -34,6 +34,19 @@ fn the_template_is_renamed_everywhere() {
     .write()
     .unwrap();
     assert!(written.files >= 10, "{written}");
+    assert!(written.formatted, "{written}");
+    // Formatted, and so also parsed: a name with `-` where Rust needs an
+    // identifier would not be.
+    let sources: Vec<PathBuf> = walk(&into)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    let check = std::process::Command::new("rustfmt")
+        .args(["--edition", "2024", "--check"])
+        .args(&sources)
+        .status()
+        .unwrap();
+    assert!(check.success(), "the renamed files parse and are formatted");
     let manifest = fs::read_to_string(into.join("Cargo.toml")).unwrap();
     assert!(manifest.contains("name = \"key-cards\""), "{manifest}");
     assert!(
@@ -45,7 +58,13 @@ fn the_template_is_renamed_everywhere() {
     let lib = fs::read_to_string(into.join("src/lib.rs")).unwrap();
     assert!(lib.contains("\"key-cards\""), "the service name: {lib}");
     let readme = fs::read_to_string(into.join("README.md")).unwrap();
-    assert!(readme.contains("127.0.0.1:8099"), "{readme}");
+    assert!(readme.starts_with("# key-cards\n"), "{readme}");
+    assert!(readme.contains("CHASSIS_BIND=127.0.0.1:8099"), "{readme}");
+    let client = fs::read_to_string(into.join("src/client.rs")).unwrap();
+    assert!(
+        client.contains("127.0.0.1:8099"),
+        "the port in the docs: {client}"
+    );
     // Nothing names the template any more, in any case.
     for entry in walk(&into) {
         let text = fs::read_to_string(&entry)

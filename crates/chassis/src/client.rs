@@ -177,10 +177,12 @@ use crate::{
     tls::ClientTls,
 };
 
+mod driver;
 mod error;
 mod token;
 mod transport;
 
+pub use driver::{Api, Calls, DriverClient};
 pub use error::{ClientError, RemoteProblem};
 pub use token::{TokenError, TokenSource};
 
@@ -505,6 +507,31 @@ impl DownstreamBuilder {
             r.problem(&v("DEADLINE_MS"), "must be more than 0");
         }
         self
+    }
+
+    /// [`configure`](Self::configure) from `r`, then
+    /// [`build`](Self::build), with every problem of either in `r`: what a
+    /// service's `Settings::read` does for each downstream. `None` when
+    /// there was a problem (the reader lists it).
+    ///
+    /// ```
+    /// use chassis::{client::Downstream, config::{Env, Reader}};
+    ///
+    /// let env = Env::from_pairs([("CHASSIS_DOWNSTREAM_TICKETING_URL", "http://127.0.0.1:8082")]);
+    /// let mut r = Reader::new(&env);
+    /// let ticketing = Downstream::builder("ticketing", "http://127.0.0.1:9").read(&mut r);
+    /// assert!(ticketing.is_some());
+    /// r.finish().unwrap();
+    /// ```
+    pub fn read(self, r: &mut Reader<'_>) -> Option<Downstream> {
+        self.configure(r)
+            .build()
+            .map_err(|e| {
+                for p in e.problems() {
+                    r.problem(&p.name, p.message.clone());
+                }
+            })
+            .ok()
     }
 
     /// Builds the downstream. Fails when the base URL is not an absolute

@@ -71,7 +71,7 @@
 //! | `client` | yes | `client`: the downstream client and `TokenSource`; enables `tls` |
 //! | `tls` | with `jwt` or `client` | `tls`: outbound TLS through rustls on aws-lc-rs, the platform's roots plus `CHASSIS_TLS_CA_FILE` |
 //! | `sqlite` | no | `sqlite`: one SQLite database per service through sqlx, WAL mode, migrations at start-up, a readiness check |
-//! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it and a test PKI, for API tests (dev-dependencies only); enables `jwt` and `tls` |
+//! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it, a token endpoint, a test PKI, and the harness for a service's binary (`ServiceProcess`, `ProcessCheck`, `TempDir`, `eventually`), for tests (dev-dependencies only); enables `jwt`, `tls` and `client` |
 //!
 //! The defaults are `["process-metrics", "jwt", "client"]`. Everything else
 //! is what the service builder needs, so it is always built: the route
@@ -140,9 +140,11 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+pub mod time;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
+pub mod validation;
 
 pub use config::Config;
 pub use problem::Problem;

@@ -21,6 +21,13 @@
 //!   timeout), so a database that cannot be read, or that another process
 //!   holds locked, takes the service out of rotation.
 //!
+//! A storage failure answers the same in every service ([`StoreError`],
+//! [`problem`]): a database that is busy, locked, out of connections or
+//! failing I/O is **503 with `Retry-After`** (the request may succeed
+//! later), a unique key already taken is **409**, anything else is 500.
+//! The body never holds the database's message, SQL or file names; the
+//! original error is logged.
+//!
 //! | variable | default | meaning |
 //! |---|---|---|
 //! | `<PREFIX>_DATA_DIR` | `./data/<service>` | directory of the database file and other data |
@@ -56,6 +63,10 @@ use sqlx::{
     migrate::Migrator,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
+
+mod error;
+
+pub use error::{Failure, RETRY_AFTER_SECS, StoreError, problem};
 
 use crate::{
     config::Reader,

@@ -16,8 +16,19 @@
 //! [`ClientTls`](crate::tls::ClientTls) that trusts it, as
 //! `CHASSIS_TLS_CA_FILE` does in production.
 //!
+//! A service's API is tested through a real socket with [`TestServer`]:
+//! its builder served in the test's process on a loopback port. Its own
+//! binary is tested as operators run it:
+//! [`ServiceProcess`] starts it on a free loopback port with a temporary
+//! data directory, waits for `/health/ready`, and stops it with SIGTERM,
+//! asserting exit 0 and handing back its JSON log lines; [`ProcessCheck`]
+//! is the check every service's binary must pass (the standard endpoints,
+//! a refused call's access line and audit event with its correlation id, a
+//! clean stop), in one call. [`TempDir`], [`eventually`] and [`refusal`]
+//! are the small pieces every service's tests need.
+//!
 //! Enable with the `testing` feature, in `[dev-dependencies]` only; it
-//! enables `jwt` and `tls`.
+//! enables `jwt`, `tls` and `client`.
 //!
 //! # Example
 //!
@@ -46,9 +57,15 @@ use serde_json::{Value, json};
 use crate::auth::{Key, Verifier};
 
 mod pki;
+mod process;
+mod server;
+mod support;
 mod token_endpoint;
 
 pub use pki::{TestCert, TestPki};
+pub use process::{ProcessCheck, READY_WITHIN, ServiceProcess, ServiceProcessBuilder, parse_lines};
+pub use server::TestServer;
+pub use support::{EVENTUALLY_WITHIN, TempDir, eventually, eventually_within, refusal};
 
 const PRIVATE_PEM: &[u8] = include_bytes!("testing/test-ed25519.pem");
 const PUBLIC_PEM: &[u8] = include_bytes!("testing/test-ed25519.pub.pem");
@@ -127,6 +144,31 @@ impl TestIssuer {
         self.token(subject, "user", perms)
     }
 
+    /// The context of a call made on behalf of user `subject` holding
+    /// `perms`: this issuer's token for them, verified, as a handler's
+    /// [`CallContext`](crate::client::CallContext) carries it. Hand it to a
+    /// driver client's `on_behalf_of` to call a service as that user.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let cx = chassis::testing::TestIssuer::new().user_context("alice", &["ticketing:acme:*:*"]).await;
+    /// assert_eq!(cx.principal().unwrap().subject(), "alice");
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Never for the issuer's own tokens (a panic is the test's failure).
+    pub async fn user_context(&self, subject: &str, perms: &[&str]) -> crate::client::CallContext {
+        let principal = self
+            .verifier()
+            .verify_token(&self.user_token(subject, perms))
+            .await
+            .expect("the test issuer's tokens verify");
+        crate::client::CallContext::background().with_principal(principal)
+    }
+
     /// A service's token with `perms`, valid for 15 minutes.
     pub fn service_token(&self, subject: &str, perms: &[&str]) -> String {
         self.token(subject, "service", perms)
@@ -197,166 +239,4 @@ fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// A service binary started for a test, as operators run it: its own
-/// process, `CHASSIS_BIND=127.0.0.1:0`, JSON logs on stdout. Its address is
-/// read from its `listening` log line, and every stdout line is kept for the
-/// test to inspect after it exits. Dropping it kills the process.
-///
-/// ```no_run
-/// use std::time::Duration;
-/// use chassis::testing::ServiceProcess;
-///
-/// // In an integration test: `env!("CARGO_BIN_EXE_<name>")`.
-/// let mut service = ServiceProcess::spawn("target/debug/hello", &[("CHASSIS_LOG", "info")]);
-/// println!("serving on {}", service.url("/health/ready"));
-/// // SIGTERM, then exit 0 within 30 s, or the test fails with its log.
-/// let lines = service.stop(Duration::from_secs(30));
-/// # let _ = lines;
-/// ```
-#[derive(Debug)]
-pub struct ServiceProcess {
-    child: std::process::Child,
-    addr: String,
-    lines: Option<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl ServiceProcess {
-    /// Starts `binary` with `CHASSIS_BIND=127.0.0.1:0`, `CHASSIS_LOG=info`
-    /// and `env` (which may override them), and waits up to two minutes for
-    /// its `listening` line.
-    ///
-    /// # Panics
-    ///
-    /// If it cannot be started or never says where it listens (a test
-    /// helper: the panic is the test's failure).
-    pub fn spawn(binary: impl AsRef<std::ffi::OsStr>, env: &[(&str, &str)]) -> Self {
-        use std::io::BufRead as _;
-        let binary = binary.as_ref();
-        let mut child = std::process::Command::new(binary)
-            .env("CHASSIS_BIND", "127.0.0.1:0")
-            .env("CHASSIS_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.to_string_lossy()));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && v["message"] == "listening"
-                {
-                    let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
-                }
-                lines.push(line);
-            }
-            lines
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| {
-                panic!("{} never logged where it listens", binary.to_string_lossy())
-            });
-        Self {
-            child,
-            addr,
-            lines: Some(lines),
-        }
-    }
-
-    /// `host:port` it listens on.
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
-    /// `http://host:port` followed by `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// The process id.
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends SIGTERM, as an orchestrator does to stop a service.
-    ///
-    /// # Panics
-    ///
-    /// If the signal cannot be sent.
-    pub fn terminate(&mut self) {
-        let sent = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(sent, "cannot send SIGTERM to {}", self.child.id());
-    }
-
-    /// Waits at most `limit` for it to exit; `None` if it is still running.
-    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let start = std::time::SystemTime::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if start.elapsed().unwrap_or_default() > limit {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Stops it as an orchestrator does (SIGTERM) and returns every line it
-    /// wrote, once it has exited.
-    ///
-    /// # Panics
-    ///
-    /// Unless it exits with status 0 within `limit`; the message holds its
-    /// log.
-    pub fn stop(mut self, limit: Duration) -> Vec<String> {
-        self.terminate();
-        let status = self.wait(limit);
-        if status.and_then(|s| s.code()) != Some(0) {
-            // Still running, perhaps: end it, which ends its output too.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            let lines = self.lines();
-            panic!(
-                "expected exit 0 within {limit:?} of SIGTERM, got {status:?}; its log:\n{}",
-                lines.join("\n")
-            );
-        }
-        self.lines()
-    }
-
-    /// Every stdout line, once it has exited (wait for that first).
-    ///
-    /// # Panics
-    ///
-    /// If the lines were already taken.
-    pub fn lines(&mut self) -> Vec<String> {
-        self.lines
-            .take()
-            .expect("lines are taken once")
-            .join()
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }

@@ -20,11 +20,7 @@ use axum::{
     response::IntoResponse,
 };
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use chassis::{
-    Problem,
-    api::{Api, get, post, put},
-    auth::Principal,
-};
+use chassis::{Problem, auth::Principal};
 use http::StatusCode;
 use serde_json::{Value, json};
 
@@ -36,16 +32,6 @@ use crate::{
     keys::to_i64,
     store::Kind,
 };
-
-/// The routes, under `/auth/v1`.
-pub(crate) fn api() -> Api<Arc<AuthState>> {
-    Api::new()
-        .route(get("/clients/{name}/grants", view_client).requires("auth::view:grant"))
-        .route(get("/users/{name}/grants", view_user).requires("auth::view:grant"))
-        .route(put("/clients/{name}/grants", replace_client).requires("auth::manage:grant"))
-        .route(put("/users/{name}/grants", replace_user).requires("auth::manage:grant"))
-        .route(post("/clients", register).requires("auth::register:client"))
-}
 
 /// 404, the same whether the name is malformed or unknown.
 fn not_found(kind: Kind) -> Problem {
@@ -113,14 +99,14 @@ async fn read(state: &AuthState, kind: Kind, name: &str) -> Result<SubjectGrants
     })
 }
 
-async fn view_client(
+pub(crate) async fn view_client(
     State(state): State<Arc<AuthState>>,
     Path(name): Path<String>,
 ) -> Result<Json<SubjectGrants>, Problem> {
     Ok(Json(read(&state, Kind::Client, &name).await?))
 }
 
-async fn view_user(
+pub(crate) async fn view_user(
     State(state): State<Arc<AuthState>>,
     Path(name): Path<String>,
 ) -> Result<Json<SubjectGrants>, Problem> {
@@ -181,7 +167,7 @@ async fn replace(
     }))
 }
 
-async fn replace_client(
+pub(crate) async fn replace_client(
     State(state): State<Arc<AuthState>>,
     principal: Principal,
     Path(name): Path<String>,
@@ -190,7 +176,7 @@ async fn replace_client(
     replace(&state, Kind::Client, &name, &principal, &body).await
 }
 
-async fn replace_user(
+pub(crate) async fn replace_user(
     State(state): State<Arc<AuthState>>,
     principal: Principal,
     Path(name): Path<String>,
@@ -201,7 +187,7 @@ async fn replace_user(
 
 /// `POST /auth/v1/clients`: a new client with a secret made here, shown
 /// once in the answer.
-async fn register(
+pub(crate) async fn register(
     State(state): State<Arc<AuthState>>,
     principal: Principal,
     Json(body): Json<Value>,

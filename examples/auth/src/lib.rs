@@ -78,16 +78,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use axum::{Json, extract::State, response::IntoResponse};
 use chassis::{
-    Problem, ServiceBuilder,
-    api::{self, Api},
-    auth::{Clock, JwksOptions, Principal, SystemClock, Verifier},
+    ServiceBuilder,
+    auth::{Clock, JwksOptions, SystemClock, Verifier},
     config::{Config, Reader},
     health::{CheckOptions, check_fn},
     sqlite::{Database, DbConfig},
 };
-use http::{HeaderValue, header};
 use jsonwebtoken::Algorithm;
 use sqlx::{SqlitePool, migrate::Migrator};
 use tokio_util::sync::CancellationToken;
@@ -100,6 +97,7 @@ mod exchange;
 mod grants;
 mod keys;
 mod password;
+mod routes;
 mod store;
 mod throttle;
 mod token;
@@ -712,13 +710,7 @@ pub async fn app_with_clock(
         clock,
         discovery: discovery::document(&settings.issuer),
     });
-    let api = Api::new()
-        .route(api::post("/token", token::token).public())
-        .route(api::get("/jwks", jwks).public())
-        .route(api::get(discovery::ROUTE, discovery::openid_configuration).public())
-        .route(api::post("/keys/rotate", rotate).requires("auth::rotate:key"))
-        .merge(admin::api())
-        .with_state(state.clone());
+    let api = routes::api().with_state(state.clone());
     let interval = settings.key_check;
     let status = grants::Status::default();
     let watched = status.clone();
@@ -817,45 +809,6 @@ async fn maintain(
         }
     }
     db.close().await;
-}
-
-/// `GET /auth/v1/jwks`.
-async fn jwks(State(state): State<Arc<AuthState>>) -> Result<axum::response::Response, Problem> {
-    let set = state
-        .keys
-        .jwks(token::now())
-        .await
-        .map_err(|e| error::internal("key set unavailable", &e))?;
-    let mut res = Json(set).into_response();
-    // Verifiers cache the set this long; a token with a new kid makes them
-    // fetch it again sooner.
-    res.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=300"),
-    );
-    Ok(res)
-}
-
-/// `POST /auth/v1/keys/rotate`.
-async fn rotate(
-    State(state): State<Arc<AuthState>>,
-    principal: Principal,
-) -> Result<Json<client::RotatedKey>, Problem> {
-    let checked = state
-        .keys
-        .check(token::now(), true)
-        .await
-        .map_err(|e| error::internal("key rotation failed", &e))?;
-    tracing::info!(
-        kid = %checked.kid,
-        retired = ?checked.retired,
-        by = principal.subject(),
-        "signing key rotated on request"
-    );
-    Ok(Json(client::RotatedKey {
-        kid: checked.kid,
-        previous_kid: checked.retired,
-    }))
 }
 
 /// The URL at which a service listening on `addr` reaches itself: the

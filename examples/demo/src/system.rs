@@ -17,6 +17,12 @@ pub const SERVICES: [&str; 4] = ["auth", "ticketing", "mail", "orders"];
 /// The demo's client secret for orders (in auth's grants file).
 const ORDERS_SECRET: &str = "orders-secret";
 
+/// Ticketing's client secret in the demo's grants file.
+const TICKETING_SECRET: &str = "ticketing-secret";
+
+/// Where ticketing's sold-out notices go in the demo.
+pub const SOLD_OUT_MAIL_TO: &str = "ops@acme.example";
+
 /// auth's grants file in the data directory `data`: the demo's users and
 /// service clients with their grants ([`auth::DEMO_GRANTS`] when the demo
 /// writes it). auth applies an edit within seconds; the next token of the
@@ -167,6 +173,15 @@ fn env_of(service: &str, ports: Ports, data: &Path) -> Vec<(String, String)> {
         // Each service accepts only tokens minted for it.
         set("CHASSIS_AUTH_AUDIENCE", service.to_owned());
         set("CHASSIS_AUTH_ALGORITHMS", "EdDSA".to_owned());
+    }
+    if service == "ticketing" {
+        // Sold-out notices go to mail, sent as ticketing itself.
+        set("TICKETING_SOLD_OUT_MAIL_TO", SOLD_OUT_MAIL_TO.to_owned());
+        set("CHASSIS_CLIENT_TOKEN_URL", format!("{auth}/auth/v1/token"));
+        set("CHASSIS_CLIENT_ID", "ticketing".to_owned());
+        set("CHASSIS_CLIENT_SECRET", TICKETING_SECRET.to_owned());
+        set("CHASSIS_DOWNSTREAM_MAIL_URL", url(ports.mail));
+        set("CHASSIS_DOWNSTREAM_MAIL_AUDIENCE", "mail".to_owned());
     }
     if service == "mail" {
         // A message whose worker died is sent again after this long.

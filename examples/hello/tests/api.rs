@@ -1,9 +1,9 @@
 //! The `hello` binary as operators run it: real process, real socket, real
 //! signals.
 
-use std::{process::Command, time::Duration};
+use std::process::Command;
 
-use chassis::testing::ServiceProcess;
+use chassis::testing::{ProcessCheck, ServiceProcess};
 
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -35,6 +35,8 @@ async fn serves_logs_and_stops_cleanly_on_sigterm() {
         env!("CARGO_BIN_EXE_hello"),
         &[("CHASSIS_SHUTDOWN_GRACE_SECS", "5")],
     );
+    let check = ProcessCheck::new("hello").package("hello-service");
+    check.serving(&hello).await;
     let addr = hello.addr().to_owned();
     let (status, headers, body) = get(
         &format!("http://{addr}/hello/v1/greetings/ann"),
@@ -48,30 +50,16 @@ async fn serves_logs_and_stops_cleanly_on_sigterm() {
     assert_eq!(body["message"], "hello, ann");
     assert_eq!(headers["x-correlation-id"], "hello-test-1");
 
-    let (status, _, info) = get(&format!("http://{addr}/info"), &[]).await;
-    assert_eq!(status, 200);
-    assert_eq!(info["service"], "hello");
-    assert_eq!(info["build"]["package"], "hello-service");
-    let (status, _, ready) = get(&format!("http://{addr}/health/ready"), &[]).await;
-    assert_eq!((status, ready["status"].as_str()), (200, Some("up")));
-
-    let lines = tokio::task::spawn_blocking(move || hello.stop(Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let json: Vec<serde_json::Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let json = check.stopped(hello).await;
     let access: Vec<_> = json
         .iter()
         .filter(|l| l["target"] == "chassis::access" && l["correlation_id"] == "hello-test-1")
         .collect();
-    assert_eq!(access.len(), 1, "{lines:#?}");
+    assert_eq!(access.len(), 1, "{json:#?}");
     assert_eq!(access[0]["route"], "/hello/v1/greetings/{name}");
     assert_eq!(access[0]["status"], 200);
     assert_eq!(access[0]["service"], "hello");
-    assert!(json.iter().any(|l| l["message"] == "stopped"), "{lines:#?}");
-    assert!(!lines.concat().contains("do-not-log-me"));
+    assert!(!format!("{json:?}").contains("do-not-log-me"));
 }
 
 #[test]

@@ -4,9 +4,9 @@
 //! requests by hand: the client knows the routes, sets the
 //! `Idempotency-Key` (so the chassis may retry a send: `mail` deduplicates
 //! by `message_id`) and turns answers into typed values. The identity of
-//! each call is chosen where it is made: [`MailClient::as_service`] presents
-//! the calling service's own token (what an outbox relay does),
-//! [`MailClient::on_behalf_of`] forwards the token of the request being
+//! each call is chosen where it is made: [`as_service`](chassis::client::DriverClient::as_service)
+//! presents the calling service's own token (what an outbox relay does),
+//! [`on_behalf_of`](chassis::client::DriverClient::on_behalf_of) forwards the token of the request being
 //! served.
 //!
 //! # Example
@@ -39,9 +39,9 @@
 //! # }
 //! ```
 
-use std::{fmt, str::FromStr, sync::Arc};
+use std::{fmt, str::FromStr};
 
-use chassis::client::{CallContext, Caller, ClientError, Downstream};
+use chassis::client::ClientError;
 use serde::{Deserialize, Serialize};
 
 /// The path of the messages collection.
@@ -50,8 +50,11 @@ pub const MESSAGES_PATH: &str = "/mail/v1/messages";
 /// The name of the order confirmation template.
 pub const ORDER_CONFIRMATION: &str = "order_confirmation";
 
+/// The name of the sold-out notice template.
+pub const SOLD_OUT: &str = "sold_out";
+
 /// The templates `mail` knows.
-pub const TEMPLATES: &[&str] = &[ORDER_CONFIRMATION];
+pub const TEMPLATES: &[&str] = &[ORDER_CONFIRMATION, SOLD_OUT];
 
 /// Longest `message_id`.
 pub const MAX_MESSAGE_ID_LEN: usize = 128;
@@ -176,6 +179,33 @@ impl OrderConfirmation {
     }
 }
 
+/// The data of the [`SOLD_OUT`] template: a ticket product has no places
+/// left. Every member is required.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoldOut {
+    /// The account the product belongs to.
+    pub account: String,
+    /// The ticket product.
+    pub ticket_id: String,
+    /// The ticket product's name, e.g. `Day pass`.
+    pub ticket_name: String,
+    /// Its capacity, all of it taken.
+    pub capacity: u32,
+}
+
+impl MailJob {
+    /// A sold-out notice to `to` about `product`.
+    pub fn sold_out(
+        message_id: impl Into<String>,
+        to: impl Into<String>,
+        product: &SoldOut,
+    ) -> Self {
+        // A struct of strings and numbers always serializes.
+        let data = serde_json::to_value(product).unwrap_or_default();
+        Self::new(message_id, to, SOLD_OUT, data)
+    }
+}
+
 /// Where a message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -270,51 +300,15 @@ pub struct Message {
     pub sent_at: Option<String>,
 }
 
-/// The typed client of `mail`; see the [module docs](self).
-///
-/// Cheap to clone: it shares the [`Downstream`] (its pool, breaker,
-/// bulkhead and retry budget).
-#[derive(Debug, Clone)]
-pub struct MailClient {
-    downstream: Downstream,
-}
-
-impl MailClient {
-    /// A client calling `mail` through `downstream` (its base URL is
-    /// `mail`'s, e.g. `http://127.0.0.1:8084`).
-    pub fn new(downstream: Downstream) -> Self {
-        Self { downstream }
-    }
-
-    /// The downstream, e.g. to register its breaker as a readiness check.
-    pub fn downstream(&self) -> &Downstream {
-        &self.downstream
-    }
-
-    /// Calls made with the calling service's own token (it needs
-    /// `mail::send:message` to send).
-    pub fn as_service<'a>(&'a self, cx: &'a CallContext) -> Calls<'a> {
-        Calls {
-            downstream: &self.downstream,
-            caller: self.downstream.as_service(cx),
-        }
-    }
-
-    /// Calls made with the token of the request `cx` comes from.
-    pub fn on_behalf_of<'a>(&'a self, cx: &'a CallContext) -> Calls<'a> {
-        Calls {
-            downstream: &self.downstream,
-            caller: self.downstream.on_behalf_of(cx),
-        }
-    }
-}
-
-/// The calls of `mail`'s API, with one identity and context; made by
-/// [`MailClient::as_service`] and [`MailClient::on_behalf_of`].
-#[derive(Debug, Clone, Copy)]
-pub struct Calls<'a> {
-    downstream: &'a Downstream,
-    caller: Caller<'a>,
+chassis::driver_client! {
+    /// The typed client of `mail`; see the [module docs](self). Made with
+    /// `MailClient::new(downstream)`, `downstream`'s base URL being `mail`'s
+    /// (e.g. `http://127.0.0.1:8084`); `as_service` calls need the calling
+    /// service to hold `mail::send:message`.
+    pub type MailClient = DriverClient<Mail>;
+    /// The calls of `mail`'s API, with one identity and context; made by
+    /// `as_service` and `on_behalf_of` of [`MailClient`].
+    pub struct Calls;
 }
 
 impl Calls<'_> {
@@ -330,7 +324,7 @@ impl Calls<'_> {
     /// `mail::send:message`, or a transport failure.
     pub async fn send(&self, job: &MailJob) -> Result<Accepted, ClientError> {
         let res = self
-            .caller
+            .0
             .post(MESSAGES_PATH)
             .idempotency_key(&job.message_id)
             .json(job)
@@ -349,17 +343,8 @@ impl Calls<'_> {
     /// [`ClientError::InvalidRequest`] when `message_id` is not a valid id
     /// (nothing is sent), or a transport failure.
     pub async fn get(&self, message_id: &str) -> Result<Message, ClientError> {
-        if !is_valid_message_id(message_id) {
-            return Err(ClientError::InvalidRequest {
-                downstream: Arc::from(self.downstream.name()),
-                message: "message_id must be 1-128 characters of [A-Za-z0-9._~:-]".to_owned(),
-            });
-        }
-        self.caller
-            .get(&format!("{MESSAGES_PATH}/{message_id}"))
-            .send()
-            .await?
-            .json()
+        let path = self.0.path("/mail/v1/messages/{}", &[&message_id])?;
+        self.0.get_json(&path).await
     }
 }
 

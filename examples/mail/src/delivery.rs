@@ -120,7 +120,7 @@ impl Worker {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let now = format::unix_millis(std::time::SystemTime::now());
+            let now = chassis::time::now_millis();
             let until = now.saturating_add(millis(self.lease));
             let wait = match self.store.lease(&self.owner, now, until).await {
                 Ok(Some(message)) => {
@@ -251,7 +251,7 @@ impl Worker {
         // The mail is out: recording it matters, so a busy database gets a
         // few tries before the message is left to be sent again.
         for round in 1..=3u32 {
-            let now = format::unix_millis(std::time::SystemTime::now());
+            let now = chassis::time::now_millis();
             match self.store.mark_sent(&m.message_id, &self.owner, now).await {
                 Ok(true) => {
                     meters::message("sent");
@@ -292,7 +292,7 @@ impl Worker {
             self.give_up(m, attempt, error).await;
             return;
         };
-        let now = format::unix_millis(std::time::SystemTime::now());
+        let now = chassis::time::now_millis();
         let next = now.saturating_add(millis(delay));
         match self
             .store

@@ -153,26 +153,6 @@ pub(crate) fn rfc5322_date(t: SystemTime) -> String {
     )
 }
 
-/// `2026-01-01T00:00:00.000Z` for milliseconds since the epoch.
-pub(crate) fn rfc3339_millis(ms: i64) -> String {
-    let ms = u64::try_from(ms).unwrap_or(0);
-    let secs = ms / 1000;
-    let (y, m, d) = civil_from_days(secs / 86_400);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        ms % 1000
-    )
-}
-
-/// Milliseconds since the epoch.
-pub(crate) fn unix_millis(t: SystemTime) -> i64 {
-    i64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX)
-}
-
 /// Year, month (1-12) and day (1-31) of a day count since 1970-01-01
 /// (Howard Hinnant's `civil_from_days`, for days on or after the epoch).
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
@@ -200,13 +180,13 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56
         assert_eq!(rfc5322_date(t), "Thu, 29 Feb 2024 12:34:56 +0000");
         assert_eq!(
-            rfc3339_millis(1_709_210_096_789),
+            chassis::time::rfc3339_millis(1_709_210_096_789),
             "2024-02-29T12:34:56.789Z"
         );
-        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(chassis::time::rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
         let t = UNIX_EPOCH + Duration::from_secs(4_102_444_799); // 2099-12-31 23:59:59
         assert_eq!(rfc5322_date(t), "Thu, 31 Dec 2099 23:59:59 +0000");
-        assert_eq!(unix_millis(t), 4_102_444_799_000);
+        assert_eq!(chassis::time::unix_millis(t), 4_102_444_799_000);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Validation of an incoming mail job.
 
-use chassis::correlation::CorrelationId;
+use chassis::{
+    correlation::CorrelationId,
+    validation::{FieldError, Invalid},
+};
 use lettre::Address;
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
@@ -12,24 +14,6 @@ use crate::{
 
 /// Largest `data`, serialized.
 pub(crate) const MAX_DATA_BYTES: usize = 16 * 1024;
-
-/// One invalid member of a request, as the 422 problem lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub(crate) struct FieldError {
-    /// The member, e.g. `to` or `data.quantity`.
-    pub(crate) field: String,
-    /// What is wrong with it.
-    pub(crate) message: String,
-}
-
-impl FieldError {
-    pub(crate) fn new(field: &str, message: &str) -> Self {
-        Self {
-            field: field.to_owned(),
-            message: message.to_owned(),
-        }
-    }
-}
 
 /// A job that passed validation.
 #[derive(Debug, Clone)]
@@ -47,21 +31,21 @@ pub(crate) struct ValidJob {
 }
 
 /// Checks every member of `body`, reporting all the invalid ones.
-pub(crate) fn validate(body: &Value) -> Result<ValidJob, Vec<FieldError>> {
+pub(crate) fn validate(body: &Value) -> Result<ValidJob, Invalid> {
     let Some(obj) = body.as_object() else {
-        return Err(vec![FieldError::new("body", "must be a JSON object")]);
+        return Err(FieldError::at(&[], "must be a JSON object").into());
     };
-    let mut errors = Vec::new();
+    let mut errors = Invalid::new();
     let text = |name: &str| obj.get(name).and_then(Value::as_str);
 
     let message_id = match obj.get("message_id") {
         None => {
-            errors.push(FieldError::new("message_id", "required"));
+            errors.push(FieldError::field("message_id", "required"));
             None
         }
         Some(Value::String(id)) if is_valid_message_id(id) => Some(id.clone()),
         Some(_) => {
-            errors.push(FieldError::new(
+            errors.push(FieldError::field(
                 "message_id",
                 "must be 1-128 characters of [A-Za-z0-9._~:-]",
             ));
@@ -70,31 +54,31 @@ pub(crate) fn validate(body: &Value) -> Result<ValidJob, Vec<FieldError>> {
     };
     let to = match obj.get("to") {
         None => {
-            errors.push(FieldError::new("to", "required"));
+            errors.push(FieldError::field("to", "required"));
             None
         }
         Some(v) => match v.as_str().map(parse_address) {
             Some(Ok(address)) => Some(address),
             Some(Err(why)) => {
-                errors.push(FieldError::new("to", why));
+                errors.push(FieldError::field("to", why));
                 None
             }
             None => {
-                errors.push(FieldError::new("to", "must be a string"));
+                errors.push(FieldError::field("to", "must be a string"));
                 None
             }
         },
     };
     let template = match (obj.get("template"), text("template")) {
         (None, _) => {
-            errors.push(FieldError::new("template", "required"));
+            errors.push(FieldError::field("template", "required"));
             None
         }
         (_, Some(t)) if TEMPLATES.contains(&t) => Some(t.to_owned()),
         _ => {
-            errors.push(FieldError::new(
+            errors.push(FieldError::field(
                 "template",
-                &format!("must be one of: {}", TEMPLATES.join(", ")),
+                format!("must be one of: {}", TEMPLATES.join(", ")),
             ));
             None
         }
@@ -104,9 +88,9 @@ pub(crate) fn validate(body: &Value) -> Result<ValidJob, Vec<FieldError>> {
         Some(v) => v.clone(),
     };
     if !data.is_object() {
-        errors.push(FieldError::new("data", "must be an object"));
+        errors.push(FieldError::field("data", "must be an object"));
     } else if serde_json::to_vec(&data).map_or(usize::MAX, |b| b.len()) > MAX_DATA_BYTES {
-        errors.push(FieldError::new("data", "must be at most 16384 bytes"));
+        errors.push(FieldError::field("data", "must be at most 16384 bytes"));
     } else if let Some(t) = &template {
         crate::template::validate(t, &data, &mut errors);
     }
@@ -141,8 +125,9 @@ mod tests {
         validate(body)
             .err()
             .unwrap_or_default()
-            .into_iter()
-            .map(|e| e.field)
+            .errors()
+            .iter()
+            .map(|e| e.pointer().trim_start_matches("#/").replace('/', "."))
             .collect()
     }
 
@@ -167,7 +152,7 @@ mod tests {
 
     #[test]
     fn every_invalid_member_is_listed() {
-        assert_eq!(fields(&json!("x")), ["body"]);
+        assert_eq!(fields(&json!("x")), ["#"]);
         assert_eq!(fields(&json!({})), ["message_id", "to", "template"]);
         assert_eq!(
             fields(

@@ -85,18 +85,18 @@ use lettre::Address;
 use tokio::sync::Notify;
 
 use crate::{
-    api::AppState,
     delivery::Worker,
+    routes::AppState,
     store::Store,
     transport::{Smtp, Transport},
 };
 
-mod api;
 pub mod client;
 pub mod delivery;
 mod format;
 mod job;
 mod meters;
+mod routes;
 mod store;
 mod template;
 mod tls;
@@ -413,8 +413,7 @@ pub async fn app_on(
     };
 
     let mut builder = builder
-        .api(api::routes())
-        .api_layer(axum::Extension(state))
+        .api(routes::api().with_state(state))
         .health_check("database", db, CheckOptions::default())
         .health_check(
             "dead-messages",

@@ -3,10 +3,10 @@
 use serde_json::Value;
 
 use crate::{
-    client::{ORDER_CONFIRMATION, OrderConfirmation, is_valid_message_id},
+    client::{ORDER_CONFIRMATION, OrderConfirmation, SOLD_OUT, SoldOut, is_valid_message_id},
     format::Rendered,
-    job::FieldError,
 };
+use chassis::validation::{FieldError, Invalid};
 
 /// Longest free-text member of a template's data, in characters.
 const MAX_TEXT: usize = 200;
@@ -14,9 +14,11 @@ const MAX_TEXT: usize = 200;
 /// Checks `data` for `template` (known to be one of
 /// [`TEMPLATES`](crate::client::TEMPLATES)), adding a problem per invalid
 /// member to `errors`.
-pub(crate) fn validate(template: &str, data: &Value, errors: &mut Vec<FieldError>) {
-    if template == ORDER_CONFIRMATION {
-        validate_order_confirmation(data, errors);
+pub(crate) fn validate(template: &str, data: &Value, errors: &mut Invalid) {
+    match template {
+        ORDER_CONFIRMATION => validate_order_confirmation(data, errors),
+        SOLD_OUT => validate_sold_out(data, errors),
+        _ => {}
     }
 }
 
@@ -30,26 +32,34 @@ pub(crate) fn validate(template: &str, data: &Value, errors: &mut Vec<FieldError
 pub(crate) fn render(template: &str, data: &Value) -> Result<Rendered, String> {
     match template {
         ORDER_CONFIRMATION => {
-            let mut errors = Vec::new();
-            validate_order_confirmation(data, &mut errors);
-            if let Some(e) = errors.first() {
-                return Err(format!("{}: {}", e.field, e.message));
-            }
-            let order: OrderConfirmation = serde_json::from_value(data.clone())
-                .map_err(|e| format!("data does not fit {ORDER_CONFIRMATION}: {e}"))?;
-            Ok(order_confirmation(&order))
+            typed(template, data, validate_order_confirmation).map(|o| order_confirmation(&o))
         }
+        SOLD_OUT => typed(template, data, validate_sold_out).map(|p| sold_out(&p)),
         other => Err(format!("unknown template `{other}`")),
     }
 }
 
-fn validate_order_confirmation(data: &Value, errors: &mut Vec<FieldError>) {
+/// `data` as `T`, once `validate` finds nothing wrong with it.
+fn typed<T: serde::de::DeserializeOwned>(
+    template: &str,
+    data: &Value,
+    validate: fn(&Value, &mut Invalid),
+) -> Result<T, String> {
+    let mut errors = Invalid::new();
+    validate(data, &mut errors);
+    if let Some(e) = errors.errors().first() {
+        return Err(format!("{}: {}", e.pointer(), e.detail()));
+    }
+    serde_json::from_value(data.clone()).map_err(|e| format!("data does not fit {template}: {e}"))
+}
+
+fn validate_order_confirmation(data: &Value, errors: &mut Invalid) {
     let Some(obj) = data.as_object() else {
-        errors.push(FieldError::new("data", "must be an object"));
+        errors.push(FieldError::field("data", "must be an object"));
         return;
     };
-    let mut problem = |field: &str, message: &str| {
-        errors.push(FieldError::new(&format!("data.{field}"), message));
+    let mut problem = |field: &str, message: &'static str| {
+        errors.push(FieldError::at(&["data", field], message));
     };
     match obj.get("order_id") {
         Some(Value::String(s)) if is_valid_message_id(s) => {}
@@ -96,6 +106,41 @@ fn validate_order_confirmation(data: &Value, errors: &mut Vec<FieldError>) {
         && obj.get("currency").is_none_or(Value::is_null)
     {
         problem("currency", "required with price_minor");
+    }
+}
+
+fn validate_sold_out(data: &Value, errors: &mut Invalid) {
+    let Some(obj) = data.as_object() else {
+        errors.push(FieldError::field("data", "must be an object"));
+        return;
+    };
+    for field in ["account", "ticket_id", "ticket_name"] {
+        match obj.get(field) {
+            Some(Value::String(s)) if is_text(s) => {}
+            Some(_) => errors.push(FieldError::at(
+                &["data", field],
+                "must be 1-200 characters, no control characters",
+            )),
+            None => errors.push(FieldError::at(&["data", field], "required")),
+        }
+    }
+    match obj.get("capacity").map(Value::as_u64) {
+        Some(Some(n)) if u32::try_from(n).is_ok_and(|n| n > 0) => {}
+        Some(_) => errors.push(FieldError::at(
+            &["data", "capacity"],
+            "must be a whole number from 1 to 4294967295",
+        )),
+        None => errors.push(FieldError::at(&["data", "capacity"], "required")),
+    }
+}
+
+fn sold_out(p: &SoldOut) -> Rendered {
+    Rendered {
+        subject: format!("Sold out: {}", p.ticket_name),
+        body: format!(
+            "Hello,\n\nall {} places of {} ({}) in account {} are taken: new reservations are refused until a hold expires or is released.\n\nchassis tickets\n",
+            p.capacity, p.ticket_name, p.ticket_id, p.account
+        ),
     }
 }
 
@@ -164,9 +209,12 @@ mod tests {
     use super::*;
 
     fn errors(data: &Value) -> Vec<String> {
-        let mut e = Vec::new();
+        let mut e = Invalid::new();
         validate(ORDER_CONFIRMATION, data, &mut e);
-        e.into_iter().map(|e| e.field).collect()
+        e.errors()
+            .iter()
+            .map(|e| e.pointer().trim_start_matches("#/").replace('/', "."))
+            .collect()
     }
 
     #[test]
@@ -235,5 +283,34 @@ mod tests {
         assert_eq!(money(5), "0.05");
         assert_eq!(money(123_456), "1234.56");
         assert_eq!(money(-250), "-2.50");
+    }
+
+    #[test]
+    fn sold_out_notices_need_every_member_and_name_the_product() {
+        let mut e = Invalid::new();
+        validate(SOLD_OUT, &json!({"ticket_name": "", "capacity": 0}), &mut e);
+        let pointers: Vec<&str> = e.errors().iter().map(|e| e.pointer()).collect();
+        assert_eq!(
+            pointers,
+            [
+                "#/data/account",
+                "#/data/ticket_id",
+                "#/data/ticket_name",
+                "#/data/capacity"
+            ]
+        );
+        let r = render(
+            SOLD_OUT,
+            &json!({"account": "acme", "ticket_id": "tkt_1", "ticket_name": "Day pass", "capacity": 40}),
+        )
+        .unwrap();
+        assert_eq!(r.subject, "Sold out: Day pass");
+        assert!(
+            r.body
+                .contains("all 40 places of Day pass (tkt_1) in account acme"),
+            "{}",
+            r.body
+        );
+        assert!(render(SOLD_OUT, &json!({"account": "acme"})).is_err());
     }
 }

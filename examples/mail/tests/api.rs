@@ -228,11 +228,14 @@ async fn invalid_jobs_are_422_naming_every_field() {
         .unwrap()
         .iter()
         .map(|e| {
-            assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
-            e["field"].as_str().unwrap()
+            assert!(e["detail"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+            e["pointer"].as_str().unwrap()
         })
         .collect();
-    assert_eq!(fields, BTreeSet::from(["message_id", "to", "template"]));
+    assert_eq!(
+        fields,
+        BTreeSet::from(["#/message_id", "#/to", "#/template"])
+    );
 
     // The template's data is checked too.
     let mut incomplete = job("evt-bad-data", "alice@example.com");
@@ -243,9 +246,12 @@ async fn invalid_jobs_are_422_naming_every_field() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["field"].as_str().unwrap())
+        .map(|e| e["pointer"].as_str().unwrap())
         .collect();
-    assert_eq!(fields, BTreeSet::from(["data.ticket_id", "data.quantity"]));
+    assert_eq!(
+        fields,
+        BTreeSet::from(["#/data/ticket_id", "#/data/quantity"])
+    );
 
     // Not JSON at all, or not an object.
     for (body, expected) in [("{", 400), ("[1]", 422), ("\"x\"", 422)] {

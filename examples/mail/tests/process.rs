@@ -3,10 +3,10 @@
 
 mod support;
 
-use std::{process::Command, time::Duration};
+use std::process::Command;
 
-use chassis::testing::ServiceProcess;
-use support::{TempDir, TestAuth, eventually, get, header, job, orders};
+use chassis::testing::{ProcessCheck, ServiceProcess};
+use support::{TempDir, TestAuth, eventually, header, job, orders};
 
 /// Starts `mail` with `env` added to the test defaults.
 fn spawn(env: &[(&str, &str)]) -> ServiceProcess {
@@ -30,16 +30,10 @@ async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
         ("MAIL_POLL_MS", "50"),
         ("MAIL_WORKERS", "2"),
     ]);
+    let check =
+        ProcessCheck::new("mail").protected("/mail/v1/messages/evt-1", "/mail/v1/messages/{id}");
+    check.serving(&process).await;
     let base = process.url("");
-    eventually("readiness", || async {
-        get(&format!("{base}/health/ready")).await.0 == 200
-    })
-    .await;
-    let (status, info) = get(&format!("{base}/info")).await;
-    assert_eq!(status, 200);
-    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
-    assert_eq!(info["service"], "mail");
-    assert_eq!(info["build"]["package"], "mail");
 
     let mail = mail::client::MailClient::new(
         chassis::client::Downstream::builder("mail", &base)
@@ -62,13 +56,8 @@ async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
         Some("proc-corr-1")
     );
 
-    let lines = tokio::task::spawn_blocking(move || process.stop(Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let json: Vec<serde_json::Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let json = check.stopped(process).await;
+    let lines: Vec<String> = json.iter().map(ToString::to_string).collect();
     // The worker's lines carry the correlation id of the request that
     // queued the mail (O16).
     let sent: Vec<_> = json
@@ -92,7 +81,6 @@ async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
         .count();
     assert_eq!(stopped, 2, "{lines:#?}");
     assert!(!lines.concat().contains("cut"), "{lines:#?}");
-    assert!(json.iter().any(|l| l["message"] == "stopped"));
     // What the app logged while it was set up, before it served, is kept.
     let setup = json
         .iter()

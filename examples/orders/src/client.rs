@@ -15,7 +15,7 @@
 //! # }
 //! ```
 
-use chassis::client::{CallContext, Caller, ClientError, Downstream};
+use chassis::client::ClientError;
 use serde::{Deserialize, Serialize};
 
 /// An order to place.
@@ -79,45 +79,31 @@ pub struct OrderList {
     pub orders: Vec<Order>,
 }
 
-/// Calls to `orders`.
-#[derive(Debug, Clone)]
-pub struct OrdersClient {
-    downstream: Downstream,
+chassis::driver_client! {
+    /// Calls to `orders`: `OrdersClient::new(downstream)`, then `as_service`
+    /// or `on_behalf_of` for each call.
+    pub type OrdersClient = DriverClient<Orders>;
+    /// Calls with one identity; see [`OrdersClient`].
+    pub struct Calls;
 }
-
-impl OrdersClient {
-    /// A client over `downstream` (named `orders`).
-    pub fn new(downstream: Downstream) -> Self {
-        Self { downstream }
-    }
-
-    /// Calls made as the calling service itself.
-    pub fn as_service<'a>(&'a self, cx: &'a CallContext) -> Calls<'a> {
-        Calls(self.downstream.as_service(cx))
-    }
-
-    /// Calls made on behalf of the caller of `cx`.
-    pub fn on_behalf_of<'a>(&'a self, cx: &'a CallContext) -> Calls<'a> {
-        Calls(self.downstream.on_behalf_of(cx))
-    }
-}
-
-/// Calls with one identity; see [`OrdersClient`].
-#[derive(Debug, Clone, Copy)]
-pub struct Calls<'a>(Caller<'a>);
 
 impl Calls<'_> {
     /// Places an order with an idempotency key (safe to retry with the same
     /// key).
+    ///
+    /// # Errors
+    ///
+    /// A [`ClientError`]; 422 `invalid_fields` for an invalid order.
     pub async fn place(
         self,
         account: &str,
         order: &NewOrder,
         idempotency_key: &str,
     ) -> Result<Placed, ClientError> {
+        let path = self.0.path("/orders/v1/{}/orders", &[&account])?;
         let res = self
             .0
-            .post(&format!("/orders/v1/{account}/orders"))
+            .post(&path)
             .idempotency_key(idempotency_key)
             .json(order)
             .send()
@@ -132,22 +118,22 @@ impl Calls<'_> {
     }
 
     /// An order.
+    ///
+    /// # Errors
+    ///
+    /// A [`ClientError`]; 404 when the account has no such order.
     pub async fn get(self, account: &str, id: &str) -> Result<Order, ClientError> {
-        self.0
-            .get(&format!("/orders/v1/{account}/orders/{id}"))
-            .send()
-            .await?
-            .json()
+        let path = self.0.path("/orders/v1/{}/orders/{}", &[&account, &id])?;
+        self.0.get_json(&path).await
     }
 
     /// The account's latest orders.
+    ///
+    /// # Errors
+    ///
+    /// A [`ClientError`].
     pub async fn list(self, account: &str) -> Result<Vec<Order>, ClientError> {
-        Ok(self
-            .0
-            .get(&format!("/orders/v1/{account}/orders"))
-            .send()
-            .await?
-            .json::<OrderList>()?
-            .orders)
+        let path = self.0.path("/orders/v1/{}/orders", &[&account])?;
+        Ok(self.0.get_json::<OrderList>(&path).await?.orders)
     }
 }

@@ -33,8 +33,6 @@ use aws_lc_rs::digest;
 use chassis::sqlite::Database;
 use http::{HeaderMap, HeaderValue};
 
-use crate::store;
-
 /// `Idempotent-Replayed`, set on replayed answers.
 pub const REPLAYED: http::HeaderName = http::HeaderName::from_static("idempotent-replayed");
 
@@ -140,7 +138,7 @@ pub async fn claim(
     lease: Duration,
 ) -> Result<Claim, sqlx::Error> {
     let mut tx = db.pool().begin_with("BEGIN IMMEDIATE").await?;
-    let now = store::now_ms();
+    let now = chassis::time::now_millis();
     let lease_until = now + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
     let row: Option<KeyRow> = sqlx::query_as(
         "SELECT fingerprint, state, lease_until_ms, response_status, response_body
@@ -163,7 +161,7 @@ pub async fn claim(
             .bind(&scope.key)
             .bind(fingerprint)
             .bind(lease_until)
-            .bind(store::rfc3339_now())
+            .bind(chassis::time::now_rfc3339())
             .execute(&mut *tx)
             .await?;
             Claim::Run

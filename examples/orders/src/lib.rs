@@ -29,7 +29,6 @@ use std::{sync::Arc, time::Duration};
 
 use chassis::{
     ServiceBuilder,
-    api::{self, Api},
     client::{Downstream, TokenSource},
     config::Reader,
     health::CheckOptions,
@@ -37,9 +36,9 @@ use chassis::{
 };
 
 pub mod client;
-mod handlers;
 pub mod idempotency;
 pub mod relay;
+mod routes;
 mod store;
 
 pub use client::{NewOrder, Order, OrderStatus, OrdersClient};
@@ -80,34 +79,16 @@ impl Settings {
             "ORDERS_FAULT_CRASH",
             "crash on purpose: before_commit or after_commit (resilience tests only)",
         );
-        let tokens = TokenSource::read(r);
-        if tokens.is_none() {
-            for name in [
-                "CHASSIS_CLIENT_TOKEN_URL",
-                "CHASSIS_CLIENT_ID",
-                "CHASSIS_CLIENT_SECRET",
-            ] {
-                if r.maybe::<String>(name, "").is_none() {
-                    r.problem(
-                        name,
-                        "required: orders calls ticketing and mail as itself (client credentials)",
-                    );
-                }
-            }
-        }
+        let tokens = TokenSource::read_required(
+            r,
+            "orders calls ticketing and mail as itself (client credentials)",
+        );
         let downstream = |r: &mut Reader<'_>, name: &str, url: &str| {
             let mut b = Downstream::builder(name, url);
             if let Some(tokens) = &tokens {
                 b = b.token_source(tokens.clone());
             }
-            b.configure(r)
-                .build()
-                .map_err(|e| {
-                    for p in e.problems() {
-                        r.problem(&p.name, p.message.clone());
-                    }
-                })
-                .ok()
+            b.read(r)
         };
         let ticketing = downstream(r, "ticketing", "http://127.0.0.1:8082");
         let mail = downstream(r, "mail", "http://127.0.0.1:8084");
@@ -203,21 +184,9 @@ pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
         critical: false,
         ..CheckOptions::default()
     };
-    let api = Api::new()
-        .route(
-            api::post("/{account}/orders", handlers::place)
-                .requires("orders:{account}:create:order"),
-        )
-        .route(
-            api::get("/{account}/orders", handlers::list).requires("orders:{account}:view:order"),
-        )
-        .route(
-            api::get("/{account}/orders/{id}", handlers::get)
-                .requires("orders:{account}:view:order"),
-        );
+    let api = routes::api().with_state(Arc::new(state));
     Ok(ServiceBuilder::new("orders", 1)
         .api(api)
-        .api_layer(axum::Extension(Arc::new(state)))
         .health_check("database-writes", db.write_check(), CheckOptions::default())
         .health_check("database", db, CheckOptions::default())
         .health_check("ticketing-breaker", ticketing_breaker, non_critical)

@@ -242,8 +242,8 @@ impl Relay {
                         )
                     });
                     tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "event not delivered");
-                    let next =
-                        store::now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+                    let next = chassis::time::now_millis()
+                        + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
                     store::retry_later(&self.db, &event, counted, next, &error).await
                 }
             }

@@ -1,29 +1,11 @@
 //! The database: orders and the outbox.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use chassis::sqlite::Database;
-use time::format_description::well_known::Rfc3339;
 
 use crate::{
     client::{Order, OrderStatus},
     idempotency::{self, Scope},
 };
-
-/// Wall-clock milliseconds since the epoch: stored times must mean the same
-/// after a restart.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// The current UTC time, RFC 3339.
-pub(crate) fn rfc3339_now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
 
 type OrderRow = (String, String, String, i64, String, String, String, String);
 
@@ -84,7 +66,7 @@ pub(crate) async fn place(
     .bind(&order.created_at)
     .execute(&mut *tx)
     .await?;
-    let now = now_ms();
+    let now = chassis::time::now_millis();
     let events = [
         (
             "reservation.confirm",
@@ -165,7 +147,7 @@ pub(crate) async fn due_events(db: &Database, limit: u32) -> Result<Vec<OutboxEv
          WHERE delivered_at IS NULL AND parked_at IS NULL AND next_attempt_ms <= ?
          ORDER BY next_attempt_ms, created_at LIMIT ?",
     )
-    .bind(now_ms())
+    .bind(chassis::time::now_millis())
     .bind(i64::from(limit))
     .fetch_all(db.pool())
     .await?;
@@ -189,7 +171,7 @@ pub(crate) async fn due_events(db: &Database, limit: u32) -> Result<Vec<OutboxEv
 pub(crate) async fn delivered(db: &Database, event: &OutboxEvent) -> Result<(), sqlx::Error> {
     let mut tx = db.pool().begin_with("BEGIN IMMEDIATE").await?;
     sqlx::query("UPDATE outbox SET delivered_at = ?, last_error = NULL WHERE id = ? AND delivered_at IS NULL")
-        .bind(rfc3339_now())
+        .bind(chassis::time::now_rfc3339())
         .bind(&event.id)
         .execute(&mut *tx)
         .await?;
@@ -230,7 +212,7 @@ pub(crate) async fn park(
     sqlx::query(
         "UPDATE outbox SET parked_at = ?, attempts = attempts + 1, last_error = ? WHERE id = ?",
     )
-    .bind(rfc3339_now())
+    .bind(chassis::time::now_rfc3339())
     .bind(error)
     .bind(&event.id)
     .execute(&mut *tx)

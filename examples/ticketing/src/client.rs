@@ -6,14 +6,18 @@
 //! through a [`Downstream`], with its timeouts, retries, circuit breaker and
 //! bulkhead, and the caller chooses the identity at each call site:
 //!
-//! * [`TicketingClient::as_service`]: the calling service's own token (from
+//! * [`as_service`](chassis::client::DriverClient::as_service): the calling service's own token (from
 //!   the `Downstream`'s token source); `orders` reserves tickets this way;
-//! * [`TicketingClient::on_behalf_of`]: the token of the request being
+//! * [`on_behalf_of`](chassis::client::DriverClient::on_behalf_of): the token of the request being
 //!   served, so ticketing checks the end user's own permissions.
 //!
 //! Errors are [`ClientError`]s. A refusal by ticketing is
-//! [`ClientError::Status`] with ticketing's problem document; [`reason`]
-//! reads its `reason` code (`sold_out`, `reservation_expired`, ...).
+//! [`ClientError::Status`] with ticketing's problem document;
+//! [`ClientError::reason`] reads its `reason` code (`sold_out`,
+//! `reservation_expired`, `invalid_fields`, ...). Ids that are not ids
+//! (`../x`) are refused before anything is sent.
+//!
+//! [`Downstream`]: chassis::client::Downstream
 //!
 //! # Example
 //!
@@ -34,10 +38,7 @@
 
 use std::fmt;
 
-use chassis::{
-    client::{CallContext, Caller, ClientError, Downstream},
-    permission::AccountId,
-};
+use chassis::{client::ClientError, permission::AccountId};
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime, format_description::StaticFormatDescription};
 
@@ -171,59 +172,15 @@ impl std::str::FromStr for ReservationStatus {
     }
 }
 
-/// The `reason` code of ticketing's refusal, e.g. `sold_out` (409),
-/// `reservation_expired` (409) or `invalid_fields` (422); `None` for other
-/// errors.
-pub fn reason(error: &ClientError) -> Option<&str> {
-    match error {
-        ClientError::Status {
-            problem: Some(p), ..
-        } => p.members.get("reason").and_then(|r| r.as_str()),
-        _ => None,
-    }
-}
-
-/// A client of the ticketing API over one [`Downstream`]; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct TicketingClient {
-    downstream: Downstream,
-}
-
-impl TicketingClient {
-    /// A client calling through `downstream`, whose base URL is ticketing's
-    /// root (e.g. `http://127.0.0.1:8082`).
-    pub fn new(downstream: Downstream) -> Self {
-        Self { downstream }
-    }
-
-    /// The downstream, e.g. to report its circuit breaker in readiness.
-    pub fn downstream(&self) -> &Downstream {
-        &self.downstream
-    }
-
-    /// Calls made with the calling service's own identity.
-    pub fn as_service<'a>(&'a self, cx: &'a CallContext) -> Calls<'a> {
-        Calls {
-            downstream: &self.downstream,
-            caller: self.downstream.as_service(cx),
-        }
-    }
-
-    /// Calls made on behalf of the caller of `cx`, with its token.
-    pub fn on_behalf_of<'a>(&'a self, cx: &'a CallContext) -> Calls<'a> {
-        Calls {
-            downstream: &self.downstream,
-            caller: self.downstream.on_behalf_of(cx),
-        }
-    }
-}
-
-/// The ticketing API with one identity and call context; made by
-/// [`TicketingClient::as_service`] and [`TicketingClient::on_behalf_of`].
-#[derive(Debug, Clone, Copy)]
-pub struct Calls<'a> {
-    downstream: &'a Downstream,
-    caller: Caller<'a>,
+chassis::driver_client! {
+    /// A client of the ticketing API over one
+    /// [`Downstream`](chassis::client::Downstream); cheap to clone.
+    /// Made with `TicketingClient::new(downstream)`, whose base URL is
+    /// ticketing's root (e.g. `http://127.0.0.1:8082`).
+    pub type TicketingClient = DriverClient<Ticketing>;
+    /// The ticketing API with one identity and call context; made by
+    /// `as_service` and `on_behalf_of` of [`TicketingClient`].
+    pub struct Calls;
 }
 
 impl Calls<'_> {
@@ -238,12 +195,8 @@ impl Calls<'_> {
         account: &AccountId,
         ticket: &NewTicket,
     ) -> Result<Ticket, ClientError> {
-        self.caller
-            .post(&format!("/ticketing/v1/{account}/tickets"))
-            .json(ticket)
-            .send()
-            .await?
-            .json()
+        let path = self.0.path("/ticketing/v1/{}/tickets", &[account])?;
+        self.0.post_json(&path, ticket).await
     }
 
     /// `GET /ticketing/v1/{account}/tickets`: every ticket of the account.
@@ -252,11 +205,8 @@ impl Calls<'_> {
     ///
     /// A [`ClientError`].
     pub async fn list_tickets(self, account: &AccountId) -> Result<Vec<Ticket>, ClientError> {
-        self.caller
-            .get(&format!("/ticketing/v1/{account}/tickets"))
-            .send()
-            .await?
-            .json()
+        let path = self.0.path("/ticketing/v1/{}/tickets", &[account])?;
+        self.0.get_json(&path).await
     }
 
     /// `GET /ticketing/v1/{account}/tickets/{id}`.
@@ -265,12 +215,10 @@ impl Calls<'_> {
     ///
     /// A [`ClientError`]; 404 when the account has no such ticket.
     pub async fn get_ticket(self, account: &AccountId, id: &str) -> Result<Ticket, ClientError> {
-        let id = self.segment(id)?;
-        self.caller
-            .get(&format!("/ticketing/v1/{account}/tickets/{id}"))
-            .send()
-            .await?
-            .json()
+        let path = self
+            .0
+            .path("/ticketing/v1/{}/tickets/{}", &[account, &id])?;
+        self.0.get_json(&path).await
     }
 
     /// `POST /ticketing/v1/{account}/reservations` with an `Idempotency-Key`:
@@ -289,8 +237,9 @@ impl Calls<'_> {
         reservation: &NewReservation,
         idempotency_key: &str,
     ) -> Result<Reservation, ClientError> {
-        self.caller
-            .post(&format!("/ticketing/v1/{account}/reservations"))
+        let path = self.0.path("/ticketing/v1/{}/reservations", &[account])?;
+        self.0
+            .post(&path)
             .idempotency_key(idempotency_key)
             .json(reservation)
             .send()
@@ -308,12 +257,10 @@ impl Calls<'_> {
         account: &AccountId,
         id: &str,
     ) -> Result<Reservation, ClientError> {
-        let id = self.segment(id)?;
-        self.caller
-            .get(&format!("/ticketing/v1/{account}/reservations/{id}"))
-            .send()
-            .await?
-            .json()
+        let path = self
+            .0
+            .path("/ticketing/v1/{}/reservations/{}", &[account, &id])?;
+        self.0.get_json(&path).await
     }
 
     /// `POST /ticketing/v1/{account}/reservations/{id}/confirm`: the held
@@ -324,11 +271,11 @@ impl Calls<'_> {
     /// A [`ClientError`]; 409 `reservation_expired` or
     /// `reservation_released` when it no longer holds its places.
     pub async fn confirm(self, account: &AccountId, id: &str) -> Result<Reservation, ClientError> {
-        let id = self.segment(id)?;
-        self.caller
-            .post(&format!(
-                "/ticketing/v1/{account}/reservations/{id}/confirm"
-            ))
+        let path = self
+            .0
+            .path("/ticketing/v1/{}/reservations/{}/confirm", &[account, &id])?;
+        self.0
+            .post(&path)
             // Idempotent by contract (see above), so safe to retry.
             .retry_safe()
             .send()
@@ -344,32 +291,15 @@ impl Calls<'_> {
     ///
     /// A [`ClientError`]; 409 `reservation_confirmed` for a confirmed one.
     pub async fn release(self, account: &AccountId, id: &str) -> Result<Reservation, ClientError> {
-        let id = self.segment(id)?;
-        self.caller
-            .post(&format!(
-                "/ticketing/v1/{account}/reservations/{id}/release"
-            ))
+        let path = self
+            .0
+            .path("/ticketing/v1/{}/reservations/{}/release", &[account, &id])?;
+        self.0
+            .post(&path)
             // Idempotent by contract (see above), so safe to retry.
             .retry_safe()
             .send()
             .await?
             .json()
-    }
-
-    /// `id` when it can go into a path as one segment; ids are made of
-    /// letters, digits, `_` and `-`.
-    fn segment(self, id: &str) -> Result<&str, ClientError> {
-        let ok = (1..=128).contains(&id.len())
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if ok {
-            Ok(id)
-        } else {
-            Err(ClientError::InvalidRequest {
-                downstream: self.downstream.name().into(),
-                message: "the id is not a ticketing id".to_owned(),
-            })
-        }
     }
 }

@@ -1,9 +1,8 @@
 //! Errors: why the service could not start, and why a request was refused.
 
 use axum::response::{IntoResponse, Response};
-use chassis::Problem;
+use chassis::{Problem, validation::Invalid};
 use http::StatusCode;
-use serde_json::json;
 
 use crate::client::ReservationStatus;
 
@@ -16,23 +15,13 @@ pub enum AppError {
     Database(#[from] chassis::sqlite::DbError),
 }
 
-/// One invalid field of a request body, as listed in a 422's `errors`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FieldError {
-    pub(crate) field: &'static str,
-    pub(crate) message: &'static str,
-}
-
 /// Why a request was refused. Each becomes a problem+json answer; the
 /// database's own errors are logged here, once, and never sent.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
     /// 422: the body's fields that are not valid, each named.
-    #[error("invalid fields: {0:?}")]
-    Invalid(Vec<FieldError>),
-    /// 422: the body is JSON, but not an object.
-    #[error("the body is not a JSON object")]
-    NotAnObject,
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
     /// 400: an `Idempotency-Key` outside its grammar.
     #[error("the Idempotency-Key header is not valid")]
     InvalidIdempotencyKey,
@@ -48,7 +37,8 @@ pub(crate) enum ApiError {
     /// 409: the reservation's status does not allow the change.
     #[error("the reservation is {0}")]
     NotHeld(ReservationStatus),
-    /// 503 when the database is busy, 500 otherwise; logged, never sent.
+    /// 503 when the database is busy, 500 otherwise (the chassis' mapping);
+    /// logged, never sent.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     /// 500: a value that does not convert to or from its stored form.
@@ -59,20 +49,7 @@ pub(crate) enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = match self {
-            Self::Invalid(errors) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
-                .with_detail("Some fields are not valid; `errors` lists each of them.")
-                .with_member("reason", "invalid_fields")
-                .with_member(
-                    "errors",
-                    errors
-                        .iter()
-                        .map(|e| json!({"field": e.field, "message": e.message}))
-                        .collect::<Vec<_>>(),
-                ),
-            Self::NotAnObject => Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
-                .with_detail("The body must be a JSON object.")
-                .with_member("reason", "invalid_fields")
-                .with_member("errors", json!([])),
+            Self::Invalid(invalid) => invalid.into(),
             Self::InvalidIdempotencyKey => Problem::new(StatusCode::BAD_REQUEST)
                 .with_detail("The Idempotency-Key must be 1 to 255 of A-Z a-z 0-9 . _ ~ : -")
                 .with_member("reason", "invalid_idempotency_key"),
@@ -91,33 +68,12 @@ impl IntoResponse for ApiError {
             Self::NotHeld(status) => Problem::new(StatusCode::CONFLICT)
                 .with_detail(format!("The reservation is {status}."))
                 .with_member("reason", format!("reservation_{status}")),
-            Self::Database(e) if is_overloaded(&e) => {
-                tracing::warn!(error = %e, "database overloaded");
-                Problem::unavailable(1)
-            }
-            Self::Database(e) => {
-                tracing::error!(error = %e, "database error");
-                Problem::internal()
-            }
+            Self::Database(e) => chassis::sqlite::problem(&e),
             Self::Stored(e) => {
                 tracing::error!(error = %e, "unreadable stored data");
                 Problem::internal()
             }
         };
         problem.into_response()
-    }
-}
-
-/// No connection came free, or the write lock did not, within the busy
-/// timeout: the caller may retry later.
-fn is_overloaded(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::PoolTimedOut => true,
-        // SQLITE_BUSY and its extended codes.
-        sqlx::Error::Database(db) => db
-            .code()
-            .and_then(|c| c.parse::<i32>().ok())
-            .is_some_and(|c| c & 0xff == 5),
-        _ => false,
     }
 }

@@ -44,37 +44,42 @@
 //! | `TICKETING_HOLD_SECS` | `900` | how long a reservation holds its places unless confirmed (1 to 604800) |
 //! | `TICKETING_DATA_DIR` | `./data/ticketing` | directory of the database file |
 //! | `TICKETING_DB_POOL_SIZE` | `4` | database connections |
+//! | `TICKETING_SOLD_OUT_MAIL_TO` | unset | where sold-out notices go; when set, `CHASSIS_CLIENT_*` (this service's own identity) is required and `CHASSIS_DOWNSTREAM_MAIL_*` configures the call |
+//!
+//! # Calls to other services
+//!
+//! When a hold takes a product's last places, ticketing asks `mail` to
+//! send a sold-out notice, **as itself** (its own token, not the buyer's),
+//! through mail's driver client: the pattern of every call a service makes
+//! in its own name. See `src/alerts.rs`.
 //!
 //! # Metrics
 //!
-//! Besides the chassis' own: `ticketing_reservations_total{outcome="held"|"replayed"|"sold_out"}`
-//! and `ticketing_holds_expired_total`.
+//! Besides the chassis' own: `ticketing_reservations_total{outcome="held"|"replayed"|"sold_out"}`,
+//! `ticketing_holds_expired_total` and
+//! `ticketing_sold_out_notices_total{outcome="sent"|"duplicate"|"failed"}`.
 //!
 //! # Example
 //!
-//! What `main` does:
+//! What `main` does: the chassis reads its settings and the service's
+//! together (one list of every problem, exit 78), starts logging, binds,
+//! and hands the builder to [`app_on`]:
 //!
 //! ```no_run
-//! use chassis::config::{Config, Env, Reader};
+//! use chassis::ServiceBuilder;
 //!
 //! # async fn run() -> std::process::ExitCode {
-//! let env = Env::process();
-//! let mut r = Reader::new(&env);
-//! let config = Config::read(&mut r);
-//! if config.auth.is_none() {
-//!     r.problem("CHASSIS_AUTH_ISSUER", "required: every ticketing route requires a permission");
-//! }
-//! let settings = ticketing::Settings::read(&mut r);
-//! if let Err(e) = r.finish() {
-//!     e.exit();
-//! }
-//! match ticketing::app(settings).await {
-//!     Ok(service) => service.config(config).run().await,
-//!     Err(e) => {
-//!         eprintln!("ticketing cannot start: {e}");
-//!         std::process::ExitCode::FAILURE
-//!     }
-//! }
+//! ServiceBuilder::new(ticketing::NAME, 1)
+//!     .run_with(
+//!         |r, config| {
+//!             if config.auth.is_none() {
+//!                 r.problem("CHASSIS_AUTH_ISSUER", "required: every ticketing route requires a permission");
+//!             }
+//!             ticketing::Settings::read(r)
+//!         },
+//!         |builder, settings, _address| ticketing::app_on(builder, settings),
+//!     )
+//!     .await
 //! # }
 //! ```
 
@@ -89,15 +94,24 @@ use chassis::{
 };
 use sqlx::migrate::Migrator;
 
+mod alerts;
 pub mod client;
 mod error;
 mod routes;
 mod store;
 mod validation;
 
+pub use alerts::SoldOutNotices;
 pub use error::AppError;
 
 use store::Store;
+
+/// The service's name: its routes are under `/ticketing/v1`.
+pub const NAME: &str = "ticketing";
+
+/// How long a reservation holds its places unless confirmed, by default:
+/// 15 minutes.
+const DEFAULT_HOLD_SECS: u64 = 900;
 
 /// The longest hold: a week.
 const MAX_HOLD_SECS: u64 = 7 * 24 * 3600;
@@ -115,22 +129,43 @@ const HOLDS_EXPIRED_TOTAL: &str = "ticketing_holds_expired_total";
 static MIGRATOR: Migrator = sqlx::migrate!();
 
 /// The service's own settings, `TICKETING_*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// How long a reservation holds its places unless confirmed
     /// (`TICKETING_HOLD_SECS`).
     pub hold: Duration,
     /// The database (`TICKETING_DATA_DIR`, `TICKETING_DB_POOL_SIZE`).
     pub db: DbConfig,
+    /// Sold-out notices to the operators, sent through mail as this
+    /// service (`TICKETING_SOLD_OUT_MAIL_TO`; see [`SoldOutNotices`]).
+    pub sold_out: Option<SoldOutNotices>,
+}
+
+/// What the handlers share; each takes its part with `State<Store>` or
+/// `State<Alerts>`.
+#[derive(Clone, axum::extract::FromRef)]
+pub(crate) struct AppState {
+    store: Store,
+    alerts: alerts::Alerts,
 }
 
 impl Settings {
+    /// The defaults, with the database under `data_dir` and no sold-out
+    /// notices: what a test that runs ticketing in its own process needs.
+    pub fn new(data_dir: impl AsRef<std::path::Path>) -> Self {
+        Self {
+            hold: Duration::from_secs(DEFAULT_HOLD_SECS),
+            db: DbConfig::new(data_dir, "ticketing.db"),
+            sold_out: None,
+        }
+    }
+
     /// Reads the settings; problems go to `r`, so that one message lists
     /// every problem of the configuration.
     pub fn read(r: &mut Reader<'_>) -> Self {
         let hold_secs: u64 = r.optional(
             "TICKETING_HOLD_SECS",
-            900,
+            DEFAULT_HOLD_SECS,
             "seconds a reservation holds its places unless confirmed",
         );
         if !(1..=MAX_HOLD_SECS).contains(&hold_secs) {
@@ -142,6 +177,7 @@ impl Settings {
         Self {
             hold: Duration::from_secs(hold_secs.clamp(1, MAX_HOLD_SECS)),
             db: DbConfig::read(r, "TICKETING", "ticketing"),
+            sold_out: SoldOutNotices::read(r),
         }
     }
 }
@@ -155,12 +191,28 @@ impl Settings {
 ///
 /// When the database cannot be opened or migrated.
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
+    app_on(ServiceBuilder::new(NAME, 1), settings).await
+}
+
+/// [`app`] on a builder given by the caller, as
+/// [`ServiceBuilder::run_with`] hands one over (with the chassis'
+/// configuration set and logging started).
+///
+/// # Errors
+///
+/// As [`app`].
+pub async fn app_on(
+    builder: ServiceBuilder,
+    settings: Settings,
+) -> Result<ServiceBuilder, AppError> {
     let db = Database::open_migrated(&settings.db, &MIGRATOR).await?;
     let store = Store::new(db.clone(), settings.hold);
     let expiry_interval = settings.hold.min(MAX_EXPIRY_INTERVAL);
-    Ok(ServiceBuilder::new("ticketing", 1)
-        .api(routes::api())
-        .api_layer(axum::Extension(store.clone()))
+    Ok(builder
+        .api(routes::api().with_state(AppState {
+            store: store.clone(),
+            alerts: alerts::Alerts::new(settings.sold_out),
+        }))
         .health_check("database", db, CheckOptions::default())
         .background("expire-holds", move |stop| {
             expire_holds(store, expiry_interval, stop)

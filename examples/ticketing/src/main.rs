@@ -1,31 +1,25 @@
 //! `ticketing`: reads `CHASSIS_*` and `TICKETING_*` (exit 78 listing every
-//! problem; token verification is required), opens its database, binds
-//! `CHASSIS_BIND` and serves until SIGTERM or SIGINT.
+//! problem; token verification is required), starts logging, opens its
+//! database, binds `CHASSIS_BIND` and serves until SIGTERM or SIGINT.
 
 use std::process::ExitCode;
 
-use chassis::config::{Config, Env, Reader};
+use chassis::ServiceBuilder;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let env = Env::process();
-    let mut r = Reader::new(&env);
-    let config = Config::read(&mut r);
-    if config.auth.is_none() {
-        r.problem(
-            "CHASSIS_AUTH_ISSUER",
-            "required: every ticketing route requires a permission",
-        );
-    }
-    let settings = ticketing::Settings::read(&mut r);
-    if let Err(e) = r.finish() {
-        e.exit();
-    }
-    match ticketing::app(settings).await {
-        Ok(service) => service.config(config).run().await,
-        Err(e) => {
-            eprintln!("ticketing cannot start: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    ServiceBuilder::new(ticketing::NAME, 1)
+        .run_with(
+            |r, config| {
+                if config.auth.is_none() {
+                    r.problem(
+                        "CHASSIS_AUTH_ISSUER",
+                        "required: every ticketing route requires a permission",
+                    );
+                }
+                ticketing::Settings::read(r)
+            },
+            |builder, settings, _address| ticketing::app_on(builder, settings),
+        )
+        .await
 }

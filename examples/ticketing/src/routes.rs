@@ -5,9 +5,13 @@
 //! recorded the call for audit; the handler gets the checked account as an
 //! [`AccountId`].
 
-use axum::{Extension, Json, extract::Path};
+use axum::{
+    Json,
+    extract::{Path, State},
+};
 use chassis::{
     api::{Api, get, post},
+    client::CallContext,
     permission::AccountId,
 };
 use http::{HeaderMap, StatusCode};
@@ -15,6 +19,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
+    AppState,
+    alerts::Alerts,
     client::{Reservation, Ticket},
     error::ApiError,
     store::Store,
@@ -22,7 +28,7 @@ use crate::{
 };
 
 /// The routes, under `/ticketing/v1`.
-pub(crate) fn api() -> Api {
+pub(crate) fn api() -> Api<AppState> {
     Api::new()
         .route(
             post("/{account}/tickets", create_ticket).requires("ticketing:{account}:create:ticket"),
@@ -56,7 +62,7 @@ struct Id {
 
 async fn create_ticket(
     account: AccountId,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, Json<Ticket>), ApiError> {
     let new = validation::new_ticket(&body)?;
@@ -66,7 +72,7 @@ async fn create_ticket(
 
 async fn list_tickets(
     account: AccountId,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Vec<Ticket>>, ApiError> {
     Ok(Json(store.list_tickets(&account).await?))
 }
@@ -74,16 +80,21 @@ async fn list_tickets(
 async fn get_ticket(
     account: AccountId,
     Path(Id { id }): Path<Id>,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Ticket>, ApiError> {
     Ok(Json(store.ticket(&account, &id).await?))
 }
 
 /// 201 with a new reservation; 200 with the earlier one when the
 /// `Idempotency-Key` was seen before in this account.
+///
+/// A hold that takes the last places sends the sold-out notice, as this
+/// service (see [`alerts`](crate::alerts)).
 async fn reserve(
     account: AccountId,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
+    State(alerts): State<Alerts>,
+    cx: CallContext,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, Json<Reservation>), ApiError> {
@@ -91,27 +102,33 @@ async fn reserve(
     let new = validation::new_reservation(&body)?;
     let result = store.reserve(&account, &new, key).await;
     let outcome = match &result {
-        Ok((_, true)) => Some("held"),
-        Ok((_, false)) => Some("replayed"),
+        Ok(held) if held.created => Some("held"),
+        Ok(_) => Some("replayed"),
         Err(ApiError::SoldOut { .. }) => Some("sold_out"),
         Err(_) => None,
     };
     if let Some(outcome) = outcome {
         metrics::counter!(crate::RESERVATIONS_TOTAL, "outcome" => outcome).increment(1);
     }
-    let (reservation, created) = result?;
-    let status = if created {
+    let held = result?;
+    if held.sold_out {
+        // The hold stands whatever becomes of the notice.
+        if let Ok(ticket) = store.ticket(&account, &held.reservation.ticket_id).await {
+            alerts.sold_out(&cx, &ticket).await;
+        }
+    }
+    let status = if held.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(reservation)))
+    Ok((status, Json(held.reservation)))
 }
 
 async fn get_reservation(
     account: AccountId,
     Path(Id { id }): Path<Id>,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Reservation>, ApiError> {
     Ok(Json(store.reservation(&account, &id).await?))
 }
@@ -119,7 +136,7 @@ async fn get_reservation(
 async fn confirm(
     account: AccountId,
     Path(Id { id }): Path<Id>,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Reservation>, ApiError> {
     Ok(Json(store.confirm(&account, &id).await?))
 }
@@ -127,7 +144,7 @@ async fn confirm(
 async fn release(
     account: AccountId,
     Path(Id { id }): Path<Id>,
-    Extension(store): Extension<Store>,
+    State(store): State<Store>,
 ) -> Result<Json<Reservation>, ApiError> {
     Ok(Json(store.release(&account, &id).await?))
 }

@@ -57,6 +57,17 @@ struct ReservationRow {
 
 // === impl Store ===
 
+/// The answer to a reservation request.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) reservation: Reservation,
+    /// A new hold; `false` when an earlier one with the same key is given
+    /// again.
+    pub(crate) created: bool,
+    /// This hold took the product's last places.
+    pub(crate) sold_out: bool,
+}
+
 impl Store {
     /// Reservations made by this store are held for `hold`.
     pub(crate) fn new(db: Database, hold: Duration) -> Self {
@@ -149,7 +160,7 @@ impl Store {
         account: &AccountId,
         new: &NewReservation,
         idempotency_key: Option<&str>,
-    ) -> Result<(Reservation, bool), ApiError> {
+    ) -> Result<Held, ApiError> {
         // The write lock from the first statement: the key lookup, the
         // capacity check and the insert see no other writer in between.
         let mut tx = self.db.pool().begin_with("BEGIN IMMEDIATE").await?;
@@ -171,7 +182,11 @@ impl Store {
                 if earlier.ticket_id != new.ticket_id || earlier.quantity != new.quantity {
                     return Err(ApiError::IdempotencyKeyReused);
                 }
-                return Ok((earlier.into_reservation(now)?, false));
+                return Ok(Held {
+                    reservation: earlier.into_reservation(now)?,
+                    created: false,
+                    sold_out: false,
+                });
             }
         }
 
@@ -229,7 +244,11 @@ impl Store {
             });
         }
         tx.commit().await?;
-        Ok((reservation, true))
+        Ok(Held {
+            sold_out: available == i64::from(reservation.quantity),
+            reservation,
+            created: true,
+        })
     }
 
     pub(crate) async fn reservation(

@@ -13,7 +13,7 @@ use chassis::{
 use http::HeaderValue;
 use serde_json::{Value, json};
 use support::{Server, TempDir, alice, day_pass, eventually, raw_http, refusal, user};
-use ticketing::client::{NewReservation, ReservationStatus, Ticket, reason};
+use ticketing::client::{NewReservation, ReservationStatus, Ticket};
 
 fn acme() -> AccountId {
     AccountId::parse("acme").unwrap()
@@ -114,8 +114,9 @@ async fn invalid_bodies_are_422_naming_every_field() {
             .unwrap()
             .iter()
             .map(|e| {
-                assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
-                e["field"].as_str().unwrap().to_owned()
+                assert!(e["detail"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+                let pointer = e["pointer"].as_str().unwrap();
+                pointer.strip_prefix("#/").unwrap().to_owned()
             })
             .collect()
     };
@@ -415,7 +416,7 @@ async fn reservations_confirm_and_release_idempotently() {
     // A sale is not given back by release.
     let result = calls.release(&acme(), &sold.id).await;
     assert_eq!(
-        reason(result.as_ref().unwrap_err()),
+        result.as_ref().unwrap_err().reason(),
         Some("reservation_confirmed")
     );
     assert_eq!(refusal(result).0, 409);
@@ -440,7 +441,7 @@ async fn reservations_confirm_and_release_idempotently() {
     // A released reservation cannot be confirmed.
     let result = calls.confirm(&acme(), &dropped.id).await;
     assert_eq!(
-        reason(result.as_ref().unwrap_err()),
+        result.as_ref().unwrap_err().reason(),
         Some("reservation_released")
     );
     let (status, problem) = refusal(result);
@@ -590,7 +591,7 @@ async fn too_few_places_is_409_sold_out() {
 
     calls.reserve(&acme(), &want(2), "a").await.unwrap();
     let result = calls.reserve(&acme(), &want(2), "b").await;
-    assert_eq!(reason(result.as_ref().unwrap_err()), Some("sold_out"));
+    assert_eq!(result.as_ref().unwrap_err().reason(), Some("sold_out"));
     let (status, problem) = refusal(result);
     assert_eq!(status, 409);
     assert_eq!(problem["available"], 1);
@@ -652,7 +653,7 @@ async fn capacity_is_never_oversold_under_concurrency() {
                 assert_eq!(r.status, ReservationStatus::Held);
                 held.insert(r.id);
             }
-            Err(e) if reason(&e) == Some("sold_out") => sold_out += 1,
+            Err(e) if e.reason() == Some("sold_out") => sold_out += 1,
             Err(e) => panic!("neither a reservation nor sold out: {e:?}"),
         }
     }
@@ -688,7 +689,7 @@ async fn expired_holds_give_their_places_back() {
     // that the hold is already over, in which case there is nothing to see).
     let taken = calls.reserve(&acme(), &all, "too-soon").await;
     if time::OffsetDateTime::now_utc() < held.expires_at {
-        assert_eq!(reason(&taken.unwrap_err()), Some("sold_out"));
+        assert_eq!(taken.unwrap_err().reason(), Some("sold_out"));
     }
 
     let id = &pass.id;
@@ -700,7 +701,7 @@ async fn expired_holds_give_their_places_back() {
     assert_eq!(expired.status, ReservationStatus::Expired);
     let result = calls.confirm(&acme(), &held.id).await;
     assert_eq!(
-        reason(result.as_ref().unwrap_err()),
+        result.as_ref().unwrap_err().reason(),
         Some("reservation_expired")
     );
     assert_eq!(refusal(result).0, 409);

@@ -142,6 +142,31 @@ impl ClientError {
         }
     }
 
+    /// The downstream's problem document, for a [`ClientError::Status`]
+    /// whose body was problem+json.
+    pub fn remote_problem(&self) -> Option<&RemoteProblem> {
+        match self {
+            Self::Status {
+                problem: Some(p), ..
+            } => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The `reason` member of the downstream's problem (`sold_out`,
+    /// `invalid_fields`, ...), the code a caller branches on; `None` for
+    /// any other error.
+    ///
+    /// ```
+    /// # use chassis::client::ClientError;
+    /// fn retry_later(e: &ClientError) -> bool {
+    ///     e.is_unavailable() || e.reason() == Some("storage_unavailable")
+    /// }
+    /// ```
+    pub fn reason(&self) -> Option<&str> {
+        self.remote_problem()?.members.get("reason")?.as_str()
+    }
+
     /// Whether the downstream is known to be unavailable for now (open
     /// breaker, full bulkhead, unreachable, a 503 or 429 answer, no token).
     pub fn is_unavailable(&self) -> bool {

@@ -211,6 +211,38 @@ impl TokenSource {
         })
     }
 
+    /// [`read`](Self::read) for a service that cannot work without its own
+    /// identity: when none of the three variables is set, each is a
+    /// problem saying `required: {why}`.
+    ///
+    /// ```
+    /// use chassis::{client::TokenSource, config::{Env, Reader}};
+    ///
+    /// let env = Env::from_pairs(Vec::<(String, String)>::new());
+    /// let mut r = Reader::new(&env);
+    /// assert!(TokenSource::read_required(&mut r, "orders calls ticketing as itself").is_none());
+    /// let problems = r.finish().unwrap_err().to_string();
+    /// for name in ["CHASSIS_CLIENT_TOKEN_URL", "CHASSIS_CLIENT_ID", "CHASSIS_CLIENT_SECRET"] {
+    ///     assert!(problems.contains(name), "{problems}");
+    /// }
+    /// assert!(problems.contains("required: orders calls ticketing as itself"), "{problems}");
+    /// ```
+    pub fn read_required(r: &mut Reader<'_>, why: &str) -> Option<Self> {
+        const NAMES: [&str; 3] = [
+            "CHASSIS_CLIENT_TOKEN_URL",
+            "CHASSIS_CLIENT_ID",
+            "CHASSIS_CLIENT_SECRET",
+        ];
+        let tokens = Self::read(r);
+        // One set and another missing is already a problem of `read`.
+        if tokens.is_none() && NAMES.iter().all(|n| r.maybe::<String>(n, "").is_none()) {
+            for name in NAMES {
+                r.problem(name, format!("required: {why}"));
+            }
+        }
+        tokens
+    }
+
     /// Reads `CHASSIS_CLIENT_TOKEN_URL`, `CHASSIS_CLIENT_ID` and
     /// `CHASSIS_CLIENT_SECRET`: `None` when none is set; all three are needed
     /// when one is.

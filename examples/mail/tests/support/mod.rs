@@ -5,7 +5,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::{
-    future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
@@ -16,11 +15,15 @@ use std::{
 };
 
 use chassis::{
-    client::{CallContext, ClientError, Downstream, TokenSource},
+    client::{CallContext, Downstream, TokenSource},
     config::{Config, Env, Reader, Secret},
     correlation::CorrelationId,
-    service::ServeError,
-    testing::TestIssuer,
+    testing::{TestIssuer, TestServer},
+};
+#[allow(unused_imports)] // each test file uses some
+pub use chassis::{
+    testing::{eventually, refusal},
+    time::now_millis as now_ms,
 };
 use mail::client::{MailClient, MailJob, OrderConfirmation};
 use rustls::ServerConfig;
@@ -29,8 +32,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
-    sync::{Notify, oneshot},
-    task::JoinHandle,
+    sync::Notify,
 };
 
 /// The grant `orders` has.
@@ -38,23 +40,17 @@ pub const SEND: &str = "mail::send:message";
 /// The grant `admin` has.
 pub const VIEW: &str = "mail::view:message";
 
-/// A directory removed when dropped.
+/// A data directory, removed when dropped, and what mail wrote into it.
 #[derive(Debug)]
-pub struct TempDir(PathBuf);
+pub struct TempDir(chassis::testing::TempDir);
 
 impl TempDir {
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "mail-test-{name}-{}-{:016x}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
+        Self(chassis::testing::TempDir::new(&format!("mail-{name}")))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     pub fn outbox(&self) -> PathBuf {
@@ -75,12 +71,6 @@ impl TempDir {
 
     pub fn eml(&self, message_id: &str) -> Option<String> {
         std::fs::read_to_string(self.outbox().join(format!("{message_id}.eml"))).ok()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -107,8 +97,7 @@ pub fn issuer() -> TestIssuer {
 #[derive(Debug)]
 pub struct Server {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
+    server: TestServer,
     downstream: Downstream,
 }
 
@@ -121,34 +110,20 @@ impl Server {
     pub async fn start_with(settings: mail::Settings) -> Self {
         let mut config = Config::default();
         config.shutdown_grace = Duration::from_secs(20);
-        let service = mail::app(settings)
+        let builder = mail::app(settings)
             .await
             .unwrap()
             .verifier(issuer().verifier())
-            .config(config)
+            .config(config);
+        let server = TestServer::start(builder).await;
+        let downstream = Downstream::builder("mail", &server.url(""))
             .build()
             .unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(service.serve_with(listener, async move {
-            let _ = rx.await;
-        }));
-        let downstream = Downstream::builder("mail", &format!("http://{addr}"))
-            .build()
-            .unwrap();
-        let server = Self {
-            addr,
-            stop: Some(tx),
-            task: Some(task),
+        Self {
+            addr: server.addr(),
+            server,
             downstream,
-        };
-        let ready = server.url("/health/ready");
-        eventually("the service to be ready", || async {
-            get_status(&ready).await == Some(200)
-        })
-        .await;
-        server
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -183,26 +158,10 @@ impl Server {
 
     /// Shuts down as SIGTERM would, and waits for a clean stop; returns how
     /// long it took.
-    pub async fn stop(mut self) -> Duration {
+    pub async fn stop(self) -> Duration {
         let started = tokio::time::Instant::now();
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(Duration::from_secs(60), task)
-            .await
-            .expect("the service stops within its grace period")
-            .unwrap()
-            .expect("the service stops without an error");
+        self.server.stop().await;
         started.elapsed()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
     }
 }
 
@@ -234,26 +193,6 @@ pub fn job(message_id: &str, to: &str) -> MailJob {
     MailJob::order_confirmation(message_id, to, &order)
 }
 
-/// The status and problem body of a refused call.
-pub fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (u16, serde_json::Value) {
-    match result {
-        Err(ClientError::Status { status, body, .. }) => (
-            status.as_u16(),
-            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-        ),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
-async fn get_status(url: &str) -> Option<u16> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let req = http::Request::get(url)
-        .body(http_body_util::Empty::new())
-        .unwrap();
-    client.request(req).await.ok().map(|r| r.status().as_u16())
-}
-
 /// `GET url`: status and body.
 pub async fn get(url: &str) -> (u16, String) {
     use http_body_util::BodyExt;
@@ -273,23 +212,6 @@ pub fn metric(text: &str, sample: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
         .map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
-/// Polls `check` until it holds, for at most 60 s of real time (generous:
-/// the machines running this are busy).
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// The database of a data directory, opened beside the service, for tests
@@ -327,17 +249,6 @@ pub async fn row(db: &SqlitePool, message_id: &str) -> QueueRow {
     .unwrap()
 }
 
-/// Milliseconds since the epoch, as the queue stores times.
-pub fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
 /// A port nothing listens on.
 pub async fn closed_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -348,22 +259,7 @@ pub async fn closed_port() -> u16 {
 
 /// The test issuer's public key, as its JWKS publishes it.
 pub fn jwks() -> Value {
-    use base64::Engine as _;
-    let pem = include_str!("../../../../crates/chassis/src/testing/test-ed25519.pub.pem");
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap();
-    // An Ed25519 SubjectPublicKeyInfo ends with the 32-byte key.
-    let key = &der[der.len() - 32..];
-    json!({"keys": [{
-        "kty": "OKP",
-        "crv": "Ed25519",
-        "alg": "EdDSA",
-        "use": "sig",
-        "kid": "chassis-test-key",
-        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key),
-    }]})
+    issuer().jwks()
 }
 
 /// What `auth` does for these tests: a client-credentials token endpoint

@@ -4,18 +4,16 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path};
 
+pub use chassis::testing::{TempDir, eventually};
 use chassis::{
     ServiceBuilder,
-    client::{CallContext, Downstream},
+    client::Downstream,
     config::{Config, Env, Reader},
+    testing::TestServer,
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::net::TcpListener;
 
 pub const ISSUER: &str = "http://auth.test";
 pub const AUDIENCE: &str = "chassis-demo";
@@ -23,8 +21,7 @@ pub const AUDIENCE: &str = "chassis-demo";
 /// One running service.
 pub struct Node {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), chassis::service::ServeError>>>,
+    server: Option<TestServer>,
 }
 
 impl Node {
@@ -32,61 +29,26 @@ impl Node {
         format!("http://{}", self.addr)
     }
 
-    /// Stops it gracefully and waits.
+    /// Stops it gracefully and waits for a clean stop.
     pub async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        if let Some(server) = self.server.take() {
+            server.stop().await;
         }
     }
 }
 
-/// Serves `builder` on `addr` (port 0 for any).
+/// Serves `builder` on `addr` (port 0 for any), once it is ready.
 pub async fn serve(builder: ServiceBuilder, config: Config, addr: SocketAddr) -> Node {
     let listener = TcpListener::bind(addr).await.expect("bind");
     serve_on(builder, config, listener).await
 }
 
-/// Serves `builder` on a bound listener.
+/// Serves `builder` on a bound listener, once it is ready.
 pub async fn serve_on(builder: ServiceBuilder, config: Config, listener: TcpListener) -> Node {
-    let addr = listener.local_addr().unwrap();
-    let service = builder.config(config).build().expect("service builds");
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(service.serve_with(listener, async move {
-        let _ = rx.await;
-    }));
-    let node = Node {
-        addr,
-        stop: Some(tx),
-        task: Some(task),
-    };
-    wait_ready(&node.url()).await;
-    node
-}
-
-/// Polls `/health/ready` until 200.
-pub async fn wait_ready(base: &str) {
-    let probe = Downstream::builder("probe", base)
-        .max_attempts(1)
-        .build()
-        .unwrap();
-    probe.breaker().disable(true);
-    let cx = CallContext::background();
-    let start = tokio::time::Instant::now();
-    while probe
-        .anonymous(&cx)
-        .get("/health/ready")
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{base} never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let server = TestServer::start_on(builder.config(config), listener).await;
+    Node {
+        addr: server.addr(),
+        server: Some(server),
     }
 }
 
@@ -99,12 +61,6 @@ fn pairs(list: &[(&str, String)]) -> Vec<(String, String)> {
     list.iter()
         .map(|(k, v)| ((*k).to_owned(), v.clone()))
         .collect()
-}
-
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("orders-test-{name}-{}", chassis::id::uuid_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The chassis settings of a service that trusts the test system's auth.
@@ -125,7 +81,7 @@ fn chassis_config(env: &Env) -> Config {
 }
 
 pub struct System {
-    pub dir: PathBuf,
+    pub dir: TempDir,
     pub auth: Node,
     pub ticketing: Node,
     pub mail: Node,
@@ -141,7 +97,7 @@ impl System {
     /// Starts the four services; `orders_env` adds or overrides orders'
     /// settings.
     pub async fn start(name: &str, orders_env: &[(&str, &str)]) -> Self {
-        let dir = temp_dir(name);
+        let dir = TempDir::new(&format!("orders-{name}"));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
 
         // Auth checks tokens on its own routes with its own key set, so it
@@ -166,9 +122,9 @@ impl System {
         .await;
         let auth_url = auth.url();
 
-        let ticketing = start_ticketing(&dir, &auth_url, any).await;
+        let ticketing = start_ticketing(dir.path(), &auth_url, any).await;
 
-        let mail = start_mail(&dir, &auth_url, any).await;
+        let mail = start_mail(dir.path(), &auth_url, any).await;
 
         let mut orders_pairs = verifying(&auth_url);
         orders_pairs.extend(pairs(&[
@@ -213,7 +169,8 @@ impl System {
 
     /// Starts ticketing again on the same port and data.
     pub async fn restart_ticketing(&mut self) {
-        self.ticketing = start_ticketing(&self.dir, &self.auth.url(), self.ticketing.addr).await;
+        self.ticketing =
+            start_ticketing(self.dir.path(), &self.auth.url(), self.ticketing.addr).await;
     }
 
     /// Stops mail.
@@ -223,7 +180,7 @@ impl System {
 
     /// Starts mail again on the same port and data.
     pub async fn restart_mail(&mut self) {
-        self.mail = start_mail(&self.dir, &self.auth.url(), self.mail.addr).await;
+        self.mail = start_mail(self.dir.path(), &self.auth.url(), self.mail.addr).await;
     }
 
     /// Restarts orders on the same port and data (a new process would read
@@ -380,20 +337,4 @@ async fn start_mail(dir: &Path, auth: &str, addr: SocketAddr) -> Node {
         addr,
     )
     .await
-}
-
-/// Polls `f` until true, for at most 60 s.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = tokio::time::Instant::now();
-    while !f().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -1,57 +1,24 @@
-//! What the tests share: a temporary data directory, the service on a real
-//! loopback socket, callers with test tokens, and a driver client.
+//! What the tests share: the service on a real loopback socket, callers
+//! with test tokens, and a driver client (temporary directories, polling
+//! and refusals come from `chassis::testing`).
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::{
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
+pub use chassis::testing::{TempDir, eventually, refusal};
 use chassis::{
-    client::{CallContext, ClientError, Downstream},
+    client::{CallContext, Downstream},
     config::{Config, Env, Reader},
-    service::ServeError,
-    testing::TestIssuer,
+    testing::{TestIssuer, TestServer},
 };
 use ticketing::client::{NewTicket, TicketingClient};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-
-/// A directory under the system's temporary directory, removed on drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ticketing-test-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temporary directory");
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The service serving on 127.0.0.1 at an ephemeral port.
 #[derive(Debug)]
 pub struct Server {
     pub addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), ServeError>>,
+    server: TestServer,
     downstream: Downstream,
 }
 
@@ -59,52 +26,32 @@ impl Server {
     /// Starts the service on the database in `dir`, with `TICKETING_*`
     /// settings from `env`, trusting [`TestIssuer`]'s tokens.
     pub async fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
-        let mut pairs = vec![("TICKETING_DATA_DIR".to_owned(), dir.display().to_string())];
-        pairs.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let env = Env::from_pairs(pairs);
-        let mut r = Reader::new(&env);
-        let mut settings = ticketing::Settings::read(&mut r);
-        r.finish().expect("valid test settings");
-        // A busy test machine may keep the write lock or a connection longer
-        // than the default 5 s allows; the tests are about answers, not speed.
-        settings.db.busy_timeout = Duration::from_secs(30);
+        Self::start_with(settings(dir, env)).await
+    }
 
-        let service = ticketing::app(settings)
+    /// Starts the service with `settings`, trusting [`TestIssuer`]'s tokens.
+    pub async fn start_with(settings: ticketing::Settings) -> Self {
+        let builder = ticketing::app(settings)
             .await
             .expect("the app starts")
             .verifier(TestIssuer::new().verifier())
-            .config(Config::default())
-            .build()
-            .expect("the service builds");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(service.serve_with(listener, async move {
-            let _ = stopped.await;
-        }));
-        let downstream = Downstream::builder("ticketing", &format!("http://{addr}"))
+            .config(Config::default());
+        let server = TestServer::start(builder).await;
+        let downstream = Downstream::builder("ticketing", &server.url(""))
             .attempt_timeout(Duration::from_secs(30))
             .deadline(Duration::from_secs(60))
             .build()
             .unwrap();
         Self {
-            addr,
-            stop: Some(stop),
-            task,
+            addr: server.addr(),
+            server,
             downstream,
         }
     }
 
     /// Shuts down as on SIGTERM and waits until the service has stopped.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("the service stops")
-            .expect("the serving task does not panic")
-            .expect("the service stops cleanly");
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 
     /// A downstream to this server, for raw calls.
@@ -118,17 +65,25 @@ impl Server {
     }
 }
 
+/// The settings of a service on the database in `dir`, with `TICKETING_*`
+/// settings from `env`.
+pub fn settings(dir: &Path, env: &[(&str, &str)]) -> ticketing::Settings {
+    let mut pairs = vec![("TICKETING_DATA_DIR".to_owned(), dir.display().to_string())];
+    pairs.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let env = Env::from_pairs(pairs);
+    let mut r = Reader::new(&env);
+    let mut settings = ticketing::Settings::read(&mut r);
+    r.finish().expect("valid test settings");
+    // A busy test machine may keep the write lock or a connection longer
+    // than the default 5 s allows; the tests are about answers, not speed.
+    settings.db.busy_timeout = Duration::from_secs(30);
+    settings
+}
+
 /// The context of calls made by user `subject` with grants `perms`,
 /// carrying a real token from [`TestIssuer`].
 pub async fn user(subject: &str, perms: &[&str]) -> CallContext {
-    let issuer = TestIssuer::new();
-    let token = issuer.user_token(subject, perms);
-    let principal = issuer
-        .verifier()
-        .verify_token(&token)
-        .await
-        .expect("test tokens verify");
-    CallContext::background().with_principal(principal)
+    TestIssuer::new().user_context(subject, perms).await
 }
 
 /// Alice, who may do anything in account `acme` and nothing elsewhere.
@@ -145,18 +100,6 @@ pub fn day_pass(capacity: u32) -> NewTicket {
         capacity,
         valid_from: time::macros::date!(2026 - 12 - 01),
         valid_until: time::macros::date!(2027 - 04 - 30),
-    }
-}
-
-/// The status and problem document of a refused call.
-pub fn refusal(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, serde_json::Value) {
-    match result {
-        Err(ClientError::Status { status, body, .. }) => (
-            status.as_u16(),
-            serde_json::from_slice(&body)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body))),
-        ),
-        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
@@ -179,20 +122,4 @@ pub async fn raw_http(addr: std::net::SocketAddr, request: &str) -> String {
         .expect("an answer in time")
         .unwrap();
     String::from_utf8_lossy(&answer).into_owned()
-}
-
-/// Polls `check` every 100 ms until it holds, for at most 60 s.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

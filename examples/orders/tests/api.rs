@@ -165,7 +165,7 @@ async fn bad_keys_and_invalid_orders_are_refused_and_not_stored() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["field"].as_str().unwrap())
+        .map(|e| e["pointer"].as_str().unwrap().trim_start_matches("#/"))
         .collect();
     assert_eq!(fields, ["quantity", "email"]);
     let garbage = place(&sys, &alice, "acme", Some("k-2"), "{not json").await;

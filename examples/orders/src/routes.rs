@@ -1,23 +1,28 @@
-//! The API handlers.
+//! The API: each route, the permission it requires, and its handler.
+//!
+//! By the time a handler runs, the chassis has authenticated the caller,
+//! checked the route's permission for the account in the path, and
+//! recorded the call for audit.
 
 use std::sync::Arc;
 
 use axum::{
-    Extension, Json,
+    Json,
     body::Bytes,
-    extract::Path,
+    extract::{self, Path},
     response::{IntoResponse, Response},
 };
 use chassis::{
     Problem,
+    api::{self, Api},
     auth::Principal,
     client::{CallContext, ClientError},
     correlation::CorrelationId,
     permission::AccountId,
+    validation::{FieldError, Fields, Invalid, integer, string},
 };
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::{
     State,
@@ -26,72 +31,53 @@ use crate::{
     store,
 };
 
+/// The routes, under `/orders/v1`.
+pub(crate) fn api() -> Api<Arc<State>> {
+    Api::new()
+        .route(api::post("/{account}/orders", place).requires("orders:{account}:create:order"))
+        .route(api::get("/{account}/orders", list).requires("orders:{account}:view:order"))
+        .route(api::get("/{account}/orders/{id}", get).requires("orders:{account}:view:order"))
+}
+
 /// The route template, part of every fingerprint.
 const PLACE_ROUTE: &str = "/orders/v1/{account}/orders";
 
+/// A storage failure: 503 with `Retry-After` when the database is busy,
+/// logged and never shown (the chassis' mapping).
 fn internal(e: &sqlx::Error) -> Response {
-    tracing::error!(error = %e, "database error");
-    Problem::new(StatusCode::SERVICE_UNAVAILABLE)
-        .with_detail("The order store is unavailable; retry later.")
-        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
-        .into_response()
-}
-
-/// One field's problem.
-fn field(name: &str, message: &str) -> Value {
-    json!({"field": name, "message": message})
+    chassis::sqlite::problem(e).into_response()
 }
 
 /// Checks a new order; every problem at once.
-fn validate(body: &Value) -> Result<NewOrder, Vec<Value>> {
-    #[derive(Deserialize)]
-    struct Raw {
-        ticket_id: Option<Value>,
-        quantity: Option<Value>,
-        email: Option<Value>,
-    }
-    let Ok(raw) = serde_json::from_value::<Raw>(body.clone()) else {
-        return Err(vec![field("", "expected a JSON object")]);
-    };
-    let mut errors = Vec::new();
-    let ticket_id = match raw.ticket_id {
-        Some(Value::String(s))
-            if (1..=64).contains(&s.len())
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
-        {
-            Some(s)
-        }
-        _ => {
-            errors.push(field(
-                "ticket_id",
-                "required: 1-64 characters of [A-Za-z0-9_-]",
-            ));
-            None
-        }
-    };
-    let quantity = match raw.quantity.as_ref().and_then(Value::as_u64) {
-        Some(q) if (1..=100).contains(&q) => Some(q as u32),
-        _ => {
-            errors.push(field("quantity", "required: a whole number from 1 to 100"));
-            None
-        }
-    };
-    let email = match raw.email {
-        Some(Value::String(s)) if valid_email(&s) => Some(s),
-        _ => {
-            errors.push(field("email", "required: an e-mail address"));
-            None
-        }
-    };
-    match (ticket_id, quantity, email) {
-        (Some(ticket_id), Some(quantity), Some(email)) if errors.is_empty() => Ok(NewOrder {
-            ticket_id,
-            quantity,
-            email,
-        }),
-        _ => Err(errors),
-    }
+fn validate(body: &Value) -> Result<NewOrder, Invalid> {
+    let mut f = Fields::of(body)?;
+    let ticket_id = f.required("ticket_id", |v| {
+        let s = string(v)?;
+        let ok = (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        ok.then(|| s.to_owned())
+            .ok_or("must be 1-64 characters of [A-Za-z0-9_-]")
+    });
+    let quantity = f.required("quantity", |v| {
+        u32::try_from(integer(v)?)
+            .ok()
+            .filter(|q| (1..=100).contains(q))
+            .ok_or("must be a whole number from 1 to 100")
+    });
+    let email = f.required("email", |v| {
+        let s = string(v)?;
+        valid_email(s)
+            .then(|| s.to_owned())
+            .ok_or("must be an e-mail address")
+    });
+    f.finish(|| {
+        Some(NewOrder {
+            ticket_id: ticket_id?,
+            quantity: quantity?,
+            email: email?,
+        })
+    })
 }
 
 /// A plausible address: `local@domain`, no spaces or control characters, at
@@ -106,13 +92,6 @@ fn valid_email(s: &str) -> bool {
         && !domain.starts_with('.')
         && !domain.ends_with('.')
         && s.chars().all(|c| c.is_ascii_graphic())
-}
-
-fn invalid(errors: Vec<Value>) -> Response {
-    Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
-        .with_detail("The order is not valid.")
-        .with_member("errors", Value::Array(errors))
-        .into_response()
 }
 
 /// Replays a stored answer.
@@ -136,7 +115,7 @@ fn replay(status: u16, body: String) -> Response {
 
 /// `POST /orders/v1/{account}/orders`.
 pub(crate) async fn place(
-    Extension(state): Extension<Arc<State>>,
+    extract::State(state): extract::State<Arc<State>>,
     account: AccountId,
     principal: Principal,
     correlation: CorrelationId,
@@ -159,7 +138,7 @@ pub(crate) async fn place(
     };
     let new = match validate(&json) {
         Ok(n) => n,
-        Err(errors) => return invalid(errors),
+        Err(invalid) => return invalid.into_response(),
     };
     let scope = Scope {
         account: account.to_string(),
@@ -213,7 +192,7 @@ pub(crate) async fn place(
         email: new.email,
         reservation_id: reservation.id,
         status: OrderStatus::Placed,
-        created_at: store::rfc3339_now(),
+        created_at: chassis::time::now_rfc3339(),
     };
     let body = serde_json::to_string(&order).unwrap_or_default();
     if let Err(e) = store::place(
@@ -261,11 +240,9 @@ async fn refused(state: &State, scope: &Scope, e: ClientError) -> Response {
                 .with_detail("Not enough tickets are left.")
                 .with_member("reason", "sold_out"),
         ),
-        Some(StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY) => Some(
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
-                .with_detail("The order is not valid.")
-                .with_member("errors", json!([field("ticket_id", "no such ticket")])),
-        ),
+        Some(StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY) => Some(Problem::from(
+            Invalid::from(FieldError::field("ticket_id", "no such ticket")),
+        )),
         _ => None,
     };
     match final_answer {
@@ -286,7 +263,10 @@ async fn refused(state: &State, scope: &Scope, e: ClientError) -> Response {
 }
 
 /// `GET /orders/v1/{account}/orders`.
-pub(crate) async fn list(Extension(state): Extension<Arc<State>>, account: AccountId) -> Response {
+pub(crate) async fn list(
+    extract::State(state): extract::State<Arc<State>>,
+    account: AccountId,
+) -> Response {
     match store::list(&state.db, account.as_str(), 100).await {
         Ok(orders) => Json(OrderList { orders }).into_response(),
         Err(e) => internal(&e),
@@ -295,7 +275,7 @@ pub(crate) async fn list(Extension(state): Extension<Arc<State>>, account: Accou
 
 /// `GET /orders/v1/{account}/orders/{id}`.
 pub(crate) async fn get(
-    Extension(state): Extension<Arc<State>>,
+    extract::State(state): extract::State<Arc<State>>,
     account: AccountId,
     Path((_, id)): Path<(String, String)>,
 ) -> Response {

@@ -1,10 +1,11 @@
-//! The HTTP API: `POST /messages` and `GET /messages/{id}`.
+//! The API: each route, the permission it requires, and its handler:
+//! `POST /messages` and `GET /messages/{id}`.
 
 use std::sync::Arc;
 
 use axum::{
-    Extension, Json,
-    extract::Path,
+    Json,
+    extract::{Path, State},
     response::{IntoResponse, Response},
 };
 use chassis::{
@@ -18,7 +19,7 @@ use tokio::sync::Notify;
 
 use crate::{
     client::{Accepted, MESSAGES_PATH, Message, MessageStatus, is_valid_message_id},
-    format, job, meters,
+    job, meters,
     store::{Inserted, NewMessage, Row, Store, parse_status},
 };
 
@@ -30,8 +31,8 @@ pub(crate) struct AppState {
     pub(crate) wake: Arc<Notify>,
 }
 
-/// The routes, each with its permission.
-pub(crate) fn routes() -> Api {
+/// The routes, under `/mail/v1`.
+pub(crate) fn api() -> Api<AppState> {
     Api::new()
         .route(api::post("/messages", send).requires("mail::send:message"))
         .route(api::get("/messages/{id}", get).requires("mail::view:message"))
@@ -39,16 +40,11 @@ pub(crate) fn routes() -> Api {
 
 /// Stores a job, once per `message_id`.
 async fn send(
-    Extension(state): Extension<AppState>,
+    State(state): State<AppState>,
     request_id: CorrelationId,
     Json(body): Json<Value>,
 ) -> Result<Response, Problem> {
-    let job = job::validate(&body).map_err(|errors| {
-        Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
-            .with_detail("Some fields are not valid; `errors` lists each of them.")
-            .with_member("reason", "invalid_fields")
-            .with_member("errors", serde_json::to_value(errors).unwrap_or_default())
-    })?;
+    let job = job::validate(&body)?;
     if job.correlation_id_rejected {
         tracing::warn!(
             message_id = %job.message_id,
@@ -57,7 +53,7 @@ async fn send(
         );
     }
     let correlation_id = job.correlation_id.as_ref().unwrap_or(&request_id);
-    let now = format::unix_millis(std::time::SystemTime::now());
+    let now = chassis::time::now_millis();
     let inserted = state
         .store
         .insert(
@@ -114,7 +110,7 @@ async fn send(
 
 /// A stored message.
 async fn get(
-    Extension(state): Extension<AppState>,
+    State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Message>, Problem> {
     if !is_valid_message_id(&id) {
@@ -139,15 +135,15 @@ fn message(row: Row) -> Result<Message, sqlx::Error> {
         attempts: u32::try_from(row.attempts).unwrap_or(0),
         last_error: row.last_error,
         correlation_id: row.correlation_id,
-        created_at: format::rfc3339_millis(row.created_at),
+        created_at: chassis::time::rfc3339_millis(row.created_at),
         next_attempt_at: (status == MessageStatus::Queued)
-            .then(|| format::rfc3339_millis(row.next_attempt_at)),
-        sent_at: row.sent_at.map(format::rfc3339_millis),
+            .then(|| chassis::time::rfc3339_millis(row.next_attempt_at)),
+        sent_at: row.sent_at.map(chassis::time::rfc3339_millis),
     })
 }
 
-/// 503 for a database failure: logged here, never shown to the caller.
+/// A database failure: 503 with `Retry-After` when it is busy, logged and
+/// never shown to the caller (the chassis' mapping).
 fn unavailable(e: &sqlx::Error) -> Problem {
-    tracing::error!(error = %e, "message store failed");
-    Problem::unavailable(1).with_detail("the message store is unavailable; try again")
+    chassis::sqlite::problem(e)
 }
