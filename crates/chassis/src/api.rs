@@ -92,8 +92,8 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::{
-    audit::{AuditDecision, AuditNote},
     auth::{Principal, Reason, Verifier},
+    context::{AuditDecision, AuditNote, RequestContext},
     permission::{AccountId, Decision, Permission, PermissionTemplate},
     problem::Problem,
     protect::CatchPanicLayer,
@@ -375,6 +375,51 @@ impl Api {
     }
 }
 
+// === impl Api: by hand ===
+
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+impl Api {
+    /// The API as an axum [`Router`](axum::Router) under `prefix` with each
+    /// path behind its guard (405 for an undeclared method, then
+    /// authentication, path validation and authorization) and the
+    /// [`CatchPanicLayer`], and no other layer: for composing the chassis'
+    /// public layers by hand. The service builder runs the same steps, in
+    /// the order [`service`](crate::service) lists.
+    ///
+    /// # Errors
+    ///
+    /// Every problem of the declarations, each naming its route, as
+    /// [`ServiceBuilder::build`](crate::ServiceBuilder::build) reports them.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use chassis::api::{self, Api};
+    /// use chassis::{correlation::SetCorrelationIdLayer, problem::EnsureProblemLayer};
+    /// use tower::ServiceBuilder;
+    ///
+    /// let api = Api::new().route(api::get("/items/{id}", || async { "item" }).public());
+    /// let app = api
+    ///     .into_router("/hello/v1", None)
+    ///     .unwrap()
+    ///     .layer(ServiceBuilder::new().layer(SetCorrelationIdLayer::new()).layer(EnsureProblemLayer::new()));
+    /// # let _: axum::Router = app;
+    /// ```
+    pub fn into_router(
+        self,
+        prefix: &str,
+        verifier: Option<&Verifier>,
+    ) -> Result<axum::Router, Vec<String>> {
+        let mut router = axum::Router::new();
+        for path in self.build(prefix, verifier)? {
+            let guard = path.guard_layer();
+            router = router.route(&path.path, path.router.layer(guard));
+        }
+        Ok(router)
+    }
+}
+
 /// Why a route that requires a permission cannot be served: nothing
 /// verifies tokens.
 #[cfg(feature = "jwt")]
@@ -616,17 +661,9 @@ fn authorize(
     principal: Principal,
     mut req: Request,
 ) -> Result<Request, Box<Response>> {
-    // The note is also what the extractors read (see [`authorized`]). The
-    // builder always puts the audit layer, which inserts it, outside the
-    // guard; without it, the guard inserts one.
-    let note = match AuditNote::of(req.extensions()) {
-        Some(note) => note.clone(),
-        None => {
-            let note = AuditNote::default();
-            req.extensions_mut().insert(note.clone());
-            note
-        }
-    };
+    // The note is also what the extractors read (see [`authorized`]); the
+    // audit step opens it, or the guard when used without one.
+    let note = RequestContext::with(&mut req, |ctx| ctx.note().clone());
     // What the audit event learns, recorded in one update of the note.
     // Takes the permission by value: on the allowed path it moves into the
     // note rather than being copied.
@@ -755,18 +792,15 @@ fn fill<'a>(
     Ok((permission, account))
 }
 
-pub(crate) fn authorized(extensions: &http::Extensions) -> Option<(Principal, Option<AccountId>)> {
-    let note = AuditNote::of(extensions)?
-        .0
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let principal = note.principal.clone()?;
-    Some((principal, note.account.clone()))
-}
+pub(crate) use crate::context::authorized;
 
 fn unauthenticated(req: &Request, reason: Reason) -> Response {
     if let Some(note) = AuditNote::of(req.extensions()) {
-        note.denied(reason);
+        let decision = match reason {
+            Reason::Forbidden => AuditDecision::Deny,
+            _ => AuditDecision::Unauthenticated,
+        };
+        note.decide(decision, reason.code());
     }
     reason.problem().into_response()
 }
@@ -800,7 +834,7 @@ where
         let template = match &**access {
             Access::Public => {
                 if let Some(note) = AuditNote::of(req.extensions()) {
-                    note.update(|n| n.decision = Some((AuditDecision::Allow, Some("public"))));
+                    note.decide(AuditDecision::Allow, "public");
                 }
                 return GuardFuture::inner(self.inner.call(req));
             }

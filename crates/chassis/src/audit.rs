@@ -84,9 +84,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
+pub use crate::context::AuditDecision;
 use crate::{
-    auth::{Principal, Reason},
-    correlation::{Correlation, CorrelationId},
+    context::{AuditNote, CorrelationId, RequestContext},
     permission::{AccountId, Permission},
 };
 
@@ -94,32 +94,6 @@ use crate::{
 pub const DEFAULT_QUEUE: usize = 8192;
 /// Events written per batch at most.
 const BATCH: usize = 256;
-
-/// The outcome recorded for a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AuditDecision {
-    /// Allowed (or a public route).
-    Allow,
-    /// Authenticated but not allowed.
-    Deny,
-    /// No valid token.
-    Unauthenticated,
-    /// Refused before authorization: bad input, overload, no such method.
-    Rejected,
-}
-
-impl AuditDecision {
-    /// `allow`, `deny`, `unauthenticated` or `rejected`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Allow => "allow",
-            Self::Deny => "deny",
-            Self::Unauthenticated => "unauthenticated",
-            Self::Rejected => "rejected",
-        }
-    }
-}
 
 /// One audit record; see the [module docs](self) for the fields.
 #[derive(Debug, Clone, Serialize)]
@@ -158,7 +132,7 @@ pub struct AuditEvent {
 
 fn serialize_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     let mut buf = Vec::with_capacity(32);
-    crate::telemetry::write_rfc3339(&mut buf, *t);
+    crate::log_line::write_rfc3339(&mut buf, *t);
     s.serialize_str(std::str::from_utf8(&buf).unwrap_or_default())
 }
 
@@ -241,7 +215,7 @@ pub struct LogSink;
 
 impl AuditSink for LogSink {
     fn write(&self, events: &[AuditEvent]) -> std::io::Result<()> {
-        if let Some(lines) = crate::telemetry::json_lines() {
+        if let Some(lines) = crate::log_line::json_lines() {
             // The chassis' JSON log: the same lines as the `tracing` path
             // below, formatted here and handed over as one message per batch.
             if tracing::enabled!(target: "audit", tracing::Level::INFO) {
@@ -277,8 +251,8 @@ impl AuditSink for LogSink {
 
 /// One audit event as a line of the JSON log, with the fields and order of
 /// the `tracing` event in [`LogSink`]; absent values are left out.
-fn log_line(lines: &crate::telemetry::JsonLines, buf: &mut Vec<u8>, e: &AuditEvent) {
-    use crate::telemetry::{write_field, write_u64};
+fn log_line(lines: &crate::log_line::JsonLines, buf: &mut Vec<u8>, e: &AuditEvent) {
+    use crate::log_line::{write_field, write_u64};
     // `escape` is false for values whose types cannot hold text that needs
     // it: validated grammars (correlation id, account, permission), HTTP
     // methods and the decision.
@@ -290,7 +264,7 @@ fn log_line(lines: &crate::telemetry::JsonLines, buf: &mut Vec<u8>, e: &AuditEve
     write_field(buf, ",\"subject_kind\":\"", e.subject_kind, true);
     write_field(buf, ",\"method\":\"", e.method.as_str(), false);
     let route_clean = match &e.route {
-        AuditRoute::Matched(m) => crate::telemetry::route_is_clean(m),
+        AuditRoute::Matched(m) => crate::log_line::route_is_clean(m),
         AuditRoute::Static(_) => false,
     };
     write_field(buf, ",\"route\":\"", e.route.as_str(), !route_clean);
@@ -324,7 +298,7 @@ fn log_line(lines: &crate::telemetry::JsonLines, buf: &mut Vec<u8>, e: &AuditEve
     } else {
         b",\"mutation\":false"
     });
-    crate::telemetry::JsonLines::end_line(buf);
+    crate::log_line::JsonLines::end_line(buf);
 }
 
 /// Appends events as JSON lines to a file, synced to disk after each batch.
@@ -498,10 +472,10 @@ impl Auditor {
     pub fn record(&self, event: AuditEvent) {
         self.inner.counters[event.decision as usize].increment(1);
         if self.inner.log_sink
-            && let Some(lines) = crate::telemetry::json_lines()
+            && let Some(lines) = crate::log_line::json_lines()
         {
             if tracing::enabled!(target: "audit", tracing::Level::INFO) {
-                crate::telemetry::with_line(|buf| {
+                crate::log_line::with_line(|buf| {
                     log_line(lines, buf, &event);
                     lines.write(buf);
                 });
@@ -623,45 +597,6 @@ fn drain(q: &Queue, sink: &dyn AuditSink, dropped: &metrics::Counter) {
     }
 }
 
-/// What the layers inside learned about a call, for its audit event.
-#[derive(Debug, Default)]
-pub(crate) struct Note {
-    pub(crate) principal: Option<Principal>,
-    pub(crate) account: Option<AccountId>,
-    pub(crate) permission: Option<Permission>,
-    pub(crate) decision: Option<(AuditDecision, Option<&'static str>)>,
-}
-
-/// The audit note of one request, shared by the layers that decide.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct AuditNote(pub(crate) Arc<Mutex<Note>>);
-
-impl AuditNote {
-    /// The note of a request: in its [`Correlation`], or an extension of its
-    /// own when the audit layer runs without the correlation layer.
-    pub(crate) fn of(extensions: &http::Extensions) -> Option<&Self> {
-        extensions
-            .get::<Correlation>()
-            .and_then(|c| c.note.as_ref())
-            .or_else(|| extensions.get::<Self>())
-    }
-
-    pub(crate) fn update(&self, f: impl FnOnce(&mut Note)) {
-        f(&mut self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner));
-    }
-
-    pub(crate) fn denied(&self, reason: Reason) {
-        let decision = match reason {
-            Reason::Forbidden => AuditDecision::Deny,
-            _ => AuditDecision::Unauthenticated,
-        };
-        self.update(|n| n.decision = Some((decision, Some(reason.code()))));
-    }
-}
-
 /// Layer that writes one audit event per call; see the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct AuditLayer {
@@ -735,23 +670,15 @@ impl Pending {
     /// Starts auditing `req`: its [`AuditNote`] goes into the request for the
     /// guard to fill in.
     pub(crate) fn begin<B>(auditor: &Auditor, req: &mut Request<B>) -> Self {
-        let note = AuditNote::default();
-        // Under the correlation layer the note rides in its extension (one
-        // insert less per request); the request's start is taken from there.
-        let (start, correlation_id) = match req.extensions_mut().get_mut::<Correlation>() {
-            Some(c) => {
-                c.note = Some(note.clone());
-                (c.received(), Some(c.id().clone()))
-            }
-            None => {
-                req.extensions_mut().insert(note.clone());
-                (Instant::now(), None)
-            }
-        };
+        let method = req.method().clone();
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let (start, correlation_id, note) = RequestContext::with(req, |ctx| {
+            (ctx.received(), Some(ctx.id().clone()), ctx.note().clone())
+        });
         Self {
             start,
-            method: req.method().clone(),
-            route: req.extensions().get::<MatchedPath>().cloned(),
+            method,
+            route,
             correlation_id,
             note,
             auditor: auditor.clone(),
@@ -774,13 +701,7 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         let status = self.status.unwrap_or(499);
-        let note = std::mem::take(
-            &mut *self
-                .note
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let note = self.note.take();
         let (decision, reason) = note
             .decision
             .unwrap_or_else(|| (AuditDecision::Rejected, Some(rejected_reason(status))));
@@ -899,8 +820,8 @@ mod tests {
 
     #[test]
     fn log_lines_carry_every_field_of_the_event() {
-        let (writer, _guard) = crate::telemetry::LogWriter::spawn(std::io::sink(), |_| Vec::new());
-        let lines = crate::telemetry::JsonLines::new("ticketing", writer);
+        let (writer, _guard) = crate::log_line::LogWriter::spawn(std::io::sink(), |_| Vec::new());
+        let lines = crate::log_line::JsonLines::new("ticketing", writer);
         let mut buf = Vec::new();
         let allowed = AuditEvent {
             latency_ms: 12.345_678,
@@ -951,9 +872,9 @@ mod tests {
             assert!(r.get(absent).is_none(), "{absent}: {r}");
         }
         let mut n = Vec::new();
-        crate::telemetry::write_u64(&mut n, 0);
+        crate::log_line::write_u64(&mut n, 0);
         n.push(b' ');
-        crate::telemetry::write_u64(&mut n, u64::MAX);
+        crate::log_line::write_u64(&mut n, u64::MAX);
         assert_eq!(n, b"0 18446744073709551615");
     }
 

@@ -814,7 +814,8 @@ impl CallContext {
                 .unwrap_or_else(|| {
                     Correlation::new(CorrelationId::generate(), TraceContext::new_root())
                 }),
-            principal: crate::api::authorized(&parts.extensions).map(|(principal, _)| principal),
+            principal: crate::context::authorized(&parts.extensions)
+                .map(|(principal, _)| principal),
             deadline: parts.extensions.get::<Deadline>().map(|d| d.0),
         }
     }

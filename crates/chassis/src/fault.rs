@@ -58,7 +58,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::{Layer, Service};
 
-use crate::config::Reader;
+use crate::env::Reader;
 
 /// What to inject; see the [module docs](self).
 #[derive(Debug, Clone, PartialEq)]

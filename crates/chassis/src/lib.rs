@@ -119,10 +119,13 @@ pub mod circuit_breaker;
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
 pub mod config;
+pub mod context;
 pub mod correlation;
+mod env;
 pub mod fault;
 pub mod health;
 pub mod id;
+mod log_line;
 pub mod metrics;
 pub mod permission;
 pub mod problem;

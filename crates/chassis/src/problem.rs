@@ -112,7 +112,7 @@ use pin_project_lite::pin_project;
 use serde::Serialize;
 use tower::{Layer, Service};
 
-use crate::correlation::{Correlation, CorrelationId};
+use crate::context::{CorrelationId, RequestContext};
 
 /// The media type of a problem document (RFC 9457 §3).
 pub const CONTENT_TYPE: &str = "application/problem+json";
@@ -429,12 +429,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let id = req
-            .extensions()
-            .get::<Correlation>()
-            .map(|c| c.id().clone());
-        ResponseFuture::new(self.inner.call(req), id)
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let id = RequestContext::with(&mut req, |ctx| ctx.id().clone());
+        ResponseFuture::new(self.inner.call(req), Some(id))
     }
 }
 
@@ -578,7 +575,7 @@ where
             && let Some(id) = this.id.take()
         {
             res.headers_mut()
-                .insert(crate::correlation::X_CORRELATION_ID, id.into_header_value());
+                .insert(crate::context::X_CORRELATION_ID, id.into_header_value());
         }
         Poll::Ready(Ok(res))
     }

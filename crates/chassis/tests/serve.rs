@@ -567,3 +567,57 @@ async fn handlers_see_the_peer_address_when_asked_for() {
         "none"
     );
 }
+
+/// The keys of one JSON log line, in order, duplicates kept (a map would
+/// hide a key written twice).
+fn keys_of(line: &str) -> Vec<String> {
+    struct Keys(Vec<String>);
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            mut self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            while let Some((k, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                self.0.push(k);
+            }
+            Ok(self.0)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(line);
+    serde::Deserializer::deserialize_map(&mut de, Keys(Vec::new())).expect("a JSON object")
+}
+
+#[tokio::test]
+async fn start_and_stop_lines_carry_each_field_once() {
+    let (logs, _guard) = support::Logs::capture("serve-fields");
+    let svc = builder("serve-fields").config(config()).build().unwrap();
+    let mut running = start(svc).await;
+    running.shutdown();
+    running.task.await.unwrap().unwrap();
+    let lines = logs.lines();
+    for message in ["listening", "stopped"] {
+        let line = lines
+            .iter()
+            .find(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["message"] == message)
+            .unwrap_or_else(|| panic!("no `{message}` line in {lines:?}"));
+        let keys = keys_of(line);
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len(), "a key written twice: {line}");
+        assert!(!keys.iter().any(|k| k.starts_with("field.")), "{line}");
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(value["service"], "serve-fields", "{line}");
+    }
+    // Every line the service wrote while starting and stopping.
+    for line in &lines {
+        assert!(
+            !keys_of(line).iter().any(|k| k.starts_with("field.")),
+            "{line}"
+        );
+    }
+}

@@ -20,7 +20,7 @@ use super::{
     keys::{DEFAULT_ALGORITHMS, Key, KeySet},
 };
 use crate::{
-    config::{Reader, Secret},
+    env::{Reader, Secret},
     health::CheckOptions,
     permission::Grants,
     tls::ClientTls,

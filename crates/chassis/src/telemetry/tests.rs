@@ -6,8 +6,26 @@ use metrics_util::debugging::DebuggingRecorder;
 use tower::{ServiceBuilder, ServiceExt};
 use tracing_subscriber::prelude::*;
 
-use super::*;
-use crate::{correlation::SetCorrelationIdLayer, problem::EnsureProblemLayer};
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+
+use super::{
+    json::{CurrentIds, Inline, RequestFields},
+    observe::access_line,
+    *,
+};
+use crate::{
+    correlation::SetCorrelationIdLayer,
+    log_line::{
+        LogWriter, escape_into, route_is_clean, word_needs_escape, write_field, write_rfc3339,
+    },
+    metrics::{HttpMetrics, UNMATCHED},
+    problem::EnsureProblemLayer,
+};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);

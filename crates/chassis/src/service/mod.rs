@@ -112,9 +112,9 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
-    extract::{DefaultBodyLimit, RawQuery, State},
-    response::{IntoResponse, Response},
+    Router,
+    extract::DefaultBodyLimit,
+    response::IntoResponse,
     routing::{MethodRouter, get},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -123,6 +123,13 @@ use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder as Stack;
 
+mod endpoints;
+mod stack;
+
+pub use endpoints::health_permission;
+use endpoints::{Info, Readiness, info_endpoint, metrics_endpoint, not_found, ready_endpoint};
+use stack::{FrontLayer, ProtectLayer};
+
 use crate::{
     api::Api,
     audit::{AuditSink, Auditor, LogSink},
@@ -130,8 +137,6 @@ use crate::{
     config::{Config, Env},
     health::{Check, CheckOptions, Health},
     metrics::HttpMetrics,
-    permission::Permission,
-    problem::Problem,
     protect::LoadShedLayer,
 };
 
@@ -794,7 +799,7 @@ impl Service {
     ) -> Result<(), ServeError> {
         let local = listener.local_addr()?;
         let Self {
-            name,
+            name: _,
             version,
             router,
             config,
@@ -850,7 +855,8 @@ impl Service {
             }
         };
 
-        tracing::info!(address = %local, service = %name, api_version = version, "listening");
+        // The line carries the service already (see `telemetry`).
+        tracing::info!(address = %local, api_version = version, "listening");
         let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
             if peer_addresses {
                 Box::pin(
@@ -906,200 +912,8 @@ impl Service {
         }
         // Every call has been answered: write out what the audit queue holds.
         let _ = tokio::task::spawn_blocking(move || auditor.flush()).await;
-        tracing::info!(service = %name, "stopped");
+        tracing::info!("stopped");
         Ok(())
-    }
-}
-
-/// [`SetCorrelationIdLayer`](crate::correlation::SetCorrelationIdLayer),
-/// [`EnsureProblemLayer`](crate::problem::EnsureProblemLayer) and
-/// [`ObserveLayer`](crate::telemetry::ObserveLayer), in that order, as one
-/// layer: the request is handed down once instead of three times, the
-/// problem layer gets the id without looking it up, and its future also puts
-/// the id on the response, so two futures wrap the inner one instead of
-/// three, each built in place.
-#[derive(Clone)]
-struct FrontLayer {
-    metrics: HttpMetrics,
-}
-
-impl<S> tower::Layer<S> for FrontLayer {
-    type Service = Front<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Front {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-/// Service built by [`FrontLayer`].
-#[derive(Clone)]
-struct Front<S> {
-    inner: S,
-    metrics: HttpMetrics,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Front<S>
-where
-    S: tower::Service<http::Request<B>, Response = Response>,
-{
-    type Response = Response;
-    type Error = S::Error;
-    type Future = crate::problem::ResponseFuture<crate::telemetry::ResponseFuture<S::Future>>;
-
-    #[inline]
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let id = crate::correlation::assign(&mut req);
-        let guard = crate::telemetry::begin(&self.metrics, &req);
-        // Built in place: the inner future is not moved from one wrapper
-        // into the next.
-        crate::problem::ResponseFuture::with_id_header(
-            crate::telemetry::ResponseFuture::new(self.inner.call(req), guard),
-            id,
-        )
-    }
-}
-
-/// [`AuditLayer`](crate::audit::AuditLayer),
-/// [`LoadShedLayer`], [`BodyLimitLayer`](crate::protect::BodyLimitLayer) and
-/// [`RequestTimeoutLayer`](crate::protect::RequestTimeoutLayer), in that
-/// order, as one layer over the same code: the request is handed down once
-/// instead of four times, and one future does the work of four.
-#[derive(Clone)]
-struct ProtectLayer {
-    auditor: Auditor,
-    shed: LoadShedLayer,
-    max_body: usize,
-    timeout: Duration,
-}
-
-impl<S> tower::Layer<S> for ProtectLayer {
-    type Service = Protect<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Protect {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// Service built by [`ProtectLayer`].
-#[derive(Clone)]
-struct Protect<S> {
-    inner: S,
-    layer: ProtectLayer,
-}
-
-impl<S> tower::Service<http::Request<axum::body::Body>> for Protect<S>
-where
-    S: tower::Service<http::Request<axum::body::Body>, Response = Response>,
-{
-    type Response = Response;
-    type Error = S::Error;
-    type Future = ProtectFuture<S::Future>;
-
-    #[inline]
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<axum::body::Body>) -> Self::Future {
-        let pending = crate::audit::Pending::begin(&self.layer.auditor, &mut req);
-        let answer = |response, pending| ProtectFuture {
-            kind: crate::protect::Kind::Ready {
-                response: Some(response),
-            },
-            sleep: None,
-            due: None,
-            permit: None,
-            pending: Some(pending),
-        };
-        let Some(permit) = self.layer.shed.admit() else {
-            return answer(crate::protect::shed(), pending);
-        };
-        if let Err(declared) = crate::protect::limit_body(&mut req, self.layer.max_body) {
-            return answer(
-                crate::protect::too_large(declared, self.layer.max_body),
-                pending,
-            );
-        }
-        // The deadline counts from when the request was received.
-        let Ok(due) = crate::protect::deadline(&mut req, self.layer.timeout, pending.start())
-        else {
-            return answer(crate::protect::too_late(), pending);
-        };
-        ProtectFuture {
-            kind: crate::protect::Kind::Inner {
-                inner: self.inner.call(req),
-            },
-            sleep: None,
-            due: Some(due),
-            permit: Some(permit),
-            pending: Some(pending),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Response future of [`Protect`].
-    struct ProtectFuture<F> {
-        // The inner service's future, or the answer given without it (shed,
-        // too large, or the caller had stopped waiting).
-        #[pin]
-        kind: crate::protect::Kind<F>,
-        // The timeout's timer, created on the first wait.
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-        due: Option<crate::protect::Due>,
-        permit: Option<crate::protect::InFlight>,
-        pending: Option<crate::audit::Pending>,
-    }
-}
-
-impl<F, E> Future for ProtectFuture<F>
-where
-    F: Future<Output = Result<Response, E>>,
-{
-    type Output = Result<Response, E>;
-
-    fn poll(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        use crate::protect::KindProj;
-        let this = self.project();
-        let result = match (this.kind.project(), *this.due) {
-            (KindProj::Inner { inner }, Some(due)) => match inner.poll(cx) {
-                std::task::Poll::Ready(result) => result,
-                std::task::Poll::Pending => Ok(std::task::ready!(crate::protect::poll_due(
-                    this.sleep, due, cx
-                ))),
-            },
-            (KindProj::Inner { inner }, None) => std::task::ready!(inner.poll(cx)),
-            (KindProj::Ready { response }, _) => {
-                Ok(response.take().expect("polled after completion"))
-            }
-        };
-        // In the order of the separate layers: the place in the in-flight
-        // count is given back, then the call is audited (in place).
-        *this.permit = None;
-        if let Some(pending) = this.pending.as_mut() {
-            pending.answered(&result);
-            *this.pending = None;
-        }
-        std::task::Poll::Ready(result)
     }
 }
 
@@ -1110,112 +924,6 @@ async fn upkeep(handle: PrometheusHandle, stop: CancellationToken) {
             () = tokio::time::sleep(crate::metrics::UPKEEP_INTERVAL) => handle.run_upkeep(),
         }
     }
-}
-
-async fn not_found() -> Problem {
-    Problem::not_found()
-}
-
-/// The permission that lets a caller read the detail view of readiness,
-/// `<service>::view:health`; `None` only for a name the builder refuses.
-pub fn health_permission(service: &str) -> Option<Permission> {
-    Permission::new(service, None, "view", "health").ok()
-}
-
-/// What `/health/ready` needs: the checks, and who may read their errors.
-struct Readiness {
-    health: Health,
-    verifier: Option<Verifier>,
-    permission: Option<Permission>,
-}
-
-/// `GET /health/ready`: names and states for anyone; with `?detail`, the
-/// whole report to a bearer token holding [`health_permission`].
-async fn ready_endpoint(
-    State(r): State<Arc<Readiness>>,
-    RawQuery(query): RawQuery,
-    headers: http::HeaderMap,
-) -> Response {
-    let mut res = if wants_detail(query.as_deref()) {
-        if let Err(refused) = r.may_read_details(&headers).await {
-            return refused;
-        }
-        crate::health::detailed(&r.health.report())
-    } else {
-        crate::health::ready(State(r.health.clone())).await
-    };
-    // The report is the chassis' own: a 503 keeps its body.
-    res.extensions_mut().insert(crate::problem::Vetted);
-    res
-}
-
-/// Whether the query asks for the detail view: `detail`, `detail=1`,
-/// `detail=true`.
-fn wants_detail(query: Option<&str>) -> bool {
-    query.is_some_and(|q| {
-        form_urlencoded::parse(q.as_bytes())
-            .any(|(k, v)| k == "detail" && matches!(&*v, "" | "1" | "true"))
-    })
-}
-
-impl Readiness {
-    /// `Ok` for a verified token holding the permission; else the 401 or 403
-    /// to answer. A service that verifies no tokens shows no details.
-    async fn may_read_details(&self, headers: &http::HeaderMap) -> Result<(), Response> {
-        let Some(permission) = &self.permission else {
-            return Err(Problem::new(http::StatusCode::FORBIDDEN).into_response());
-        };
-        let forbidden = || crate::api::Forbidden::new(permission.clone()).into_response();
-        let Some(verifier) = &self.verifier else {
-            return Err(forbidden());
-        };
-        let principal = match verifier.verify(headers).await {
-            Ok(p) => p,
-            Err(e) => return Err(e.into_response()),
-        };
-        if principal.grants().decide(permission).is_allowed() {
-            Ok(())
-        } else {
-            Err(forbidden())
-        }
-    }
-}
-
-async fn metrics_endpoint(State(handle): State<PrometheusHandle>) -> Response {
-    (
-        [(
-            http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::metrics::render(&handle),
-    )
-        .into_response()
-}
-
-#[derive(Debug)]
-struct Info {
-    service: String,
-    api_version: u32,
-    build: BuildInfo,
-    started: SystemTime,
-    started_mono: Instant,
-}
-
-async fn info_endpoint(State(info): State<Arc<Info>>) -> Response {
-    let started = info
-        .started
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Json(serde_json::json!({
-        "service": info.service,
-        "api_version": info.api_version,
-        "api_prefix": format!("/{}/v{}", info.service, info.api_version),
-        "build": info.build,
-        "chassis_version": env!("CARGO_PKG_VERSION"),
-        "started_at_unix": started,
-        "uptime_secs": info.started_mono.elapsed().as_secs(),
-    }))
-    .into_response()
 }
 
 #[cfg(test)]

@@ -1,0 +1,225 @@
+//! The request path the builder composes: the steps of the public layers,
+//! called in order.
+//!
+//! Each standard is a step with a request hook (run in `call`, before the
+//! layers inside) and a response hook (run when the answer is ready). The
+//! public layers each run one step; the builder runs the same hooks, in the
+//! order below, in two services ([`Front`] for every route, [`Protect`] for
+//! the API's), so a request is handed down twice instead of seven times and
+//! wrapped in three futures instead of seven. `tests/equivalence.rs` holds
+//! the two to the same answers, log lines, audit events and metrics.
+//!
+//! | # | step | request hook | response hook | public layer |
+//! |---|---|---|---|---|
+//! | 1 | correlation | [`correlation::assign`] makes the [`RequestContext`](crate::context::RequestContext) | the id on the response | `SetCorrelationIdLayer` |
+//! | 2 | problem | | [`problem::ResponseFuture`]: every error as problem+json | `EnsureProblemLayer` |
+//! | 3 | observe | [`telemetry::begin`], the ids entered around the call | the access line and RED metrics when the body ends | `ObserveLayer` |
+//! | 4 | audit | [`audit::Pending::begin`] opens the decision note | the event, when answered or dropped | `AuditLayer` |
+//! | 5 | shed | [`LoadShedLayer::admit`] (503) | the place in flight given back | `LoadShedLayer` |
+//! | 6 | body limit | [`protect::limit_body`] (413) | | `BodyLimitLayer` |
+//! | 7 | timeout | [`protect::deadline`] (504 at once when the caller stopped waiting) | [`protect::poll_due`] (504) | `RequestTimeoutLayer` |
+//!
+//! The guard and the panic catcher (8 and 9) sit per path, inside these,
+//! as [`Api::into_router`](crate::api::Api::into_router) puts them.
+
+use std::{future::Future, pin::Pin, time::Duration};
+
+use axum::response::Response;
+
+use crate::{
+    audit::{self, Auditor},
+    correlation,
+    metrics::HttpMetrics,
+    problem,
+    protect::{self, LoadShedLayer},
+    telemetry,
+};
+
+/// [`SetCorrelationIdLayer`](crate::correlation::SetCorrelationIdLayer),
+/// [`EnsureProblemLayer`](crate::problem::EnsureProblemLayer) and
+/// [`ObserveLayer`](telemetry::ObserveLayer), in that order, as one
+/// layer: the request is handed down once instead of three times, the
+/// problem layer gets the id without looking it up, and its future also puts
+/// the id on the response, so two futures wrap the inner one instead of
+/// three, each built in place.
+#[derive(Clone)]
+pub(super) struct FrontLayer {
+    pub(super) metrics: HttpMetrics,
+}
+
+impl<S> tower::Layer<S> for FrontLayer {
+    type Service = Front<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Front {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Service built by [`FrontLayer`].
+#[derive(Clone)]
+pub(super) struct Front<S> {
+    inner: S,
+    metrics: HttpMetrics,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Front<S>
+where
+    S: tower::Service<http::Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = problem::ResponseFuture<telemetry::ResponseFuture<S::Future>>;
+
+    #[inline]
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let id = correlation::assign(&mut req);
+        let guard = telemetry::begin(&self.metrics, &req);
+        let _ids = guard.enter_ids();
+        // Built in place: the inner future is not moved from one wrapper
+        // into the next.
+        problem::ResponseFuture::with_id_header(
+            telemetry::ResponseFuture::new(self.inner.call(req), guard),
+            id,
+        )
+    }
+}
+
+/// [`AuditLayer`](crate::audit::AuditLayer),
+/// [`LoadShedLayer`], [`BodyLimitLayer`](protect::BodyLimitLayer) and
+/// [`RequestTimeoutLayer`](protect::RequestTimeoutLayer), in that
+/// order, as one layer over the same code: the request is handed down once
+/// instead of four times, and one future does the work of four.
+#[derive(Clone)]
+pub(super) struct ProtectLayer {
+    pub(super) auditor: Auditor,
+    pub(super) shed: LoadShedLayer,
+    pub(super) max_body: usize,
+    pub(super) timeout: Duration,
+}
+
+impl<S> tower::Layer<S> for ProtectLayer {
+    type Service = Protect<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Protect {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Service built by [`ProtectLayer`].
+#[derive(Clone)]
+pub(super) struct Protect<S> {
+    inner: S,
+    layer: ProtectLayer,
+}
+
+impl<S> tower::Service<http::Request<axum::body::Body>> for Protect<S>
+where
+    S: tower::Service<http::Request<axum::body::Body>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = ProtectFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<axum::body::Body>) -> Self::Future {
+        let pending = audit::Pending::begin(&self.layer.auditor, &mut req);
+        let answer = |response, pending| ProtectFuture {
+            kind: protect::Kind::Ready {
+                response: Some(response),
+            },
+            sleep: None,
+            due: None,
+            permit: None,
+            pending: Some(pending),
+        };
+        let Some(permit) = self.layer.shed.admit() else {
+            return answer(protect::shed(), pending);
+        };
+        if let Err(declared) = protect::limit_body(&mut req, self.layer.max_body) {
+            return answer(protect::too_large(declared, self.layer.max_body), pending);
+        }
+        // The deadline counts from when the request was received.
+        let Ok(due) = protect::deadline(&mut req, self.layer.timeout, pending.start()) else {
+            return answer(protect::too_late(), pending);
+        };
+        ProtectFuture {
+            kind: protect::Kind::Inner {
+                inner: self.inner.call(req),
+            },
+            sleep: None,
+            due: Some(due),
+            permit: Some(permit),
+            pending: Some(pending),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`Protect`].
+    pub(super) struct ProtectFuture<F> {
+        // The inner service's future, or the answer given without it (shed,
+        // too large, or the caller had stopped waiting).
+        #[pin]
+        kind: protect::Kind<F>,
+        // The timeout's timer, created on the first wait.
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        due: Option<protect::Due>,
+        permit: Option<protect::InFlight>,
+        pending: Option<audit::Pending>,
+    }
+}
+
+impl<F, E> Future for ProtectFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use protect::KindProj;
+        let this = self.project();
+        let result = match (this.kind.project(), *this.due) {
+            (KindProj::Inner { inner }, Some(due)) => match inner.poll(cx) {
+                std::task::Poll::Ready(result) => result,
+                std::task::Poll::Pending => {
+                    Ok(std::task::ready!(protect::poll_due(this.sleep, due, cx)))
+                }
+            },
+            (KindProj::Inner { inner }, None) => std::task::ready!(inner.poll(cx)),
+            (KindProj::Ready { response }, _) => {
+                Ok(response.take().expect("polled after completion"))
+            }
+        };
+        // In the order of the separate layers: the place in the in-flight
+        // count is given back, then the call is audited (in place).
+        *this.permit = None;
+        if let Some(pending) = this.pending.as_mut() {
+            pending.answered(&result);
+            *this.pending = None;
+        }
+        std::task::Poll::Ready(result)
+    }
+}
