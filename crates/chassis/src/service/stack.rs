@@ -18,9 +18,13 @@
 //! | 5 | shed | [`LoadShedLayer::admit`] (503) | the place in flight given back | `LoadShedLayer` |
 //! | 6 | body limit | [`protect::limit_body`] (413) | | `BodyLimitLayer` |
 //! | 7 | timeout | [`protect::deadline`] (504 at once when the caller stopped waiting) | [`protect::poll_due`] (504) | `RequestTimeoutLayer` |
+//! | 8 | guard (`api/guard.rs`) | [`Guard`](crate::api::Guard): 405, then authentication (401), path validation (404) and authorization (403), the decision in the note | | per path, from [`Api::into_router`](crate::api::Api::into_router) |
+//! | 9 | panic (`protect/panic.rs`) | | [`PanicFuture`](protect::PanicFuture): a panic as a 500 | `CatchPanicLayer` |
 //!
-//! The guard and the panic catcher (8 and 9) sit per path, inside these,
-//! as [`Api::into_router`](crate::api::Api::into_router) puts them.
+//! The guard and the panic catcher sit per path, inside these, as
+//! [`ApiPath::guard_layer`](crate::api::ApiPath::guard_layer) puts them
+//! for the builder and [`Api::into_router`](crate::api::Api::into_router)
+//! for a stack composed by hand.
 
 use std::{future::Future, pin::Pin, time::Duration};
 

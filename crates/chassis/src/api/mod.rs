@@ -1,0 +1,451 @@
+//! The API route table: every route says who may call it.
+//!
+//! # The standard
+//!
+//! **Deny by default.** Every API route declares, next to its definition,
+//! either the permission it requires or that it is public. A service with a
+//! route that declares neither does not start: building it fails and names
+//! the route. The requirement is a template filled from the path, e.g.
+//! `ticketing:{account}:create:ticket`; the path value is validated against
+//! the segment's grammar first (see [`permission`](crate::permission)), and
+//! a value outside it answers 404 before any authorization, so no path can
+//! turn a requirement into a wildcard.
+//!
+//! Every call to a route that requires a permission is **authenticated**
+//! ([`auth`](crate::auth)), **authorized** (the caller's grants must allow
+//! the filled-in permission; deny wins; no grant means 403) and **audited**
+//! ([`audit`](crate::audit)), by the chassis, before the handler runs.
+//! Authentication needs the `jwt` feature (on by default): without it, a
+//! route that requires a permission fails the build with a message naming
+//! the feature, and only public routes can be served. The
+//! handler receives what was checked: the [`Principal`], the validated
+//! [`AccountId`], and an [`Authz`] handle for resource-level checks (such as
+//! "only the owner may cancel") that go through the same decision and audit
+//! path.
+//!
+//! Naming permissions: `service:account:operation:object`, all lowercase:
+//! the service's own name; `{account}` for per-account resources (empty for
+//! the rest); a verb (`view`, `create`, `update`, `delete`, or a domain verb
+//! such as `reserve`); the singular noun of the resource (`ticket`).
+//!
+//! | request | answer | audited as |
+//! |---|---|---|
+//! | no token, or a bad one | 401 + `reason` | `unauthenticated` |
+//! | account in the path outside the grammar (`*`, `%2A`, `1%3Acreate`, `1,2`, too long) | 404 | `rejected`, `invalid_path` |
+//! | valid token, permission not granted (or denied) | 403 naming the permission | `deny`, `forbidden` |
+//! | valid token, permission granted | the handler's answer | `allow` |
+//! | public route | the handler's answer | `allow`, `public` |
+//! | a method the path does not declare | 405 with `Allow` | `rejected`, `method_not_allowed` |
+//!
+//! # Example
+//!
+//! A service with three routes:
+//!
+//! ```
+//! use axum::Json;
+//! use chassis::{
+//!     api::{self, Api, Authz},
+//!     auth::Principal,
+//!     permission::{AccountId, Permission},
+//! };
+//!
+//! async fn list(account: AccountId) -> Json<Vec<String>> {
+//!     Json(vec![format!("tickets of {account}")])
+//! }
+//!
+//! async fn cancel(account: AccountId, authz: Authz) -> Result<&'static str, api::Forbidden> {
+//!     // A resource-level check, recorded in the same audit event.
+//!     let owner_only = Permission::new("ticketing", Some(&account), "cancel", "own-ticket").unwrap();
+//!     authz.check(&owner_only)?;
+//!     Ok("cancelled")
+//! }
+//!
+//! async fn status() -> &'static str {
+//!     "open"
+//! }
+//!
+//! let api: Api = Api::new()
+//!     .route(api::get("/{account}/tickets", list).requires("ticketing:{account}:view:ticket"))
+//!     .route(api::delete("/{account}/tickets/{id}", cancel).requires("ticketing:{account}:delete:ticket"))
+//!     .route(api::get("/status", status).public());
+//! # let _ = api;
+//! ```
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::Arc,
+};
+
+use axum::{
+    handler::Handler,
+    routing::{MethodRouter, on},
+};
+use http::Method;
+
+use crate::{auth::Verifier, protect::CatchPanicLayer};
+
+mod authz;
+mod guard;
+
+pub use authz::{Authz, Forbidden};
+pub(crate) use guard::GuardLayer;
+use guard::{Access, Declared};
+pub use guard::{Guard, GuardFuture};
+
+/// One route: a method, a path, a handler and its access declaration.
+///
+/// `S` is the type of the state its handler extracts with
+/// [`State<S>`](axum::extract::State), `()` when it takes none; the state
+/// is given once, to the whole [`Api`], with [`Api::with_state`].
+#[must_use = "add it to an `Api` with `Api::route`"]
+pub struct Endpoint<S = ()> {
+    method: Method,
+    path: String,
+    router: MethodRouter<S>,
+    access: Option<Result<Access, String>>,
+}
+
+impl<S> fmt::Debug for Endpoint<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Endpoint<S> {
+    /// A route for `method` at `path` served by `router` (e.g.
+    /// `axum::routing::get(handler)`).
+    pub fn new(method: Method, path: &str, router: MethodRouter<S>) -> Self {
+        Self {
+            method,
+            path: path.to_owned(),
+            router,
+            access: None,
+        }
+    }
+
+    /// Requires the permission `template` (e.g. `ticketing:{account}:view:ticket`),
+    /// its placeholders filled from this route's path parameters.
+    pub fn requires(mut self, template: &str) -> Self {
+        self.access = Some(
+            template
+                .parse()
+                .map(Access::Permission)
+                .map_err(|e| format!("invalid permission `{template}`: {e}")),
+        );
+        self
+    }
+
+    /// Marks the route public: no authentication, no authorization (still
+    /// audited).
+    pub fn public(mut self) -> Self {
+        self.access = Some(Ok(Access::Public));
+        self
+    }
+}
+
+fn filter(method: &Method) -> axum::routing::MethodFilter {
+    use axum::routing::MethodFilter as F;
+    match *method {
+        Method::GET => F::GET,
+        Method::POST => F::POST,
+        Method::PUT => F::PUT,
+        Method::PATCH => F::PATCH,
+        Method::DELETE => F::DELETE,
+        Method::HEAD => F::HEAD,
+        Method::OPTIONS => F::OPTIONS,
+        _ => F::TRACE,
+    }
+}
+
+macro_rules! method_fn {
+    ($name:ident, $method:ident) => {
+        #[doc = concat!("A `", stringify!($method), "` route; declare its access with [`Endpoint::requires`] or [`Endpoint::public`].")]
+        pub fn $name<H, T, S>(path: &str, handler: H) -> Endpoint<S>
+        where
+            H: Handler<T, S>,
+            T: 'static,
+            S: Clone + Send + Sync + 'static,
+        {
+            Endpoint::new(Method::$method, path, on(filter(&Method::$method), handler))
+        }
+    };
+}
+
+method_fn!(get, GET);
+method_fn!(post, POST);
+method_fn!(put, PUT);
+method_fn!(patch, PATCH);
+method_fn!(delete, DELETE);
+
+/// The routes of a service's API; see the [module docs](self).
+///
+/// As with axum's `Router<S>`, `S` is the state the handlers extract with
+/// [`State<S>`](axum::extract::State). The service builder takes an
+/// `Api<()>`: an API whose handlers take state is handed its state with
+/// [`with_state`](Api::with_state) first. State so given is checked at
+/// compile time (a missing `with_state` does not build), where state passed
+/// through an `Extension` is a 500 at run time when it is missing.
+///
+/// ```
+/// use axum::extract::State;
+/// use chassis::api::{self, Api};
+///
+/// #[derive(Clone)]
+/// struct Greeter {
+///     greeting: &'static str,
+/// }
+///
+/// async fn greet(State(greeter): State<Greeter>) -> String {
+///     greeter.greeting.to_owned()
+/// }
+///
+/// let api: Api = Api::new()
+///     .route(api::get("/greeting", greet).public())
+///     .with_state(Greeter { greeting: "hello" });
+/// # chassis::ServiceBuilder::new("doc", 1).api(api).build().unwrap();
+/// ```
+#[must_use]
+pub struct Api<S = ()> {
+    endpoints: Vec<Endpoint<S>>,
+}
+
+impl<S> fmt::Debug for Api<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Api")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl<S> Default for Api<S> {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+impl<S> Api<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    /// No routes yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a route.
+    pub fn route(mut self, endpoint: Endpoint<S>) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Adds every route of `other`.
+    pub fn merge(mut self, other: Api<S>) -> Self {
+        self.endpoints.extend(other.endpoints);
+        self
+    }
+
+    /// Gives every handler its state, as axum's `Router::with_state` does:
+    /// the result needs no more state (`S2` is usually `()`, what the
+    /// service builder takes), and can be merged with other APIs.
+    pub fn with_state<S2>(self, state: S) -> Api<S2> {
+        Api {
+            endpoints: self
+                .endpoints
+                .into_iter()
+                .map(|e| Endpoint {
+                    method: e.method,
+                    path: e.path,
+                    router: e.router.with_state(state.clone()),
+                    access: e.access,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Api {
+    /// Whether a route requires a permission (and so a token verifier).
+    #[cfg(feature = "jwt")]
+    pub(crate) fn requires_auth(&self) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| matches!(e.access, Some(Ok(Access::Permission(_)))))
+    }
+
+    /// The API's paths, each with its handlers and its guard; or every
+    /// problem, each naming its route. The service builder wraps each path
+    /// in its layers once: every layer level axum adds boxes the route
+    /// again, which costs a clone and an allocation on every request.
+    pub(crate) fn build(
+        self,
+        prefix: &str,
+        verifier: Option<&Verifier>,
+    ) -> Result<Vec<ApiPath>, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut seen = HashSet::new();
+        let mut paths: Vec<(String, MethodRouter, Vec<Declared>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for e in self.endpoints {
+            let name = format!("{} {prefix}{}", e.method, e.path);
+            if !e.path.starts_with('/') {
+                problems.push(format!("{name}: the path must start with `/`"));
+                continue;
+            }
+            if !seen.insert((e.method.clone(), e.path.clone())) {
+                problems.push(format!("{name}: declared twice"));
+                continue;
+            }
+            let access = match e.access {
+                None => {
+                    problems.push(format!(
+                        "{name}: declares neither a permission (`.requires(..)`) nor `.public()`; API routes are denied by default"
+                    ));
+                    continue;
+                }
+                Some(Err(msg)) => {
+                    problems.push(format!("{name}: {msg}"));
+                    continue;
+                }
+                Some(Ok(a)) => a,
+            };
+            if let Access::Permission(t) = &access {
+                let params = path_params(&e.path);
+                for p in t.params() {
+                    if !params.contains(p) {
+                        problems.push(format!(
+                            "{name}: placeholder `{{{p}}}` of `{t}` is not a path parameter"
+                        ));
+                    }
+                }
+                if verifier.is_none() {
+                    problems.push(format!("{name}: requires `{t}` but {NO_VERIFIER}"));
+                }
+            }
+            // Mounted under the prefix directly rather than with
+            // `Router::nest`, which rewrites the URI on every request.
+            let full = if e.path == "/" {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}{}", e.path)
+            };
+            let declared = (e.method, Arc::new(access));
+            match index.get(&full) {
+                Some(&i) => {
+                    let (_, router, methods) = &mut paths[i];
+                    *router = std::mem::take(router).merge(e.router);
+                    methods.push(declared);
+                }
+                None => {
+                    index.insert(full.clone(), paths.len());
+                    paths.push((full, e.router, vec![declared]));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(paths
+            .into_iter()
+            .map(|(path, router, methods)| ApiPath {
+                path,
+                router,
+                guard: GuardLayer::new(methods, verifier.cloned()),
+            })
+            .collect())
+    }
+}
+
+// === impl Api: by hand ===
+
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+impl Api {
+    /// The API as an axum [`Router`](axum::Router) under `prefix` with each
+    /// path behind its guard (405 for an undeclared method, then
+    /// authentication, path validation and authorization) and the
+    /// [`CatchPanicLayer`], and no other layer: for composing the chassis'
+    /// public layers by hand. The service builder runs the same steps, in
+    /// the order [`service`](crate::service) lists.
+    ///
+    /// # Errors
+    ///
+    /// Every problem of the declarations, each naming its route, as
+    /// [`ServiceBuilder::build`](crate::ServiceBuilder::build) reports them.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use chassis::api::{self, Api};
+    /// use chassis::{correlation::SetCorrelationIdLayer, problem::EnsureProblemLayer};
+    /// use tower::ServiceBuilder;
+    ///
+    /// let api = Api::new().route(api::get("/items/{id}", || async { "item" }).public());
+    /// let app = api
+    ///     .into_router("/hello/v1", None)
+    ///     .unwrap()
+    ///     .layer(ServiceBuilder::new().layer(SetCorrelationIdLayer::new()).layer(EnsureProblemLayer::new()));
+    /// # let _: axum::Router = app;
+    /// ```
+    pub fn into_router(
+        self,
+        prefix: &str,
+        verifier: Option<&Verifier>,
+    ) -> Result<axum::Router, Vec<String>> {
+        let mut router = axum::Router::new();
+        for path in self.build(prefix, verifier)? {
+            let guard = path.guard_layer();
+            router = router.route(&path.path, path.router.layer(guard));
+        }
+        Ok(router)
+    }
+}
+
+/// Why a route that requires a permission cannot be served: nothing
+/// verifies tokens.
+#[cfg(feature = "jwt")]
+const NO_VERIFIER: &str =
+    "no token verifier is configured (set CHASSIS_AUTH_ISSUER, or give the builder a Verifier)";
+#[cfg(not(feature = "jwt"))]
+const NO_VERIFIER: &str = "this build of the chassis cannot verify tokens: enable the `jwt` feature of service-chassis (on by default), or make the route public";
+
+/// One path of the API: the handlers of its methods, and the guard that
+/// checks each declared method's access and answers 405 to the others.
+pub(crate) struct ApiPath {
+    pub(crate) path: String,
+    pub(crate) router: MethodRouter,
+    pub(crate) guard: GuardLayer,
+}
+
+impl fmt::Debug for ApiPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiPath")
+            .field("path", &self.path)
+            .field("allow", self.guard.allow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiPath {
+    /// The guard and the panic catcher, as one layer around the handlers.
+    pub(crate) fn guard_layer(&self) -> tower::layer::util::Stack<CatchPanicLayer, GuardLayer> {
+        tower::layer::util::Stack::new(CatchPanicLayer::new(), self.guard.clone())
+    }
+}
+
+/// Names of the `{param}` segments of a route path.
+fn path_params(path: &str) -> HashSet<&str> {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|p| p.trim_start_matches('*'))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
