@@ -294,10 +294,12 @@ impl Problem {
     fn render(&self) -> Response {
         // Serializing a map of strings and numbers cannot fail.
         let body = serde_json::to_vec(self).unwrap_or_default();
+        let length = HeaderValue::from(body.len());
         let mut res = Response::new(Body::from(body));
         *res.status_mut() = self.status;
         let headers = res.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        headers.insert(header::CONTENT_LENGTH, length);
         for (name, value) in &self.headers {
             headers.append(name.clone(), value.clone());
         }
@@ -773,12 +775,13 @@ fn replace(
     if let Some(id) = id {
         problem = problem.with_correlation_id(id);
     }
-    let (fresh, body) = problem.render().into_parts();
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        fresh.headers[header::CONTENT_TYPE].clone(),
-    );
+    let (mut fresh, body) = problem.render().into_parts();
+    // The new body's type and length, as a rendered problem has them.
+    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
+        if let Some(value) = fresh.headers.remove(&name) {
+            parts.headers.insert(name, value);
+        }
+    }
     Response::from_parts(parts, body)
 }
 
@@ -843,6 +846,29 @@ mod tests {
         assert_eq!(body["status"], 409);
         assert_eq!(body["reason"], "taken");
         assert_eq!(body["type"], "urn:chassis:problem:conflict");
+    }
+
+    #[tokio::test]
+    async fn rewritten_problems_carry_their_length() {
+        // The layer outside the router, so no axum route sets the length.
+        let router = Router::new()
+            .route(
+                "/conflict",
+                get(|| async { Problem::new(StatusCode::CONFLICT) }),
+            )
+            .route("/text", get(|| async { (StatusCode::BAD_REQUEST, "no") }));
+        let app = ServiceBuilder::new()
+            .layer(SetCorrelationIdLayer::new())
+            .layer(EnsureProblemLayer::new())
+            .service(router);
+        // Re-rendered with the id, rewritten from text, rewritten from
+        // axum's bare 404.
+        for uri in ["/conflict", "/text", "/nowhere"] {
+            let res = app.clone().oneshot(get_req(uri)).await.unwrap();
+            let length = res.headers()[header::CONTENT_LENGTH].clone();
+            let body = body_bytes(res.into_body()).await;
+            assert_eq!(length, body.len().to_string(), "{uri}");
+        }
     }
 
     #[tokio::test]

@@ -116,14 +116,16 @@ fn by_hand(issuer: &TestIssuer, events: Events, hold: Arc<Notify>) -> (Router, A
     let app = api(hold)
         .into_router(PREFIX, Some(&verifier))
         .unwrap()
-        .layer(
+        // On the matched routes only: an unmatched path gets the front
+        // steps alone, as in the builder, and axum's bare 404, which the
+        // problem step rewrites.
+        .route_layer(
             tower::ServiceBuilder::new()
                 .layer(AuditLayer::new(auditor.clone()))
                 .layer(LoadShedLayer::new(c.max_concurrent_requests))
                 .layer(BodyLimitLayer::new(c.max_body_bytes))
                 .layer(RequestTimeoutLayer::new(c.request_timeout)),
         )
-        .fallback(|| async { chassis::Problem::not_found() })
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetCorrelationIdLayer::new())
