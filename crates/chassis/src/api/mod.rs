@@ -17,11 +17,13 @@
 //! ([`audit`](crate::audit)), by the chassis, before the handler runs.
 //! Authentication needs the `jwt` feature (on by default): without it, a
 //! route that requires a permission fails the build with a message naming
-//! the feature, and only public routes can be served. The
-//! handler receives what was checked: the [`Principal`], the validated
-//! [`AccountId`], and an [`Authz`] handle for resource-level checks (such as
-//! "only the owner may cancel") that go through the same decision and audit
-//! path.
+//! the feature, and only public routes can be served. The handler receives
+//! what was checked: the [`Principal`](crate::auth::Principal), the
+//! validated [`AccountId`](crate::permission::AccountId), and an [`Authz`]
+//! handle for resource-level checks (such as "only the owner may cancel")
+//! that go through the same decision and audit path. The check is the
+//! guard's (`api/guard.rs`); what a handler is given of it is in
+//! `api/authz.rs`.
 //!
 //! Naming permissions: `service:account:operation:object`, all lowercase:
 //! the service's own name; `{account}` for per-account resources (empty for
