@@ -20,9 +20,13 @@ use axum::{
     response::IntoResponse,
 };
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use chassis::{Problem, auth::Principal};
+use chassis::{
+    Problem,
+    auth::Principal,
+    validation::{FieldError, Invalid},
+};
 use http::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::{
     AuthState,
@@ -41,23 +45,18 @@ fn not_found(kind: Kind) -> Problem {
     })
 }
 
-/// 422 naming each invalid field.
-fn invalid(errors: Vec<Value>) -> Problem {
-    Problem::new(StatusCode::UNPROCESSABLE_ENTITY)
-        .with_detail("Some fields are not valid; `errors` lists each of them.")
-        .with_member("reason", "invalid_fields")
-        .with_member("errors", errors)
-}
-
 fn database(e: sqlx::Error) -> Problem {
     error::internal("grants query failed", &AppError::Query(e))
 }
 
 /// The `grants` of a body: a list of valid grant strings; each problem is
 /// added to `errors`.
-fn grants_of(body: &Value, errors: &mut Vec<Value>) -> Vec<String> {
+fn grants_of(body: &Value, errors: &mut Invalid) -> Vec<String> {
     let Some(list) = body.get("grants").and_then(Value::as_array) else {
-        errors.push(json!({"field": "grants", "message": "required: a list of permission grants"}));
+        errors.push(FieldError::field(
+            "grants",
+            "required: a list of permission grants",
+        ));
         return Vec::new();
     };
     let Some(grants) = list
@@ -65,11 +64,11 @@ fn grants_of(body: &Value, errors: &mut Vec<Value>) -> Vec<String> {
         .map(|g| g.as_str().map(str::to_owned))
         .collect::<Option<Vec<_>>>()
     else {
-        errors.push(json!({"field": "grants", "message": "every grant is a string"}));
+        errors.push(FieldError::field("grants", "every grant is a string"));
         return Vec::new();
     };
     for (i, problem) in grant_problems(&grants) {
-        errors.push(json!({"field": "grants", "message": format!("#{i}: {problem}")}));
+        errors.push(FieldError::at(&["grants", &i.to_string()], problem));
     }
     grants
 }
@@ -124,10 +123,10 @@ async fn replace(
     if !is_subject_name(name) {
         return Err(not_found(kind));
     }
-    let mut errors = Vec::new();
+    let mut errors = Invalid::new();
     let grants = grants_of(body, &mut errors);
     if !errors.is_empty() {
-        return Err(invalid(errors));
+        return Err(errors.into());
     }
     let sql = match kind {
         Kind::User => "UPDATE users SET grants = ? WHERE username = ? AND managed_by = 'api'",
@@ -192,14 +191,14 @@ pub(crate) async fn register(
     principal: Principal,
     Json(body): Json<Value>,
 ) -> Result<axum::response::Response, Problem> {
-    let mut errors = Vec::new();
+    let mut errors = Invalid::new();
     let client_id = body.get("client_id").and_then(Value::as_str).unwrap_or("");
     if !is_subject_name(client_id) {
-        errors.push(json!({"field": "client_id", "message": NAME_GRAMMAR}));
+        errors.push(FieldError::field("client_id", NAME_GRAMMAR));
     }
     let grants = grants_of(&body, &mut errors);
     if !errors.is_empty() {
-        return Err(invalid(errors));
+        return Err(errors.into());
     }
     let mut bytes = [0u8; 32];
     aws_lc_rs::rand::fill(&mut bytes).map_err(|_| {
