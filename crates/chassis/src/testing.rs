@@ -63,7 +63,10 @@ mod support;
 mod token_endpoint;
 
 pub use pki::{TestCert, TestPki};
-pub use process::{ProcessCheck, READY_WITHIN, ServiceProcess, ServiceProcessBuilder, parse_lines};
+pub use process::{
+    ProcessCheck, READY_WITHIN, ServiceProcess, ServiceProcessBuilder, parse_lines,
+    refused_settings,
+};
 pub use server::TestServer;
 pub use support::{EVENTUALLY_WITHIN, TempDir, eventually, eventually_within, refusal};
 

@@ -96,35 +96,26 @@ async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
 
 #[test]
 fn bad_settings_exit_78_listing_every_problem_without_the_password() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mail"))
-        .env("CHASSIS_BIND", "not-an-address")
-        .env(
+    let stderr = chassis::testing::refused_settings(
+        Command::new(env!("CARGO_BIN_EXE_mail"))
+            .env("CHASSIS_BIND", "not-an-address")
+            .env(
+                "MAIL_SMTP_URL",
+                "smtp://mailer:hunter2@mail.example?tls=opportunistic",
+            )
+            .env("CHASSIS_TLS_CA_FILE", "/nonexistent/chassis-ca.pem")
+            .env("MAIL_WORKERS", "lots")
+            .env("MAIL_FROM", "nobody"),
+        &[
+            "CHASSIS_BIND",
+            "CHASSIS_AUTH_ISSUER",
             "MAIL_SMTP_URL",
-            "smtp://mailer:hunter2@mail.example?tls=opportunistic",
-        )
-        .env("CHASSIS_TLS_CA_FILE", "/nonexistent/chassis-ca.pem")
-        .env("MAIL_WORKERS", "lots")
-        .env("MAIL_FROM", "nobody")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.starts_with("invalid configuration (6 problems):"),
-        "{stderr}"
+            "CHASSIS_TLS_CA_FILE",
+            "MAIL_WORKERS",
+            "MAIL_FROM",
+        ],
     );
-    for name in [
-        "CHASSIS_BIND",
-        "CHASSIS_AUTH_ISSUER",
-        "MAIL_SMTP_URL",
-        "CHASSIS_TLS_CA_FILE",
-        "MAIL_WORKERS",
-        "MAIL_FROM",
-    ] {
-        assert!(stderr.contains(name), "{name} missing: {stderr}");
-    }
     assert!(!stderr.contains("hunter2"), "{stderr}");
-    assert!(String::from_utf8_lossy(&out.stdout).is_empty());
 }
 
 #[test]

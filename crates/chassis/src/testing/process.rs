@@ -344,6 +344,55 @@ pub fn parse_lines(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
+/// Runs `command`, a service's binary given bad settings, and checks what
+/// every service does with them: it exits 78 ([`EXIT_CONFIG`]) without
+/// writing to stdout, and its one message on stderr lists exactly
+/// `problems.len()` problems, each of `problems` (a variable's name, or
+/// text of its message) appearing in it. Returns stderr, for the service's
+/// own checks (no secret in it, nothing created on disk, ...).
+///
+/// ```no_run
+/// # fn test() {
+/// let stderr = chassis::testing::refused_settings(
+///     std::process::Command::new("target/debug/lessons")
+///         .env("CHASSIS_BIND", "not-an-address")
+///         .env("LESSONS_DB_POOL_SIZE", "many"),
+///     &["CHASSIS_BIND", "CHASSIS_AUTH_ISSUER", "LESSONS_DB_POOL_SIZE"],
+/// );
+/// assert!(!stderr.contains("hunter2"));
+/// # }
+/// ```
+///
+/// # Panics
+///
+/// When the binary cannot be run, or a check fails (the panic names it).
+///
+/// [`EXIT_CONFIG`]: crate::config::EXIT_CONFIG
+pub fn refused_settings(command: &mut Command, problems: &[&str]) -> String {
+    let out = command.output().expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(crate::config::EXIT_CONFIG)),
+        "bad settings exit 78: {stderr}"
+    );
+    let n = problems.len();
+    let head = format!(
+        "invalid configuration ({n} problem{}):",
+        if n == 1 { "" } else { "s" }
+    );
+    assert!(stderr.starts_with(&head), "{head} expected: {stderr}");
+    for problem in problems {
+        assert!(stderr.contains(problem), "{problem} missing: {stderr}");
+    }
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
 /// What every service's binary must do, checked on a running
 /// [`ServiceProcess`]: the process test that is the same for every
 /// service, in one call.
