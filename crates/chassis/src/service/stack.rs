@@ -25,19 +25,120 @@
 //! [`ApiPath::guard_layer`](crate::api::ApiPath::guard_layer) puts them
 //! for the builder and [`Api::into_router`](crate::api::Api::into_router)
 //! for a stack composed by hand.
+//!
+//! [`mount`] puts the steps around the routes; it is the only code that
+//! orders them. Outermost first: [`Front`] (1-3), the service's outer
+//! layers, [`Protect`] (4-7), axum's extractor limit and the injected faults
+//! when configured, the guard (8) and the panic catcher (9), the service's
+//! own layers, the handlers; the standard endpoints and the fallback get
+//! [`Front`] only.
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{convert::Infallible, future::Future, pin::Pin, time::Duration};
 
-use axum::response::Response;
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, Request},
+    response::Response,
+    routing::{MethodRouter, Route},
+};
+use tower::{Layer, ServiceBuilder as Stack, layer::util::Identity};
 
 use crate::{
+    api::{ApiPath, Guard},
     audit::{self, Auditor},
     correlation,
+    fault::FaultLayer,
     metrics::HttpMetrics,
     problem,
-    protect::{self, LoadShedLayer},
+    protect::{self, CatchPanic, LoadShedLayer},
     telemetry,
 };
+
+/// A layer of the service's own, as the builder keeps it: applied to the
+/// handlers of one path.
+pub(super) type ApiLayer = Box<dyn Fn(MethodRouter) -> MethodRouter + Send>;
+
+/// The body limit axum's extractors apply unless told otherwise.
+const AXUM_DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// What [`mount`] puts around the routes, configured.
+pub(super) struct Layers<'a> {
+    /// Steps 1-3, on every route.
+    pub(super) front: FrontLayer,
+    /// Steps 4-7, on the API's routes.
+    pub(super) protect: ProtectLayer,
+    /// The faults `CHASSIS_FAULT_*` asks for, if any.
+    pub(super) fault: Option<FaultLayer>,
+    /// The service's outer layers, first added outermost.
+    pub(super) outer: &'a [ApiLayer],
+    /// The service's layers around its handlers, first added outermost.
+    pub(super) around_handlers: &'a [ApiLayer],
+}
+
+/// The application: each API path with its handlers inside the whole
+/// stack, and `standard` (the standard endpoints and the fallback) inside
+/// [`Front`].
+///
+/// Every layer level axum adds boxes the route again, which costs a clone
+/// and an allocation per request; so each API path gets all of its layers
+/// as one level, and the other routes the first three.
+pub(super) fn mount(api: Vec<ApiPath>, standard: Router, layers: &Layers<'_>) -> Router {
+    // axum's extractors have a limit of their own, 2 MiB by default; it
+    // is raised only when ours is higher, since setting it costs an
+    // extension insert on every request.
+    let max_body = layers.protect.max_body;
+    let extractor_limit =
+        (max_body > AXUM_DEFAULT_BODY_LIMIT).then(|| DefaultBodyLimit::max(max_body));
+    // The optional layers are chosen here, once, rather than per request
+    // through `option_layer`, whose `Either` moves every request again.
+    let router = match (extractor_limit, layers.fault.clone()) {
+        (None, None) => mount_api(api, Identity::new(), layers),
+        (Some(limit), None) => mount_api(api, limit, layers),
+        (None, Some(fault)) => mount_api(api, fault, layers),
+        (Some(limit), Some(fault)) => {
+            mount_api(api, Stack::new().layer(limit).layer(fault), layers)
+        }
+    };
+    router.merge(standard.layer(layers.front.clone()))
+}
+
+/// Each API path inside the whole stack, with `optional` (the extractor
+/// limit and the faults, or nothing) between the protection and the guard.
+fn mount_api<L>(api: Vec<ApiPath>, optional: L, layers: &Layers<'_>) -> Router
+where
+    L: Layer<Guard<CatchPanic<Route>>> + Clone + Send + Sync + 'static,
+    L::Service: tower::Service<Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    <L::Service as tower::Service<Request>>::Future: Send + 'static,
+{
+    let mut router = Router::new();
+    for path in api {
+        let inner = Stack::new()
+            .layer(layers.protect.clone())
+            .layer(optional.clone())
+            .layer(path.guard_layer());
+        let mut handlers = path.router;
+        for layer in layers.around_handlers.iter().rev() {
+            handlers = layer(handlers);
+        }
+        let handlers = if layers.outer.is_empty() {
+            handlers.layer(Stack::new().layer(layers.front.clone()).layer(inner))
+        } else {
+            // The service's outer layers sit between the front and the
+            // rest: one more level per route.
+            let mut guarded = handlers.layer(inner);
+            for layer in layers.outer.iter().rev() {
+                guarded = layer(guarded);
+            }
+            guarded.layer(layers.front.clone())
+        };
+        router = router.route(&path.path, handlers);
+    }
+    router
+}
 
 /// [`SetCorrelationIdLayer`](crate::correlation::SetCorrelationIdLayer),
 /// [`EnsureProblemLayer`](crate::problem::EnsureProblemLayer) and

@@ -1,0 +1,418 @@
+//! [`ServiceBuilder`]: what a service is made of, checked and composed into
+//! a [`Service`] by [`build`](ServiceBuilder::build).
+
+use std::{fmt, future::Future, sync::Arc, time::SystemTime};
+
+use axum::{
+    Router,
+    response::IntoResponse,
+    routing::{MethodRouter, get},
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    BuildInfo, Service,
+    endpoints::{
+        Info, Readiness, health_permission, info_endpoint, metrics_endpoint, not_found,
+        ready_endpoint,
+    },
+    run::TaskFn,
+    stack::{self, ApiLayer, FrontLayer, ProtectLayer},
+};
+use crate::{
+    api::Api,
+    audit::{AuditSink, Auditor, LogSink},
+    auth::Verifier,
+    config::{Config, Env},
+    health::{Check, CheckOptions, Health},
+    metrics::HttpMetrics,
+    protect::LoadShedLayer,
+};
+
+type MakeAuditor = Box<dyn FnOnce(&str, usize) -> Auditor + Send>;
+
+/// Builds a [`Service`]; see the [module docs](super).
+#[must_use]
+pub struct ServiceBuilder {
+    // `run_with` (in `run.rs`) reads the name, the configuration, the
+    // verifier and the API before it builds.
+    pub(super) name: String,
+    version: u32,
+    pub(super) api: Api,
+    api_layers: Vec<ApiLayer>,
+    outer_layers: Vec<ApiLayer>,
+    health: Health,
+    tasks: Vec<(String, TaskFn)>,
+    pub(super) config: Option<Config>,
+    build_info: Option<BuildInfo>,
+    pub(super) verifier: Option<Verifier>,
+    audit_sink: Option<MakeAuditor>,
+    peer_addresses: bool,
+}
+
+impl fmt::Debug for ServiceBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceBuilder")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a service could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot build the service:{}", .problems.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
+pub struct BuildError {
+    problems: Vec<String>,
+}
+
+impl BuildError {
+    /// Every problem found.
+    pub fn problems(&self) -> &[String] {
+        &self.problems
+    }
+}
+
+impl ServiceBuilder {
+    /// A service called `name` serving API version `version`.
+    pub fn new(name: &str, version: u32) -> Self {
+        crate::metrics::set_service_label(name);
+        Self {
+            name: name.to_owned(),
+            version,
+            api: Api::new(),
+            api_layers: Vec::new(),
+            outer_layers: Vec::new(),
+            health: Health::new(),
+            tasks: Vec::new(),
+            config: None,
+            build_info: None,
+            verifier: None,
+            audit_sink: None,
+            peer_addresses: false,
+        }
+    }
+
+    /// Adds API routes, mounted under `/<name>/v<version>`. Every route
+    /// declares its access (see [`crate::api`]). Handlers that take
+    /// [`State<S>`](axum::extract::State) get it from
+    /// [`Api::with_state`](crate::api::Api::with_state), called before this.
+    pub fn api(mut self, api: Api) -> Self {
+        self.api = self.api.merge(api);
+        self
+    }
+
+    /// Verifies tokens with `verifier` instead of one built from
+    /// `CHASSIS_AUTH_*`.
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+    pub fn verifier(mut self, verifier: Verifier) -> Self {
+        self.verifier = Some(verifier);
+        self
+    }
+
+    /// Sends audit events to `sink` instead of the log (or
+    /// `CHASSIS_AUDIT_FILE`).
+    pub fn audit_sink(mut self, sink: impl AuditSink) -> Self {
+        self.audit_sink = Some(Box::new(move |name: &str, queue: usize| {
+            Auditor::new(name, sink, queue)
+        }));
+        self
+    }
+
+    /// Gives each request the TCP peer's address, for handlers to extract
+    /// as `ConnectInfo<SocketAddr>` (e.g. throttling by client address).
+    /// Behind a proxy or load balancer it is the proxy's address. Off by
+    /// default: it costs an extension per request, and most services have
+    /// no use for it.
+    pub fn peer_addresses(mut self) -> Self {
+        self.peer_addresses = true;
+        self
+    }
+
+    /// Adds a layer around the handlers of every API route, inside all of
+    /// the chassis' layers: it runs for authorized calls only, sees the
+    /// caller's [`Principal`](crate::auth::Principal) and the correlation
+    /// id, and a panic in it is caught like one in a handler. Layers added
+    /// first are outermost.
+    pub fn api_layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: tower::Service<axum::extract::Request, Error = std::convert::Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Response: IntoResponse + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
+    {
+        self.api_layers
+            .push(Box::new(move |r: MethodRouter| r.layer(layer.clone())));
+        self
+    }
+
+    /// Adds a layer around every API route **outside** the guard, the audit
+    /// and the protection layers, and inside correlation, problem and
+    /// observation: the place for a service's own HTTP policy, such as
+    /// tower-http's `CorsLayer` (a CORS preflight is answered before
+    /// authentication, so a browser can ask before it sends a token) or
+    /// `CompressionLayer`. Its responses carry the correlation id and are
+    /// counted and logged like any other; what it answers itself is neither
+    /// authenticated nor audited, so it must grant nothing. Layers added
+    /// first are outermost. With none, the API's stack is one level, as
+    /// always; with some, one more level per route.
+    ///
+    /// ```
+    /// use chassis::{ServiceBuilder, api::{self, Api}};
+    ///
+    /// // A layer of the service's own (tower-http's CorsLayer fits here).
+    /// let stamp = axum::middleware::map_response(|mut res: axum::response::Response| async move {
+    ///     res.headers_mut().insert("x-edge", http::HeaderValue::from_static("1"));
+    ///     res
+    /// });
+    /// let service = ServiceBuilder::new("shop", 1)
+    ///     .api(Api::new().route(api::get("/items", || async { "[]" }).public()))
+    ///     .outer_layer(stamp)
+    ///     .config(chassis::Config::default())
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = service;
+    /// ```
+    pub fn outer_layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: tower::Service<axum::extract::Request, Error = std::convert::Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Response: IntoResponse + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
+    {
+        self.outer_layers
+            .push(Box::new(move |r: MethodRouter| r.layer(layer.clone())));
+        self
+    }
+
+    /// Registers a readiness check.
+    pub fn health_check(self, name: &str, check: impl Check, options: CheckOptions) -> Self {
+        self.health.register(name, check, options);
+        self
+    }
+
+    /// Adds a background task. It starts when the service starts serving and
+    /// gets a token that is cancelled on shutdown; the service waits for it
+    /// (within the grace period) before exiting.
+    pub fn background<F, Fut>(mut self, name: &str, task: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks
+            .push((name.to_owned(), Box::new(move |t| Box::pin(task(t)))));
+        self
+    }
+
+    /// Uses `config` instead of reading `CHASSIS_*` from the environment.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// What `/info` reports about the build; use [`build_info!`](crate::build_info).
+    pub fn build_info(mut self, info: BuildInfo) -> Self {
+        self.build_info = Some(info);
+        self
+    }
+
+    /// Builds the service: validates it, installs the metrics recorder and
+    /// composes the layers.
+    ///
+    /// # Errors
+    ///
+    /// Every problem at once: an invalid name, a version of 0, an API route
+    /// that declares no access or an invalid one, a route that requires a
+    /// permission when no token verifier is configured (in a build without
+    /// the `jwt` feature, always: the message then names the feature), or
+    /// (when no [`config`](Self::config) was given) invalid `CHASSIS_*`
+    /// settings.
+    pub fn build(self) -> Result<Service, BuildError> {
+        let mut problems = Vec::new();
+        if !valid_name(&self.name) {
+            problems.push(format!(
+                "service name `{}` must match [a-z][a-z0-9-]* and be at most 63 characters",
+                self.name.escape_default()
+            ));
+        }
+        if self.version == 0 {
+            problems.push("API version must be at least 1".to_owned());
+        }
+        let config = match self.config {
+            Some(c) => c,
+            None => Config::from_env(&Env::process()).unwrap_or_else(|e| {
+                problems.extend(e.problems().iter().map(ToString::to_string));
+                Config::default()
+            }),
+        };
+        #[cfg(feature = "jwt")]
+        let verifier = match (self.verifier, &config.auth) {
+            (Some(v), _) => Some(v),
+            (None, Some(auth)) => match auth.verifier() {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    problems.extend(e.0);
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        // Without `jwt` nothing verifies tokens: the API's build below
+        // refuses a route that requires a permission, naming the feature.
+        #[cfg(not(feature = "jwt"))]
+        let verifier = self.verifier;
+        let prefix = format!("/{}/v{}", self.name, self.version);
+        let api = match self.api.build(&prefix, verifier.as_ref()) {
+            Ok(api) => Some(api),
+            Err(e) => {
+                problems.extend(e);
+                None
+            }
+        };
+        let auditor = match (self.audit_sink, &config.audit_file) {
+            (Some(make), _) => Some(make(&self.name, config.audit_queue)),
+            (None, Some(path)) => match crate::audit::FileSink::open(path) {
+                Ok(sink) => Some(Auditor::new(&self.name, sink, config.audit_queue)),
+                Err(e) => {
+                    problems.push(format!(
+                        "CHASSIS_AUDIT_FILE: cannot open {}: {e}",
+                        path.display()
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let (Some(api), true) = (api, problems.is_empty()) else {
+            return Err(BuildError { problems });
+        };
+
+        let prometheus = crate::metrics::install_recorder();
+        let metrics = HttpMetrics::new(self.name.clone());
+        let shed = LoadShedLayer::new(config.max_concurrent_requests);
+        let auditor =
+            auditor.unwrap_or_else(|| Auditor::new(&self.name, LogSink, config.audit_queue));
+        let info = Arc::new(Info {
+            service: self.name.clone(),
+            api_version: self.version,
+            build: self.build_info.unwrap_or_default(),
+            started: SystemTime::now(),
+            started_mono: Instant::now(),
+        });
+        #[cfg(feature = "jwt")]
+        let tasks = {
+            let mut tasks = self.tasks;
+            if let Some(v) = &verifier {
+                for (name, check, options) in v.health_checks() {
+                    self.health.register(name, check, options);
+                }
+                for task in v.refresh_tasks() {
+                    tasks.push(("jwks-refresh".to_owned(), Box::new(task)));
+                }
+            }
+            tasks
+        };
+        #[cfg(not(feature = "jwt"))]
+        let tasks = self.tasks;
+
+        let standard = Router::new()
+            .route("/health/live", get(crate::health::live))
+            .route(
+                "/health/ready",
+                get(ready_endpoint).with_state(Arc::new(Readiness {
+                    health: self.health.clone(),
+                    verifier: verifier.clone(),
+                    permission: health_permission(&self.name),
+                })),
+            )
+            .route(
+                "/metrics",
+                get(metrics_endpoint).with_state(prometheus.clone()),
+            )
+            .route("/info", get(info_endpoint).with_state(info))
+            .fallback(not_found);
+        let router = stack::mount(
+            api,
+            standard,
+            &stack::Layers {
+                front: FrontLayer { metrics },
+                protect: ProtectLayer {
+                    auditor: auditor.clone(),
+                    shed: shed.clone(),
+                    max_body: config.max_body_bytes,
+                    timeout: config.request_timeout,
+                },
+                fault: config.fault.clone().map(crate::fault::FaultLayer::new),
+                outer: &self.outer_layers,
+                around_handlers: &self.api_layers,
+            },
+        );
+
+        Ok(Service {
+            name: self.name,
+            version: self.version,
+            router,
+            config,
+            health: self.health,
+            tasks,
+            shed,
+            prometheus,
+            auditor,
+            peer_addresses: self.peer_addresses,
+        })
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= 63
+        && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        for ok in ["a", "hello", "order-service2", &"a".repeat(63)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Hello",
+            "1abc",
+            "-a",
+            "a_b",
+            "a.b",
+            "a/b",
+            "héllo",
+            &"a".repeat(64),
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn build_lists_every_problem() {
+        let err = ServiceBuilder::new("Bad Name", 0)
+            .config(Config::default())
+            .build()
+            .unwrap_err();
+        assert_eq!(err.problems().len(), 2);
+        let text = err.to_string();
+        assert!(text.contains("`Bad Name`"), "{text}");
+        assert!(text.contains("version"), "{text}");
+    }
+}
