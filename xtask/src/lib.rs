@@ -105,23 +105,60 @@ pub fn rename(text: &str, ext: &str, from: &Names, to: &Names) -> String {
 
 /// A manifest's `[lib] name = "…"` in the crate form.
 fn lib_name(manifest: &str, from: &Names, to: &Names) -> String {
+    let old = format!("name = \"{}\"", from.service);
+    edit_section(manifest, "[lib]", |line| {
+        (line.trim() == old).then(|| {
+            line.replace(
+                &format!("\"{}\"", from.service),
+                &format!("\"{}\"", to.crate_name),
+            )
+        })
+    })
+}
+
+/// `manifest` with the `description` of its `[package]` set to
+/// `description`.
+fn replace_description(manifest: &str, description: &str) -> String {
+    edit_section(manifest, "[package]", |line| {
+        line.trim()
+            .starts_with("description =")
+            .then(|| format!("description = {description:?}\n"))
+    })
+}
+
+/// `manifest` with every line of its `section` (`[lib]`) for which `edit`
+/// gives a replacement replaced by it.
+fn edit_section(manifest: &str, section: &str, edit: impl Fn(&str) -> Option<String>) -> String {
     let mut out = String::with_capacity(manifest.len());
-    let mut in_lib = false;
+    let mut inside = false;
     for line in manifest.split_inclusive('\n') {
         let trimmed = line.trim();
         if trimmed.starts_with('[') {
-            in_lib = trimmed == "[lib]";
+            inside = trimmed == section;
         }
-        if in_lib && trimmed == format!("name = \"{}\"", from.service) {
-            out.push_str(&line.replace(
-                &format!("\"{}\"", from.service),
-                &format!("\"{}\"", to.crate_name),
-            ));
-        } else {
-            out.push_str(line);
+        match inside.then(|| edit(line)).flatten() {
+            Some(new) => out.push_str(&new),
+            None => out.push_str(line),
         }
     }
     out
+}
+
+/// `source` with the first paragraph of its crate docs (the `//!` lines up
+/// to the first empty `//!`) replaced by `thesis`; a file that does not
+/// open with crate docs is returned as it is.
+fn replace_thesis(source: &str, thesis: &str) -> String {
+    if !source.starts_with("//!") {
+        return source.to_owned();
+    }
+    let mut rest = source;
+    while let Some(line) = rest.split_inclusive('\n').next() {
+        if !line.starts_with("//!") || line.trim_end() == "//!" {
+            break;
+        }
+        rest = &rest[line.len()..];
+    }
+    format!("{thesis}{rest}")
 }
 
 /// The workspace: its root and its exemplars.
@@ -131,9 +168,11 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    /// The workspace this task belongs to.
+    /// The workspace this task belongs to: the directory above `xtask/`,
+    /// named without `..`, so the paths it prints are clean.
     pub fn locate() -> Self {
-        Self::at(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        Self::at(manifest_dir.parent().unwrap_or(manifest_dir))
     }
 
     /// The workspace at `root`.
@@ -310,6 +349,7 @@ impl NewService {
                     Ok(text) => {
                         let ext = source.extension().and_then(|e| e.to_str()).unwrap_or("");
                         let mut text = rename(&text, ext, &self.from, &self.to);
+                        text = self.own_words(relative, &text);
                         if let Some((old, new)) = self.ports {
                             text = text
                                 .replace(&format!("127.0.0.1:{old}"), &format!("127.0.0.1:{new}"));
@@ -378,6 +418,35 @@ impl NewService {
 }
 
 impl NewService {
+    /// `text` of the file at `relative` with what describes the template's
+    /// domain in one line replaced by a neutral one for the new service to
+    /// rewrite: the manifest's `description` and the opening paragraph of
+    /// the crate docs. Other files are returned as they are.
+    fn own_words(&self, relative: &Path, text: &str) -> String {
+        let service = &self.to.service;
+        if relative == Path::new("Cargo.toml") {
+            replace_description(
+                text,
+                &format!(
+                    "{service}: a service made from the template exemplar; describe what it does here."
+                ),
+            )
+        } else if relative == Path::new("src/lib.rs") {
+            replace_thesis(
+                text,
+                &format!(
+                    "//! `{service}`: a service made from the template exemplar; say here, in a\n\
+                     //! line, what it does.\n\
+                     //!\n\
+                     //! The sections below still describe the template's example domain:\n\
+                     //! rewrite them with yours (`docs/new-service.md`, step 3).\n"
+                ),
+            )
+        } else {
+            text.to_owned()
+        }
+    }
+
     /// The new service's README: what it is made from, and how to run and
     /// test it.
     fn readme(&self) -> String {
@@ -388,6 +457,7 @@ impl NewService {
             .unwrap_or_default();
         format!(
             "# {service}\n\n\
+             Say here, in a few lines, what it owns and does.\n\n\
              Made from the template exemplar with `cargo run -p xtask -- new-service {service}`: its\n\
              routes are under `/{service}/v1`, its permissions are `{service}:{{account}}:<verb>:<noun>`,\n\
              its settings are `{env}_*` and the chassis' `CHASSIS_*`. The crate docs\n\
@@ -458,6 +528,10 @@ impl fmt::Display for Written {
             f,
             "  replace the example domain (migrations/, src/client.rs, the routes): docs/new-service.md"
         )?;
+        writeln!(
+            f,
+            "  commit the root Cargo.lock with the service: it now lists it, and CI builds with --locked"
+        )?;
         write!(
             f,
             "  register its client and grants with auth: docs/new-service.md, \"Register it\""
@@ -519,6 +593,22 @@ mod tests {
         );
         // The domain's own nouns are the template's example: kept.
         assert_eq!(rename("NewTicket", "rs", &from, &to), "NewTicket");
+    }
+
+    #[test]
+    fn the_one_line_descriptions_are_replaced() {
+        let lib =
+            "//! `ticketing`: tickets,\n//! never oversold.\n//!\n//! # What it owns\nuse x;\n";
+        assert_eq!(
+            replace_thesis(lib, "//! `k`: new.\n"),
+            "//! `k`: new.\n//!\n//! # What it owns\nuse x;\n"
+        );
+        assert_eq!(replace_thesis("use x;\n", "//! new\n"), "use x;\n");
+        let manifest = "[package]\nname = \"k\"\ndescription = \"Tickets.\"\n\n[dependencies]\ndescription = \"x\"\n";
+        assert_eq!(
+            replace_description(manifest, "k: new \"one\"."),
+            "[package]\nname = \"k\"\ndescription = \"k: new \\\"one\\\".\"\n\n[dependencies]\ndescription = \"x\"\n"
+        );
     }
 
     #[test]

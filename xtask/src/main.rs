@@ -11,7 +11,10 @@
 //! cargo run -p xtask -- new-service keycards --from ticketing --into ../services/keycards --port 8090
 //! ```
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use xtask::{NewService, Workspace};
 
@@ -89,12 +92,22 @@ fn new_service(args: &[String]) -> ExitCode {
         Err(problems) => return refuse(&problems),
     };
     match task.write() {
-        Ok(report) => {
+        Ok(mut report) => {
+            report.into = shown(&report.into);
             println!("{report}");
             ExitCode::SUCCESS
         }
         Err(problems) => refuse(&problems),
     }
+}
+
+/// `path` relative to the current directory when it is below it
+/// (`examples/keycards` from the workspace's root), else as it is.
+fn shown(path: &Path) -> PathBuf {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.to_path_buf())
 }
 
 fn refuse(problems: &[String]) -> ExitCode {

@@ -53,10 +53,28 @@ fn the_template_is_renamed_everywhere() {
         manifest.contains("[lib]\nname = \"key_cards\""),
         "{manifest}"
     );
+    // What described the template's domain in a line describes the new
+    // service, for it to rewrite.
+    assert!(
+        manifest.contains(
+            "description = \"key-cards: a service made from the template exemplar; describe what it does here.\"\n"
+        ),
+        "{manifest}"
+    );
     let main = fs::read_to_string(into.join("src/main.rs")).unwrap();
     assert!(main.contains("key_cards::"), "{main}");
     let lib = fs::read_to_string(into.join("src/lib.rs")).unwrap();
     assert!(lib.contains("\"key-cards\""), "the service name: {lib}");
+    assert!(
+        lib.starts_with(
+            "//! `key-cards`: a service made from the template exemplar; say here, in a\n//! line, what it does.\n//!\n"
+        ),
+        "{lib}"
+    );
+    assert!(
+        !lib.contains("never\n//! oversold"),
+        "the template's thesis is gone: {lib}"
+    );
     let readme = fs::read_to_string(into.join("README.md")).unwrap();
     assert!(readme.starts_with("# key-cards\n"), "{readme}");
     assert!(readme.contains("CHASSIS_BIND=127.0.0.1:8099"), "{readme}");

@@ -21,16 +21,25 @@
 //! | `TICKETING_SOLD_OUT_MAIL_TO` | unset: no notices | where sold-out notices go |
 //! | `CHASSIS_DOWNSTREAM_MAIL_URL` | `http://127.0.0.1:8084` | mail, with its other `CHASSIS_DOWNSTREAM_MAIL_*` settings |
 //! | `CHASSIS_CLIENT_TOKEN_URL`, `CHASSIS_CLIENT_ID`, `CHASSIS_CLIENT_SECRET` | required with notices | this service's own identity |
+//!
+//! # Apart from the ticket domain
+//!
+//! Nothing here knows a ticket: [`Alerts::sold_out`] takes plain values,
+//! and its one caller is the line under "The call to another service" in
+//! the `reserve` handler. A service made from this template that keeps the
+//! call keeps this file, `Settings::sold_out`, `AppState::alerts`, the
+//! `mail` dependency and `tests/support/mail.rs`, and calls
+//! [`Alerts::sold_out`] from its own handler (`docs/new-service.md`, "Keep
+//! the call to another service").
 
 use std::sync::Arc;
 
 use chassis::{
     client::{CallContext, Downstream, TokenSource},
     config::Reader,
+    permission::AccountId,
 };
 use mail::client::{MailClient, MailJob, SoldOut};
-
-use crate::client::Ticket;
 
 /// Sold-out notices by `outcome`: `sent`, `duplicate`, `failed`.
 const NOTICES_TOTAL: &str = "ticketing_sold_out_notices_total";
@@ -78,26 +87,34 @@ impl Alerts {
         Self(settings.map(|s| Arc::new((MailClient::new(s.mail), s.to))))
     }
 
-    /// Tells the operators that `ticket` is sold out, as this service,
-    /// within `cx`'s deadline; never fails the caller.
-    pub(crate) async fn sold_out(&self, cx: &CallContext, ticket: &Ticket) {
+    /// Tells the operators that product `id` (`name`, `capacity` places)
+    /// of `account` is sold out, as this service, within `cx`'s deadline;
+    /// never fails the caller. Mail sends at most one notice per `id`.
+    pub(crate) async fn sold_out(
+        &self,
+        cx: &CallContext,
+        account: &AccountId,
+        id: &str,
+        name: &str,
+        capacity: u32,
+    ) {
         let Some(inner) = &self.0 else { return };
         let (mail, to) = &**inner;
         let job = MailJob::sold_out(
-            format!("sold-out.{}", ticket.id),
+            format!("sold-out.{id}"),
             to.clone(),
             &SoldOut {
-                account: ticket.account.clone(),
-                ticket_id: ticket.id.clone(),
-                ticket_name: ticket.name.clone(),
-                capacity: ticket.capacity,
+                account: account.to_string(),
+                ticket_id: id.to_owned(),
+                ticket_name: name.to_owned(),
+                capacity,
             },
         );
         let outcome = match mail.as_service(cx).send(&job).await {
             Ok(accepted) if accepted.duplicate => "duplicate",
             Ok(_) => "sent",
             Err(e) => {
-                tracing::warn!(ticket = %ticket.id, error = %e, "the sold-out notice was not sent");
+                tracing::warn!(id, error = %e, "the sold-out notice was not sent");
                 "failed"
             }
         };

@@ -28,9 +28,11 @@ pub(crate) enum ApiError {
     /// 422: the key was used in this account for a different reservation.
     #[error("the Idempotency-Key was used for another request")]
     IdempotencyKeyReused,
-    /// 404: not in this account (whether or not it exists in another).
-    #[error("no such resource in the account")]
-    NotFound,
+    /// 404: no such resource (`"ticket"`, `"reservation"`: the kind, as the
+    /// detail names it) in this account, whether or not it exists in
+    /// another.
+    #[error("no such {0} in the account")]
+    NotFound(&'static str),
     /// 409: fewer places left than asked for.
     #[error("sold out: {available} places left")]
     SoldOut { available: u32 },
@@ -58,8 +60,8 @@ impl IntoResponse for ApiError {
                 .with_member("reason", "idempotency_key_reused"),
             // The same answer whether the resource does not exist or belongs
             // to another account: existence is never revealed.
-            Self::NotFound => {
-                Problem::not_found().with_detail("The account has no such ticket or reservation.")
+            Self::NotFound(kind) => {
+                Problem::not_found().with_detail(format!("The account has no such {kind}."))
             }
             Self::SoldOut { available } => Problem::new(StatusCode::CONFLICT)
                 .with_detail("Not enough places are left for this reservation.")

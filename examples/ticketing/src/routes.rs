@@ -111,11 +111,14 @@ async fn reserve(
         metrics::counter!(crate::RESERVATIONS_TOTAL, "outcome" => outcome).increment(1);
     }
     let held = result?;
-    if held.sold_out {
-        // The hold stands whatever becomes of the notice.
-        if let Ok(ticket) = store.ticket(&account, &held.reservation.ticket_id).await {
-            alerts.sold_out(&cx, &ticket).await;
-        }
+    if held.sold_out
+        && let Ok(ticket) = store.ticket(&account, &held.reservation.ticket_id).await
+    {
+        // The call to another service as this service (src/alerts.rs). Best
+        // effort: the hold stands whatever becomes of the notice.
+        alerts
+            .sold_out(&cx, &account, &ticket.id, &ticket.name, ticket.capacity)
+            .await;
     }
     let status = if held.created {
         StatusCode::CREATED

@@ -10,18 +10,12 @@
 use std::time::Duration;
 
 use chassis::{permission::AccountId, sqlite::Database};
-use time::{Date, OffsetDateTime, PrimitiveDateTime, format_description::StaticFormatDescription};
+use time::{Date, OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     client::{DATE_FORMAT, NewReservation, NewTicket, Reservation, ReservationStatus, Ticket},
     error::ApiError,
 };
-
-/// Timestamps in the database: RFC 3339 UTC with milliseconds. Fixed width,
-/// so comparing the text compares the times.
-const TIMESTAMP_FORMAT: StaticFormatDescription = time::macros::format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-);
 
 /// Tickets and reservations; cheap to clone.
 #[derive(Debug, Clone)]
@@ -105,7 +99,7 @@ impl Store {
         .bind(ticket.capacity)
         .bind(date_text(ticket.valid_from)?)
         .bind(date_text(ticket.valid_until)?)
-        .bind(timestamp_text(now)?)
+        .bind(timestamp_text(now))
         .execute(self.db.pool())
         .await?;
         Ok(ticket)
@@ -125,7 +119,7 @@ impl Store {
              WHERE t.account = ?2
              ORDER BY t.created_at, t.id",
         )
-        .bind(timestamp_text(now())?)
+        .bind(timestamp_text(now()))
         .bind(account.as_str())
         .fetch_all(self.db.pool())
         .await?;
@@ -144,12 +138,12 @@ impl Store {
              FROM tickets t
              WHERE t.account = ?2 AND t.id = ?3",
         )
-        .bind(timestamp_text(now())?)
+        .bind(timestamp_text(now()))
         .bind(account.as_str())
         .bind(id)
         .fetch_optional(self.db.pool())
         .await?;
-        row.ok_or(ApiError::NotFound)?.into_ticket()
+        row.ok_or(ApiError::NotFound("ticket"))?.into_ticket()
     }
 
     /// Holds places of a ticket. With an idempotency key already used in
@@ -167,7 +161,7 @@ impl Store {
         // Read the clock once the lock is held: which holds have expired is
         // decided as of now, not as of before a wait for the lock.
         let now = now();
-        let now_text = timestamp_text(now)?;
+        let now_text = timestamp_text(now);
 
         if let Some(key) = idempotency_key {
             let earlier: Option<ReservationRow> = sqlx::query_as(
@@ -204,7 +198,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(available) = available else {
-            return Err(ApiError::NotFound);
+            return Err(ApiError::NotFound("ticket"));
         };
 
         let reservation = Reservation {
@@ -232,7 +226,7 @@ impl Store {
         .bind(&reservation.account)
         .bind(&reservation.ticket_id)
         .bind(reservation.quantity)
-        .bind(timestamp_text(reservation.expires_at)?)
+        .bind(timestamp_text(reservation.expires_at))
         .bind(&now_text)
         .bind(idempotency_key)
         .execute(&mut *tx)
@@ -264,7 +258,8 @@ impl Store {
         .bind(id)
         .fetch_optional(self.db.pool())
         .await?;
-        row.ok_or(ApiError::NotFound)?.into_reservation(now())
+        row.ok_or(ApiError::NotFound("reservation"))?
+            .into_reservation(now())
     }
 
     /// Held → confirmed. Confirmed stays confirmed; released or expired is
@@ -311,7 +306,9 @@ impl Store {
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
-        let mut reservation = row.ok_or(ApiError::NotFound)?.into_reservation(now)?;
+        let mut reservation = row
+            .ok_or(ApiError::NotFound("reservation"))?
+            .into_reservation(now)?;
         match (reservation.status, to) {
             (Held, _) => {
                 sqlx::query("UPDATE reservations SET status = ? WHERE id = ?")
@@ -336,7 +333,7 @@ impl Store {
             "UPDATE reservations SET status = 'expired'
              WHERE status = 'held' AND expires_at <= ?",
         )
-        .bind(timestamp_text(now())?)
+        .bind(timestamp_text(now()))
         .execute(self.db.pool())
         .await?;
         Ok(done.rows_affected())
@@ -386,20 +383,25 @@ impl ReservationRow {
     }
 }
 
-/// The current time, to the millisecond (what the database keeps).
+/// Now, from the chassis' clock ([`chassis::time::now_millis`]): to the
+/// millisecond, as the database keeps it.
 fn now() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc();
-    now.replace_millisecond(now.millisecond()).unwrap_or(now)
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(chassis::time::now_millis()) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-fn timestamp_text(t: OffsetDateTime) -> Result<String, ApiError> {
-    t.format(TIMESTAMP_FORMAT)
-        .map_err(|e| ApiError::Stored(format!("timestamp {t}: {e}")))
+/// `t` as the database keeps it: the chassis' shown form
+/// ([`chassis::time::rfc3339_millis`], `2026-12-04T17:40:00.000Z`). Fixed
+/// width, so comparing the text compares the times.
+fn timestamp_text(t: OffsetDateTime) -> String {
+    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    chassis::time::rfc3339_millis(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
+/// A stored timestamp read back. (The chassis formats times but does not
+/// parse them; the `time` crate does, as it reads the API's dates.)
 fn parse_timestamp(s: &str) -> Result<OffsetDateTime, ApiError> {
-    PrimitiveDateTime::parse(s, TIMESTAMP_FORMAT)
-        .map(PrimitiveDateTime::assume_utc)
+    OffsetDateTime::parse(s, &Rfc3339)
         .map_err(|e| ApiError::Stored(format!("timestamp {s:?}: {e}")))
 }
 

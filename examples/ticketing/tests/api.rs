@@ -327,13 +327,21 @@ async fn other_accounts_are_403_and_their_ids_404() {
     let both = user("alice", &["ticketing:acme:*:*", "ticketing:initech:*:*"]).await;
     let initech = AccountId::parse("initech").unwrap();
     let calls = api.on_behalf_of(&both);
-    let (status, unknown) = refusal(calls.get_ticket(&acme(), "tkt_nope").await);
+    let (status, no_ticket) = refusal(calls.get_ticket(&acme(), "tkt_nope").await);
     assert_eq!(status, 404);
-    let not_found = |(status, problem): (u16, Value)| {
+    assert_eq!(no_ticket["detail"], "The account has no such ticket.");
+    let (status, no_reservation) = refusal(calls.get_reservation(&acme(), "rsv_nope").await);
+    assert_eq!(status, 404);
+    assert_eq!(
+        no_reservation["detail"],
+        "The account has no such reservation."
+    );
+    let same_as = |unknown: &Value, (status, problem): (u16, Value)| {
         assert_eq!(status, 404);
         assert_eq!(problem["detail"], unknown["detail"]);
         assert_eq!(problem["type"], unknown["type"]);
     };
+    let not_found = |refused| same_as(&no_ticket, refused);
     not_found(refusal(calls.get_ticket(&initech, &pass.id).await));
     not_found(refusal(
         calls
@@ -347,6 +355,7 @@ async fn other_accounts_are_403_and_their_ids_404() {
             )
             .await,
     ));
+    let not_found = |refused| same_as(&no_reservation, refused);
     not_found(refusal(calls.get_reservation(&initech, &held.id).await));
     not_found(refusal(calls.confirm(&initech, &held.id).await));
     not_found(refusal(calls.release(&initech, &held.id).await));

@@ -1,45 +1,18 @@
 //! Sold-out notices: ticketing calls mail as itself. Both services run in
 //! this process on loopback; ticketing's own token comes from the test
 //! issuer's token endpoint (client credentials), so the call goes through
-//! the real client, the real token and mail's real permission check.
+//! the real client, the real token and mail's real permission check. What
+//! stands mail up is `support::mail`; the ticket domain is only in the
+//! triggers below.
 
 mod support;
 
-use std::time::Duration;
-
 use chassis::{
-    client::Downstream,
-    config::{Config, Env, Reader},
+    config::{Env, Reader},
     permission::AccountId,
-    testing::{TestIssuer, TestServer},
 };
-use mail::client::MailClient;
-use support::{Server, TempDir, alice, day_pass, eventually, refusal, settings, user};
-use ticketing::{SoldOutNotices, client::NewReservation};
-
-/// mail, writing what it sends to files under `dir`.
-async fn mail(dir: &TempDir) -> TestServer {
-    let builder = mail::app(mail::Settings::new(dir.path()))
-        .await
-        .expect("mail starts")
-        .verifier(TestIssuer::new().verifier())
-        .config(Config::default());
-    TestServer::start(builder).await
-}
-
-/// Notices to `ops@acme.example` through the mail at `url`, with
-/// ticketing's own token holding `grants`.
-async fn notices(url: &str, grants: &[&str]) -> SoldOutNotices {
-    let tokens = TestIssuer::new().token_source("ticketing", grants).await;
-    SoldOutNotices {
-        to: "ops@acme.example".to_owned(),
-        mail: Downstream::builder("mail", url)
-            .token_source(tokens)
-            .attempt_timeout(Duration::from_secs(30))
-            .build()
-            .unwrap(),
-    }
-}
+use support::{Server, TempDir, alice, day_pass, eventually, mail::Mail, refusal, settings};
+use ticketing::client::NewReservation;
 
 fn reservation(ticket_id: &str, quantity: u32) -> NewReservation {
     NewReservation {
@@ -48,32 +21,12 @@ fn reservation(ticket_id: &str, quantity: u32) -> NewReservation {
     }
 }
 
-/// The body of `GET path` on `downstream`'s service, anonymously.
-async fn get_text(downstream: &Downstream, path: &str) -> String {
-    let cx = chassis::client::CallContext::background();
-    let res = downstream.anonymous(&cx).get(path).send().await.unwrap();
-    String::from_utf8(res.body().to_vec()).unwrap()
-}
-
-/// The `.eml` files mail has written.
-fn sent(dir: &TempDir) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir.join(mail::OUTBOX_DIR)) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".eml"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
-    let mail_dir = TempDir::new("ticketing-notices-mail");
-    let mail = mail(&mail_dir).await;
+    let mail = Mail::start().await;
     let dir = TempDir::new("ticketing-notices");
     let mut settings = settings(dir.path(), &[]);
-    settings.sold_out = Some(notices(&mail.url(""), &["mail::send:message"]).await);
+    settings.sold_out = Some(mail.notices(&["mail::send:message"]).await);
     let server = Server::start_with(settings).await;
     let alice = alice().await;
     let calls = server.client();
@@ -83,8 +36,6 @@ async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
         .create_ticket(&acme, &day_pass(3))
         .await
         .unwrap();
-    let reader = MailClient::new(Downstream::builder("mail", &mail.url("")).build().unwrap());
-    let ops = user("ops", &["mail::view:message"]).await;
     let notice_id = format!("sold-out.{}", ticket.id);
 
     // Places left: no notice.
@@ -93,7 +44,7 @@ async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
         .reserve(&acme, &reservation(&ticket.id, 2), "first")
         .await
         .unwrap();
-    let (status, _) = refusal(reader.on_behalf_of(&ops).get(&notice_id).await);
+    let (status, _) = refusal(mail.message(&notice_id).await);
     assert_eq!(status, 404);
 
     // The last place: the notice was accepted before the hold was answered,
@@ -103,13 +54,10 @@ async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
         .reserve(&acme, &reservation(&ticket.id, 1), "last")
         .await
         .unwrap();
-    let notice = reader.on_behalf_of(&ops).get(&notice_id).await.unwrap();
+    let notice = mail.message(&notice_id).await.unwrap();
     assert_eq!(notice.to, "ops@acme.example");
-    eventually("the notice is sent", || async {
-        !sent(&mail_dir).is_empty()
-    })
-    .await;
-    let eml = sent(&mail_dir).remove(0);
+    eventually("the notice is sent", || async { !mail.sent().is_empty() }).await;
+    let eml = mail.sent().remove(0);
     assert!(eml.contains("Subject: Sold out: Day pass"), "{eml}");
     assert!(eml.contains(&ticket.id), "{eml}");
 
@@ -125,19 +73,12 @@ async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
         .reserve(&acme, &reservation(&ticket.id, 1), "again")
         .await
         .unwrap();
-    let metrics = get_text(&server.downstream().clone(), "/metrics").await;
-    let line = |outcome: &str| {
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("ticketing_sold_out_notices_total")
-                    && l.contains(&format!("outcome=\"{outcome}\""))
-            })
-            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
-    };
-    assert_eq!(line("sent").as_deref(), Some("1"), "{metrics}");
-    assert_eq!(line("duplicate").as_deref(), Some("1"), "{metrics}");
-    assert_eq!(sent(&mail_dir).len(), 1);
+    let notices = "ticketing_sold_out_notices_total";
+    let sent = server.metric(notices, r#"outcome="sent""#).await;
+    assert_eq!(sent.as_deref(), Some("1"));
+    let duplicate = server.metric(notices, r#"outcome="duplicate""#).await;
+    assert_eq!(duplicate.as_deref(), Some("1"));
+    assert_eq!(mail.sent().len(), 1);
     server.stop().await;
     mail.stop().await;
 }
@@ -145,11 +86,10 @@ async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
 #[tokio::test]
 async fn a_notice_that_fails_never_fails_the_hold() {
     // Without `mail::send:message`, mail refuses ticketing with 403.
-    let mail_dir = TempDir::new("ticketing-notices-refused-mail");
-    let mail = mail(&mail_dir).await;
+    let mail = Mail::start().await;
     let dir = TempDir::new("ticketing-notices-refused");
     let mut settings = settings(dir.path(), &[]);
-    settings.sold_out = Some(notices(&mail.url(""), &["mail::view:message"]).await);
+    settings.sold_out = Some(mail.notices(&["mail::view:message"]).await);
     let server = Server::start_with(settings).await;
     let alice = alice().await;
     let acme = AccountId::parse("acme").unwrap();
@@ -167,8 +107,7 @@ async fn a_notice_that_fails_never_fails_the_hold() {
         .unwrap();
     assert_eq!(held.quantity, 1);
     server.stop().await;
-    mail.stop().await;
-    assert!(sent(&mail_dir).is_empty());
+    assert!(mail.stop().await.is_empty());
 }
 
 #[test]

@@ -1,18 +1,26 @@
 //! What the tests share: the service on a real loopback socket, callers
 //! with test tokens, and a driver client (temporary directories, polling
-//! and refusals come from `chassis::testing`).
+//! and refusals come from `chassis::testing`); `mail` is the downstream of
+//! the call the service makes as itself.
 
+// Each test file compiles this module on its own and uses part of it.
 #![allow(dead_code, unreachable_pub)]
 
 use std::{path::Path, time::Duration};
 
-pub use chassis::testing::{TempDir, eventually, refusal};
 use chassis::{
     client::{CallContext, Downstream},
     config::{Config, Env, Reader},
     testing::{TestIssuer, TestServer},
 };
 use ticketing::client::{NewTicket, TicketingClient};
+
+pub mod mail;
+
+// Re-exported so that a test file takes all its helpers from `support`; a
+// file that uses some of them must not fail `-D warnings` over the others.
+#[allow(unused_imports)]
+pub use chassis::testing::{TempDir, eventually, refusal};
 
 /// The service serving on 127.0.0.1 at an ephemeral port.
 #[derive(Debug)]
@@ -62,6 +70,21 @@ impl Server {
     /// The driver client, calling this server.
     pub fn client(&self) -> TicketingClient {
         TicketingClient::new(self.downstream.clone())
+    }
+
+    /// The value of the first sample of metric `name` whose labels include
+    /// `label` (`outcome="sent"`), from `/metrics`.
+    pub async fn metric(&self, name: &str, label: &str) -> Option<String> {
+        let cx = CallContext::background();
+        let res = self.downstream.anonymous(&cx).get("/metrics").send().await;
+        let text = String::from_utf8(res.unwrap().body().to_vec()).unwrap();
+        text.lines()
+            .find(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
     }
 }
 
