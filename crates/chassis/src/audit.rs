@@ -12,6 +12,7 @@
 //! | `time` | `2026-11-21T22:36:19.123456Z` |
 //! | `service` | `ticketing` |
 //! | `correlation_id` | `0193…` |
+//! | `trace_id` | `0193…` (the W3C trace id, which finds the call's spans) |
 //! | `subject`, `subject_kind` | `ann`, `user` (or `anonymous`) |
 //! | `method`, `route` | `POST`, `/ticketing/v1/{account}/tickets` (the template) |
 //! | `account` | `67000001` (the validated one) |
@@ -86,7 +87,7 @@ use tower::{Layer, Service};
 
 pub use crate::context::AuditDecision;
 use crate::{
-    context::{AuditNote, CorrelationId, RequestContext},
+    context::{AuditNote, CorrelationId, HexId, RequestContext},
     permission::{AccountId, Permission},
 };
 
@@ -105,6 +106,8 @@ pub struct AuditEvent {
     pub service: Arc<str>,
     /// The correlation id.
     pub correlation_id: Option<CorrelationId>,
+    /// The W3C trace id of the call, which finds its spans.
+    pub trace_id: Option<HexId<32>>,
     /// The caller's `sub`, or `anonymous`.
     pub subject: Arc<str>,
     /// `user`, `service` or `anonymous`.
@@ -148,6 +151,7 @@ impl AuditEvent {
             time: SystemTime::UNIX_EPOCH,
             service: "ticketing".into(),
             correlation_id: CorrelationId::parse("example"),
+            trace_id: Some(HexId::new(&[0xab; 16])),
             subject: "ann".into(),
             subject_kind: "user",
             method: Method::POST,
@@ -231,6 +235,7 @@ impl AuditSink for LogSink {
             tracing::info!(
                 target: "audit",
                 correlation_id = e.correlation_id.as_ref().map(CorrelationId::as_str),
+                trace_id = e.trace_id.as_ref().map(HexId::as_str),
                 subject = &*e.subject,
                 subject_kind = e.subject_kind,
                 method = e.method.as_str(),
@@ -259,6 +264,9 @@ fn log_line(lines: &crate::log_line::JsonLines, buf: &mut Vec<u8>, e: &AuditEven
     lines.begin_line(buf, e.time, "audit", None, "audit");
     if let Some(id) = &e.correlation_id {
         write_field(buf, ",\"correlation_id\":\"", id.as_str(), false);
+    }
+    if let Some(id) = &e.trace_id {
+        write_field(buf, ",\"trace_id\":\"", id.as_str(), false);
     }
     write_field(buf, ",\"subject\":\"", &e.subject, true);
     write_field(buf, ",\"subject_kind\":\"", e.subject_kind, true);
@@ -661,6 +669,7 @@ pub(crate) struct Pending {
     method: Method,
     route: Option<MatchedPath>,
     correlation_id: Option<CorrelationId>,
+    trace_id: Option<HexId<32>>,
     note: AuditNote,
     auditor: Auditor,
     status: Option<u16>,
@@ -672,14 +681,20 @@ impl Pending {
     pub(crate) fn begin<B>(auditor: &Auditor, req: &mut Request<B>) -> Self {
         let method = req.method().clone();
         let route = req.extensions().get::<MatchedPath>().cloned();
-        let (start, correlation_id, note) = RequestContext::with(req, |ctx| {
-            (ctx.received(), Some(ctx.id().clone()), ctx.note().clone())
+        let (start, correlation_id, trace_id, note) = RequestContext::with(req, |ctx| {
+            (
+                ctx.received(),
+                Some(ctx.id().clone()),
+                Some(ctx.trace().trace_id()),
+                ctx.note().clone(),
+            )
         });
         Self {
             start,
             method,
             route,
             correlation_id,
+            trace_id,
             note,
             auditor: auditor.clone(),
             status: None,
@@ -718,6 +733,7 @@ impl Drop for Pending {
             time: SystemTime::now(),
             service: self.auditor.service().clone(),
             correlation_id: self.correlation_id.take(),
+            trace_id: self.trace_id,
             subject,
             subject_kind,
             method: std::mem::replace(&mut self.method, Method::GET),
@@ -829,6 +845,7 @@ mod tests {
         };
         let refused = AuditEvent {
             correlation_id: None,
+            trace_id: None,
             subject: "a \"quoted\"\nname".into(),
             account: None,
             permission: None,
@@ -852,6 +869,7 @@ mod tests {
             serde_json::json!({
                 "time": "1970-01-01T00:00:00.000000Z", "level": "INFO", "target": "audit",
                 "service": "ticketing", "message": "audit", "correlation_id": "example",
+                "trace_id": "abababababababababababababababab",
                 "subject": "ann", "subject_kind": "user", "method": "POST",
                 "route": "/ticketing/v1/{account}/tickets", "account": "67000001",
                 "permission": "ticketing:67000001:create:ticket", "decision": "allow",
@@ -868,7 +886,7 @@ mod tests {
             (r["status"].as_u64(), r["latency_ms"].as_f64()),
             (Some(401), Some(0.0))
         );
-        for absent in ["correlation_id", "account", "permission"] {
+        for absent in ["correlation_id", "trace_id", "account", "permission"] {
             assert!(r.get(absent).is_none(), "{absent}: {r}");
         }
         let mut n = Vec::new();

@@ -586,7 +586,14 @@ impl DownstreamBuilder {
             (t, None) => t.clone(),
             (None, Some(_)) => None,
         };
-        let stack = transport::stack(s, &tls, policy, breaker.clone(), bulkhead.clone());
+        let stack = transport::stack(
+            s,
+            &name,
+            &tls,
+            policy,
+            breaker.clone(),
+            bulkhead.clone(),
+        );
         Ok(Downstream {
             inner: Arc::new(Inner {
                 name,
@@ -798,7 +805,9 @@ impl CallContext {
     /// e.g. an outbox relay delivering an event stored with that id.
     pub fn continuing(id: CorrelationId) -> Self {
         Self {
-            correlation: Correlation::new(id, TraceContext::new_root()),
+            // Nothing records a span for the work itself: each call's
+            // attempts are the roots of the trace (see `with_trace`).
+            correlation: Correlation::new(id, TraceContext::new_unrecorded_root()),
             principal: None,
             deadline: None,
         }
@@ -818,6 +827,15 @@ impl CallContext {
                 .map(|(principal, _)| principal),
             deadline: parts.extensions.get::<Deadline>().map(|d| d.0),
         }
+    }
+
+    /// Calls made with this context continue `trace`: their attempts are
+    /// child spans of it. For queued work, the span that does the work
+    /// (see [`crate::otel::Span::consumer`]).
+    #[must_use]
+    pub fn with_trace(mut self, trace: TraceContext) -> Self {
+        self.correlation = Correlation::new(self.correlation.id().clone(), trace);
+        self
     }
 
     /// Sets the caller whose token [`Downstream::on_behalf_of`] forwards.
@@ -1027,12 +1045,14 @@ impl RequestBuilder<'_> {
         ] {
             headers.remove(h);
         }
+        // Each attempt sends a `traceparent` naming its own client span
+        // (see the transport's attempt step).
         let corr = cx.correlation();
         headers.insert(X_CORRELATION_ID, corr.id().header_value().clone());
-        headers.insert(TRACEPARENT, corr.trace().child_traceparent());
         if let Some(ts) = corr.trace().tracestate() {
             headers.insert(TRACESTATE, ts.clone());
         }
+        let call_trace = transport::CallTrace(corr.trace().clone());
 
         // Identity.
         let authorization = match identity {
@@ -1112,6 +1132,7 @@ impl RequestBuilder<'_> {
         *req.headers_mut() = headers;
         req.extensions_mut()
             .insert(transport::CallDeadline(deadline));
+        req.extensions_mut().insert(call_trace);
         if self.retry_safe {
             req.extensions_mut().insert(crate::retry::RetrySafe);
         }

@@ -40,14 +40,16 @@
 //! | `CHASSIS_AUDIT_QUEUE` | `8192` | audit events buffered before new ones are dropped (counted) |
 //! | `CHASSIS_FAULT_*` | off | failure injection, see [`fault`](crate::fault) |
 //! | `CHASSIS_TLS_CA_FILE` | none | PEM file of extra CAs trusted by outbound TLS, next to the platform's, see [`tls`](crate::tls) (feature `tls`) |
+//! | `OTEL_*` | off | span export over OTLP: `OTEL_EXPORTER_OTLP_ENDPOINT`, the sampler, the resource; see [`otel`](crate::otel) (feature `otel`) |
 //!
 //! A setting of a part the chassis was built without is not ignored: with
 //! the `jwt` feature off, every `CHASSIS_AUTH_*` variable set is a problem
 //! that names the feature. A deployment that means to verify tokens then
-//! never starts a service that would not. `CHASSIS_TLS_CA_FILE` is the one
-//! exception: it widens what outbound TLS trusts, a build without `tls`
-//! opens no outbound connection, and platforms often set it for every
-//! workload, so it is ignored there.
+//! never starts a service that would not. `CHASSIS_TLS_CA_FILE` and `OTEL_*`
+//! are the exceptions: the one widens what outbound TLS trusts, and a build
+//! without `tls` opens no outbound connection; the others ask for spans, a
+//! build without `otel` records none; and platforms often set both for
+//! every workload, so they are ignored there.
 //!
 //! # Example
 //!
@@ -182,6 +184,11 @@ pub struct Config {
     /// when read (see [`tls`](crate::tls)); without the `tls` feature,
     /// setting it is a problem.
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// `OTEL_*`: which spans are exported, where (see
+    /// [`otel`](crate::otel)). Off unless an endpoint is set.
+    #[cfg(feature = "otel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+    pub tracing: crate::otel::TraceSettings,
 }
 
 impl Default for Config {
@@ -201,6 +208,8 @@ impl Default for Config {
             audit_queue: crate::audit::DEFAULT_QUEUE,
             fault: None,
             tls_ca_file: None,
+            #[cfg(feature = "otel")]
+            tracing: crate::otel::TraceSettings::off(),
         }
     }
 }
@@ -294,6 +303,8 @@ impl Config {
             audit_queue: audit_queue.max(1),
             fault,
             tls_ca_file,
+            #[cfg(feature = "otel")]
+            tracing: crate::otel::TraceSettings::read(r),
         }
     }
 

@@ -134,6 +134,8 @@ pub mod health;
 pub mod id;
 mod log_line;
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod permission;
 pub mod problem;
 pub mod protect;

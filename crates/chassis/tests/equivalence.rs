@@ -265,6 +265,16 @@ async fn run(
             // Clock readings differ between runs; everything else must not.
             o.remove("time");
             o.remove("latency_us");
+            // The server span's id is drawn per request: present on every
+            // line of a request, 16 hex digits, and different each run.
+            if let Some(span_id) = o.remove("span_id") {
+                let span_id = span_id.as_str().unwrap_or_default().to_owned();
+                assert!(
+                    span_id.len() == 16 && span_id.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "span_id {span_id}"
+                );
+                assert!(o.contains_key("trace_id"), "span_id without trace_id: {l}");
+            }
             if let Some(Value::String(loc)) = o.get_mut("location") {
                 *loc = loc.split(':').next().unwrap_or_default().to_owned();
             }

@@ -120,6 +120,8 @@ pub struct System {
     ready: Vec<(&'static str, Duration)>,
     /// Settings added to a service's environment at its next (re)start.
     extra: Vec<(&'static str, String, String)>,
+    /// Settings added to every service's environment.
+    common: Vec<(String, String)>,
 }
 
 /// Why the system did not start.
@@ -223,6 +225,21 @@ impl System {
     ///
     /// A process could not be started, or did not become ready in time.
     pub async fn start_with(exe: &Path, data: &Path, ports: Ports) -> Result<Self, StartError> {
+        Self::start_with_env(exe, data, ports, &[]).await
+    }
+
+    /// [`start_with`](Self::start_with), with `env` added to every
+    /// service's environment (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    ///
+    /// # Errors
+    ///
+    /// A process could not be started, or did not become ready in time.
+    pub async fn start_with_env(
+        exe: &Path,
+        data: &Path,
+        ports: Ports,
+        env: &[(&str, &str)],
+    ) -> Result<Self, StartError> {
         let io = |what: &str, e: std::io::Error| StartError::Io(format!("{what}: {e}"));
         let logs = data.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| io("cannot create the data directory", e))?;
@@ -242,10 +259,14 @@ impl System {
             exe: exe.to_owned(),
             ready: Vec::new(),
             extra: Vec::new(),
+            common: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         for service in SERVICES {
             let spawned = tokio::time::Instant::now();
-            let child = spawn(&system.exe, service, ports, data, &[])?;
+            let child = spawn(&system.exe, service, ports, data, &system.extra_of(service))?;
             system.children.push((service, child));
             let ready = wait_ready(&system.url_of(service), Duration::from_secs(60)).await;
             system.ready.push((service, spawned.elapsed()));
@@ -259,6 +280,17 @@ impl System {
             }
         }
         Ok(system)
+    }
+
+    /// What was added to `service`'s environment: every service's, then
+    /// its own.
+    fn extra_of(&self, service: &str) -> Vec<(String, String)> {
+        let own = self
+            .extra
+            .iter()
+            .filter(|(s, _, _)| *s == service)
+            .map(|(_, k, v)| (k.clone(), v.clone()));
+        self.common.iter().cloned().chain(own).collect()
     }
 
     /// Restarts `service` with `env` added to its environment (replacing
@@ -338,12 +370,7 @@ impl System {
             .position(|(n, _)| *n == service)
             .ok_or_else(|| StartError::Io(format!("no service {service}")))?;
         let _ = self.children[i].1.kill().await;
-        let extra: Vec<(String, String)> = self
-            .extra
-            .iter()
-            .filter(|(s, _, _)| *s == service)
-            .map(|(_, k, v)| (k.clone(), v.clone()))
-            .collect();
+        let extra = self.extra_of(service);
         let child = spawn(&self.exe, service, self.ports, &self.endpoints.data, &extra)?;
         self.children[i].1 = child;
         wait_ready(&self.url_of(service), Duration::from_secs(60))

@@ -23,7 +23,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use chassis::{correlation::TraceContext, shutdown::CancellationToken};
+use chassis::{correlation::TraceContext, otel::Span, shutdown::CancellationToken};
 use lettre::Address;
 use tokio::sync::Notify;
 use tracing::Instrument as _;
@@ -148,19 +148,43 @@ impl Worker {
     }
 
     async fn deliver(&self, message: Leased, stop: &CancellationToken) {
-        // The chassis' log format lifts `correlation_id` and `trace_id` from
-        // spans with the request target onto every line inside them.
-        let trace = TraceContext::new_root();
+        // The send continues the trace of the request that queued the
+        // message, as a child of its span.
+        let queued = message
+            .traceparent
+            .as_deref()
+            .and_then(|parent| TraceContext::from_traceparent(parent, message.tracestate.as_deref()))
+            .unwrap_or_else(TraceContext::new_unrecorded_root);
+        let mut work = Span::consumer(&queued, format!("mail deliver {}", message.template));
+        work.set_attribute("messaging.system", "mail-queue");
+        work.set_attribute("messaging.operation.type", "process");
+        work.set_attribute("messaging.message.id", message.message_id.clone());
+        work.set_attribute("messaging.message.delivery_attempt", message.attempts + 1);
+        // The chassis' log format lifts `correlation_id`, `trace_id` and
+        // `span_id` from spans with the request target onto every line
+        // inside them.
+        let (trace_id, span_id) = (work.trace().trace_id(), work.trace().span_id());
         let span = tracing::info_span!(
             target: chassis::telemetry::REQUEST_TARGET,
             "mail.deliver",
             correlation_id = %message.correlation_id,
-            trace_id = %trace.trace_id().as_str(),
+            trace_id = trace_id.as_str(),
+            span_id = span_id.as_str(),
         );
-        self.attempt(message, stop).instrument(span).await;
+        let trace = work.trace().clone();
+        if let Some(error) = self.attempt(message, &trace, stop).instrument(span).await {
+            work.set_error(error);
+        }
+        work.end();
     }
 
-    async fn attempt(&self, m: Leased, stop: &CancellationToken) {
+    /// One attempt at `m`; the kind of failure, if it failed.
+    async fn attempt(
+        &self,
+        m: Leased,
+        trace: &TraceContext,
+        stop: &CancellationToken,
+    ) -> Option<&'static str> {
         let failures = u32::try_from(m.attempts).unwrap_or(u32::MAX);
         let attempt = failures.saturating_add(1);
         if stop.is_cancelled() {
@@ -176,7 +200,7 @@ impl Worker {
                     "shutting down: cannot give the message back; it is sent when its lease expires"
                 ),
             }
-            return;
+            return Some("shutdown");
         }
         let email = match self.build(&m) {
             Ok(email) => email,
@@ -184,18 +208,36 @@ impl Worker {
                 // Rendering is deterministic: trying again cannot help.
                 self.give_up(&m, attempt, &format!("cannot render: {reason}"))
                     .await;
-                return;
+                return Some("render");
             }
         };
-        match self.send(&email, stop).await {
-            Outcome::Sent => self.sent(&m, attempt).await,
-            Outcome::Failed(error) => self.failed(&m, attempt, &error).await,
-            Outcome::Abandoned => tracing::warn!(
-                message_id = %m.message_id,
-                attempt,
-                lease_secs = self.lease.as_secs(),
-                "shutting down mid-send: the message is left to be sent again when its lease expires"
-            ),
+        // The hand-over to the mail relay: a client span of its own.
+        let mut relay = Span::client(trace, format!("{} send", self.transport.kind()));
+        relay.set_attribute("mail.transport", self.transport.kind());
+        let outcome = self.send(&email, stop).await;
+        match outcome {
+            Outcome::Sent => {
+                relay.end();
+                self.sent(&m, attempt).await;
+                None
+            }
+            Outcome::Failed(error) => {
+                relay.set_error("send");
+                relay.end();
+                self.failed(&m, attempt, &error).await;
+                Some("send")
+            }
+            Outcome::Abandoned => {
+                relay.set_error("abandoned");
+                relay.end();
+                tracing::warn!(
+                    message_id = %m.message_id,
+                    attempt,
+                    lease_secs = self.lease.as_secs(),
+                    "shutting down mid-send: the message is left to be sent again when its lease expires"
+                );
+                Some("abandoned")
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use axum::{
 use chassis::{
     Problem,
     api::{self, Api},
-    correlation::CorrelationId,
+    correlation::{CorrelationId, TraceContext},
 };
 use http::{HeaderValue, StatusCode, header};
 use serde_json::Value;
@@ -42,6 +42,7 @@ pub(crate) fn api() -> Api<AppState> {
 async fn send(
     State(state): State<AppState>,
     request_id: CorrelationId,
+    trace: TraceContext,
     Json(body): Json<Value>,
 ) -> Result<Response, Problem> {
     let job = job::validate(&body)?;
@@ -63,6 +64,9 @@ async fn send(
                 template: &job.template,
                 data: &job.data,
                 correlation_id: correlation_id.as_str(),
+                // The worker's send continues this request's trace.
+                traceparent: trace.traceparent().to_str().ok(),
+                tracestate: trace.tracestate().and_then(|v| v.to_str().ok()),
             },
             now,
         )

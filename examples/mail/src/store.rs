@@ -27,6 +27,10 @@ pub(crate) struct NewMessage<'a> {
     pub(crate) template: &'a str,
     pub(crate) data: &'a Value,
     pub(crate) correlation_id: &'a str,
+    /// The span of the request that queued it, as a `traceparent`, and its
+    /// `tracestate`.
+    pub(crate) traceparent: Option<&'a str>,
+    pub(crate) tracestate: Option<&'a str>,
 }
 
 /// What storing a job did.
@@ -67,6 +71,9 @@ pub(crate) struct Leased {
     pub(crate) correlation_id: String,
     /// Failed attempts before this one.
     pub(crate) attempts: i64,
+    /// The span of the request that queued it.
+    pub(crate) traceparent: Option<String>,
+    pub(crate) tracestate: Option<String>,
 }
 
 impl Store {
@@ -83,9 +90,9 @@ impl Store {
         let data = m.data.to_string();
         let done = sqlx::query(
             "INSERT INTO messages
-                 (message_id, recipient, template, data, correlation_id, status,
-                  attempts, next_attempt_at, created_at)
-             VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?)
+                 (message_id, recipient, template, data, correlation_id, traceparent,
+                  tracestate, status, attempts, next_attempt_at, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?)
              ON CONFLICT (message_id) DO NOTHING",
         )
         .bind(m.message_id)
@@ -93,6 +100,8 @@ impl Store {
         .bind(m.template)
         .bind(&data)
         .bind(m.correlation_id)
+        .bind(m.traceparent)
+        .bind(m.tracestate)
         .bind(now)
         .bind(now)
         .execute(self.db.pool())
@@ -143,7 +152,8 @@ impl Store {
                  ORDER BY next_attempt_at
                  LIMIT 1
              )
-             RETURNING message_id, recipient, template, data, correlation_id, attempts",
+             RETURNING message_id, recipient, template, data, correlation_id, attempts,
+                       traceparent, tracestate",
         )
         .bind(until)
         .bind(owner)

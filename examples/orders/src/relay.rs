@@ -31,6 +31,8 @@
 use std::time::Duration;
 
 use chassis::{
+    context::TraceContext,
+    otel::Span,
     client::{CallContext, ClientError},
     config::Reader,
     correlation::CorrelationId,
@@ -205,14 +207,34 @@ impl Relay {
     async fn deliver(&self, event: OutboxEvent) {
         let id =
             CorrelationId::parse(&event.correlation_id).unwrap_or_else(CorrelationId::generate);
+        // The delivery continues the trace of the request that stored the
+        // event, as a child of the transaction that wrote it.
+        let queued = event
+            .trace
+            .as_ref()
+            .and_then(|(parent, state)| TraceContext::from_traceparent(parent, state.as_deref()))
+            .unwrap_or_else(TraceContext::new_unrecorded_root);
+        let mut delivery = Span::consumer(&queued, format!("outbox deliver {}", event.kind));
+        delivery.set_attribute("messaging.system", "outbox");
+        delivery.set_attribute("messaging.operation.type", "process");
+        delivery.set_attribute("messaging.message.id", event.id.clone());
+        let (trace_id, span_id) = (delivery.trace().trace_id(), delivery.trace().span_id());
+        // Its log lines carry the ids, as a request's do.
         let span = tracing::info_span!(
+            target: chassis::telemetry::REQUEST_TARGET,
             "outbox_delivery",
             correlation_id = %id,
+            trace_id = trace_id.as_str(),
+            span_id = span_id.as_str(),
             event_id = %event.id,
             kind = %event.kind,
         );
-        let cx = CallContext::continuing(id);
+        let cx = CallContext::continuing(id).with_trace(delivery.trace().clone());
         let outcome = self.send(&cx, &event).instrument(span.clone()).await;
+        if !matches!(outcome, Delivery::Done) {
+            delivery.set_error("not_delivered");
+        }
+        delivery.end();
         let _enter = span.enter();
         let kind = event.kind.clone();
         let result = match outcome {

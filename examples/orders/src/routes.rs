@@ -18,6 +18,7 @@ use chassis::{
     auth::Principal,
     client::{CallContext, ClientError},
     correlation::CorrelationId,
+    otel::Span,
     permission::AccountId,
     validation::{FieldError, Fields, Invalid, integer, string},
 };
@@ -195,16 +196,24 @@ pub(crate) async fn place(
         created_at: chassis::time::now_rfc3339(),
     };
     let body = serde_json::to_string(&order).unwrap_or_default();
-    if let Err(e) = store::place(
+    // The transaction is a span of its own; the outbox events it writes
+    // carry it, and their delivery continues the trace from there.
+    let mut span = Span::storage(cx.correlation().trace(), "sqlite", "place order");
+    let placed = store::place(
         &state.db,
         &scope,
         &order,
         correlation.as_str(),
+        span.trace(),
         &body,
         state.crash,
     )
-    .await
-    {
+    .await;
+    if placed.is_err() {
+        span.set_error("sqlite");
+    }
+    span.end();
+    if let Err(e) = placed {
         // Nothing was committed: give the key back so a retry runs again
         // (the held reservation is found again by its key, or expires).
         let _ = idempotency::release(&state.db, &scope).await;

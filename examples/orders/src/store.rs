@@ -1,6 +1,6 @@
 //! The database: orders and the outbox.
 
-use chassis::sqlite::Database;
+use chassis::{context::TraceContext, sqlite::Database};
 
 use crate::{
     client::{Order, OrderStatus},
@@ -39,6 +39,9 @@ pub(crate) struct OutboxEvent {
     pub(crate) payload: serde_json::Value,
     pub(crate) correlation_id: String,
     pub(crate) attempts: u32,
+    /// The span that stored the event, as a `traceparent`, with its
+    /// `tracestate`.
+    pub(crate) trace: Option<(String, Option<String>)>,
 }
 
 /// Writes the order, its outbox events and the key's stored answer in one
@@ -48,6 +51,7 @@ pub(crate) async fn place(
     scope: &Scope,
     order: &Order,
     correlation_id: &str,
+    trace: &TraceContext,
     response: &str,
     crash: Option<crate::CrashPoint>,
 ) -> Result<(), sqlx::Error> {
@@ -90,14 +94,16 @@ pub(crate) async fn place(
     ];
     for (kind, payload) in events {
         sqlx::query(
-            "INSERT INTO outbox (id, kind, order_id, payload, correlation_id, next_attempt_ms, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO outbox (id, kind, order_id, payload, correlation_id, traceparent, tracestate, next_attempt_ms, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(chassis::id::prefixed("evt"))
         .bind(kind)
         .bind(&order.id)
         .bind(payload.to_string())
         .bind(correlation_id)
+        .bind(trace.traceparent().to_str().ok())
+        .bind(trace.tracestate().and_then(|v| v.to_str().ok()))
         .bind(now)
         .bind(&order.created_at)
         .execute(&mut *tx)
@@ -142,8 +148,9 @@ pub(crate) async fn list(
 
 /// Events due for delivery, oldest first.
 pub(crate) async fn due_events(db: &Database, limit: u32) -> Result<Vec<OutboxEvent>, sqlx::Error> {
-    let rows: Vec<(String, String, String, String, String, i64)> = sqlx::query_as(
-        "SELECT id, kind, order_id, payload, correlation_id, attempts FROM outbox
+    #[allow(clippy::type_complexity)]
+    let rows: Vec<(String, String, String, String, String, i64, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT id, kind, order_id, payload, correlation_id, attempts, traceparent, tracestate FROM outbox
          WHERE delivered_at IS NULL AND parked_at IS NULL AND next_attempt_ms <= ?
          ORDER BY next_attempt_ms, created_at LIMIT ?",
     )
@@ -154,13 +161,14 @@ pub(crate) async fn due_events(db: &Database, limit: u32) -> Result<Vec<OutboxEv
     Ok(rows
         .into_iter()
         .map(
-            |(id, kind, order_id, payload, correlation_id, attempts)| OutboxEvent {
+            |(id, kind, order_id, payload, correlation_id, attempts, traceparent, tracestate)| OutboxEvent {
                 id,
                 kind,
                 order_id,
                 payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
                 correlation_id,
                 attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                trace: traceparent.map(|t| (t, tracestate)),
             },
         )
         .collect())

@@ -12,6 +12,7 @@ use axum::{
 use chassis::{
     api::{Api, get, post},
     client::CallContext,
+    otel::Span,
     permission::AccountId,
 };
 use http::{HeaderMap, StatusCode};
@@ -100,7 +101,13 @@ async fn reserve(
 ) -> Result<(StatusCode, Json<Reservation>), ApiError> {
     let key = validation::idempotency_key(&headers)?;
     let new = validation::new_reservation(&body)?;
+    // The transaction, as a span of this request's trace.
+    let mut span = Span::storage(cx.correlation().trace(), "sqlite", "reserve");
     let result = store.reserve(&account, &new, key).await;
+    if matches!(result, Err(ApiError::Database(_) | ApiError::Stored(_))) {
+        span.set_error("sqlite");
+    }
+    span.end();
     let outcome = match &result {
         Ok(held) if held.created => Some("held"),
         Ok(_) => Some("replayed"),

@@ -1,10 +1,11 @@
-//! The inner part of the client stack: retry, breaker, bulkhead, attempt
-//! timeout, failure injection and the connection pool (TLS through
-//! [`ClientTls`]).
+//! The inner part of the client stack: retry, breaker, bulkhead, the
+//! attempt step (its timeout, its `traceparent` and client span), failure
+//! injection and the connection pool (TLS through [`ClientTls`]).
 
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -26,6 +27,7 @@ use crate::{
     bulkhead::{Bulkhead, BulkheadLayer},
     circuit_breaker::{CircuitBreaker, CircuitBreakerLayer},
     fault::FaultLayer,
+    context::{TRACEPARENT, TraceContext},
     protect::X_TIMEOUT_MS,
     retry::RetryPolicy,
     tls::ClientTls,
@@ -36,6 +38,11 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// The instant the whole call must end by (a request extension).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct CallDeadline(pub(super) Instant);
+
+/// The trace of the work a call is made for (a request extension): each
+/// attempt is a child span of it.
+#[derive(Debug, Clone)]
+pub(super) struct CallTrace(pub(super) TraceContext);
 
 /// An attempt was cut by its timeout.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +60,7 @@ pub(super) enum TransportError {
 
 pub(super) fn stack(
     s: &Settings,
+    name: &Arc<str>,
     tls: &ClientTls,
     policy: RetryPolicy,
     breaker: CircuitBreaker,
@@ -69,7 +77,10 @@ pub(super) fn stack(
         client,
         max_bytes: s.max_response_bytes,
     };
-    let attempt = AttemptTimeoutLayer(s.attempt_timeout);
+    let attempt = AttemptLayer {
+        timeout: s.attempt_timeout,
+        downstream: name.clone(),
+    };
     let fault = s.fault.clone().map(FaultLayer::new);
     let inner = ServiceBuilder::new()
         .layer(RetryLayer::new(policy))
@@ -122,37 +133,45 @@ impl Service<Request<Full<Bytes>>> for Pool {
     }
 }
 
-/// Bounds each attempt by the per-attempt timeout and what is left of the
-/// call's deadline, and tells the downstream in `x-timeout-ms`.
-#[derive(Debug, Clone, Copy)]
-struct AttemptTimeoutLayer(Duration);
+/// One attempt: bounded by the per-attempt timeout and what is left of the
+/// call's deadline, which the downstream is told in `x-timeout-ms`; sent
+/// with a `traceparent` naming the attempt's own span, recorded as a client
+/// span when the trace is sampled and spans are exported (so retries show
+/// as separate spans under the work that made the call).
+#[derive(Debug, Clone)]
+struct AttemptLayer {
+    timeout: Duration,
+    downstream: Arc<str>,
+}
 
-impl<S> Layer<S> for AttemptTimeoutLayer {
-    type Service = AttemptTimeout<S>;
+impl<S> Layer<S> for AttemptLayer {
+    type Service = Attempt<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AttemptTimeout {
+        Attempt {
             inner,
-            timeout: self.0,
+            timeout: self.timeout,
+            downstream: self.downstream.clone(),
         }
     }
 }
 
 #[derive(Debug, Clone)]
-struct AttemptTimeout<S> {
+struct Attempt<S> {
     inner: S,
     timeout: Duration,
+    #[cfg_attr(not(feature = "otel"), allow(dead_code))]
+    downstream: Arc<str>,
 }
 
-impl<S, B> Service<Request<B>> for AttemptTimeout<S>
+impl<S, B> Service<Request<B>> for Attempt<S>
 where
-    S: Service<Request<B>, Error = BoxError>,
+    S: Service<Request<B>, Response = Response<Bytes>, Error = BoxError>,
     S::Future: Send + 'static,
-    S::Response: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = Response<Bytes>;
     type Error = BoxError;
-    type Future = BoxFuture<Result<S::Response, BoxError>>;
+    type Future = BoxFuture<Result<Response<Bytes>, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -171,12 +190,72 @@ where
             .max(1);
         req.headers_mut()
             .insert(X_TIMEOUT_MS, HeaderValue::from(ms));
+        let attempt = req.extensions().get::<CallTrace>().map(|t| t.0.child());
+        if let Some(attempt) = &attempt {
+            req.headers_mut()
+                .insert(TRACEPARENT, attempt.traceparent());
+        }
+        #[cfg(feature = "otel")]
+        let span = attempt.map(|t| client_span(t, &req, &self.downstream));
         let fut = self.inner.call(req);
         Box::pin(async move {
-            match tokio::time::timeout(timeout, fut).await {
+            let result = match tokio::time::timeout(timeout, fut).await {
                 Ok(result) => result,
                 Err(_) => Err(AttemptTimedOut(timeout).into()),
+            };
+            #[cfg(feature = "otel")]
+            if let Some(mut span) = span {
+                match &result {
+                    Ok(res) => {
+                        let status = res.status().as_u16();
+                        span.set_attribute("http.response.status_code", i64::from(status));
+                        if status >= 400 {
+                            span.set_error(status.to_string());
+                        }
+                    }
+                    Err(e) if e.is::<AttemptTimedOut>() => span.set_error("timeout"),
+                    Err(_) => span.set_error("connection"),
+                }
             }
+            result
         })
     }
+}
+
+/// The client span of one attempt (OpenTelemetry HTTP client conventions):
+/// named after the method, with the method, the server's address and port,
+/// the URL without its query, and the downstream's name as `peer.service`.
+#[cfg(feature = "otel")]
+fn client_span<B>(trace: TraceContext, req: &Request<B>, downstream: &str) -> crate::otel::Span {
+    // OpenTelemetry's name for a method outside the standard set.
+    let method = crate::metrics::method_label_of(crate::metrics::method_index(req.method()));
+    let mut span = crate::otel::Span::begin(
+        trace,
+        opentelemetry::trace::SpanKind::Client,
+        false,
+        method,
+        std::time::SystemTime::now(),
+    );
+    if span.is_recording() {
+        let uri = req.uri();
+        span.set_attribute("http.request.method", method);
+        if let Some(host) = uri.host() {
+            span.set_attribute("server.address", host.to_owned());
+        }
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        span.set_attribute("server.port", i64::from(port));
+        span.set_attribute(
+            "url.full",
+            format!(
+                "{}://{}{}",
+                uri.scheme_str().unwrap_or("http"),
+                uri.authority().map_or("", |a| a.as_str()),
+                uri.path()
+            ),
+        );
+        span.set_attribute("peer.service", downstream.to_owned());
+    }
+    span
 }

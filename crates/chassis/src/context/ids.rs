@@ -1,7 +1,11 @@
 //! The ids of a request: [`CorrelationId`], [`TraceContext`] and [`HexId`],
 //! and the reading of the headers that carry them.
 
-use std::{convert::Infallible, fmt};
+use std::{
+    convert::Infallible,
+    fmt,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+};
 
 use axum::extract::FromRequestParts;
 use http::{HeaderMap, HeaderName, HeaderValue, request::Parts};
@@ -25,6 +29,58 @@ const MAX_TRACESTATE_LEN: usize = 512;
 const MAX_TRACESTATE_MEMBER_LEN: usize = 128;
 /// At most this many bytes of a rejected id are logged, escaped.
 pub(crate) const REJECTED_SAMPLE_LEN: usize = 64;
+
+/// The sampling of the traces this process starts: a trace is sampled when
+/// the last 56 bits of its id, read as a number, are below this threshold
+/// (`1 << 56` samples all, 0 none). Until a tracing pipeline sets it, none:
+/// a process that records nothing does not ask the services after it to
+/// record.
+static ROOT_THRESHOLD: AtomicU64 = AtomicU64::new(0);
+/// The span id of a context that names no span (all zeros, which W3C
+/// Trace Context never sends).
+const NO_SPAN: [u8; 8] = [0; 8];
+
+/// Whether a continued trace keeps its caller's sampling decision.
+static FOLLOW_PARENT: AtomicBool = AtomicBool::new(true);
+
+/// Sets how this process samples: `root_ratio` (0 to 1) of the traces it
+/// starts, and, when `follows_parent`, whatever the caller decided for the
+/// traces it continues (else the same ratio, applied to the trace id).
+///
+/// The decision is read off the trace id's last 56 bits, the part W3C Trace
+/// Context (level 2) requires to be random. (OpenTelemetry's Rust SDK reads
+/// the last 63 bits, whose top bits are the fixed variant of the UUIDv7 a
+/// new trace's id is made from here: it would sample such traces at 0 or
+/// 100 % whatever the ratio.) Every process of a trace decides the same for
+/// the same ratio.
+pub(crate) fn set_sampling(root_ratio: f64, follows_parent: bool) {
+    ROOT_THRESHOLD.store(threshold(root_ratio), Ordering::Relaxed);
+    FOLLOW_PARENT.store(follows_parent, Ordering::Relaxed);
+}
+
+/// The threshold on a trace id's last 56 bits below which `ratio` (0 to 1)
+/// of the traces fall.
+fn threshold(ratio: f64) -> u64 {
+    const ALL: u64 = 1 << 56;
+    let ratio = if ratio.is_nan() { 0.0 } else { ratio.clamp(0.0, 1.0) };
+    if ratio >= 1.0 {
+        ALL
+    } else {
+        (ratio * ALL as f64) as u64
+    }
+}
+
+/// Whether the trace `trace_id` falls below `threshold`.
+fn below(trace_id: &[u8; 16], threshold: u64) -> bool {
+    let mut low = [0u8; 8];
+    low[1..].copy_from_slice(&trace_id[9..]);
+    u64::from_be_bytes(low) < threshold
+}
+
+/// The trace flags of a new trace: sampled or not, by this process's ratio.
+fn root_flags(trace_id: &[u8; 16]) -> u8 {
+    u8::from(below(trace_id, ROOT_THRESHOLD.load(Ordering::Relaxed)))
+}
 
 /// A validated correlation id: 1-128 characters of `[A-Za-z0-9._~:-]`.
 ///
@@ -179,7 +235,11 @@ impl TraceContext {
                 trace_id,
                 parent_id: Some(parent_id),
                 span_id: random_nonzero(),
-                flags,
+                flags: if FOLLOW_PARENT.load(Ordering::Relaxed) {
+                    flags
+                } else {
+                    (flags & !0x01) | root_flags(&trace_id)
+                },
                 tracestate: clean_tracestate(headers),
             },
             None => match root {
@@ -187,7 +247,7 @@ impl TraceContext {
                     trace_id,
                     parent_id: None,
                     span_id: random_nonzero(),
-                    flags: 0x01,
+                    flags: root_flags(&trace_id),
                     tracestate: None,
                 },
                 None => Self::new_root(),
@@ -195,15 +255,84 @@ impl TraceContext {
         }
     }
 
-    /// A new trace, sampled.
-    pub fn new_root() -> Self {
+    /// A new trace for work that records no span of its own, such as a
+    /// scheduled job's calls: its [`child`](Self::child) spans are the
+    /// trace's roots, so no recorded span names a parent that is never
+    /// recorded.
+    pub fn new_unrecorded_root() -> Self {
         Self {
-            trace_id: random_nonzero(),
+            span_id: NO_SPAN,
+            ..Self::new_root()
+        }
+    }
+
+    /// A new trace, sampled as this process samples the traces it starts
+    /// (none unless a tracing pipeline is configured; see
+    /// [`crate::otel`]).
+    pub fn new_root() -> Self {
+        let trace_id = random_nonzero();
+        Self {
+            trace_id,
             parent_id: None,
             span_id: random_nonzero(),
-            flags: 0x01,
+            flags: root_flags(&trace_id),
             tracestate: None,
         }
+    }
+
+    /// The context of a span inside this one (a call to another service,
+    /// a storage transaction, a step of a handler): the same trace, sampling
+    /// and `tracestate`, a new span id, and this span as its parent.
+    pub fn child(&self) -> Self {
+        Self {
+            trace_id: self.trace_id,
+            // The first span of work that no span records is the root.
+            parent_id: (self.span_id != NO_SPAN).then_some(self.span_id),
+            span_id: random_nonzero(),
+            flags: self.flags,
+            tracestate: self.tracestate.clone(),
+        }
+    }
+
+    /// The `traceparent` that names this span: what a call made inside it
+    /// sends, so that the callee's span is its child.
+    pub fn traceparent(&self) -> HeaderValue {
+        if self.span_id == NO_SPAN {
+            return self.child_traceparent();
+        }
+        let mut text = [0u8; 55];
+        text[..3].copy_from_slice(b"00-");
+        text[3..35].copy_from_slice(self.trace_id().as_bytes());
+        text[35] = b'-';
+        text[36..52].copy_from_slice(self.span_id().as_bytes());
+        text[52] = b'-';
+        text[53..].copy_from_slice(HexId::<2>::new(&[self.flags]).as_bytes());
+        HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
+    }
+
+    /// The span a stored `traceparent` (and `tracestate`) names, as
+    /// [`traceparent`](Self::traceparent) wrote it when work was queued:
+    /// work taken from the queue continues the trace as a child of that span
+    /// ([`child`](Self::child), or a consumer span of [`crate::otel`]).
+    /// `None` if `traceparent` is not valid.
+    pub fn from_traceparent(traceparent: &str, tracestate: Option<&str>) -> Option<Self> {
+        let (trace_id, span_id, flags) = parse_traceparent(traceparent.as_bytes())?;
+        let mut headers = HeaderMap::new();
+        if let Some(state) = tracestate.and_then(|s| HeaderValue::from_str(s).ok()) {
+            headers.insert(TRACESTATE, state);
+        }
+        Some(Self {
+            trace_id,
+            parent_id: None,
+            span_id,
+            flags,
+            tracestate: clean_tracestate(&headers),
+        })
+    }
+
+    /// The raw ids: trace, span, parent span, flags.
+    pub(crate) fn raw(&self) -> ([u8; 16], [u8; 8], Option<[u8; 8]>, u8) {
+        (self.trace_id, self.span_id, self.parent_id, self.flags)
     }
 
     /// The trace id, 32 lowercase hex digits.
@@ -226,7 +355,10 @@ impl TraceContext {
         self.flags & 0x01 == 0x01
     }
 
-    /// A `traceparent` for an outgoing call: same trace, a new parent id.
+    /// A `traceparent` for an outgoing call that records no span of its
+    /// own: same trace, a new parent id that no span will carry. Prefer
+    /// [`child`](Self::child) and [`traceparent`](Self::traceparent), which
+    /// name a span the chassis records (the downstream client does).
     pub fn child_traceparent(&self) -> HeaderValue {
         let parent: [u8; 8] = random_nonzero();
         let text = format!(
@@ -306,6 +438,12 @@ impl<const N: usize> HexId<N> {
 impl<const N: usize> fmt::Display for HexId<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> serde::Serialize for HexId<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -489,5 +627,73 @@ impl<'a> Wanted<'a> {
             }
         }
         wanted
+    }
+}
+
+#[cfg(test)]
+mod sampling_tests {
+    use super::*;
+
+    /// The share of `n` new traces' ids (UUIDv7, as the chassis makes them)
+    /// that `sampled` picks.
+    fn share(n: u32, sampled: impl Fn(&[u8; 16]) -> bool) -> f64 {
+        let hits = (0..n)
+            .filter(|_| sampled(&CorrelationId::generate_uuid().1))
+            .count();
+        hits as f64 / f64::from(n)
+    }
+
+    #[test]
+    fn the_ratio_is_kept_for_the_ids_the_chassis_makes() {
+        for ratio in [0.0, 0.01, 0.25, 0.5, 0.9, 1.0] {
+            let t = threshold(ratio);
+            let got = share(20_000, |id| below(id, t));
+            // 20,000 draws: a standard deviation under 0.004.
+            assert!((got - ratio).abs() < 0.02, "ratio {ratio}: sampled {got}");
+        }
+    }
+
+    #[test]
+    fn reading_the_last_63_bits_would_not_keep_it() {
+        // The rule of OpenTelemetry's Rust SDK: the last 64 bits, shifted
+        // right by one, below ratio × 2^63. A UUIDv7's variant bits make
+        // those ids all fall between 2^62 and 2^62 + 2^61.
+        let sdk = |ratio: f64, id: &[u8; 16]| {
+            let low = u64::from_be_bytes(id[8..].try_into().unwrap()) >> 1;
+            low < (ratio * (1u64 << 63) as f64) as u64
+        };
+        assert_eq!(share(5_000, |id| sdk(0.25, id)), 0.0);
+        assert_eq!(share(5_000, |id| sdk(0.5, id)), 0.0);
+        assert_eq!(share(5_000, |id| sdk(0.8, id)), 1.0);
+    }
+
+    #[test]
+    fn a_child_names_a_new_span_under_its_parent() {
+        let (_, uuid) = CorrelationId::generate_uuid();
+        let mut headers = HeaderMap::new();
+        let parent = format!("00-{}-00f067aa0ba902b7-01", HexId::<32>::new(&uuid));
+        headers.insert(TRACEPARENT, HeaderValue::from_str(&parent).unwrap());
+        headers.insert(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
+        let ctx = TraceContext::from_headers(&headers);
+        let child = ctx.child();
+        assert_eq!(child.trace_id(), ctx.trace_id());
+        assert_eq!(child.parent_id(), Some(ctx.span_id()));
+        assert_ne!(child.span_id(), ctx.span_id());
+        assert!(child.sampled());
+        assert_eq!(child.tracestate(), ctx.tracestate());
+        let sent = child.traceparent();
+        assert_eq!(
+            sent.to_str().unwrap(),
+            format!("00-{}-{}-01", ctx.trace_id(), child.span_id())
+        );
+        // What queued work stores and continues.
+        let resumed =
+            TraceContext::from_traceparent(sent.to_str().unwrap(), Some("congo=t61rcWkgMzE"))
+                .unwrap();
+        assert_eq!(resumed.trace_id(), ctx.trace_id());
+        assert_eq!(resumed.span_id(), child.span_id());
+        assert_eq!(resumed.child().parent_id(), Some(child.span_id()));
+        assert_eq!(resumed.tracestate().unwrap(), "congo=t61rcWkgMzE");
+        assert!(TraceContext::from_traceparent("00-nope", None).is_none());
     }
 }

@@ -18,6 +18,15 @@ pub(crate) use writer::{LogWriter, WriterGuard};
 /// of the same shape itself (the audit log sink, which writes a batch of
 /// events as one message instead of one event each through `tracing`).
 /// Set only when [`init`] installed the JSON format.
+/// The ids a line of a request carries: validated ASCII, nothing to
+/// escape. An empty `span_id` is left out.
+#[derive(Clone, Copy)]
+pub(crate) struct LineIds<'a> {
+    pub(crate) correlation_id: &'a [u8],
+    pub(crate) trace_id: &'a [u8],
+    pub(crate) span_id: &'a [u8],
+}
+
 pub(crate) static JSON_LINES: std::sync::OnceLock<JsonLines> = std::sync::OnceLock::new();
 
 /// See [`JSON_LINES`].
@@ -48,7 +57,7 @@ impl JsonLines {
         buf: &mut Vec<u8>,
         time: SystemTime,
         target: &str,
-        request: Option<(&[u8], &[u8])>,
+        request: Option<LineIds<'_>>,
         message: &str,
     ) {
         buf.extend_from_slice(b"{\"time\":\"");
@@ -56,13 +65,18 @@ impl JsonLines {
         write_field(buf, "\",\"level\":\"INFO\",\"target\":\"", target, false);
         buf.extend_from_slice(b",\"service\":");
         buf.extend_from_slice(&self.service);
-        if let Some((correlation_id, trace_id)) = request {
+        if let Some(ids) = request {
             // Validated ids: nothing to escape.
             buf.extend_from_slice(b",\"correlation_id\":\"");
-            buf.extend_from_slice(correlation_id);
+            buf.extend_from_slice(ids.correlation_id);
             buf.extend_from_slice(b"\",\"trace_id\":\"");
-            buf.extend_from_slice(trace_id);
+            buf.extend_from_slice(ids.trace_id);
             buf.push(b'"');
+            if !ids.span_id.is_empty() {
+                buf.extend_from_slice(b",\"span_id\":\"");
+                buf.extend_from_slice(ids.span_id);
+                buf.push(b'"');
+            }
         }
         write_field(buf, ",\"message\":\"", message, false);
     }

@@ -302,10 +302,12 @@ impl ServiceBuilder {
         let shed = LoadShedLayer::new(config.max_concurrent_requests);
         let auditor =
             auditor.unwrap_or_else(|| Auditor::new(&self.name, LogSink, config.audit_queue));
+        let build = self.build_info.unwrap_or_default();
+        let package_version = build.version;
         let info = Arc::new(Info {
             service: self.name.clone(),
             api_version: self.version,
-            build: self.build_info.unwrap_or_default(),
+            build,
             started: SystemTime::now(),
             started_mono: Instant::now(),
         });
@@ -361,6 +363,7 @@ impl ServiceBuilder {
         Ok(Service {
             name: self.name,
             version: self.version,
+            package_version,
             router,
             config,
             health: self.health,

@@ -37,6 +37,8 @@ pub(super) type TaskFn =
 pub struct Service {
     pub(super) name: String,
     pub(super) version: u32,
+    /// The package version, from [`BuildInfo`](super::BuildInfo).
+    pub(super) package_version: &'static str,
     pub(super) router: Router,
     pub(super) config: Config,
     pub(super) health: Health,
@@ -274,8 +276,9 @@ impl Service {
     ) -> Result<(), ServeError> {
         let local = listener.local_addr()?;
         let Self {
-            name: _,
+            name,
             version,
+            package_version,
             router,
             config,
             health,
@@ -285,6 +288,19 @@ impl Service {
             auditor,
             peer_addresses,
         } = self;
+
+        // Spans leave the process from here on, when `OTEL_*` asks for it.
+        #[cfg(feature = "otel")]
+        let tracing_pipeline = crate::otel::install(
+            &config.tracing,
+            crate::otel::ResourceInfo {
+                service_name: name.clone(),
+                service_version: package_version.to_owned(),
+                instance_id: crate::otel::instance_id(),
+            },
+        );
+        #[cfg(not(feature = "otel"))]
+        let _ = (&name, package_version);
 
         let stop_tasks = CancellationToken::new();
         let mut handles: Vec<(String, JoinHandle<()>)> = health
@@ -387,6 +403,14 @@ impl Service {
         }
         // Every call has been answered: write out what the audit queue holds.
         let _ = tokio::task::spawn_blocking(move || auditor.flush()).await;
+        // And send the spans still queued, within what is left of the grace.
+        #[cfg(feature = "otel")]
+        if let Some(pipeline) = tracing_pipeline {
+            let remaining = at
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(500));
+            pipeline.shutdown(remaining).await;
+        }
         tracing::info!("stopped");
         Ok(())
     }

@@ -24,6 +24,17 @@ use crate::log_line::{Escaper, escape_into, with_line, write_json_str, write_rfc
 pub(crate) struct RequestFields {
     pub(super) correlation_id: Inline<{ crate::context::MAX_LEN }>,
     pub(super) trace_id: Inline<32>,
+    /// The id of the span the line belongs to: the request's server span.
+    pub(super) span_id: Inline<16>,
+}
+
+impl RequestFields {
+    /// No ids yet.
+    pub(super) const EMPTY: Self = Self {
+        correlation_id: Inline::EMPTY,
+        trace_id: Inline::EMPTY,
+        span_id: Inline::EMPTY,
+    };
 }
 
 /// A short string kept inline; longer values are cut (ids are bounded).
@@ -72,12 +83,13 @@ impl Visit for RequestFields {
         match field.name() {
             "correlation_id" => self.correlation_id.set(value),
             "trace_id" => self.trace_id.set(value),
+            "span_id" => self.span_id.set(value),
             _ => {}
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if matches!(field.name(), "correlation_id" | "trace_id") {
+        if matches!(field.name(), "correlation_id" | "trace_id" | "span_id") {
             self.record_str(field, &format!("{value:?}"));
         }
     }
@@ -168,13 +180,14 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for WithoutRequestSpans {
 
 /// Fields whose names the line itself uses; an event field with one of these
 /// names is written with a `field.` prefix instead of overwriting it.
-const RESERVED: [&str; 6] = [
+const RESERVED: [&str; 7] = [
     "time",
     "level",
     "target",
     "service",
     "correlation_id",
     "trace_id",
+    "span_id",
 ];
 
 impl<S, W> tracing_subscriber::Layer<S> for JsonLayer<W>
@@ -186,10 +199,7 @@ where
         if attrs.metadata().target() != REQUEST_TARGET {
             return;
         }
-        let mut fields = RequestFields {
-            correlation_id: Inline::EMPTY,
-            trace_id: Inline::EMPTY,
-        };
+        let mut fields = RequestFields::EMPTY;
         attrs.record(&mut fields);
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(fields);
@@ -212,6 +222,10 @@ where
                 write_json_str(buf, f.correlation_id.as_str());
                 buf.extend_from_slice(b",\"trace_id\":");
                 write_json_str(buf, f.trace_id.as_str());
+                if !f.span_id.as_bytes().is_empty() {
+                    buf.extend_from_slice(b",\"span_id\":");
+                    write_json_str(buf, f.span_id.as_str());
+                }
             };
             // The request being polled on this thread, for an event that
             // names no parent of its own; else the request span around it.
@@ -252,7 +266,7 @@ impl JsonFields<'_> {
         let name = field.name();
         self.buf.push(b',');
         let taken = match name {
-            "correlation_id" | "trace_id" => self.has_request,
+            "correlation_id" | "trace_id" | "span_id" => self.has_request,
             _ => RESERVED.contains(&name),
         };
         if taken {

@@ -23,11 +23,11 @@ use crate::{
     metrics::{HttpMetrics, UNMATCHED, method_index},
 };
 
-use crate::log_line::{JsonLines, json_lines, route_is_clean, with_line, write_field, write_u64};
+use crate::log_line::{JsonLines, LineIds, json_lines, route_is_clean, with_line, write_field, write_u64};
 
 use super::{
     ACCESS_TARGET, REQUEST_TARGET,
-    json::{CurrentIds, Inline, RequestFields},
+    json::{CurrentIds, RequestFields},
 };
 
 /// Layer that opens the request span, records RED metrics and writes the
@@ -122,26 +122,27 @@ pub(crate) fn begin<B>(metrics: &HttpMetrics, req: &Request<B>) -> Guard {
     // Hex-encoded once for the span, the thread-local ids and the
     // access line.
     let trace_hex = ids.map(|c| c.trace().trace_id());
+    let span_hex = ids.map(|c| c.trace().span_id());
     // The field values are only computed when the span is enabled (it is
     // not under `init`'s JSON log).
     let span = {
         let m = req.method().as_str();
         if standard {
-            tracing::debug_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = ids.map(|c| c.id().as_str()), trace_id = trace_hex.as_ref().map(HexId::as_str))
+            tracing::debug_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = ids.map(|c| c.id().as_str()), trace_id = trace_hex.as_ref().map(HexId::as_str), span_id = span_hex.as_ref().map(HexId::as_str))
         } else {
-            tracing::info_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = ids.map(|c| c.id().as_str()), trace_id = trace_hex.as_ref().map(HexId::as_str))
+            tracing::info_span!(target: REQUEST_TARGET, "request", method = m, route = route_str, correlation_id = ids.map(|c| c.id().as_str()), trace_id = trace_hex.as_ref().map(HexId::as_str), span_id = span_hex.as_ref().map(HexId::as_str))
         }
     };
     let fields = ids.zip(trace_hex.as_ref()).map(|(c, trace)| {
-        let mut f = RequestFields {
-            correlation_id: Inline::EMPTY,
-            trace_id: Inline::EMPTY,
-        };
-        // Both are ASCII by construction: copied without a UTF-8 check.
+        let mut f = RequestFields::EMPTY;
+        // All are ASCII by construction: copied without a UTF-8 check.
         f.correlation_id.set_ascii(c.id().header_value().as_bytes());
         f.trace_id.set_ascii(trace.as_bytes());
+        f.span_id.set_ascii(c.trace().span_id().as_bytes());
         f
     });
+    #[cfg(feature = "otel")]
+    let server_span = ids.and_then(|c| server_span(c, req, route_str, route.is_some()));
     // The access line of an API call is written directly when the
     // chassis' JSON log is installed; it needs the request's ids, which
     // `fields` holds.
@@ -155,9 +156,59 @@ pub(crate) fn begin<B>(metrics: &HttpMetrics, req: &Request<B>) -> Guard {
         direct,
         fields,
         span,
+        #[cfg(feature = "otel")]
+        server_span,
         status: None,
         metrics: metrics.clone(),
     }
+}
+
+/// The request's server span, when its trace is sampled and spans are
+/// exported (OpenTelemetry HTTP semantic conventions): named after the
+/// method and route template, with the method, route, scheme and server
+/// address; the status is set when the request ends.
+#[cfg(feature = "otel")]
+fn server_span<B>(
+    ctx: &RequestContext,
+    req: &Request<B>,
+    route: &str,
+    matched: bool,
+) -> Option<crate::otel::Span> {
+    if !(ctx.trace().sampled() && crate::otel::enabled()) {
+        return None;
+    }
+    let method = req.method().as_str().to_owned();
+    let name = if matched {
+        format!("{method} {route}")
+    } else {
+        method.clone()
+    };
+    // The request was received `elapsed` ago, by the monotonic clock.
+    let start = SystemTime::now() - ctx.received().elapsed();
+    let mut span = crate::otel::Span::begin(
+        ctx.trace().clone(),
+        opentelemetry::trace::SpanKind::Server,
+        ctx.trace().parent_id().is_some(),
+        name,
+        start,
+    );
+    span.set_attribute("http.request.method", method);
+    if matched {
+        span.set_attribute("http.route", route.to_owned());
+    }
+    span.set_attribute("url.scheme", req.uri().scheme_str().unwrap_or("http").to_owned());
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok());
+    if let Some(authority) = host {
+        span.set_attribute("server.address", authority.host().to_owned());
+        if let Some(port) = authority.port_u16() {
+            span.set_attribute("server.port", i64::from(port));
+        }
+    }
+    Some(span)
 }
 
 /// Records the request when dropped: at the end of the body, when the
@@ -175,6 +226,10 @@ pub(crate) struct Guard {
     fields: Option<RequestFields>,
     /// The request span; disabled under [`init`]'s JSON log.
     span: Span,
+    /// The OpenTelemetry server span, when the request's trace is sampled
+    /// and exported.
+    #[cfg(feature = "otel")]
+    server_span: Option<crate::otel::Span>,
     status: Option<u16>,
     metrics: HttpMetrics,
 }
@@ -198,6 +253,17 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         let status = self.status.unwrap_or(CLIENT_CLOSED);
+        #[cfg(feature = "otel")]
+        if let Some(mut span) = self.server_span.take() {
+            span.set_attribute("http.response.status_code", i64::from(status));
+            if status >= 500 {
+                span.set_error(status.to_string());
+            } else if status == CLIENT_CLOSED {
+                // The client went away: not the server's error, but worth
+                // finding (OpenTelemetry leaves the status unset).
+                span.set_attribute("error.type", "client_closed");
+            }
+        }
         self.metrics
             .record_route(self.route.as_ref(), self.method, status, elapsed);
         let route = self.route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
@@ -250,7 +316,11 @@ pub(super) fn access_line(
             buf,
             SystemTime::now(),
             ACCESS_TARGET,
-            Some((ids.correlation_id.as_bytes(), ids.trace_id.as_bytes())),
+            Some(LineIds {
+                correlation_id: ids.correlation_id.as_bytes(),
+                trace_id: ids.trace_id.as_bytes(),
+                span_id: ids.span_id.as_bytes(),
+            }),
             "request",
         );
         // An HTTP method is a token: no quote, backslash or control byte.

@@ -14,7 +14,7 @@ use std::{
 use bytes::Bytes;
 
 use super::{
-    json::{CurrentIds, Inline, RequestFields},
+    json::{CurrentIds, RequestFields},
     observe::access_line,
     *,
 };
@@ -130,10 +130,7 @@ async fn without_the_request_span_lines_still_carry_the_ids() {
     access_and_handler_lines(&capture, false).await;
     // A request polled inside another's poll carries its own ids, and the
     // outer ones come back after it.
-    let outer = RequestFields {
-        correlation_id: Inline::EMPTY,
-        trace_id: Inline::EMPTY,
-    };
+    let outer = RequestFields::EMPTY;
     let mut inner = outer;
     inner.correlation_id.set("inner");
     {
@@ -428,12 +425,13 @@ fn the_direct_access_line_is_the_one_the_tracing_event_renders() {
     use crate::correlation::{CorrelationId, TraceContext};
 
     let id = CorrelationId::parse("c-1").unwrap();
-    let trace = TraceContext::new_root().trace_id();
+    let root = TraceContext::new_root();
+    let (trace, span_id) = (root.trace_id(), root.span_id());
 
     // Through tracing: the request span carries the ids, the event the rest.
     let capture = Capture::default();
     tracing::subscriber::with_default(subscriber(&capture, "info"), || {
-        let span = tracing::info_span!(target: REQUEST_TARGET, "request", method = "GET", route = "/svc/v1/{id}", correlation_id = id.as_str(), trace_id = trace.as_str());
+        let span = tracing::info_span!(target: REQUEST_TARGET, "request", method = "GET", route = "/svc/v1/{id}", correlation_id = id.as_str(), trace_id = trace.as_str(), span_id = span_id.as_str());
         tracing::info!(target: ACCESS_TARGET, parent: &span, method = "GET", route = "/svc/v1/{id}", status = 200u16, latency_us = 77u64, "request");
     });
     let mut via_tracing = capture.lines().remove(0);
@@ -442,12 +440,10 @@ fn the_direct_access_line_is_the_one_the_tracing_event_renders() {
     let direct_out = Capture::default();
     let (writer, guard) = LogWriter::spawn(direct_out.clone(), |_| Vec::new());
     let lines = JsonLines::new("svc", writer);
-    let mut ids = RequestFields {
-        correlation_id: Inline::EMPTY,
-        trace_id: Inline::EMPTY,
-    };
+    let mut ids = RequestFields::EMPTY;
     ids.correlation_id.set(id.as_str());
     ids.trace_id.set(trace.as_str());
+    ids.span_id.set(span_id.as_str());
     access_line(&lines, &ids, "GET", ("/svc/v1/{id}", false), 200, 77);
     drop(lines);
     drop(guard);
