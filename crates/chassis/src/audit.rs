@@ -12,7 +12,7 @@
 //! | `time` | `2026-11-21T22:36:19.123456Z` |
 //! | `service` | `ticketing` |
 //! | `correlation_id` | `0193…` |
-//! | `trace_id` | `0193…` (the W3C trace id, which finds the call's spans) |
+//! | `trace_id`, `span_id` | `0193…`, `9f3c…` (the W3C trace id and the call's server span, which find its spans) |
 //! | `subject`, `subject_kind` | `ann`, `user` (or `anonymous`) |
 //! | `method`, `route` | `POST`, `/ticketing/v1/{account}/tickets` (the template) |
 //! | `account` | `67000001` (the validated one) |
@@ -108,6 +108,8 @@ pub struct AuditEvent {
     pub correlation_id: Option<CorrelationId>,
     /// The W3C trace id of the call, which finds its spans.
     pub trace_id: Option<HexId<32>>,
+    /// The id of the call's server span.
+    pub span_id: Option<HexId<16>>,
     /// The caller's `sub`, or `anonymous`.
     pub subject: Arc<str>,
     /// `user`, `service` or `anonymous`.
@@ -152,6 +154,7 @@ impl AuditEvent {
             service: "ticketing".into(),
             correlation_id: CorrelationId::parse("example"),
             trace_id: Some(HexId::new(&[0xab; 16])),
+            span_id: Some(HexId::new(&[0xcd; 8])),
             subject: "ann".into(),
             subject_kind: "user",
             method: Method::POST,
@@ -236,6 +239,7 @@ impl AuditSink for LogSink {
                 target: "audit",
                 correlation_id = e.correlation_id.as_ref().map(CorrelationId::as_str),
                 trace_id = e.trace_id.as_ref().map(HexId::as_str),
+                span_id = e.span_id.as_ref().map(HexId::as_str),
                 subject = &*e.subject,
                 subject_kind = e.subject_kind,
                 method = e.method.as_str(),
@@ -267,6 +271,9 @@ fn log_line(lines: &crate::log_line::JsonLines, buf: &mut Vec<u8>, e: &AuditEven
     }
     if let Some(id) = &e.trace_id {
         write_field(buf, ",\"trace_id\":\"", id.as_str(), false);
+    }
+    if let Some(id) = &e.span_id {
+        write_field(buf, ",\"span_id\":\"", id.as_str(), false);
     }
     write_field(buf, ",\"subject\":\"", &e.subject, true);
     write_field(buf, ",\"subject_kind\":\"", e.subject_kind, true);
@@ -670,6 +677,7 @@ pub(crate) struct Pending {
     route: Option<MatchedPath>,
     correlation_id: Option<CorrelationId>,
     trace_id: Option<HexId<32>>,
+    span_id: Option<HexId<16>>,
     note: AuditNote,
     auditor: Auditor,
     status: Option<u16>,
@@ -681,11 +689,12 @@ impl Pending {
     pub(crate) fn begin<B>(auditor: &Auditor, req: &mut Request<B>) -> Self {
         let method = req.method().clone();
         let route = req.extensions().get::<MatchedPath>().cloned();
-        let (start, correlation_id, trace_id, note) = RequestContext::with(req, |ctx| {
+        let (start, correlation_id, trace_id, span_id, note) = RequestContext::with(req, |ctx| {
             (
                 ctx.received(),
                 Some(ctx.id().clone()),
                 Some(ctx.trace().trace_id()),
+                Some(ctx.trace().span_id()),
                 ctx.note().clone(),
             )
         });
@@ -695,6 +704,7 @@ impl Pending {
             route,
             correlation_id,
             trace_id,
+            span_id,
             note,
             auditor: auditor.clone(),
             status: None,
@@ -734,6 +744,7 @@ impl Drop for Pending {
             service: self.auditor.service().clone(),
             correlation_id: self.correlation_id.take(),
             trace_id: self.trace_id,
+            span_id: self.span_id,
             subject,
             subject_kind,
             method: std::mem::replace(&mut self.method, Method::GET),
@@ -846,6 +857,7 @@ mod tests {
         let refused = AuditEvent {
             correlation_id: None,
             trace_id: None,
+            span_id: None,
             subject: "a \"quoted\"\nname".into(),
             account: None,
             permission: None,
@@ -870,6 +882,7 @@ mod tests {
                 "time": "1970-01-01T00:00:00.000000Z", "level": "INFO", "target": "audit",
                 "service": "ticketing", "message": "audit", "correlation_id": "example",
                 "trace_id": "abababababababababababababababab",
+                "span_id": "cdcdcdcdcdcdcdcd",
                 "subject": "ann", "subject_kind": "user", "method": "POST",
                 "route": "/ticketing/v1/{account}/tickets", "account": "67000001",
                 "permission": "ticketing:67000001:create:ticket", "decision": "allow",
@@ -886,7 +899,13 @@ mod tests {
             (r["status"].as_u64(), r["latency_ms"].as_f64()),
             (Some(401), Some(0.0))
         );
-        for absent in ["correlation_id", "trace_id", "account", "permission"] {
+        for absent in [
+            "correlation_id",
+            "trace_id",
+            "span_id",
+            "account",
+            "permission",
+        ] {
             assert!(r.get(absent).is_none(), "{absent}: {r}");
         }
         let mut n = Vec::new();

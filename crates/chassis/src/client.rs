@@ -586,14 +586,7 @@ impl DownstreamBuilder {
             (t, None) => t.clone(),
             (None, Some(_)) => None,
         };
-        let stack = transport::stack(
-            s,
-            &name,
-            &tls,
-            policy,
-            breaker.clone(),
-            bulkhead.clone(),
-        );
+        let stack = transport::stack(s, &name, &tls, policy, breaker.clone(), bulkhead.clone());
         Ok(Downstream {
             inner: Arc::new(Inner {
                 name,

@@ -69,11 +69,12 @@
 //! | `process-metrics` | yes | process CPU, memory, file descriptors and start time at `/metrics` |
 //! | `jwt` | yes | token verification in [`auth`]: `Verifier`, `AuthConfig` (`CHASSIS_AUTH_*`), key sets and OpenID discovery; enables `tls` (keys are fetched over https); pulls in jsonwebtoken |
 //! | `client` | yes | `client`: the downstream client and `TokenSource`; enables `tls` |
+//! | `otel` | yes | [`otel`]: distributed tracing, spans exported over OTLP (HTTP/protobuf) to the collector named by `OTEL_EXPORTER_OTLP_ENDPOINT`, configured by the standard `OTEL_*` variables; pulls in the OpenTelemetry SDK and its OTLP exporter (no reqwest, no tonic) |
 //! | `tls` | with `jwt` or `client` | `tls`: outbound TLS through rustls on aws-lc-rs, the platform's roots plus `CHASSIS_TLS_CA_FILE` |
 //! | `sqlite` | no | `sqlite`: one SQLite database per service through sqlx, WAL mode, migrations at start-up, a readiness check |
-//! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it, a token endpoint, a test PKI, and the harness for a service's binary (`ServiceProcess`, `ProcessCheck`, `TempDir`, `eventually`), for tests (dev-dependencies only); enables `jwt`, `tls` and `client` |
+//! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it, a token endpoint, a test PKI, an OTLP collector on loopback (`OtlpReceiver`), and the harness for a service's binary (`ServiceProcess`, `ProcessCheck`, `TempDir`, `eventually`), for tests (dev-dependencies only); enables `jwt`, `tls`, `client` and `otel` |
 //!
-//! The defaults are `["process-metrics", "jwt", "client"]`. Everything else
+//! The defaults are `["process-metrics", "jwt", "client", "otel"]`. Everything else
 //! is what the service builder needs, so it is always built: the route
 //! table and its guard ([`api`]), [`Principal`](auth::Principal),
 //! [`AuthError`](auth::AuthError) and the reason codes, [`permission`],
@@ -135,6 +136,7 @@ pub mod id;
 mod log_line;
 pub mod metrics;
 #[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
 pub mod otel;
 pub mod permission;
 pub mod problem;

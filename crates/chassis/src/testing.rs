@@ -56,12 +56,14 @@ use serde_json::{Value, json};
 
 use crate::auth::{Key, Verifier};
 
+mod otlp;
 mod pki;
 mod process;
 mod server;
 mod support;
 mod token_endpoint;
 
+pub use otlp::{OtlpReceiver, ReceivedEvent, ReceivedSpan};
 pub use pki::{TestCert, TestPki};
 pub use process::{
     ProcessCheck, READY_WITHIN, ServiceProcess, ServiceProcessBuilder, parse_lines,

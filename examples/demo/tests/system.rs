@@ -2,7 +2,10 @@
 //! in the middle of the work, after which nothing is lost and nothing is
 //! sent twice.
 
-use std::{collections::{HashMap, HashSet}, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use chassis::client::{CallContext, Downstream};
 use orders::{NewOrder, OrdersClient};

@@ -12,7 +12,8 @@ use std::{
 
 use chassis::{
     config::{Env, Reader},
-    otel::{ResourceInfo, TraceSettings},
+    context::TraceContext,
+    otel::{ResourceInfo, Span, TraceSettings},
     testing::{OtlpReceiver, ReceivedSpan},
 };
 use demo::system::{Ports, System};
@@ -72,36 +73,37 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
     let e = system.endpoints();
     let admin = alice(&e, "ticketing").await;
     let ticket = product(&e, &admin, 10).await;
-    // The order: one call, its own trace.
-    let cx = alice(&e, "orders").await;
+    // The order, in a trace of its own whose root is the customer's span.
+    let journey = Span::internal(&TraceContext::new_unrecorded_root(), "place an order");
+    let cx = alice(&e, "orders")
+        .await
+        .with_trace(journey.trace().clone());
     let trace_id = cx.correlation().trace().trace_id().to_string();
     let orders = OrdersClient::new(downstream("orders", &e.orders));
     let order = place(&orders, &cx, &ticket, "trace-1").await;
     every_order_mailed_once(&data, &HashSet::from([order.clone()])).await;
 
-    // Every hop exports: wait for mail's hand-over span, the last one.
-    let of_trace = || -> Vec<ReceivedSpan> {
-        receiver
-            .spans()
-            .into_iter()
-            .filter(|s| s.trace_id == trace_id)
-            .collect()
-    };
+    journey.end();
+    // Every hop exports; stopping the services sends what each has queued.
     chassis::testing::eventually_within(
         Duration::from_secs(60),
         "mail's send span to arrive",
         || {
-            let done = of_trace()
+            let done = receiver
+                .spans()
                 .iter()
-                .any(|s| s.service_name == "mail" && s.kind == "client");
+                .any(|s| s.trace_id == trace_id && s.service_name == "mail" && s.kind == "client");
             async move { done }
         },
     )
     .await;
-    let spans = of_trace();
-    pipeline.shutdown(Duration::from_secs(5)).await;
     system.stop().await;
-
+    pipeline.shutdown(Duration::from_secs(5)).await;
+    let spans: Vec<ReceivedSpan> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.trace_id == trace_id)
+        .collect();
     let by_id: BTreeMap<&str, &ReceivedSpan> =
         spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
     let describe = || {
@@ -133,7 +135,10 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
         .collect();
     assert_eq!(roots.len(), 1, "one root:\n{}", describe());
     assert_eq!(roots[0].service_name, "customer");
-    assert_eq!(roots[0].kind, "client");
+    assert_eq!(
+        (roots[0].kind, roots[0].name.as_str()),
+        ("internal", "place an order")
+    );
 
     // Each hop is there, under the one before it.
     let find = |service: &str, kind: &str, name: &str| -> &ReceivedSpan {
@@ -146,12 +151,20 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
         by_id[s.parent_span_id.as_deref().expect("a parent")]
     };
     let placed = find("orders", "server", "POST /orders/v1/{account}/orders");
-    assert_eq!(parent_of(placed).span_id, roots[0].span_id);
+    let customer_call = parent_of(placed);
+    assert_eq!(
+        (customer_call.service_name.as_str(), customer_call.kind),
+        ("customer", "client")
+    );
+    assert_eq!(parent_of(customer_call).span_id, roots[0].span_id);
     assert_eq!(
         placed.attributes["http.response.status_code"],
         serde_json::json!(201)
     );
-    assert_eq!(placed.attributes["http.route"], "/orders/v1/{account}/orders");
+    assert_eq!(
+        placed.attributes["http.route"],
+        "/orders/v1/{account}/orders"
+    );
     let reserve = find(
         "ticketing",
         "server",
@@ -187,8 +200,17 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
     assert_eq!(parent_of(sent).span_id, delivered.span_id);
     // The resource names each service's instance.
     for s in &spans {
-        assert!(!s.resource["service.instance.id"].as_str().unwrap_or_default().is_empty());
-        assert!(s.resource.contains_key("service.version"), "{:?}", s.resource);
+        assert!(
+            !s.resource["service.instance.id"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty()
+        );
+        assert!(
+            s.resource.contains_key("service.version"),
+            "{:?}",
+            s.resource
+        );
     }
 
     // Each service's log lines for this trace carry the trace id and the
@@ -202,9 +224,9 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
             .map(|s| s.span_id.as_str())
             .collect();
         for line in &lines {
-            let span_id = line["span_id"].as_str().unwrap_or_else(|| {
-                panic!("a line of {service} without span_id: {line}")
-            });
+            let span_id = line["span_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a line of {service} without span_id: {line}"));
             assert!(
                 own.contains(span_id),
                 "{service} logged span {span_id}, which it did not export: {line}"

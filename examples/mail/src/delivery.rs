@@ -153,7 +153,9 @@ impl Worker {
         let queued = message
             .traceparent
             .as_deref()
-            .and_then(|parent| TraceContext::from_traceparent(parent, message.tracestate.as_deref()))
+            .and_then(|parent| {
+                TraceContext::from_traceparent(parent, message.tracestate.as_deref())
+            })
             .unwrap_or_else(TraceContext::new_unrecorded_root);
         let mut work = Span::consumer(&queued, format!("mail deliver {}", message.template));
         work.set_attribute("messaging.system", "mail-queue");

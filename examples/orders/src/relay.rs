@@ -31,12 +31,12 @@
 use std::time::Duration;
 
 use chassis::{
-    context::TraceContext,
-    otel::Span,
     client::{CallContext, ClientError},
     config::Reader,
+    context::TraceContext,
     correlation::CorrelationId,
     health::{Check, CheckError},
+    otel::Span,
     permission::AccountId,
     sqlite::Database,
 };

@@ -161,14 +161,16 @@ pub(crate) async fn due_events(db: &Database, limit: u32) -> Result<Vec<OutboxEv
     Ok(rows
         .into_iter()
         .map(
-            |(id, kind, order_id, payload, correlation_id, attempts, traceparent, tracestate)| OutboxEvent {
-                id,
-                kind,
-                order_id,
-                payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
-                correlation_id,
-                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-                trace: traceparent.map(|t| (t, tracestate)),
+            |(id, kind, order_id, payload, correlation_id, attempts, traceparent, tracestate)| {
+                OutboxEvent {
+                    id,
+                    kind,
+                    order_id,
+                    payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
+                    correlation_id,
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                    trace: traceparent.map(|t| (t, tracestate)),
+                }
             },
         )
         .collect())

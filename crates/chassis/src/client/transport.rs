@@ -26,8 +26,8 @@ use crate::{
     BoxError,
     bulkhead::{Bulkhead, BulkheadLayer},
     circuit_breaker::{CircuitBreaker, CircuitBreakerLayer},
-    fault::FaultLayer,
     context::{TRACEPARENT, TraceContext},
+    fault::FaultLayer,
     protect::X_TIMEOUT_MS,
     retry::RetryPolicy,
     tls::ClientTls,
@@ -192,8 +192,7 @@ where
             .insert(X_TIMEOUT_MS, HeaderValue::from(ms));
         let attempt = req.extensions().get::<CallTrace>().map(|t| t.0.child());
         if let Some(attempt) = &attempt {
-            req.headers_mut()
-                .insert(TRACEPARENT, attempt.traceparent());
+            req.headers_mut().insert(TRACEPARENT, attempt.traceparent());
         }
         #[cfg(feature = "otel")]
         let span = attempt.map(|t| client_span(t, &req, &self.downstream));
@@ -244,7 +243,11 @@ fn client_span<B>(trace: TraceContext, req: &Request<B>, downstream: &str) -> cr
         }
         let port = uri
             .port_u16()
-            .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            .unwrap_or(if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
         span.set_attribute("server.port", i64::from(port));
         span.set_attribute(
             "url.full",

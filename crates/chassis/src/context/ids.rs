@@ -62,7 +62,11 @@ pub(crate) fn set_sampling(root_ratio: f64, follows_parent: bool) {
 /// of the traces fall.
 fn threshold(ratio: f64) -> u64 {
     const ALL: u64 = 1 << 56;
-    let ratio = if ratio.is_nan() { 0.0 } else { ratio.clamp(0.0, 1.0) };
+    let ratio = if ratio.is_nan() {
+        0.0
+    } else {
+        ratio.clamp(0.0, 1.0)
+    };
     if ratio >= 1.0 {
         ALL
     } else {

@@ -23,7 +23,9 @@ use crate::{
     metrics::{HttpMetrics, UNMATCHED, method_index},
 };
 
-use crate::log_line::{JsonLines, LineIds, json_lines, route_is_clean, with_line, write_field, write_u64};
+use crate::log_line::{
+    JsonLines, LineIds, json_lines, route_is_clean, with_line, write_field, write_u64,
+};
 
 use super::{
     ACCESS_TARGET, REQUEST_TARGET,
@@ -196,7 +198,10 @@ fn server_span<B>(
     if matched {
         span.set_attribute("http.route", route.to_owned());
     }
-    span.set_attribute("url.scheme", req.uri().scheme_str().unwrap_or("http").to_owned());
+    span.set_attribute(
+        "url.scheme",
+        req.uri().scheme_str().unwrap_or("http").to_owned(),
+    );
     let host = req
         .headers()
         .get(http::header::HOST)

@@ -156,4 +156,3 @@ pub async fn every_order_mailed_once(data: &Path, ids: &HashSet<String>) {
         );
     }
 }
-
