@@ -16,6 +16,7 @@
 //! | Configuration | reads typed `CHASSIS_*` / `<SERVICE>_*` variables; on any problem, stops listing them all, exit 78; never prints a secret | [`config`] |
 //! | Correlation | accepts or creates an `x-correlation-id`, returns it, logs it, forwards it; continues W3C trace context | [`correlation`] |
 //! | Logging | writes one JSON object per line to stdout, with the correlation id; one access-log line per request; no credentials | [`telemetry`] |
+//! | Tracing | records a span for every request, every attempt at a call, every storage transaction and every piece of queued work, continues its caller's trace and sampling decision, and exports the spans over OTLP without ever slowing a request | `otel` (feature `otel`) |
 //! | Metrics | exports RED metrics by route template and process metrics at `/metrics` | [`metrics`] |
 //! | Health | answers liveness without dependencies and readiness from background checks with hysteresis | [`health`] |
 //! | Errors | answers every error with `application/problem+json` carrying the correlation id, and no internals | [`problem`] |

@@ -270,3 +270,49 @@ async fn a_ratio_of_zero_records_nothing_the_service_starts_but_follows_a_sample
         "the first hop is the caller's child: {kinds:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_hangs_slows_no_request_and_the_spans_it_loses_are_counted() {
+    let _turn = TURN.lock().await;
+    let receiver = OtlpReceiver::start().await;
+    receiver.set_stalling(true);
+    let endpoint = receiver.endpoint();
+    let (server, _) = front(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "4"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "10"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"),
+    ])
+    .await;
+    let calls = server.downstream();
+    // Each request records four spans or more (the test's attempt, the
+    // call, its attempts and what they reach): the first batch hangs at the
+    // collector, the queue fills, and every request after is still
+    // answered, its spans dropped.
+    for _ in 0..50 {
+        let cx = CallContext::background();
+        let answered = tokio::time::timeout(
+            Duration::from_secs(30),
+            calls.anonymous(&cx).get("/front/v1/call").send(),
+        )
+        .await
+        .expect("a hanging collector does not hold up a request");
+        assert_eq!(answered.unwrap().status(), 200);
+    }
+    let metrics = calls
+        .anonymous(&CallContext::background())
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(metrics.body()).into_owned();
+    let dropped: f64 = text
+        .lines()
+        .find(|l| l.starts_with("otel_spans_dropped_total") && l.contains("reason=\"queue_full\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no queue_full drops in:\n{text}"));
+    assert!(dropped >= 150.0, "dropped {dropped}");
+    receiver.set_stalling(false);
+    server.stop().await;
+}

@@ -53,6 +53,7 @@ static FOLLOW_PARENT: AtomicBool = AtomicBool::new(true);
 /// new trace's id is made from here: it would sample such traces at 0 or
 /// 100 % whatever the ratio.) Every process of a trace decides the same for
 /// the same ratio.
+#[cfg(feature = "otel")]
 pub(crate) fn set_sampling(root_ratio: f64, follows_parent: bool) {
     ROOT_THRESHOLD.store(threshold(root_ratio), Ordering::Relaxed);
     FOLLOW_PARENT.store(follows_parent, Ordering::Relaxed);
@@ -60,6 +61,7 @@ pub(crate) fn set_sampling(root_ratio: f64, follows_parent: bool) {
 
 /// The threshold on a trace id's last 56 bits below which `ratio` (0 to 1)
 /// of the traces fall.
+#[cfg(any(feature = "otel", test))]
 fn threshold(ratio: f64) -> u64 {
     const ALL: u64 = 1 << 56;
     let ratio = if ratio.is_nan() {
@@ -335,6 +337,7 @@ impl TraceContext {
     }
 
     /// The raw ids: trace, span, parent span, flags.
+    #[cfg(feature = "otel")]
     pub(crate) fn raw(&self) -> ([u8; 16], [u8; 8], Option<[u8; 8]>, u8) {
         (self.trace_id, self.span_id, self.parent_id, self.flags)
     }

@@ -71,6 +71,7 @@ use http::{HeaderMap, Request, request::Parts};
 use tokio::time::Instant;
 
 pub(crate) mod ids;
+#[cfg(feature = "otel")]
 pub(crate) use ids::set_sampling;
 mod note;
 mod principal;

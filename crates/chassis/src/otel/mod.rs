@@ -7,7 +7,8 @@
 //! A service takes part in the traces that cross it, so that where a slow
 //! or failed call spent its time can be seen across services:
 //!
-//! * **a server span per request**, named after the method and the route
+//! * **a server span per API request** (the standard endpoints, probed and
+//!   scraped every few seconds, start none), named after the method and the route
 //!   template (`POST /orders/v1/{account}/orders`), with the OpenTelemetry
 //!   HTTP attributes: `http.request.method`, `http.route`,
 //!   `http.response.status_code`, `url.scheme`, `server.address`,
@@ -23,7 +24,7 @@
 //! * every log line written for a request carries its `trace_id` and its
 //!   `span_id` (the server span), and every audit event its `trace_id`;
 //! * queued work continues the trace of the request that queued it: the
-//!   queue stores the request's [`traceparent`](TraceContext::traceparent)
+//!   queue stores the request's [`traceparent`](crate::context::TraceContext::traceparent)
 //!   and the worker's span is its **child**
 //!   ([`TraceContext::from_traceparent`]), so one trace shows the customer's
 //!   call, the outbox relay and the mail sent. A child rather than a span
@@ -56,6 +57,41 @@
 //!
 //! The rest (timeouts, queue and batch sizes, turning it off) are listed
 //! with [`TraceSettings`].
+//!
+//! # Running a collector locally
+//!
+//! Any OTLP/HTTP receiver works. With Docker, Jaeger's all-in-one image
+//! takes OTLP on port 4318 and shows the traces on 16686:
+//!
+//! ```text
+//! docker run --rm -p 4318:4318 -p 16686:16686 jaegertracing/all-in-one
+//! OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 cargo run --release -p demo
+//! ```
+//!
+//! (the demo passes its environment on to the four services), then open
+//! `http://127.0.0.1:16686`. The OpenTelemetry Collector (`otelcol`) with
+//! an `otlp` receiver and a `debug` exporter prints every span instead. In
+//! tests, `chassis::testing::OtlpReceiver` is a collector on loopback that
+//! decodes what a service exports (feature `testing`).
+//!
+//! # Adding a span to a handler
+//!
+//! Take the request's [`TraceContext`] (or [`RequestContext`]) as an
+//! extractor, open a [`Span`] inside it, and pass the span's
+//! [`trace`](Span::trace) to what runs inside it:
+//! [`CallContext::with_trace`] for calls to other services,
+//! [`Span::storage`] for a transaction, [`Span::internal`] for a step of
+//! your own. Attributes follow the OpenTelemetry semantic conventions; keep
+//! names low in cardinality (a route template, never a raw path).
+//!
+//! # Metrics exemplars
+//!
+//! A histogram bucket linked to a trace id (OpenMetrics exemplars) is not
+//! offered: the Prometheus exporter the chassis uses
+//! (`metrics-exporter-prometheus` 0.18) writes the Prometheus text format,
+//! which has no exemplars, and the `metrics` facade has no way to pass a
+//! trace with a sample. The access line and the audit event carry the
+//! trace id instead, which finds a slow request's trace from its log.
 //!
 //! # How the chassis does it
 //!
@@ -93,6 +129,8 @@
 //! ```
 //!
 //! [`TraceContext`]: crate::context::TraceContext
+//! [`RequestContext`]: crate::context::RequestContext
+//! [`CallContext::with_trace`]: crate::client::CallContext::with_trace
 //! [`TraceContext::traceparent`]: crate::context::TraceContext::traceparent
 //! [`TraceContext::from_traceparent`]: crate::context::TraceContext::from_traceparent
 

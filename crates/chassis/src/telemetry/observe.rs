@@ -144,7 +144,11 @@ pub(crate) fn begin<B>(metrics: &HttpMetrics, req: &Request<B>) -> Guard {
         f
     });
     #[cfg(feature = "otel")]
-    let server_span = ids.and_then(|c| server_span(c, req, route_str, route.is_some()));
+    // Probes and scrapes of the standard endpoints start no span: they
+    // would fill a tracing backend with traces of one span each.
+    let server_span = ids
+        .filter(|_| !standard)
+        .and_then(|c| server_span(c, req, route_str, route.is_some()));
     // The access line of an API call is written directly when the
     // chassis' JSON log is installed; it needs the request's ids, which
     // `fields` holds.
