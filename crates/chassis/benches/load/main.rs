@@ -2,19 +2,28 @@
 //! stack a Rust team assembles by hand (B), side by side in one run.
 //!
 //! ```text
-//! cargo bench -p service-chassis --bench load                      # all scenarios, about 6 minutes
+//! cargo bench -p service-chassis --bench load                      # cached, distinct, routes: about 6 minutes
 //! cargo bench -p service-chassis --bench load -- --write           # and write the table into docs/benchmarks.md
 //! cargo bench -p service-chassis --bench load -- --scenarios cached --rounds 1 --secs 5
+//! cargo bench -p service-chassis --bench load -- --scenarios tracing   # what span export costs
 //! ```
 //!
 //! Options: `--secs N` per measured run (10), `--warmup N` seconds before it
 //! (2), `--rounds N` (3), `--connections N` (32), `--scenarios
-//! cached,distinct,routes`, `--server-cpu` (0) and `--load-cpu` (1).
+//! cached,distinct,routes` (`tracing` when asked for), `--server-cpu` (0)
+//! and `--load-cpu` (1).
 //!
 //! `--instructions` instead counts the user-space instructions per request
-//! of A, B and C under callgrind (valgrind, installed when missing): a
+//! of the variants of the first scenario listed (`cached`: A, B and C,
+//! unless told) under callgrind (valgrind, installed when missing): a
 //! figure that hardly moves on a busy machine, to compare changes to the
 //! request path.
+//!
+//! The `tracing` scenario compares A, C, and C exporting its spans over
+//! OTLP with the root sampling ratio at 0 (`C-otel-off`) and at 1
+//! (`C-otel-all`). Those send to a collector on loopback inside the harness
+//! process ([`collector`]), which counts what arrives and discards it; its
+//! thread is pinned to the load generator's core.
 //!
 //! Each round starts every variant in turn (A B C A B C ...) in its own
 //! process, pinned with `taskset` to one core with one tokio worker, and
@@ -31,11 +40,13 @@
 //! anything: it starts each variant once and checks that they answer the
 //! same request alike (200 with the same body, 401 without a valid token, 403
 //! for another account, metrics exported), so the comparison stays fair and
-//! the harness cannot rot.
+//! the harness cannot rot; C exporting its spans answers alike too, and its
+//! spans reach the collector.
 
 // A load run is measured in wall-clock time, not the tokio clock tests pause.
 #![allow(clippy::disallowed_types)]
 
+mod collector;
 mod harness;
 mod tokens;
 mod variants;
@@ -45,7 +56,8 @@ use std::process::ExitCode;
 use jsonwebtoken::Algorithm;
 
 use crate::{
-    harness::{Server, get, ticket_path},
+    collector::Collector,
+    harness::{Server, get, otel_counts, ticket_path},
     tokens::{ACCOUNT, Signer},
     variants::{Kind, ServerSpec, Ticket},
 };
@@ -114,19 +126,14 @@ fn check(exe: &std::path::Path) {
             cache: Some(1),
         };
         let name = format!("{} ({alg:?})", kind.arg());
-        let server = Server::start(exe, spec, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let server = Server::start(exe, spec, None, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
         let signer = Signer::new(alg);
         let token = signer.token("check");
 
         // Two distinct tokens in a row: C's one-entry cache misses and
         // evicts, and still answers right.
         for t in [&token, &signer.token("check-2"), &token] {
-            let (status, body) =
-                get(server.addr, &ticket_path(), Some(t)).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(status, 200, "{name}: {body}");
-            let ticket: Ticket =
-                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{name}: {e}: {body}"));
-            assert_eq!(ticket, expected, "{name}");
+            answers_the_ticket(server.addr, t, &expected, &name);
         }
         if kind == Kind::Bare {
             continue;
@@ -169,6 +176,64 @@ fn check(exe: &std::path::Path) {
         assert!(
             metrics.contains("tickets/{id}"),
             "{name}: the ticket route is measured: {metrics}"
+        );
+    }
+    if cfg!(feature = "otel") {
+        check_tracing(exe, &expected);
+    }
+}
+
+/// `GET` the ticket with `token`: 200 and `expected`.
+fn answers_the_ticket(addr: std::net::SocketAddr, token: &str, expected: &Ticket, name: &str) {
+    let (status, body) =
+        get(addr, &ticket_path(), Some(token)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(status, 200, "{name}: {body}");
+    let ticket: Ticket =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{name}: {e}: {body}"));
+    assert_eq!(&ticket, expected, "{name}");
+}
+
+/// The `tracing` scenario's servers: C exporting with sampling off and on
+/// answers alike, and with every request sampled its spans reach the
+/// harness's collector, which the exporter accepts.
+fn check_tracing(exe: &std::path::Path, expected: &Ticket) {
+    let collector = Collector::start(None).unwrap_or_else(|e| panic!("collector: {e}"));
+    let spec = ServerSpec {
+        kind: Kind::Chassis,
+        routes: 10,
+        alg: Algorithm::RS256,
+        cache: None,
+    };
+    let token = Signer::new(Algorithm::RS256).token("check");
+    for ratio in ["0", "1"] {
+        let name = format!("chassis exporting, sampling ratio {ratio}");
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()),
+            ("OTEL_TRACES_SAMPLER_ARG", ratio.to_owned()),
+        ];
+        let server = Server::start(exe, spec, None, &env).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for _ in 0..3 {
+            answers_the_ticket(server.addr, &token, expected, &name);
+        }
+        if ratio == "0" {
+            continue;
+        }
+        // Exported on the schedule (1 s by default): wait until the
+        // server counts its three spans as accepted, within a generous bound.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let exported = loop {
+            let (exported, dropped) = otel_counts(server.addr);
+            assert!(dropped == 0.0, "{name}: {dropped} spans dropped");
+            if exported >= 3.0 || std::time::Instant::now() > deadline {
+                break exported;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert!(exported >= 3.0, "{name}: {exported} spans exported");
+        let received = collector.received();
+        assert!(
+            received.requests >= 1 && received.bytes > 0,
+            "{name}: the collector received {received:?}"
         );
     }
 }

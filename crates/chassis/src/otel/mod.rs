@@ -51,7 +51,7 @@
 //! |---|---|---|
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` | none: off | the collector, e.g. `http://127.0.0.1:4318` (`/v1/traces` is appended) |
 //! | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | none | the traces URL itself, used as given |
-//! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `http/protobuf` | the only protocol built in |
+//! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `http/protobuf` | the only protocol built in: gRPC would add tonic and seven more crates to every service, and every OpenTelemetry collector takes OTLP/HTTP (port 4318) |
 //! | `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` | the service's name | the resource: `service.name`, `service.version`, `service.instance.id` and any `key=value,…` |
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | `parentbased_traceidratio`, `1.0` | which traces are recorded |
 //!
