@@ -184,7 +184,17 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
     // events, as its child.
     let relayed = find("orders", "consumer", "outbox deliver order.placed");
     assert_eq!(parent_of(relayed).span_id, transaction.span_id);
-    find("orders", "consumer", "outbox deliver reservation.confirm");
+    let confirming = find("orders", "consumer", "outbox deliver reservation.confirm");
+    let confirmed = find(
+        "ticketing",
+        "server",
+        "POST /ticketing/v1/{account}/reservations/{id}/confirm",
+    );
+    assert_eq!(parent_of(parent_of(confirmed)).span_id, confirming.span_id);
+    assert_eq!(
+        parent_of(find("ticketing", "client", "confirm")).span_id,
+        confirmed.span_id
+    );
     let queued = find("mail", "server", "POST /mail/v1/messages");
     assert_eq!(parent_of(parent_of(queued)).span_id, relayed.span_id);
     // Mail's worker continues from the request that queued the message.

@@ -12,6 +12,7 @@ use axum::{
 use chassis::{
     api::{Api, get, post},
     client::CallContext,
+    context::TraceContext,
     otel::Span,
     permission::AccountId,
 };
@@ -102,12 +103,8 @@ async fn reserve(
     let key = validation::idempotency_key(&headers)?;
     let new = validation::new_reservation(&body)?;
     // The transaction, as a span of this request's trace.
-    let mut span = Span::storage(cx.correlation().trace(), "sqlite", "reserve");
-    let result = store.reserve(&account, &new, key).await;
-    if matches!(result, Err(ApiError::Database(_) | ApiError::Stored(_))) {
-        span.set_error("sqlite");
-    }
-    span.end();
+    let span = Span::storage(cx.correlation().trace(), "sqlite", "reserve");
+    let result = traced(span, store.reserve(&account, &new, key).await);
     let outcome = match &result {
         Ok(held) if held.created => Some("held"),
         Ok(_) => Some("replayed"),
@@ -147,14 +144,26 @@ async fn confirm(
     account: AccountId,
     Path(Id { id }): Path<Id>,
     State(store): State<Store>,
+    trace: TraceContext,
 ) -> Result<Json<Reservation>, ApiError> {
-    Ok(Json(store.confirm(&account, &id).await?))
+    let span = Span::storage(&trace, "sqlite", "confirm");
+    Ok(Json(traced(span, store.confirm(&account, &id).await)?))
 }
 
 async fn release(
     account: AccountId,
     Path(Id { id }): Path<Id>,
     State(store): State<Store>,
+    trace: TraceContext,
 ) -> Result<Json<Reservation>, ApiError> {
-    Ok(Json(store.release(&account, &id).await?))
+    let span = Span::storage(&trace, "sqlite", "release");
+    Ok(Json(traced(span, store.release(&account, &id).await)?))
+}
+
+/// Ends a transaction's span, failed when the database failed.
+fn traced<T>(mut span: Span, result: Result<T, ApiError>) -> Result<T, ApiError> {
+    if matches!(result, Err(ApiError::Database(_) | ApiError::Stored(_))) {
+        span.set_error("sqlite");
+    }
+    result
 }
