@@ -302,7 +302,10 @@ fn drawn_span_id(o: &mut serde_json::Map<String, Value>) {
             span_id.len() == 16 && span_id.bytes().all(|b| b.is_ascii_hexdigit()),
             "span_id {span_id}"
         );
-        assert!(o.contains_key("trace_id"), "span_id without trace_id: {o:?}");
+        assert!(
+            o.contains_key("trace_id"),
+            "span_id without trace_id: {o:?}"
+        );
     }
 }
 

@@ -23,6 +23,27 @@ mod support;
 
 use support::*;
 
+/// One test at a time: the customer's pipeline is the process's.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The customer's own export pipeline (this test process), to `endpoint`:
+/// its calls' spans are recorded too.
+fn customer(env: &[(&str, &str)]) -> chassis::otel::Tracing {
+    let vars = Env::from_pairs(env.iter().copied());
+    let mut r = Reader::new(&vars);
+    let settings = TraceSettings::read(&mut r);
+    r.finish().expect("valid OTEL_* settings");
+    chassis::otel::install(
+        &settings,
+        ResourceInfo {
+            service_name: "customer".to_owned(),
+            service_version: "test".to_owned(),
+            instance_id: chassis::otel::instance_id(),
+        },
+    )
+    .expect("an endpoint is set")
+}
+
 /// What the services and this test are told: export to `endpoint`, in
 /// batches a few milliseconds apart.
 fn otel_env(endpoint: &str) -> Vec<(&'static str, String)> {
@@ -42,37 +63,45 @@ fn lines_of(data: &Path, service: &str, trace_id: &str) -> Vec<serde_json::Value
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
+/// A running system whose services export to `receiver`, and this test's
+/// own pipeline (the customer's), with a product of `capacity` places.
+struct Traced {
+    receiver: OtlpReceiver,
+    pipeline: chassis::otel::Tracing,
+    system: System,
+    data: std::path::PathBuf,
+    ticket: String,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+async fn traced(name: &str, capacity: u32) -> Traced {
     let receiver = OtlpReceiver::start().await;
     let env = otel_env(&receiver.endpoint());
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-
-    // This test is the customer: its calls' attempts are the trace's roots.
-    let settings = {
-        let vars = Env::from_pairs(env_refs.iter().copied());
-        let mut r = Reader::new(&vars);
-        let settings = TraceSettings::read(&mut r);
-        r.finish().expect("valid OTEL_* settings");
-        settings
-    };
-    let pipeline = chassis::otel::install(
-        &settings,
-        ResourceInfo {
-            service_name: "customer".to_owned(),
-            service_version: "test".to_owned(),
-            instance_id: chassis::otel::instance_id(),
-        },
-    )
-    .expect("an endpoint is set");
-
-    let data = temp_dir("tracing");
-    let mut system = System::start_with_env(&exe(), &data, Ports::free().unwrap(), &env_refs)
+    let turn = TURN.lock().await;
+    // This test is the customer: its spans are the trace's roots.
+    let pipeline = customer(&env_refs);
+    let data = temp_dir(name);
+    let system = System::start_with_env(&exe(), &data, Ports::free().unwrap(), &env_refs)
         .await
         .expect("the system starts");
     let e = system.endpoints();
     let admin = alice(&e, "ticketing").await;
-    let ticket = product(&e, &admin, 10).await;
+    let ticket = product(&e, &admin, capacity).await;
+    Traced {
+        receiver,
+        pipeline,
+        system,
+        data,
+        ticket,
+        _turn: turn,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
+    let mut t = traced("tracing", 10).await;
+    let e = t.system.endpoints();
     // The order, in a trace of its own whose root is the customer's span.
     let journey = Span::internal(&TraceContext::new_unrecorded_root(), "place an order");
     let cx = alice(&e, "orders")
@@ -80,8 +109,8 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
         .with_trace(journey.trace().clone());
     let trace_id = cx.correlation().trace().trace_id().to_string();
     let orders = OrdersClient::new(downstream("orders", &e.orders));
-    let order = place(&orders, &cx, &ticket, "trace-1").await;
-    every_order_mailed_once(&data, &HashSet::from([order.clone()])).await;
+    let order = place(&orders, &cx, &t.ticket, "trace-1").await;
+    every_order_mailed_once(&t.data, &HashSet::from([order.clone()])).await;
 
     journey.end();
     // Every hop exports; stopping the services sends what each has queued.
@@ -89,17 +118,18 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
         Duration::from_secs(60),
         "mail's send span to arrive",
         || {
-            let done = receiver
-                .spans()
-                .iter()
-                .any(|s| s.trace_id == trace_id && s.service_name == "mail" && s.kind == "client");
+            let done =
+                t.receiver.spans().iter().any(|s| {
+                    s.trace_id == trace_id && s.service_name == "mail" && s.kind == "client"
+                });
             async move { done }
         },
     )
     .await;
-    system.stop().await;
-    pipeline.shutdown(Duration::from_secs(5)).await;
-    let spans: Vec<ReceivedSpan> = receiver
+    t.system.stop().await;
+    t.pipeline.shutdown(Duration::from_secs(5)).await;
+    let spans: Vec<ReceivedSpan> = t
+        .receiver
         .spans()
         .into_iter()
         .filter(|s| s.trace_id == trace_id)
@@ -226,7 +256,7 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
     // Each service's log lines for this trace carry the trace id and the
     // id of a span that service exported in it.
     for service in ["orders", "ticketing", "mail"] {
-        let lines = lines_of(&data, service, &trace_id);
+        let lines = lines_of(&t.data, service, &trace_id);
         assert!(!lines.is_empty(), "{service} logged nothing for the trace");
         let own: BTreeSet<&str> = spans
             .iter()
@@ -243,5 +273,88 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
             );
         }
     }
-    let _ = std::fs::remove_dir_all(&data);
+    let _ = std::fs::remove_dir_all(&t.data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_that_fails_once_shows_each_attempt_as_a_span() {
+    let mut t = traced("tracing-retry", 100).await;
+    let e = t.system.endpoints();
+    // Ticketing refuses a share of reservations (503), as a flaky
+    // dependency would; orders retries them (they carry an Idempotency-Key).
+    t.system
+        .restart_with(
+            "ticketing",
+            &[
+                ("CHASSIS_FAULT_ABORT_PERCENT", "30"),
+                (
+                    "CHASSIS_FAULT_ROUTES",
+                    "/ticketing/v1/{account}/reservations",
+                ),
+            ],
+        )
+        .await
+        .expect("ticketing restarts");
+    let orders = OrdersClient::new(downstream("orders", &e.orders));
+    let cx = alice(&e, "orders").await;
+    // Orders until one's first reservation attempt fails and a retry
+    // succeeds (30 % each: 40 orders miss that with odds below 10^-4).
+    let mut traces = Vec::new();
+    for i in 0..40 {
+        let journey = Span::internal(&TraceContext::new_unrecorded_root(), "place an order");
+        let cx = cx.clone().with_trace(journey.trace().clone());
+        traces.push(cx.correlation().trace().trace_id().to_string());
+        place(&orders, &cx, &t.ticket, &format!("retry-{i}")).await;
+        journey.end();
+    }
+    t.system.stop().await;
+    t.pipeline.shutdown(Duration::from_secs(5)).await;
+    let spans = t.receiver.spans();
+    let retried = traces.iter().find_map(|trace_id| {
+        let of_trace: Vec<&ReceivedSpan> =
+            spans.iter().filter(|s| &s.trace_id == trace_id).collect();
+        let placed = of_trace.iter().find(|s| {
+            s.service_name == "orders"
+                && s.kind == "server"
+                && s.attributes["http.response.status_code"] == serde_json::json!(201)
+        })?;
+        let attempts: Vec<&ReceivedSpan> = of_trace
+            .iter()
+            .copied()
+            .filter(|s| {
+                s.service_name == "orders"
+                    && s.kind == "client"
+                    && s.name == "POST"
+                    && s.parent_span_id.as_deref() == Some(placed.span_id.as_str())
+            })
+            .collect();
+        (attempts.len() >= 2).then_some((of_trace, attempts))
+    });
+    let (of_trace, attempts) = retried.expect("one order's reservation was retried");
+    // Each attempt is its own span under the order's server span, and the
+    // one ticketing server span it reached is its child, with the same
+    // status: the refused ones 503 (an error), the last 201.
+    let mut statuses = Vec::new();
+    for attempt in &attempts {
+        let reached: Vec<&ReceivedSpan> = of_trace
+            .iter()
+            .copied()
+            .filter(|s| {
+                s.service_name == "ticketing"
+                    && s.kind == "server"
+                    && s.parent_span_id.as_deref() == Some(attempt.span_id.as_str())
+            })
+            .collect();
+        assert_eq!(reached.len(), 1, "one server span per attempt");
+        let status = attempt.attributes["http.response.status_code"].clone();
+        assert_eq!(reached[0].attributes["http.response.status_code"], status);
+        statuses.push((attempt.start_unix_nanos, status, attempt.status));
+    }
+    statuses.sort_by_key(|s| s.0);
+    let last = statuses.pop().expect("attempts");
+    assert_eq!((last.1, last.2), (serde_json::json!(201), "unset"));
+    for (_, status, outcome) in statuses {
+        assert_eq!((status, outcome), (serde_json::json!(503), "error"));
+    }
+    let _ = std::fs::remove_dir_all(&t.data);
 }
