@@ -212,8 +212,15 @@ async fn one_order_is_one_trace_across_orders_ticketing_the_relay_and_mail() {
     find("ticketing", "client", "reserve");
     // The relay continues the trace from the transaction that stored the
     // events, as its child.
+    assert_eq!(
+        parent_of(find("orders", "client", "claim key")).span_id,
+        placed.span_id
+    );
     let relayed = find("orders", "consumer", "outbox deliver order.placed");
     assert_eq!(parent_of(relayed).span_id, transaction.span_id);
+    // Each delivery records its outcome in a transaction under it.
+    assert!(spans.iter().any(|s| s.name == "record delivery"
+        && s.parent_span_id.as_deref() == Some(relayed.span_id.as_str())));
     let confirming = find("orders", "consumer", "outbox deliver reservation.confirm");
     let confirmed = find(
         "ticketing",

@@ -234,9 +234,11 @@ impl Relay {
         if !matches!(outcome, Delivery::Done) {
             delivery.set_error("not_delivered");
         }
-        delivery.end();
         let _enter = span.enter();
         let kind = event.kind.clone();
+        // Recording the outcome is a transaction of its own, inside the
+        // delivery's span.
+        let mut recorded = Span::storage(delivery.trace(), "sqlite", "record delivery");
         let result = match outcome {
             Delivery::Done => {
                 metrics::counter!("outbox_delivered_total", "kind" => kind).increment(1);
@@ -271,8 +273,11 @@ impl Relay {
             }
         };
         if let Err(e) = result {
+            recorded.set_error("sqlite");
             tracing::warn!(error = %e, "cannot record the delivery; it will be repeated");
         }
+        recorded.end();
+        delivery.end();
     }
 
     async fn send(&self, cx: &CallContext, event: &OutboxEvent) -> Delivery {

@@ -147,7 +147,13 @@ pub(crate) async fn place(
         key,
     };
     let fingerprint = idempotency::fingerprint("POST", PLACE_ROUTE, &scope.account, &json);
-    match idempotency::claim(&state.db, &scope, &fingerprint, state.lease).await {
+    let mut claiming = Span::storage(cx.correlation().trace(), "sqlite", "claim key");
+    let claim = idempotency::claim(&state.db, &scope, &fingerprint, state.lease).await;
+    if claim.is_err() {
+        claiming.set_error("sqlite");
+    }
+    claiming.end();
+    match claim {
         Err(e) => return internal(&e),
         Ok(Claim::Replay { status, body }) => return replay(status, body),
         Ok(Claim::Mismatch) => {
