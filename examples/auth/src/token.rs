@@ -71,6 +71,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use base64::Engine as _;
+use chassis::{context::TraceContext, otel::Span};
 use http::{HeaderMap, header};
 use serde::Serialize;
 
@@ -202,12 +203,13 @@ impl From<Throttled> for Failure {
 pub(crate) async fn token(
     State(state): State<Arc<AuthState>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    trace: TraceContext,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
     let answer = match body {
-        Ok(body) => grant(&state, peer, &headers, &body).await,
+        Ok(body) => grant(&state, peer, &trace, &headers, &body).await,
         Err(_) => Err(OAuthError::invalid_request("the request body could not be read").into()),
     };
     match answer {
@@ -226,11 +228,14 @@ pub(crate) struct Common<'a> {
     pub(crate) scope: Option<&'a [String]>,
     /// The audience asked for, known; `None`: none asked for.
     pub(crate) audience: Option<&'a str>,
+    /// The request's trace, for the spans of its transactions.
+    pub(crate) trace: &'a TraceContext,
 }
 
 async fn grant(
     state: &AuthState,
     peer: Option<IpAddr>,
+    trace: &TraceContext,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<TokenResponse, Failure> {
@@ -241,6 +246,7 @@ async fn grant(
         peer,
         scope: scope.as_deref(),
         audience,
+        trace,
     };
     match form.get("grant_type").map(String::as_str) {
         None => Err(OAuthError::invalid_request("grant_type is required").into()),
@@ -561,6 +567,8 @@ async fn refresh(
     let requested = common.scope;
     let presented = required(form, "refresh_token", "refresh_token is required")?;
     let now = state.clock.now();
+    // The rotation is one transaction: a span of the request's trace.
+    let mut rotation = Span::storage(common.trace, "sqlite", "rotate refresh token");
     let outcome = store::refresh(
         &state.pool,
         presented,
@@ -584,7 +592,12 @@ async fn refresh(
                 }
         },
     )
-    .await?;
+    .await;
+    if outcome.is_err() {
+        rotation.set_error("sqlite");
+    }
+    rotation.end();
+    let outcome = outcome?;
     match outcome {
         Refresh::Rotated {
             username,
