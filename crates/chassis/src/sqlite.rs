@@ -29,6 +29,14 @@
 //!   timeout), so a database that cannot be read, or that another process
 //!   holds locked, takes the service out of rotation.
 //!
+//! A storage failure answers the same in every service ([`StoreError`],
+//! [`problem`]): a database that is busy, locked, out of connections
+//! (the acquire timeout passed) or failing I/O is **503 with
+//! `Retry-After`** (the request may succeed later), a unique key already
+//! taken is **409**, anything else is 500 (a write through the readers
+//! included: a bug). The body never holds the database's message, SQL or
+//! file names; the original error is logged.
+//!
 //! ## Why one writer
 //!
 //! SQLite lets one connection write at a time. When several connections of
@@ -37,47 +45,58 @@
 //! 10, ... up to 100 ms: a waiter that wakes up just after the lock was
 //! taken again sleeps once more, waiters are served in no order, and a
 //! request can lose that race many times. Under load that is the latency
-//! tail: with a pool of 4 writers and 16 clients, the exemplar system's
-//! orders had a p99 of 20 times their median (`docs/benchmarks.md`).
-//! With one writer connection, writers wait for it in the pool's queue
-//! instead: asynchronously (no thread sleeps), first come first served,
-//! each woken the moment the writer is free, and bounded by the acquire
-//! timeout. SQLite's lock is then never contended inside the process, and
-//! the busy timeout only matters when another process holds the file.
+//! tail: with a pool of 4 connections that all wrote and 16 clients, the
+//! exemplar system's orders had a p99 of 40 times their median
+//! (`docs/benchmarks.md`, "Storage: one writer per SQLite database").
+//! With one writer, writers wait for it in the service instead:
+//! asynchronously (no thread sleeps), first come first served, each handed
+//! the writer the moment the one before lets it go, and for no longer than
+//! the acquire timeout. SQLite's lock is then never contended inside the
+//! process, and the busy timeout only matters when another process holds
+//! the file.
 //!
-//! ## How a service uses it
+//! # How the chassis does it
 //!
-//! * Reads: [`Database::pool`], the read-only readers.
-//! * A write of one statement: `execute(db.writer())` ([`Database::writer`]).
-//! * A write of several statements, or a read that decides a write (a
+//! [`Database`] holds one writer connection behind a first-come,
+//! first-served lock (tokio's fair mutex), and a sqlx pool of read-only
+//! connections:
+//!
+//! * reads: [`Database::pool`], the readers;
+//! * a write of one statement: `execute(&mut *db.writer().await?)`
+//!   ([`Database::writer`]);
+//! * a write of several statements, or a read that decides a write (a
 //!   capacity check, an idempotency key, a state change):
-//!   [`Database::begin_write`], a `BEGIN IMMEDIATE` transaction on the
-//!   writer, and every statement of it, reads included, on that
-//!   transaction.
+//!   [`Database::begin_write`], a `BEGIN IMMEDIATE` [`WriteTransaction`]
+//!   on the writer, with every statement of it, reads included, on the
+//!   transaction (`&mut *tx`).
 //!
 //! A committed write is seen by every read that starts after the commit,
 //! on any reader. Two things to avoid: reading through the readers inside
 //! a write transaction (they do not see the transaction's own changes, and
 //! what they read is not protected by its lock), and asking for the writer
-//! while holding it (`execute(db.writer())` within `begin_write()`: it
-//! waits for itself until the acquire timeout). Keep a write transaction
-//! short: do the slow work (a call to another service, hashing) before it
-//! begins, since every other writer of the service queues behind it.
+//! while holding it (`db.writer()` within `begin_write()` waits for itself
+//! until the acquire timeout). Keep a write transaction short: do the slow
+//! work (a call to another service, hashing) before it begins, since every
+//! other write of the service waits behind it.
+//!
+//! The writer is a connection of its own rather than a sqlx pool of one:
+//! a pool tests each connection with a round trip to its thread as it is
+//! given back, in a task of its own, and the next writer would wait for
+//! both; the lock hands the writer over at once. A transaction dropped
+//! before it ends (an error, a cancelled request) is rolled back before
+//! the writer's next use. Since only the writer changes the file, its page
+//! cache stays valid from one write to the next, so it gets a larger one
+//! ([`DbConfig::writer_cache_mib`], 16 MiB); a reader's cache is emptied
+//! whenever the writer has committed since its last read.
 //!
 //! ## Connection budget
 //!
 //! Per service: `<PREFIX>_DB_POOL_SIZE` readers (4 by default) plus the one
-//! writer, so 5 connections to the file (each with a thread of sqlx's
-//! SQLite driver). More writers would not write faster: SQLite runs one
-//! write transaction at a time whatever the number of connections.
-//!
-//! A storage failure answers the same in every service ([`StoreError`],
-//! [`problem`]): a database that is busy, locked, out of connections
-//! (the acquire timeout passed) or failing I/O is **503 with
-//! `Retry-After`** (the request may succeed later), a unique key already
-//! taken is **409**, anything else is 500 (a write through the readers
-//! included: a bug). The body never holds the database's message, SQL or
-//! file names; the original error is logged.
+//! writer, so 5 connections to the file, each with a thread of sqlx's
+//! SQLite driver, and each with its page cache (up to 2 MiB for a reader,
+//! 16 MiB for the writer). More writers would not write faster: SQLite
+//! runs one write transaction at a time whatever the number of
+//! connections.
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
@@ -87,30 +106,38 @@
 //! # Example
 //!
 //! ```
-//! use chassis::sqlite::{Database, DbConfig};
+//! use chassis::sqlite::{Database, DbConfig, StoreError};
+//!
+//! /// Adds a note numbered after the ones before it.
+//! async fn add_note(db: &Database) -> Result<i64, StoreError> {
+//!     // The count and the insert in one transaction that holds the write
+//!     // lock from its first statement: no other note can come in between.
+//!     let mut tx = db.begin_write().await?;
+//!     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM notes")
+//!         .fetch_one(&mut *tx)
+//!         .await?;
+//!     sqlx::query("INSERT INTO notes (text) VALUES (?)")
+//!         .bind(format!("note {}", n + 1))
+//!         .execute(&mut *tx)
+//!         .await?;
+//!     tx.commit().await?;
+//!     Ok(n + 1)
+//! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let dir = std::env::temp_dir().join(format!("chassis-doc-{}", std::process::id()));
 //! let db = Database::open(&DbConfig::new(&dir, "notes.db")).await.unwrap();
+//! // One statement on the writer.
 //! sqlx::query("CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL)")
-//!     .execute(db.writer())
+//!     .execute(&mut *db.writer().await.unwrap())
 //!     .await
 //!     .unwrap();
+//! let n = add_note(&db).await.unwrap();
 //!
-//! // Several statements, the first holding the write lock.
-//! let mut tx = db.begin_write().await.unwrap();
-//! let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM notes").fetch_one(&mut *tx).await.unwrap();
-//! sqlx::query("INSERT INTO notes (text) VALUES (?)")
-//!     .bind(format!("note {}", n + 1))
-//!     .execute(&mut *tx)
-//!     .await
-//!     .unwrap();
-//! tx.commit().await.unwrap();
-//!
-//! // Reads see every commit.
+//! // Reads, on the readers, see every commit.
 //! let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM notes").fetch_one(db.pool()).await.unwrap();
-//! assert_eq!(count, n + 1);
+//! assert_eq!(count, n);
 //! let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(db.pool()).await.unwrap();
 //! assert_eq!(mode, "wal");
 //! # db.close().await;
@@ -124,14 +151,17 @@ use std::{
 };
 
 use sqlx::{
-    Sqlite, SqlitePool, Transaction,
+    ConnectOptions as _, SqlitePool,
     migrate::Migrator,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
 mod error;
+mod writer;
 
 pub use error::{Failure, RETRY_AFTER_SECS, StoreError, problem};
+use writer::Writer;
+pub use writer::{WriteConnection, WriteTransaction};
 
 use crate::{
     config::Reader,
@@ -154,10 +184,16 @@ pub struct DbConfig {
     /// How long a request waits for the writer, or for a reader, before it
     /// fails with [`sqlx::Error::PoolTimedOut`] (503).
     pub acquire_timeout: Duration,
+    /// The writer's page cache, in MiB (SQLite's default is 2 MiB). Only
+    /// the writer changes the file, so what it caches stays valid from one
+    /// write to the next; a reader's cache is emptied whenever the writer
+    /// has committed since its last read, so readers keep the default.
+    pub writer_cache_mib: u32,
 }
 
 impl DbConfig {
-    /// A database `file` in `data_dir`, with 4 readers and 5 s timeouts.
+    /// A database `file` in `data_dir`, with 4 readers, 5 s timeouts and a
+    /// 16 MiB cache for the writer.
     pub fn new(data_dir: impl AsRef<Path>, file: &str) -> Self {
         Self {
             data_dir: data_dir.as_ref().to_owned(),
@@ -165,6 +201,7 @@ impl DbConfig {
             pool_size: 4,
             busy_timeout: Duration::from_secs(5),
             acquire_timeout: Duration::from_secs(5),
+            writer_cache_mib: 16,
         }
     }
 
@@ -232,7 +269,7 @@ pub enum DbError {
 #[derive(Debug, Clone)]
 pub struct Database {
     readers: SqlitePool,
-    writer: SqlitePool,
+    writer: Writer,
     path: PathBuf,
 }
 
@@ -256,16 +293,18 @@ impl Database {
             path: path.clone(),
             source,
         };
-        // A connection to a local file does not go stale, and sqlx tests
-        // each one as it goes back to the pool: testing it again before
-        // each use would only lengthen every write's turn at the writer.
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(config.acquire_timeout)
-            .test_before_acquire(false)
-            .connect_with(options.clone().create_if_missing(true))
+        // A negative `cache_size` is in KiB.
+        let writer_cache = -i64::from(config.writer_cache_mib) * 1024;
+        let writer = options
+            .clone()
+            .create_if_missing(true)
+            .pragma("cache_size", writer_cache.to_string())
+            .connect()
             .await
             .map_err(open)?;
+        // A connection to a local file does not go stale, and sqlx tests
+        // each one as it goes back to the pool: testing it again before
+        // each use would only cost a round trip to its thread.
         let readers = SqlitePoolOptions::new()
             .max_connections(config.pool_size)
             .acquire_timeout(config.acquire_timeout)
@@ -275,7 +314,7 @@ impl Database {
             .map_err(open)?;
         Ok(Self {
             readers,
-            writer,
+            writer: Writer::new(writer, config.acquire_timeout),
             path,
         })
     }
@@ -284,13 +323,16 @@ impl Database {
     /// `sqlx::migrate!()` in the service's crate) on the writer.
     pub async fn open_migrated(config: &DbConfig, migrations: &Migrator) -> Result<Self, DbError> {
         let db = Self::open(config).await?;
-        migrations
-            .run(&db.writer)
+        let migrate = |source| DbError::Migrate {
+            path: db.path.clone(),
+            source,
+        };
+        let mut writer = db
+            .writer()
             .await
-            .map_err(|source| DbError::Migrate {
-                path: db.path.clone(),
-                source,
-            })?;
+            .map_err(|e| migrate(sqlx::migrate::MigrateError::Execute(e)))?;
+        migrations.run(&mut *writer).await.map_err(migrate)?;
+        drop(writer);
         Ok(db)
     }
 
@@ -300,12 +342,19 @@ impl Database {
         &self.readers
     }
 
-    /// The writer: a pool of exactly one connection, for a write of one
-    /// statement (`execute(db.writer())`). Callers wait for it in turn, in
-    /// the order they asked, for at most [`DbConfig::acquire_timeout`].
-    /// For several statements use [`begin_write`](Self::begin_write).
-    pub fn writer(&self) -> &SqlitePool {
-        &self.writer
+    /// The writer, the one connection that writes, for a write of one
+    /// statement: `execute(&mut *db.writer().await?)`. Callers get it in
+    /// turn, in the order they asked; the next one as soon as this one is
+    /// dropped. For several statements use
+    /// [`begin_write`](Self::begin_write).
+    ///
+    /// # Errors
+    ///
+    /// [`sqlx::Error::PoolTimedOut`] when the writer stays busy past
+    /// [`DbConfig::acquire_timeout`] (503 through [`StoreError`]);
+    /// [`sqlx::Error::PoolClosed`] after [`close`](Self::close).
+    pub async fn writer(&self) -> Result<WriteConnection, sqlx::Error> {
+        self.writer.acquire().await
     }
 
     /// Begins a write transaction on the writer, with `BEGIN IMMEDIATE`:
@@ -320,8 +369,8 @@ impl Database {
     /// [`DbConfig::acquire_timeout`]; `SQLITE_BUSY` when another process
     /// holds the lock past [`DbConfig::busy_timeout`]. Both answer 503
     /// through [`StoreError`].
-    pub async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        self.writer.begin_with("BEGIN IMMEDIATE").await
+    pub async fn begin_write(&self) -> Result<WriteTransaction, sqlx::Error> {
+        WriteTransaction::begin(self.writer.acquire().await?).await
     }
 
     /// The database file.
@@ -398,31 +447,24 @@ mod tests {
     async fn opens_with_the_house_settings() {
         let dir = temp_dir("settings").join("nested");
         let db = Database::open(&DbConfig::new(&dir, "t.db")).await.unwrap();
-        let pool = db.pool();
-        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(pool)
+        // journal mode, foreign keys, synchronous, busy timeout, cache (in
+        // KiB when negative).
+        type Settings = (String, i64, i64, i64, i64);
+        let settings = sqlx::query_as::<_, Settings>(
+            "SELECT * FROM pragma_journal_mode, pragma_foreign_keys, pragma_synchronous,
+                           pragma_busy_timeout, pragma_cache_size",
+        );
+        let reader = settings.fetch_one(db.pool()).await.unwrap();
+        assert_eq!(reader, ("wal".to_owned(), 1, 1, 5000, -2000));
+        let settings = sqlx::query_as::<_, Settings>(
+            "SELECT * FROM pragma_journal_mode, pragma_foreign_keys, pragma_synchronous,
+                           pragma_busy_timeout, pragma_cache_size",
+        );
+        let writer = settings
+            .fetch_one(&mut *db.writer().await.unwrap())
             .await
             .unwrap();
-        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        assert_eq!((journal.as_str(), fk, sync, busy), ("wal", 1, 1, 5000));
-        let writer: (String, i64, i64, i64) = sqlx::query_as(
-            "SELECT * FROM pragma_journal_mode, pragma_foreign_keys, pragma_synchronous, pragma_busy_timeout",
-        )
-        .fetch_one(db.writer())
-        .await
-        .unwrap();
-        assert_eq!(writer, ("wal".to_owned(), 1, 1, 5000));
+        assert_eq!(writer, ("wal".to_owned(), 1, 1, 5000, -16384));
         assert!(dir.join("t.db").exists());
         assert!(db.check().await.is_ok());
         assert!(db.write_check().check().await.is_ok());
@@ -473,7 +515,7 @@ mod tests {
              INSERT OR IGNORE INTO counter VALUES (1, 0);
              CREATE TABLE IF NOT EXISTS turns (n INTEGER PRIMARY KEY)",
         )
-        .execute(db.writer())
+        .execute(&mut *db.writer().await.unwrap())
         .await
         .unwrap();
         db
@@ -483,13 +525,16 @@ mod tests {
     async fn concurrent_writers_take_turns_at_the_writer_and_never_meet_the_lock() {
         let dir = temp_dir("writers");
         let db = without_busy_handler(&dir, Duration::from_secs(60)).await;
-        for pool in [db.writer(), db.pool()] {
-            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-                .fetch_one(pool)
+        let read = sqlx::query_scalar::<_, i64>("PRAGMA busy_timeout");
+        let written = sqlx::query_scalar::<_, i64>("PRAGMA busy_timeout");
+        let busy = (
+            written
+                .fetch_one(&mut *db.writer().await.unwrap())
                 .await
-                .unwrap();
-            assert_eq!(busy, 0);
-        }
+                .unwrap(),
+            read.fetch_one(db.pool()).await.unwrap(),
+        );
+        assert_eq!(busy, (0, 0));
 
         // Without the busy handler a contended lock fails at once: another
         // handle on the file (as a second process would be) cannot write
@@ -561,7 +606,9 @@ mod tests {
         for _ in 0..DbConfig::new(&dir, "t.db").pool_size {
             readers.push(db.pool().acquire().await.unwrap());
         }
-        async fn read(conn: &mut sqlx::pool::PoolConnection<Sqlite>) -> Result<i64, sqlx::Error> {
+        async fn read(
+            conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+        ) -> Result<i64, sqlx::Error> {
             sqlx::query_scalar("SELECT n FROM counter")
                 .fetch_one(&mut **conn)
                 .await
@@ -601,16 +648,61 @@ mod tests {
         let res = axum::response::IntoResponse::into_response(problem);
         assert_eq!(res.headers()[http::header::RETRY_AFTER], "1");
         // One statement on the writer waits in the same queue.
-        let late = sqlx::query("UPDATE counter SET n = 2")
-            .execute(db.writer())
-            .await
-            .unwrap_err();
+        let late = db.writer().await.unwrap_err();
         assert!(matches!(late, sqlx::Error::PoolTimedOut), "{late}");
         // Reads go on meanwhile.
         assert!(db.check().await.is_ok());
         held.rollback().await.unwrap();
         db.begin_write().await.unwrap().commit().await.unwrap();
         db.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_write_left_unfinished_is_undone_before_the_next() {
+        let dir = temp_dir("unfinished");
+        let db = without_busy_handler(&dir, Duration::from_secs(60)).await;
+        let mut tx = db.begin_write().await.unwrap();
+        sqlx::query("UPDATE counter SET n = 10")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        drop(tx);
+        // Callers that give up (a request cancelled) wherever they are:
+        // waiting for the writer, beginning, writing.
+        for wait in 0..6 {
+            let given_up = tokio::time::timeout(Duration::from_millis(wait), async {
+                let mut tx = db.begin_write().await?;
+                sqlx::query("UPDATE counter SET n = 20")
+                    .execute(&mut *tx)
+                    .await?;
+                std::future::pending::<()>().await;
+                tx.commit().await
+            })
+            .await;
+            assert!(given_up.is_err());
+        }
+        let mut tx = db.begin_write().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT n FROM counter")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "nothing of the unfinished writes is left");
+        sqlx::query("UPDATE counter SET n = 1")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT n FROM counter")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+
+        db.close().await;
+        let closed = db.writer().await.unwrap_err();
+        assert!(matches!(closed, sqlx::Error::PoolClosed), "{closed}");
+        assert_eq!(Failure::of(&closed), Failure::Unavailable);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -626,8 +718,8 @@ mod tests {
         assert_eq!(c.path(), PathBuf::from("/srv/orders/orders.db"));
         assert_eq!(c.pool_size, 8);
         assert_eq!(
-            (c.busy_timeout, c.acquire_timeout),
-            (Duration::from_secs(5), Duration::from_secs(5))
+            (c.busy_timeout, c.acquire_timeout, c.writer_cache_mib),
+            (Duration::from_secs(5), Duration::from_secs(5), 16)
         );
 
         let env = Env::from_pairs([("ORDERS_DB_POOL_SIZE", "0")]);

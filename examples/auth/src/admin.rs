@@ -136,7 +136,7 @@ async fn replace(
     let changed = sqlx::query(sql)
         .bind(stored)
         .bind(name)
-        .execute(state.db.writer())
+        .execute(&mut *state.db.writer().await.map_err(database)?)
         .await
         .map_err(database)?
         .rows_affected();
@@ -221,7 +221,7 @@ pub(crate) async fn register(
     .bind(hash)
     .bind(serde_json::to_string(&grants).unwrap_or_else(|_| "[]".to_owned()))
     .bind(to_i64(crate::token::now()))
-    .execute(state.db.writer())
+    .execute(&mut *state.db.writer().await.map_err(database)?)
     .await
     .map_err(database)?
     .rows_affected();

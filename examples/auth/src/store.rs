@@ -125,7 +125,7 @@ pub(crate) async fn start_family(
     .bind(scope)
     .bind(to_i64(now))
     .bind(to_i64(now.saturating_add(ttl)))
-    .execute(db.writer())
+    .execute(&mut *db.writer().await?)
     .await?;
     Ok(token)
 }
@@ -242,7 +242,7 @@ pub(crate) async fn purge_expired(db: &Database, now: u64) -> Result<u64, AppErr
     Ok(
         sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= ?")
             .bind(to_i64(now))
-            .execute(db.writer())
+            .execute(&mut *db.writer().await?)
             .await?
             .rows_affected(),
     )

@@ -106,7 +106,7 @@ impl Store {
         .bind(m.tracestate)
         .bind(now)
         .bind(now)
-        .execute(self.db.writer())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         if done.rows_affected() == 1 {
             return Ok(Inserted::New);
@@ -161,7 +161,7 @@ impl Store {
         .bind(owner)
         .bind(now)
         .bind(now)
-        .fetch_optional(self.db.writer())
+        .fetch_optional(&mut *self.db.writer().await?)
         .await
     }
 
@@ -181,7 +181,7 @@ impl Store {
         .bind(now)
         .bind(id)
         .bind(owner)
-        .execute(self.db.writer())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -196,7 +196,7 @@ impl Store {
         )
         .bind(id)
         .bind(owner)
-        .execute(self.db.writer())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -229,7 +229,7 @@ impl Store {
         .bind(error)
         .bind(id)
         .bind(owner)
-        .execute(self.db.writer())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }

@@ -207,7 +207,7 @@ pub async fn release(db: &Database, scope: &Scope) -> Result<(), sqlx::Error> {
     .bind(&scope.account)
     .bind(&scope.principal)
     .bind(&scope.key)
-    .execute(db.writer())
+    .execute(&mut *db.writer().await?)
     .await?;
     Ok(())
 }
@@ -223,7 +223,7 @@ pub async fn complete(
     status: u16,
     body: &str,
 ) -> Result<(), sqlx::Error> {
-    let mut conn = db.writer().acquire().await?;
+    let mut conn = db.writer().await?;
     complete_in(&mut conn, scope, status, body, None).await
 }
 

@@ -207,7 +207,7 @@ pub(crate) async fn retry_later(
         .bind(next_attempt_ms)
         .bind(error)
         .bind(&event.id)
-        .execute(db.writer())
+        .execute(&mut *db.writer().await?)
         .await?;
     Ok(())
 }

@@ -103,7 +103,7 @@ impl Store {
         .bind(date_text(ticket.valid_from)?)
         .bind(date_text(ticket.valid_until)?)
         .bind(timestamp_text(now))
-        .execute(self.db.writer())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(ticket)
     }
@@ -337,7 +337,7 @@ impl Store {
              WHERE status = 'held' AND expires_at <= ?",
         )
         .bind(timestamp_text(now()))
-        .execute(self.db.writer())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(done.rows_affected())
     }

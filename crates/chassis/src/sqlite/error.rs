@@ -160,7 +160,7 @@ mod tests {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, n INTEGER NOT NULL CHECK (n >= 0))",
         )
-        .execute(db.writer())
+        .execute(&mut *db.writer().await.unwrap())
         .await
         .unwrap();
         db
@@ -193,7 +193,7 @@ mod tests {
             .await
             .unwrap();
         let busy = sqlx::query("INSERT INTO t VALUES ('x', 1)")
-            .execute(b.writer())
+            .execute(&mut *b.writer().await.unwrap())
             .await
             .unwrap_err();
         assert_eq!(Failure::of(&busy), Failure::Unavailable, "{busy}");
@@ -206,7 +206,7 @@ mod tests {
         holder.commit().await.unwrap();
 
         let taken = sqlx::query("INSERT INTO t VALUES ('held', 2)")
-            .execute(b.writer())
+            .execute(&mut *b.writer().await.unwrap())
             .await
             .unwrap_err();
         assert_eq!(Failure::of(&taken), Failure::Conflict);
@@ -216,7 +216,7 @@ mod tests {
         assert!(!json.to_string().contains("UNIQUE"), "{json}");
 
         let broken = sqlx::query("INSERT INTO t VALUES ('y', -1)")
-            .execute(b.writer())
+            .execute(&mut *b.writer().await.unwrap())
             .await
             .unwrap_err();
         assert_eq!(Failure::of(&broken), Failure::Other);
