@@ -84,7 +84,7 @@ async fn read(state: &AuthState, kind: Kind, name: &str) -> Result<SubjectGrants
     };
     let row: Option<(String, String)> = sqlx::query_as(sql)
         .bind(name)
-        .fetch_optional(&state.pool)
+        .fetch_optional(state.db.pool())
         .await
         .map_err(database)?;
     let (grants, managed_by) = row.ok_or_else(|| not_found(kind))?;
@@ -136,7 +136,7 @@ async fn replace(
     let changed = sqlx::query(sql)
         .bind(stored)
         .bind(name)
-        .execute(&state.pool)
+        .execute(&mut *state.db.writer().await.map_err(database)?)
         .await
         .map_err(database)?
         .rows_affected();
@@ -221,7 +221,7 @@ pub(crate) async fn register(
     .bind(hash)
     .bind(serde_json::to_string(&grants).unwrap_or_else(|_| "[]".to_owned()))
     .bind(to_i64(crate::token::now()))
-    .execute(&state.pool)
+    .execute(&mut *state.db.writer().await.map_err(database)?)
     .await
     .map_err(database)?
     .rows_affected();

@@ -47,9 +47,9 @@ use chassis::{
     config::{Env, Secret},
     health::CheckError,
     permission::{Grant, MAX_GRANTS},
+    sqlite::Database,
 };
 use serde::Deserialize;
-use sqlx::SqlitePool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{error::AppError, keys::to_i64, password::Hasher, store::Kind};
@@ -330,19 +330,22 @@ pub(crate) struct Applied {
 /// The stored hash, grants and manager of a subject.
 type Row = (String, String, String);
 
-async fn row(pool: &SqlitePool, kind: Kind, name: &str) -> Result<Option<Row>, AppError> {
+async fn row(db: &Database, kind: Kind, name: &str) -> Result<Option<Row>, AppError> {
     let sql = match kind {
         Kind::User => "SELECT password_hash, grants, managed_by FROM users WHERE username = ?",
         Kind::Client => "SELECT secret_hash, grants, managed_by FROM clients WHERE client_id = ?",
     };
-    Ok(sqlx::query_as(sql).bind(name).fetch_optional(pool).await?)
+    Ok(sqlx::query_as(sql)
+        .bind(name)
+        .fetch_optional(db.pool())
+        .await?)
 }
 
 /// Upserts the declared subjects (managed by the file from now on) and
 /// removes the file-managed ones no longer declared. A secret that still
 /// matches its stored hash keeps it, so an unchanged file hashes nothing.
 pub(crate) async fn apply(
-    pool: &SqlitePool,
+    db: &Database,
     hasher: &Hasher,
     declared: &[Declared],
     now: u64,
@@ -351,7 +354,7 @@ pub(crate) async fn apply(
     let mut rows = Vec::with_capacity(declared.len());
     let mut applied = Applied::default();
     for d in declared {
-        let existing = row(pool, d.kind, &d.name).await?;
+        let existing = row(db, d.kind, &d.name).await?;
         let hash = match (&d.credential, &existing) {
             (Credential::Hash(h), _) => h.clone(),
             (Credential::Plain(s), Some((stored, _, _))) => {
@@ -376,7 +379,7 @@ pub(crate) async fn apply(
         }
         rows.push((d.kind, d.name.as_str(), hash, grants));
     }
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin_write().await?;
     for (kind, name, hash, grants) in &rows {
         let sql = match kind {
             Kind::User => {
@@ -438,7 +441,7 @@ pub(crate) async fn apply(
 /// hashing failure.
 pub(crate) async fn apply_at_start(
     sources: &Sources,
-    pool: &SqlitePool,
+    db: &Database,
     hasher: &Hasher,
     now: u64,
 ) -> Result<Option<Vec<u8>>, AppError> {
@@ -449,7 +452,7 @@ pub(crate) async fn apply_at_start(
     let declared = sources
         .declared(&seen, &mut process_lookup())
         .map_err(AppError::Grants)?;
-    let applied = apply(pool, hasher, &declared, now).await?;
+    let applied = apply(db, hasher, &declared, now).await?;
     log_applied(&declared, applied);
     Ok(match seen {
         Seen::Contents(bytes) => bytes,
@@ -501,7 +504,7 @@ impl Status {
 /// applied stay. `start` is what start-up applied.
 pub(crate) async fn watch(
     sources: Sources,
-    pool: SqlitePool,
+    db: Database,
     hasher: Hasher,
     status: Status,
     start: Option<Vec<u8>>,
@@ -534,7 +537,7 @@ pub(crate) async fn watch(
                 status.set(Some(problems));
                 last = seen;
             }
-            Ok(declared) => match apply(&pool, &hasher, &declared, crate::token::now()).await {
+            Ok(declared) => match apply(&db, &hasher, &declared, crate::token::now()).await {
                 Ok(applied) => {
                     log_applied(&declared, applied);
                     status.set(None);

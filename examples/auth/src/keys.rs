@@ -19,8 +19,8 @@ use aws_lc_rs::{
     signature::{Ed25519KeyPair, KeyPair},
 };
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
+use chassis::sqlite::Database;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use sqlx::SqlitePool;
 
 use crate::{
     client::{Jwk, Jwks},
@@ -86,7 +86,7 @@ fn generate() -> Result<(String, Vec<u8>, Vec<u8>), AppError> {
 /// The signing keys of the service. Cheap to share (`Arc`).
 #[derive(Debug)]
 pub(crate) struct Keys {
-    pool: SqlitePool,
+    db: Database,
     rotate_after: u64,
     publish_for: u64,
     current: RwLock<Arc<SigningKey>>,
@@ -110,14 +110,14 @@ impl Keys {
     /// Loads the current key, generating one when there is none or it is
     /// due for rotation. `rotate_after` and `publish_for` are seconds.
     pub(crate) async fn open(
-        pool: SqlitePool,
+        db: Database,
         rotate_after: u64,
         publish_for: u64,
         now: u64,
     ) -> Result<(Self, Checked), AppError> {
-        let (checked, key) = Self::check_in(&pool, rotate_after, publish_for, now, false).await?;
+        let (checked, key) = Self::check_in(&db, rotate_after, publish_for, now, false).await?;
         let keys = Self {
-            pool,
+            db,
             rotate_after,
             publish_for,
             current: RwLock::new(Arc::new(key)),
@@ -139,7 +139,7 @@ impl Keys {
     pub(crate) async fn check(&self, now: u64, force: bool) -> Result<Checked, AppError> {
         let _one_at_a_time = self.checking.lock().await;
         let (checked, key) =
-            Self::check_in(&self.pool, self.rotate_after, self.publish_for, now, force).await?;
+            Self::check_in(&self.db, self.rotate_after, self.publish_for, now, force).await?;
         *self
             .current
             .write()
@@ -148,14 +148,14 @@ impl Keys {
     }
 
     async fn check_in(
-        pool: &SqlitePool,
+        db: &Database,
         rotate_after: u64,
         publish_for: u64,
         now: u64,
         force: bool,
     ) -> Result<(Checked, SigningKey), AppError> {
         let now_i = to_i64(now);
-        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = db.begin_write().await?;
         let current: Option<(String, Vec<u8>, i64)> = sqlx::query_as(
             "SELECT kid, pkcs8, created_at FROM signing_keys WHERE retired_at IS NULL",
         )
@@ -219,7 +219,7 @@ impl Keys {
         .bind(kid)
         .bind(to_i64(self.publish_for))
         .bind(to_i64(now))
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db.pool())
         .await?;
         Ok(row.map(|(public,)| public))
     }
@@ -234,7 +234,7 @@ impl Keys {
         )
         .bind(to_i64(self.publish_for))
         .bind(to_i64(now))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         Ok(Jwks {
             keys: rows

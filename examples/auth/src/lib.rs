@@ -86,7 +86,7 @@ use chassis::{
     sqlite::{Database, DbConfig},
 };
 use jsonwebtoken::Algorithm;
-use sqlx::{SqlitePool, migrate::Migrator};
+use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
 mod admin;
@@ -583,7 +583,7 @@ impl Settings {
 
 /// What the handlers share.
 struct AuthState {
-    pool: SqlitePool,
+    db: Database,
     keys: Arc<keys::Keys>,
     hasher: password::Hasher,
     issuer: String,
@@ -673,10 +673,10 @@ pub async fn app_with_clock(
         demo: settings.seed_demo,
         file: settings.grants_file.clone(),
     };
-    let applied = grants::apply_at_start(&sources, db.pool(), &hasher, token::now()).await?;
+    let applied = grants::apply_at_start(&sources, &db, &hasher, token::now()).await?;
     let token_ttl = settings.token_ttl.as_secs();
     let (keys, checked) = keys::Keys::open(
-        db.pool().clone(),
+        db.clone(),
         settings.key_rotate.as_secs(),
         token_ttl,
         token::now(),
@@ -698,7 +698,7 @@ pub async fn app_with_clock(
         );
     }
     let state = Arc::new(AuthState {
-        pool: db.pool().clone(),
+        db: db.clone(),
         keys: keys.clone(),
         hasher,
         issuer: settings.issuer.clone(),
@@ -714,7 +714,7 @@ pub async fn app_with_clock(
     let interval = settings.key_check;
     let status = grants::Status::default();
     let watched = status.clone();
-    let (pool, grants_hasher) = (state.pool.clone(), state.hasher.clone());
+    let (grants_db, grants_hasher) = (state.db.clone(), state.hasher.clone());
     let poll = settings.grants_poll;
     let mut builder = ServiceBuilder::new(NAME, 1)
         .api(api)
@@ -739,7 +739,15 @@ pub async fn app_with_clock(
                     .thresholds(1, 1),
             )
             .background("grants-file", move |stop| {
-                grants::watch(sources, pool, grants_hasher, watched, applied, poll, stop)
+                grants::watch(
+                    sources,
+                    grants_db,
+                    grants_hasher,
+                    watched,
+                    applied,
+                    poll,
+                    stop,
+                )
             });
     }
     if settings.verify_own_tokens {
@@ -802,7 +810,7 @@ async fn maintain(
             Ok(checked) => log_check(&checked),
             Err(e) => tracing::error!(error = %e, "signing key check failed"),
         }
-        match store::purge_expired(db.pool(), now).await {
+        match store::purge_expired(&db, now).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(deleted = n, "expired refresh tokens deleted"),
             Err(e) => tracing::error!(error = %e, "refresh token clean-up failed"),

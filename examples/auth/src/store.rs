@@ -2,7 +2,7 @@
 
 use aws_lc_rs::digest;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use sqlx::SqlitePool;
+use chassis::sqlite::Database;
 
 use crate::{error::AppError, keys::to_i64};
 
@@ -28,11 +28,11 @@ fn grants_of(name: &str, json: &str) -> Result<Vec<String>, AppError> {
 }
 
 /// The user called `username`.
-pub(crate) async fn user(pool: &SqlitePool, username: &str) -> Result<Option<Subject>, AppError> {
+pub(crate) async fn user(db: &Database, username: &str) -> Result<Option<Subject>, AppError> {
     let row: Option<(String, String)> =
         sqlx::query_as("SELECT password_hash, grants FROM users WHERE username = ?")
             .bind(username)
-            .fetch_optional(pool)
+            .fetch_optional(db.pool())
             .await?;
     row.map(|(hash, grants)| {
         Ok(Subject {
@@ -45,14 +45,11 @@ pub(crate) async fn user(pool: &SqlitePool, username: &str) -> Result<Option<Sub
 }
 
 /// The client `client_id`.
-pub(crate) async fn client(
-    pool: &SqlitePool,
-    client_id: &str,
-) -> Result<Option<Subject>, AppError> {
+pub(crate) async fn client(db: &Database, client_id: &str) -> Result<Option<Subject>, AppError> {
     let row: Option<(String, String)> =
         sqlx::query_as("SELECT secret_hash, grants FROM clients WHERE client_id = ?")
             .bind(client_id)
-            .fetch_optional(pool)
+            .fetch_optional(db.pool())
             .await?;
     row.map(|(hash, grants)| {
         Ok(Subject {
@@ -111,7 +108,7 @@ pub(crate) fn random_id() -> Result<String, AppError> {
 
 /// Starts a new family (a login) for `username`: its first refresh token.
 pub(crate) async fn start_family(
-    pool: &SqlitePool,
+    db: &Database,
     username: &str,
     scope: Option<&str>,
     ttl: u64,
@@ -128,7 +125,7 @@ pub(crate) async fn start_family(
     .bind(scope)
     .bind(to_i64(now))
     .bind(to_i64(now.saturating_add(ttl)))
-    .execute(pool)
+    .execute(&mut *db.writer().await?)
     .await?;
     Ok(token)
 }
@@ -162,7 +159,7 @@ pub(crate) enum Refresh {
 /// its family when it was already used. `allowed` decides, from the user's
 /// grants and the family's scope, whether the request may go on.
 pub(crate) async fn refresh(
-    pool: &SqlitePool,
+    db: &Database,
     presented: &str,
     ttl: u64,
     now: u64,
@@ -172,7 +169,7 @@ pub(crate) async fn refresh(
     let now_i = to_i64(now);
     // The first statement writes, so the transaction holds the write lock
     // from the start: two concurrent uses of one token cannot both win.
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin_write().await?;
     let claimed: Option<(String, String, Option<String>)> = sqlx::query_as(
         "UPDATE refresh_tokens SET used_at = ? \
          WHERE token_hash = ? AND used_at IS NULL AND revoked_at IS NULL AND expires_at > ? \
@@ -241,11 +238,11 @@ pub(crate) async fn refresh(
 
 /// Deletes refresh tokens that have expired: once expired they cannot be
 /// used, and a reuse can no longer do harm.
-pub(crate) async fn purge_expired(pool: &SqlitePool, now: u64) -> Result<u64, AppError> {
+pub(crate) async fn purge_expired(db: &Database, now: u64) -> Result<u64, AppError> {
     Ok(
         sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= ?")
             .bind(to_i64(now))
-            .execute(pool)
+            .execute(&mut *db.writer().await?)
             .await?
             .rows_affected(),
     )

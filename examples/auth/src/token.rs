@@ -392,7 +392,7 @@ async fn password(
     let attempt = state
         .throttle
         .begin(throttle::Subject::User, username, common.peer)?;
-    let user = store::user(&state.pool, username).await?;
+    let user = store::user(&state.db, username).await?;
     // The same work whether or not the user exists: an unknown user is
     // checked against the dummy hash.
     let matched = state
@@ -410,7 +410,7 @@ async fn password(
     let now = state.clock.now();
     let scope_text = common.scope.map(|s| s.join(" "));
     let refresh_token = store::start_family(
-        &state.pool,
+        &state.db,
         &user.name,
         scope_text.as_deref(),
         state.refresh_ttl,
@@ -451,7 +451,7 @@ pub(crate) async fn authenticate_client(
     let attempt = state
         .throttle
         .begin(throttle::Subject::Client, &client_id, peer)?;
-    let client = store::client(&state.pool, &client_id).await?;
+    let client = store::client(&state.db, &client_id).await?;
     let matched = state
         .hasher
         .verify(client.as_ref().map(|c| c.hash.as_str()), &secret)
@@ -570,7 +570,7 @@ async fn refresh(
     // The rotation is one transaction: a span of the request's trace.
     let mut rotation = Span::storage(common.trace, "sqlite", "rotate refresh token");
     let outcome = store::refresh(
-        &state.pool,
+        &state.db,
         presented,
         state.refresh_ttl,
         now,

@@ -134,7 +134,7 @@ const DEPTH_INTERVAL: Duration = Duration::from_secs(1);
 /// | `MAIL_POLL_MS` | `200` | how often an idle worker looks for due messages |
 /// | `MAIL_SHUTDOWN_FINISH_MS` | `5000` | how long a send in flight may still take after shutdown starts |
 /// | `MAIL_DATA_DIR` | `./data/mail` | database `mail.db` and the `outbox/` of the file transport |
-/// | `MAIL_DB_POOL_SIZE` | `4` | database connections |
+/// | `MAIL_DB_POOL_SIZE` | `4` | read connections to the database (writes go through one more, the writer) |
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The SMTP relay; `None` writes files to the outbox directory.

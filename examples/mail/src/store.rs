@@ -1,9 +1,11 @@
 //! The message queue, in the service's SQLite database.
 //!
 //! Every change of a row is one statement, so it is atomic without an
-//! explicit transaction: SQLite runs one writer at a time, and a write
+//! explicit transaction: every write goes through the database's one writer
+//! ([`Database::writer`]), SQLite runs one writer at a time, and a write
 //! statement takes the write lock before it reads, so two workers running
-//! the lease statement at once get different rows (or none).
+//! the lease statement at once get different rows (or none). Reads go
+//! through the read-only readers ([`Database::pool`]).
 
 use chassis::sqlite::Database;
 use serde_json::Value;
@@ -104,7 +106,7 @@ impl Store {
         .bind(m.tracestate)
         .bind(now)
         .bind(now)
-        .execute(self.db.pool())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         if done.rows_affected() == 1 {
             return Ok(Inserted::New);
@@ -159,7 +161,7 @@ impl Store {
         .bind(owner)
         .bind(now)
         .bind(now)
-        .fetch_optional(self.db.pool())
+        .fetch_optional(&mut *self.db.writer().await?)
         .await
     }
 
@@ -179,7 +181,7 @@ impl Store {
         .bind(now)
         .bind(id)
         .bind(owner)
-        .execute(self.db.pool())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -194,7 +196,7 @@ impl Store {
         )
         .bind(id)
         .bind(owner)
-        .execute(self.db.pool())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -227,7 +229,7 @@ impl Store {
         .bind(error)
         .bind(id)
         .bind(owner)
-        .execute(self.db.pool())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }

@@ -137,7 +137,7 @@ pub async fn claim(
     fingerprint: &str,
     lease: Duration,
 ) -> Result<Claim, sqlx::Error> {
-    let mut tx = db.pool().begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin_write().await?;
     let now = chassis::time::now_millis();
     let lease_until = now + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
     let row: Option<KeyRow> = sqlx::query_as(
@@ -207,7 +207,7 @@ pub async fn release(db: &Database, scope: &Scope) -> Result<(), sqlx::Error> {
     .bind(&scope.account)
     .bind(&scope.principal)
     .bind(&scope.key)
-    .execute(db.pool())
+    .execute(&mut *db.writer().await?)
     .await?;
     Ok(())
 }
@@ -223,7 +223,7 @@ pub async fn complete(
     status: u16,
     body: &str,
 ) -> Result<(), sqlx::Error> {
-    let mut conn = db.pool().acquire().await?;
+    let mut conn = db.writer().await?;
     complete_in(&mut conn, scope, status, body, None).await
 }
 

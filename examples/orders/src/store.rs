@@ -55,7 +55,7 @@ pub(crate) async fn place(
     response: &str,
     crash: Option<crate::CrashPoint>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = db.pool().begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin_write().await?;
     sqlx::query(
         "INSERT INTO orders (id, account, ticket_id, quantity, email, reservation_id, status, correlation_id, created_at)
          VALUES (?, ?, ?, ?, ?, ?, 'placed', ?, ?)",
@@ -179,7 +179,7 @@ pub(crate) async fn due_events(db: &Database, limit: u32) -> Result<Vec<OutboxEv
 /// Marks an event delivered, and moves its order on when it was the
 /// reservation's confirmation.
 pub(crate) async fn delivered(db: &Database, event: &OutboxEvent) -> Result<(), sqlx::Error> {
-    let mut tx = db.pool().begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin_write().await?;
     sqlx::query("UPDATE outbox SET delivered_at = ?, last_error = NULL WHERE id = ? AND delivered_at IS NULL")
         .bind(chassis::time::now_rfc3339())
         .bind(&event.id)
@@ -207,7 +207,7 @@ pub(crate) async fn retry_later(
         .bind(next_attempt_ms)
         .bind(error)
         .bind(&event.id)
-        .execute(db.pool())
+        .execute(&mut *db.writer().await?)
         .await?;
     Ok(())
 }
@@ -218,7 +218,7 @@ pub(crate) async fn park(
     event: &OutboxEvent,
     error: &str,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = db.pool().begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin_write().await?;
     sqlx::query(
         "UPDATE outbox SET parked_at = ?, attempts = attempts + 1, last_error = ? WHERE id = ?",
     )

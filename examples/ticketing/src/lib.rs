@@ -43,7 +43,7 @@
 //! |---|---|---|
 //! | `TICKETING_HOLD_SECS` | `900` | how long a reservation holds its places unless confirmed (1 to 604800) |
 //! | `TICKETING_DATA_DIR` | `./data/ticketing` | directory of the database file |
-//! | `TICKETING_DB_POOL_SIZE` | `4` | database connections |
+//! | `TICKETING_DB_POOL_SIZE` | `4` | read connections to the database (writes go through one more, the writer) |
 //! | `TICKETING_SOLD_OUT_MAIL_TO` | unset | where sold-out notices go; when set, `CHASSIS_CLIENT_*` (this service's own identity) is required and `CHASSIS_DOWNSTREAM_MAIL_*` configures the call |
 //!
 //! # Calls to other services

@@ -4,8 +4,11 @@
 //! another's rows. Capacity is enforced by the statement that inserts a
 //! reservation: it inserts only when enough places are left, counted in the
 //! same statement, inside a transaction that holds SQLite's write lock from
-//! its first statement (`BEGIN IMMEDIATE`). SQLite has one writer at a time,
-//! so two reservations can never both see the last place.
+//! its first statement (`BEGIN IMMEDIATE`, [`Database::begin_write`]).
+//! SQLite has one writer at a time, so two reservations can never both see
+//! the last place. Every write goes through the database's one writer, where
+//! writers wait their turn in order; reads that decide nothing go through
+//! the read-only readers ([`Database::pool`]).
 
 use std::time::Duration;
 
@@ -100,7 +103,7 @@ impl Store {
         .bind(date_text(ticket.valid_from)?)
         .bind(date_text(ticket.valid_until)?)
         .bind(timestamp_text(now))
-        .execute(self.db.pool())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(ticket)
     }
@@ -157,7 +160,7 @@ impl Store {
     ) -> Result<Held, ApiError> {
         // The write lock from the first statement: the key lookup, the
         // capacity check and the insert see no other writer in between.
-        let mut tx = self.db.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.begin_write().await?;
         // Read the clock once the lock is held: which holds have expired is
         // decided as of now, not as of before a wait for the lock.
         let now = now();
@@ -296,7 +299,7 @@ impl Store {
         // update; the clock is read once the lock is held, so a hold that
         // expired while this call waited is not confirmed after another
         // reservation took its places.
-        let mut tx = self.db.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.begin_write().await?;
         let now = now();
         let row: Option<ReservationRow> = sqlx::query_as(
             "SELECT id, account, ticket_id, quantity, status, expires_at, created_at
@@ -334,7 +337,7 @@ impl Store {
              WHERE status = 'held' AND expires_at <= ?",
         )
         .bind(timestamp_text(now()))
-        .execute(self.db.pool())
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(done.rows_affected())
     }

@@ -160,7 +160,7 @@ mod tests {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, n INTEGER NOT NULL CHECK (n >= 0))",
         )
-        .execute(db.pool())
+        .execute(&mut *db.writer().await.unwrap())
         .await
         .unwrap();
         db
@@ -186,14 +186,14 @@ mod tests {
         ));
         let (a, b) = (open(&dir).await, open(&dir).await);
 
-        // Another connection holds the write lock past the busy timeout.
-        let mut holder = a.pool().begin().await.unwrap();
+        // Another handle's writer holds the write lock past the busy timeout.
+        let mut holder = a.begin_write().await.unwrap();
         sqlx::query("INSERT INTO t VALUES ('held', 1)")
             .execute(&mut *holder)
             .await
             .unwrap();
         let busy = sqlx::query("INSERT INTO t VALUES ('x', 1)")
-            .execute(b.pool())
+            .execute(&mut *b.writer().await.unwrap())
             .await
             .unwrap_err();
         assert_eq!(Failure::of(&busy), Failure::Unavailable, "{busy}");
@@ -206,7 +206,7 @@ mod tests {
         holder.commit().await.unwrap();
 
         let taken = sqlx::query("INSERT INTO t VALUES ('held', 2)")
-            .execute(b.pool())
+            .execute(&mut *b.writer().await.unwrap())
             .await
             .unwrap_err();
         assert_eq!(Failure::of(&taken), Failure::Conflict);
@@ -216,7 +216,7 @@ mod tests {
         assert!(!json.to_string().contains("UNIQUE"), "{json}");
 
         let broken = sqlx::query("INSERT INTO t VALUES ('y', -1)")
-            .execute(b.pool())
+            .execute(&mut *b.writer().await.unwrap())
             .await
             .unwrap_err();
         assert_eq!(Failure::of(&broken), Failure::Other);
