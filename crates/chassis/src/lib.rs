@@ -31,7 +31,7 @@
 //! | Retries | retries only idempotent calls, only retryable failures, with jittered backoff, within a budget | [`retry`] |
 //! | Failure injection | can slow down or fail a share of calls on purpose, when configured | [`fault`] |
 //! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
-//! | Storage | owns one database (SQLite by default), migrated at start-up, checked for readiness; writes through one writer, in turn | `sqlite` (feature `sqlite`) |
+//! | Storage | owns one database, SQLite on one machine or Postgres for replicas, migrated at start-up, checked for readiness; the same handlers on both | `db` (features `sqlite`, `postgres`) |
 //! | Identifiers | gives records UUIDv7 ids, ordered by creation time, with a prefix naming their kind | [`id`] |
 //! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
 //!
@@ -72,7 +72,8 @@
 //! | `client` | yes | `client`: the downstream client and `TokenSource`; enables `tls` |
 //! | `otel` | yes | [`otel`]: distributed tracing, spans exported over OTLP (HTTP/protobuf) to the collector named by `OTEL_EXPORTER_OTLP_ENDPOINT`, configured by the standard `OTEL_*` variables; pulls in the OpenTelemetry SDK and its OTLP exporter (no reqwest, no tonic) |
 //! | `tls` | with `jwt` or `client` | `tls`: outbound TLS through rustls on aws-lc-rs, the platform's roots plus `CHASSIS_TLS_CA_FILE` |
-//! | `sqlite` | no | `sqlite`: one SQLite database per service through sqlx, WAL mode, one writer connection and read-only readers, migrations at start-up, a readiness check |
+//! | `sqlite` | no | `db`: one database per service through sqlx's `Any` driver; SQLite in WAL mode with one writer connection and read-only readers, migrations at start-up, a readiness check |
+//! | `postgres` | no | `db` on Postgres as well, chosen by `<PREFIX>_DATABASE_URL` (enables `sqlite`, the embedded default) |
 //! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it, a token endpoint, a test PKI, an OTLP collector on loopback (`OtlpReceiver`), and the harness for a service's binary (`ServiceProcess`, `ProcessCheck`, `TempDir`, `eventually`), for tests (dev-dependencies only); enables `jwt`, `tls`, `client` and `otel` |
 //!
 //! The defaults are `["process-metrics", "jwt", "client", "otel"]`. Everything else
@@ -147,7 +148,7 @@ pub mod service;
 pub mod shutdown;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub mod sqlite;
+pub mod db;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]

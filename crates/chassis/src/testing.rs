@@ -56,6 +56,8 @@ use serde_json::{Value, json};
 
 use crate::auth::{Key, Verifier};
 
+#[cfg(feature = "postgres")]
+mod database;
 mod otlp;
 mod pki;
 mod process;
@@ -63,6 +65,10 @@ mod server;
 mod support;
 mod token_endpoint;
 
+#[cfg(feature = "postgres")]
+pub use database::{
+    BACKEND_VAR, DEFAULT_POSTGRES, POSTGRES_VAR, REQUIRE_VAR, TestDatabase, TestPostgres, test_backend,
+};
 pub use otlp::{OtlpReceiver, ReceivedEvent, ReceivedSpan};
 pub use pki::{TestCert, TestPki};
 pub use process::{

@@ -20,7 +20,7 @@ use crate::client::TokenErrorResponse;
 pub enum AppError {
     /// The database could not be opened or migrated.
     #[error(transparent)]
-    Database(#[from] chassis::sqlite::DbError),
+    Database(#[from] chassis::db::DbError),
     /// A query failed.
     #[error("database query failed: {0}")]
     Query(#[from] sqlx::Error),

@@ -47,7 +47,7 @@ use chassis::{
     config::{Env, Secret},
     health::CheckError,
     permission::{Grant, MAX_GRANTS},
-    sqlite::Database,
+    db::Database,
 };
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;

@@ -19,7 +19,7 @@ use aws_lc_rs::{
     signature::{Ed25519KeyPair, KeyPair},
 };
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use chassis::sqlite::Database;
+use chassis::db::Database;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use crate::{

@@ -83,7 +83,7 @@ use chassis::{
     auth::{Clock, JwksOptions, SystemClock, Verifier},
     config::{Config, Reader},
     health::{CheckOptions, check_fn},
-    sqlite::{Database, DbConfig},
+    db::{Database, DbConfig, Migrations},
 };
 use jsonwebtoken::Algorithm;
 use sqlx::migrate::Migrator;
@@ -109,7 +109,7 @@ pub use grants::DEMO_GRANTS;
 pub const NAME: &str = "auth";
 
 /// The embedded migrations, run at start-up.
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// Longest access-token lifetime accepted (the chassis verifier's limit).
 const MAX_TOKEN_TTL_SECS: u64 = 86_400;
@@ -655,7 +655,7 @@ pub async fn app_with_clock(
         token::HASH_BUSY,
         "Login attempts answered 503 because every password hashing slot stayed busy"
     );
-    let db = Database::open_migrated(&settings.db, &MIGRATOR).await?;
+    let db = Database::open_migrated(&settings.db, Migrations::new(&MIGRATOR)).await?;
     let params = argon2::Params::new(
         settings.hash_cost.memory_kib,
         settings.hash_cost.iterations,

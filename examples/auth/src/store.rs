@@ -2,7 +2,7 @@
 
 use aws_lc_rs::digest;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use chassis::sqlite::Database;
+use chassis::db::Database;
 
 use crate::{error::AppError, keys::to_i64};
 

@@ -79,7 +79,7 @@ use chassis::{
     ServiceBuilder,
     config::Reader,
     health::{Check, CheckError, CheckOptions},
-    sqlite::{Database, DbConfig, DbError},
+    db::{Database, DbConfig, DbError, Migrations},
 };
 use lettre::Address;
 use tokio::sync::Notify;
@@ -370,7 +370,7 @@ pub async fn app_on(
     builder: ServiceBuilder,
     settings: Settings,
 ) -> Result<ServiceBuilder, AppError> {
-    let db = Database::open_migrated(&settings.db, &sqlx::migrate!()).await?;
+    let db = Database::open_migrated(&settings.db, Migrations::new(&sqlx::migrate!("./migrations/sqlite"))).await?;
     let store = Store::new(db.clone());
     let transport = Arc::new(match &settings.smtp {
         Some(relay) => {

@@ -149,5 +149,5 @@ fn message(row: Row) -> Result<Message, sqlx::Error> {
 /// A database failure: 503 with `Retry-After` when it is busy, logged and
 /// never shown to the caller (the chassis' mapping).
 fn unavailable(e: &sqlx::Error) -> Problem {
-    chassis::sqlite::problem(e)
+    chassis::db::problem(e)
 }

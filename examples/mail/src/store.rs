@@ -7,7 +7,7 @@
 //! the lease statement at once get different rows (or none). Reads go
 //! through the read-only readers ([`Database::pool`]).
 
-use chassis::sqlite::Database;
+use chassis::db::Database;
 use serde_json::Value;
 
 use crate::client::MessageStatus;

@@ -30,7 +30,7 @@
 use std::time::Duration;
 
 use aws_lc_rs::digest;
-use chassis::sqlite::Database;
+use chassis::db::Database;
 use http::{HeaderMap, HeaderValue};
 
 /// `Idempotent-Replayed`, set on replayed answers.

@@ -32,7 +32,7 @@ use chassis::{
     client::{Downstream, TokenSource},
     config::Reader,
     health::CheckOptions,
-    sqlite::{Database, DbConfig},
+    db::{Database, DbConfig, Migrations},
 };
 
 pub mod client;
@@ -105,7 +105,7 @@ impl Settings {
 pub enum AppError {
     /// The database could not be opened or migrated.
     #[error(transparent)]
-    Database(#[from] chassis::sqlite::DbError),
+    Database(#[from] chassis::db::DbError),
 }
 
 /// What the handlers and the relay share.
@@ -173,7 +173,7 @@ pub async fn app_on(
     builder: ServiceBuilder,
     settings: Settings,
 ) -> Result<ServiceBuilder, AppError> {
-    let db = Database::open_migrated(&settings.db, &sqlx::migrate!()).await?;
+    let db = Database::open_migrated(&settings.db, Migrations::new(&sqlx::migrate!("./migrations/sqlite"))).await?;
     let ticketing_breaker = settings.ticketing.breaker().clone();
     let mail_breaker = settings.mail.breaker().clone();
     let state = State {

@@ -38,7 +38,7 @@ use chassis::{
     health::{Check, CheckError},
     otel::Span,
     permission::AccountId,
-    sqlite::Database,
+    db::Database,
 };
 use http::StatusCode;
 use mail::client::{MailJob, OrderConfirmation};

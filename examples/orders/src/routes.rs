@@ -46,7 +46,7 @@ const PLACE_ROUTE: &str = "/orders/v1/{account}/orders";
 /// A storage failure: 503 with `Retry-After` when the database is busy,
 /// logged and never shown (the chassis' mapping).
 fn internal(e: &sqlx::Error) -> Response {
-    chassis::sqlite::problem(e).into_response()
+    chassis::db::problem(e).into_response()
 }
 
 /// Checks a new order; every problem at once.

@@ -1,6 +1,6 @@
 //! The database: orders and the outbox.
 
-use chassis::{context::TraceContext, sqlite::Database};
+use chassis::{context::TraceContext, db::Database};
 
 use crate::{
     client::{Order, OrderStatus},

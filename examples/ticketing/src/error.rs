@@ -12,7 +12,7 @@ use crate::client::ReservationStatus;
 pub enum AppError {
     /// The database could not be opened or migrated.
     #[error(transparent)]
-    Database(#[from] chassis::sqlite::DbError),
+    Database(#[from] chassis::db::DbError),
 }
 
 /// Why a request was refused. Each becomes a problem+json answer; the
@@ -70,7 +70,7 @@ impl IntoResponse for ApiError {
             Self::NotHeld(status) => Problem::new(StatusCode::CONFLICT)
                 .with_detail(format!("The reservation is {status}."))
                 .with_member("reason", format!("reservation_{status}")),
-            Self::Database(e) => chassis::sqlite::problem(&e),
+            Self::Database(e) => chassis::db::problem(&e),
             Self::Stored(e) => {
                 tracing::error!(error = %e, "unreadable stored data");
                 Problem::internal()

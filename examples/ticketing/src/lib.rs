@@ -90,7 +90,7 @@ use chassis::{
     config::Reader,
     health::CheckOptions,
     shutdown::CancellationToken,
-    sqlite::{Database, DbConfig},
+    db::{Database, DbConfig, Migrations},
 };
 use sqlx::migrate::Migrator;
 
@@ -126,7 +126,7 @@ const RESERVATIONS_TOTAL: &str = "ticketing_reservations_total";
 const HOLDS_EXPIRED_TOTAL: &str = "ticketing_holds_expired_total";
 
 /// The schema, embedded from `migrations/`.
-static MIGRATOR: Migrator = sqlx::migrate!();
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The service's own settings, `TICKETING_*`.
 #[derive(Debug, Clone)]
@@ -205,7 +205,7 @@ pub async fn app_on(
     builder: ServiceBuilder,
     settings: Settings,
 ) -> Result<ServiceBuilder, AppError> {
-    let db = Database::open_migrated(&settings.db, &MIGRATOR).await?;
+    let db = Database::open_migrated(&settings.db, Migrations::new(&MIGRATOR)).await?;
     let store = Store::new(db.clone(), settings.hold);
     let expiry_interval = settings.hold.min(MAX_EXPIRY_INTERVAL);
     Ok(builder

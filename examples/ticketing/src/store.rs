@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use chassis::{permission::AccountId, sqlite::Database};
+use chassis::{db::Database, permission::AccountId};
 use time::{Date, OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{

@@ -27,31 +27,59 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// What `error` means for the caller. SQLite's primary result codes
+    /// What `error` means for the caller.
+    ///
+    /// [`Unavailable`](Self::Unavailable): the pool's timeout, closure and
+    /// I/O errors (a connection lost); SQLite's primary result codes
     /// `SQLITE_BUSY` (5), `SQLITE_LOCKED` (6), `SQLITE_IOERR` (10),
     /// `SQLITE_FULL` (13) and `SQLITE_CANTOPEN` (14), with their extended
-    /// codes, and the pool's timeout, closure and I/O errors are
-    /// [`Unavailable`](Self::Unavailable); a unique or primary key
-    /// violation is [`Conflict`](Self::Conflict).
+    /// codes; Postgres' SQLSTATE classes `08` (connection exception), `53`
+    /// (insufficient resources), `57` (operator intervention: shutdown,
+    /// statement cancelled) and the codes `40001` (serialization failure),
+    /// `40P01` (deadlock) and `55P03` (lock not available).
+    /// [`Conflict`](Self::Conflict): a unique or primary key violation, on
+    /// either engine.
     pub fn of(error: &sqlx::Error) -> Self {
         match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                Self::Unavailable
-            }
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::WorkerCrashed => Self::Unavailable,
             sqlx::Error::Database(db) => {
                 if db.is_unique_violation() {
                     return Self::Conflict;
                 }
-                let primary = db
-                    .code()
-                    .and_then(|c| c.parse::<i32>().ok())
-                    .map(|c| c & 0xff);
-                match primary {
+                let Some(code) = db.code() else {
+                    return Self::Other;
+                };
+                if is_sqlstate(&code) {
+                    return match (&code[..2], &*code) {
+                        ("08" | "53" | "57", _) | (_, "40001" | "40P01" | "55P03") => {
+                            Self::Unavailable
+                        }
+                        _ => Self::Other,
+                    };
+                }
+                match code.parse::<i32>().ok().map(|c| c & 0xff) {
                     Some(5 | 6 | 10 | 13 | 14) => Self::Unavailable,
                     _ => Self::Other,
                 }
             }
             _ => Self::Other,
+        }
+    }
+
+    /// Whether `error` certainly undid the whole transaction it happened
+    /// in and running the transaction again from its start may succeed:
+    /// Postgres' serialization failure (`40001`) and deadlock (`40P01`).
+    /// Connection losses are not among them: a `COMMIT` cut short may have
+    /// committed. See [`retry`].
+    pub fn is_retryable(error: &sqlx::Error) -> bool {
+        match error {
+            sqlx::Error::Database(db) => {
+                matches!(db.code().as_deref(), Some("40001" | "40P01"))
+            }
+            _ => false,
         }
     }
 
@@ -71,9 +99,9 @@ impl Failure {
 /// otherwise) and never sending it.
 ///
 /// ```
-/// use chassis::sqlite::StoreError;
+/// use chassis::db::StoreError;
 ///
-/// async fn count(pool: &sqlx::SqlitePool) -> Result<String, StoreError> {
+/// async fn count(pool: &sqlx::AnyPool) -> Result<String, StoreError> {
 ///     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes").fetch_one(pool).await?;
 ///     Ok(n.to_string())
 /// }
@@ -117,7 +145,7 @@ impl IntoResponse for StoreError {
 }
 
 /// The answer to a storage failure, the error logged (target
-/// `chassis::sqlite`) and never sent; the chassis wrote it, so it reaches
+/// `chassis::db`) and never sent; the chassis wrote it, so it reaches
 /// the client as it is (a handler's own 5xx would be replaced): 503 with
 /// `Retry-After: 1` and `reason: storage_unavailable`, 409 with
 /// `reason: conflict`, or 500. For handlers whose error type is their
@@ -125,21 +153,78 @@ impl IntoResponse for StoreError {
 pub fn problem(error: &sqlx::Error) -> Problem {
     match Failure::of(error) {
         Failure::Unavailable => {
-            tracing::warn!(target: "chassis::sqlite", error = %error, "storage unavailable");
+            tracing::warn!(target: "chassis::db", error = %error, "storage unavailable");
             Problem::unavailable(RETRY_AFTER_SECS)
                 .with_detail("The service's storage is busy; retry later.")
                 .with_member("reason", "storage_unavailable")
                 .vetted()
         }
         Failure::Conflict => {
-            tracing::info!(target: "chassis::sqlite", error = %error, "unique key taken");
+            tracing::info!(target: "chassis::db", error = %error, "unique key taken");
             Problem::new(StatusCode::CONFLICT)
                 .with_detail("The request conflicts with data already stored.")
                 .with_member("reason", "conflict")
         }
         Failure::Other => {
-            tracing::error!(target: "chassis::sqlite", error = %error, "storage error");
+            tracing::error!(target: "chassis::db", error = %error, "storage error");
             Problem::internal().vetted()
+        }
+    }
+}
+
+/// A Postgres SQLSTATE is five characters; SQLite's result codes are
+/// numbers below 10 000.
+fn is_sqlstate(code: &str) -> bool {
+    code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Attempts of a transaction [`retry`] makes, the first included.
+const ATTEMPTS: u32 = 3;
+
+/// Runs `transaction` (a function that begins, does and commits one write
+/// transaction) again from its start when it fails with an error that
+/// undid all of it and may not recur ([`Failure::is_retryable`]: a
+/// serialization failure or a deadlock on Postgres), up to 3 attempts in
+/// all, after a short random pause (5-25 ms, then 10-50 ms) so that the
+/// transactions that collided do not collide again. Any other result is
+/// returned as it is; the last error too, which answers 503 through
+/// [`StoreError`].
+///
+/// Only a function that does nothing but the transaction may be run
+/// again: no call to another service, no message sent, inside it.
+///
+/// ```
+/// use chassis::db::{Database, StoreError, retry};
+///
+/// async fn move_place(db: &Database, from: &str, to: &str) -> Result<(), StoreError> {
+///     retry(|| async {
+///         let mut tx = db.begin_write().await?;
+///         sqlx::query("UPDATE seats SET taken = taken - 1 WHERE id = $1").bind(from).execute(&mut *tx).await?;
+///         sqlx::query("UPDATE seats SET taken = taken + 1 WHERE id = $1").bind(to).execute(&mut *tx).await?;
+///         tx.commit().await
+///     })
+///     .await?;
+///     Ok(())
+/// }
+/// ```
+pub async fn retry<T, F, Fut>(mut transaction: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match transaction().await {
+            Err(e) if attempt < ATTEMPTS && Failure::is_retryable(&e) => {
+                tracing::debug!(target: "chassis::db", error = %e, attempt, "transaction undone; running it again");
+                let base = 5 * u64::from(attempt);
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    base + fastrand::u64(0..=4 * base),
+                ))
+                .await;
+                attempt += 1;
+            }
+            result => return result,
         }
     }
 }
@@ -151,7 +236,7 @@ mod tests {
     use http_body_util::BodyExt as _;
 
     use super::*;
-    use crate::sqlite::{Database, DbConfig};
+    use crate::db::{Database, DbConfig};
 
     async fn open(dir: &std::path::Path) -> Database {
         let mut config = DbConfig::new(dir, "t.db");
