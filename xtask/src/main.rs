@@ -1,4 +1,10 @@
-//! Project tasks, run with `cargo run -p xtask -- <task>`.
+//! Project tasks, run with `cargo xtask <task>` (an alias of
+//! `cargo run -q -p xtask -- <task>`).
+//!
+//! `test` runs the whole test suite: every test on the exemplars' embedded
+//! default (SQLite), then the exemplars' tests again on PostgreSQL, saying
+//! plainly which tests a missing server keeps from running (see
+//! `src/test.rs`).
 //!
 //! `new-service <name>` makes a new service from the template exemplar
 //! (`examples/ticketing` unless `--from` names another): every file is
@@ -18,7 +24,12 @@ use std::{
 
 use xtask::{NewService, Workspace};
 
-const USAGE: &str = "usage: cargo run -p xtask -- new-service <name> [--from <exemplar>] [--into <dir>] [--port <port>]
+mod test;
+
+const USAGE: &str = "usage: cargo xtask test
+       cargo xtask new-service <name> [--from <exemplar>] [--into <dir>] [--port <port>]
+
+  test              the whole test suite: SQLite, then the exemplars again on PostgreSQL
 
   <name>            the new service's name: lowercase letters, digits and `-`, starting with a letter
   --from <exemplar> the exemplar to copy, under examples/ (default: ticketing)
@@ -29,6 +40,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("new-service") => new_service(&args[1..]),
+        Some("test") => test::run(&args[1..]),
         Some("-h" | "--help") | None => {
             println!("{USAGE}");
             ExitCode::SUCCESS

@@ -1,0 +1,154 @@
+//! `test`: the whole test suite, with the servers it needs.
+//!
+//! 1. Finds out which servers the tests can reach: PostgreSQL at
+//!    `CHASSIS_TEST_POSTGRES_URL` (by default `127.0.0.1:5432`).
+//! 2. Runs `cargo test --workspace --all-features --locked`: every test,
+//!    the exemplars on their embedded default (SQLite).
+//! 3. Runs the exemplars' tests again on PostgreSQL
+//!    (`CHASSIS_TEST_BACKEND=postgres`): the same tests, each service in
+//!    each test on a database of its own.
+//!
+//! A server that cannot be reached is said plainly, with the tests it
+//! keeps from running, and those tests are not run; when
+//! `CHASSIS_REQUIRE_SERVERS` is set (CI sets it), the run fails at once
+//! instead, so nothing is skipped there.
+
+use std::{
+    net::{SocketAddr, TcpStream, ToSocketAddrs},
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+/// The exemplars whose tests run on both engines.
+const STATEFUL: [&str; 4] = ["auth", "ticketing", "orders", "mail"];
+
+/// A server the tests use.
+struct Server {
+    name: &'static str,
+    address: String,
+    /// What does not run without it.
+    needed_by: &'static str,
+}
+
+impl Server {
+    /// Why it cannot be reached, if it cannot.
+    fn unreachable(&self) -> Option<String> {
+        let addrs: Vec<SocketAddr> = match self.address.to_socket_addrs() {
+            Ok(addrs) => addrs.collect(),
+            Err(e) => return Some(format!("{} does not resolve: {e}", self.address)),
+        };
+        let mut last = String::from("no address");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(_) => return None,
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Some(last)
+    }
+}
+
+/// `host:port` of a `postgres://` URL (5432 when it names no port).
+fn postgres_address(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if host.contains(':') && !host.ends_with(']') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    }
+}
+
+fn cargo(args: &[&str], env: &[(&str, &str)]) -> bool {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    println!("\n==> cargo {}{}", env_text(env), args.join(" "));
+    Command::new(cargo)
+        .args(args)
+        .envs(env.iter().copied())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn env_text(env: &[(&str, &str)]) -> String {
+    env.iter().map(|(k, v)| format!("({k}={v}) ")).collect()
+}
+
+pub(crate) fn run(args: &[String]) -> ExitCode {
+    if let Some(arg) = args.first() {
+        eprintln!("test takes no arguments (got `{arg}`); it runs the whole suite");
+        return ExitCode::from(2);
+    }
+    let required = std::env::var_os("CHASSIS_REQUIRE_SERVERS").is_some();
+    let postgres_url = std::env::var("CHASSIS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let postgres = Server {
+        name: "PostgreSQL",
+        address: postgres_address(&postgres_url),
+        needed_by: "the exemplars' tests on PostgreSQL and the chassis' tests/postgres.rs",
+    };
+
+    let mut not_run = Vec::new();
+    let postgres_up = match postgres.unreachable() {
+        None => {
+            println!("{} at {}: reachable", postgres.name, postgres.address);
+            true
+        }
+        Some(why) => {
+            let line = format!(
+                "{} at {} cannot be reached ({why}): {} cannot run",
+                postgres.name, postgres.address, postgres.needed_by
+            );
+            if required {
+                eprintln!("error: {line}; CHASSIS_REQUIRE_SERVERS is set, so nothing is skipped");
+                return ExitCode::FAILURE;
+            }
+            not_run.push(line);
+            false
+        }
+    };
+
+    let mut ok = cargo(&["test", "--workspace", "--all-features", "--locked"], &[]);
+    if postgres_up {
+        let mut args = vec!["test", "--locked"];
+        for crate_name in STATEFUL {
+            args.extend(["-p", crate_name]);
+        }
+        ok &= cargo(&args, &[("CHASSIS_TEST_BACKEND", "postgres")]);
+    }
+
+    if !not_run.is_empty() {
+        println!("\nNOT RUN:");
+        for line in &not_run {
+            println!("  {line}");
+        }
+    }
+    if ok {
+        println!("\nall tests passed");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("\nerror: tests failed (see above)");
+        ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_address_comes_from_the_url() {
+        assert_eq!(postgres_address("postgres://postgres@127.0.0.1:5432/test"), "127.0.0.1:5432");
+        assert_eq!(postgres_address("postgres://u:p@db/x?sslmode=disable"), "db:5432");
+        assert_eq!(postgres_address("postgresql://[::1]:6543/x"), "[::1]:6543");
+    }
+
+    #[test]
+    fn a_closed_port_is_unreachable_with_a_reason() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let server = Server { name: "x", address, needed_by: "y" };
+        assert!(server.unreachable().is_some());
+    }
+}
