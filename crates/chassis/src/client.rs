@@ -331,7 +331,7 @@ impl DownstreamBuilder {
     /// Looks `dns+` names up with `resolve` instead of the system's
     /// resolver.
     #[cfg(test)]
-    pub(crate) fn resolver(mut self, resolve: balance::Resolve) -> Self {
+    fn resolver(mut self, resolve: balance::Resolve) -> Self {
         self.resolver = Some(resolve);
         self
     }
