@@ -30,9 +30,10 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// Looks a host name up: `tokio::net::lookup_host` in service, another
 /// function in the tests of re-resolution.
 #[derive(Clone)]
-pub(super) struct Resolve(
-    pub(super) Arc<dyn Fn(String, u16) -> BoxFuture<io::Result<Vec<SocketAddr>>> + Send + Sync>,
-);
+pub(super) struct Resolve(pub(super) Arc<dyn Fn(String, u16) -> Lookup + Send + Sync>);
+
+/// One lookup's answer.
+pub(super) type Lookup = BoxFuture<io::Result<Vec<SocketAddr>>>;
 
 impl fmt::Debug for Resolve {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -206,6 +207,12 @@ impl Balancer {
         };
         balancer.shared.publish(Instant::now());
         balancer
+    }
+
+    /// The name certificates are verified for: the `dns+` name, whose
+    /// calls go to its addresses.
+    pub(super) fn server_name(&self) -> Option<&str> {
+        self.shared.dns.as_ref().map(|d| d.host.as_str())
     }
 
     /// The addresses and their state now.

@@ -66,8 +66,8 @@ pub(super) fn stack(
     breaker: CircuitBreaker,
     bulkhead: Bulkhead,
     balancer: Option<Balancer>,
-    server_name: Option<&str>,
 ) -> Stack {
+    let server_name = balancer.as_ref().and_then(Balancer::server_name);
     let connector = tls.connector_for(Some(s.attempt_timeout), server_name);
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(s.pool_idle_timeout)
