@@ -168,7 +168,12 @@
 //! "least loaded of all" makes and the blind spots of round robin, at the
 //! cost of two loads read. A retry draws again, leaving out the address
 //! the call's previous attempt went to whenever another is left, so that a
-//! stopped replica costs the caller one failed attempt, not three.
+//! stopped replica costs the caller one failed attempt, not three. An
+//! attempt that could not connect never reached the replica, so it is
+//! retried on another address whatever the method, a `POST` without an
+//! `Idempotency-Key` included ([`crate::retry::NotSent`]); with one
+//! address such a call is not retried, as the same address would refuse
+//! it again.
 //!
 //! **Ejection** (outlier detection, after Envoy's
 //! `consecutive_gateway_failure`). An address whose attempts fail

@@ -562,7 +562,7 @@ fn failed(result: &Result<Response<Bytes>, BoxError>) -> Option<bool> {
         Ok(res) => Some(matches!(res.status().as_u16(), 502..=504)),
         Err(e) if e.is::<AttemptTimedOut>() => Some(true),
         Err(e) => match e.downcast_ref::<TransportError>() {
-            Some(TransportError::Connection(_)) => Some(true),
+            Some(TransportError::Connect(_) | TransportError::Connection(_)) => Some(true),
             _ => None,
         },
     }
@@ -615,7 +615,15 @@ where
             if let Some(failed) = failed(&result) {
                 shared.record(&endpoint, failed, Instant::now());
             }
-            result
+            // Another address may take a request that never left, whatever
+            // its method.
+            result.map_err(|e| {
+                if matches!(e.downcast_ref(), Some(TransportError::Connect(_))) {
+                    Box::new(crate::retry::NotSent::new(e)) as BoxError
+                } else {
+                    e
+                }
+            })
         })
     }
 }
