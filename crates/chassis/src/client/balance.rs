@@ -11,7 +11,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError, RwLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -144,6 +144,8 @@ struct Dns {
     resolve: Resolve,
     /// When the next lookup is due; `None` before the first.
     next: Mutex<Option<Instant>>,
+    /// A lookup in the background is under way.
+    looking_up: AtomicBool,
     /// Calls that find no address wait for one lookup together.
     first: tokio::sync::Mutex<()>,
 }
@@ -166,6 +168,10 @@ struct Health {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The longest a lookup may take; a resolver that does not answer by then
+/// counts as failed, and the addresses known are kept.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -192,6 +198,7 @@ impl Balancer {
                     refresh,
                     resolve,
                     next: Mutex::new(None),
+                    looking_up: AtomicBool::new(false),
                     first: tokio::sync::Mutex::new(()),
                 }),
             ),
@@ -271,25 +278,31 @@ impl Shared {
             return;
         }
         let now = Instant::now();
+        if lock(&dns.next).is_some_and(|due| due > now)
+            || dns.looking_up.swap(true, Ordering::AcqRel)
         {
-            let mut next = lock(&dns.next);
-            match *next {
-                Some(due) if due > now => return,
-                // This call takes the lookup on; the others go on with the
-                // addresses they have.
-                _ => *next = Some(now + dns.refresh),
-            }
+            return;
         }
+        // This call takes the lookup on; the others go on with the
+        // addresses they have.
         let shared = self.clone();
         tokio::spawn(async move {
             if let Some(dns) = &shared.dns {
                 shared.resolve(dns).await;
+                dns.looking_up.store(false, Ordering::Release);
             }
         });
     }
 
     async fn resolve(&self, dns: &Dns) {
-        let result = (dns.resolve.0)(dns.host.clone(), dns.port).await;
+        let lookup = (dns.resolve.0)(dns.host.clone(), dns.port);
+        let result = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {LOOKUP_TIMEOUT:?}"),
+            )),
+        };
         let now = Instant::now();
         *lock(&dns.next) = Some(now + dns.refresh);
         match result {
