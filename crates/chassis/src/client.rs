@@ -154,7 +154,8 @@
 //!   `Host` and the certificate's expected name stay the DNS name. An
 //!   address that stays in the answer keeps its load and its ejection; a
 //!   lookup that fails or comes back empty keeps the addresses known (a DNS
-//!   hiccup must not empty a healthy downstream). This is the **Kubernetes
+//!   hiccup must not empty a healthy downstream; a lookup without an answer
+//!   in 10 s counts as failed). This is the **Kubernetes
 //!   headless-service convention**: a `Service` with `clusterIP: None` has
 //!   a name that resolves to the ready pods' addresses, so that the caller,
 //!   not kube-proxy, spreads the calls, and a pod that stops being ready
