@@ -34,17 +34,25 @@
 //!   service it was not minted for; [`Downstream::anonymous`] sends none;
 //! * **TLS**: `https://` base URLs are verified against the platform's roots
 //!   and `CHASSIS_TLS_CA_FILE`, HTTP/2 by ALPN (see [`crate::tls`]);
+//! * **replicas**: a downstream may have several addresses, a list or a DNS
+//!   name looked up again and again; each attempt goes to the less loaded
+//!   of two, and an address that keeps failing is ejected for a while
+//!   (see [several addresses](#several-addresses));
 //! * **measurement**: `http_client_request_duration_seconds` with labels
 //!   `service`, `downstream`, `http_request_method` and
 //!   `http_response_status_code` (`error` when there is no answer), the
-//!   breaker's and bulkhead's metrics named after the downstream, and a
-//!   warning in the log for each failed call.
+//!   breaker's and bulkhead's metrics named after the downstream, for a
+//!   downstream with several addresses `http_client_endpoints` and
+//!   `http_client_ejections_total` (see
+//!   [several addresses](#several-addresses)), and a warning in the log for
+//!   each failed call.
 //!
 //! The stack, outermost first:
 //!
 //! ```text
 //! metrics → correlation + traceparent → identity → deadline → retry
-//!   → circuit breaker → bulkhead → per-attempt timeout (sets x-timeout-ms)
+//!   → circuit breaker → bulkhead → address choice (several addresses only)
+//!   → per-attempt timeout (sets x-timeout-ms)
 //!   → failure injection (off unless configured) → connection pool
 //! ```
 //!
@@ -72,7 +80,7 @@
 //!
 //! | setting | variable suffix | default |
 //! |---|---|---|
-//! | base URL (`https://`, or `http://` on loopback or behind a TLS sidecar) | `URL` | given in code |
+//! | base URL (`https://`, or `http://` on loopback or behind a TLS sidecar); a comma-separated list, or one `dns+https://name:port` (see [several addresses](#several-addresses)) | `URL` | given in code |
 //! | audience of this downstream's tokens (service tokens ask for it; calls on behalf of a caller exchange the caller's token for it) | `AUDIENCE` | none: the token source's own audience, the caller's token forwarded |
 //! | per-attempt timeout | `TIMEOUT_MS` | 2 000 ms |
 //! | deadline of the whole call, retries included | `DEADLINE_MS` | 5 000 ms |
@@ -94,6 +102,11 @@
 //! | idle connections kept per host | `POOL_MAX_IDLE` | 32 |
 //! | idle connection lifetime | `POOL_IDLE_TIMEOUT_MS` | 90 000 ms |
 //! | failure injection | `FAULT_DELAY_MS`, `FAULT_DELAY_PERCENT`, `FAULT_ABORT_PERCENT`, `FAULT_ABORT_STATUS` | off |
+//! | failures in a row that eject an address | `OUTLIER_CONSECUTIVE_FAILURES` | 3 |
+//! | first ejection of an address (doubles for each ejection in a row) | `OUTLIER_EJECT_MS` | 10 000 ms |
+//! | longest ejection | `OUTLIER_EJECT_MAX_MS` | 300 000 ms |
+//! | most addresses ejected at once, % (0: never) | `OUTLIER_MAX_EJECT_PERCENT` | 50 |
+//! | interval between lookups of a `dns+` name | `DNS_REFRESH_MS` | 5 000 ms |
 //!
 //! A half-open probe may take at most the per-attempt timeout.
 //!
@@ -117,6 +130,121 @@
 //!   it (100 calls, at least 20 judged), a 50 % failure rate, and an open
 //!   time close to how long the downstream takes to recover (restart, fail
 //!   over): 10 s by default.
+//!
+//! # Several addresses
+//!
+//! A downstream that runs as several replicas is still one downstream: one
+//! name, one breaker, one bulkhead, one retry budget. Its `URL` says where
+//! the replicas are, in one of two forms:
+//!
+//! * **a list**: base URLs separated by commas,
+//!   `http://10.0.0.5:8080,http://10.0.0.6:8080`
+//!   ([`DownstreamBuilder::base_urls`] in code). They must share the scheme
+//!   and the path; an empty entry, a bad URL, mixed schemes, different paths
+//!   and an address listed twice are each a problem of the configuration,
+//!   all reported at once. Each address is sent as the `Host` of its calls
+//!   and, with `https://`, its certificate is verified for that host.
+//! * **a DNS name**: `dns+https://ticketing-headless.shop.svc:8443/api`.
+//!   The name is looked up (the system's resolver, through
+//!   `tokio::net::lookup_host`) at the first call and again every
+//!   `DNS_REFRESH_MS` while calls are made: a call that finds the last
+//!   lookup too old starts the next one in the background and goes on with
+//!   the addresses it has, so only the first call waits for DNS, and no task
+//!   runs for a downstream nobody calls. The calls go to the addresses, but
+//!   `Host` and the certificate's expected name stay the DNS name. An
+//!   address that stays in the answer keeps its load and its ejection; a
+//!   lookup that fails or comes back empty keeps the addresses known (a DNS
+//!   hiccup must not empty a healthy downstream; a lookup without an answer
+//!   in 10 s counts as failed). This is the **Kubernetes
+//!   headless-service convention**: a `Service` with `clusterIP: None` has
+//!   a name that resolves to the ready pods' addresses, so that the caller,
+//!   not kube-proxy, spreads the calls, and a pod that stops being ready
+//!   leaves the answer within the DNS TTL (30 s by default in CoreDNS, which
+//!   bounds how fresh a lookup can be whatever the interval). A single
+//!   address through a normal `ClusterIP` service stays the plain form.
+//!
+//! **Choice.** Each attempt goes to the less loaded (fewer attempts in
+//! flight from this process) of two addresses drawn at random among those
+//! not ejected: the *power of two choices*, which avoids the herd that
+//! "least loaded of all" makes and the blind spots of round robin, at the
+//! cost of two loads read. A retry draws again, leaving out the address
+//! the call's previous attempt went to whenever another is left, so that a
+//! stopped replica costs the caller one failed attempt, not three. An
+//! attempt that could not connect never reached the replica, so it is
+//! retried on another address whatever the method, a `POST` without an
+//! `Idempotency-Key` included ([`crate::retry::NotSent`]); with one
+//! address such a call is not retried, as the same address would refuse
+//! it again.
+//!
+//! **Ejection** (outlier detection, after Envoy's
+//! `consecutive_gateway_failure`). An address whose attempts fail
+//! `OUTLIER_CONSECUTIVE_FAILURES` times in a row is left out of the choice
+//! for `OUTLIER_EJECT_MS`; each further ejection in a row doubles it, up to
+//! `OUTLIER_EJECT_MAX_MS` (Envoy multiplies linearly; doubling reaches the
+//! cap sooner for a replica that stays down). A failure is what says the
+//! *address* is bad: the connection could not be made or broke, the
+//! attempt timed out, or a 502, 503 or 504 came back; a 500 or a 4xx is an
+//! answer (every replica would give it) and resets the count, as does any
+//! other answer. Injected faults count for nothing. When its time is over,
+//! the address comes back on probation: one more failure ejects it again,
+//! for twice as long; once it has stayed healthy as long as it was last
+//! out, the next ejection starts from the base time again. Never more than
+//! `OUTLIER_MAX_EJECT_PERCENT` of the addresses are out at once (at least
+//! one of two or more may always go, as in Envoy), so that a fault of the
+//! whole downstream cannot eject every replica and leave none to call; if
+//! all are out anyway (100 %), all are called rather than none. An address
+//! alone is never ejected.
+//!
+//! **Breaker and bulkhead stay per downstream.** Ejection acts first and on
+//! one replica: a stopped replica costs a failed attempt or a few, the
+//! retry goes elsewhere, the call succeeds, and the breaker sees mostly
+//! successes. The breaker opens only when the downstream *as a whole*
+//! fails (every replica, or more of them than may be ejected), which is
+//! when calling it at all is useless. The bulkhead caps the calls in flight
+//! to the whole downstream, whatever the number of addresses: it protects
+//! the caller (its tasks, sockets and memory), not one replica; the choice
+//! by load is what keeps one replica from taking more than its share.
+//! Every attempt, whichever its address, counts in the breaker and draws on
+//! the one retry budget.
+//!
+//! **Measurement.** `http_client_endpoints` (gauge, labels `service`,
+//! `downstream`, `state`: `healthy` or `ejected`) counts the addresses, set
+//! when the addresses change, one is ejected, or one is found back at the
+//! next call; `http_client_ejections_total` (counter, labels `service`,
+//! `downstream`) counts ejections, each also a warning in the log naming
+//! the address. [`Downstream::endpoints`] lists the addresses with their
+//! state, e.g. for a status page. The client span of each attempt names
+//! the address called.
+//!
+//! **Why not `tower::balance`.** tower's `p2c::Balance` holds its endpoints
+//! as services discovered from a `Discover` stream and is not `Clone`: each
+//! downstream would need a `Buffer` (a task and a channel hop per attempt)
+//! in front of it, and an endpoint per address, each a client of its own,
+//! where here one hyper-util pool already keeps connections per address.
+//! It has no outlier ejection, and its choice happens in `poll_ready`,
+//! before the request is seen, so a retry cannot avoid the address that
+//! just failed. The choice here is one step that rewrites the attempt's
+//! address (its URI's authority) and counts its outcome, for a few
+//! uncontended locks and two small allocations per attempt.
+//!
+//! **One address costs nothing.** With one base URL the stack is built
+//! without the address choice: no lock, no count, no allocation is added
+//! to a call.
+//!
+//! ```
+//! use chassis::client::Downstream;
+//! use chassis::config::{Env, Reader};
+//!
+//! let env = Env::from_pairs([
+//!     ("CHASSIS_DOWNSTREAM_TICKETING_URL", "http://127.0.0.1:8082,http://127.0.0.1:8092"),
+//!     ("CHASSIS_DOWNSTREAM_TICKETING_OUTLIER_EJECT_MS", "5000"),
+//! ]);
+//! let mut r = Reader::new(&env);
+//! let ticketing = Downstream::builder("ticketing", "http://127.0.0.1:8082").read(&mut r);
+//! r.finish().unwrap();
+//! let addresses: Vec<String> = ticketing.endpoints().into_iter().map(|e| e.address).collect();
+//! assert_eq!(addresses, ["127.0.0.1:8082", "127.0.0.1:8092"]);
+//! ```
 //!
 //! This module is the `client` feature (on by default), which enables
 //! `tls`. A service that calls no other service can leave it out.
@@ -177,11 +305,13 @@ use crate::{
     tls::ClientTls,
 };
 
+mod balance;
 mod driver;
 mod error;
 mod token;
 mod transport;
 
+pub use balance::{EndpointStatus, OutlierDetection};
 pub use driver::{Api, Calls, DriverClient};
 pub use error::{ClientError, RemoteProblem};
 pub use token::{TokenError, TokenSource};
@@ -222,6 +352,11 @@ pub struct Settings {
     /// own: service tokens are asked for it, and calls on behalf of a caller
     /// exchange the caller's token for one addressed to it.
     pub audience: Option<String>,
+    /// When an address of a downstream with several is ejected.
+    pub outlier: OutlierDetection,
+    /// How often a `dns+` base URL's name is looked up again while calls
+    /// are made.
+    pub dns_refresh: Duration,
 }
 
 impl Default for Settings {
@@ -245,6 +380,8 @@ impl Default for Settings {
             pool_idle_timeout: Duration::from_secs(90),
             fault: None,
             audience: None,
+            outlier: OutlierDetection::default(),
+            dns_refresh: Duration::from_secs(5),
         }
     }
 }
@@ -273,9 +410,60 @@ pub struct DownstreamBuilder {
     settings: Settings,
     tokens: Option<TokenSource>,
     tls: Option<ClientTls>,
+    resolver: Option<balance::Resolve>,
 }
 
 impl DownstreamBuilder {
+    /// Calls go to any of `urls`, balanced, instead of the base URL given
+    /// to [`Downstream::builder`]: several base URLs with the same scheme
+    /// and path (see [several addresses](self#several-addresses)).
+    ///
+    /// ```
+    /// use chassis::client::Downstream;
+    ///
+    /// let ticketing = Downstream::builder("ticketing", "http://127.0.0.1:8082")
+    ///     .base_urls(["http://127.0.0.1:8082", "http://127.0.0.1:8083"])
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(ticketing.endpoints().len(), 2);
+    /// ```
+    pub fn base_urls<I>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let mut list = String::new();
+        for url in urls {
+            if !list.is_empty() {
+                list.push(',');
+            }
+            list.push_str(url.as_ref());
+        }
+        self.base_url = list;
+        self
+    }
+
+    /// Sets when an address of a downstream with several is ejected.
+    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
+        self.settings.outlier = outlier;
+        self
+    }
+
+    /// Sets how often a `dns+` base URL's name is looked up again while
+    /// calls are made.
+    pub fn dns_refresh(mut self, every: Duration) -> Self {
+        self.settings.dns_refresh = every;
+        self
+    }
+
+    /// Looks `dns+` names up with `resolve` instead of the system's
+    /// resolver.
+    #[cfg(test)]
+    fn resolver(mut self, resolve: balance::Resolve) -> Self {
+        self.resolver = Some(resolve);
+        self
+    }
+
     /// Sets the per-attempt timeout.
     pub fn attempt_timeout(mut self, d: Duration) -> Self {
         self.settings.attempt_timeout = d;
@@ -376,10 +564,17 @@ impl DownstreamBuilder {
         let v = |s: &str| format!("{p}{s}");
         let s = &mut self.settings;
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        if let Some(url) = r.maybe::<String>(&v("URL"), "base URL of the downstream") {
-            match parse_base(&url) {
+        if let Some(url) = r.maybe::<String>(
+            &v("URL"),
+            "base URL of the downstream (a comma-separated list, or dns+http(s)://name:port)",
+        ) {
+            match parse_bases(&url) {
                 Ok(_) => self.base_url = url,
-                Err(e) => r.problem(&v("URL"), e),
+                Err(problems) => {
+                    for e in problems {
+                        r.problem(&v("URL"), e);
+                    }
+                }
             }
         }
         s.attempt_timeout = Duration::from_millis(r.optional(
@@ -500,6 +695,37 @@ impl DownstreamBuilder {
             }
             s.audience = Some(audience);
         }
+        let o = &mut s.outlier;
+        o.consecutive_failures = r
+            .optional(
+                &v("OUTLIER_CONSECUTIVE_FAILURES"),
+                AtLeastOne(o.consecutive_failures as usize),
+                "failures in a row that eject an address",
+            )
+            .0
+            .min(u32::MAX as usize) as u32;
+        o.base_ejection = Duration::from_millis(r.optional(
+            &v("OUTLIER_EJECT_MS"),
+            ms(o.base_ejection),
+            "first ejection of an address, ms",
+        ));
+        o.max_ejection = Duration::from_millis(r.optional(
+            &v("OUTLIER_EJECT_MAX_MS"),
+            ms(o.max_ejection),
+            "longest ejection of an address, ms",
+        ));
+        o.max_ejected_percent = r
+            .optional(
+                &v("OUTLIER_MAX_EJECT_PERCENT"),
+                Percent(o.max_ejected_percent),
+                "largest share of addresses ejected at once, %",
+            )
+            .0;
+        s.dns_refresh = Duration::from_millis(r.optional(
+            &v("DNS_REFRESH_MS"),
+            ms(s.dns_refresh),
+            "interval between lookups of a dns+ base URL, ms",
+        ));
         if let Some(fault) = FaultConfig::read_prefixed(r, &v("FAULT_"), false) {
             s.fault = Some(fault);
         }
@@ -508,6 +734,18 @@ impl DownstreamBuilder {
         }
         if s.deadline.is_zero() {
             r.problem(&v("DEADLINE_MS"), "must be more than 0");
+        }
+        if s.outlier.base_ejection.is_zero() {
+            r.problem(&v("OUTLIER_EJECT_MS"), "must be more than 0");
+        }
+        if s.outlier.max_ejection < s.outlier.base_ejection {
+            r.problem(
+                &v("OUTLIER_EJECT_MAX_MS"),
+                "must be at least the first ejection (OUTLIER_EJECT_MS)",
+            );
+        }
+        if s.dns_refresh.is_zero() {
+            r.problem(&v("DNS_REFRESH_MS"), "must be more than 0");
         }
         self
     }
@@ -544,8 +782,9 @@ impl DownstreamBuilder {
         })
     }
 
-    /// Builds the downstream. Fails when the base URL is not an absolute
-    /// `http://` or `https://` URL or a timeout is zero.
+    /// Builds the downstream. Fails when a base URL is not an absolute
+    /// `http://` or `https://` URL (or a `dns+` one), the base URLs of a
+    /// list differ in scheme or path, or a timeout is zero.
     ///
     /// Build each downstream once, at start-up, and clone the
     /// [`Downstream`]: its breaker and bulkhead live for the whole process
@@ -560,13 +799,26 @@ impl DownstreamBuilder {
                 message,
             });
         };
-        let base = parse_base(&self.base_url).map_err(&mut problem).ok();
+        let base = parse_bases(&self.base_url)
+            .map_err(|e| e.into_iter().for_each(&mut problem))
+            .ok();
         if self.settings.attempt_timeout.is_zero() || self.settings.deadline.is_zero() {
             problem("timeouts must be more than 0".to_owned());
         }
-        let (Some((scheme, authority, prefix)), true) = (base, problems.is_empty()) else {
+        if self.settings.outlier.base_ejection.is_zero() || self.settings.dns_refresh.is_zero() {
+            problem(
+                "the ejection time and the DNS refresh interval must be more than 0".to_owned(),
+            );
+        }
+        let (Some(base), true) = (base, problems.is_empty()) else {
             return Err(ConfigError::new(problems));
         };
+        let Base {
+            scheme,
+            authority,
+            prefix,
+            targets,
+        } = base;
         let s = &self.settings;
         let name: Arc<str> = self.name.as_str().into();
         let mut breaker_config = s.breaker;
@@ -586,7 +838,32 @@ impl DownstreamBuilder {
             (t, None) => t.clone(),
             (None, Some(_)) => None,
         };
-        let stack = transport::stack(s, &name, &tls, policy, breaker.clone(), bulkhead.clone());
+        let balancer = targets.map(|targets| {
+            let targets = match targets {
+                Several::List(list) => balance::Targets::List(list),
+                Several::Dns { host, port } => balance::Targets::Dns {
+                    host,
+                    port,
+                    host_header: HeaderValue::from_str(authority.as_str())
+                        .expect("an authority is a valid header value"),
+                    refresh: s.dns_refresh,
+                    resolve: self
+                        .resolver
+                        .clone()
+                        .unwrap_or_else(balance::system_resolver),
+                },
+            };
+            balance::Balancer::new(&name, targets, s.outlier)
+        });
+        let stack = transport::stack(
+            s,
+            &name,
+            &tls,
+            policy,
+            breaker.clone(),
+            bulkhead.clone(),
+            balancer.clone(),
+        );
         Ok(Downstream {
             inner: Arc::new(Inner {
                 name,
@@ -598,6 +875,7 @@ impl DownstreamBuilder {
                 own_tokens,
                 breaker,
                 bulkhead,
+                balancer,
                 stack,
             }),
         })
@@ -616,6 +894,110 @@ fn env_prefix(name: &str) -> String {
         })
         .collect();
     format!("CHASSIS_DOWNSTREAM_{upper}_")
+}
+
+/// The base URLs of a downstream: one scheme and path prefix, and the
+/// addresses when there are several.
+struct Base {
+    scheme: http::uri::Scheme,
+    /// The one address, the first of a list, or the `dns+` name and port.
+    authority: http::uri::Authority,
+    prefix: String,
+    targets: Option<Several>,
+}
+
+enum Several {
+    List(Vec<http::uri::Authority>),
+    Dns { host: String, port: u16 },
+}
+
+/// Parses a base URL, a comma-separated list of them, or a
+/// `dns+http(s)://` one, listing every problem.
+fn parse_bases(urls: &str) -> Result<Base, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut parsed = Vec::new();
+    let mut dns = false;
+    let entries: Vec<&str> = urls.split(',').map(str::trim).collect();
+    for (n, entry) in entries.iter().enumerate() {
+        if entry.is_empty() {
+            problems.push(if entries.len() == 1 {
+                "the base URL is empty".to_owned()
+            } else {
+                format!("entry {} of the list is empty", n + 1)
+            });
+            continue;
+        }
+        let (is_dns, url) = match entry.strip_prefix("dns+") {
+            Some(rest) => (true, rest),
+            None => (false, *entry),
+        };
+        dns |= is_dns;
+        match parse_base(url) {
+            Ok(base) => parsed.push(base),
+            Err(e) => problems.push(e),
+        }
+    }
+    if dns && entries.len() > 1 {
+        problems.push(
+            "a dns+ base URL stands for every address of its name: give it alone, not in a list"
+                .to_owned(),
+        );
+    }
+    if let Some((scheme, _, prefix)) = parsed.first() {
+        for (other, authority, other_prefix) in &parsed[1..] {
+            if other != scheme {
+                problems.push(format!(
+                    "the base URLs mix {scheme}:// and {other}:// ({authority}): give one scheme"
+                ));
+            }
+            if other_prefix != prefix {
+                problems.push(format!(
+                    "the base URLs have different paths ({prefix:?} and {other_prefix:?}): give one"
+                ));
+            }
+        }
+        for (n, (_, authority, _)) in parsed.iter().enumerate() {
+            if parsed[..n].iter().any(|(_, a, _)| a == authority) {
+                problems.push(format!("{authority} is listed twice"));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let targets = if dns {
+        let (scheme, authority, _) = &parsed[0];
+        let port = authority
+            .port_u16()
+            .unwrap_or(if *scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            });
+        let host = authority.host();
+        // `[::1]` is looked up (and verified) as `::1`.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        Some(Several::Dns {
+            host: host.to_owned(),
+            port,
+        })
+    } else if parsed.len() > 1 {
+        Some(Several::List(
+            parsed.iter().map(|(_, a, _)| a.clone()).collect(),
+        ))
+    } else {
+        None
+    };
+    let (scheme, authority, prefix) = parsed.swap_remove(0);
+    Ok(Base {
+        scheme,
+        authority,
+        prefix,
+        targets,
+    })
 }
 
 /// Scheme, authority and path prefix (without a trailing `/`) of a base URL.
@@ -656,6 +1038,8 @@ struct Inner {
     own_tokens: Option<TokenSource>,
     breaker: CircuitBreaker,
     bulkhead: Bulkhead,
+    /// The addresses, when there are several (or a `dns+` name).
+    balancer: Option<balance::Balancer>,
     stack: Stack,
 }
 
@@ -689,6 +1073,7 @@ impl Downstream {
             settings: Settings::default(),
             tokens: None,
             tls: None,
+            resolver: None,
         }
     }
 
@@ -711,6 +1096,22 @@ impl Downstream {
     /// The bulkhead.
     pub fn bulkhead(&self) -> &Bulkhead {
         &self.inner.bulkhead
+    }
+
+    /// The addresses called and their state now: the one address of a
+    /// single base URL, every address of a list, or those a `dns+` name
+    /// resolved to at its last lookup (none before the first call). See
+    /// [several addresses](self#several-addresses); attempts in flight are
+    /// counted only when there are several.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        match &self.inner.balancer {
+            Some(balancer) => balancer.status(),
+            None => vec![EndpointStatus {
+                address: self.inner.authority.to_string(),
+                ejected: false,
+                in_flight: 0,
+            }],
+        }
     }
 
     /// Calls made with the service's own identity, from the
@@ -1128,6 +1529,10 @@ impl RequestBuilder<'_> {
         req.extensions_mut().insert(call_trace);
         if self.retry_safe {
             req.extensions_mut().insert(crate::retry::RetrySafe);
+        }
+        if inner.balancer.is_some() {
+            // Shared by the call's attempts, so that a retry goes elsewhere.
+            req.extensions_mut().insert(balance::LastPick::default());
         }
 
         let call = inner.stack.clone().oneshot(req);
