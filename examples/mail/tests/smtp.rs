@@ -23,7 +23,7 @@ async fn queue(server: &Server, ids: &[&str]) {
 /// Waits until `id` has failed at least `attempts` times, and returns
 /// its last error.
 async fn failed_attempts(dir: &TempDir, id: &str, attempts: i64) -> String {
-    let db = database(&dir).await;
+    let db = database(dir).await;
     eventually("failed attempts to be recorded", || async {
         let r = row(&db, id).await;
         r.attempts >= attempts && r.last_error.is_some()
