@@ -1,5 +1,6 @@
 //! The ticketing API over a real socket: real tokens, the real permission
-//! checks, a real SQLite file per test. Most calls go through the driver
+//! checks, a database of its own per test (SQLite or Postgres, as
+//! `CHASSIS_TEST_BACKEND` says). Most calls go through the driver
 //! client, which tests it too.
 
 mod support;
