@@ -131,6 +131,9 @@ pub mod client;
 pub mod config;
 pub mod context;
 pub mod correlation;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub mod db;
 mod env;
 pub mod fault;
 pub mod health;
@@ -146,9 +149,6 @@ pub mod protect;
 pub mod retry;
 pub mod service;
 pub mod shutdown;
-#[cfg(feature = "sqlite")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub mod db;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
