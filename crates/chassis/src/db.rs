@@ -993,6 +993,38 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[tokio::test]
+    async fn a_write_dropped_unfinished_frees_the_file_for_another_process() {
+        let dir = temp_dir("dropped");
+        let a = without_busy_handler(&dir, Duration::from_secs(60)).await;
+        // Another handle on the file, as a second process would be, that
+        // waits for the lock at most 5 s.
+        let b = Database::open(&DbConfig::new(&dir, "t.db")).await.unwrap();
+        async fn fails_half_way(db: &Database) -> Result<(), sqlx::Error> {
+            let mut tx = db.begin_write().await?;
+            sqlx::query("UPDATE counter SET n = 5")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO no_such_table VALUES (1)")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+        assert!(fails_half_way(&a).await.is_err());
+        // `a` does not write again; `b` gets the lock all the same, and
+        // sees nothing of the failed transaction.
+        let mut tx = b.begin_write().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT n FROM counter")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+        tx.commit().await.unwrap();
+        a.close().await;
+        b.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn reads_its_settings_and_reports_problems() {
         let env = Env::from_pairs([

@@ -9,7 +9,10 @@ use chassis::config::{Config, Env, Reader};
 use serde_json::Value;
 
 fn manifest() -> Vec<Value> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/kubernetes/orders.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/kubernetes/orders.yaml"
+    );
     let text = std::fs::read_to_string(path).expect("the manifest");
     serde_norway::Deserializer::from_str(&text)
         .map(|doc| serde::Deserialize::deserialize(doc).expect("valid YAML"))
@@ -40,7 +43,9 @@ fn the_manifest_settings_are_read_by_orders_without_a_problem() {
             let value = match &e["value"] {
                 Value::String(v) => v.clone(),
                 _ => match e["valueFrom"]["secretKeyRef"]["key"].as_str() {
-                    Some("database-url") => "postgres://orders:secret@postgres.shop.svc:5432/orders".to_owned(),
+                    Some("database-url") => {
+                        "postgres://orders:secret@postgres.shop.svc:5432/orders".to_owned()
+                    }
                     Some(key) => format!("{key}-from-the-secret"),
                     None => panic!("{name}: a value or a secret"),
                 },
@@ -52,7 +57,8 @@ fn the_manifest_settings_are_read_by_orders_without_a_problem() {
     let mut r = Reader::new(&env);
     let config = Config::read(&mut r);
     let settings = orders::Settings::read(&mut r);
-    r.finish().expect("orders reads the manifest's settings without a problem");
+    r.finish()
+        .expect("orders reads the manifest's settings without a problem");
 
     // Every interface of the pod, on the container's port.
     assert!(config.bind.ip().is_unspecified(), "{}", config.bind);
@@ -67,7 +73,10 @@ fn the_manifest_settings_are_read_by_orders_without_a_problem() {
         ("readinessProbe", "/health/ready"),
     ] {
         assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
-        assert_eq!(container[probe]["httpGet"]["port"], container["ports"][0]["name"], "{probe}");
+        assert_eq!(
+            container[probe]["httpGet"]["port"], container["ports"][0]["name"],
+            "{probe}"
+        );
     }
 
     // preStop sleeps as long as the chassis' own delay, and the pod's
@@ -98,7 +107,11 @@ fn a_headless_service_selects_the_pods_for_client_balancing() {
     for service in services {
         let selector = service["spec"]["selector"].as_object().unwrap();
         for (k, v) in selector {
-            assert_eq!(&labels[k], v, "{} selects the pods", service["metadata"]["name"]);
+            assert_eq!(
+                &labels[k], v,
+                "{} selects the pods",
+                service["metadata"]["name"]
+            );
         }
         assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
     }
@@ -108,9 +121,19 @@ fn a_headless_service_selects_the_pods_for_client_balancing() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["name"].as_str().unwrap().ends_with("_URL") && e["name"].as_str().unwrap().starts_with("CHASSIS_DOWNSTREAM_"))
+        .filter(|e| {
+            e["name"].as_str().unwrap().ends_with("_URL")
+                && e["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("CHASSIS_DOWNSTREAM_")
+        })
         .map(|e| e["value"].as_str().unwrap())
         .collect();
     assert_eq!(urls.len(), 2);
-    assert!(urls.iter().all(|u| u.starts_with("dns+http://") && u.contains("-headless.")), "{urls:?}");
+    assert!(
+        urls.iter()
+            .all(|u| u.starts_with("dns+http://") && u.contains("-headless.")),
+        "{urls:?}"
+    );
 }
