@@ -391,17 +391,19 @@ fn redacted(url: &str) -> String {
 /// `sqlx::migrate!`: SQL differs between SQLite and Postgres, the schema's
 /// meaning does not.
 ///
-/// ```no_run
-/// # async fn f(config: chassis::db::DbConfig) -> Result<(), chassis::db::DbError> {
-/// use chassis::db::{Database, Migrations};
+/// In the service's crate, next to its `migrations/sqlite/` and
+/// `migrations/postgres/` directories:
 ///
-/// let db = Database::open_migrated(
-///     &config,
-///     Migrations::new(&sqlx::migrate!("migrations/sqlite"))
-///         .postgres(&sqlx::migrate!("migrations/postgres")),
-/// )
-/// .await?;
-/// # Ok(()) }
+/// ```no_run
+/// use chassis::db::{Database, DbConfig, DbError, Migrations};
+/// use sqlx::migrate::Migrator;
+///
+/// // static SQLITE: Migrator = sqlx::migrate!("./migrations/sqlite");
+/// // static POSTGRES: Migrator = sqlx::migrate!("./migrations/postgres");
+///
+/// async fn open(config: &DbConfig, sqlite: &Migrator, postgres: &Migrator) -> Result<Database, DbError> {
+///     Database::open_migrated(config, Migrations::new(sqlite).postgres(postgres)).await
+/// }
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Migrations<'a> {
