@@ -177,11 +177,13 @@ use crate::{
     tls::ClientTls,
 };
 
+mod balance;
 mod driver;
 mod error;
 mod token;
 mod transport;
 
+pub use balance::{EndpointStatus, OutlierDetection};
 pub use driver::{Api, Calls, DriverClient};
 pub use error::{ClientError, RemoteProblem};
 pub use token::{TokenError, TokenSource};
@@ -222,6 +224,11 @@ pub struct Settings {
     /// own: service tokens are asked for it, and calls on behalf of a caller
     /// exchange the caller's token for one addressed to it.
     pub audience: Option<String>,
+    /// When an address of a downstream with several is ejected.
+    pub outlier: OutlierDetection,
+    /// How often a `dns+` base URL's name is looked up again while calls
+    /// are made.
+    pub dns_refresh: Duration,
 }
 
 impl Default for Settings {
@@ -245,6 +252,8 @@ impl Default for Settings {
             pool_idle_timeout: Duration::from_secs(90),
             fault: None,
             audience: None,
+            outlier: OutlierDetection::default(),
+            dns_refresh: Duration::from_secs(5),
         }
     }
 }
@@ -273,9 +282,60 @@ pub struct DownstreamBuilder {
     settings: Settings,
     tokens: Option<TokenSource>,
     tls: Option<ClientTls>,
+    resolver: Option<balance::Resolve>,
 }
 
 impl DownstreamBuilder {
+    /// Calls go to any of `urls`, balanced, instead of the base URL given
+    /// to [`Downstream::builder`]: several base URLs with the same scheme
+    /// and path (see [several addresses](self#several-addresses)).
+    ///
+    /// ```
+    /// use chassis::client::Downstream;
+    ///
+    /// let ticketing = Downstream::builder("ticketing", "http://127.0.0.1:8082")
+    ///     .base_urls(["http://127.0.0.1:8082", "http://127.0.0.1:8083"])
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(ticketing.endpoints().len(), 2);
+    /// ```
+    pub fn base_urls<I>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let mut list = String::new();
+        for url in urls {
+            if !list.is_empty() {
+                list.push(',');
+            }
+            list.push_str(url.as_ref());
+        }
+        self.base_url = list;
+        self
+    }
+
+    /// Sets when an address of a downstream with several is ejected.
+    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
+        self.settings.outlier = outlier;
+        self
+    }
+
+    /// Sets how often a `dns+` base URL's name is looked up again while
+    /// calls are made.
+    pub fn dns_refresh(mut self, every: Duration) -> Self {
+        self.settings.dns_refresh = every;
+        self
+    }
+
+    /// Looks `dns+` names up with `resolve` instead of the system's
+    /// resolver.
+    #[cfg(test)]
+    fn resolver(mut self, resolve: balance::Resolve) -> Self {
+        self.resolver = Some(resolve);
+        self
+    }
+
     /// Sets the per-attempt timeout.
     pub fn attempt_timeout(mut self, d: Duration) -> Self {
         self.settings.attempt_timeout = d;
@@ -376,10 +436,17 @@ impl DownstreamBuilder {
         let v = |s: &str| format!("{p}{s}");
         let s = &mut self.settings;
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        if let Some(url) = r.maybe::<String>(&v("URL"), "base URL of the downstream") {
-            match parse_base(&url) {
+        if let Some(url) = r.maybe::<String>(
+            &v("URL"),
+            "base URL of the downstream (a comma-separated list, or dns+http(s)://name:port)",
+        ) {
+            match parse_bases(&url) {
                 Ok(_) => self.base_url = url,
-                Err(e) => r.problem(&v("URL"), e),
+                Err(problems) => {
+                    for e in problems {
+                        r.problem(&v("URL"), e);
+                    }
+                }
             }
         }
         s.attempt_timeout = Duration::from_millis(r.optional(
@@ -500,6 +567,37 @@ impl DownstreamBuilder {
             }
             s.audience = Some(audience);
         }
+        let o = &mut s.outlier;
+        o.consecutive_failures = r
+            .optional(
+                &v("OUTLIER_CONSECUTIVE_FAILURES"),
+                AtLeastOne(o.consecutive_failures as usize),
+                "failures in a row that eject an address",
+            )
+            .0
+            .min(u32::MAX as usize) as u32;
+        o.base_ejection = Duration::from_millis(r.optional(
+            &v("OUTLIER_EJECT_MS"),
+            ms(o.base_ejection),
+            "first ejection of an address, ms",
+        ));
+        o.max_ejection = Duration::from_millis(r.optional(
+            &v("OUTLIER_EJECT_MAX_MS"),
+            ms(o.max_ejection),
+            "longest ejection of an address, ms",
+        ));
+        o.max_ejected_percent = r
+            .optional(
+                &v("OUTLIER_MAX_EJECT_PERCENT"),
+                Percent(o.max_ejected_percent),
+                "largest share of addresses ejected at once, %",
+            )
+            .0;
+        s.dns_refresh = Duration::from_millis(r.optional(
+            &v("DNS_REFRESH_MS"),
+            ms(s.dns_refresh),
+            "interval between lookups of a dns+ base URL, ms",
+        ));
         if let Some(fault) = FaultConfig::read_prefixed(r, &v("FAULT_"), false) {
             s.fault = Some(fault);
         }
@@ -508,6 +606,18 @@ impl DownstreamBuilder {
         }
         if s.deadline.is_zero() {
             r.problem(&v("DEADLINE_MS"), "must be more than 0");
+        }
+        if s.outlier.base_ejection.is_zero() {
+            r.problem(&v("OUTLIER_EJECT_MS"), "must be more than 0");
+        }
+        if s.outlier.max_ejection < s.outlier.base_ejection {
+            r.problem(
+                &v("OUTLIER_EJECT_MAX_MS"),
+                "must be at least the first ejection (OUTLIER_EJECT_MS)",
+            );
+        }
+        if s.dns_refresh.is_zero() {
+            r.problem(&v("DNS_REFRESH_MS"), "must be more than 0");
         }
         self
     }
@@ -544,8 +654,9 @@ impl DownstreamBuilder {
         })
     }
 
-    /// Builds the downstream. Fails when the base URL is not an absolute
-    /// `http://` or `https://` URL or a timeout is zero.
+    /// Builds the downstream. Fails when a base URL is not an absolute
+    /// `http://` or `https://` URL (or a `dns+` one), the base URLs of a
+    /// list differ in scheme or path, or a timeout is zero.
     ///
     /// Build each downstream once, at start-up, and clone the
     /// [`Downstream`]: its breaker and bulkhead live for the whole process
@@ -560,13 +671,26 @@ impl DownstreamBuilder {
                 message,
             });
         };
-        let base = parse_base(&self.base_url).map_err(&mut problem).ok();
+        let base = parse_bases(&self.base_url)
+            .map_err(|e| e.into_iter().for_each(&mut problem))
+            .ok();
         if self.settings.attempt_timeout.is_zero() || self.settings.deadline.is_zero() {
             problem("timeouts must be more than 0".to_owned());
         }
-        let (Some((scheme, authority, prefix)), true) = (base, problems.is_empty()) else {
+        if self.settings.outlier.base_ejection.is_zero() || self.settings.dns_refresh.is_zero() {
+            problem(
+                "the ejection time and the DNS refresh interval must be more than 0".to_owned(),
+            );
+        }
+        let (Some(base), true) = (base, problems.is_empty()) else {
             return Err(ConfigError::new(problems));
         };
+        let Base {
+            scheme,
+            authority,
+            prefix,
+            targets,
+        } = base;
         let s = &self.settings;
         let name: Arc<str> = self.name.as_str().into();
         let mut breaker_config = s.breaker;
@@ -586,7 +710,37 @@ impl DownstreamBuilder {
             (t, None) => t.clone(),
             (None, Some(_)) => None,
         };
-        let stack = transport::stack(s, &name, &tls, policy, breaker.clone(), bulkhead.clone());
+        let mut server_name = None;
+        let balancer = targets.map(|targets| {
+            let targets = match targets {
+                Several::List(list) => balance::Targets::List(list),
+                Several::Dns { host, port } => {
+                    server_name = Some(host.clone());
+                    balance::Targets::Dns {
+                        host,
+                        port,
+                        host_header: HeaderValue::from_str(authority.as_str())
+                            .expect("an authority is a valid header value"),
+                        refresh: s.dns_refresh,
+                        resolve: self
+                            .resolver
+                            .clone()
+                            .unwrap_or_else(balance::system_resolver),
+                    }
+                }
+            };
+            balance::Balancer::new(&name, targets, s.outlier)
+        });
+        let stack = transport::stack(
+            s,
+            &name,
+            &tls,
+            policy,
+            breaker.clone(),
+            bulkhead.clone(),
+            balancer.clone(),
+            server_name.as_deref(),
+        );
         Ok(Downstream {
             inner: Arc::new(Inner {
                 name,
@@ -598,6 +752,7 @@ impl DownstreamBuilder {
                 own_tokens,
                 breaker,
                 bulkhead,
+                balancer,
                 stack,
             }),
         })
@@ -616,6 +771,110 @@ fn env_prefix(name: &str) -> String {
         })
         .collect();
     format!("CHASSIS_DOWNSTREAM_{upper}_")
+}
+
+/// The base URLs of a downstream: one scheme and path prefix, and the
+/// addresses when there are several.
+struct Base {
+    scheme: http::uri::Scheme,
+    /// The one address, the first of a list, or the `dns+` name and port.
+    authority: http::uri::Authority,
+    prefix: String,
+    targets: Option<Several>,
+}
+
+enum Several {
+    List(Vec<http::uri::Authority>),
+    Dns { host: String, port: u16 },
+}
+
+/// Parses a base URL, a comma-separated list of them, or a
+/// `dns+http(s)://` one, listing every problem.
+fn parse_bases(urls: &str) -> Result<Base, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut parsed = Vec::new();
+    let mut dns = false;
+    let entries: Vec<&str> = urls.split(',').map(str::trim).collect();
+    for (n, entry) in entries.iter().enumerate() {
+        if entry.is_empty() {
+            problems.push(if entries.len() == 1 {
+                "the base URL is empty".to_owned()
+            } else {
+                format!("entry {} of the list is empty", n + 1)
+            });
+            continue;
+        }
+        let (is_dns, url) = match entry.strip_prefix("dns+") {
+            Some(rest) => (true, rest),
+            None => (false, *entry),
+        };
+        dns |= is_dns;
+        match parse_base(url) {
+            Ok(base) => parsed.push(base),
+            Err(e) => problems.push(e),
+        }
+    }
+    if dns && entries.len() > 1 {
+        problems.push(
+            "a dns+ base URL stands for every address of its name: give it alone, not in a list"
+                .to_owned(),
+        );
+    }
+    if let Some((scheme, _, prefix)) = parsed.first() {
+        for (other, authority, other_prefix) in &parsed[1..] {
+            if other != scheme {
+                problems.push(format!(
+                    "the base URLs mix {scheme}:// and {other}:// ({authority}): give one scheme"
+                ));
+            }
+            if other_prefix != prefix {
+                problems.push(format!(
+                    "the base URLs have different paths ({prefix:?} and {other_prefix:?}): give one"
+                ));
+            }
+        }
+        for (n, (_, authority, _)) in parsed.iter().enumerate() {
+            if parsed[..n].iter().any(|(_, a, _)| a == authority) {
+                problems.push(format!("{authority} is listed twice"));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let targets = if dns {
+        let (scheme, authority, _) = &parsed[0];
+        let port = authority
+            .port_u16()
+            .unwrap_or(if *scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            });
+        let host = authority.host();
+        // `[::1]` is looked up (and verified) as `::1`.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        Some(Several::Dns {
+            host: host.to_owned(),
+            port,
+        })
+    } else if parsed.len() > 1 {
+        Some(Several::List(
+            parsed.iter().map(|(_, a, _)| a.clone()).collect(),
+        ))
+    } else {
+        None
+    };
+    let (scheme, authority, prefix) = parsed.swap_remove(0);
+    Ok(Base {
+        scheme,
+        authority,
+        prefix,
+        targets,
+    })
 }
 
 /// Scheme, authority and path prefix (without a trailing `/`) of a base URL.
@@ -656,6 +915,8 @@ struct Inner {
     own_tokens: Option<TokenSource>,
     breaker: CircuitBreaker,
     bulkhead: Bulkhead,
+    /// The addresses, when there are several (or a `dns+` name).
+    balancer: Option<balance::Balancer>,
     stack: Stack,
 }
 
@@ -689,6 +950,7 @@ impl Downstream {
             settings: Settings::default(),
             tokens: None,
             tls: None,
+            resolver: None,
         }
     }
 
@@ -711,6 +973,22 @@ impl Downstream {
     /// The bulkhead.
     pub fn bulkhead(&self) -> &Bulkhead {
         &self.inner.bulkhead
+    }
+
+    /// The addresses called and their state now: the one address of a
+    /// single base URL, every address of a list, or those a `dns+` name
+    /// resolved to at its last lookup (none before the first call). See
+    /// [several addresses](self#several-addresses); attempts in flight are
+    /// counted only when there are several.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        match &self.inner.balancer {
+            Some(balancer) => balancer.status(),
+            None => vec![EndpointStatus {
+                address: self.inner.authority.to_string(),
+                ejected: false,
+                in_flight: 0,
+            }],
+        }
     }
 
     /// Calls made with the service's own identity, from the
@@ -1128,6 +1406,10 @@ impl RequestBuilder<'_> {
         req.extensions_mut().insert(call_trace);
         if self.retry_safe {
             req.extensions_mut().insert(crate::retry::RetrySafe);
+        }
+        if inner.balancer.is_some() {
+            // Shared by the call's attempts, so that a retry goes elsewhere.
+            req.extensions_mut().insert(balance::LastPick::default());
         }
 
         let call = inner.stack.clone().oneshot(req);

@@ -66,6 +66,12 @@ pub const HTTP_SERVER_REQUEST_DURATION: &str = "http_server_request_duration_sec
 pub const HTTP_SERVER_ACTIVE_REQUESTS: &str = "http_server_active_requests";
 /// Name of the client request duration histogram.
 pub const HTTP_CLIENT_REQUEST_DURATION: &str = "http_client_request_duration_seconds";
+/// Name of the gauge of a downstream's addresses by `state` (`healthy`,
+/// `ejected`).
+pub const HTTP_CLIENT_ENDPOINTS: &str = "http_client_endpoints";
+/// Name of the counter of a downstream's addresses ejected by outlier
+/// detection.
+pub const HTTP_CLIENT_EJECTIONS: &str = "http_client_ejections_total";
 /// The `http_route` label of requests that match no route.
 pub const UNMATCHED: &str = "unmatched";
 
@@ -147,6 +153,14 @@ fn describe() {
     metrics::describe_gauge!(
         HTTP_SERVER_ACTIVE_REQUESTS,
         "Number of active HTTP server requests."
+    );
+    metrics::describe_gauge!(
+        HTTP_CLIENT_ENDPOINTS,
+        "Addresses of a downstream with several, by state (healthy, ejected)."
+    );
+    metrics::describe_counter!(
+        HTTP_CLIENT_EJECTIONS,
+        "Addresses of a downstream ejected after failing in a row."
     );
     #[cfg(feature = "process-metrics")]
     process_collector().describe();

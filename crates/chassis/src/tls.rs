@@ -275,15 +275,33 @@ impl ClientTls {
         &self,
         connect_timeout: Option<Duration>,
     ) -> HttpsConnector<HttpConnector> {
+        self.connector_for(connect_timeout, None)
+    }
+
+    /// A connector whose TLS connections verify the server as
+    /// `server_name` when given (a downstream whose URIs name the resolved
+    /// address of a host name), or as the URI's host otherwise.
+    pub(crate) fn connector_for(
+        &self,
+        connect_timeout: Option<Duration>,
+        server_name: Option<&str>,
+    ) -> HttpsConnector<HttpConnector> {
         let mut tcp = HttpConnector::new();
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(connect_timeout);
         tcp.enforce_http(false);
-        HttpsConnectorBuilder::new()
+        let builder = HttpsConnectorBuilder::new()
             .with_tls_config((*self.config).clone())
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(tcp)
+            .https_or_http();
+        let builder = match server_name
+            .and_then(|name| rustls_pki_types::ServerName::try_from(name.to_owned()).ok())
+        {
+            Some(name) => {
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        builder.enable_all_versions().wrap_connector(tcp)
     }
 }
 

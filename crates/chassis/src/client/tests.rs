@@ -56,6 +56,11 @@ async fn every_setting_has_a_variable() {
         ("POOL_MAX_IDLE", "4"),
         ("POOL_IDLE_TIMEOUT_MS", "1000"),
         ("FAULT_ABORT_PERCENT", "5"),
+        ("OUTLIER_CONSECUTIVE_FAILURES", "2"),
+        ("OUTLIER_EJECT_MS", "500"),
+        ("OUTLIER_EJECT_MAX_MS", "4000"),
+        ("OUTLIER_MAX_EJECT_PERCENT", "30"),
+        ("DNS_REFRESH_MS", "700"),
     ]
     .into_iter()
     .map(|(k, v)| (format!("{p}{k}"), v))
@@ -86,6 +91,100 @@ async fn every_setting_has_a_variable() {
     assert_eq!(s.pool_max_idle, 4);
     assert_eq!(s.pool_idle_timeout, Duration::from_secs(1));
     assert_eq!(s.fault.as_ref().map(|f| f.abort_percent), Some(5.0));
+    assert_eq!(s.outlier.consecutive_failures, 2);
+    assert_eq!(s.outlier.base_ejection, Duration::from_millis(500));
+    assert_eq!(s.outlier.max_ejection, Duration::from_secs(4));
+    assert!((s.outlier.max_ejected_percent - 30.0).abs() < 1e-9);
+    assert_eq!(s.dns_refresh, Duration::from_millis(700));
+}
+
+#[tokio::test]
+async fn a_url_list_or_a_dns_name_makes_a_balanced_downstream() {
+    let (d, r) = configured(&[(
+        "CHASSIS_DOWNSTREAM_TICKET_STORE_URL",
+        " http://127.0.0.1:1/api/ , http://127.0.0.1:2/api",
+    )]);
+    r.unwrap();
+    let d = d.unwrap();
+    assert_eq!(d.inner.prefix, "/api");
+    let addresses: Vec<String> = d.endpoints().into_iter().map(|e| e.address).collect();
+    assert_eq!(addresses, ["127.0.0.1:1", "127.0.0.1:2"]);
+
+    let (d, r) = configured(&[(
+        "CHASSIS_DOWNSTREAM_TICKET_STORE_URL",
+        "dns+https://ticketing.internal/api",
+    )]);
+    r.unwrap();
+    let d = d.unwrap();
+    assert_eq!(d.inner.scheme, http::uri::Scheme::HTTPS);
+    assert_eq!(d.inner.authority.as_str(), "ticketing.internal");
+    assert!(d.endpoints().is_empty());
+}
+
+/// A `dns+` downstream calls the addresses its name resolves to, sends the
+/// name as `Host`, and follows the name when its addresses change.
+#[tokio::test]
+async fn a_dns_downstream_follows_its_name() {
+    use std::sync::Mutex;
+
+    let hosts: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut addrs = Vec::new();
+    for n in 0..2 {
+        let hosts = hosts.clone();
+        let router = axum::Router::new().route(
+            "/api/x",
+            axum::routing::get(move |headers: http::HeaderMap| async move {
+                let host = headers[header::HOST].to_str().unwrap().to_owned();
+                hosts.lock().unwrap().push(host);
+                format!("replica {n}")
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+    }
+    // The name points at the first replica, then at the second.
+    let answer = Arc::new(Mutex::new(vec![addrs[0]]));
+    let lookup = answer.clone();
+    let d = Downstream::builder("t", "dns+http://ticketing.internal:8080/api")
+        .dns_refresh(Duration::from_millis(10))
+        .resolver(balance::Resolve(Arc::new(move |host, port| {
+            assert_eq!((host.as_str(), port), ("ticketing.internal", 8080));
+            let addrs = lookup.lock().unwrap().clone();
+            Box::pin(async move { Ok(addrs) })
+        })))
+        .build()
+        .unwrap();
+    let cx = CallContext::background();
+    let body = |res: ClientResponse| String::from_utf8(res.body().to_vec()).unwrap();
+    let res = d.anonymous(&cx).get("/x").send().await.unwrap();
+    assert_eq!(body(res), "replica 0");
+
+    *answer.lock().unwrap() = vec![addrs[1]];
+    let mut n = 0;
+    loop {
+        let res = d.anonymous(&cx).get("/x").send().await.unwrap();
+        if body(res) == "replica 1" {
+            break;
+        }
+        n += 1;
+        assert!(n < 2_000, "the new address was never called");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        d.endpoints()
+            .into_iter()
+            .map(|e| e.address)
+            .collect::<Vec<_>>(),
+        [addrs[1].to_string()]
+    );
+    assert!(
+        hosts
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|h| h == "ticketing.internal:8080")
+    );
 }
 
 #[tokio::test]

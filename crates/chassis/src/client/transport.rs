@@ -21,7 +21,7 @@ use hyper_util::{
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, retry::RetryLayer, util::BoxCloneSyncService};
 
-use super::{Settings, Stack};
+use super::{Settings, Stack, balance::Balancer};
 use crate::{
     BoxError,
     bulkhead::{Bulkhead, BulkheadLayer},
@@ -65,8 +65,10 @@ pub(super) fn stack(
     policy: RetryPolicy,
     breaker: CircuitBreaker,
     bulkhead: Bulkhead,
+    balancer: Option<Balancer>,
+    server_name: Option<&str>,
 ) -> Stack {
-    let connector = tls.connector(Some(s.attempt_timeout));
+    let connector = tls.connector_for(Some(s.attempt_timeout), server_name);
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(s.pool_idle_timeout)
         .pool_max_idle_per_host(s.pool_max_idle)
@@ -85,11 +87,24 @@ pub(super) fn stack(
     let inner = ServiceBuilder::new()
         .layer(RetryLayer::new(policy))
         .layer(CircuitBreakerLayer::http(breaker))
-        .layer(BulkheadLayer::new(bulkhead))
-        .layer(attempt);
-    match fault {
-        Some(fault) => BoxCloneSyncService::new(inner.layer(fault).service(pool)),
-        None => BoxCloneSyncService::new(inner.service(pool)),
+        .layer(BulkheadLayer::new(bulkhead));
+    // One address: the stack as it always was, without the balancing step
+    // (no lock, no allocation per call).
+    match (balancer, fault) {
+        (None, Some(fault)) => {
+            BoxCloneSyncService::new(inner.layer(attempt).layer(fault).service(pool))
+        }
+        (None, None) => BoxCloneSyncService::new(inner.layer(attempt).service(pool)),
+        (Some(balancer), Some(fault)) => BoxCloneSyncService::new(
+            inner
+                .layer(balancer)
+                .layer(attempt)
+                .layer(fault)
+                .service(pool),
+        ),
+        (Some(balancer), None) => {
+            BoxCloneSyncService::new(inner.layer(balancer).layer(attempt).service(pool))
+        }
     }
 }
 
