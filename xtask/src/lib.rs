@@ -462,6 +462,11 @@ impl NewService {
              routes are under `/{service}/v1`, its permissions are `{service}:{{account}}:<verb>:<noun>`,\n\
              its settings are `{env}_*` and the chassis' `CHASSIS_*`. The crate docs\n\
              (`cargo doc -p {service} --open`) list its API, settings and metrics.\n\n\
+             Its data is a SQLite file in `{env}_DATA_DIR` (one instance), or the\n\
+             Postgres database `{env}_DATABASE_URL=postgres://...` names (any number\n\
+             of instances): the same handlers on both, with the schema in\n\
+             `migrations/sqlite/` and `migrations/postgres/`. Its tests run on either\n\
+             (`CHASSIS_TEST_BACKEND=postgres cargo test -p {service}`).\n\n\
              ```sh\n\
              cargo test -p {service}\n\
              {bind}CHASSIS_AUTH_ISSUER=<issuer> CHASSIS_AUTH_AUDIENCE={service} cargo run -p {service}\n\
@@ -526,7 +531,7 @@ impl fmt::Display for Written {
         writeln!(f, "  cargo test -p {service}")?;
         writeln!(
             f,
-            "  replace the example domain (migrations/, src/client.rs, the routes): docs/new-service.md"
+            "  replace the example domain (migrations/sqlite/ and migrations/postgres/, src/client.rs, the routes): docs/new-service.md"
         )?;
         writeln!(
             f,

@@ -78,6 +78,16 @@ fn the_template_is_renamed_everywhere() {
     let readme = fs::read_to_string(into.join("README.md")).unwrap();
     assert!(readme.starts_with("# key-cards\n"), "{readme}");
     assert!(readme.contains("CHASSIS_BIND=127.0.0.1:8099"), "{readme}");
+    assert!(readme.contains("KEY_CARDS_DATABASE_URL"), "{readme}");
+    // The schema for each engine.
+    for engine in ["sqlite", "postgres"] {
+        let dir = into.join("migrations").join(engine);
+        assert!(
+            fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()),
+            "{} holds migrations",
+            dir.display()
+        );
+    }
     let client = fs::read_to_string(into.join("src/client.rs")).unwrap();
     assert!(
         client.contains("127.0.0.1:8099"),

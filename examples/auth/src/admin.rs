@@ -79,8 +79,8 @@ async fn read(state: &AuthState, kind: Kind, name: &str) -> Result<SubjectGrants
         return Err(not_found(kind));
     }
     let sql = match kind {
-        Kind::User => "SELECT grants, managed_by FROM users WHERE username = ?",
-        Kind::Client => "SELECT grants, managed_by FROM clients WHERE client_id = ?",
+        Kind::User => "SELECT grants, managed_by FROM users WHERE username = $1",
+        Kind::Client => "SELECT grants, managed_by FROM clients WHERE client_id = $1",
     };
     let row: Option<(String, String)> = sqlx::query_as(sql)
         .bind(name)
@@ -129,8 +129,10 @@ async fn replace(
         return Err(errors.into());
     }
     let sql = match kind {
-        Kind::User => "UPDATE users SET grants = ? WHERE username = ? AND managed_by = 'api'",
-        Kind::Client => "UPDATE clients SET grants = ? WHERE client_id = ? AND managed_by = 'api'",
+        Kind::User => "UPDATE users SET grants = $1 WHERE username = $2 AND managed_by = 'api'",
+        Kind::Client => {
+            "UPDATE clients SET grants = $1 WHERE client_id = $2 AND managed_by = 'api'"
+        }
     };
     let stored = serde_json::to_string(&grants).unwrap_or_else(|_| "[]".to_owned());
     let changed = sqlx::query(sql)
@@ -215,7 +217,7 @@ pub(crate) async fn register(
         .map_err(|e| error::internal("client secret not hashed", &e.into()))?;
     let inserted = sqlx::query(
         "INSERT INTO clients (client_id, secret_hash, grants, created_at, managed_by) \
-         VALUES (?, ?, ?, ?, 'api') ON CONFLICT (client_id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, 'api') ON CONFLICT (client_id) DO NOTHING",
     )
     .bind(client_id)
     .bind(hash)

@@ -45,9 +45,9 @@ use std::{
 
 use chassis::{
     config::{Env, Secret},
+    db::{Database, retry},
     health::CheckError,
     permission::{Grant, MAX_GRANTS},
-    db::Database,
 };
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -332,8 +332,8 @@ type Row = (String, String, String);
 
 async fn row(db: &Database, kind: Kind, name: &str) -> Result<Option<Row>, AppError> {
     let sql = match kind {
-        Kind::User => "SELECT password_hash, grants, managed_by FROM users WHERE username = ?",
-        Kind::Client => "SELECT secret_hash, grants, managed_by FROM clients WHERE client_id = ?",
+        Kind::User => "SELECT password_hash, grants, managed_by FROM users WHERE username = $1",
+        Kind::Client => "SELECT secret_hash, grants, managed_by FROM clients WHERE client_id = $1",
     };
     Ok(sqlx::query_as(sql)
         .bind(name)
@@ -379,17 +379,33 @@ pub(crate) async fn apply(
         }
         rows.push((d.kind, d.name.as_str(), hash, grants));
     }
+    // Instances starting together with the same file may apply it at the
+    // same moment: every statement is an upsert or a delete that leaves the
+    // same rows whichever runs first, and a transaction undone by a
+    // deadlock runs again.
+    applied.removed = retry(|| store(db, &rows, now)).await?;
+    Ok(applied)
+}
+
+/// The one transaction of [`apply`]: upserts `rows` and deletes the
+/// file-managed subjects not among them; returns how many it deleted.
+async fn store(
+    db: &Database,
+    rows: &[(Kind, &str, String, String)],
+    now: u64,
+) -> Result<usize, sqlx::Error> {
     let mut tx = db.begin_write().await?;
-    for (kind, name, hash, grants) in &rows {
+    let mut removed = 0;
+    for (kind, name, hash, grants) in rows {
         let sql = match kind {
             Kind::User => {
                 "INSERT INTO users (username, password_hash, grants, created_at, managed_by) \
-                 VALUES (?, ?, ?, ?, 'file') ON CONFLICT (username) DO UPDATE SET \
+                 VALUES ($1, $2, $3, $4, 'file') ON CONFLICT (username) DO UPDATE SET \
                  password_hash = excluded.password_hash, grants = excluded.grants, managed_by = 'file'"
             }
             Kind::Client => {
                 "INSERT INTO clients (client_id, secret_hash, grants, created_at, managed_by) \
-                 VALUES (?, ?, ?, ?, 'file') ON CONFLICT (client_id) DO UPDATE SET \
+                 VALUES ($1, $2, $3, $4, 'file') ON CONFLICT (client_id) DO UPDATE SET \
                  secret_hash = excluded.secret_hash, grants = excluded.grants, managed_by = 'file'"
             }
         };
@@ -405,11 +421,11 @@ pub(crate) async fn apply(
         let (select, delete) = match kind {
             Kind::User => (
                 "SELECT username FROM users WHERE managed_by = 'file'",
-                "DELETE FROM users WHERE username = ?",
+                "DELETE FROM users WHERE username = $1",
             ),
             Kind::Client => (
                 "SELECT client_id FROM clients WHERE managed_by = 'file'",
-                "DELETE FROM clients WHERE client_id = ?",
+                "DELETE FROM clients WHERE client_id = $1",
             ),
         };
         let managed: Vec<(String,)> = sqlx::query_as(select).fetch_all(&mut *tx).await?;
@@ -417,19 +433,27 @@ pub(crate) async fn apply(
             if !rows.iter().any(|(k, n, _, _)| *k == kind && *n == name) {
                 if kind == Kind::User {
                     // Their logins end with them.
-                    sqlx::query("DELETE FROM refresh_tokens WHERE username = ?")
+                    sqlx::query("DELETE FROM refresh_tokens WHERE username = $1")
                         .bind(&name)
                         .execute(&mut *tx)
                         .await?;
                 }
-                sqlx::query(delete).bind(&name).execute(&mut *tx).await?;
-                applied.removed += 1;
+                let deleted = sqlx::query(delete)
+                    .bind(&name)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if deleted == 0 {
+                    // Another instance applying the same file removed it.
+                    continue;
+                }
+                removed += 1;
                 tracing::info!(subject = %name, kind = kind.as_str(), "removed: no longer in the grants file");
             }
         }
     }
     tx.commit().await?;
-    Ok(applied)
+    Ok(removed)
 }
 
 /// Applies the sources at start-up. Without any (no file, no demo grants)

@@ -19,7 +19,7 @@ use aws_lc_rs::{
     signature::{Ed25519KeyPair, KeyPair},
 };
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use chassis::db::Database;
+use chassis::db::{Database, Failure, retry};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use crate::{
@@ -147,7 +147,50 @@ impl Keys {
         Ok(checked)
     }
 
+    /// Rotates (when due) and deletes expired keys. Instances sharing the
+    /// database may run it at the same moment: the current key's row is
+    /// locked before it is judged, so one of them rotates and the others
+    /// then find the new key current; and when there was no current key to
+    /// lock, the partial unique index on the current key lets one insert
+    /// win, and the others read the winner's key.
     async fn check_in(
+        db: &Database,
+        rotate_after: u64,
+        publish_for: u64,
+        now: u64,
+        force: bool,
+    ) -> Result<(Checked, SigningKey), AppError> {
+        let rotated = retry(|| async {
+            match Self::rotate(db, rotate_after, publish_for, now, force).await {
+                Err(AppError::Query(e)) => Err(e),
+                answer => Ok(answer),
+            }
+        })
+        .await;
+        match rotated.map_err(AppError::Query).and_then(|answer| answer) {
+            Err(AppError::Query(e)) if Failure::of(&e) == Failure::Conflict => {
+                // Another instance made a key current meanwhile: use it.
+                let current: Option<(String, Vec<u8>)> =
+                    sqlx::query_as("SELECT kid, pkcs8 FROM signing_keys WHERE retired_at IS NULL")
+                        .fetch_optional(db.pool())
+                        .await?;
+                let (kid, pkcs8) = current.ok_or(AppError::Query(e))?;
+                let key = SigningKey::from_pkcs8(kid.clone(), &pkcs8)?;
+                Ok((
+                    Checked {
+                        kid,
+                        retired: None,
+                        deleted: 0,
+                    },
+                    key,
+                ))
+            }
+            other => other,
+        }
+    }
+
+    /// One transaction of [`check_in`](Self::check_in).
+    async fn rotate(
         db: &Database,
         rotate_after: u64,
         publish_for: u64,
@@ -156,8 +199,13 @@ impl Keys {
     ) -> Result<(Checked, SigningKey), AppError> {
         let now_i = to_i64(now);
         let mut tx = db.begin_write().await?;
+        // Reading the current key by writing its row locks it (on Postgres;
+        // on SQLite the writer excludes every other write already): another
+        // instance checking at the same time waits here, then sees the key
+        // this check makes current.
         let current: Option<(String, Vec<u8>, i64)> = sqlx::query_as(
-            "SELECT kid, pkcs8, created_at FROM signing_keys WHERE retired_at IS NULL",
+            "UPDATE signing_keys SET kid = kid WHERE retired_at IS NULL \
+             RETURNING kid, pkcs8, created_at",
         )
         .fetch_optional(&mut *tx)
         .await?;
@@ -169,13 +217,20 @@ impl Keys {
         };
         let (kid, pkcs8, retired) = if due {
             let retired = current.map(|(kid, ..)| kid);
-            sqlx::query("UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL")
-                .bind(now_i)
-                .execute(&mut *tx)
-                .await?;
+            // Only the key locked above: a key another instance made
+            // current since is not this check's to retire.
+            if let Some(kid) = &retired {
+                sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE kid = $2")
+                    .bind(now_i)
+                    .bind(kid)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let (kid, pkcs8, public) = generate()?;
+            // A key made current by another instance since the lock above
+            // found none breaks the unique index: see `check_in`.
             sqlx::query(
-                "INSERT INTO signing_keys (kid, pkcs8, public_key, created_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO signing_keys (kid, pkcs8, public_key, created_at) VALUES ($1, $2, $3, $4)",
             )
             .bind(&kid)
             .bind(&pkcs8)
@@ -189,7 +244,7 @@ impl Keys {
             (kid, pkcs8, None)
         };
         let deleted = sqlx::query(
-            "DELETE FROM signing_keys WHERE retired_at IS NOT NULL AND retired_at + ? <= ?",
+            "DELETE FROM signing_keys WHERE retired_at IS NOT NULL AND retired_at + $1 <= $2",
         )
         .bind(to_i64(publish_for))
         .bind(now_i)
@@ -214,7 +269,7 @@ impl Keys {
     pub(crate) async fn published(&self, kid: &str, now: u64) -> Result<Option<Vec<u8>>, AppError> {
         let row: Option<(Vec<u8>,)> = sqlx::query_as(
             "SELECT public_key FROM signing_keys \
-             WHERE kid = ? AND (retired_at IS NULL OR retired_at + ? > ?)",
+             WHERE kid = $1 AND (retired_at IS NULL OR retired_at + $2 > $3)",
         )
         .bind(kid)
         .bind(to_i64(self.publish_for))
@@ -229,7 +284,7 @@ impl Keys {
     pub(crate) async fn jwks(&self, now: u64) -> Result<Jwks, AppError> {
         let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
             "SELECT kid, public_key FROM signing_keys \
-             WHERE retired_at IS NULL OR retired_at + ? > ? \
+             WHERE retired_at IS NULL OR retired_at + $1 > $2 \
              ORDER BY retired_at IS NOT NULL, created_at DESC, kid",
         )
         .bind(to_i64(self.publish_for))
@@ -252,7 +307,7 @@ impl Keys {
     }
 }
 
-/// Seconds as SQLite's integer; times beyond `i64` do not occur.
+/// Seconds as the database's integer (`BIGINT`); times beyond `i64` do not occur.
 pub(crate) fn to_i64(secs: u64) -> i64 {
     i64::try_from(secs).unwrap_or(i64::MAX)
 }

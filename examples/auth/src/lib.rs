@@ -82,8 +82,8 @@ use chassis::{
     ServiceBuilder,
     auth::{Clock, JwksOptions, SystemClock, Verifier},
     config::{Config, Reader},
-    health::{CheckOptions, check_fn},
     db::{Database, DbConfig, Migrations},
+    health::{CheckOptions, check_fn},
 };
 use jsonwebtoken::Algorithm;
 use sqlx::migrate::Migrator;
@@ -108,8 +108,12 @@ pub use grants::DEMO_GRANTS;
 /// The service's name: its API lives under `/auth/v1`.
 pub const NAME: &str = "auth";
 
-/// The embedded migrations, run at start-up.
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+/// The schema on SQLite, embedded from `migrations/sqlite/` and run at
+/// start-up.
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The same schema on Postgres, from `migrations/postgres/`.
+static PG_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Longest access-token lifetime accepted (the chassis verifier's limit).
 const MAX_TOKEN_TTL_SECS: u64 = 86_400;
@@ -655,7 +659,11 @@ pub async fn app_with_clock(
         token::HASH_BUSY,
         "Login attempts answered 503 because every password hashing slot stayed busy"
     );
-    let db = Database::open_migrated(&settings.db, Migrations::new(&MIGRATOR)).await?;
+    let db = Database::open_migrated(
+        &settings.db,
+        Migrations::new(&SQLITE_MIGRATOR).postgres(&PG_MIGRATOR),
+    )
+    .await?;
     let params = argon2::Params::new(
         settings.hash_cost.memory_kib,
         settings.hash_cost.iterations,

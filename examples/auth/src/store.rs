@@ -2,7 +2,7 @@
 
 use aws_lc_rs::digest;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use chassis::db::Database;
+use chassis::db::{Database, retry};
 
 use crate::{error::AppError, keys::to_i64};
 
@@ -30,7 +30,7 @@ fn grants_of(name: &str, json: &str) -> Result<Vec<String>, AppError> {
 /// The user called `username`.
 pub(crate) async fn user(db: &Database, username: &str) -> Result<Option<Subject>, AppError> {
     let row: Option<(String, String)> =
-        sqlx::query_as("SELECT password_hash, grants FROM users WHERE username = ?")
+        sqlx::query_as("SELECT password_hash, grants FROM users WHERE username = $1")
             .bind(username)
             .fetch_optional(db.pool())
             .await?;
@@ -47,7 +47,7 @@ pub(crate) async fn user(db: &Database, username: &str) -> Result<Option<Subject
 /// The client `client_id`.
 pub(crate) async fn client(db: &Database, client_id: &str) -> Result<Option<Subject>, AppError> {
     let row: Option<(String, String)> =
-        sqlx::query_as("SELECT secret_hash, grants FROM clients WHERE client_id = ?")
+        sqlx::query_as("SELECT secret_hash, grants FROM clients WHERE client_id = $1")
             .bind(client_id)
             .fetch_optional(db.pool())
             .await?;
@@ -117,7 +117,7 @@ pub(crate) async fn start_family(
     let (token, hash) = new_refresh_token()?;
     sqlx::query(
         "INSERT INTO refresh_tokens (token_hash, family_id, username, scope, issued_at, expires_at) \
-         VALUES (?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(hash)
     .bind(random_id()?)
@@ -158,39 +158,62 @@ pub(crate) enum Refresh {
 /// Presents a refresh token: rotates it when valid (single use), revokes
 /// its family when it was already used. `allowed` decides, from the user's
 /// grants and the family's scope, whether the request may go on.
+///
+/// A transaction undone by a deadlock (two uses of one family at once, on
+/// Postgres) runs again.
 pub(crate) async fn refresh(
     db: &Database,
     presented: &str,
     ttl: u64,
     now: u64,
-    allowed: impl FnOnce(&[String], Option<&str>) -> bool,
+    allowed: impl Fn(&[String], Option<&str>) -> bool,
 ) -> Result<Refresh, AppError> {
     let hash = hash_token(presented);
+    retry(|| async {
+        match try_refresh(db, &hash, ttl, now, &allowed).await {
+            Err(AppError::Query(e)) => Err(e),
+            answer => Ok(answer),
+        }
+    })
+    .await?
+}
+
+/// One attempt at [`refresh`].
+async fn try_refresh(
+    db: &Database,
+    hash: &[u8],
+    ttl: u64,
+    now: u64,
+    allowed: &impl Fn(&[String], Option<&str>) -> bool,
+) -> Result<Refresh, AppError> {
     let now_i = to_i64(now);
-    // The first statement writes, so the transaction holds the write lock
-    // from the start: two concurrent uses of one token cannot both win.
+    // The claim is one conditional update: it marks the token used only if
+    // no one has, and says whether it did. Two uses of one token at once,
+    // on any instances, cannot both win: on SQLite the writer runs one
+    // write transaction at a time; on Postgres the second update waits for
+    // the first's row lock, then finds `used_at` set and changes nothing.
     let mut tx = db.begin_write().await?;
     let claimed: Option<(String, String, Option<String>)> = sqlx::query_as(
-        "UPDATE refresh_tokens SET used_at = ? \
-         WHERE token_hash = ? AND used_at IS NULL AND revoked_at IS NULL AND expires_at > ? \
+        "UPDATE refresh_tokens SET used_at = $1 \
+         WHERE token_hash = $2 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $3 \
          RETURNING family_id, username, scope",
     )
     .bind(now_i)
-    .bind(&hash)
+    .bind(hash)
     .bind(now_i)
     .fetch_optional(&mut *tx)
     .await?;
     let Some((family, username, scope)) = claimed else {
         let row: Option<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
-            "SELECT family_id, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
+            "SELECT family_id, used_at, revoked_at FROM refresh_tokens WHERE token_hash = $1",
         )
-        .bind(&hash)
+        .bind(hash)
         .fetch_optional(&mut *tx)
         .await?;
         return match row {
             Some((family, Some(_), None)) => {
                 sqlx::query(
-                    "UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
+                    "UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL",
                 )
                 .bind(now_i)
                 .bind(&family)
@@ -199,25 +222,32 @@ pub(crate) async fn refresh(
                 tx.commit().await?;
                 Ok(Refresh::Reused { family })
             }
-            _ => Ok(Refresh::Invalid),
+            _ => {
+                // Ended rather than dropped: on SQLite a dropped transaction
+                // keeps the file's write lock until the writer's next use.
+                tx.rollback().await?;
+                Ok(Refresh::Invalid)
+            }
         };
     };
-    let grants: Option<(String,)> = sqlx::query_as("SELECT grants FROM users WHERE username = ?")
+    let grants: Option<(String,)> = sqlx::query_as("SELECT grants FROM users WHERE username = $1")
         .bind(&username)
         .fetch_optional(&mut *tx)
         .await?;
     let Some((grants,)) = grants else {
+        tx.rollback().await?;
         return Ok(Refresh::Invalid);
     };
     let grants = grants_of(&username, &grants)?;
     if !allowed(&grants, scope.as_deref()) {
-        // Dropping the transaction rolls the claim back.
+        // The claim is undone: the token stays usable.
+        tx.rollback().await?;
         return Ok(Refresh::ScopeRefused);
     }
     let (token, new_hash) = new_refresh_token()?;
     sqlx::query(
         "INSERT INTO refresh_tokens (token_hash, family_id, username, scope, issued_at, expires_at) \
-         VALUES (?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(new_hash)
     .bind(&family)
@@ -240,7 +270,7 @@ pub(crate) async fn refresh(
 /// used, and a reuse can no longer do harm.
 pub(crate) async fn purge_expired(db: &Database, now: u64) -> Result<u64, AppError> {
     Ok(
-        sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= ?")
+        sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= $1")
             .bind(to_i64(now))
             .execute(&mut *db.writer().await?)
             .await?

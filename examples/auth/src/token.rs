@@ -568,7 +568,8 @@ async fn refresh(
     let presented = required(form, "refresh_token", "refresh_token is required")?;
     let now = state.clock.now();
     // The rotation is one transaction: a span of the request's trace.
-    let mut rotation = Span::storage(common.trace, "sqlite", "rotate refresh token");
+    let system = state.db.backend().system_name();
+    let mut rotation = Span::storage(common.trace, system, "rotate refresh token");
     let outcome = store::refresh(
         &state.db,
         presented,
@@ -594,7 +595,7 @@ async fn refresh(
     )
     .await;
     if outcome.is_err() {
-        rotation.set_error("sqlite");
+        rotation.set_error(system);
     }
     rotation.end();
     let outcome = outcome?;

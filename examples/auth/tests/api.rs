@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use auth::Settings;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
@@ -13,16 +13,16 @@ use chassis::auth::{PrincipalKind, Verifier};
 use http::{Method, StatusCode};
 use jsonwebtoken::Algorithm;
 use support::{
-    ALICE_GRANTS, DORA_GRANTS, FORM, ORDERS_GRANTS, TempDir, basic, decode, eventually,
-    futures_join, perms_of, send, start, start_with,
+    ALICE_GRANTS, DORA_GRANTS, Data, FORM, ORDERS_GRANTS, basic, decode, eventually, futures_join,
+    perms_of, send, start, start_with,
 };
 
 // === the token endpoint ===
 
 #[tokio::test]
 async fn password_grant_issues_an_access_and_a_refresh_token() {
-    let dir = TempDir::new("password");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("password");
+    let auth = start(&dir).await;
     let res = auth.login("alice", "alice-password").await;
     assert_eq!(res.status, 200, "{res:?}");
     assert_eq!(res.header("cache-control"), "no-store");
@@ -55,8 +55,8 @@ async fn password_grant_issues_an_access_and_a_refresh_token() {
 
 #[tokio::test]
 async fn wrong_password_and_unknown_user_answer_alike_and_are_counted() {
-    let dir = TempDir::new("refused");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("refused");
+    let auth = start(&dir).await;
     let before = auth.failed_logins("user").await;
     let wrong = auth.login("alice", "not-her-password").await;
     let unknown = auth.login("mallory", "alice-password").await;
@@ -78,8 +78,8 @@ async fn wrong_password_and_unknown_user_answer_alike_and_are_counted() {
 
 #[tokio::test]
 async fn client_credentials_via_basic_and_via_form() {
-    let dir = TempDir::new("clients");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("clients");
+    let auth = start(&dir).await;
     let orders = basic("orders", "orders-secret");
     let via_basic = auth
         .post_form(
@@ -139,8 +139,8 @@ async fn client_credentials_via_basic_and_via_form() {
 
 #[tokio::test]
 async fn a_client_that_fails_authentication_is_401_invalid_client() {
-    let dir = TempDir::new("badclient");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("badclient");
+    let auth = start(&dir).await;
     let before = auth.failed_logins("service").await;
     let wrong_secret = basic("orders", "guess");
     let wrong_scheme = "Bearer a.b.c".to_owned();
@@ -173,8 +173,8 @@ async fn a_client_that_fails_authentication_is_401_invalid_client() {
 
 #[tokio::test]
 async fn malformed_requests_are_oauth_errors() {
-    let dir = TempDir::new("malformed");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("malformed");
+    let auth = start(&dir).await;
     let cases = [
         (
             "grant_type=authorization_code&code=x",
@@ -223,8 +223,8 @@ async fn malformed_requests_are_oauth_errors() {
 
 #[tokio::test]
 async fn refresh_tokens_rotate() {
-    let dir = TempDir::new("rotation");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("rotation");
+    let auth = start(&dir).await;
     let first = auth.login("alice", "alice-password").await.json();
     let r1 = first["refresh_token"].as_str().unwrap().to_owned();
 
@@ -285,8 +285,8 @@ async fn refresh_tokens_rotate() {
 
 #[tokio::test]
 async fn reusing_a_refresh_token_revokes_its_family() {
-    let dir = TempDir::new("reuse");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("reuse");
+    let auth = start(&dir).await;
     let r1 = auth.login("alice", "alice-password").await.json()["refresh_token"]
         .as_str()
         .unwrap()
@@ -318,8 +318,8 @@ async fn reusing_a_refresh_token_revokes_its_family() {
 
 #[tokio::test]
 async fn concurrent_uses_of_one_refresh_token_let_one_through() {
-    let dir = TempDir::new("race");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("race");
+    let auth = start(&dir).await;
     let token = auth.login("bob", "bob-password").await.json()["refresh_token"]
         .as_str()
         .unwrap()
@@ -349,16 +349,90 @@ async fn concurrent_uses_of_one_refresh_token_let_one_through() {
     auth.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_refresh_token_used_on_two_instances_at_once_succeeds_once() {
+    let dir = Data::new("race-replicas");
+    // Two instances on one database (the same SQLite file, or the same
+    // Postgres database), as replicas behind a load balancer.
+    let first = start(&dir).await;
+    let second = start(&dir).await;
+    for round in 0..5 {
+        let token = first.login("bob", "bob-password").await.json()["refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let form = format!("grant_type=refresh_token&refresh_token={token}");
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(4));
+        let answers = futures_join(
+            (0..4)
+                .map(|i| {
+                    let url = [&first, &second][i % 2].url("/auth/v1/token");
+                    let (form, start) = (form.clone(), start.clone());
+                    tokio::spawn(async move {
+                        start.wait().await;
+                        send(Method::POST, &url, &[("content-type", FORM)], &form).await
+                    })
+                })
+                .collect(),
+        )
+        .await;
+        let statuses: Vec<_> = answers.iter().map(|a| a.status).collect();
+        let won: Vec<_> = answers
+            .iter()
+            .filter(|a| a.status == StatusCode::OK)
+            .collect();
+        assert_eq!(won.len(), 1, "round {round}: {statuses:?}");
+        assert!(
+            statuses
+                .iter()
+                .all(|s| *s == StatusCode::OK || *s == StatusCode::BAD_REQUEST),
+            "round {round}: {statuses:?}"
+        );
+        // The others were reuses: the family is revoked, the winner's new
+        // token with it, on either instance.
+        let next = won[0].json()["refresh_token"].as_str().unwrap().to_owned();
+        for auth in [&second, &first] {
+            let res = auth.refresh(&next).await;
+            assert_eq!(res.status, 400, "round {round}: {res:?}");
+            assert_eq!(res.json()["error"], "invalid_grant");
+        }
+    }
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_starting_together_share_one_signing_key() {
+    let dir = Data::new("keys-replicas");
+    dir.migrate().await;
+    // Three instances on one database without a key start at once: each
+    // may find no key and make one, and only one may become current.
+    let (a, b, c) = tokio::join!(start(&dir), start(&dir), start(&dir));
+    let kids = a.kids().await;
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    assert_eq!(b.kids().await, kids);
+    assert_eq!(c.kids().await, kids);
+    // Each signs with it: a token of one verifies against another's key set.
+    for (signer, checker) in [(&a, &b), (&b, &c), (&c, &a)] {
+        let token = signer.access_token("alice").await;
+        assert_eq!(decode(&token).0["kid"], kids[0].as_str());
+        let claims = checker.verifier().verify_token(&token).await.unwrap();
+        assert_eq!(claims.subject(), "alice");
+    }
+    for auth in [a, b, c] {
+        auth.stop().await;
+    }
+}
+
 // === deny grants survive narrowing ===
 
 #[tokio::test]
 async fn a_narrower_scope_keeps_every_deny_grant() {
-    let dir = TempDir::new("denies");
-    let auth = start(dir.path()).await;
-    auth.add_subject(dir.path(), false, "dora", &DORA_GRANTS)
-        .await;
+    let dir = Data::new("denies");
+    let auth = start(&dir).await;
+    auth.add_subject(&dir, false, "dora", &DORA_GRANTS).await;
     auth.add_subject(
-        dir.path(),
+        &dir,
         true,
         "gate",
         &["mail::send:message", "!mail::send:newsletter"],
@@ -447,8 +521,8 @@ async fn a_narrower_scope_keeps_every_deny_grant() {
 
 #[tokio::test]
 async fn a_token_asked_for_one_service_is_for_that_service_only() {
-    let dir = TempDir::new("audience");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("audience");
+    let auth = start(&dir).await;
     let res = auth
         .login_with("alice", "alice-password", "&audience=ticketing")
         .await;
@@ -516,8 +590,8 @@ async fn a_token_asked_for_one_service_is_for_that_service_only() {
 
 #[tokio::test]
 async fn the_key_set_serves_the_current_key_and_tokens_verify_with_the_chassis_verifier() {
-    let dir = TempDir::new("jwks");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("jwks");
+    let auth = start(&dir).await;
     let res = send(Method::GET, &auth.url("/auth/v1/jwks"), &[], "").await;
     assert_eq!(res.status, 200);
     assert!(res.header("cache-control").contains("max-age="));
@@ -572,8 +646,8 @@ async fn the_key_set_serves_the_current_key_and_tokens_verify_with_the_chassis_v
 
 #[tokio::test]
 async fn rotation_needs_the_permission() {
-    let dir = TempDir::new("rotate-authz");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("rotate-authz");
+    let auth = start(&dir).await;
     let res = auth.rotate(None).await;
     assert_eq!(res.status, 401, "{res:?}");
     assert_eq!(res.header("content-type"), "application/problem+json");
@@ -591,8 +665,8 @@ async fn rotation_needs_the_permission() {
 
 #[tokio::test]
 async fn rotation_keeps_the_previous_key_published() {
-    let dir = TempDir::new("rotate");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("rotate");
+    let auth = start(&dir).await;
     let first_kid = auth.kids().await[0].clone();
     let before = auth.access_token("alice").await;
     assert_eq!(decode(&before).0["kid"].as_str(), Some(first_kid.as_str()));
@@ -631,8 +705,8 @@ async fn rotation_keeps_the_previous_key_published() {
 
 #[tokio::test]
 async fn keys_rotate_when_due_and_retired_keys_leave_after_the_token_lifetime() {
-    let dir = TempDir::new("due");
-    let auth = start_with(dir.path(), |s| {
+    let dir = Data::new("due");
+    let auth = start_with(&dir, |s| {
         s.key_rotate = Duration::from_secs(1);
         s.key_check = Duration::from_secs(1);
         s.token_ttl = Duration::from_secs(3600);
@@ -646,8 +720,8 @@ async fn keys_rotate_when_due_and_retired_keys_leave_after_the_token_lifetime() 
     .await;
     auth.stop().await;
 
-    let dir = TempDir::new("expiry");
-    let auth = start_with(dir.path(), |s| s.token_ttl = Duration::from_secs(1)).await;
+    let dir = Data::new("expiry");
+    let auth = start_with(&dir, |s| s.token_ttl = Duration::from_secs(1)).await;
     let admin = auth.access_token("admin").await;
     assert_eq!(auth.rotate(Some(&admin)).await.status, 200);
     eventually("the retired key to leave the key set", || async {
@@ -661,8 +735,8 @@ async fn keys_rotate_when_due_and_retired_keys_leave_after_the_token_lifetime() 
 
 #[tokio::test]
 async fn the_discovery_document_lives_under_the_issuer_and_names_the_key_set() {
-    let dir = TempDir::new("discovery");
-    let auth = start_with(dir.path(), |s| {
+    let dir = Data::new("discovery");
+    let auth = start_with(&dir, |s| {
         s.issuer = format!("{}/auth/v1", s.public_url.as_deref().unwrap());
     })
     .await;
@@ -737,38 +811,34 @@ async fn the_discovery_document_lives_under_the_issuer_and_names_the_key_set() {
 
 #[tokio::test]
 async fn keys_and_users_survive_a_restart_and_the_demo_grants_change_nothing() {
-    let dir = TempDir::new("restart");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("restart");
+    let auth = start(&dir).await;
     let kids = auth.kids().await;
     let before = auth.access_token("alice").await;
     auth.stop().await;
 
-    let db = dir.path().join("auth.db");
-    let hashes = |db: PathBuf| async move {
-        let pool =
-            sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(db))
-                .await
-                .unwrap();
+    let hashes = || async {
+        let db = dir.open().await;
         let users: Vec<(String, String)> =
             sqlx::query_as("SELECT username, password_hash FROM users ORDER BY username")
-                .fetch_all(&pool)
+                .fetch_all(db.pool())
                 .await
                 .unwrap();
         let clients: Vec<(String, String)> =
             sqlx::query_as("SELECT client_id, secret_hash FROM clients ORDER BY client_id")
-                .fetch_all(&pool)
+                .fetch_all(db.pool())
                 .await
                 .unwrap();
-        pool.close().await;
+        db.close().await;
         (users, clients)
     };
-    let seeded = hashes(db.clone()).await;
+    let seeded = hashes().await;
     let names = |rows: &[(String, String)]| rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>();
     assert_eq!(names(&seeded.0), ["admin", "alice", "bob"]);
     assert_eq!(names(&seeded.1), ["mail", "orders", "ticketing"]);
 
     // Same data directory: the demo grants, applied again, change nothing.
-    let auth = start(dir.path()).await;
+    let auth = start(&dir).await;
     assert_eq!(auth.kids().await, kids, "the same key after a restart");
     let after = auth.access_token("alice").await;
     assert_eq!(decode(&after).0["kid"], decode(&before).0["kid"]);
@@ -789,7 +859,7 @@ async fn keys_and_users_survive_a_restart_and_the_demo_grants_change_nothing() {
     assert_eq!(res.status, 200, "{res:?}");
     auth.stop().await;
     assert_eq!(
-        hashes(db).await,
+        hashes().await,
         seeded,
         "no row added, no secret hashed again"
     );
@@ -797,9 +867,9 @@ async fn keys_and_users_survive_a_restart_and_the_demo_grants_change_nothing() {
 
 #[tokio::test]
 async fn without_the_seed_nobody_can_log_in() {
-    let dir = TempDir::new("noseed");
+    let dir = Data::new("noseed");
     // The default: no demo users with their well-known passwords.
-    let auth = start_with(dir.path(), |s| {
+    let auth = start_with(&dir, |s| {
         s.seed_demo = Settings::with_data_dir("/unused").seed_demo;
     })
     .await;
@@ -817,8 +887,8 @@ async fn the_driver_client_speaks_the_api() {
     use auth::client::{AuthClient, token_source};
     use chassis::client::{CallContext, Downstream};
 
-    let dir = TempDir::new("client");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("client");
+    let auth = start(&dir).await;
     let client = AuthClient::new(Downstream::builder("auth", &auth.url("")).build().unwrap());
     let cx = CallContext::background();
 

@@ -7,15 +7,15 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use chassis::auth::PrincipalKind;
 use jsonwebtoken::Algorithm;
 use support::{
-    ACCESS_TOKEN_TYPE, ALICE_GRANTS, DORA_GRANTS, TOKEN_EXCHANGE, TempDir, basic, decode,
+    ACCESS_TOKEN_TYPE, ALICE_GRANTS, DORA_GRANTS, Data, TOKEN_EXCHANGE, basic, decode,
     manual_clock, perms_of, start, start_clocked,
 };
 
 #[tokio::test]
 async fn an_authorised_client_exchanges_a_users_token_for_another_audience() {
-    let dir = TempDir::new("exchange");
+    let dir = Data::new("exchange");
     let clock = manual_clock();
-    let auth = start_clocked(dir.path(), clock.clone(), |_| {}).await;
+    let auth = start_clocked(&dir, clock.clone(), |_| {}).await;
     let login = auth
         .login_with("alice", "alice-password", "&audience=orders")
         .await;
@@ -93,10 +93,9 @@ async fn an_authorised_client_exchanges_a_users_token_for_another_audience() {
 
 #[tokio::test]
 async fn exchanged_tokens_never_have_more_than_the_subject_token_and_keep_its_denies() {
-    let dir = TempDir::new("exchange-perms");
-    let auth = start(dir.path()).await;
-    auth.add_subject(dir.path(), false, "dora", &DORA_GRANTS)
-        .await;
+    let dir = Data::new("exchange-perms");
+    let auth = start(&dir).await;
+    auth.add_subject(&dir, false, "dora", &DORA_GRANTS).await;
     let exchange = |subject: String, extra: &'static str| {
         let auth = &auth;
         async move {
@@ -138,8 +137,8 @@ async fn exchanged_tokens_never_have_more_than_the_subject_token_and_keep_its_de
 
 #[tokio::test]
 async fn token_exchange_refuses_bad_clients_audiences_and_subject_tokens() {
-    let dir = TempDir::new("exchange-refused");
-    let auth = start(dir.path()).await;
+    let dir = Data::new("exchange-refused");
+    let auth = start(&dir).await;
     let subject = auth.access_token("alice").await;
 
     // A client without the grant, or without it for that audience.

@@ -5,13 +5,12 @@ mod support;
 
 use http::{Method, StatusCode};
 use support::{
-    ALICE_GRANTS, TempDir, decode, entry, eventually, from_file, send, start, start_with,
-    write_grants,
+    ALICE_GRANTS, Data, decode, entry, eventually, from_file, send, start, start_with, write_grants,
 };
 
 #[tokio::test]
 async fn subjects_in_the_grants_file_get_tokens_and_its_changes_reach_their_next_token() {
-    let dir = TempDir::new("grantsfile");
+    let dir = Data::new("grantsfile");
     let file = dir.path().join("grants.toml");
     let keycards_v1 = ["ticketing:*:view:ticket", "auth:ticketing:exchange:token"];
     write_grants(
@@ -19,7 +18,7 @@ async fn subjects_in_the_grants_file_get_tokens_and_its_changes_reach_their_next
         &(entry("clients", "keycards", &keycards_v1)
             + &entry("users", "carol", &["ticketing:acme:*:*"])),
     );
-    let auth = start_with(dir.path(), from_file(&file)).await;
+    let auth = start_with(&dir, from_file(&file)).await;
 
     // A new service, registered by data alone.
     let claims = auth.client_claims("keycards", "password").await;
@@ -71,7 +70,7 @@ async fn subjects_in_the_grants_file_get_tokens_and_its_changes_reach_their_next
     auth.stop().await;
 
     // Without a grants file nothing is applied: the subjects stay.
-    let auth = start_with(dir.path(), |s| s.seed_demo = false).await;
+    let auth = start_with(&dir, |s| s.seed_demo = false).await;
     assert_eq!(
         auth.client_claims("keycards", "password").await["perms"],
         serde_json::json!(keycards_v3)
@@ -81,13 +80,13 @@ async fn subjects_in_the_grants_file_get_tokens_and_its_changes_reach_their_next
 
 #[tokio::test]
 async fn a_bad_change_of_the_grants_file_keeps_the_last_good_grants() {
-    let dir = TempDir::new("badchange");
+    let dir = Data::new("badchange");
     let file = dir.path().join("grants.toml");
     write_grants(
         &file,
         &entry("clients", "keycards", &["ticketing:*:view:ticket"]),
     );
-    let auth = start_with(dir.path(), from_file(&file)).await;
+    let auth = start_with(&dir, from_file(&file)).await;
     let rejected = || auth.counter("auth_grants_file_rejected_total", "");
     let before = rejected().await;
     let grants_check = || async {
@@ -145,10 +144,10 @@ async fn a_bad_change_of_the_grants_file_keeps_the_last_good_grants() {
 
 #[tokio::test]
 async fn the_admin_api_needs_its_permissions_and_changes_the_next_token() {
-    let dir = TempDir::new("admin");
+    let dir = Data::new("admin");
     // The demo grants: admin holds auth::view:grant, auth::manage:grant and
     // auth::register:client; alice none of them.
-    let auth = start(dir.path()).await;
+    let auth = start(&dir).await;
     let alice = auth.access_token("alice").await;
     let admin = auth.access_token("admin").await;
     let calls = [
@@ -261,7 +260,7 @@ async fn the_admin_api_needs_its_permissions_and_changes_the_next_token() {
     assert_eq!(res.json()["grants"], serde_json::json!(ALICE_GRANTS));
 
     // A user the file does not name.
-    auth.add_subject(dir.path(), false, "dave", &[]).await;
+    auth.add_subject(&dir, false, "dave", &[]).await;
     let res = auth
         .admin(
             Method::PUT,

@@ -3,30 +3,33 @@
 
 mod support;
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use chassis::testing::{ProcessCheck, ServiceProcess, refused_settings};
 use http::Method;
 use serde_json::Value;
-use support::{FORM, TempDir, basic, decode, eventually, send, write_grants};
+use support::{Data, FORM, TempDir, basic, decode, eventually, send, write_grants};
 
-/// Starts the `auth` binary on the data in `data_dir`.
-fn spawn(data_dir: &Path, env: &[(&str, &str)]) -> ServiceProcess {
-    let data = data_dir.to_str().expect("a UTF-8 path").to_owned();
+/// Starts the `auth` binary on `data` (its directory, and its database on
+/// the run's engine).
+fn spawn(data: &Data, env: &[(&str, &str)]) -> ServiceProcess {
+    let dir = data.path().to_str().expect("a UTF-8 path").to_owned();
+    let url = data.env();
     let mut all = vec![
         ("CHASSIS_SHUTDOWN_GRACE_SECS", "5"),
-        ("AUTH_DATA_DIR", data.as_str()),
+        ("AUTH_DATA_DIR", dir.as_str()),
         ("AUTH_SEED_DEMO", "true"),
     ];
+    all.extend(url.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     all.extend_from_slice(env);
     ServiceProcess::spawn(env!("CARGO_BIN_EXE_auth"), &all)
 }
 
 #[tokio::test]
 async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
-    let dir = TempDir::new("binary");
+    let dir = Data::new("binary");
     // The real hash cost: the binary as it runs in production.
-    let process = spawn(dir.path(), &[]);
+    let process = spawn(&dir, &[]);
     let check = ProcessCheck::new("auth").protected(
         "/auth/v1/clients/orders/grants",
         "/auth/v1/clients/{name}/grants",
@@ -82,7 +85,7 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
 
 #[tokio::test]
 async fn the_binary_reads_secrets_from_its_environment_and_logs_a_refused_change() {
-    let dir = TempDir::new("binarygrants");
+    let dir = Data::new("binarygrants");
     let file = dir.path().join("grants.toml");
     write_grants(
         &file,
@@ -90,7 +93,7 @@ async fn the_binary_reads_secrets_from_its_environment_and_logs_a_refused_change
     );
     let path = file.to_str().unwrap().to_owned();
     let process = spawn(
-        dir.path(),
+        &dir,
         &[
             ("AUTH_GRANTS_FILE", path.as_str()),
             ("AUTH_GRANTS_POLL_SECS", "1"),

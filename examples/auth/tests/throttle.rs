@@ -9,14 +9,14 @@ use std::time::Duration;
 use auth::HashCost;
 use http::{Method, StatusCode};
 use support::{
-    Answer, FORM, TempDir, basic, futures_join, manual_clock, send, start_clocked, start_with,
+    Answer, Data, FORM, basic, futures_join, manual_clock, send, start_clocked, start_with,
 };
 
 #[tokio::test]
 async fn failed_logins_lock_the_user_name_with_429_and_retry_after() {
-    let dir = TempDir::new("throttle");
+    let dir = Data::new("throttle");
     let clock = manual_clock();
-    let auth = start_clocked(dir.path(), clock.clone(), |_| {}).await;
+    let auth = start_clocked(&dir, clock.clone(), |_| {}).await;
     let before = auth
         .counter("auth_login_throttled_total", "limit=\"name\"")
         .await;
@@ -71,8 +71,8 @@ async fn failed_logins_lock_the_user_name_with_429_and_retry_after() {
 
 #[tokio::test]
 async fn concurrent_guesses_for_one_name_get_only_the_allowed_checks() {
-    let dir = TempDir::new("throttle-burst");
-    let auth = start_clocked(dir.path(), manual_clock(), |_| {}).await;
+    let dir = Data::new("throttle-burst");
+    let auth = start_clocked(&dir, manual_clock(), |_| {}).await;
     let answers = futures_join(
         (0..20)
             .map(|_| {
@@ -106,9 +106,9 @@ async fn concurrent_guesses_for_one_name_get_only_the_allowed_checks() {
 
 #[tokio::test]
 async fn clients_are_throttled_too_and_so_are_failures_over_many_names() {
-    let dir = TempDir::new("throttle-global");
+    let dir = Data::new("throttle-global");
     let clock = manual_clock();
-    let auth = start_clocked(dir.path(), clock.clone(), |s| {
+    let auth = start_clocked(&dir, clock.clone(), |s| {
         s.login.global_max_failures = 8;
         s.login.global_window = Duration::from_secs(60);
     })
@@ -157,9 +157,9 @@ async fn clients_are_throttled_too_and_so_are_failures_over_many_names() {
 async fn failures_over_many_names_from_one_address_lock_the_address() {
     const HERE: &str = "127.0.0.1";
     const ELSEWHERE: &str = "127.0.0.2";
-    let dir = TempDir::new("throttle-address");
+    let dir = Data::new("throttle-address");
     let clock = manual_clock();
-    let auth = start_clocked(dir.path(), clock.clone(), |s| {
+    let auth = start_clocked(&dir, clock.clone(), |s| {
         s.login.address_max_failures = 4;
     })
     .await;
@@ -233,8 +233,8 @@ async fn failures_over_many_names_from_one_address_lock_the_address() {
 
 #[tokio::test]
 async fn a_flood_beyond_the_hashing_slots_is_answered_503_with_retry_after() {
-    let dir = TempDir::new("hash-busy");
-    let auth = start_with(dir.path(), |s| {
+    let dir = Data::new("hash-busy");
+    let auth = start_with(&dir, |s| {
         // One slot, a short wait, and hashes slow enough to queue behind.
         s.hash_limits.concurrency = 1;
         s.hash_limits.queue_timeout = Duration::from_millis(1);

@@ -88,9 +88,9 @@ use std::time::Duration;
 use chassis::{
     ServiceBuilder,
     config::Reader,
+    db::{Database, DbConfig, Migrations},
     health::CheckOptions,
     shutdown::CancellationToken,
-    db::{Database, DbConfig, Migrations},
 };
 use sqlx::migrate::Migrator;
 
@@ -125,8 +125,11 @@ const RESERVATIONS_TOTAL: &str = "ticketing_reservations_total";
 /// Held reservations marked expired by the expiry task.
 const HOLDS_EXPIRED_TOTAL: &str = "ticketing_holds_expired_total";
 
-/// The schema, embedded from `migrations/`.
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+/// The schema on SQLite, embedded from `migrations/sqlite/`.
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The same schema on Postgres, embedded from `migrations/postgres/`.
+static PG_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The service's own settings, `TICKETING_*`.
 #[derive(Debug, Clone)]
@@ -205,7 +208,11 @@ pub async fn app_on(
     builder: ServiceBuilder,
     settings: Settings,
 ) -> Result<ServiceBuilder, AppError> {
-    let db = Database::open_migrated(&settings.db, Migrations::new(&MIGRATOR)).await?;
+    let db = Database::open_migrated(
+        &settings.db,
+        Migrations::new(&SQLITE_MIGRATOR).postgres(&PG_MIGRATOR),
+    )
+    .await?;
     let store = Store::new(db.clone(), settings.hold);
     let expiry_interval = settings.hold.min(MAX_EXPIRY_INTERVAL);
     Ok(builder

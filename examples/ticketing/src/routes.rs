@@ -103,8 +103,12 @@ async fn reserve(
     let key = validation::idempotency_key(&headers)?;
     let new = validation::new_reservation(&body)?;
     // The transaction, as a span of this request's trace.
-    let span = Span::storage(cx.correlation().trace(), "sqlite", "reserve");
-    let result = traced(span, store.reserve(&account, &new, key).await);
+    let span = Span::storage(cx.correlation().trace(), store.system(), "reserve");
+    let result = traced(
+        span,
+        store.system(),
+        store.reserve(&account, &new, key).await,
+    );
     let outcome = match &result {
         Ok(held) if held.created => Some("held"),
         Ok(_) => Some("replayed"),
@@ -146,8 +150,12 @@ async fn confirm(
     State(store): State<Store>,
     trace: TraceContext,
 ) -> Result<Json<Reservation>, ApiError> {
-    let span = Span::storage(&trace, "sqlite", "confirm");
-    Ok(Json(traced(span, store.confirm(&account, &id).await)?))
+    let span = Span::storage(&trace, store.system(), "confirm");
+    Ok(Json(traced(
+        span,
+        store.system(),
+        store.confirm(&account, &id).await,
+    )?))
 }
 
 async fn release(
@@ -156,14 +164,22 @@ async fn release(
     State(store): State<Store>,
     trace: TraceContext,
 ) -> Result<Json<Reservation>, ApiError> {
-    let span = Span::storage(&trace, "sqlite", "release");
-    Ok(Json(traced(span, store.release(&account, &id).await)?))
+    let span = Span::storage(&trace, store.system(), "release");
+    Ok(Json(traced(
+        span,
+        store.system(),
+        store.release(&account, &id).await,
+    )?))
 }
 
 /// Ends a transaction's span, failed when the database failed.
-fn traced<T>(mut span: Span, result: Result<T, ApiError>) -> Result<T, ApiError> {
+fn traced<T>(
+    mut span: Span,
+    system: &'static str,
+    result: Result<T, ApiError>,
+) -> Result<T, ApiError> {
     if matches!(result, Err(ApiError::Database(_) | ApiError::Stored(_))) {
-        span.set_error("sqlite");
+        span.set_error(system);
     }
     result
 }

@@ -1,18 +1,29 @@
 //! The database: tickets and reservations of every account.
 //!
 //! Every query is scoped by account, so one account never reads or changes
-//! another's rows. Capacity is enforced by the statement that inserts a
-//! reservation: it inserts only when enough places are left, counted in the
-//! same statement, inside a transaction that holds SQLite's write lock from
-//! its first statement (`BEGIN IMMEDIATE`, [`Database::begin_write`]).
-//! SQLite has one writer at a time, so two reservations can never both see
-//! the last place. Every write goes through the database's one writer, where
-//! writers wait their turn in order; reads that decide nothing go through
-//! the read-only readers ([`Database::pool`]).
+//! another's rows. The same statements run on SQLite and on Postgres
+//! (`$1`, `$2`, ... for parameters).
+//!
+//! Capacity holds on both engines, with any number of instances on one
+//! Postgres database: every transaction that decides on a ticket's places
+//! (a reservation, a confirmation, a release) first locks the ticket's row
+//! by writing it (`UPDATE tickets SET id = id ...`), and only then reads
+//! the clock and counts. On Postgres that row lock makes such transactions
+//! on one ticket take turns, whatever the isolation level, and each counts
+//! what the ones before it committed; on SQLite the database's one writer
+//! already makes every write transaction take turns. The insert itself
+//! still checks the places left, in the same statement. An idempotency key
+//! is settled by its unique key: a duplicate that comes in between is
+//! answered with the reservation stored under it.
+//!
+//! Reads that decide nothing go through [`Database::pool`].
 
 use std::time::Duration;
 
-use chassis::{db::Database, permission::AccountId};
+use chassis::{
+    db::{Database, Failure, retry},
+    permission::AccountId,
+};
 use time::{Date, OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
@@ -34,7 +45,7 @@ struct TicketRow {
     name: String,
     price_minor: i64,
     currency: String,
-    capacity: u32,
+    capacity: i64,
     available: i64,
     valid_from: String,
     valid_until: String,
@@ -46,11 +57,24 @@ struct ReservationRow {
     id: String,
     account: String,
     ticket_id: String,
-    quantity: u32,
+    quantity: i64,
     status: String,
     expires_at: String,
     created_at: String,
 }
+
+/// The places of ticket `$2` in use at `$1` (a timestamp): confirmed, and
+/// held until after `$1`.
+const IN_USE: &str = "SELECT COALESCE(CAST(SUM(r.quantity) AS BIGINT), 0) FROM reservations r
+                      WHERE r.ticket_id = t.id
+                        AND (r.status = 'confirmed' OR (r.status = 'held' AND r.expires_at > $1))";
+
+/// Locks ticket `$1` of account `$2` until the transaction ends (on
+/// Postgres; SQLite's writer already holds the only write lock).
+const LOCK_TICKET: &str = "UPDATE tickets SET id = id WHERE id = $1 AND account = $2";
+
+const RESERVATION_COLUMNS: &str =
+    "SELECT id, account, ticket_id, quantity, status, expires_at, created_at FROM reservations";
 
 // === impl Store ===
 
@@ -69,6 +93,11 @@ impl Store {
     /// Reservations made by this store are held for `hold`.
     pub(crate) fn new(db: Database, hold: Duration) -> Self {
         Self { db, hold }
+    }
+
+    /// The database engine's name, for spans: `sqlite` or `postgresql`.
+    pub(crate) fn system(&self) -> &'static str {
+        self.db.backend().system_name()
     }
 
     pub(crate) async fn create_ticket(
@@ -92,14 +121,14 @@ impl Store {
         sqlx::query(
             "INSERT INTO tickets
                  (id, account, name, price_minor, currency, capacity, valid_from, valid_until, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&ticket.id)
         .bind(&ticket.account)
         .bind(&ticket.name)
         .bind(ticket.price_minor)
         .bind(&ticket.currency)
-        .bind(ticket.capacity)
+        .bind(i64::from(ticket.capacity))
         .bind(date_text(ticket.valid_from)?)
         .bind(date_text(ticket.valid_until)?)
         .bind(timestamp_text(now))
@@ -110,42 +139,36 @@ impl Store {
 
     /// The account's tickets, oldest first.
     pub(crate) async fn list_tickets(&self, account: &AccountId) -> Result<Vec<Ticket>, ApiError> {
-        let rows: Vec<TicketRow> = sqlx::query_as(
+        let sql = format!(
             "SELECT t.id, t.account, t.name, t.price_minor, t.currency, t.capacity,
                     t.valid_from, t.valid_until, t.created_at,
-                    t.capacity - (SELECT COALESCE(SUM(r.quantity), 0) FROM reservations r
-                                  WHERE r.ticket_id = t.id
-                                    AND (r.status = 'confirmed'
-                                         OR (r.status = 'held' AND r.expires_at > ?1)))
-                        AS available
+                    t.capacity - ({IN_USE}) AS available
              FROM tickets t
-             WHERE t.account = ?2
-             ORDER BY t.created_at, t.id",
-        )
-        .bind(timestamp_text(now()))
-        .bind(account.as_str())
-        .fetch_all(self.db.pool())
-        .await?;
+             WHERE t.account = $2
+             ORDER BY t.created_at, t.id"
+        );
+        let rows: Vec<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(timestamp_text(now()))
+            .bind(account.as_str())
+            .fetch_all(self.db.pool())
+            .await?;
         rows.into_iter().map(TicketRow::into_ticket).collect()
     }
 
     pub(crate) async fn ticket(&self, account: &AccountId, id: &str) -> Result<Ticket, ApiError> {
-        let row: Option<TicketRow> = sqlx::query_as(
+        let sql = format!(
             "SELECT t.id, t.account, t.name, t.price_minor, t.currency, t.capacity,
                     t.valid_from, t.valid_until, t.created_at,
-                    t.capacity - (SELECT COALESCE(SUM(r.quantity), 0) FROM reservations r
-                                  WHERE r.ticket_id = t.id
-                                    AND (r.status = 'confirmed'
-                                         OR (r.status = 'held' AND r.expires_at > ?1)))
-                        AS available
+                    t.capacity - ({IN_USE}) AS available
              FROM tickets t
-             WHERE t.account = ?2 AND t.id = ?3",
-        )
-        .bind(timestamp_text(now()))
-        .bind(account.as_str())
-        .bind(id)
-        .fetch_optional(self.db.pool())
-        .await?;
+             WHERE t.account = $2 AND t.id = $3"
+        );
+        let row: Option<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(timestamp_text(now()))
+            .bind(account.as_str())
+            .bind(id)
+            .fetch_optional(self.db.pool())
+            .await?;
         row.ok_or(ApiError::NotFound("ticket"))?.into_ticket()
     }
 
@@ -158,51 +181,70 @@ impl Store {
         new: &NewReservation,
         idempotency_key: Option<&str>,
     ) -> Result<Held, ApiError> {
-        // The write lock from the first statement: the key lookup, the
-        // capacity check and the insert see no other writer in between.
+        let outcome = retry(|| self.try_reserve(account, new, idempotency_key)).await;
+        match (outcome, idempotency_key) {
+            (Ok(held), _) => held,
+            // The same key, stored by a request that committed while this
+            // one ran (for another ticket, or on another instance): the
+            // answer is the stored reservation's.
+            (Err(e), Some(key)) if Failure::of(&e) == Failure::Conflict => {
+                let earlier = self
+                    .by_key(account, key)
+                    .await?
+                    .ok_or(ApiError::Database(e))?;
+                replayed(earlier, new, now())
+            }
+            (Err(e), _) => Err(e.into()),
+        }
+    }
+
+    /// One attempt at [`reserve`](Self::reserve): the database's errors
+    /// outside, for [`retry`], the answer inside.
+    async fn try_reserve(
+        &self,
+        account: &AccountId,
+        new: &NewReservation,
+        idempotency_key: Option<&str>,
+    ) -> Result<Result<Held, ApiError>, sqlx::Error> {
         let mut tx = self.db.begin_write().await?;
+        // The ticket's row first: from here until the commit no other
+        // transaction decides on its places.
+        let found = sqlx::query(LOCK_TICKET)
+            .bind(&new.ticket_id)
+            .bind(account.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         // Read the clock once the lock is held: which holds have expired is
         // decided as of now, not as of before a wait for the lock.
         let now = now();
         let now_text = timestamp_text(now);
 
         if let Some(key) = idempotency_key {
-            let earlier: Option<ReservationRow> = sqlx::query_as(
-                "SELECT id, account, ticket_id, quantity, status, expires_at, created_at
-                 FROM reservations WHERE account = ? AND idempotency_key = ?",
-            )
+            let earlier: Option<ReservationRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{RESERVATION_COLUMNS} WHERE account = $1 AND idempotency_key = $2"
+            )))
             .bind(account.as_str())
             .bind(key)
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(earlier) = earlier {
-                if earlier.ticket_id != new.ticket_id || earlier.quantity != new.quantity {
-                    return Err(ApiError::IdempotencyKeyReused);
-                }
-                return Ok(Held {
-                    reservation: earlier.into_reservation(now)?,
-                    created: false,
-                    sold_out: false,
-                });
+                tx.rollback().await?;
+                return Ok(replayed(earlier, new, now));
             }
         }
+        if found == 0 {
+            tx.rollback().await?;
+            return Ok(Err(ApiError::NotFound("ticket")));
+        }
 
-        let available: Option<i64> = sqlx::query_scalar(
-            "SELECT t.capacity - (SELECT COALESCE(SUM(r.quantity), 0) FROM reservations r
-                                  WHERE r.ticket_id = t.id
-                                    AND (r.status = 'confirmed'
-                                         OR (r.status = 'held' AND r.expires_at > ?1)))
-             FROM tickets t
-             WHERE t.account = ?2 AND t.id = ?3",
-        )
+        let available: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT t.capacity - ({IN_USE}) FROM tickets t WHERE t.id = $2"
+        )))
         .bind(&now_text)
-        .bind(account.as_str())
         .bind(&new.ticket_id)
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        let Some(available) = available else {
-            return Err(ApiError::NotFound("ticket"));
-        };
 
         let reservation = Reservation {
             id: chassis::id::prefixed("rsv"),
@@ -218,17 +260,17 @@ impl Store {
         let inserted = sqlx::query(
             "INSERT INTO reservations
                  (id, account, ticket_id, quantity, status, expires_at, created_at, idempotency_key)
-             SELECT ?1, ?2, ?3, ?4, 'held', ?5, ?6, ?7
-             WHERE (SELECT capacity FROM tickets WHERE id = ?3)
-                   - (SELECT COALESCE(SUM(quantity), 0) FROM reservations
-                      WHERE ticket_id = ?3
-                        AND (status = 'confirmed' OR (status = 'held' AND expires_at > ?6)))
-                   >= ?4",
+             SELECT $1, $2, $3, $4, 'held', $5, $6, $7
+             WHERE (SELECT capacity FROM tickets WHERE id = $3)
+                   - (SELECT COALESCE(CAST(SUM(quantity) AS BIGINT), 0) FROM reservations
+                      WHERE ticket_id = $3
+                        AND (status = 'confirmed' OR (status = 'held' AND expires_at > $6)))
+                   >= $4",
         )
         .bind(&reservation.id)
         .bind(&reservation.account)
         .bind(&reservation.ticket_id)
-        .bind(reservation.quantity)
+        .bind(i64::from(reservation.quantity))
         .bind(timestamp_text(reservation.expires_at))
         .bind(&now_text)
         .bind(idempotency_key)
@@ -236,16 +278,35 @@ impl Store {
         .await?
         .rows_affected();
         if inserted == 0 {
-            return Err(ApiError::SoldOut {
+            // Ended at once rather than dropped: on SQLite a transaction
+            // dropped holds the file's write lock until the writer's next
+            // use, and another process may be waiting for it.
+            tx.rollback().await?;
+            return Ok(Err(ApiError::SoldOut {
                 available: u32::try_from(available).unwrap_or(0),
-            });
+            }));
         }
         tx.commit().await?;
-        Ok(Held {
+        Ok(Ok(Held {
             sold_out: available == i64::from(reservation.quantity),
             reservation,
             created: true,
-        })
+        }))
+    }
+
+    /// The account's reservation stored under `key`.
+    async fn by_key(
+        &self,
+        account: &AccountId,
+        key: &str,
+    ) -> Result<Option<ReservationRow>, ApiError> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{RESERVATION_COLUMNS} WHERE account = $1 AND idempotency_key = $2"
+        )))
+        .bind(account.as_str())
+        .bind(key)
+        .fetch_optional(self.db.pool())
+        .await?)
     }
 
     pub(crate) async fn reservation(
@@ -253,10 +314,9 @@ impl Store {
         account: &AccountId,
         id: &str,
     ) -> Result<Reservation, ApiError> {
-        let row: Option<ReservationRow> = sqlx::query_as(
-            "SELECT id, account, ticket_id, quantity, status, expires_at, created_at
-             FROM reservations WHERE account = ? AND id = ?",
-        )
+        let row: Option<ReservationRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{RESERVATION_COLUMNS} WHERE account = $1 AND id = $2"
+        )))
         .bind(account.as_str())
         .bind(id)
         .fetch_optional(self.db.pool())
@@ -293,54 +353,101 @@ impl Store {
         id: &str,
         to: ReservationStatus,
     ) -> Result<Reservation, ApiError> {
+        retry(|| self.try_transition(account, id, to)).await?
+    }
+
+    /// One attempt at [`transition`](Self::transition).
+    async fn try_transition(
+        &self,
+        account: &AccountId,
+        id: &str,
+        to: ReservationStatus,
+    ) -> Result<Result<Reservation, ApiError>, sqlx::Error> {
         use ReservationStatus::{Confirmed, Expired, Held, Released};
 
-        // Under the write lock nothing changes between the read and the
-        // update; the clock is read once the lock is held, so a hold that
-        // expired while this call waited is not confirmed after another
-        // reservation took its places.
         let mut tx = self.db.begin_write().await?;
-        let now = now();
-        let row: Option<ReservationRow> = sqlx::query_as(
-            "SELECT id, account, ticket_id, quantity, status, expires_at, created_at
-             FROM reservations WHERE account = ? AND id = ?",
+        // The reservation's ticket first, as a reservation locks it: a hold
+        // is confirmed, or found expired, in turn with the reservations that
+        // count its places. The clock is read once the lock is held, so a
+        // hold that expired while this call waited is not confirmed after
+        // another reservation took its places.
+        sqlx::query(
+            "UPDATE tickets SET id = id
+             WHERE id = (SELECT ticket_id FROM reservations WHERE id = $1 AND account = $2)",
         )
+        .bind(id)
+        .bind(account.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let now = now();
+        // Only a hold still held changes, whatever else happened to it.
+        let changed = sqlx::query(
+            "UPDATE reservations SET status = $1
+             WHERE id = $2 AND account = $3 AND status = 'held' AND expires_at > $4",
+        )
+        .bind(to.as_str())
+        .bind(id)
+        .bind(account.as_str())
+        .bind(timestamp_text(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let row: Option<ReservationRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "{RESERVATION_COLUMNS} WHERE account = $1 AND id = $2"
+        )))
         .bind(account.as_str())
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
-        let mut reservation = row
-            .ok_or(ApiError::NotFound("reservation"))?
-            .into_reservation(now)?;
-        match (reservation.status, to) {
-            (Held, _) => {
-                sqlx::query("UPDATE reservations SET status = ? WHERE id = ?")
-                    .bind(to.as_str())
-                    .bind(&reservation.id)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                reservation.status = to;
-            }
-            (Confirmed, Confirmed) | (Released | Expired, Released) => {}
-            (current, _) => return Err(ApiError::NotHeld(current)),
-        }
-        Ok(reservation)
+        tx.commit().await?;
+        let Some(row) = row else {
+            return Ok(Err(ApiError::NotFound("reservation")));
+        };
+        let reservation = match row.into_reservation(now) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(match (changed, reservation.status, to) {
+            (1.., ..) => Ok(reservation),
+            (0, Confirmed, Confirmed) | (0, Released | Expired, Released) => Ok(reservation),
+            (0, Held, _) => Err(ApiError::Stored(format!(
+                "reservation {id}: held, and not changed"
+            ))),
+            (0, current, _) => Err(ApiError::NotHeld(current)),
+        })
     }
 
     /// Marks held reservations past their expiry `expired`; returns how
     /// many. (They stopped counting against capacity when they expired;
-    /// this makes the stored status say so.)
+    /// this makes the stored status say so.) Every instance may run it: it
+    /// changes only holds still held and already past their expiry.
     pub(crate) async fn expire_holds(&self) -> Result<u64, ApiError> {
         let done = sqlx::query(
             "UPDATE reservations SET status = 'expired'
-             WHERE status = 'held' AND expires_at <= ?",
+             WHERE status = 'held' AND expires_at <= $1",
         )
         .bind(timestamp_text(now()))
         .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// The reservation stored under a request's idempotency key, given again:
+/// the same ticket and quantity, or the key was reused for another request.
+fn replayed(
+    earlier: ReservationRow,
+    new: &NewReservation,
+    now: OffsetDateTime,
+) -> Result<Held, ApiError> {
+    if earlier.ticket_id != new.ticket_id || earlier.quantity != i64::from(new.quantity) {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    Ok(Held {
+        reservation: earlier.into_reservation(now)?,
+        created: false,
+        sold_out: false,
+    })
 }
 
 // === impl TicketRow ===
@@ -353,12 +460,13 @@ impl TicketRow {
             valid_from: parse_date(&self.valid_from)?,
             valid_until: parse_date(&self.valid_until)?,
             created_at: parse_timestamp(&self.created_at)?,
-            id: self.id,
             account: self.account,
             name: self.name,
             price_minor: self.price_minor,
             currency: self.currency,
-            capacity: self.capacity,
+            capacity: u32::try_from(self.capacity)
+                .map_err(|_| ApiError::Stored(format!("ticket {}: capacity", self.id)))?,
+            id: self.id,
         })
     }
 }
@@ -378,10 +486,11 @@ impl ReservationRow {
             status,
             expires_at,
             created_at: parse_timestamp(&self.created_at)?,
+            quantity: u32::try_from(self.quantity)
+                .map_err(|_| ApiError::Stored(format!("reservation {}: quantity", self.id)))?,
             id: self.id,
             account: self.account,
             ticket_id: self.ticket_id,
-            quantity: self.quantity,
         })
     }
 }

@@ -12,7 +12,7 @@ use chassis::{
 };
 use http::HeaderValue;
 use serde_json::{Value, json};
-use support::{Server, TempDir, alice, day_pass, eventually, raw_http, refusal, user};
+use support::{Data, Server, alice, day_pass, eventually, raw_http, refusal, user};
 use ticketing::client::{NewReservation, ReservationStatus, Ticket};
 
 fn acme() -> AccountId {
@@ -43,8 +43,8 @@ fn reservation_body(ticket_id: &str, quantity: u32) -> String {
 
 #[tokio::test]
 async fn tickets_are_created_listed_and_fetched() {
-    let dir = TempDir::new("tickets");
-    let server = Server::start(dir.path(), &[]).await;
+    let dir = Data::new("tickets");
+    let server = Server::start(&dir, &[]).await;
     let cx = alice().await;
     let api = server.client();
     let calls = api.on_behalf_of(&cx);
@@ -105,8 +105,8 @@ async fn tickets_are_created_listed_and_fetched() {
 
 #[tokio::test]
 async fn invalid_bodies_are_422_naming_every_field() {
-    let dir = TempDir::new("invalid");
-    let server = Server::start(dir.path(), &[]).await;
+    let dir = Data::new("invalid");
+    let server = Server::start(&dir, &[]).await;
     let cx = alice().await;
     let fields = |problem: &Value| -> BTreeSet<String> {
         problem["errors"]
@@ -208,8 +208,8 @@ async fn invalid_bodies_are_422_naming_every_field() {
 
 #[tokio::test]
 async fn malformed_json_is_a_problem_with_the_correlation_id() {
-    let dir = TempDir::new("malformed");
-    let server = Server::start(dir.path(), &[]).await;
+    let dir = Data::new("malformed");
+    let server = Server::start(&dir, &[]).await;
     let token = chassis::testing::TestIssuer::new().user_token("alice", &["ticketing:acme:*:*"]);
     let answer = raw_http(
         server.addr,
@@ -248,8 +248,8 @@ async fn malformed_json_is_a_problem_with_the_correlation_id() {
 
 #[tokio::test]
 async fn calls_without_a_token_are_401() {
-    let dir = TempDir::new("unauthenticated");
-    let server = Server::start(dir.path(), &[]).await;
+    let dir = Data::new("unauthenticated");
+    let server = Server::start(&dir, &[]).await;
     let cx = CallContext::background();
     for path in [
         "/ticketing/v1/acme/tickets",
@@ -265,8 +265,8 @@ async fn calls_without_a_token_are_401() {
 
 #[tokio::test]
 async fn other_accounts_are_403_and_their_ids_404() {
-    let dir = TempDir::new("accounts");
-    let server = Server::start(dir.path(), &[]).await;
+    let dir = Data::new("accounts");
+    let server = Server::start(&dir, &[]).await;
     let api = server.client();
     let cx = alice().await;
     let pass = api
@@ -373,8 +373,8 @@ async fn other_accounts_are_403_and_their_ids_404() {
 
 #[tokio::test]
 async fn reservations_confirm_and_release_idempotently() {
-    let dir = TempDir::new("lifecycle");
-    let server = Server::start(dir.path(), &[]).await;
+    let dir = Data::new("lifecycle");
+    let server = Server::start(&dir, &[]).await;
     let api = server.client();
     let cx = alice().await;
     let calls = api.on_behalf_of(&cx);
@@ -468,8 +468,8 @@ async fn reservations_confirm_and_release_idempotently() {
 
 #[tokio::test]
 async fn an_idempotency_key_replays_the_first_reservation() {
-    let dir = TempDir::new("idempotency");
-    let server = Server::start(dir.path(), &[]).await;
+    let dir = Data::new("idempotency");
+    let server = Server::start(&dir, &[]).await;
     let cx = user("alice", &["ticketing:acme:*:*", "ticketing:initech:*:*"]).await;
     let api = server.client();
     let pass = api
@@ -587,8 +587,8 @@ async fn an_idempotency_key_replays_the_first_reservation() {
 
 #[tokio::test]
 async fn too_few_places_is_409_sold_out() {
-    let dir = TempDir::new("sold-out");
-    let server = Server::start(dir.path(), &[]).await;
+    let dir = Data::new("sold-out");
+    let server = Server::start(&dir, &[]).await;
     let api = server.client();
     let cx = alice().await;
     let calls = api.on_behalf_of(&cx);
@@ -617,8 +617,8 @@ async fn too_few_places_is_409_sold_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn capacity_is_never_oversold_under_concurrency() {
-    let dir = TempDir::new("oversell");
-    let server = Server::start(dir.path(), &[]).await;
+    let dir = Data::new("oversell");
+    let server = Server::start(&dir, &[]).await;
     let api = server.client();
     let cx = alice().await;
     let pass = api
@@ -676,10 +676,170 @@ async fn capacity_is_never_oversold_under_concurrency() {
     server.stop().await;
 }
 
+/// Two instances of the service on one database (the same SQLite file, or
+/// the same Postgres database): what replicas behind a load balancer are.
+async fn two_instances(dir: &Data) -> [Server; 2] {
+    let first = Server::start(dir, &[]).await;
+    let second = Server::start(dir, &[]).await;
+    [first, second]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_one_database_never_oversell() {
+    let dir = Data::new("replicas-oversell");
+    let servers = two_instances(&dir).await;
+    let cx = alice().await;
+    let pass = servers[0]
+        .client()
+        .on_behalf_of(&cx)
+        .create_ticket(&acme(), &day_pass(12))
+        .await
+        .unwrap();
+    // Two places confirmed, so that confirmed and held places both count.
+    let early = servers[1]
+        .client()
+        .on_behalf_of(&cx)
+        .reserve(
+            &acme(),
+            &NewReservation {
+                ticket_id: pass.id.clone(),
+                quantity: 2,
+            },
+            "early",
+        )
+        .await
+        .unwrap();
+    servers[0]
+        .client()
+        .on_behalf_of(&cx)
+        .confirm(&acme(), &early.id)
+        .await
+        .unwrap();
+
+    // 40 buyers at once for the last 10 places, half through each instance.
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(40));
+    let buyers: Vec<_> = (0..40)
+        .map(|i| {
+            let (api, cx, start) = (servers[i % 2].client(), cx.clone(), start.clone());
+            let one = NewReservation {
+                ticket_id: pass.id.clone(),
+                quantity: 1,
+            };
+            tokio::spawn(async move {
+                start.wait().await;
+                api.on_behalf_of(&cx)
+                    .reserve(&acme(), &one, &format!("buyer-{i}"))
+                    .await
+            })
+        })
+        .collect();
+    let (mut held, mut sold_out) = (BTreeSet::new(), 0);
+    for buyer in buyers {
+        match buyer.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.status, ReservationStatus::Held);
+                held.insert(r.id);
+            }
+            Err(e) if e.reason() == Some("sold_out") => sold_out += 1,
+            Err(e) => panic!("neither a reservation nor sold out: {e:?}"),
+        }
+    }
+    assert_eq!((held.len(), sold_out), (10, 30));
+    // Both instances count the same: held and confirmed fill the capacity
+    // exactly.
+    for server in &servers {
+        let ticket = server
+            .client()
+            .on_behalf_of(&cx)
+            .get_ticket(&acme(), &pass.id)
+            .await
+            .unwrap();
+        assert_eq!((ticket.capacity, ticket.available), (12, 0));
+    }
+    // A release on one instance frees a place for a buyer on the other,
+    // once.
+    let freed = held.iter().next().unwrap().clone();
+    servers[1]
+        .client()
+        .on_behalf_of(&cx)
+        .release(&acme(), &freed)
+        .await
+        .unwrap();
+    let one = NewReservation {
+        ticket_id: pass.id.clone(),
+        quantity: 1,
+    };
+    let late: Vec<_> = (0..6)
+        .map(|i| {
+            let (api, cx, one) = (servers[i % 2].client(), cx.clone(), one.clone());
+            tokio::spawn(async move {
+                api.on_behalf_of(&cx)
+                    .reserve(&acme(), &one, &format!("late-{i}"))
+                    .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for buyer in late {
+        match buyer.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(e) => assert_eq!(e.reason(), Some("sold_out"), "{e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_idempotency_key_on_two_instances_at_once_makes_one_reservation() {
+    let dir = Data::new("replicas-idempotency");
+    let servers = two_instances(&dir).await;
+    let cx = alice().await;
+    let pass = servers[0]
+        .client()
+        .on_behalf_of(&cx)
+        .create_ticket(&acme(), &day_pass(100))
+        .await
+        .unwrap();
+    // Each key sent to both instances at the same moment, 10 keys over.
+    let path = "/ticketing/v1/acme/reservations";
+    let body = reservation_body(&pass.id, 2);
+    for round in 0..10 {
+        let key = format!("twice-{round}");
+        let (a, b) = tokio::join!(
+            post_json(&servers[0], &cx, path, &body, Some(&key)),
+            post_json(&servers[1], &cx, path, &body, Some(&key)),
+        );
+        let mut answers: Vec<(u16, Value)> = [a, b]
+            .into_iter()
+            .map(|res| {
+                let res = res.unwrap();
+                (res.status().as_u16(), res.json().unwrap())
+            })
+            .collect();
+        answers.sort_by_key(|(status, _)| *status);
+        // One made it, the other got it back.
+        assert_eq!((answers[0].0, answers[1].0), (200, 201), "{answers:?}");
+        assert_eq!(answers[0].1, answers[1].1, "the same reservation");
+    }
+    let ticket = servers[1]
+        .client()
+        .on_behalf_of(&cx)
+        .get_ticket(&acme(), &pass.id)
+        .await
+        .unwrap();
+    assert_eq!(ticket.available, 100 - 2 * 10);
+    for server in servers {
+        server.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn expired_holds_give_their_places_back() {
-    let dir = TempDir::new("expiry");
-    let server = Server::start(dir.path(), &[("TICKETING_HOLD_SECS", "1")]).await;
+    let dir = Data::new("expiry");
+    let server = Server::start(&dir, &[("TICKETING_HOLD_SECS", "1")]).await;
     let api = server.client();
     let cx = alice().await;
     let calls = api.on_behalf_of(&cx);
@@ -748,9 +908,9 @@ async fn expired_holds_give_their_places_back() {
 
 #[tokio::test]
 async fn data_survives_a_restart() {
-    let dir = TempDir::new("restart");
+    let dir = Data::new("restart");
     let cx = alice().await;
-    let server = Server::start(dir.path(), &[]).await;
+    let server = Server::start(&dir, &[]).await;
     let api = server.client();
     let pass = api
         .on_behalf_of(&cx)
@@ -773,7 +933,7 @@ async fn data_survives_a_restart() {
         .unwrap();
     server.stop().await;
 
-    let server = Server::start(dir.path(), &[]).await;
+    let server = Server::start(&dir, &[]).await;
     let api = server.client();
     let calls = api.on_behalf_of(&cx);
     let ticket = calls.get_ticket(&acme(), &pass.id).await.unwrap();

@@ -11,7 +11,7 @@ use chassis::{
     config::{Env, Reader},
     permission::AccountId,
 };
-use support::{Server, TempDir, alice, day_pass, eventually, mail::Mail, refusal, settings};
+use support::{Data, Server, alice, day_pass, eventually, mail::Mail, refusal, settings};
 use ticketing::client::NewReservation;
 
 fn reservation(ticket_id: &str, quantity: u32) -> NewReservation {
@@ -24,8 +24,8 @@ fn reservation(ticket_id: &str, quantity: u32) -> NewReservation {
 #[tokio::test]
 async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
     let mail = Mail::start().await;
-    let dir = TempDir::new("ticketing-notices");
-    let mut settings = settings(dir.path(), &[]);
+    let dir = Data::new("ticketing-notices");
+    let mut settings = settings(&dir, &[]);
     settings.sold_out = Some(mail.notices(&["mail::send:message"]).await);
     let server = Server::start_with(settings).await;
     let alice = alice().await;
@@ -87,8 +87,8 @@ async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
 async fn a_notice_that_fails_never_fails_the_hold() {
     // Without `mail::send:message`, mail refuses ticketing with 403.
     let mail = Mail::start().await;
-    let dir = TempDir::new("ticketing-notices-refused");
-    let mut settings = settings(dir.path(), &[]);
+    let dir = Data::new("ticketing-notices-refused");
+    let mut settings = settings(&dir, &[]);
     settings.sold_out = Some(mail.notices(&["mail::view:message"]).await);
     let server = Server::start_with(settings).await;
     let alice = alice().await;

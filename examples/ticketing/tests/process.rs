@@ -3,7 +3,10 @@
 
 use std::process::Command;
 
-use chassis::testing::{ProcessCheck, ServiceProcess, TempDir, refused_settings};
+use chassis::{
+    db::Backend,
+    testing::{ProcessCheck, ServiceProcess, TempDir, TestDatabase, refused_settings},
+};
 
 /// Token verification with a fixed HMAC secret, so that the process needs
 /// no identity provider to become ready.
@@ -19,9 +22,13 @@ const AUTH: [(&str, &str); 4] = [
 
 #[tokio::test]
 async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
+    let db = TestDatabase::new();
+    let url = db.env("TICKETING");
+    let url: Vec<(&str, &str)> = url.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let process = ServiceProcess::builder(env!("CARGO_BIN_EXE_ticketing"))
         .env("CHASSIS_SHUTDOWN_GRACE_SECS", "5")
         .envs(&AUTH)
+        .envs(&url)
         .data_dir("TICKETING_DATA_DIR")
         .spawn();
     let check = ProcessCheck::new("ticketing").protected(
@@ -29,7 +36,9 @@ async fn the_binary_becomes_ready_serves_and_stops_on_sigterm() {
         "/ticketing/v1/{account}/tickets",
     );
     check.serving(&process).await;
-    assert!(process.data_dir().unwrap().join("ticketing.db").exists());
+    let file = process.data_dir().unwrap().join("ticketing.db");
+    // On Postgres the data is in the database named by the URL.
+    assert_eq!(file.exists(), db.backend() == Backend::Sqlite);
     check.stopped(process).await;
 }
 

@@ -15,7 +15,8 @@ pub use chassis::testing::{TempDir, eventually};
 use chassis::{
     auth::{Clock, ManualClock, SystemClock, Verifier},
     config::Config,
-    testing::TestServer,
+    db::{Database, DbConfig, Migrations},
+    testing::{TestDatabase, TestServer},
 };
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -27,6 +28,9 @@ use jsonwebtoken::Algorithm;
 use serde_json::Value;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tower::ServiceExt as _;
+
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 pub const FORM: &str = "application/x-www-form-urlencoded";
 pub const ALICE_GRANTS: [&str; 2] = ["ticketing:acme:*:*", "orders:acme:*:*"];
@@ -136,6 +140,61 @@ pub async fn futures_join<T: std::fmt::Debug>(handles: Vec<JoinHandle<T>>) -> Ve
     out
 }
 
+/// Where a test's `auth` keeps its data: a temporary directory (the grants
+/// file goes there too) and its database on the run's engine
+/// (`CHASSIS_TEST_BACKEND`: the SQLite file in the directory, or a Postgres
+/// database of its own, dropped with this value). Every instance started on
+/// it uses the same database: a restart, or two instances at once.
+#[derive(Debug)]
+pub struct Data {
+    dir: TempDir,
+    db: TestDatabase,
+}
+
+impl Data {
+    /// A new directory named after `name`, and a new database.
+    pub fn new(name: &str) -> Self {
+        Self {
+            dir: TempDir::new(name),
+            db: TestDatabase::new(),
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The database's settings, as the service is given them.
+    pub fn db_config(&self) -> DbConfig {
+        self.db.configure(DbConfig::new(self.path(), "auth.db"))
+    }
+
+    /// `AUTH_DATABASE_URL` on Postgres, nothing on SQLite: for a process.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.db.env("AUTH")
+    }
+
+    /// Makes the service's schema, as its start-up would, without starting
+    /// it: for tests that start several instances at once on a new
+    /// database. (On Postgres instances starting together take turns at the
+    /// migrations; SQLite, for one instance, has nothing of the kind.)
+    pub async fn migrate(&self) {
+        let migrations = Migrations::new(&SQLITE_MIGRATOR).postgres(&PG_MIGRATOR);
+        Database::open_migrated(&self.db_config(), migrations)
+            .await
+            .unwrap()
+            .close()
+            .await;
+    }
+
+    /// The service's database, opened beside it, for a test to read or
+    /// change rows as no API does.
+    pub async fn open(&self) -> Database {
+        Database::open(&self.db_config()).await.unwrap()
+    }
+}
+
 /// `auth` serving on 127.0.0.1 at an ephemeral port, with peer addresses
 /// (its throttle counts failures per address); requests through its
 /// router in-process have none.
@@ -146,8 +205,9 @@ pub struct Auth {
 /// Settings for a test: the demo seed (off by default, asked for here), a
 /// cheap hash (the tests check behaviour, not cost) and the service's own
 /// URL.
-pub fn settings(dir: &Path) -> Settings {
-    let mut s = Settings::with_data_dir(dir);
+pub fn settings(dir: &Data) -> Settings {
+    let mut s = Settings::with_data_dir(dir.path());
+    s.db = dir.db_config();
     s.seed_demo = true;
     s.hash_cost = HashCost {
         memory_kib: 256,
@@ -156,11 +216,11 @@ pub fn settings(dir: &Path) -> Settings {
     s
 }
 
-pub async fn start(dir: &Path) -> Auth {
+pub async fn start(dir: &Data) -> Auth {
     start_with(dir, |_| {}).await
 }
 
-pub async fn start_with(dir: &Path, tweak: impl FnOnce(&mut Settings)) -> Auth {
+pub async fn start_with(dir: &Data, tweak: impl FnOnce(&mut Settings)) -> Auth {
     start_clocked(dir, SystemClock, tweak).await
 }
 
@@ -169,11 +229,11 @@ pub fn manual_clock() -> ManualClock {
     ManualClock::new(SystemClock.now())
 }
 
-/// Starts `auth` on the data in `dir` with `clock`, its [`settings`]
+/// Starts `auth` on `dir` with `clock`, its [`settings`]
 /// changed by `tweak` (its public URL is its own address), and waits until
 /// it is ready.
 pub async fn start_clocked(
-    dir: &Path,
+    dir: &Data,
     clock: impl Clock,
     tweak: impl FnOnce(&mut Settings),
 ) -> Auth {
@@ -350,26 +410,22 @@ impl Auth {
     }
 
     /// Adds a user (or, with `client`, a service client) whose password is
-    /// `password`, with `grants`, to the service's database file.
-    pub async fn add_subject(&self, dir: &Path, client: bool, name: &str, grants: &[&str]) {
-        let pool = sqlx::SqlitePool::connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new().filename(dir.join("auth.db")),
-        )
-        .await
-        .unwrap();
+    /// `password`, with `grants`, to the service's database.
+    pub async fn add_subject(&self, dir: &Data, client: bool, name: &str, grants: &[&str]) {
+        let db = dir.open().await;
         let sql = if client {
-            "INSERT INTO clients (client_id, secret_hash, grants, created_at) VALUES (?, ?, ?, 0)"
+            "INSERT INTO clients (client_id, secret_hash, grants, created_at) VALUES ($1, $2, $3, 0)"
         } else {
-            "INSERT INTO users (username, password_hash, grants, created_at) VALUES (?, ?, ?, 0)"
+            "INSERT INTO users (username, password_hash, grants, created_at) VALUES ($1, $2, $3, 0)"
         };
         sqlx::query(sql)
             .bind(name)
             .bind(PASSWORD_HASH)
             .bind(serde_json::to_string(grants).unwrap())
-            .execute(&pool)
+            .execute(&mut *db.writer().await.unwrap())
             .await
             .unwrap();
-        pool.close().await;
+        db.close().await;
     }
 
     /// The claims of a token for the client `id`.

@@ -11,7 +11,7 @@ use std::{path::Path, time::Duration};
 use chassis::{
     client::{CallContext, Downstream},
     config::{Config, Env, Reader},
-    testing::{TestIssuer, TestServer},
+    testing::{TestDatabase, TestIssuer, TestServer},
 };
 use ticketing::client::{NewTicket, TicketingClient};
 
@@ -22,6 +22,37 @@ pub mod mail;
 #[allow(unused_imports)]
 pub use chassis::testing::{TempDir, eventually, refusal};
 
+/// Where a test's service keeps its data: a temporary directory, and its
+/// database on the run's engine (`CHASSIS_TEST_BACKEND`: the SQLite file in
+/// the directory, or a Postgres database of its own, dropped with this
+/// value). Every service started on it uses the same database: a restart,
+/// or two instances at once.
+#[derive(Debug)]
+pub struct Data {
+    dir: TempDir,
+    db: TestDatabase,
+}
+
+impl Data {
+    /// A new directory named after `name`, and a new database.
+    pub fn new(name: &str) -> Self {
+        Self {
+            dir: TempDir::new(name),
+            db: TestDatabase::new(),
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The database.
+    pub fn db(&self) -> &TestDatabase {
+        &self.db
+    }
+}
+
 /// The service serving on 127.0.0.1 at an ephemeral port.
 #[derive(Debug)]
 pub struct Server {
@@ -31,9 +62,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the service on the database in `dir`, with `TICKETING_*`
-    /// settings from `env`, trusting [`TestIssuer`]'s tokens.
-    pub async fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
+    /// Starts the service on `data`, with `TICKETING_*` settings from
+    /// `env`, trusting [`TestIssuer`]'s tokens.
+    pub async fn start(dir: &Data, env: &[(&str, &str)]) -> Self {
         Self::start_with(settings(dir, env)).await
     }
 
@@ -88,10 +119,14 @@ impl Server {
     }
 }
 
-/// The settings of a service on the database in `dir`, with `TICKETING_*`
-/// settings from `env`.
-pub fn settings(dir: &Path, env: &[(&str, &str)]) -> ticketing::Settings {
-    let mut pairs = vec![("TICKETING_DATA_DIR".to_owned(), dir.display().to_string())];
+/// The settings of a service on `data`, with `TICKETING_*` settings from
+/// `env`.
+pub fn settings(data: &Data, env: &[(&str, &str)]) -> ticketing::Settings {
+    let mut pairs = vec![(
+        "TICKETING_DATA_DIR".to_owned(),
+        data.path().display().to_string(),
+    )];
+    pairs.extend(data.db.env("TICKETING"));
     pairs.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let env = Env::from_pairs(pairs);
     let mut r = Reader::new(&env);
@@ -100,6 +135,7 @@ pub fn settings(dir: &Path, env: &[(&str, &str)]) -> ticketing::Settings {
     // A busy test machine may keep the write lock or a connection longer
     // than the default 5 s allows; the tests are about answers, not speed.
     settings.db.busy_timeout = Duration::from_secs(30);
+    settings.db.acquire_timeout = Duration::from_secs(30);
     settings
 }
 
