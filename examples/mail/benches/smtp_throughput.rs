@@ -1,7 +1,8 @@
 //! Mails per second from the queue to an SMTP sink on loopback.
 //!
-//! `cargo bench -p mail --bench smtp_throughput`. For each case: a fresh data
-//! directory is filled with `MESSAGES` queued jobs (written straight into the
+//! `cargo bench -p mail --bench smtp_throughput` (on Postgres:
+//! `CHASSIS_TEST_BACKEND=postgres`). For each case: a fresh data
+//! directory (and database) is filled with `MESSAGES` queued jobs (written straight into the
 //! database, so only delivery is measured), the service starts with its
 //! workers pointed at a sink that takes every mail, and the rate is taken
 //! between the first and the last mail the sink receives. Each case stops by
@@ -54,18 +55,18 @@ impl Case {
 
 async fn fill(dir: &TempDir, n: usize) {
     // Creates and migrates the database; no worker runs.
-    Server::start(dir.path(), &[("MAIL_WORKERS", "0")])
+    Server::start(dir, &[("MAIL_WORKERS", "0")])
         .await
         .stop()
         .await;
-    let db = database(dir.path()).await;
+    let db = database(dir).await;
     let now = support::now_ms();
-    let mut tx = db.begin().await.unwrap();
+    let mut tx = db.begin_write().await.unwrap();
     for i in 0..n {
         sqlx::query(
             "INSERT INTO messages (message_id, recipient, template, data, correlation_id,
                                    status, attempts, next_attempt_at, created_at)
-             VALUES (?, 'alice@example.com', 'order_confirmation', ?, 'bench', 'queued', 0, ?, ?)",
+             VALUES ($1, 'alice@example.com', 'order_confirmation', $2, 'bench', 'queued', 0, $3, $4)",
         )
         .bind(format!("evt-bench-{i:05}"))
         .bind(format!(
@@ -94,7 +95,7 @@ async fn run(case: &Case) -> f64 {
     let url = smtp.url();
     let ca = pki.write_ca(dir.path());
     let server = Server::start(
-        dir.path(),
+        &dir,
         &[
             ("MAIL_SMTP_URL", &url),
             ("CHASSIS_TLS_CA_FILE", &ca),

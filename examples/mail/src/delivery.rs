@@ -6,10 +6,13 @@
 //! * **Nothing is lost.** A message leaves the queue only as `sent` or
 //!   `dead`. A worker that dies (or is stopped mid-send) leaves its message
 //!   `sending` with a lease that expires; any worker then takes it again.
-//! * **One worker per message.** Leasing is one `UPDATE … RETURNING`
-//!   statement, atomic in SQLite, so two workers never hold the same
-//!   message, and a worker marks a message sent only while its lease is
-//!   still its own.
+//! * **One worker per message, across instances.** Leasing is one
+//!   conditional `UPDATE … RETURNING` that re-checks the message is still
+//!   due on the row it changes (on Postgres it picks its candidate
+//!   `FOR UPDATE SKIP LOCKED`), so two workers, of one instance or of
+//!   several sharing a Postgres database, never hold the same message; and
+//!   a worker marks a message sent, failed or released only while the
+//!   lease is still its own (`lease_owner`, unique per worker).
 //! * **Exactly one mail out, as far as the transport allows.** The only
 //!   window for a second copy is a crash (or a stop) after the transport
 //!   took the mail and before the row says `sent`. The copy has the same

@@ -6,8 +6,10 @@
 //! `POST /mail/v1/messages`; each job has a `message_id` chosen by the
 //! caller, and a job whose `message_id` was seen before is answered with the
 //! stored status and not queued again, so callers may deliver at least
-//! once. Jobs wait in a queue in the service's SQLite database; workers
-//! lease them one at a time, render the template, and send the mail through
+//! once. Jobs wait in a queue in the service's database (SQLite in
+//! `MAIL_DATA_DIR`, or the Postgres database of `MAIL_DATABASE_URL`, shared
+//! by several instances); workers of every instance lease them one at a
+//! time, render the template, and send the mail through
 //! an SMTP relay (`MAIL_SMTP_URL`) or, by default, to a file
 //! `<MAIL_DATA_DIR>/outbox/<message_id>.eml`. Failed sends are retried with
 //! exponential backoff and full jitter, then parked as `dead`. See
@@ -78,8 +80,8 @@ use std::{
 use chassis::{
     ServiceBuilder,
     config::Reader,
-    health::{Check, CheckError, CheckOptions},
     db::{Database, DbConfig, DbError, Migrations},
+    health::{Check, CheckError, CheckOptions},
 };
 use lettre::Address;
 use tokio::sync::Notify;
@@ -133,8 +135,9 @@ const DEPTH_INTERVAL: Duration = Duration::from_secs(1);
 /// | `MAIL_LEASE_SECS` | `60` | how long a worker holds a message; a send is cut at half of it |
 /// | `MAIL_POLL_MS` | `200` | how often an idle worker looks for due messages |
 /// | `MAIL_SHUTDOWN_FINISH_MS` | `5000` | how long a send in flight may still take after shutdown starts |
-/// | `MAIL_DATA_DIR` | `./data/mail` | database `mail.db` and the `outbox/` of the file transport |
-/// | `MAIL_DB_POOL_SIZE` | `4` | read connections to the database (writes go through one more, the writer) |
+/// | `MAIL_DATABASE_URL` | unset: SQLite | `postgres://…`: the queue lives in that Postgres database, shared by every instance (see [`chassis::db`]) |
+/// | `MAIL_DATA_DIR` | `./data/mail` | SQLite database `mail.db` and the `outbox/` of the file transport |
+/// | `MAIL_DB_POOL_SIZE` | `4` | connections to the database, plus one (SQLite: the readers, the writer being one more) |
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The SMTP relay; `None` writes files to the outbox directory.
@@ -370,7 +373,12 @@ pub async fn app_on(
     builder: ServiceBuilder,
     settings: Settings,
 ) -> Result<ServiceBuilder, AppError> {
-    let db = Database::open_migrated(&settings.db, Migrations::new(&sqlx::migrate!("./migrations/sqlite"))).await?;
+    let db = Database::open_migrated(
+        &settings.db,
+        Migrations::new(&sqlx::migrate!("./migrations/sqlite"))
+            .postgres(&sqlx::migrate!("./migrations/postgres")),
+    )
+    .await?;
     let store = Store::new(db.clone());
     let transport = Arc::new(match &settings.smtp {
         Some(relay) => {
@@ -421,7 +429,9 @@ pub async fn app_on(
             // A count is exact: no hysteresis needed.
             CheckOptions::default().non_critical().thresholds(1, 1),
         );
-    let instance = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
+    // Unique across every instance sharing the database, wherever it runs
+    // (process ids repeat across hosts and containers).
+    let instance = chassis::id::prefixed("mail");
     for i in 0..settings.workers {
         let worker = Worker {
             store: store.clone(),

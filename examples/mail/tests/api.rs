@@ -20,7 +20,7 @@ use support::{
 #[tokio::test]
 async fn a_job_becomes_one_mail_file_with_its_correlation_id() {
     let dir = TempDir::new("send");
-    let server = Server::start(dir.path(), &[]).await;
+    let server = Server::start(&dir, &[]).await;
     // As the outbox relay calls: with its own token, continuing the work of
     // the request that placed the order.
     let auth = TestAuth::start().await;
@@ -66,15 +66,21 @@ async fn a_job_becomes_one_mail_file_with_its_correlation_id() {
         "no temporary files left"
     );
 
-    // What the service recorded.
+    // What the service recorded, once the worker marked it sent (the file
+    // is written just before).
     let admin = admin().await;
-    let message = server
-        .client()
-        .on_behalf_of(&admin)
-        .get("evt-send-1")
-        .await
-        .unwrap();
-    assert_eq!(message.status, MessageStatus::Sent);
+    let looked = server.client();
+    eventually("the message to be marked sent", || async {
+        looked
+            .on_behalf_of(&admin)
+            .get("evt-send-1")
+            .await
+            .unwrap()
+            .status
+            == MessageStatus::Sent
+    })
+    .await;
+    let message = looked.on_behalf_of(&admin).get("evt-send-1").await.unwrap();
     assert_eq!(message.to, "alice@example.com");
     assert_eq!(message.template, "order_confirmation");
     assert_eq!(message.correlation_id, "corr-send-1");
@@ -116,7 +122,7 @@ async fn a_job_becomes_one_mail_file_with_its_correlation_id() {
 #[tokio::test]
 async fn the_same_message_id_three_times_is_one_mail_and_two_duplicates() {
     let dir = TempDir::new("dedup");
-    let server = Server::start(dir.path(), &[]).await;
+    let server = Server::start(&dir, &[]).await;
     let cx = orders("corr-dedup").await;
     let calls = server.client();
     let calls = calls.on_behalf_of(&cx);
@@ -206,7 +212,7 @@ async fn the_same_message_id_three_times_is_one_mail_and_two_duplicates() {
 #[tokio::test]
 async fn invalid_jobs_are_422_naming_every_field() {
     let dir = TempDir::new("invalid");
-    let server = Server::start(dir.path(), &[]).await;
+    let server = Server::start(&dir, &[]).await;
     let cx = orders("corr-invalid").await;
     let calls = server.client();
     let calls = calls.on_behalf_of(&cx);
@@ -287,7 +293,7 @@ async fn invalid_jobs_are_422_naming_every_field() {
 #[tokio::test]
 async fn calls_need_a_token_and_the_permission() {
     let dir = TempDir::new("authz");
-    let server = Server::start(dir.path(), &[]).await;
+    let server = Server::start(&dir, &[]).await;
     let mail = server.client();
     let nobody = caller("ticketing", &["ticketing:*:view:ticket"], "corr-authz").await;
     let job = job("evt-authz", "alice@example.com");
@@ -344,7 +350,7 @@ async fn calls_need_a_token_and_the_permission() {
 #[tokio::test]
 async fn unknown_and_malformed_ids_are_404() {
     let dir = TempDir::new("notfound");
-    let server = Server::start(dir.path(), &[("MAIL_WORKERS", "0")]).await;
+    let server = Server::start(&dir, &[("MAIL_WORKERS", "0")]).await;
     let admin = admin().await;
     let mail = server.client();
     let (status, problem) = refusal(mail.on_behalf_of(&admin).get("evt-missing").await);

@@ -8,9 +8,12 @@ use std::process::Command;
 use chassis::testing::{ProcessCheck, ServiceProcess};
 use support::{TempDir, TestAuth, eventually, header, job, orders};
 
-/// Starts `mail` with `env` added to the test defaults.
-fn spawn(env: &[(&str, &str)]) -> ServiceProcess {
+/// Starts `mail` over `dir`'s database with `env` added to the test
+/// defaults.
+fn spawn(dir: &TempDir, env: &[(&str, &str)]) -> ServiceProcess {
+    let db = dir.db_env();
     let mut all = vec![("CHASSIS_SHUTDOWN_GRACE_SECS", "10")];
+    all.extend(db.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     all.extend_from_slice(env);
     ServiceProcess::spawn(env!("CARGO_BIN_EXE_mail"), &all)
 }
@@ -21,15 +24,18 @@ async fn serves_delivers_logs_with_the_correlation_id_and_stops_on_sigterm() {
     let auth = TestAuth::start().await;
     let jwks = auth.url("/jwks");
     let data = dir.path().to_str().unwrap().to_owned();
-    let process = spawn(&[
-        ("CHASSIS_AUTH_ISSUER", "https://issuer.test"),
-        ("CHASSIS_AUTH_AUDIENCE", "chassis-test"),
-        ("CHASSIS_AUTH_JWKS_URL", &jwks),
-        ("CHASSIS_AUTH_ALGORITHMS", "EdDSA"),
-        ("MAIL_DATA_DIR", &data),
-        ("MAIL_POLL_MS", "50"),
-        ("MAIL_WORKERS", "2"),
-    ]);
+    let process = spawn(
+        &dir,
+        &[
+            ("CHASSIS_AUTH_ISSUER", "https://issuer.test"),
+            ("CHASSIS_AUTH_AUDIENCE", "chassis-test"),
+            ("CHASSIS_AUTH_JWKS_URL", &jwks),
+            ("CHASSIS_AUTH_ALGORITHMS", "EdDSA"),
+            ("MAIL_DATA_DIR", &data),
+            ("MAIL_POLL_MS", "50"),
+            ("MAIL_WORKERS", "2"),
+        ],
+    );
     let check =
         ProcessCheck::new("mail").protected("/mail/v1/messages/evt-1", "/mail/v1/messages/{id}");
     check.serving(&process).await;
@@ -124,6 +130,7 @@ fn an_unusable_data_directory_stops_start_up() {
     let file = dir.path().join("file");
     std::fs::write(&file, "not a directory").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mail"))
+        .envs(dir.db_env())
         .env("CHASSIS_BIND", "127.0.0.1:0")
         .env("CHASSIS_AUTH_ISSUER", "https://issuer.test")
         .env("CHASSIS_AUTH_AUDIENCE", "chassis-test")

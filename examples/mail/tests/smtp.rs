@@ -23,7 +23,7 @@ async fn queue(server: &Server, ids: &[&str]) {
 /// Waits until `id` has failed at least `attempts` times, and returns
 /// its last error.
 async fn failed_attempts(dir: &TempDir, id: &str, attempts: i64) -> String {
-    let db = database(dir.path()).await;
+    let db = database(dir).await;
     eventually("failed attempts to be recorded", || async {
         let r = row(&db, id).await;
         r.attempts >= attempts && r.last_error.is_some()
@@ -43,7 +43,7 @@ async fn smtps_with_the_private_ca_delivers_over_tls() {
     let ca = pki.write_ca(dir.path());
     let url = smtp.url_for("localhost");
     let server = Server::start(
-        dir.path(),
+        &dir,
         &[("MAIL_SMTP_URL", &url), ("CHASSIS_TLS_CA_FILE", &ca)],
     )
     .await;
@@ -57,7 +57,7 @@ async fn smtps_with_the_private_ca_delivers_over_tls() {
     assert_eq!(received[0].to, ["<alice@example.com>"]);
     // One worker, one connection reused for all three mails.
     assert_eq!(smtp.connections(), 1);
-    let db = database(dir.path()).await;
+    let db = database(&dir).await;
     eventually("the messages to be marked sent", || async {
         row(&db, "evt-smtps-3").await.status == "sent"
     })
@@ -75,7 +75,7 @@ async fn required_starttls_delivers_over_tls() {
     let url = smtp.url();
     assert!(url.ends_with("?tls=required"), "{url}");
     let server = Server::start(
-        dir.path(),
+        &dir,
         &[("MAIL_SMTP_URL", &url), ("CHASSIS_TLS_CA_FILE", &ca)],
     )
     .await;
@@ -98,7 +98,7 @@ async fn required_starttls_never_falls_back_to_plain_text() {
     let pki = TestPki::new(&["127.0.0.1"]);
     let ca = pki.write_ca(dir.path());
     let server = Server::start(
-        dir.path(),
+        &dir,
         &[
             ("MAIL_SMTP_URL", &url),
             ("CHASSIS_TLS_CA_FILE", &ca),
@@ -114,7 +114,7 @@ async fn required_starttls_never_falls_back_to_plain_text() {
     assert!(error.contains("does not offer STARTTLS"), "{error}");
     assert_eq!(smtp.data_seen(), 0, "nothing was sent");
     server.stop().await;
-    let r = row(&database(dir.path()).await, "evt-stripped").await;
+    let r = row(&database(&dir).await, "evt-stripped").await;
     assert_eq!(r.status, "queued", "{r:?}");
 }
 
@@ -131,7 +131,7 @@ async fn a_relay_certificate_from_an_unknown_ca_is_refused() {
     let ca = other_pki.write_ca(dir.path());
     let url = smtp.url();
     let server = Server::start(
-        dir.path(),
+        &dir,
         &[
             ("MAIL_SMTP_URL", &url),
             ("CHASSIS_TLS_CA_FILE", &ca),
@@ -164,7 +164,7 @@ async fn a_certificate_for_another_host_is_refused() {
         let ca = pki.write_ca(dir.path());
         let url = smtp.url();
         let server = Server::start(
-            dir.path(),
+            &dir,
             &[
                 ("MAIL_SMTP_URL", &url),
                 ("CHASSIS_TLS_CA_FILE", &ca),
@@ -188,7 +188,7 @@ async fn connections_are_reused_unless_the_pool_is_off() {
         let smtp = FakeSmtp::start(Behaviour::Accept).await;
         let url = smtp.url();
         let server = Server::start(
-            dir.path(),
+            &dir,
             &[("MAIL_SMTP_URL", &url), ("MAIL_SMTP_POOL_SIZE", pool)],
         )
         .await;
@@ -208,13 +208,13 @@ async fn a_pooled_connection_the_relay_closed_is_replaced_without_a_failed_attem
     let dir = TempDir::new("stale");
     let smtp = FakeSmtp::start(Behaviour::CloseAfterEachMail).await;
     let url = smtp.url();
-    let server = Server::start(dir.path(), &[("MAIL_SMTP_URL", &url)]).await;
+    let server = Server::start(&dir, &[("MAIL_SMTP_URL", &url)]).await;
     for i in 0..3 {
         let id = format!("evt-stale-{i}");
         queue(&server, &[&id]).await;
         eventually("the mail", || async { smtp.count() == i + 1 }).await;
     }
-    let db = database(dir.path()).await;
+    let db = database(&dir).await;
     for i in 0..3 {
         let id = format!("evt-stale-{i}");
         eventually("sent", || async { row(&db, &id).await.status == "sent" }).await;

@@ -19,7 +19,7 @@ async fn a_failing_relay_is_retried_with_backoff_then_the_message_is_dead() {
     let port = closed_port().await;
     let url = format!("smtp://127.0.0.1:{port}");
     let server = Server::start(
-        dir.path(),
+        &dir,
         &[
             ("MAIL_SMTP_URL", &url),
             ("MAIL_MAX_ATTEMPTS", "3"),
@@ -35,7 +35,7 @@ async fn a_failing_relay_is_retried_with_backoff_then_the_message_is_dead() {
         .await
         .unwrap();
 
-    let db = database(dir.path()).await;
+    let db = database(&dir).await;
     // Each failure is recorded with a next attempt within the backoff bounds.
     let mut seen = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -121,7 +121,7 @@ async fn a_poison_message_is_parked_while_others_flow() {
     let dir = TempDir::new("poison");
     let smtp = FakeSmtp::start(Behaviour::RefuseRecipient("poison@".to_owned())).await;
     let server = Server::start(
-        dir.path(),
+        &dir,
         &[
             ("MAIL_SMTP_URL", &smtp.url()),
             ("MAIL_MAX_ATTEMPTS", "4"),
@@ -143,7 +143,7 @@ async fn a_poison_message_is_parked_while_others_flow() {
             .await
             .unwrap();
     }
-    let db = database(dir.path()).await;
+    let db = database(&dir).await;
     eventually("the poison message to be dead", || async {
         row(&db, "evt-poison").await.status == "dead"
     })
@@ -182,7 +182,7 @@ async fn smtp_delivery_carries_the_envelope_and_headers() {
     let dir = TempDir::new("smtp");
     let smtp = FakeSmtp::start(Behaviour::Accept).await;
     let server = Server::start(
-        dir.path(),
+        &dir,
         &[
             ("MAIL_SMTP_URL", &smtp.url()),
             ("MAIL_FROM", "orders@ski.example"),
@@ -211,7 +211,7 @@ async fn smtp_delivery_carries_the_envelope_and_headers() {
     assert_eq!(m.header("From").as_deref(), Some("orders@ski.example"));
     assert!(m.data.contains("Quantity:    2\r\n"), "{}", m.data);
     assert!(dir.outbox_files().is_empty(), "SMTP writes no files");
-    let db = database(dir.path()).await;
+    let db = database(&dir).await;
     eventually("the message to be marked sent", || async {
         row(&db, "evt:smtp.1").await.status == "sent"
     })
@@ -223,7 +223,7 @@ async fn smtp_delivery_carries_the_envelope_and_headers() {
 async fn a_message_held_by_a_dead_worker_is_sent_once_after_its_lease_expires() {
     let dir = TempDir::new("lease");
     // Accept the job with no worker running.
-    let server = Server::start(dir.path(), &[("MAIL_WORKERS", "0")]).await;
+    let server = Server::start(&dir, &[("MAIL_WORKERS", "0")]).await;
     let cx = orders("corr-lease").await;
     server
         .client()
@@ -234,15 +234,15 @@ async fn a_message_held_by_a_dead_worker_is_sent_once_after_its_lease_expires() 
     server.stop().await;
 
     // A worker took it, wrote the mail and died before marking it sent.
-    let db = database(dir.path()).await;
+    let db = database(&dir).await;
     let lease_until = now_ms() + 1500;
     sqlx::query(
-        "UPDATE messages SET status = 'sending', lease_owner = 'crashed-worker', lease_until = ?
-         WHERE message_id = ?",
+        "UPDATE messages SET status = 'sending', lease_owner = 'crashed-worker', lease_until = $1
+         WHERE message_id = $2",
     )
     .bind(lease_until)
     .bind("evt-lease")
-    .execute(&db)
+    .execute(&mut *db.writer().await.unwrap())
     .await
     .unwrap();
     std::fs::create_dir_all(dir.outbox()).unwrap();
@@ -252,7 +252,7 @@ async fn a_message_held_by_a_dead_worker_is_sent_once_after_its_lease_expires() 
     )
     .unwrap();
 
-    let server = Server::start(dir.path(), &[]).await;
+    let server = Server::start(&dir, &[]).await;
     eventually("the message to be sent again", || async {
         row(&db, "evt-lease").await.status == "sent"
     })
@@ -283,8 +283,8 @@ async fn workers_of_two_instances_never_send_a_message_twice() {
         ("MAIL_WORKERS", "3".to_owned()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let a = Server::start(dir.path(), &env).await;
-    let b = Server::start(dir.path(), &env).await;
+    let a = Server::start(&dir, &env).await;
+    let b = Server::start(&dir, &env).await;
     let cx = orders("corr-replicas").await;
     let (ca, cb) = (a.client(), b.client());
     let n = 40;
@@ -303,10 +303,10 @@ async fn workers_of_two_instances_never_send_a_message_twice() {
     for s in sends {
         assert!(!s.await.unwrap().duplicate);
     }
-    let db = database(dir.path()).await;
+    let db = database(&dir).await;
     eventually("every message to be sent", || async {
         let sent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE status = 'sent'")
-            .fetch_one(&db)
+            .fetch_one(db.pool())
             .await
             .unwrap();
         sent == n
@@ -327,7 +327,7 @@ async fn shutdown_abandons_the_send_in_flight_and_the_next_start_sends_it() {
     let dir = TempDir::new("shutdown");
     let smtp = FakeSmtp::start(Behaviour::HangAfterData).await;
     let server = Server::start(
-        dir.path(),
+        &dir,
         &[
             ("MAIL_SMTP_URL", &smtp.url()),
             ("MAIL_LEASE_SECS", "6"),
@@ -350,14 +350,14 @@ async fn shutdown_abandons_the_send_in_flight_and_the_next_start_sends_it() {
     // The relay never answers: the worker gives the message up and stops.
     let took = server.stop().await;
     assert!(took < Duration::from_secs(10), "stopped in {took:?}");
-    let db = database(dir.path()).await;
+    let db = database(&dir).await;
     let r = row(&db, "evt-inflight").await;
     assert_eq!(r.status, "sending", "left leased: {r:?}");
     assert_eq!(r.attempts, 0);
     let lease_until = r.lease_until.unwrap();
 
     // The next start (here with files) sends it once the lease expires.
-    let server = Server::start(dir.path(), &[]).await;
+    let server = Server::start(&dir, &[]).await;
     eventually("the message to be sent after restart", || async {
         row(&db, "evt-inflight").await.status == "sent"
     })
@@ -371,7 +371,7 @@ async fn shutdown_abandons_the_send_in_flight_and_the_next_start_sends_it() {
 #[tokio::test]
 async fn a_restart_on_the_same_data_keeps_the_queue() {
     let dir = TempDir::new("restart");
-    let server = Server::start(dir.path(), &[("MAIL_WORKERS", "0")]).await;
+    let server = Server::start(&dir, &[("MAIL_WORKERS", "0")]).await;
     let cx = orders("corr-restart").await;
     for i in 0..3 {
         server
@@ -393,7 +393,7 @@ async fn a_restart_on_the_same_data_keeps_the_queue() {
     server.stop().await;
     assert!(dir.outbox_files().is_empty());
 
-    let server = Server::start(dir.path(), &[]).await;
+    let server = Server::start(&dir, &[]).await;
     // Three files, none of them still being written (a `.tmp`).
     eventually("the queue to drain", || async {
         dir.outbox_files()

@@ -25,7 +25,11 @@
 //! A started request holds its key for a lease (15 s by default, longer
 //! than the downstream deadline). If the process dies mid-request, the key
 //! is taken over by the first retry after the lease, which runs the request
-//! again. Keys live in the database, so replays survive restarts.
+//! again; the request that lost its lease can then neither store its
+//! answer nor give the key back ([`Lease`]). Keys live in the database, so
+//! replays survive restarts, and every instance of the service sharing a
+//! Postgres database sees the same keys: claims race only on conditional
+//! writes ([`claim`]).
 
 use std::time::Duration;
 
@@ -105,11 +109,19 @@ fn hex(bytes: &[u8]) -> String {
 /// fingerprint, state, lease end, stored status and body.
 type KeyRow = (String, String, i64, Option<i64>, Option<String>);
 
+/// A started request's hold on its key: the end of its lease, which no
+/// other hold on the same key shares (a take-over happens only after the
+/// lease ended, and sets a later one). Storing the answer or giving the key
+/// back needs it, so a request whose lease was taken over can neither
+/// overwrite nor drop the key of the request that took over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease(i64);
+
 /// What claiming a key found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The key is ours: run the request.
-    Run,
+    /// The key is ours, under this lease: run the request.
+    Run(Lease),
     /// The request already finished: answer this again.
     Replay {
         /// Its status.
@@ -126,7 +138,18 @@ pub enum Claim {
     Mismatch,
 }
 
+/// How often a claim looks again when the key it found was given back
+/// between two of its statements.
+const CLAIM_ROUNDS: usize = 3;
+
 /// Claims `scope` for a request with `fingerprint`, for `lease`.
+///
+/// Correct with any number of instances on one database: the key is taken
+/// by an `INSERT … ON CONFLICT DO NOTHING` (the primary key settles a race:
+/// one insert wins), or, when its lease has ended, by an update that
+/// re-checks on the row that it is still started, for the same request,
+/// and expired (one take-over wins). Only when neither took it is the row
+/// read, to answer with what it holds.
 ///
 /// # Errors
 ///
@@ -137,82 +160,103 @@ pub async fn claim(
     fingerprint: &str,
     lease: Duration,
 ) -> Result<Claim, sqlx::Error> {
-    let mut tx = db.begin_write().await?;
-    let now = chassis::time::now_millis();
-    let lease_until = now + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-    let row: Option<KeyRow> = sqlx::query_as(
-        "SELECT fingerprint, state, lease_until_ms, response_status, response_body
-         FROM idempotency_keys WHERE account = ? AND principal = ? AND key = ?",
-    )
-    .bind(&scope.account)
-    .bind(&scope.principal)
-    .bind(&scope.key)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let claim = match row {
-        None => {
-            sqlx::query(
-                "INSERT INTO idempotency_keys
-                 (account, principal, key, fingerprint, state, lease_until_ms, created_at)
-                 VALUES (?, ?, ?, ?, 'started', ?, ?)",
-            )
-            .bind(&scope.account)
-            .bind(&scope.principal)
-            .bind(&scope.key)
-            .bind(fingerprint)
-            .bind(lease_until)
-            .bind(chassis::time::now_rfc3339())
-            .execute(&mut *tx)
-            .await?;
-            Claim::Run
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+    for _ in 0..CLAIM_ROUNDS {
+        let now = chassis::time::now_millis();
+        let until = now.saturating_add(lease_ms);
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys
+             (account, principal, key, fingerprint, state, lease_until_ms, created_at)
+             VALUES ($1, $2, $3, $4, 'started', $5, $6)
+             ON CONFLICT (account, principal, key) DO NOTHING",
+        )
+        .bind(&scope.account)
+        .bind(&scope.principal)
+        .bind(&scope.key)
+        .bind(fingerprint)
+        .bind(until)
+        .bind(chassis::time::now_rfc3339())
+        .execute(&mut *db.writer().await?)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            return Ok(Claim::Run(Lease(until)));
         }
-        Some((stored, _, _, _, _)) if stored != fingerprint => Claim::Mismatch,
-        Some((_, state, _, Some(status), Some(body))) if state == "completed" => Claim::Replay {
-            status: u16::try_from(status).unwrap_or(500),
-            body,
-        },
-        Some((_, _, until, _, _)) if until > now => Claim::InProgress {
-            retry_after: Duration::from_millis(u64::try_from(until - now).unwrap_or(0)),
-        },
-        Some(_) => {
-            // The lease ran out: whoever started died or gave up. Take over.
-            sqlx::query(
-                "UPDATE idempotency_keys SET lease_until_ms = ?
-                 WHERE account = ? AND principal = ? AND key = ? AND state = 'started'",
-            )
-            .bind(lease_until)
-            .bind(&scope.account)
-            .bind(&scope.principal)
-            .bind(&scope.key)
-            .execute(&mut *tx)
-            .await?;
-            Claim::Run
+        // The lease ran out: whoever started died or gave up. Take over.
+        let taken = sqlx::query(
+            "UPDATE idempotency_keys SET lease_until_ms = $1
+             WHERE account = $2 AND principal = $3 AND key = $4
+               AND state = 'started' AND fingerprint = $5 AND lease_until_ms <= $6",
+        )
+        .bind(until)
+        .bind(&scope.account)
+        .bind(&scope.principal)
+        .bind(&scope.key)
+        .bind(fingerprint)
+        .bind(now)
+        .execute(&mut *db.writer().await?)
+        .await?;
+        if taken.rows_affected() == 1 {
+            return Ok(Claim::Run(Lease(until)));
         }
-    };
-    tx.commit().await?;
-    Ok(claim)
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT fingerprint, state, lease_until_ms, response_status, response_body
+             FROM idempotency_keys WHERE account = $1 AND principal = $2 AND key = $3",
+        )
+        .bind(&scope.account)
+        .bind(&scope.principal)
+        .bind(&scope.key)
+        .fetch_optional(db.pool())
+        .await?;
+        let now = chassis::time::now_millis();
+        match row {
+            // Given back since the insert: claim again.
+            None => {}
+            Some((stored, _, _, _, _)) if stored != fingerprint => return Ok(Claim::Mismatch),
+            Some((_, state, _, Some(status), Some(body))) if state == "completed" => {
+                return Ok(Claim::Replay {
+                    status: u16::try_from(status).unwrap_or(500),
+                    body,
+                });
+            }
+            // Held by another request (or taken over by one just now).
+            Some((_, _, until, _, _)) => {
+                return Ok(Claim::InProgress {
+                    retry_after: Duration::from_millis(u64::try_from(until - now).unwrap_or(0)),
+                });
+            }
+        }
+    }
+    // Claimed and given back again and again: busy, try later.
+    Ok(Claim::InProgress {
+        retry_after: Duration::from_secs(1),
+    })
 }
 
 /// Gives a started key back, after execution failed before anything was
-/// committed, so a retry runs again.
+/// committed, so a retry runs again; nothing when `lease` no longer holds
+/// it.
 ///
 /// # Errors
 ///
 /// The database failed.
-pub async fn release(db: &Database, scope: &Scope) -> Result<(), sqlx::Error> {
+pub async fn release(db: &Database, scope: &Scope, lease: Lease) -> Result<(), sqlx::Error> {
     sqlx::query(
         "DELETE FROM idempotency_keys
-         WHERE account = ? AND principal = ? AND key = ? AND state = 'started'",
+         WHERE account = $1 AND principal = $2 AND key = $3
+           AND state = 'started' AND lease_until_ms = $4",
     )
     .bind(&scope.account)
     .bind(&scope.principal)
     .bind(&scope.key)
+    .bind(lease.0)
     .execute(&mut *db.writer().await?)
     .await?;
     Ok(())
 }
 
-/// Stores a final answer that created nothing (e.g. sold out), to replay it.
+/// Stores a final answer that created nothing (e.g. sold out), to replay
+/// it. `false` when `lease` no longer holds the key (another request took
+/// it over): nothing is stored.
 ///
 /// # Errors
 ///
@@ -220,25 +264,30 @@ pub async fn release(db: &Database, scope: &Scope) -> Result<(), sqlx::Error> {
 pub async fn complete(
     db: &Database,
     scope: &Scope,
+    lease: Lease,
     status: u16,
     body: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let mut conn = db.writer().await?;
-    complete_in(&mut conn, scope, status, body, None).await
+    complete_in(&mut conn, scope, lease, status, body, None).await
 }
 
-/// Stores the answer within the transaction that did the work.
+/// Stores the answer within the transaction that did the work, if `lease`
+/// still holds the key; `false` when it does not, and the caller must not
+/// commit.
 pub(crate) async fn complete_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     scope: &Scope,
+    lease: Lease,
     status: u16,
     body: &str,
     order_id: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
         "UPDATE idempotency_keys
-         SET state = 'completed', response_status = ?, response_body = ?, order_id = ?
-         WHERE account = ? AND principal = ? AND key = ?",
+         SET state = 'completed', response_status = $1, response_body = $2, order_id = $3
+         WHERE account = $4 AND principal = $5 AND key = $6
+           AND state = 'started' AND lease_until_ms = $7",
     )
     .bind(i64::from(status))
     .bind(body)
@@ -246,9 +295,10 @@ pub(crate) async fn complete_in(
     .bind(&scope.account)
     .bind(&scope.principal)
     .bind(&scope.key)
+    .bind(lease.0)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// The `Retry-After` value for `d`, in whole seconds, at least 1.
@@ -302,6 +352,124 @@ mod tests {
             fingerprint("POST", "/orders/v1/{account}/orders", "globex", &a)
         );
         assert_eq!(f(&a).len(), 64);
+    }
+
+    /// Two handles on one database, as two instances of the service have.
+    async fn two_instances(
+        dir: &chassis::testing::TempDir,
+        db: &chassis::testing::TestDatabase,
+    ) -> (Database, Database) {
+        let config = db.configure(chassis::db::DbConfig::new(dir.path(), "orders.db"));
+        let a = Database::open_migrated(&config, crate::migrations())
+            .await
+            .unwrap();
+        let b = Database::open_migrated(&config, crate::migrations())
+            .await
+            .unwrap();
+        (a, b)
+    }
+
+    fn scope() -> Scope {
+        Scope {
+            account: "acme".into(),
+            principal: "alice".into(),
+            key: "k-1".into(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_claims_of_one_key_on_two_instances_run_once() {
+        let dir = chassis::testing::TempDir::new("orders-key-race");
+        let test_db = chassis::testing::TestDatabase::new();
+        let (a, b) = two_instances(&dir, &test_db).await;
+        let claims = (0..16).map(|i| {
+            let db = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                claim(&db, &scope(), "fp", Duration::from_secs(60))
+                    .await
+                    .unwrap()
+            })
+        });
+        let mut runs = 0;
+        for c in claims.collect::<Vec<_>>() {
+            match c.await.unwrap() {
+                Claim::Run(_) => runs += 1,
+                Claim::InProgress { retry_after } => {
+                    assert!(retry_after > Duration::from_secs(50), "{retry_after:?}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(runs, 1);
+        assert_eq!(
+            claim(&b, &scope(), "other", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            Claim::Mismatch
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_lease_was_taken_over_can_neither_store_nor_give_back() {
+        let dir = chassis::testing::TempDir::new("orders-key-takeover");
+        let test_db = chassis::testing::TestDatabase::new();
+        let (a, b) = two_instances(&dir, &test_db).await;
+        let Claim::Run(first) = claim(&a, &scope(), "fp", Duration::from_millis(1))
+            .await
+            .unwrap()
+        else {
+            panic!("the first claim runs");
+        };
+        // The lease of 1 ms has ended once the clock moved on.
+        let now = chassis::time::now_millis();
+        while chassis::time::now_millis() <= now + 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let Claim::Run(second) = claim(&b, &scope(), "fp", Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("the expired key is taken over");
+        };
+        assert_ne!(first, second);
+        // The first request, late, changes nothing.
+        assert!(!complete(&a, &scope(), first, 409, "late").await.unwrap());
+        release(&a, &scope(), first).await.unwrap();
+        assert!(matches!(
+            claim(&a, &scope(), "fp", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            Claim::InProgress { .. }
+        ));
+        // The second one stores its answer, replayed from then on.
+        assert!(complete(&b, &scope(), second, 201, "{}").await.unwrap());
+        assert_eq!(
+            claim(&a, &scope(), "fp", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            Claim::Replay {
+                status: 201,
+                body: "{}".to_owned()
+            }
+        );
+        // A key given back is claimed afresh.
+        let other = Scope {
+            key: "k-2".into(),
+            ..scope()
+        };
+        let Claim::Run(lease) = claim(&a, &other, "fp", Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("a new key runs");
+        };
+        release(&a, &other, lease).await.unwrap();
+        assert!(matches!(
+            claim(&b, &other, "fp", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            Claim::Run(_)
+        ));
     }
 
     #[test]

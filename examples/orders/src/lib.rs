@@ -1,7 +1,12 @@
 //! `orders`: places lift-ticket orders exactly once per idempotency key.
 //!
 //! What it owns: orders, the idempotency keys that guard their creation, and
-//! an outbox of events to deliver, all in its own database (`orders.db`).
+//! an outbox of events to deliver, all in its own database: SQLite
+//! (`orders.db` in `ORDERS_DATA_DIR`) for one instance, or the Postgres
+//! database of `ORDERS_DATABASE_URL` shared by several (see
+//! [`chassis::db`]). Several instances place each order once (the keys'
+//! claims are conditional writes) and deliver each event from one relay at
+//! a time (the outbox is leased, see [`relay`]).
 //!
 //! How an order is placed (`POST /orders/v1/{account}/orders`):
 //!
@@ -31,8 +36,8 @@ use chassis::{
     ServiceBuilder,
     client::{Downstream, TokenSource},
     config::Reader,
-    health::CheckOptions,
     db::{Database, DbConfig, Migrations},
+    health::CheckOptions,
 };
 
 pub mod client;
@@ -152,6 +157,13 @@ impl CrashPoint {
     }
 }
 
+/// The service's migrations, for either engine.
+pub(crate) fn migrations() -> Migrations<'static> {
+    static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+    static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+    Migrations::new(&SQLITE).postgres(&POSTGRES)
+}
+
 /// The service: opens and migrates the database, and returns the builder
 /// with the API, the readiness checks and the outbox relay.
 ///
@@ -173,7 +185,7 @@ pub async fn app_on(
     builder: ServiceBuilder,
     settings: Settings,
 ) -> Result<ServiceBuilder, AppError> {
-    let db = Database::open_migrated(&settings.db, Migrations::new(&sqlx::migrate!("./migrations/sqlite"))).await?;
+    let db = Database::open_migrated(&settings.db, migrations()).await?;
     let ticketing_breaker = settings.ticketing.breaker().clone();
     let mail_breaker = settings.mail.breaker().clone();
     let state = State {

@@ -9,6 +9,22 @@
 //! twice is harmless; mail deduplicates by the event id), so a delivery
 //! repeated after a crash takes effect once.
 //!
+//! # Several instances
+//!
+//! Every instance of the service runs a relay over the same outbox (on
+//! Postgres), so events are **leased**: a relay claims a batch of due
+//! events with one conditional update that names it (a unique id from
+//! [`chassis::id`]) as their `lease_owner` until `lease_until`, and
+//! delivers only those; no other relay claims them while the lease holds
+//! (see `store::claim_due`). Only the owner records the outcome
+//! (delivered, retry later, parked): a relay whose lease ran out finds the
+//! event claimed by another one and leaves it be. A relay that dies leaves
+//! its events leased until the lease expires; then any relay claims them.
+//! A relay starts delivering an event only in the first half of its lease,
+//! so each delivery has at least half the lease to finish; events of the
+//! batch it did not get to, and those it holds when it stops, it gives
+//! back at once.
+//!
 //! Failures:
 //!
 //! * the receiver is unavailable (connection refused, timeout, 5xx, 429,
@@ -27,6 +43,7 @@
 //! | `ORDERS_RELAY_RETRY_BASE_MS` | `500` | first backoff |
 //! | `ORDERS_RELAY_RETRY_MAX_MS` | `60000` | longest backoff |
 //! | `ORDERS_RELAY_MAX_ATTEMPTS` | `8` | attempts before a refused event is parked |
+//! | `ORDERS_RELAY_LEASE_MS` | `60000` | how long a relay holds the events it claimed |
 
 use std::time::Duration;
 
@@ -35,10 +52,10 @@ use chassis::{
     config::Reader,
     context::TraceContext,
     correlation::CorrelationId,
+    db::Database,
     health::{Check, CheckError},
     otel::Span,
     permission::AccountId,
-    db::Database,
 };
 use http::StatusCode;
 use mail::client::{MailJob, OrderConfirmation};
@@ -60,6 +77,8 @@ pub struct RelaySettings {
     pub retry_max: Duration,
     /// Attempts before a refused event is parked.
     pub max_attempts: u32,
+    /// How long a relay holds the events it claimed.
+    pub lease: Duration,
 }
 
 impl Default for RelaySettings {
@@ -70,6 +89,7 @@ impl Default for RelaySettings {
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
             max_attempts: 8,
+            lease: Duration::from_secs(60),
         }
     }
 }
@@ -100,6 +120,14 @@ impl RelaySettings {
             d.max_attempts,
             "attempts before a refused event is parked",
         );
+        let lease: u64 = r.optional(
+            "ORDERS_RELAY_LEASE_MS",
+            ms(d.lease),
+            "how long a relay holds the events it claimed, ms",
+        );
+        if lease < 1000 {
+            r.problem("ORDERS_RELAY_LEASE_MS", "must be at least 1000");
+        }
         for (name, zero) in [
             ("ORDERS_RELAY_POLL_MS", poll == 0),
             ("ORDERS_RELAY_BATCH", batch == 0),
@@ -115,6 +143,7 @@ impl RelaySettings {
             retry_base: Duration::from_millis(base),
             retry_max: Duration::from_millis(max.max(base)),
             max_attempts: attempts.max(1),
+            lease: Duration::from_millis(lease.max(1000)),
         }
     }
 }
@@ -133,11 +162,14 @@ pub struct Relay {
     ticketing: ticketing::client::TicketingClient,
     mail: mail::client::MailClient,
     settings: RelaySettings,
+    /// This relay's name in `lease_owner`, unique among all relays.
+    owner: String,
 }
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
+            .field("owner", &self.owner)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -168,7 +200,13 @@ impl Relay {
             ticketing,
             mail,
             settings,
+            owner: chassis::id::prefixed("relay"),
         }
+    }
+
+    /// This relay's name in the outbox's `lease_owner`.
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     /// A readiness check that is down while events are parked.
@@ -179,22 +217,31 @@ impl Relay {
     /// Runs until `stop`; the event being delivered when it fires is
     /// finished first.
     pub async fn run(self, stop: CancellationToken) {
-        tracing::info!("outbox relay started");
+        tracing::info!(owner = %self.owner, "outbox relay started");
+        let lease = i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX / 4);
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(self.settings.poll) => {}
             }
-            match store::due_events(&self.db, self.settings.batch).await {
+            let now = chassis::time::now_millis();
+            let until = now.saturating_add(lease);
+            match store::claim_due(&self.db, &self.owner, now, until, self.settings.batch).await {
                 Ok(events) => {
+                    let mut left = false;
                     for event in events {
-                        if stop.is_cancelled() {
+                        // Start a delivery only with half the lease left.
+                        if stop.is_cancelled() || chassis::time::now_millis() > until - lease / 2 {
+                            left = true;
                             break;
                         }
                         self.deliver(event).await;
                     }
+                    if left {
+                        self.give_back().await;
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot read the outbox"),
+                Err(e) => tracing::warn!(error = %e, "cannot claim outbox events"),
             }
             if let Ok((pending, parked)) = store::outbox_counts(&self.db).await {
                 metrics::gauge!("outbox_pending").set(pending as f64);
@@ -202,6 +249,14 @@ impl Relay {
             }
         }
         tracing::info!("outbox relay stopped");
+    }
+
+    /// Gives back the events claimed and not delivered, for any relay to
+    /// claim at once; should this fail, their lease expires.
+    async fn give_back(&self) {
+        if let Err(e) = store::release(&self.db, &self.owner).await {
+            tracing::warn!(error = %e, "cannot give claimed events back; their lease will expire");
+        }
     }
 
     async fn deliver(&self, event: OutboxEvent) {
@@ -238,12 +293,13 @@ impl Relay {
         let kind = event.kind.clone();
         // Recording the outcome is a transaction of its own, inside the
         // delivery's span.
-        let mut recorded = Span::storage(delivery.trace(), "sqlite", "record delivery");
+        let system = self.db.backend().system_name();
+        let mut recorded = Span::storage(delivery.trace(), system, "record delivery");
         let result = match outcome {
             Delivery::Done => {
                 metrics::counter!("outbox_delivered_total", "kind" => kind).increment(1);
                 tracing::info!(attempts = event.attempts + 1, "event delivered");
-                store::delivered(&self.db, &event).await
+                store::delivered(&self.db, &self.owner, &event).await
             }
             Delivery::Later {
                 wait,
@@ -253,7 +309,7 @@ impl Relay {
                 metrics::counter!("outbox_delivery_failures_total", "kind" => kind).increment(1);
                 if refused && event.attempts + 1 >= self.settings.max_attempts {
                     tracing::error!(%error, attempts = event.attempts + 1, "event parked");
-                    store::park(&self.db, &event, &error).await
+                    store::park(&self.db, &self.owner, &event, &error).await
                 } else {
                     // A wait given by an open breaker is no attempt at all.
                     let counted = wait.is_none();
@@ -268,13 +324,19 @@ impl Relay {
                     tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "event not delivered");
                     let next = chassis::time::now_millis()
                         + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
-                    store::retry_later(&self.db, &event, counted, next, &error).await
+                    store::retry_later(&self.db, &self.owner, &event, counted, next, &error).await
                 }
             }
         };
-        if let Err(e) = result {
-            recorded.set_error("sqlite");
-            tracing::warn!(error = %e, "cannot record the delivery; it will be repeated");
+        match result {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "the event's lease expired and another relay claimed it; it records the outcome"
+            ),
+            Err(e) => {
+                recorded.set_error(system);
+                tracing::warn!(error = %e, "cannot record the delivery; it will be repeated");
+            }
         }
         recorded.end();
         delivery.end();

@@ -4,7 +4,7 @@
 //! checked the route's permission for the account in the path, and
 //! recorded the call for audit.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json,
@@ -28,7 +28,7 @@ use serde_json::Value;
 use crate::{
     State,
     client::{NewOrder, Order, OrderList, OrderStatus},
-    idempotency::{self, Claim, Scope},
+    idempotency::{self, Claim, Lease, Scope},
     store,
 };
 
@@ -147,13 +147,14 @@ pub(crate) async fn place(
         key,
     };
     let fingerprint = idempotency::fingerprint("POST", PLACE_ROUTE, &scope.account, &json);
-    let mut claiming = Span::storage(cx.correlation().trace(), "sqlite", "claim key");
+    let system = state.db.backend().system_name();
+    let mut claiming = Span::storage(cx.correlation().trace(), system, "claim key");
     let claim = idempotency::claim(&state.db, &scope, &fingerprint, state.lease).await;
     if claim.is_err() {
-        claiming.set_error("sqlite");
+        claiming.set_error(system);
     }
     claiming.end();
-    match claim {
+    let lease = match claim {
         Err(e) => return internal(&e),
         Ok(Claim::Replay { status, body }) => return replay(status, body),
         Ok(Claim::Mismatch) => {
@@ -162,15 +163,9 @@ pub(crate) async fn place(
                 .with_member("reason", "idempotency_key_reused")
                 .into_response();
         }
-        Ok(Claim::InProgress { retry_after }) => {
-            return Problem::new(StatusCode::CONFLICT)
-                .with_detail("A request with this Idempotency-Key is in progress; retry later.")
-                .with_member("reason", "idempotency_key_in_use")
-                .with_header(header::RETRY_AFTER, idempotency::retry_after(retry_after))
-                .into_response();
-        }
-        Ok(Claim::Run) => {}
-    }
+        Ok(Claim::InProgress { retry_after }) => return in_progress(retry_after),
+        Ok(Claim::Run(lease)) => lease,
+    };
 
     // Reserve, as the orders service, with a key derived from this one: a
     // run that takes over a dead one gets the same reservation back.
@@ -188,7 +183,7 @@ pub(crate) async fn place(
         .await;
     let reservation = match reservation {
         Ok(r) => r,
-        Err(e) => return refused(&state, &scope, e).await,
+        Err(e) => return refused(&state, &scope, lease, e).await,
     };
 
     let order = Order {
@@ -204,10 +199,11 @@ pub(crate) async fn place(
     let body = serde_json::to_string(&order).unwrap_or_default();
     // The transaction is a span of its own; the outbox events it writes
     // carry it, and their delivery continues the trace from there.
-    let mut span = Span::storage(cx.correlation().trace(), "sqlite", "place order");
+    let mut span = Span::storage(cx.correlation().trace(), system, "place order");
     let placed = store::place(
         &state.db,
         &scope,
+        lease,
         &order,
         correlation.as_str(),
         span.trace(),
@@ -216,14 +212,21 @@ pub(crate) async fn place(
     )
     .await;
     if placed.is_err() {
-        span.set_error("sqlite");
+        span.set_error(system);
     }
     span.end();
-    if let Err(e) = placed {
-        // Nothing was committed: give the key back so a retry runs again
-        // (the held reservation is found again by its key, or expires).
-        let _ = idempotency::release(&state.db, &scope).await;
-        return internal(&e);
+    match placed {
+        Ok(true) => {}
+        // The lease ran out and a retry took the key over: that request
+        // answers, with the same reservation (its key is derived from
+        // this one); nothing of this one was committed.
+        Ok(false) => return in_progress(Duration::from_secs(1)),
+        Err(e) => {
+            // Nothing was committed: give the key back so a retry runs again
+            // (the held reservation is found again by its key, or expires).
+            let _ = idempotency::release(&state.db, &scope, lease).await;
+            return internal(&e);
+        }
     }
     crate::CrashPoint::reached(state.crash, crate::CrashPoint::AfterCommit);
     tracing::info!(order_id = %order.id, account = %order.account, "order placed");
@@ -246,9 +249,18 @@ pub(crate) async fn place(
         .into_response()
 }
 
+/// 409: a request with the same key is running.
+fn in_progress(retry_after: Duration) -> Response {
+    Problem::new(StatusCode::CONFLICT)
+        .with_detail("A request with this Idempotency-Key is in progress; retry later.")
+        .with_member("reason", "idempotency_key_in_use")
+        .with_header(header::RETRY_AFTER, idempotency::retry_after(retry_after))
+        .into_response()
+}
+
 /// The answer when ticketing did not reserve: final answers (sold out, no
 /// such ticket) are stored for replay; anything else gives the key back.
-async fn refused(state: &State, scope: &Scope, e: ClientError) -> Response {
+async fn refused(state: &State, scope: &Scope, lease: Lease, e: ClientError) -> Response {
     let final_answer = match e.status() {
         Some(StatusCode::CONFLICT) => Some(
             Problem::new(StatusCode::CONFLICT)
@@ -264,14 +276,18 @@ async fn refused(state: &State, scope: &Scope, e: ClientError) -> Response {
         Some(problem) => {
             let status = problem.status();
             let body = serde_json::to_string(&problem).unwrap_or_default();
-            if let Err(db) = idempotency::complete(&state.db, scope, status.as_u16(), &body).await {
-                let _ = idempotency::release(&state.db, scope).await;
+            // Not stored when the key was taken over meanwhile: the request
+            // that took it stores its own answer.
+            if let Err(db) =
+                idempotency::complete(&state.db, scope, lease, status.as_u16(), &body).await
+            {
+                let _ = idempotency::release(&state.db, scope, lease).await;
                 return internal(&db);
             }
             problem.into_response()
         }
         None => {
-            let _ = idempotency::release(&state.db, scope).await;
+            let _ = idempotency::release(&state.db, scope, lease).await;
             e.into_response()
         }
     }

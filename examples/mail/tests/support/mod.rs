@@ -18,7 +18,8 @@ use chassis::{
     client::{CallContext, Downstream, TokenSource},
     config::{Config, Env, Reader, Secret},
     correlation::CorrelationId,
-    testing::{TestIssuer, TestServer},
+    db::{Database, DbConfig},
+    testing::{TestDatabase, TestIssuer, TestServer},
 };
 #[allow(unused_imports)] // each test file uses some
 pub use chassis::{
@@ -28,7 +29,6 @@ pub use chassis::{
 use mail::client::{MailClient, MailJob, OrderConfirmation};
 use rustls::ServerConfig;
 use serde_json::{Value, json};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
@@ -40,21 +40,41 @@ pub const SEND: &str = "mail::send:message";
 /// The grant `admin` has.
 pub const VIEW: &str = "mail::view:message";
 
-/// A data directory, removed when dropped, and what mail wrote into it.
+/// A data directory, removed when dropped, and what mail wrote into it;
+/// with the service's database on the run's engine
+/// (`CHASSIS_TEST_BACKEND`), dropped with it.
 #[derive(Debug)]
-pub struct TempDir(chassis::testing::TempDir);
+pub struct TempDir {
+    dir: chassis::testing::TempDir,
+    db: TestDatabase,
+}
 
 impl TempDir {
     pub fn new(name: &str) -> Self {
-        Self(chassis::testing::TempDir::new(&format!("mail-{name}")))
+        Self {
+            dir: chassis::testing::TempDir::new(&format!("mail-{name}")),
+            db: TestDatabase::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
-        self.0.path()
+        self.dir.path()
+    }
+
+    /// The settings that point the service at its database: nothing on
+    /// SQLite (the file is in the data directory), `MAIL_DATABASE_URL` on
+    /// Postgres.
+    pub fn db_env(&self) -> Vec<(String, String)> {
+        self.db.env("MAIL")
+    }
+
+    /// The service's database settings, as the service reads them.
+    pub fn db_config(&self) -> DbConfig {
+        self.db.configure(DbConfig::new(self.path(), "mail.db"))
     }
 
     pub fn outbox(&self) -> PathBuf {
-        self.0.join(mail::OUTBOX_DIR)
+        self.dir.join(mail::OUTBOX_DIR)
     }
 
     /// The names of the files in the outbox, sorted, temporary ones included.
@@ -74,13 +94,15 @@ impl TempDir {
     }
 }
 
-/// Settings read as the binary reads them, over `dir`, with quick polling.
-pub fn settings(dir: &Path, env: &[(&str, &str)]) -> mail::Settings {
-    let dir = dir.to_str().unwrap().to_owned();
+/// Settings read as the binary reads them, over `dir` and its database,
+/// with quick polling.
+pub fn settings(dir: &TempDir, env: &[(&str, &str)]) -> mail::Settings {
+    let data = dir.path().to_str().unwrap().to_owned();
     let mut pairs: Vec<(String, String)> = vec![
-        ("MAIL_DATA_DIR".to_owned(), dir),
+        ("MAIL_DATA_DIR".to_owned(), data),
         ("MAIL_POLL_MS".to_owned(), "20".to_owned()),
     ];
+    pairs.extend(dir.db_env());
     pairs.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let env = Env::from_pairs(pairs);
     let mut r = Reader::new(&env);
@@ -103,7 +125,7 @@ pub struct Server {
 
 impl Server {
     /// Starts the service over `dir` with the extra `MAIL_*` settings.
-    pub async fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
+    pub async fn start(dir: &TempDir, env: &[(&str, &str)]) -> Self {
         Self::start_with(settings(dir, env)).await
     }
 
@@ -214,13 +236,13 @@ pub fn metric(text: &str, sample: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
-/// The database of a data directory, opened beside the service, for tests
-/// that play a crashed worker or inspect rows.
-pub async fn database(dir: &Path) -> SqlitePool {
-    let options = SqliteConnectOptions::new()
-        .filename(dir.join("mail.db"))
-        .busy_timeout(Duration::from_secs(10));
-    SqlitePool::connect_with(options).await.unwrap()
+/// The service's database, opened beside the service as another instance
+/// would open it, for tests that play a crashed worker or inspect rows:
+/// reads through `pool()`, writes through `writer()`.
+pub async fn database(dir: &TempDir) -> Database {
+    let mut config = dir.db_config();
+    config.busy_timeout = Duration::from_secs(10);
+    Database::open(&config).await.unwrap()
 }
 
 /// A row of the queue.
@@ -237,14 +259,14 @@ pub struct QueueRow {
     pub correlation_id: String,
 }
 
-pub async fn row(db: &SqlitePool, message_id: &str) -> QueueRow {
+pub async fn row(db: &Database, message_id: &str) -> QueueRow {
     sqlx::query_as(
         "SELECT message_id, status, attempts, next_attempt_at, lease_until, lease_owner,
                 last_error, sent_at, correlation_id
-         FROM messages WHERE message_id = ?",
+         FROM messages WHERE message_id = $1",
     )
     .bind(message_id)
-    .fetch_one(db)
+    .fetch_one(db.pool())
     .await
     .unwrap()
 }

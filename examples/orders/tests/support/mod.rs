@@ -1,6 +1,7 @@
 //! The whole system in one test process: real auth, ticketing, mail and
-//! orders, each on its own loopback port with its own database in a fresh
-//! directory, talking HTTP to each other.
+//! orders, each on its own loopback port with its own database (on the
+//! run's engine, `CHASSIS_TEST_BACKEND`) and data directory, talking HTTP
+//! to each other.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -11,7 +12,8 @@ use chassis::{
     ServiceBuilder,
     client::Downstream,
     config::{Config, Env, Reader},
-    testing::TestServer,
+    db::{Database, DbConfig},
+    testing::{TestDatabase, TestServer},
 };
 use tokio::net::TcpListener;
 
@@ -80,8 +82,17 @@ fn chassis_config(env: &Env) -> Config {
     c
 }
 
+/// The services' databases, one each, dropped with the system.
+pub struct Databases {
+    pub auth: TestDatabase,
+    pub ticketing: TestDatabase,
+    pub mail: TestDatabase,
+    pub orders: TestDatabase,
+}
+
 pub struct System {
     pub dir: TempDir,
+    pub dbs: Databases,
     pub auth: Node,
     pub ticketing: Node,
     pub mail: Node,
@@ -98,19 +109,27 @@ impl System {
     /// settings.
     pub async fn start(name: &str, orders_env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new(&format!("orders-{name}"));
+        let dbs = Databases {
+            auth: TestDatabase::new(),
+            ticketing: TestDatabase::new(),
+            mail: TestDatabase::new(),
+            orders: TestDatabase::new(),
+        };
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
 
         // Auth checks tokens on its own routes with its own key set, so it
         // must know where it listens before it starts.
         let listener = TcpListener::bind(any).await.expect("bind");
         let auth_url = format!("http://{}", listener.local_addr().unwrap());
-        let auth_env = env(&pairs(&[
+        let mut auth_pairs = pairs(&[
             ("AUTH_DATA_DIR", dir.join("auth").display().to_string()),
             ("AUTH_ISSUER", ISSUER.to_owned()),
             ("AUTH_AUDIENCE", AUDIENCE.to_owned()),
             ("AUTH_PUBLIC_URL", auth_url),
             ("AUTH_SEED_DEMO", "true".to_owned()),
-        ]));
+        ]);
+        auth_pairs.extend(dbs.auth.env("AUTH"));
+        let auth_env = env(&auth_pairs);
         let mut r = Reader::new(&auth_env);
         let settings = auth::Settings::read(&mut r);
         r.finish().expect("auth settings");
@@ -122,9 +141,9 @@ impl System {
         .await;
         let auth_url = auth.url();
 
-        let ticketing = start_ticketing(dir.path(), &auth_url, any).await;
+        let ticketing = start_ticketing(dir.path(), &dbs.ticketing, &auth_url, any).await;
 
-        let mail = start_mail(dir.path(), &auth_url, any).await;
+        let mail = start_mail(dir.path(), &dbs.mail, &auth_url, any).await;
 
         let mut orders_pairs = verifying(&auth_url);
         orders_pairs.extend(pairs(&[
@@ -145,6 +164,7 @@ impl System {
             ("ORDERS_RELAY_RETRY_BASE_MS", "50".to_owned()),
             ("ORDERS_RELAY_RETRY_MAX_MS", "500".to_owned()),
         ]));
+        orders_pairs.extend(dbs.orders.env("ORDERS"));
         for (k, v) in orders_env {
             orders_pairs.retain(|(key, _)| key != k);
             orders_pairs.push(((*k).to_owned(), (*v).to_owned()));
@@ -155,6 +175,7 @@ impl System {
             to_ticketing,
             to_mail,
             dir,
+            dbs,
             auth,
             ticketing,
             mail,
@@ -169,8 +190,13 @@ impl System {
 
     /// Starts ticketing again on the same port and data.
     pub async fn restart_ticketing(&mut self) {
-        self.ticketing =
-            start_ticketing(self.dir.path(), &self.auth.url(), self.ticketing.addr).await;
+        self.ticketing = start_ticketing(
+            self.dir.path(),
+            &self.dbs.ticketing,
+            &self.auth.url(),
+            self.ticketing.addr,
+        )
+        .await;
     }
 
     /// Stops mail.
@@ -180,7 +206,13 @@ impl System {
 
     /// Starts mail again on the same port and data.
     pub async fn restart_mail(&mut self) {
-        self.mail = start_mail(self.dir.path(), &self.auth.url(), self.mail.addr).await;
+        self.mail = start_mail(
+            self.dir.path(),
+            &self.dbs.mail,
+            &self.auth.url(),
+            self.mail.addr,
+        )
+        .await;
     }
 
     /// Restarts orders on the same port and data (a new process would read
@@ -207,34 +239,42 @@ impl System {
             .collect()
     }
 
-    /// How many rows of orders' `table` match `filter` (SQL).
+    /// Another instance of orders on the same database (a replica), on
+    /// a port of its own, with the same settings.
+    pub async fn start_replica(&self) -> Node {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        start_orders(&self.orders_env, any).await.0
+    }
+
+    /// Orders' database settings, as the service reads them.
+    pub fn orders_db(&self) -> DbConfig {
+        self.dbs
+            .orders
+            .configure(DbConfig::new(self.dir.join("orders"), "orders.db"))
+    }
+
+    /// A number orders' database answers to `sql` (a `SELECT COUNT(*)`, or
+    /// a sum cast to BIGINT), read beside the service.
     pub async fn count(&self, sql: &'static str) -> i64 {
-        count_in(&self.dir.join("orders").join("orders.db"), sql).await
+        let db = Database::open(&self.orders_db())
+            .await
+            .expect("open the database");
+        let n: i64 = sqlx::query_scalar(sql)
+            .fetch_one(db.pool())
+            .await
+            .expect("count");
+        db.close().await;
+        n
     }
 }
 
-pub async fn count_in(db: &Path, sql: &'static str) -> i64 {
-    let pool = sqlx::SqlitePool::connect_with(
-        sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(db)
-            .read_only(true),
-    )
-    .await
-    .expect("open the database");
-    let n: i64 = sqlx::query_scalar(sql)
-        .fetch_one(&pool)
-        .await
-        .expect("count");
-    pool.close().await;
-    n
-}
-
-async fn start_ticketing(dir: &Path, auth: &str, addr: SocketAddr) -> Node {
+async fn start_ticketing(dir: &Path, db: &TestDatabase, auth: &str, addr: SocketAddr) -> Node {
     let mut p = verifying(auth);
     p.extend(pairs(&[(
         "TICKETING_DATA_DIR",
         dir.join("ticketing").display().to_string(),
     )]));
+    p.extend(db.env("TICKETING"));
     let e = env(&p);
     let mut r = Reader::new(&e);
     let settings = ticketing::Settings::read(&mut r);
@@ -319,13 +359,14 @@ pub async fn login(auth: &str, user: &str) -> String {
     a.body["access_token"].as_str().unwrap().to_owned()
 }
 
-async fn start_mail(dir: &Path, auth: &str, addr: SocketAddr) -> Node {
+async fn start_mail(dir: &Path, db: &TestDatabase, auth: &str, addr: SocketAddr) -> Node {
     let mut p = verifying(auth);
     p.extend(pairs(&[
         ("MAIL_DATA_DIR", dir.join("mail").display().to_string()),
         ("MAIL_POLL_MS", "50".to_owned()),
         ("MAIL_RETRY_BASE_MS", "50".to_owned()),
     ]));
+    p.extend(db.env("MAIL"));
     let e = env(&p);
     let mut r = Reader::new(&e);
     let settings = mail::Settings::read(&mut r);
