@@ -338,9 +338,14 @@ mod tests {
 
     #[test]
     fn wrk_latencies_are_read_in_every_unit() {
-        assert_eq!(latency_ms("812.00us"), Some(0.812));
-        assert_eq!(latency_ms("1.23ms"), Some(1.23));
-        assert_eq!(latency_ms("2.01s"), Some(2010.0));
+        let close = |text: &str, ms: f64| {
+            let got = latency_ms(text).unwrap();
+            assert!((got - ms).abs() < 1e-9, "{text}: {got}");
+        };
+        close("812.00us", 0.812);
+        close("1.23ms", 1.23);
+        close("2.01s", 2010.0);
+        close("1.50m", 90_000.0);
         assert_eq!(latency_ms("fast"), None);
     }
 
@@ -351,9 +356,9 @@ mod tests {
              Non-2xx or 3xx responses: 4\nRequests/sec:    512.25\n"
                 .to_owned(),
         );
-        assert_eq!(load.per_second, 512.25);
-        assert_eq!(load.p50_ms, Some(3.10));
-        assert_eq!(load.p99_ms, Some(20.5));
+        assert!((load.per_second - 512.25).abs() < 1e-9);
+        assert!((load.p50_ms.unwrap() - 3.10).abs() < 1e-9);
+        assert!((load.p99_ms.unwrap() - 20.5).abs() < 1e-9);
         assert_eq!(load.non_2xx, 4);
     }
 }

@@ -386,6 +386,9 @@ fn env_of(service: &str, index: usize, layout: &Layout, data: &Path) -> Vec<(Str
         set("MAIL_LEASE_SECS", "10".to_owned());
     }
     if service == "orders" {
+        // Events claimed by a relay that died are delivered by another
+        // replica's relay after this long.
+        set("ORDERS_RELAY_LEASE_MS", "10000".to_owned());
         set("CHASSIS_CLIENT_TOKEN_URL", format!("{auth}/auth/v1/token"));
         set("CHASSIS_CLIENT_ID", "orders".to_owned());
         set("CHASSIS_CLIENT_SECRET", ORDERS_SECRET.to_owned());
