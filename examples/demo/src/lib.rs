@@ -96,6 +96,9 @@ impl Options {
                 self.replicas
             ));
         }
+        if let Some(url) = &self.postgres {
+            postgres::database_url(url, postgres::PREFIX)?;
+        }
         if self.replicas > 1 && self.postgres.is_none() {
             return Err(format!(
                 "--replicas {} needs --postgres <url>: on SQLite each service's database is a \
