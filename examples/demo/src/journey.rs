@@ -267,7 +267,7 @@ pub fn replicas_text(e: &Endpoints, layout: &Layout) -> String {
         return String::new();
     }
     let mut text = String::from(
-        "\nReplicas (every client balances its calls over every replica of its downstream):\n\n",
+        "\n\nReplicas (every client balances its calls over every replica of its downstream):\n\n",
     );
     for s in SERVICES {
         let db = layout
