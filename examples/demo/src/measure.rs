@@ -96,7 +96,8 @@ fn wrk() -> Result<PathBuf, String> {
 
 const SCRIPT: &str = r#"-- One order per request, each with its own Idempotency-Key.
 local counter = 0
-local prefix = tostring(os.time()) .. "-" .. tostring(math.random(1, 1000000000))
+-- PREFIX is unique per run of wrk (several run at once, one per replica).
+local prefix = "PREFIX"
 request = function()
   counter = counter + 1
   return wrk.format("POST", "/orders/v1/acme/orders", {
@@ -114,6 +115,7 @@ pub const MEASURE_PREFIX: &str = "chassis_demo_measure";
 /// Runs the measurements on the system `options` describe and prints a
 /// table.
 pub async fn run(data: Option<PathBuf>, options: Options) -> ExitCode {
+    let fresh = data.is_none();
     let data = data.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("chassis-demo-measure-{}", chassis::id::uuid_v7()))
     });
@@ -126,7 +128,9 @@ pub async fn run(data: Option<PathBuf>, options: Options) -> ExitCode {
     match result {
         Ok(table) => {
             println!("{table}");
-            let _ = std::fs::remove_dir_all(&data);
+            if fresh {
+                let _ = std::fs::remove_dir_all(&data);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -225,12 +229,18 @@ async fn measure(data: &Path, options: &Options) -> Result<String, String> {
 
     let e = system.endpoints();
     let (token, ticket) = journey::load_setup(&e).await.map_err(|e| e.to_string())?;
-    let script = data.join("orders.lua");
-    std::fs::write(
-        &script,
-        SCRIPT.replace("TOKEN", &token).replace("TICKET", &ticket),
-    )
-    .map_err(|e| e.to_string())?;
+    let run = chassis::id::uuid_v7();
+    let script = |i: usize| data.join(format!("orders-{i}.lua"));
+    for i in 0..n {
+        std::fs::write(
+            script(i),
+            SCRIPT
+                .replace("TOKEN", &token)
+                .replace("TICKET", &ticket)
+                .replace("PREFIX", &format!("{run}-{i}")),
+        )
+        .map_err(|e| e.to_string())?;
+    }
     let secs = env_u64("DEMO_LOAD_SECS", 20);
     let connections = usize::try_from(env_u64("DEMO_LOAD_CONNECTIONS", 16))
         .unwrap_or(16)
@@ -248,7 +258,7 @@ async fn measure(data: &Path, options: &Options) -> Result<String, String> {
                 format!("-d{secs}s"),
                 "--latency".to_owned(),
                 "-s".to_owned(),
-                script.display().to_string(),
+                script(i).display().to_string(),
                 url.clone(),
             ])
             .stdout(std::process::Stdio::piped())
@@ -258,7 +268,8 @@ async fn measure(data: &Path, options: &Options) -> Result<String, String> {
         loads.push(child);
     }
     let command = format!(
-        "wrk -t1 -c{connections} -d{secs}s --latency -s orders.lua <orders>{}",
+        "wrk -t1 -c{connections} -d{secs}s --latency -s orders-<i>.lua {}{}",
+        targets.join(" "),
         if n > 1 {
             format!(" (one wrk per replica of orders, {connections} connections among {n})")
         } else {
@@ -298,8 +309,9 @@ async fn measure(data: &Path, options: &Options) -> Result<String, String> {
     };
     let engine = match &options.postgres {
         Some(server) => format!(
-            "PostgreSQL ({}) x {n} replicas of each service",
-            postgres::redact(server)
+            "PostgreSQL ({}), {n} {} of each service",
+            postgres::redact(server),
+            if n == 1 { "process" } else { "processes" }
         ),
         None => "SQLite, one process of each service".to_owned(),
     };

@@ -8,6 +8,25 @@
 //! auth's issuer, token URL and key set can name only one base URL, so they
 //! name auth's first replica (in production, a load balancer or a
 //! Kubernetes Service in front of auth's replicas).
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use demo::system::{Layout, SERVICES, System, current_exe};
+//!
+//! // Three replicas of orders, two of mail, one of auth and ticketing.
+//! let mut layout = Layout::free(&[("orders", 3), ("mail", 2)])?;
+//! for service in SERVICES {
+//!     let url = format!("postgres://postgres@127.0.0.1:5432/demo_{service}");
+//!     layout = layout.postgres(service, url);
+//! }
+//! let data = std::path::Path::new("/tmp/demo-data");
+//! let mut system = System::start_layout(&current_exe()?, data, layout, &[]).await?;
+//! system.kill("orders", 1).await; // SIGKILL, as a crash
+//! system.restart("orders", 1).await?; // and back, once ready
+//! system.stop().await;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::{
     fs::OpenOptions,
