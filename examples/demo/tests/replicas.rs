@@ -92,7 +92,15 @@ async fn replicas_killed_at_random_lose_no_order_send_no_confirmation_twice_and_
         &exe(),
         &data,
         layout,
-        &[("MAIL_SMTP_URL", smtp_url.as_str())],
+        &[
+            ("MAIL_SMTP_URL", smtp_url.as_str()),
+            // 8 processes × 3 connections at most: room on a server other
+            // test runs share.
+            ("AUTH_DB_POOL_SIZE", "2"),
+            ("TICKETING_DB_POOL_SIZE", "2"),
+            ("MAIL_DB_POOL_SIZE", "2"),
+            ("ORDERS_DB_POOL_SIZE", "2"),
+        ],
     )
     .await
     .expect("every replica starts");
