@@ -52,7 +52,9 @@ impl Server {
 fn postgres_address(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     if host.contains(':') && !host.ends_with(']') {
         host.to_owned()
     } else {
@@ -138,8 +140,14 @@ mod tests {
 
     #[test]
     fn the_server_address_comes_from_the_url() {
-        assert_eq!(postgres_address("postgres://postgres@127.0.0.1:5432/test"), "127.0.0.1:5432");
-        assert_eq!(postgres_address("postgres://u:p@db/x?sslmode=disable"), "db:5432");
+        assert_eq!(
+            postgres_address("postgres://postgres@127.0.0.1:5432/test"),
+            "127.0.0.1:5432"
+        );
+        assert_eq!(
+            postgres_address("postgres://u:p@db/x?sslmode=disable"),
+            "db:5432"
+        );
         assert_eq!(postgres_address("postgresql://[::1]:6543/x"), "[::1]:6543");
     }
 
@@ -148,7 +156,11 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap().to_string();
         drop(listener);
-        let server = Server { name: "x", address, needed_by: "y" };
+        let server = Server {
+            name: "x",
+            address,
+            needed_by: "y",
+        };
         assert!(server.unreachable().is_some());
     }
 }

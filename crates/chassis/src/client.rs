@@ -34,17 +34,25 @@
 //!   service it was not minted for; [`Downstream::anonymous`] sends none;
 //! * **TLS**: `https://` base URLs are verified against the platform's roots
 //!   and `CHASSIS_TLS_CA_FILE`, HTTP/2 by ALPN (see [`crate::tls`]);
+//! * **replicas**: a downstream may have several addresses, a list or a DNS
+//!   name looked up again and again; each attempt goes to the less loaded
+//!   of two, and an address that keeps failing is ejected for a while
+//!   (see [several addresses](#several-addresses));
 //! * **measurement**: `http_client_request_duration_seconds` with labels
 //!   `service`, `downstream`, `http_request_method` and
 //!   `http_response_status_code` (`error` when there is no answer), the
-//!   breaker's and bulkhead's metrics named after the downstream, and a
-//!   warning in the log for each failed call.
+//!   breaker's and bulkhead's metrics named after the downstream, for a
+//!   downstream with several addresses `http_client_endpoints` and
+//!   `http_client_ejections_total` (see
+//!   [several addresses](#several-addresses)), and a warning in the log for
+//!   each failed call.
 //!
 //! The stack, outermost first:
 //!
 //! ```text
 //! metrics → correlation + traceparent → identity → deadline → retry
-//!   → circuit breaker → bulkhead → per-attempt timeout (sets x-timeout-ms)
+//!   → circuit breaker → bulkhead → address choice (several addresses only)
+//!   → per-attempt timeout (sets x-timeout-ms)
 //!   → failure injection (off unless configured) → connection pool
 //! ```
 //!
@@ -72,7 +80,7 @@
 //!
 //! | setting | variable suffix | default |
 //! |---|---|---|
-//! | base URL (`https://`, or `http://` on loopback or behind a TLS sidecar) | `URL` | given in code |
+//! | base URL (`https://`, or `http://` on loopback or behind a TLS sidecar); a comma-separated list, or one `dns+https://name:port` (see [several addresses](#several-addresses)) | `URL` | given in code |
 //! | audience of this downstream's tokens (service tokens ask for it; calls on behalf of a caller exchange the caller's token for it) | `AUDIENCE` | none: the token source's own audience, the caller's token forwarded |
 //! | per-attempt timeout | `TIMEOUT_MS` | 2 000 ms |
 //! | deadline of the whole call, retries included | `DEADLINE_MS` | 5 000 ms |
@@ -94,6 +102,11 @@
 //! | idle connections kept per host | `POOL_MAX_IDLE` | 32 |
 //! | idle connection lifetime | `POOL_IDLE_TIMEOUT_MS` | 90 000 ms |
 //! | failure injection | `FAULT_DELAY_MS`, `FAULT_DELAY_PERCENT`, `FAULT_ABORT_PERCENT`, `FAULT_ABORT_STATUS` | off |
+//! | failures in a row that eject an address | `OUTLIER_CONSECUTIVE_FAILURES` | 3 |
+//! | first ejection of an address (doubles for each ejection in a row) | `OUTLIER_EJECT_MS` | 10 000 ms |
+//! | longest ejection | `OUTLIER_EJECT_MAX_MS` | 300 000 ms |
+//! | most addresses ejected at once, % (0: never) | `OUTLIER_MAX_EJECT_PERCENT` | 50 |
+//! | interval between lookups of a `dns+` name | `DNS_REFRESH_MS` | 5 000 ms |
 //!
 //! A half-open probe may take at most the per-attempt timeout.
 //!
@@ -117,6 +130,121 @@
 //!   it (100 calls, at least 20 judged), a 50 % failure rate, and an open
 //!   time close to how long the downstream takes to recover (restart, fail
 //!   over): 10 s by default.
+//!
+//! # Several addresses
+//!
+//! A downstream that runs as several replicas is still one downstream: one
+//! name, one breaker, one bulkhead, one retry budget. Its `URL` says where
+//! the replicas are, in one of two forms:
+//!
+//! * **a list**: base URLs separated by commas,
+//!   `http://10.0.0.5:8080,http://10.0.0.6:8080`
+//!   ([`DownstreamBuilder::base_urls`] in code). They must share the scheme
+//!   and the path; an empty entry, a bad URL, mixed schemes, different paths
+//!   and an address listed twice are each a problem of the configuration,
+//!   all reported at once. Each address is sent as the `Host` of its calls
+//!   and, with `https://`, its certificate is verified for that host.
+//! * **a DNS name**: `dns+https://ticketing-headless.shop.svc:8443/api`.
+//!   The name is looked up (the system's resolver, through
+//!   `tokio::net::lookup_host`) at the first call and again every
+//!   `DNS_REFRESH_MS` while calls are made: a call that finds the last
+//!   lookup too old starts the next one in the background and goes on with
+//!   the addresses it has, so only the first call waits for DNS, and no task
+//!   runs for a downstream nobody calls. The calls go to the addresses, but
+//!   `Host` and the certificate's expected name stay the DNS name. An
+//!   address that stays in the answer keeps its load and its ejection; a
+//!   lookup that fails or comes back empty keeps the addresses known (a DNS
+//!   hiccup must not empty a healthy downstream; a lookup without an answer
+//!   in 10 s counts as failed). This is the **Kubernetes
+//!   headless-service convention**: a `Service` with `clusterIP: None` has
+//!   a name that resolves to the ready pods' addresses, so that the caller,
+//!   not kube-proxy, spreads the calls, and a pod that stops being ready
+//!   leaves the answer within the DNS TTL (30 s by default in CoreDNS, which
+//!   bounds how fresh a lookup can be whatever the interval). A single
+//!   address through a normal `ClusterIP` service stays the plain form.
+//!
+//! **Choice.** Each attempt goes to the less loaded (fewer attempts in
+//! flight from this process) of two addresses drawn at random among those
+//! not ejected: the *power of two choices*, which avoids the herd that
+//! "least loaded of all" makes and the blind spots of round robin, at the
+//! cost of two loads read. A retry draws again, leaving out the address
+//! the call's previous attempt went to whenever another is left, so that a
+//! stopped replica costs the caller one failed attempt, not three. An
+//! attempt that could not connect never reached the replica, so it is
+//! retried on another address whatever the method, a `POST` without an
+//! `Idempotency-Key` included ([`crate::retry::NotSent`]); with one
+//! address such a call is not retried, as the same address would refuse
+//! it again.
+//!
+//! **Ejection** (outlier detection, after Envoy's
+//! `consecutive_gateway_failure`). An address whose attempts fail
+//! `OUTLIER_CONSECUTIVE_FAILURES` times in a row is left out of the choice
+//! for `OUTLIER_EJECT_MS`; each further ejection in a row doubles it, up to
+//! `OUTLIER_EJECT_MAX_MS` (Envoy multiplies linearly; doubling reaches the
+//! cap sooner for a replica that stays down). A failure is what says the
+//! *address* is bad: the connection could not be made or broke, the
+//! attempt timed out, or a 502, 503 or 504 came back; a 500 or a 4xx is an
+//! answer (every replica would give it) and resets the count, as does any
+//! other answer. Injected faults count for nothing. When its time is over,
+//! the address comes back on probation: one more failure ejects it again,
+//! for twice as long; once it has stayed healthy as long as it was last
+//! out, the next ejection starts from the base time again. Never more than
+//! `OUTLIER_MAX_EJECT_PERCENT` of the addresses are out at once (at least
+//! one of two or more may always go, as in Envoy), so that a fault of the
+//! whole downstream cannot eject every replica and leave none to call; if
+//! all are out anyway (100 %), all are called rather than none. An address
+//! alone is never ejected.
+//!
+//! **Breaker and bulkhead stay per downstream.** Ejection acts first and on
+//! one replica: a stopped replica costs a failed attempt or a few, the
+//! retry goes elsewhere, the call succeeds, and the breaker sees mostly
+//! successes. The breaker opens only when the downstream *as a whole*
+//! fails (every replica, or more of them than may be ejected), which is
+//! when calling it at all is useless. The bulkhead caps the calls in flight
+//! to the whole downstream, whatever the number of addresses: it protects
+//! the caller (its tasks, sockets and memory), not one replica; the choice
+//! by load is what keeps one replica from taking more than its share.
+//! Every attempt, whichever its address, counts in the breaker and draws on
+//! the one retry budget.
+//!
+//! **Measurement.** `http_client_endpoints` (gauge, labels `service`,
+//! `downstream`, `state`: `healthy` or `ejected`) counts the addresses, set
+//! when the addresses change, one is ejected, or one is found back at the
+//! next call; `http_client_ejections_total` (counter, labels `service`,
+//! `downstream`) counts ejections, each also a warning in the log naming
+//! the address. [`Downstream::endpoints`] lists the addresses with their
+//! state, e.g. for a status page. The client span of each attempt names
+//! the address called.
+//!
+//! **Why not `tower::balance`.** tower's `p2c::Balance` holds its endpoints
+//! as services discovered from a `Discover` stream and is not `Clone`: each
+//! downstream would need a `Buffer` (a task and a channel hop per attempt)
+//! in front of it, and an endpoint per address, each a client of its own,
+//! where here one hyper-util pool already keeps connections per address.
+//! It has no outlier ejection, and its choice happens in `poll_ready`,
+//! before the request is seen, so a retry cannot avoid the address that
+//! just failed. The choice here is one step that rewrites the attempt's
+//! address (its URI's authority) and counts its outcome, for a few
+//! uncontended locks and two small allocations per attempt.
+//!
+//! **One address costs nothing.** With one base URL the stack is built
+//! without the address choice: no lock, no count, no allocation is added
+//! to a call.
+//!
+//! ```
+//! use chassis::client::Downstream;
+//! use chassis::config::{Env, Reader};
+//!
+//! let env = Env::from_pairs([
+//!     ("CHASSIS_DOWNSTREAM_TICKETING_URL", "http://127.0.0.1:8082,http://127.0.0.1:8092"),
+//!     ("CHASSIS_DOWNSTREAM_TICKETING_OUTLIER_EJECT_MS", "5000"),
+//! ]);
+//! let mut r = Reader::new(&env);
+//! let ticketing = Downstream::builder("ticketing", "http://127.0.0.1:8082").read(&mut r);
+//! r.finish().unwrap();
+//! let addresses: Vec<String> = ticketing.endpoints().into_iter().map(|e| e.address).collect();
+//! assert_eq!(addresses, ["127.0.0.1:8082", "127.0.0.1:8092"]);
+//! ```
 //!
 //! This module is the `client` feature (on by default), which enables
 //! `tls`. A service that calls no other service can leave it out.
@@ -710,24 +838,20 @@ impl DownstreamBuilder {
             (t, None) => t.clone(),
             (None, Some(_)) => None,
         };
-        let mut server_name = None;
         let balancer = targets.map(|targets| {
             let targets = match targets {
                 Several::List(list) => balance::Targets::List(list),
-                Several::Dns { host, port } => {
-                    server_name = Some(host.clone());
-                    balance::Targets::Dns {
-                        host,
-                        port,
-                        host_header: HeaderValue::from_str(authority.as_str())
-                            .expect("an authority is a valid header value"),
-                        refresh: s.dns_refresh,
-                        resolve: self
-                            .resolver
-                            .clone()
-                            .unwrap_or_else(balance::system_resolver),
-                    }
-                }
+                Several::Dns { host, port } => balance::Targets::Dns {
+                    host,
+                    port,
+                    host_header: HeaderValue::from_str(authority.as_str())
+                        .expect("an authority is a valid header value"),
+                    refresh: s.dns_refresh,
+                    resolve: self
+                        .resolver
+                        .clone()
+                        .unwrap_or_else(balance::system_resolver),
+                },
             };
             balance::Balancer::new(&name, targets, s.outlier)
         });
@@ -739,7 +863,6 @@ impl DownstreamBuilder {
             breaker.clone(),
             bulkhead.clone(),
             balancer.clone(),
-            server_name.as_deref(),
         );
         Ok(Downstream {
             inner: Arc::new(Inner {

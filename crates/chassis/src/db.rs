@@ -187,8 +187,7 @@ use std::{
 };
 
 use sqlx::{
-    AnyPool, Connection as _,
-    AnyConnection,
+    AnyConnection, AnyPool, Connection as _,
     any::{AnyConnectOptions, AnyPoolOptions},
     migrate::Migrator,
 };
@@ -298,10 +297,8 @@ impl DbConfig {
             &url_var,
             "postgres:// URL of the service's database; unset: SQLite in the data directory",
         );
-        if let Some(url) = &url {
-            if let Err(problem) = check_url(url.expose()) {
-                r.problem(&url_var, problem);
-            }
+        if let Some(Err(problem)) = url.as_ref().map(|url| check_url(url.expose())) {
+            r.problem(&url_var, problem);
         }
         let pool_var = format!("{prefix}_DB_POOL_SIZE");
         let pool_size: u32 = r.optional(
@@ -322,11 +319,8 @@ impl DbConfig {
             r.problem(&acquire_var, "must be at least 1");
         }
         let cache_var = format!("{prefix}_DB_WRITER_CACHE_MIB");
-        let writer_cache_mib: u32 = r.optional(
-            &cache_var,
-            16,
-            "page cache of the SQLite writer, in MiB",
-        );
+        let writer_cache_mib: u32 =
+            r.optional(&cache_var, 16, "page cache of the SQLite writer, in MiB");
         if writer_cache_mib == 0 {
             r.problem(&cache_var, "must be at least 1");
         }
@@ -527,11 +521,8 @@ impl Database {
                     "PRAGMA journal_mode = WAL; {each}; PRAGMA cache_size = {}",
                     -i64::from(config.writer_cache_mib) * 1024
                 );
-                let options: AnyConnectOptions =
-                    format!("{url}?mode=rwc").parse().map_err(open)?;
-                let mut writer = AnyConnection::connect_with(&options)
-                    .await
-                    .map_err(open)?;
+                let options: AnyConnectOptions = format!("{url}?mode=rwc").parse().map_err(open)?;
+                let mut writer = AnyConnection::connect_with(&options).await.map_err(open)?;
                 sqlx::raw_sql(sqlx::AssertSqlSafe(writer_setup))
                     .execute(&mut writer)
                     .await
@@ -697,8 +688,9 @@ pub struct WriteCheck(Database);
 
 impl Check for WriteCheck {
     async fn check(&self) -> Result<(), CheckError> {
-        let fail =
-            |e: sqlx::Error| CheckError::new(format!("database {} takes no writes: {e}", self.0.name));
+        let fail = |e: sqlx::Error| {
+            CheckError::new(format!("database {} takes no writes: {e}", self.0.name))
+        };
         let tx = self.0.begin_write().await.map_err(fail)?;
         tx.rollback().await.map_err(fail)
     }
@@ -1001,6 +993,38 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[tokio::test]
+    async fn a_write_dropped_unfinished_frees_the_file_for_another_process() {
+        let dir = temp_dir("dropped");
+        let a = without_busy_handler(&dir, Duration::from_secs(60)).await;
+        // Another handle on the file, as a second process would be, that
+        // waits for the lock at most 5 s.
+        let b = Database::open(&DbConfig::new(&dir, "t.db")).await.unwrap();
+        async fn fails_half_way(db: &Database) -> Result<(), sqlx::Error> {
+            let mut tx = db.begin_write().await?;
+            sqlx::query("UPDATE counter SET n = 5")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO no_such_table VALUES (1)")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+        assert!(fails_half_way(&a).await.is_err());
+        // `a` does not write again; `b` gets the lock all the same, and
+        // sees nothing of the failed transaction.
+        let mut tx = b.begin_write().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT n FROM counter")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+        tx.commit().await.unwrap();
+        a.close().await;
+        b.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn reads_its_settings_and_reports_problems() {
         let env = Env::from_pairs([
@@ -1020,10 +1044,18 @@ mod tests {
             (Duration::from_secs(5), Duration::from_millis(250), 64)
         );
 
-        let defaults = DbConfig::read(&mut Reader::new(&Env::from_pairs::<&str, &str>([])), "ORDERS", "orders");
+        let defaults = DbConfig::read(
+            &mut Reader::new(&Env::from_pairs::<&str, &str>([])),
+            "ORDERS",
+            "orders",
+        );
         assert_eq!(defaults.path(), PathBuf::from("data/orders/orders.db"));
         assert_eq!(
-            (defaults.pool_size, defaults.acquire_timeout, defaults.writer_cache_mib),
+            (
+                defaults.pool_size,
+                defaults.acquire_timeout,
+                defaults.writer_cache_mib
+            ),
             (4, Duration::from_secs(5), 16)
         );
 
@@ -1055,7 +1087,10 @@ mod tests {
         let url = "postgres://orders:hunter2@db.internal:5432/orders?sslmode=require&password=x";
         let c = DbConfig::new("/srv", "o.db").postgres(url);
         assert_eq!(c.backend(), Backend::Postgres);
-        assert_eq!(c.display_name(), "postgres://orders@db.internal:5432/orders");
+        assert_eq!(
+            c.display_name(),
+            "postgres://orders@db.internal:5432/orders"
+        );
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(redacted("postgresql://db/x"), "postgresql://db/x");
         assert_eq!(redacted("nonsense"), "(an unreadable database URL)");
@@ -1068,7 +1103,9 @@ mod tests {
     #[tokio::test]
     async fn a_file_named_with_url_characters_opens() {
         let dir = temp_dir("name?with#odd%chars");
-        let db = Database::open(&DbConfig::new(&dir, "a?b.db")).await.unwrap();
+        let db = Database::open(&DbConfig::new(&dir, "a?b.db"))
+            .await
+            .unwrap();
         sqlx::query("CREATE TABLE t (n BIGINT)")
             .execute(&mut *db.writer().await.unwrap())
             .await

@@ -24,7 +24,7 @@
 //! | Authentication | verifies a bearer JWT on every non-public call, locally, with keys from the issuer's JWKS | [`auth`] (verification: feature `jwt`) |
 //! | Authorization | checks `service:account:operation:object` permissions against the caller's grants; deny wins; no grant, no access | [`permission`] |
 //! | Audit | writes exactly one audit event per API call, allowed or not, without ever slowing it | [`audit`] |
-//! | Calls to other services | calls each downstream with a per-attempt timeout and a deadline sent as `x-timeout-ms`, safe retries within a budget, a breaker and a bulkhead, its correlation id and trace, and an identity chosen per call | `client` (feature `client`) |
+//! | Calls to other services | calls each downstream with a per-attempt timeout and a deadline sent as `x-timeout-ms`, safe retries within a budget, a breaker and a bulkhead, its replicas balanced with outlier ejection, its correlation id and trace, and an identity chosen per call | `client` (feature `client`) |
 //! | Outbound TLS | verifies every `https://` peer's certificate and host name against the platform's roots and `CHASSIS_TLS_CA_FILE`; offers HTTP/2 | `tls` (feature `tls`) |
 //! | Circuit breakers | stops calling a failing downstream, probes it, never wedges | [`circuit_breaker`] |
 //! | Bulkheads | bounds the calls in flight to each downstream; refuses fast | [`bulkhead`] |
@@ -131,6 +131,9 @@ pub mod client;
 pub mod config;
 pub mod context;
 pub mod correlation;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub mod db;
 mod env;
 pub mod fault;
 pub mod health;
@@ -146,9 +149,6 @@ pub mod protect;
 pub mod retry;
 pub mod service;
 pub mod shutdown;
-#[cfg(feature = "sqlite")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub mod db;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]

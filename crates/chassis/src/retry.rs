@@ -8,7 +8,8 @@
 //! * **only idempotent calls**: `GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE`, or
 //!   a request carrying an `Idempotency-Key` (the downstream deduplicates),
 //!   or one the caller marked [`RetrySafe`] because the downstream documents
-//!   the operation as idempotent;
+//!   the operation as idempotent; or any call whose attempt failed with
+//!   [`NotSent`] (it never reached the downstream);
 //! * **only retryable failures**: a transport error or timeout, or a 502,
 //!   503, 504 or 429 answer; never a call the circuit breaker or the bulkhead
 //!   refused (that is the point of them), never another 4xx;
@@ -143,6 +144,39 @@ impl RetryPolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RetrySafe;
 
+/// The error of an attempt that never reached the downstream: no
+/// connection could be made, so nothing was sent. [`RetryPolicy`] retries
+/// it whatever the method, since sending the request again cannot do
+/// anything twice. The client's address choice marks connection failures
+/// so when the downstream has [several addresses](crate::client#several-addresses),
+/// where the retry goes to another one.
+#[derive(Debug)]
+pub struct NotSent(BoxError);
+
+impl NotSent {
+    /// Marks `error` as the error of a request that was not sent.
+    pub fn new(error: BoxError) -> Self {
+        Self(error)
+    }
+
+    /// The error that kept the request from being sent.
+    pub fn error(&self) -> &BoxError {
+        &self.0
+    }
+}
+
+impl fmt::Display for NotSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "not sent: {}", self.0)
+    }
+}
+
+impl std::error::Error for NotSent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
 /// Whether a request may be sent twice: an idempotent method, an
 /// `Idempotency-Key`, or the [`RetrySafe`] extension.
 pub fn is_retry_safe<B>(req: &Request<B>) -> bool {
@@ -169,13 +203,15 @@ impl<B: Clone, R> Policy<Request<B>, Response<R>, BoxError> for RetryPolicy {
             // One deposit per original request.
             self.budget.0.deposit();
         }
-        let headers = match result {
-            Ok(res) if retryable_status(res.status()) => Some(res.headers()),
+        let (headers, unsent) = match result {
+            Ok(res) if retryable_status(res.status()) => (Some(res.headers()), false),
             Ok(_) => return None,
             Err(e) if e.is::<CircuitOpen>() || e.is::<BulkheadFull>() => return None,
-            Err(_) => None,
+            Err(e) => (None, e.is::<NotSent>()),
         };
-        if !is_retry_safe(req) || self.attempt + 1 >= self.max_attempts || !self.budget.0.withdraw()
+        if !(unsent || is_retry_safe(req))
+            || self.attempt + 1 >= self.max_attempts
+            || !self.budget.0.withdraw()
         {
             return None;
         }
@@ -277,6 +313,29 @@ mod tests {
         let res = svc.oneshot(marked).await.unwrap();
         assert_eq!(res.status(), 503);
         assert_eq!(hits.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_was_not_sent_is_retried_whatever_its_method() {
+        for (unsent, want) in [(true, 3), (false, 1)] {
+            let hits = Arc::new(AtomicUsize::new(0));
+            let counter = hits.clone();
+            let svc =
+                RetryLayer::new(generous()).layer(service_fn(move |_req: Request<String>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let refused: BoxError = "connection refused".into();
+                        Err::<Response<()>, BoxError>(if unsent {
+                            Box::new(NotSent::new(refused))
+                        } else {
+                            refused
+                        })
+                    }
+                }));
+            let err = svc.oneshot(req(Method::POST, false)).await.unwrap_err();
+            assert_eq!(err.is::<NotSent>(), unsent);
+            assert_eq!(hits.load(Ordering::SeqCst), want, "unsent={unsent}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -67,7 +67,8 @@ mod token_endpoint;
 
 #[cfg(feature = "postgres")]
 pub use database::{
-    BACKEND_VAR, DEFAULT_POSTGRES, POSTGRES_VAR, REQUIRE_VAR, TestDatabase, TestPostgres, test_backend,
+    BACKEND_VAR, DEFAULT_POSTGRES, POSTGRES_VAR, REQUIRE_VAR, TestDatabase, TestPostgres,
+    test_backend,
 };
 pub use otlp::{OtlpReceiver, ReceivedEvent, ReceivedSpan};
 pub use pki::{TestCert, TestPki};

@@ -183,6 +183,43 @@ async fn a_stopped_replica_is_ejected_without_an_error_and_comes_back() {
     assert!(d.endpoints().iter().all(|e| !e.ejected));
 }
 
+/// A replica that refuses connections costs a `POST` without an
+/// `Idempotency-Key` nothing either: a request that never left is sent to
+/// another address. With one address it is not retried, as before.
+#[tokio::test]
+async fn a_request_refused_a_connection_goes_to_another_replica_whatever_its_method() {
+    let replica = Replica::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let d = Downstream::builder("lb-post", &refused)
+        .base_urls([refused.clone(), replica.url()])
+        .backoff(Duration::from_millis(1), Duration::from_millis(2))
+        .build()
+        .unwrap();
+    let cx = CallContext::background();
+    for n in 0..50 {
+        let res = d.anonymous(&cx).post("/orders").send().await;
+        assert!(res.is_ok(), "call {n}: {res:?}");
+    }
+    assert_eq!(replica.hits(), 50);
+
+    let alone = Downstream::builder("lb-post-alone", &refused)
+        .backoff(Duration::from_millis(1), Duration::from_millis(2))
+        .build()
+        .unwrap();
+    let err = alone
+        .anonymous(&cx)
+        .post("/orders")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, chassis::client::ClientError::Connection { .. }),
+        "{err:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_dns_name_is_resolved_and_the_host_header_keeps_it() {
     let replica = Replica::start().await;

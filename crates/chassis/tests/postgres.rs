@@ -176,7 +176,10 @@ async fn a_serialization_failure_is_503_and_the_transaction_runs_again() {
 
     // Two serializable transactions that read and then write the same row:
     // the second to commit is undone with SQLSTATE 40001.
-    async fn increment(db: &Database, pause: Option<&tokio::sync::Barrier>) -> Result<(), sqlx::Error> {
+    async fn increment(
+        db: &Database,
+        pause: Option<&tokio::sync::Barrier>,
+    ) -> Result<(), sqlx::Error> {
         let mut tx = db.begin_write().await?;
         sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
             .execute(&mut *tx)
@@ -194,7 +197,10 @@ async fn a_serialization_failure_is_503_and_the_transaction_runs_again() {
         tx.commit().await
     }
     let barrier = tokio::sync::Barrier::new(2);
-    let (x, y) = tokio::join!(increment(&db, Some(&barrier)), increment(&db, Some(&barrier)));
+    let (x, y) = tokio::join!(
+        increment(&db, Some(&barrier)),
+        increment(&db, Some(&barrier))
+    );
     let failed = x.err().or(y.err()).expect("one of the two is undone");
     assert!(Failure::is_retryable(&failed), "{failed}");
     assert_eq!(Failure::of(&failed), Failure::Unavailable);
@@ -219,12 +225,22 @@ async fn a_serialization_failure_is_503_and_the_transaction_runs_again() {
         .fetch_one(db.pool())
         .await
         .unwrap();
-    assert_eq!(n, 1 + landed, "every increment that returned Ok landed, once");
-    assert!(landed >= 6, "retry ran undone transactions again: {landed} of 8 landed");
+    assert_eq!(
+        n,
+        1 + landed,
+        "every increment that returned Ok landed, once"
+    );
+    assert!(
+        landed >= 6,
+        "retry ran undone transactions again: {landed} of 8 landed"
+    );
 
     // A unique key taken is a conflict, as on SQLite.
     let insert = "INSERT INTO names VALUES ('a')";
-    sqlx::query(insert).execute(&mut *db.writer().await.unwrap()).await.unwrap();
+    sqlx::query(insert)
+        .execute(&mut *db.writer().await.unwrap())
+        .await
+        .unwrap();
     let taken = sqlx::query(insert)
         .execute(&mut *db.writer().await.unwrap())
         .await
@@ -251,7 +267,10 @@ async fn a_pool_with_no_connection_to_spare_answers_503_in_time() {
     let late = db.begin_write().await.unwrap_err();
     assert!(matches!(late, sqlx::Error::PoolTimedOut), "{late}");
     assert_eq!(chassis::Problem::from(StoreError::from(late)).status(), 503);
-    assert!(db.check().await.is_err(), "no connection to check with: not ready");
+    assert!(
+        db.check().await.is_err(),
+        "no connection to check with: not ready"
+    );
     drop(second);
     first.rollback().await.unwrap();
     assert!(db.check().await.is_ok());

@@ -160,6 +160,41 @@ async fn a_wrong_host_name_is_refused() {
     );
 }
 
+/// A `dns+https://` downstream connects to the addresses of its name but
+/// verifies the certificate for the name (the certificate has no IP in it).
+#[tokio::test]
+async fn a_dns_name_is_verified_as_the_name_not_its_address() {
+    let pki = TestPki::new("CA");
+    let addr = pki
+        .server_cert(&["localhost"])
+        .serve(version_router(), true)
+        .await;
+    let d = downstream(
+        &format!("dns+https://localhost:{}", addr.port()),
+        pki.client_tls(),
+    );
+    assert_eq!(version_over(&d).await.unwrap(), "HTTP/2.0");
+    assert!(
+        d.endpoints()
+            .iter()
+            .any(|e| e.address == format!("127.0.0.1:{}", addr.port()))
+    );
+
+    let other = pki
+        .server_cert(&["ticketing.internal"])
+        .serve(version_router(), true)
+        .await;
+    let d = downstream(
+        &format!("dns+https://localhost:{}", other.port()),
+        pki.client_tls(),
+    );
+    let message = refusal(&d).await;
+    assert!(
+        message.contains("not valid for name \"localhost\""),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn plain_http_and_other_schemes() {
     assert!(

@@ -263,7 +263,8 @@ pub struct Settings {
     /// verifier from `CHASSIS_AUTH_*` checks the tokens of the protected
     /// route.
     pub verify_own_tokens: bool,
-    /// `AUTH_DATA_DIR` and `AUTH_DB_POOL_SIZE`: the database `auth.db`.
+    /// `AUTH_DATABASE_URL`, `AUTH_DATA_DIR` and `AUTH_DB_*`: the Postgres
+    /// database, or the SQLite file `auth.db`.
     pub db: DbConfig,
 }
 
@@ -422,8 +423,9 @@ impl Settings {
     /// | `AUTH_LOGIN_GLOBAL_MAX_FAILURES`, `AUTH_LOGIN_GLOBAL_WINDOW_SECS` | `100`, `60` |
     /// | `AUTH_LOGIN_TRACKED_NAMES` | `10000` |
     /// | `AUTH_PUBLIC_URL` | the address it listens on |
+    /// | `AUTH_DATABASE_URL` | unset: SQLite in `AUTH_DATA_DIR`; a `postgres://` URL for several instances |
     /// | `AUTH_DATA_DIR` | `./data/auth` |
-    /// | `AUTH_DB_POOL_SIZE` | `4` |
+    /// | `AUTH_DB_POOL_SIZE`, `AUTH_DB_ACQUIRE_TIMEOUT_MS` | `4`, `5000` |
     pub fn read(r: &mut Reader<'_>) -> Self {
         let issuer: String = r.optional(
             "AUTH_ISSUER",

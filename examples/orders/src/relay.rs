@@ -443,6 +443,28 @@ impl Check for ParkedCheck {
 mod tests {
     use super::*;
 
+    fn read(pairs: &[(&str, &str)]) -> Result<RelaySettings, chassis::config::ConfigError> {
+        let env = chassis::config::Env::from_pairs(pairs.iter().copied());
+        let mut r = Reader::new(&env);
+        let s = RelaySettings::read(&mut r);
+        r.finish().map(|()| s)
+    }
+
+    #[test]
+    fn the_lease_is_a_setting_of_at_least_a_second() {
+        assert_eq!(read(&[]).unwrap(), RelaySettings::default());
+        assert_eq!(RelaySettings::default().lease, Duration::from_secs(60));
+        let s = read(&[("ORDERS_RELAY_LEASE_MS", "5000")]).unwrap();
+        assert_eq!(s.lease, Duration::from_secs(5));
+        let err = read(&[
+            ("ORDERS_RELAY_LEASE_MS", "999"),
+            ("ORDERS_RELAY_BATCH", "0"),
+        ])
+        .unwrap_err();
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["ORDERS_RELAY_LEASE_MS", "ORDERS_RELAY_BATCH"]);
+    }
+
     #[test]
     fn backoff_doubles_within_full_jitter_and_caps() {
         let base = Duration::from_millis(500);

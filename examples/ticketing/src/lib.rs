@@ -5,15 +5,18 @@
 //!
 //! The ticket products of every account (a name, a price in minor units, a
 //! capacity, a validity period) and the reservations of places in them, in
-//! its own SQLite database (`<TICKETING_DATA_DIR>/ticketing.db`). No other
-//! service opens that file: they call this API, through the driver client
-//! in [`client`].
+//! its own database: a SQLite file (`<TICKETING_DATA_DIR>/ticketing.db`)
+//! for one instance, or the Postgres database `TICKETING_DATABASE_URL`
+//! names for several, with the same handlers ([`chassis::db`]). No other
+//! service opens it: they call this API, through the driver client in
+//! [`client`].
 //!
 //! A reservation holds places for `TICKETING_HOLD_SECS` unless it is
 //! confirmed; a hold past its expiry no longer counts against capacity, and
 //! a background task marks it `expired`. Capacity is enforced by the
-//! database: a reservation is inserted only by a statement that counts the
-//! places left, under SQLite's single write lock.
+//! database, across instances: a reservation's transaction locks the
+//! ticket's row, then inserts only by a statement that counts the places
+//! left.
 //!
 //! # API and permissions
 //!
@@ -42,8 +45,9 @@
 //! | variable | default | meaning |
 //! |---|---|---|
 //! | `TICKETING_HOLD_SECS` | `900` | how long a reservation holds its places unless confirmed (1 to 604800) |
-//! | `TICKETING_DATA_DIR` | `./data/ticketing` | directory of the database file |
-//! | `TICKETING_DB_POOL_SIZE` | `4` | read connections to the database (writes go through one more, the writer) |
+//! | `TICKETING_DATABASE_URL` | unset: SQLite | `postgres://` URL of the database every instance shares |
+//! | `TICKETING_DATA_DIR` | `./data/ticketing` | directory of the SQLite file |
+//! | `TICKETING_DB_POOL_SIZE` | `4` | SQLite: read connections (the writer is one more); Postgres: the pool holds one more |
 //! | `TICKETING_SOLD_OUT_MAIL_TO` | unset | where sold-out notices go; when set, `CHASSIS_CLIENT_*` (this service's own identity) is required and `CHASSIS_DOWNSTREAM_MAIL_*` configures the call |
 //!
 //! # Calls to other services
@@ -137,7 +141,8 @@ pub struct Settings {
     /// How long a reservation holds its places unless confirmed
     /// (`TICKETING_HOLD_SECS`).
     pub hold: Duration,
-    /// The database (`TICKETING_DATA_DIR`, `TICKETING_DB_POOL_SIZE`).
+    /// The database (`TICKETING_DATABASE_URL`, `TICKETING_DATA_DIR`,
+    /// `TICKETING_DB_*`).
     pub db: DbConfig,
     /// Sold-out notices to the operators, sent through mail as this
     /// service (`TICKETING_SOLD_OUT_MAIL_TO`; see [`SoldOutNotices`]).

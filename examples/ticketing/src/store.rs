@@ -421,13 +421,20 @@ impl Store {
     /// many. (They stopped counting against capacity when they expired;
     /// this makes the stored status say so.) Every instance may run it: it
     /// changes only holds still held and already past their expiry.
+    ///
+    /// Two instances expiring at once may lock the same rows in different
+    /// orders (a deadlock on Postgres, which undoes one): that one runs
+    /// again.
     pub(crate) async fn expire_holds(&self) -> Result<u64, ApiError> {
-        let done = sqlx::query(
-            "UPDATE reservations SET status = 'expired'
-             WHERE status = 'held' AND expires_at <= $1",
-        )
-        .bind(timestamp_text(now()))
-        .execute(&mut *self.db.writer().await?)
+        let done = retry(|| async {
+            sqlx::query(
+                "UPDATE reservations SET status = 'expired'
+                 WHERE status = 'held' AND expires_at <= $1",
+            )
+            .bind(timestamp_text(now()))
+            .execute(&mut *self.db.writer().await?)
+            .await
+        })
         .await?;
         Ok(done.rows_affected())
     }

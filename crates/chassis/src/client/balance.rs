@@ -11,7 +11,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError, RwLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -30,9 +30,10 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// Looks a host name up: `tokio::net::lookup_host` in service, another
 /// function in the tests of re-resolution.
 #[derive(Clone)]
-pub(super) struct Resolve(
-    pub(super) Arc<dyn Fn(String, u16) -> BoxFuture<io::Result<Vec<SocketAddr>>> + Send + Sync>,
-);
+pub(super) struct Resolve(pub(super) Arc<dyn Fn(String, u16) -> Lookup + Send + Sync>);
+
+/// One lookup's answer.
+pub(super) type Lookup = BoxFuture<io::Result<Vec<SocketAddr>>>;
 
 impl fmt::Debug for Resolve {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -143,6 +144,8 @@ struct Dns {
     resolve: Resolve,
     /// When the next lookup is due; `None` before the first.
     next: Mutex<Option<Instant>>,
+    /// A lookup in the background is under way.
+    looking_up: AtomicBool,
     /// Calls that find no address wait for one lookup together.
     first: tokio::sync::Mutex<()>,
 }
@@ -165,6 +168,10 @@ struct Health {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The longest a lookup may take; a resolver that does not answer by then
+/// counts as failed, and the addresses known are kept.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -191,6 +198,7 @@ impl Balancer {
                     refresh,
                     resolve,
                     next: Mutex::new(None),
+                    looking_up: AtomicBool::new(false),
                     first: tokio::sync::Mutex::new(()),
                 }),
             ),
@@ -206,6 +214,12 @@ impl Balancer {
         };
         balancer.shared.publish(Instant::now());
         balancer
+    }
+
+    /// The name certificates are verified for: the `dns+` name, whose
+    /// calls go to its addresses.
+    pub(super) fn server_name(&self) -> Option<&str> {
+        self.shared.dns.as_ref().map(|d| d.host.as_str())
     }
 
     /// The addresses and their state now.
@@ -264,25 +278,31 @@ impl Shared {
             return;
         }
         let now = Instant::now();
+        if lock(&dns.next).is_some_and(|due| due > now)
+            || dns.looking_up.swap(true, Ordering::AcqRel)
         {
-            let mut next = lock(&dns.next);
-            match *next {
-                Some(due) if due > now => return,
-                // This call takes the lookup on; the others go on with the
-                // addresses they have.
-                _ => *next = Some(now + dns.refresh),
-            }
+            return;
         }
+        // This call takes the lookup on; the others go on with the
+        // addresses they have.
         let shared = self.clone();
         tokio::spawn(async move {
             if let Some(dns) = &shared.dns {
                 shared.resolve(dns).await;
+                dns.looking_up.store(false, Ordering::Release);
             }
         });
     }
 
     async fn resolve(&self, dns: &Dns) {
-        let result = (dns.resolve.0)(dns.host.clone(), dns.port).await;
+        let lookup = (dns.resolve.0)(dns.host.clone(), dns.port);
+        let result = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {LOOKUP_TIMEOUT:?}"),
+            )),
+        };
         let now = Instant::now();
         *lock(&dns.next) = Some(now + dns.refresh);
         match result {
@@ -555,7 +575,7 @@ fn failed(result: &Result<Response<Bytes>, BoxError>) -> Option<bool> {
         Ok(res) => Some(matches!(res.status().as_u16(), 502..=504)),
         Err(e) if e.is::<AttemptTimedOut>() => Some(true),
         Err(e) => match e.downcast_ref::<TransportError>() {
-            Some(TransportError::Connection(_)) => Some(true),
+            Some(TransportError::Connect(_) | TransportError::Connection(_)) => Some(true),
             _ => None,
         },
     }
@@ -608,7 +628,15 @@ where
             if let Some(failed) = failed(&result) {
                 shared.record(&endpoint, failed, Instant::now());
             }
-            result
+            // Another address may take a request that never left, whatever
+            // its method.
+            result.map_err(|e| {
+                if matches!(e.downcast_ref(), Some(TransportError::Connect(_))) {
+                    Box::new(crate::retry::NotSent::new(e)) as BoxError
+                } else {
+                    e
+                }
+            })
         })
     }
 }

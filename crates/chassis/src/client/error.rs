@@ -226,9 +226,13 @@ impl ClientError {
                 after: t.0,
             };
         }
+        if let Some(unsent) = e.downcast_ref::<crate::retry::NotSent>() {
+            return Self::from_stack(&downstream, unsent.error());
+        }
         if let Some(t) = e.downcast_ref::<transport::TransportError>() {
             return match t {
-                transport::TransportError::Connection(message) => Self::Connection {
+                transport::TransportError::Connect(message)
+                | transport::TransportError::Connection(message) => Self::Connection {
                     downstream,
                     message: message.clone(),
                 },

@@ -52,6 +52,9 @@ pub(super) struct AttemptTimedOut(pub(super) Duration);
 /// The connection pool failed.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum TransportError {
+    /// No connection could be made: the request was not sent.
+    #[error("{0}")]
+    Connect(String),
     #[error("{0}")]
     Connection(String),
     #[error("{0}")]
@@ -66,8 +69,8 @@ pub(super) fn stack(
     breaker: CircuitBreaker,
     bulkhead: Bulkhead,
     balancer: Option<Balancer>,
-    server_name: Option<&str>,
 ) -> Stack {
+    let server_name = balancer.as_ref().and_then(Balancer::server_name);
     let connector = tls.connector_for(Some(s.attempt_timeout), server_name);
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(s.pool_idle_timeout)
@@ -128,9 +131,14 @@ impl Service<Request<Full<Bytes>>> for Pool {
         let fut = self.client.request(req);
         let max = self.max_bytes;
         Box::pin(async move {
-            let res = fut
-                .await
-                .map_err(|e| TransportError::Connection(crate::tls::error_chain(&e)))?;
+            let res = fut.await.map_err(|e| {
+                let message = crate::tls::error_chain(&e);
+                if e.is_connect() {
+                    TransportError::Connect(message)
+                } else {
+                    TransportError::Connection(message)
+                }
+            })?;
             let (parts, body) = res.into_parts();
             let body = Limited::new(body, max)
                 .collect()

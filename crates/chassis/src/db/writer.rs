@@ -120,8 +120,15 @@ impl DerefMut for WriteConnection {
 /// it, or drop it (or [`rollback`](Self::rollback)) to undo it. It holds
 /// its connection until then. (No nested transactions: it is not a
 /// [`sqlx::Transaction`].)
+///
+/// Dropped unfinished (an error returned through `?`, a cancelled
+/// request), it is rolled back at once by a task of its own, which holds
+/// the writer until it is done: the file's write lock is not left held
+/// until this service next writes, which would stall another process
+/// writing to the same file. (Outside a runtime, the rollback waits for
+/// the writer's next use.)
 #[derive(Debug)]
-pub struct WriteTransaction(Tx);
+pub struct WriteTransaction(Option<Tx>);
 
 #[derive(Debug)]
 enum Tx {
@@ -139,7 +146,7 @@ impl WriteTransaction {
         // whatever is left.
         conn.mark_unfinished(true);
         match sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
-            Ok(_) => Ok(Self(Tx::Writer(conn))),
+            Ok(_) => Ok(Self(Some(Tx::Writer(conn)))),
             Err(e) => {
                 // A `BEGIN` that failed began nothing.
                 conn.mark_unfinished(false);
@@ -149,7 +156,15 @@ impl WriteTransaction {
     }
 
     pub(super) fn pooled(tx: Transaction<'static, Any>) -> Self {
-        Self(Tx::Pooled(tx))
+        Self(Some(Tx::Pooled(tx)))
+    }
+
+    fn tx(&self) -> &Tx {
+        self.0.as_ref().expect("a transaction not yet ended")
+    }
+
+    fn tx_mut(&mut self) -> &mut Tx {
+        self.0.as_mut().expect("a transaction not yet ended")
     }
 
     /// Commits the transaction and gives its connection back.
@@ -158,8 +173,8 @@ impl WriteTransaction {
     ///
     /// The database's error; nothing is committed then (what is left of
     /// the transaction is rolled back before the connection's next use).
-    pub async fn commit(self) -> Result<(), sqlx::Error> {
-        match self.0 {
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        match self.0.take().expect("a transaction not yet ended") {
             Tx::Writer(conn) => end(conn, "COMMIT").await,
             Tx::Pooled(tx) => tx.commit().await,
         }
@@ -170,10 +185,25 @@ impl WriteTransaction {
     /// # Errors
     ///
     /// The database's error.
-    pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        match self.0 {
+    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        match self.0.take().expect("a transaction not yet ended") {
             Tx::Writer(conn) => end(conn, "ROLLBACK").await,
             Tx::Pooled(tx) => tx.rollback().await,
+        }
+    }
+}
+
+impl Drop for WriteTransaction {
+    fn drop(&mut self) {
+        // sqlx rolls a pooled transaction back itself; the writer's is
+        // rolled back here, holding the writer so that no other write
+        // comes in between.
+        if let Some(Tx::Writer(conn)) = self.0.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = end(conn, "ROLLBACK").await;
+                });
+            }
         }
     }
 }
@@ -188,7 +218,7 @@ impl Deref for WriteTransaction {
     type Target = AnyConnection;
 
     fn deref(&self) -> &AnyConnection {
-        match &self.0 {
+        match self.tx() {
             Tx::Writer(conn) => conn,
             Tx::Pooled(tx) => tx,
         }
@@ -197,7 +227,7 @@ impl Deref for WriteTransaction {
 
 impl DerefMut for WriteTransaction {
     fn deref_mut(&mut self) -> &mut AnyConnection {
-        match &mut self.0 {
+        match self.tx_mut() {
             Tx::Writer(conn) => conn,
             Tx::Pooled(tx) => tx,
         }

@@ -126,7 +126,11 @@ impl TestPostgres {
     /// A sentence saying which server could not be used and why.
     pub fn create() -> Result<Self, String> {
         let server = std::env::var(POSTGRES_VAR).unwrap_or_else(|_| DEFAULT_POSTGRES.to_owned());
-        let name = format!("chassis_t_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let name = format!(
+            "chassis_t_{:016x}{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        );
         let url = database_url(&server, &name)
             .ok_or_else(|| format!("{POSTGRES_VAR}={server} is not a postgres:// URL"))?;
         admin(&server, format!("CREATE DATABASE {name}")).map_err(|e| {
@@ -239,7 +243,10 @@ mod tests {
             database_url("postgresql://u:p@h/db?sslmode=disable", "y").as_deref(),
             Some("postgresql://u:p@h/y?sslmode=disable")
         );
-        assert_eq!(database_url("postgres://h", "z").as_deref(), Some("postgres://h/z"));
+        assert_eq!(
+            database_url("postgres://h", "z").as_deref(),
+            Some("postgres://h/z")
+        );
         assert_eq!(database_url("mysql://h/db", "z"), None);
     }
 }

@@ -8,24 +8,29 @@ use std::time::Duration;
 use chassis::{
     client::{ClientError, Downstream},
     config::Config,
-    testing::{TempDir, TestIssuer, TestServer},
+    testing::{TempDir, TestDatabase, TestIssuer, TestServer},
 };
 use mail::client::{MailClient, Message};
 use ticketing::SoldOutNotices;
 
 /// mail on a loopback port, writing what it sends to files in its own
-/// temporary directory (its default when no SMTP server is set).
+/// temporary directory (its default when no SMTP server is set), its
+/// database on the test run's engine.
 #[derive(Debug)]
 pub struct Mail {
     server: TestServer,
     dir: TempDir,
+    _db: TestDatabase,
 }
 
 impl Mail {
     /// Starts mail, trusting [`TestIssuer`]'s tokens.
     pub async fn start() -> Self {
         let dir = TempDir::new("mail");
-        let builder = mail::app(mail::Settings::new(dir.path()))
+        let db = TestDatabase::new();
+        let mut settings = mail::Settings::new(dir.path());
+        settings.db = db.configure(settings.db);
+        let builder = mail::app(settings)
             .await
             .expect("mail starts")
             .verifier(TestIssuer::new().verifier())
@@ -33,6 +38,7 @@ impl Mail {
         Self {
             server: TestServer::start(builder).await,
             dir,
+            _db: db,
         }
     }
 

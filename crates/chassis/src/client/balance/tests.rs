@@ -397,3 +397,48 @@ fn the_share_rounds_down_but_allows_one() {
     assert_eq!(max_ejected(10, 0.0), 0);
     assert_eq!(max_ejected(3, 100.0), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_hangs_is_cut_and_only_one_runs_at_a_time() {
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let counter = lookups.clone();
+    let resolve = Resolve(Arc::new(move |_host: String, _port: u16| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            if n == 0 {
+                Ok(addrs(&[A]))
+            } else {
+                std::future::pending().await
+            }
+        })
+    }));
+    let balancer = Balancer::new(
+        &Arc::from("balance-hang"),
+        Targets::Dns {
+            host: "ticketing.internal".to_owned(),
+            port: 8080,
+            host_header: HeaderValue::from_static("ticketing.internal:8080"),
+            refresh: Duration::from_secs(1),
+            resolve,
+        },
+        outlier(1, 50.0),
+    );
+    let svc = Replicas::default().service(&balancer);
+    svc.clone().oneshot(request()).await.unwrap();
+    // The second lookup hangs; calls go on with the address known, and no
+    // other lookup starts while it hangs.
+    for _ in 0..9 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        svc.clone().oneshot(request()).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(lookups.load(Ordering::SeqCst), 2);
+    // Cut after 10 s; the next due call starts another.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    tokio::task::yield_now().await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    svc.clone().oneshot(request()).await.unwrap();
+    tokio::task::yield_now().await;
+    assert_eq!(lookups.load(Ordering::SeqCst), 3);
+    assert_eq!(addresses(&balancer), [A]);
+}
