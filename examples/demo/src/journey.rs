@@ -11,7 +11,7 @@ use chassis::{
 };
 use time::{Date, Month};
 
-use crate::system::Endpoints;
+use crate::system::{Endpoints, Layout, SERVICES};
 
 /// Why the journey failed: the step and what went wrong.
 #[derive(Debug)]
@@ -80,7 +80,7 @@ fn date(year: i32, month: Month, day: u8) -> Date {
 /// behalf.
 async fn login(e: &Endpoints, audience: &str) -> Result<(String, CallContext), JourneyError> {
     let cx = CallContext::background();
-    let auth = auth::client::AuthClient::new(downstream("auth", &e.auth)?);
+    let auth = auth::client::AuthClient::new(downstream("auth", &e.balanced("auth"))?);
     let tokens = step(
         "log in as alice",
         auth.password_login_for(&cx, "alice", "alice-password", audience)
@@ -108,7 +108,7 @@ pub async fn run(e: &Endpoints) -> Result<Report, JourneyError> {
     let (_, shop) = login(e, "ticketing").await?;
     let ticket = create_product(e, &shop, "Day pass", 100).await?;
     let (token, cx) = login(e, "orders").await?;
-    let orders = orders::OrdersClient::new(downstream("orders", &e.orders)?);
+    let orders = orders::OrdersClient::new(downstream("orders", &e.balanced("orders"))?);
     let key = format!("journey-{}", chassis::id::uuid_v7());
     let placed = step(
         "place an order",
@@ -151,7 +151,8 @@ async fn create_product(
     capacity: u32,
 ) -> Result<ticketing::client::Ticket, JourneyError> {
     let acme = step("name the account", AccountId::parse("acme"))?;
-    let ticketing = ticketing::client::TicketingClient::new(downstream("ticketing", &e.ticketing)?);
+    let ticketing =
+        ticketing::client::TicketingClient::new(downstream("ticketing", &e.balanced("ticketing"))?);
     step(
         "create a ticket product",
         ticketing
@@ -256,8 +257,36 @@ pub async fn prepare(e: &Endpoints) -> Result<Intro, JourneyError> {
     })
 }
 
+/// Where the services run when some have several replicas: every
+/// replica's URL and each service's database; empty for one process of
+/// each on SQLite.
+pub fn replicas_text(e: &Endpoints, layout: &Layout) -> String {
+    let several = SERVICES.iter().any(|s| e.urls(s).len() > 1);
+    let postgres = SERVICES.iter().any(|s| layout.database(s).is_some());
+    if !several && !postgres {
+        return String::new();
+    }
+    let mut text = String::from(
+        "\n\nReplicas (every client balances its calls over every replica of its downstream):\n\n",
+    );
+    for s in SERVICES {
+        let db = layout
+            .database(s)
+            .map_or_else(|| "SQLite".to_owned(), crate::postgres::redact);
+        text.push_str(&format!("  {s:<10} {}\n", e.urls(s).join("  ")));
+        text.push_str(&format!("  {:<10} database {db}\n", ""));
+    }
+    if e.urls("auth").len() > 1 {
+        text.push_str(
+            "\n  auth's issuer, token URL and key set name its first replica; in production a\n  \
+             load balancer or a Kubernetes Service in front of auth's replicas takes that place.\n",
+        );
+    }
+    text
+}
+
 /// The ready-to-paste journey.
-pub fn instructions(e: &Endpoints, intro: &Intro) -> String {
+pub fn instructions(e: &Endpoints, intro: &Intro, layout: &Layout) -> String {
     format!(
         r#"The system is up.
 
@@ -265,7 +294,7 @@ pub fn instructions(e: &Endpoints, intro: &Intro) -> String {
   ticketing  {ticketing}
   orders     {orders}
   mail       {mail}      (sent mail: {outbox})
-  each one:  /health/live  /health/ready  /metrics  /info
+  each one:  /health/live  /health/ready  /metrics  /info{replicas}
   logs:      {logs}
   grants:    {grants}
              (users, service clients and their grants: an edit reaches the next token)
@@ -310,5 +339,6 @@ Press Ctrl-C to stop."#,
         token = intro.token,
         ticket = intro.ticket_id,
         demo_port = std::env::var("DEMO_PORT").unwrap_or_else(|_| "8080".to_owned()),
+        replicas = replicas_text(e, layout),
     )
 }

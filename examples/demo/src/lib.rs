@@ -24,24 +24,108 @@
 //! The synthetic monitor runs the journey every `DEMO_MONITOR_SECS` (60 by
 //! default) and exports `synthetic_journey_runs_total{outcome}` and
 //! `synthetic_journey_duration_seconds` at `http://127.0.0.1:8080/metrics`.
+//!
+//! `--postgres <url>` runs every service on a PostgreSQL server instead:
+//! one database per service (`chassis_demo_<service>`, made when missing
+//! through a connection to the database the URL names), and
+//! `--replicas <n>` starts `n` processes of each service, replica `i` on
+//! its first replica's port plus `10 × i`, all replicas of a service on its
+//! database (see [`system`]). SQLite is one node: `--replicas` above 1
+//! needs `--postgres`.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 pub mod journey;
 pub mod measure;
+pub mod postgres;
 pub mod serve;
 pub mod system;
 
+use system::{Layout, System};
+
 /// The command line.
 pub const USAGE: &str =
-    "usage: demo [--smoke] [--data <dir>] | demo --serve <auth|ticketing|orders|mail>
+    "usage: demo [--smoke | --measure] [--data <dir>] [--postgres <url>] [--replicas <n>]
+       demo --serve <auth|ticketing|orders|mail>
 
   demo              start the system on 127.0.0.1:8081-8084, data in ./data
   demo --smoke      start it on free ports with a fresh data directory,
                     run the journey once, exit 0 (it worked) or 1
   demo --measure    start-up time, memory and orders per second under load
                     (wrk, installed when missing), for docs/benchmarks.md
-  demo --data DIR   keep the data in DIR";
+  demo --data DIR   keep the data in DIR
+  --postgres URL    run every service on the PostgreSQL server of URL
+                    (postgres://user@host:port/database): one database per
+                    service, chassis_demo_<service>, made when missing
+  --replicas N      N processes of each service (default 1; more than 1
+                    needs --postgres: SQLite is one node); replica i listens
+                    on its first replica's port + 10 x i";
+
+/// How the system runs: how many processes of each service, on which
+/// database engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Processes of each service (at least 1).
+    pub replicas: usize,
+    /// The PostgreSQL server, as the URL of a database on it; `None`:
+    /// SQLite files under the data directory.
+    pub postgres: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            postgres: None,
+        }
+    }
+}
+
+impl Options {
+    /// Refuses what cannot run: no replicas, too many, or several on
+    /// SQLite.
+    ///
+    /// # Errors
+    ///
+    /// A sentence saying what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if self.replicas == 0 || self.replicas > system::MAX_REPLICAS {
+            return Err(format!(
+                "--replicas must be between 1 and {}, not {}",
+                system::MAX_REPLICAS,
+                self.replicas
+            ));
+        }
+        if let Some(url) = &self.postgres {
+            postgres::database_url(url, postgres::PREFIX)?;
+        }
+        if self.replicas > 1 && self.postgres.is_none() {
+            return Err(format!(
+                "--replicas {} needs --postgres <url>: on SQLite each service's database is a \
+                 file written by one process, so each service runs as one node",
+                self.replicas
+            ));
+        }
+        Ok(())
+    }
+
+    /// `layout` with every service on its database `<prefix>_<service>` on
+    /// the PostgreSQL server (made when missing), or as it is on SQLite.
+    ///
+    /// # Errors
+    ///
+    /// The server cannot be reached or a database cannot be made.
+    pub async fn databases(&self, layout: Layout, prefix: &str) -> Result<Layout, String> {
+        let Some(server) = &self.postgres else {
+            return Ok(layout);
+        };
+        let mut layout = layout;
+        for (service, url) in postgres::ensure(server, prefix).await? {
+            layout = layout.postgres(service, url);
+        }
+        Ok(layout)
+    }
+}
 
 fn port(var: &str, default: u16) -> u16 {
     std::env::var(var)
@@ -53,14 +137,14 @@ fn port(var: &str, default: u16) -> u16 {
 /// Starts the system with fixed ports and data in `data`, prints the
 /// journey, runs the monitor until Ctrl-C or SIGTERM, then stops every
 /// service gracefully.
-pub async fn run(data: PathBuf) -> ExitCode {
+pub async fn run(data: PathBuf, options: Options) -> ExitCode {
     let ports = system::Ports {
         auth: port("DEMO_AUTH_PORT", 8081),
         ticketing: port("DEMO_TICKETING_PORT", 8082),
         orders: port("DEMO_ORDERS_PORT", 8083),
         mail: port("DEMO_MAIL_PORT", 8084),
     };
-    let mut system = match system::System::start(&data, ports).await {
+    let mut system = match start(&data, &options, Layout::fixed(ports, options.replicas)).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("demo: {e}");
@@ -69,7 +153,10 @@ pub async fn run(data: PathBuf) -> ExitCode {
     };
     let endpoints = system.endpoints();
     match journey::prepare(&endpoints).await {
-        Ok(intro) => println!("{}", journey::instructions(&endpoints, &intro)),
+        Ok(intro) => println!(
+            "{}",
+            journey::instructions(&endpoints, &intro, system.layout())
+        ),
         Err(e) => eprintln!("demo: the system started, but the first journey failed: {e}"),
     }
     let monitor_every = Duration::from_secs(
@@ -84,8 +171,23 @@ pub async fn run(data: PathBuf) -> ExitCode {
     code
 }
 
+/// Starts the system as `options` say on `layout` (its ports), the
+/// databases on PostgreSQL named `chassis_demo_<service>`.
+async fn start(
+    data: &std::path::Path,
+    options: &Options,
+    layout: Result<Layout, String>,
+) -> Result<System, String> {
+    options.check()?;
+    let layout = options.databases(layout?, postgres::PREFIX).await?;
+    let exe = system::current_exe().map_err(|e| e.to_string())?;
+    System::start_layout(&exe, data, layout, &[])
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Starts the system on free ports, runs the journey once, stops it.
-pub async fn smoke(data: Option<PathBuf>) -> ExitCode {
+pub async fn smoke(data: Option<PathBuf>, options: Options) -> ExitCode {
     let (data, fresh) = match data {
         Some(d) => (d, false),
         None => (
@@ -93,14 +195,9 @@ pub async fn smoke(data: Option<PathBuf>) -> ExitCode {
             true,
         ),
     };
-    let ports = match system::Ports::free() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("smoke: no free ports: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut system = match system::System::start(&data, ports).await {
+    let n = options.replicas;
+    let layout = Layout::free(&system::SERVICES.map(|s| (s, n)));
+    let mut system = match start(&data, &options, layout).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("smoke: FAILED to start the system: {e}");

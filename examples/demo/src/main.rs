@@ -9,6 +9,10 @@
 //! demo --measure      start-up time, memory and orders per second under
 //!                      load (with wrk), for docs/benchmarks.md
 //! demo --data <dir>    keep the data in <dir> (default ./data)
+//! --postgres <url>     every service on the PostgreSQL server of <url>, a
+//!                      database per service (chassis_demo_<service>)
+//! --replicas <n>       n processes of each service (needs --postgres when
+//!                      more than 1)
 //! demo --serve <name>  run one service in this process (what the demo
 //!                      starts its children with)
 //! ```
@@ -21,6 +25,7 @@ async fn main() -> ExitCode {
     let mut smoke = false;
     let mut measure = false;
     let mut data: Option<PathBuf> = None;
+    let mut options = demo::Options::default();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--smoke" => smoke = true,
@@ -28,6 +33,17 @@ async fn main() -> ExitCode {
             "--data" => match args.next() {
                 Some(d) => data = Some(d.into()),
                 None => return usage("--data needs a directory"),
+            },
+            "--postgres" => match args.next() {
+                Some(url) => options.postgres = Some(url),
+                None => {
+                    return usage("--postgres needs a URL (postgres://user@host:port/database)");
+                }
+            },
+            "--replicas" => match args.next().map(|n| n.parse::<usize>()) {
+                Some(Ok(n)) => options.replicas = n,
+                Some(Err(_)) => return usage("--replicas needs a whole number (1 or more)"),
+                None => return usage("--replicas needs a number"),
             },
             "--serve" => {
                 return match args.next() {
@@ -42,12 +58,15 @@ async fn main() -> ExitCode {
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
+    if let Err(problem) = options.check() {
+        return usage(&problem);
+    }
     if measure {
-        demo::measure::run(data).await
+        demo::measure::run(data, options).await
     } else if smoke {
-        demo::smoke(data).await
+        demo::smoke(data, options).await
     } else {
-        demo::run(data.unwrap_or_else(|| PathBuf::from("data"))).await
+        demo::run(data.unwrap_or_else(|| PathBuf::from("data")), options).await
     }
 }
 

@@ -12,6 +12,15 @@
 //!    20) over `DEMO_LOAD_CONNECTIONS` (default 16) connections, to loopback
 //!    only; every order reserves in ticketing, commits with its outbox events
 //!    and is mailed afterwards. Then the resident set under load.
+//!
+//! `--postgres <url>` and `--replicas <n>` measure the same on PostgreSQL
+//! (fresh databases `chassis_demo_measure_<service>`, dropped afterwards),
+//! with `n` processes of each service: one `wrk` per replica of orders,
+//! the connections shared out among them, their rates added up and the
+//! highest p50 and p99 reported, and the connections open on the demo's
+//! databases half-way through the load
+//! (`SELECT count(*) FROM pg_stat_activity WHERE datname LIKE 'chassis_demo_%'`).
+//! Numbers per replica are separated by `/`.
 
 use std::{
     path::{Path, PathBuf},
@@ -20,8 +29,8 @@ use std::{
 };
 
 use crate::{
-    journey,
-    system::{Ports, SERVICES, System},
+    Options, journey, postgres,
+    system::{Layout, SERVICES, System, current_exe},
 };
 
 fn env_u64(var: &str, default: u64) -> u64 {
@@ -48,11 +57,15 @@ fn rss_line(system: &System) -> String {
     SERVICES
         .iter()
         .map(|s| {
-            let rss = system.pid(s).and_then(rss_mib);
-            format!(
-                "{s} {}",
-                rss.map_or("?".to_owned(), |m| format!("{m:.1} MiB"))
-            )
+            let each: Vec<String> = (0..system.replicas(s))
+                .map(|i| {
+                    system
+                        .pid(s, i)
+                        .and_then(rss_mib)
+                        .map_or("?".to_owned(), |m| format!("{m:.1}"))
+                })
+                .collect();
+            format!("{s} {} MiB", each.join("/"))
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -83,7 +96,8 @@ fn wrk() -> Result<PathBuf, String> {
 
 const SCRIPT: &str = r#"-- One order per request, each with its own Idempotency-Key.
 local counter = 0
-local prefix = tostring(os.time()) .. "-" .. tostring(math.random(1, 1000000000))
+-- PREFIX is unique per run of wrk (several run at once, one per replica).
+local prefix = "PREFIX"
 request = function()
   counter = counter + 1
   return wrk.format("POST", "/orders/v1/acme/orders", {
@@ -94,15 +108,29 @@ request = function()
 end
 "#;
 
-/// Runs the measurements and prints a table.
-pub async fn run(data: Option<PathBuf>) -> ExitCode {
+/// The prefix of the databases `--measure` makes on PostgreSQL (dropped
+/// before and after): `chassis_demo_measure_<service>`.
+pub const MEASURE_PREFIX: &str = "chassis_demo_measure";
+
+/// Runs the measurements on the system `options` describe and prints a
+/// table.
+pub async fn run(data: Option<PathBuf>, options: Options) -> ExitCode {
+    let fresh = data.is_none();
     let data = data.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("chassis-demo-measure-{}", chassis::id::uuid_v7()))
     });
-    match measure(&data).await {
+    let result = measure(&data, &options).await;
+    if let Some(server) = &options.postgres
+        && let Err(e) = postgres::drop_all(server, MEASURE_PREFIX).await
+    {
+        eprintln!("measure: {e}");
+    }
+    match result {
         Ok(table) => {
             println!("{table}");
-            let _ = std::fs::remove_dir_all(&data);
+            if fresh {
+                let _ = std::fs::remove_dir_all(&data);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -112,25 +140,87 @@ pub async fn run(data: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn measure(data: &Path) -> Result<String, String> {
+/// What one run of wrk reported.
+#[derive(Debug, Default)]
+struct Load {
+    per_second: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    non_2xx: u64,
+    text: String,
+}
+
+/// A latency as wrk prints it (`812.00us`, `1.23ms`, `2.01s`), in ms.
+fn latency_ms(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = number.parse().ok()?;
+    match unit {
+        "us" => Some(n / 1000.0),
+        "ms" => Some(n),
+        "s" => Some(n * 1000.0),
+        "m" => Some(n * 60_000.0),
+        _ => None,
+    }
+}
+
+fn parse_wrk(text: String) -> Load {
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .map(|l| l[prefix.len()..].trim().to_owned())
+    };
+    Load {
+        per_second: field("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0),
+        p50_ms: field("50%").and_then(|v| latency_ms(&v)),
+        p99_ms: field("99%").and_then(|v| latency_ms(&v)),
+        non_2xx: field("Non-2xx or 3xx responses:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        text,
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "?".to_owned(), |v| format!("{v:.2}ms"))
+}
+
+async fn measure(data: &Path, options: &Options) -> Result<String, String> {
+    options.check()?;
     let wrk = wrk()?;
-    let ports = Ports::free().map_err(|e| e.to_string())?;
+    let n = options.replicas;
+    if let Some(server) = &options.postgres {
+        // Fresh databases, as the fresh data directory is on SQLite.
+        postgres::drop_all(server, MEASURE_PREFIX).await?;
+    }
+    let layout = options
+        .databases(Layout::free(&SERVICES.map(|s| (s, n)))?, MEASURE_PREFIX)
+        .await?;
+    let exe = current_exe().map_err(|e| e.to_string())?;
     // First start: creates the databases, keys and demo users.
-    let mut first = System::start(data, ports)
+    let mut first = System::start_layout(&exe, data, layout.clone(), &[])
         .await
         .map_err(|e| e.to_string())?;
     first.stop().await;
     // Second start: what a restart costs.
-    let mut system = System::start(data, ports)
+    let mut system = System::start_layout(&exe, data, layout, &[])
         .await
         .map_err(|e| e.to_string())?;
     let startup = SERVICES
         .iter()
         .map(|s| {
-            format!(
-                "{s} {} ms",
-                system.ready_after(s).map_or(0, |d| d.as_millis())
-            )
+            let each: Vec<String> = (0..n)
+                .map(|i| {
+                    system
+                        .ready_after(s, i)
+                        .map_or(0, |d| d.as_millis())
+                        .to_string()
+                })
+                .collect();
+            format!("{s} {} ms", each.join("/"))
         })
         .collect::<Vec<_>>()
         .join(", ");
@@ -139,59 +229,148 @@ async fn measure(data: &Path) -> Result<String, String> {
 
     let e = system.endpoints();
     let (token, ticket) = journey::load_setup(&e).await.map_err(|e| e.to_string())?;
-    let script = data.join("orders.lua");
-    std::fs::write(
-        &script,
-        SCRIPT.replace("TOKEN", &token).replace("TICKET", &ticket),
-    )
-    .map_err(|e| e.to_string())?;
+    let run = chassis::id::uuid_v7();
+    let script = |i: usize| data.join(format!("orders-{i}.lua"));
+    for i in 0..n {
+        std::fs::write(
+            script(i),
+            SCRIPT
+                .replace("TOKEN", &token)
+                .replace("TICKET", &ticket)
+                .replace("PREFIX", &format!("{run}-{i}")),
+        )
+        .map_err(|e| e.to_string())?;
+    }
     let secs = env_u64("DEMO_LOAD_SECS", 20);
-    let connections = env_u64("DEMO_LOAD_CONNECTIONS", 16);
+    let connections = usize::try_from(env_u64("DEMO_LOAD_CONNECTIONS", 16))
+        .unwrap_or(16)
+        .max(n);
+    // wrk talks to one address: one wrk per replica of orders, the
+    // connections shared out among them.
+    let targets = e.urls("orders").to_vec();
+    let mut loads = Vec::new();
+    for (i, url) in targets.iter().enumerate() {
+        let c = connections / n + usize::from(i < connections % n);
+        let child = tokio::process::Command::new(&wrk)
+            .args([
+                "-t1".to_owned(),
+                format!("-c{c}"),
+                format!("-d{secs}s"),
+                "--latency".to_owned(),
+                "-s".to_owned(),
+                script(i).display().to_string(),
+                url.clone(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("wrk: {e}"))?;
+        loads.push(child);
+    }
     let command = format!(
-        "wrk -t1 -c{connections} -d{secs}s --latency -s orders.lua {}",
-        e.orders
+        "wrk -t1 -c{connections} -d{secs}s --latency -s orders-<i>.lua {}{}",
+        targets.join(" "),
+        if n > 1 {
+            format!(" (one wrk per replica of orders, {connections} connections among {n})")
+        } else {
+            String::new()
+        }
     );
-    let load = tokio::process::Command::new(&wrk)
-        .args([
-            "-t1".to_owned(),
-            format!("-c{connections}"),
-            format!("-d{secs}s"),
-            "--latency".to_owned(),
-            "-s".to_owned(),
-            script.display().to_string(),
-            e.orders.clone(),
-        ])
-        .output();
-    // The resident set under load, half-way through.
+    // The resident set and the database connections under load, half-way
+    // through.
     let sampler = async {
         tokio::time::sleep(Duration::from_secs(secs / 2)).await;
-        rss_line(&system)
+        let pg = match &options.postgres {
+            Some(server) => Some(postgres::connections(server).await),
+            None => None,
+        };
+        (rss_line(&system), pg)
     };
-    let (out, busy) = tokio::join!(load, sampler);
-    let out = out.map_err(|e| format!("wrk: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let outputs = async {
+        // Every wrk runs from its spawn: waiting for each in turn is
+        // waiting for all of them.
+        let mut outs = Vec::new();
+        for child in loads {
+            outs.push(child.wait_with_output().await);
+        }
+        outs
+    };
+    let (outs, (busy, pg)) = tokio::join!(outputs, sampler);
+    let mut runs = Vec::new();
+    for out in outs {
+        let out = out.map_err(|e| format!("wrk: {e}"))?;
+        runs.push(parse_wrk(String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
     system.stop().await;
-    let field = |prefix: &str| {
-        text.lines()
-            .map(str::trim)
-            .find(|l| l.starts_with(prefix))
-            .map(|l| l[prefix.len()..].trim().to_owned())
-            .unwrap_or_else(|| "?".to_owned())
+    let worst = |f: fn(&Load) -> Option<f64>| {
+        runs.iter()
+            .filter_map(f)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
     };
-    let errors = field("Non-2xx or 3xx responses:");
+    let engine = match &options.postgres {
+        Some(server) => format!(
+            "PostgreSQL ({}), {n} {} of each service",
+            postgres::redact(server),
+            if n == 1 { "process" } else { "processes" }
+        ),
+        None => "SQLite, one process of each service".to_owned(),
+    };
+    let pg_line = match pg {
+        None => String::new(),
+        Some(Ok(c)) => format!("PostgreSQL connections open on chassis_demo_* under load: {c}\n"),
+        Some(Err(e)) => format!("PostgreSQL connections open under load: unknown ({e})\n"),
+    };
+    let latency_note = if n > 1 {
+        " (the highest of the wrk runs)"
+    } else {
+        ""
+    };
     Ok(format!(
-        "start-up to ready (existing database): {startup}\n\
+        "engine: {engine}\n\
+         start-up to ready (existing database): {startup}\n\
          idle resident memory: {idle}\n\
          resident memory under load: {busy}\n\
-         orders placed: {} per second; latency p50 {}, p99 {}; non-2xx answers: {}\n\
-         load: {command}\n\n{text}",
-        field("Requests/sec:"),
-        field("50%"),
-        field("99%"),
-        if errors == "?" {
-            "0".to_owned()
-        } else {
-            errors
-        },
+         {pg_line}\
+         orders placed: {:.2} per second; latency p50 {}, p99 {}{latency_note}; non-2xx answers: {}\n\
+         load: {command}\n\n{}",
+        runs.iter().map(|r| r.per_second).sum::<f64>(),
+        ms(worst(|r| r.p50_ms)),
+        ms(worst(|r| r.p99_ms)),
+        runs.iter().map(|r| r.non_2xx).sum::<u64>(),
+        runs.iter()
+            .map(|r| r.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_latencies_are_read_in_every_unit() {
+        let close = |text: &str, ms: f64| {
+            let got = latency_ms(text).unwrap();
+            assert!((got - ms).abs() < 1e-9, "{text}: {got}");
+        };
+        close("812.00us", 0.812);
+        close("1.23ms", 1.23);
+        close("2.01s", 2010.0);
+        close("1.50m", 90_000.0);
+        assert_eq!(latency_ms("fast"), None);
+    }
+
+    #[test]
+    fn a_wrk_report_is_read() {
+        let load = parse_wrk(
+            "  Latency Distribution\n     50%    3.10ms\n     99%   20.50ms\n  \
+             Non-2xx or 3xx responses: 4\nRequests/sec:    512.25\n"
+                .to_owned(),
+        );
+        assert!((load.per_second - 512.25).abs() < 1e-9);
+        assert!((load.p50_ms.unwrap() - 3.10).abs() < 1e-9);
+        assert!((load.p99_ms.unwrap() - 20.5).abs() < 1e-9);
+        assert_eq!(load.non_2xx, 4);
+    }
 }

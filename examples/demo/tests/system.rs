@@ -58,9 +58,9 @@ async fn orders_killed_mid_flight_loses_nothing_and_reserves_nothing_twice() {
             break;
         }
     }
-    system.kill("orders").await;
+    system.kill("orders", 0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    system.restart("orders").await.expect("orders restarts");
+    system.restart("orders", 0).await.expect("orders restarts");
 
     let ids = placing.await.unwrap();
     let unique: HashSet<String> = ids.values().cloned().collect();
@@ -106,12 +106,12 @@ async fn mail_killed_mid_flight_sends_every_confirmation_once() {
     for i in 0..10 {
         ids.insert(place(&orders, &cx, &ticket, &format!("mail-{i}")).await);
         if i == 2 {
-            system.kill("mail").await;
+            system.kill("mail", 0).await;
         }
     }
     // Orders were accepted while mail was down; the relay waits for it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    system.restart("mail").await.expect("mail restarts");
+    system.restart("mail", 0).await.expect("mail restarts");
     every_order_mailed_once(&e.data, &ids).await;
     system.stop().await;
 }
@@ -151,7 +151,7 @@ async fn a_crash_before_the_commit_leaves_nothing_and_the_retry_places_one_order
         .place("acme", &one_order(&ticket), "o2")
         .await;
     assert!(crashed.is_err(), "the connection breaks: {crashed:?}");
-    let status = system.exited("orders").await.expect("orders died");
+    let status = system.exited("orders", 0).await.expect("orders died");
     assert!(!status.success(), "{status}");
 
     system
@@ -202,7 +202,7 @@ async fn a_crash_after_the_commit_is_answered_by_a_replay() {
         .place("acme", &one_order(&ticket), "o3")
         .await;
     assert!(crashed.is_err(), "the connection breaks: {crashed:?}");
-    system.exited("orders").await.expect("orders died");
+    system.exited("orders", 0).await.expect("orders died");
 
     system.restart_with("orders", &[]).await.unwrap();
     let placed = orders
@@ -263,7 +263,7 @@ async fn sigterm_under_load_loses_nothing_that_was_accepted() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = system.terminate("orders").await.expect("orders stopped");
+    let status = system.terminate("orders", 0).await.expect("orders stopped");
     assert!(status.success(), "orders exits 0 on SIGTERM: {status}");
 
     let mut accepted = HashSet::new();
@@ -275,7 +275,7 @@ async fn sigterm_under_load_loses_nothing_that_was_accepted() {
     }
     assert!(!accepted.is_empty(), "orders were taken before the signal");
 
-    system.restart("orders").await.unwrap();
+    system.restart("orders", 0).await.unwrap();
     let orders = OrdersClient::new(downstream("orders", &e.orders));
     for key in &refused {
         accepted.insert(place(&orders, &cx, &ticket, key).await);

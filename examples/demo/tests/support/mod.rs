@@ -5,6 +5,7 @@
 
 use std::{
     collections::HashSet,
+    ops::{Deref, DerefMut},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -13,8 +14,9 @@ use chassis::{
     auth::Verifier,
     client::{CallContext, Downstream},
     permission::AccountId,
+    testing::TestDatabase,
 };
-use demo::system::{Endpoints, Ports, System};
+use demo::system::{Endpoints, Layout, Ports, SERVICES, System};
 use orders::{NewOrder, OrdersClient};
 use ticketing::client::{NewTicket, TicketingClient};
 use time::{Date, Month};
@@ -27,10 +29,45 @@ pub fn temp_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("demo-test-{name}-{}", chassis::id::uuid_v7()))
 }
 
-pub async fn start(name: &str) -> System {
-    System::start_with(&exe(), &temp_dir(name), Ports::free().unwrap())
+/// The system of one test, with the databases it runs on.
+pub struct Running {
+    pub system: System,
+    /// Each service's database on the run's engine
+    /// (`CHASSIS_TEST_BACKEND`): dropped after the system stops.
+    _databases: Vec<TestDatabase>,
+}
+
+impl Deref for Running {
+    type Target = System;
+
+    fn deref(&self) -> &System {
+        &self.system
+    }
+}
+
+impl DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut System {
+        &mut self.system
+    }
+}
+
+/// One process of each service, on the run's engine: SQLite files in a
+/// fresh data directory, or a fresh PostgreSQL database per service.
+pub async fn start(name: &str) -> Running {
+    let databases: Vec<TestDatabase> = SERVICES.iter().map(|_| TestDatabase::new()).collect();
+    let mut layout = Layout::from(Ports::free().unwrap());
+    for (service, db) in SERVICES.iter().zip(&databases) {
+        if let Some(url) = db.url() {
+            layout = layout.postgres(service, url);
+        }
+    }
+    let system = System::start_layout(&exe(), &temp_dir(name), layout, &[])
         .await
-        .expect("the system starts")
+        .expect("the system starts");
+    Running {
+        system,
+        _databases: databases,
+    }
 }
 
 pub fn downstream(name: &str, url: &str) -> Downstream {
