@@ -198,12 +198,12 @@ impl Drop for WriteTransaction {
         // sqlx rolls a pooled transaction back itself; the writer's is
         // rolled back here, holding the writer so that no other write
         // comes in between.
-        if let Some(Tx::Writer(conn)) = self.0.take() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = end(conn, "ROLLBACK").await;
-                });
-            }
+        if let (Some(Tx::Writer(conn)), Ok(runtime)) =
+            (self.0.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(async move {
+                let _ = end(conn, "ROLLBACK").await;
+            });
         }
     }
 }
