@@ -8,7 +8,10 @@
 //! Postgres database: every transaction that decides on a ticket's places
 //! (a reservation, a confirmation, a release) first locks the ticket's row
 //! by writing it (`UPDATE tickets SET id = id ...`), and only then reads
-//! the clock and counts. On Postgres that row lock makes such transactions
+//! the clock and counts. The places in use are the ticket's `confirmed`
+//! count, changed only under that lock when a hold is confirmed, plus its
+//! holds not yet expired: a reservation reads the ticket's current holds,
+//! never every reservation it ever had. On Postgres that row lock makes such transactions
 //! on one ticket take turns, whatever the isolation level, and each counts
 //! what the ones before it committed; on SQLite the database's one writer
 //! already makes every write transaction take turns. The insert itself
@@ -63,11 +66,12 @@ struct ReservationRow {
     created_at: String,
 }
 
-/// The places of ticket `$2` in use at `$1` (a timestamp): confirmed, and
-/// held until after `$1`.
-const IN_USE: &str = "SELECT COALESCE(CAST(SUM(r.quantity) AS BIGINT), 0) FROM reservations r
-                      WHERE r.ticket_id = t.id
-                        AND (r.status = 'confirmed' OR (r.status = 'held' AND r.expires_at > $1))";
+/// The places of ticket `t` in use at `$1` (a timestamp): confirmed (counted
+/// on the ticket), and held until after `$1` (only the ticket's current
+/// holds are read, through `reservations_by_ticket`).
+const IN_USE: &str =
+    "t.confirmed + (SELECT COALESCE(CAST(SUM(r.quantity) AS BIGINT), 0) FROM reservations r
+                      WHERE r.ticket_id = t.id AND r.status = 'held' AND r.expires_at > $1)";
 
 /// Locks ticket `$1` of account `$2` until the transaction ends (on
 /// Postgres; SQLite's writer already holds the only write lock).
@@ -261,10 +265,9 @@ impl Store {
             "INSERT INTO reservations
                  (id, account, ticket_id, quantity, status, expires_at, created_at, idempotency_key)
              SELECT $1, $2, $3, $4, 'held', $5, $6, $7
-             WHERE (SELECT capacity FROM tickets WHERE id = $3)
+             WHERE (SELECT capacity - confirmed FROM tickets WHERE id = $3)
                    - (SELECT COALESCE(CAST(SUM(quantity) AS BIGINT), 0) FROM reservations
-                      WHERE ticket_id = $3
-                        AND (status = 'confirmed' OR (status = 'held' AND expires_at > $6)))
+                      WHERE ticket_id = $3 AND status = 'held' AND expires_at > $6)
                    >= $4",
         )
         .bind(&reservation.id)
@@ -392,6 +395,19 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        if changed == 1 && to == Confirmed {
+            // Its places are the ticket's for good: counted there, under the
+            // lock taken above, in the transaction that confirms them.
+            sqlx::query(
+                "UPDATE tickets SET confirmed = confirmed
+                     + (SELECT quantity FROM reservations WHERE id = $1 AND account = $2)
+                 WHERE id = (SELECT ticket_id FROM reservations WHERE id = $1 AND account = $2)",
+            )
+            .bind(id)
+            .bind(account.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
         let row: Option<ReservationRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "{RESERVATION_COLUMNS} WHERE account = $1 AND id = $2"
         )))

@@ -988,3 +988,89 @@ async fn data_survives_a_restart() {
     );
     server.stop().await;
 }
+
+/// A database made by the first schema, with places already confirmed,
+/// upgraded at start-up: the confirmed places are counted on the ticket,
+/// so none of them is sold again.
+#[tokio::test]
+async fn places_confirmed_before_the_confirmed_count_still_count() {
+    use chassis::db::{Database, Migrations};
+    use sqlx::migrate::Migrator;
+
+    let dir = Data::new("upgrade");
+    let first = |engine: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(engine);
+        async move {
+            let mut migrator = Migrator::new(path).await.unwrap();
+            migrator.migrations = migrator.migrations[..1].to_vec().into();
+            migrator
+        }
+    };
+    let (sqlite, postgres) = (first("sqlite").await, first("postgres").await);
+    let settings = support::settings(&dir, &[]);
+    let db = Database::open_migrated(&settings.db, Migrations::new(&sqlite).postgres(&postgres))
+        .await
+        .unwrap();
+    let mut tx = db.begin_write().await.unwrap();
+    sqlx::query(
+        "INSERT INTO tickets (id, account, name, price_minor, currency, capacity, valid_from, valid_until, created_at)
+         VALUES ('tkt_old', 'acme', 'Day pass', 100, 'EUR', 5, '2026-01-01', '2099-12-31', '2026-12-01T09:00:00.000Z')",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    for (id, quantity, status) in [
+        ("rsv_a", 2, "confirmed"),
+        ("rsv_b", 1, "confirmed"),
+        ("rsv_c", 1, "released"),
+    ] {
+        sqlx::query(
+            "INSERT INTO reservations (id, account, ticket_id, quantity, status, expires_at, created_at)
+             VALUES ($1, 'acme', 'tkt_old', $2, $3, '2026-12-01T09:15:00.000Z', '2026-12-01T09:00:00.000Z')",
+        )
+        .bind(id)
+        .bind(quantity)
+        .bind(status)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    db.close().await;
+
+    let server = Server::start(&dir, &[]).await;
+    let api = server.client();
+    let cx = alice().await;
+    let calls = api.on_behalf_of(&cx);
+    assert_eq!(
+        calls
+            .get_ticket(&acme(), "tkt_old")
+            .await
+            .unwrap()
+            .available,
+        2
+    );
+    let three = NewReservation {
+        ticket_id: "tkt_old".to_owned(),
+        quantity: 3,
+    };
+    let result = calls.reserve(&acme(), &three, "too-many").await;
+    assert_eq!(refusal(result).0, 409);
+    let two = NewReservation {
+        quantity: 2,
+        ..three
+    };
+    let held = calls.reserve(&acme(), &two, "last-two").await.unwrap();
+    calls.confirm(&acme(), &held.id).await.unwrap();
+    assert_eq!(
+        calls
+            .get_ticket(&acme(), "tkt_old")
+            .await
+            .unwrap()
+            .available,
+        0
+    );
+    server.stop().await;
+}
