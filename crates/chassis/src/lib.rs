@@ -139,6 +139,9 @@ pub mod fault;
 pub mod health;
 pub mod id;
 mod log_line;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod messaging;
 pub mod metrics;
 #[cfg(feature = "otel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
