@@ -1,9 +1,12 @@
 //! `test`: the whole test suite, with the servers it needs.
 //!
 //! 1. Finds out which servers the tests can reach: PostgreSQL at
-//!    `CHASSIS_TEST_POSTGRES_URL` (by default `127.0.0.1:5432`).
+//!    `CHASSIS_TEST_POSTGRES_URL` (by default `127.0.0.1:5432`) and NATS
+//!    with JetStream at `CHASSIS_TEST_NATS_URL` (by default
+//!    `nats://127.0.0.1:4222`).
 //! 2. Runs `cargo test --workspace --all-features --locked`: every test,
-//!    the exemplars on their embedded default (SQLite).
+//!    the exemplars on their embedded default (SQLite), the chassis'
+//!    messaging tests (`--all-features` turns on `nats`) on NATS.
 //! 3. Runs the exemplars' tests again on PostgreSQL
 //!    (`CHASSIS_TEST_BACKEND=postgres`): the same tests, each service in
 //!    each test on a database of its own.
@@ -45,6 +48,20 @@ impl Server {
             }
         }
         Some(last)
+    }
+}
+
+/// `host:port` of the first server of a `nats://` URL (4222 when it names
+/// no port).
+fn nats_address(url: &str) -> String {
+    let first = url.split(',').next().unwrap_or_default().trim();
+    let rest = first.split_once("://").map_or(first, |(_, rest)| rest);
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let host = host.split('/').next().unwrap_or_default();
+    if host.contains(':') && !host.ends_with(']') {
+        host.to_owned()
+    } else {
+        format!("{host}:4222")
     }
 }
 
@@ -90,7 +107,29 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
         needed_by: "the exemplars' tests on PostgreSQL and the chassis' tests/postgres.rs",
     };
 
+    let nats_url = std::env::var("CHASSIS_TEST_NATS_URL")
+        .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    let nats = Server {
+        name: "NATS",
+        address: nats_address(&nats_url),
+        needed_by: "the chassis' tests/messaging.rs",
+    };
+
     let mut not_run = Vec::new();
+    match nats.unreachable() {
+        None => println!("{} at {}: reachable", nats.name, nats.address),
+        Some(why) => {
+            let line = format!(
+                "{} at {} cannot be reached ({why}): {} cannot run",
+                nats.name, nats.address, nats.needed_by
+            );
+            if required {
+                eprintln!("error: {line}; CHASSIS_REQUIRE_SERVERS is set, so nothing is skipped");
+                return ExitCode::FAILURE;
+            }
+            not_run.push(line);
+        }
+    }
     let postgres_up = match postgres.unreachable() {
         None => {
             println!("{} at {}: reachable", postgres.name, postgres.address);
@@ -149,6 +188,8 @@ mod tests {
             "db:5432"
         );
         assert_eq!(postgres_address("postgresql://[::1]:6543/x"), "[::1]:6543");
+        assert_eq!(nats_address("nats://127.0.0.1:4222"), "127.0.0.1:4222");
+        assert_eq!(nats_address("nats://u:p@broker, nats://b:1"), "broker:4222");
     }
 
     #[test]

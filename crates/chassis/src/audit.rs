@@ -20,6 +20,27 @@
 //! | `decision`, `reason` | `allow` / `deny` / `unauthenticated` / `rejected`, and the reason code |
 //! | `status`, `latency_ms` | `201`, `3.2` |
 //! | `mutation` | `true` for a successful POST, PUT, PATCH or DELETE |
+//! | `message` | for a message, what was decided about it (below); absent for an API call |
+//!
+//! A **message** a service consumes (see `messaging`, feature `nats`) is
+//! audited like a call, once per delivery that reaches a decision, in the
+//! same event shape: `subject` and `subject_kind` name its publisher (the
+//! `sub` of the token it carried, or `anonymous`), `method` is `MESSAGE`,
+//! `route` is the subscription's subject pattern
+//! (`orders.v1.*.order.placed`), `account` and `permission` are those
+//! filled from the message's subject, `decision` and `reason` as for a call
+//! (`unauthenticated` with the token's reason code, `deny` with
+//! `forbidden`, `rejected` with `invalid_subject`, `missing_event_id` or
+//! `malformed_payload`, `allow` otherwise), `status` is 0 (messages have
+//! none), `latency_ms` the time spent on the delivery, and `message` says
+//! what became of it:
+//!
+//! | `message` field | example |
+//! |---|---|
+//! | `subject` | `orders.v1.67000001.order.placed` (the concrete subject) |
+//! | `event_id` | `evt_0193…` (its `Nats-Msg-Id`, when it had a valid one) |
+//! | `delivery` | `1` (JetStream's count of deliveries of this message) |
+//! | `outcome` | `processed` (acknowledged), `retry` (handed back for a later delivery) or `dead_lettered` (moved to the dead-letter subject and never processed) |
 //!
 //! Auditing never blocks a request: events go through a bounded queue to a
 //! writer thread, which sleeps while there is nothing to write (the first
@@ -133,6 +154,46 @@ pub struct AuditEvent {
     pub latency_ms: f64,
     /// Whether it was a successful create, update or delete.
     pub mutation: bool,
+    /// For a message, what became of it; `None` for an API call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<AuditMessage>,
+}
+
+/// What an audit event of a consumed message adds: see the
+/// [module docs](self).
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditMessage {
+    /// The concrete subject it was published to.
+    pub subject: Arc<str>,
+    /// Its event id (`Nats-Msg-Id`), when it carried a valid one.
+    pub event_id: Option<Arc<str>>,
+    /// Which delivery of the message this was, from 1.
+    pub delivery: u64,
+    /// What became of it.
+    pub outcome: MessageOutcome,
+}
+
+/// What became of a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageOutcome {
+    /// Handled and acknowledged.
+    Processed,
+    /// Handed back to the broker for a later delivery.
+    Retry,
+    /// Moved to the dead-letter subject, never to be processed.
+    DeadLettered,
+}
+
+impl MessageOutcome {
+    /// `processed`, `retry` or `dead_lettered`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processed => "processed",
+            Self::Retry => "retry",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
 }
 
 fn serialize_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -166,6 +227,7 @@ impl AuditEvent {
             status: 201,
             latency_ms: 1.0,
             mutation: true,
+            message: None,
         }
     }
 }
@@ -178,6 +240,8 @@ pub enum AuditRoute {
     Matched(MatchedPath),
     /// A fixed name (`unmatched`, or one given in code).
     Static(&'static str),
+    /// A name made at run time: a subscription's subject pattern.
+    Shared(Arc<str>),
 }
 
 impl AuditRoute {
@@ -186,6 +250,7 @@ impl AuditRoute {
         match self {
             Self::Matched(m) => m.as_str(),
             Self::Static(s) => s,
+            Self::Shared(s) => s,
         }
     }
 }
@@ -251,6 +316,10 @@ impl AuditSink for LogSink {
                 status = e.status,
                 latency_ms = e.latency_ms,
                 mutation = e.mutation,
+                message_subject = e.message.as_ref().map(|m| &*m.subject),
+                message_event_id = e.message.as_ref().and_then(|m| m.event_id.as_deref()),
+                message_delivery = e.message.as_ref().map(|m| m.delivery),
+                message_outcome = e.message.as_ref().map(|m| m.outcome.as_str()),
                 "audit"
             );
         }
@@ -280,7 +349,7 @@ fn log_line(lines: &crate::log_line::JsonLines, buf: &mut Vec<u8>, e: &AuditEven
     write_field(buf, ",\"method\":\"", e.method.as_str(), false);
     let route_clean = match &e.route {
         AuditRoute::Matched(m) => crate::log_line::route_is_clean(m),
-        AuditRoute::Static(_) => false,
+        AuditRoute::Static(_) | AuditRoute::Shared(_) => false,
     };
     write_field(buf, ",\"route\":\"", e.route.as_str(), !route_clean);
     if let Some(account) = &e.account {
@@ -313,6 +382,16 @@ fn log_line(lines: &crate::log_line::JsonLines, buf: &mut Vec<u8>, e: &AuditEven
     } else {
         b",\"mutation\":false"
     });
+    if let Some(m) = &e.message {
+        write_field(buf, ",\"message\":{\"subject\":\"", &m.subject, true);
+        if let Some(id) = &m.event_id {
+            write_field(buf, ",\"event_id\":\"", id, true);
+        }
+        buf.extend_from_slice(b",\"delivery\":");
+        write_u64(buf, m.delivery);
+        write_field(buf, ",\"outcome\":\"", m.outcome.as_str(), false);
+        buf.push(b'}');
+    }
     crate::log_line::JsonLines::end_line(buf);
 }
 
@@ -759,6 +838,7 @@ impl Drop for Pending {
             status,
             latency_ms: self.start.elapsed().as_secs_f64() * 1000.0,
             mutation,
+            message: None,
         });
     }
 }
@@ -913,6 +993,47 @@ mod tests {
         n.push(b' ');
         crate::log_line::write_u64(&mut n, u64::MAX);
         assert_eq!(n, b"0 18446744073709551615");
+    }
+
+    #[test]
+    fn a_message_decision_logs_its_message_as_the_file_sink_writes_it() {
+        let (writer, _guard) = crate::log_line::LogWriter::spawn(std::io::sink(), |_| Vec::new());
+        let lines = crate::log_line::JsonLines::new("mail", writer);
+        let event = AuditEvent {
+            method: Method::from_bytes(b"MESSAGE").unwrap(),
+            route: AuditRoute::Shared("orders.v1.*.order.placed".into()),
+            subject: "orders".into(),
+            subject_kind: "service",
+            permission: "mail:67000001:send:message".parse().ok(),
+            decision: AuditDecision::Deny,
+            reason: Some("forbidden"),
+            status: 0,
+            mutation: false,
+            message: Some(AuditMessage {
+                subject: "orders.v1.67000001.order.placed".into(),
+                event_id: Some("evt-\"1\"".into()),
+                delivery: 2,
+                outcome: MessageOutcome::DeadLettered,
+            }),
+            ..AuditEvent::example()
+        };
+        let mut buf = Vec::new();
+        log_line(&lines, &mut buf, &event);
+        let logged: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        let expected = serde_json::json!({
+            "subject": "orders.v1.67000001.order.placed",
+            "event_id": "evt-\"1\"",
+            "delivery": 2,
+            "outcome": "dead_lettered",
+        });
+        assert_eq!(logged["message"], expected, "{logged}");
+        assert_eq!(logged["method"], "MESSAGE");
+        assert_eq!(logged["route"], "orders.v1.*.order.placed");
+        // The file sink (serde) writes the same object.
+        let filed = serde_json::to_value(&event).unwrap();
+        assert_eq!(filed["message"], expected);
+        let call = serde_json::to_value(AuditEvent::example()).unwrap();
+        assert!(call.get("message").is_none(), "{call}");
     }
 
     #[test]

@@ -31,6 +31,7 @@
 //! | Retries | retries only idempotent calls, only retryable failures, with jittered backoff, within a budget | [`retry`] |
 //! | Failure injection | can slow down or fail a share of calls on purpose, when configured | [`fault`] |
 //! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
+//! | Messaging | publishes events from its outbox to NATS JetStream with its own token, the correlation id and the trace; consumes them durably, verifying, authorizing and auditing each message as a call, acknowledging after the work commits, dead-lettering what it refuses or gives up, within an in-flight bound, its lag a metric and a readiness check | `messaging` (feature `nats`) |
 //! | Storage | owns one database, SQLite on one machine or Postgres for replicas, migrated at start-up, checked for readiness; the same handlers on both | `db` (features `sqlite`, `postgres`) |
 //! | Identifiers | gives records UUIDv7 ids, ordered by creation time, with a prefix naming their kind | [`id`] |
 //! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
@@ -74,7 +75,8 @@
 //! | `tls` | with `jwt` or `client` | `tls`: outbound TLS through rustls on aws-lc-rs, the platform's roots plus `CHASSIS_TLS_CA_FILE` |
 //! | `sqlite` | no | `db`: one database per service through sqlx's `Any` driver; SQLite in WAL mode with one writer connection and read-only readers, migrations at start-up, a readiness check |
 //! | `postgres` | no | `db` on Postgres as well, chosen by `<PREFIX>_DATABASE_URL` (enables `sqlite`, the embedded default) |
-//! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it, a token endpoint, a test PKI, an OTLP collector on loopback (`OtlpReceiver`), and the harness for a service's binary (`ServiceProcess`, `ProcessCheck`, `TempDir`, `eventually`), for tests (dev-dependencies only); enables `jwt`, `tls`, `client` and `otel` |
+//! | `nats` | no | `messaging`: events over NATS JetStream (`CHASSIS_NATS_*`), a `Publisher` for outbox relays and durable `Consumer`s with the same authentication, permissions, audit, correlation and tracing as API routes, dead letters, lag metrics and readiness; enables `jwt`, `client` and `otel`; pulls in async-nats |
+//! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it, a token endpoint, a test PKI, an OTLP collector on loopback (`OtlpReceiver`), and the harness for a service's binary (`ServiceProcess`, `ProcessCheck`, `TempDir`, `eventually`), and with `nats` a NATS server per test (`TestNats`), for tests (dev-dependencies only); enables `jwt`, `tls`, `client` and `otel` |
 //!
 //! The defaults are `["process-metrics", "jwt", "client", "otel"]`. Everything else
 //! is what the service builder needs, so it is always built: the route
@@ -139,6 +141,9 @@ pub mod fault;
 pub mod health;
 pub mod id;
 mod log_line;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod messaging;
 pub mod metrics;
 #[cfg(feature = "otel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]

@@ -58,6 +58,8 @@ use crate::auth::{Key, Verifier};
 
 #[cfg(feature = "postgres")]
 mod database;
+#[cfg(feature = "nats")]
+mod nats;
 mod otlp;
 mod pki;
 mod process;
@@ -67,9 +69,10 @@ mod token_endpoint;
 
 #[cfg(feature = "postgres")]
 pub use database::{
-    BACKEND_VAR, DEFAULT_POSTGRES, POSTGRES_VAR, REQUIRE_VAR, TestDatabase, TestPostgres,
-    test_backend,
+    BACKEND_VAR, DEFAULT_POSTGRES, POSTGRES_VAR, TestDatabase, TestPostgres, test_backend,
 };
+#[cfg(feature = "nats")]
+pub use nats::{DEFAULT_NATS, NATS_VAR, TestNats};
 pub use otlp::{OtlpReceiver, ReceivedEvent, ReceivedSpan};
 pub use pki::{TestCert, TestPki};
 pub use process::{
@@ -77,7 +80,9 @@ pub use process::{
     refused_settings,
 };
 pub use server::TestServer;
-pub use support::{EVENTUALLY_WITHIN, TempDir, eventually, eventually_within, refusal};
+pub use support::{
+    EVENTUALLY_WITHIN, REQUIRE_VAR, TempDir, eventually, eventually_within, refusal,
+};
 
 const PRIVATE_PEM: &[u8] = include_bytes!("testing/test-ed25519.pem");
 const PUBLIC_PEM: &[u8] = include_bytes!("testing/test-ed25519.pub.pem");
@@ -123,13 +128,28 @@ impl TestIssuer {
 
     /// The verifier trusting this issuer's key, and only it.
     pub fn verifier(&self) -> Verifier {
+        self.verifier_builder()
+            .build()
+            .expect("a verifier over fixed keys builds")
+    }
+
+    /// A builder of the verifier trusting this issuer's key, for tests that
+    /// set its leeway or clock.
+    ///
+    /// ```
+    /// let verifier = chassis::testing::TestIssuer::new()
+    ///     .verifier_builder()
+    ///     .leeway(std::time::Duration::ZERO)
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = verifier;
+    /// ```
+    pub fn verifier_builder(&self) -> crate::auth::VerifierBuilder {
         let key =
             Key::from_pem(Some(KID), Algorithm::EdDSA, PUBLIC_PEM).expect("the test key is valid");
         Verifier::builder()
             .keys(&self.issuer, &self.audience, vec![key])
             .algorithms(&[Algorithm::EdDSA])
-            .build()
-            .expect("a verifier over fixed keys builds")
     }
 
     /// The JWKS document publishing this issuer's key, for tests that

@@ -733,6 +733,60 @@ async fn time_claims() {
 /// A grant that holds a `!` but is not a valid grant refuses the token at
 /// the verifier, whatever else the token grants.
 #[tokio::test]
+async fn verify_at_judges_time_claims_as_of_the_given_time() {
+    let s = setup().await;
+    let verifier = verifier(&s.server, JwksOptions::default());
+    // Expired by the verifier's clock (NOW), valid at NOW - 600.
+    let mut c = claims();
+    c["iat"] = json!(NOW - 900);
+    c["exp"] = json!(NOW - 300);
+    let token = mint(&s.server, Algorithm::EdDSA, &s.keys.ed, Some("ed1"), c);
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    let expired = |r: Result<_, chassis::auth::AuthError>| r.unwrap_err().reason().code();
+    assert_eq!(expired(verifier.verify(&headers).await), "expired");
+    let then = verifier.verify_at(&headers, NOW - 600).await.unwrap();
+    assert_eq!(then.subject(), "ann");
+    // The leeway applies to the given time as to now.
+    assert!(
+        verifier
+            .verify_at(&headers, NOW - 300 + LEEWAY - 1)
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        expired(verifier.verify_at(&headers, NOW - 300 + LEEWAY).await),
+        "expired"
+    );
+    // Not yet issued at the given time.
+    assert_eq!(
+        expired(verifier.verify_at(&headers, NOW - 900 - LEEWAY - 1).await),
+        "iat_in_future"
+    );
+    // Verifying at a past time fills no cache: now it is still refused.
+    assert_eq!(expired(verifier.verify(&headers).await), "expired");
+    // Everything else is checked as for `verify`.
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {forged}").parse().unwrap(),
+    );
+    assert_eq!(
+        expired(verifier.verify_at(&headers, NOW - 600).await),
+        "bad_signature"
+    );
+    assert_eq!(
+        expired(verifier.verify_at(&http::HeaderMap::new(), NOW).await),
+        "missing_token"
+    );
+}
+
+#[tokio::test]
 async fn malformed_deny_grants_refuse_the_token_at_the_verifier() {
     let keys = keys();
     let server = JwksServer::start(&jwks(&[jwk(&keys.rsa1, Algorithm::RS256, "k1")])).await;

@@ -81,6 +81,14 @@ impl Span {
         Self::child_of(parent, SpanKind::Consumer, name)
     }
 
+    /// A span of kind `producer` inside `parent`: a message this service
+    /// hands to a broker. The message carries this span's
+    /// [`traceparent`](TraceContext::traceparent), so its consumer's span is
+    /// a child of it.
+    pub fn producer(parent: &TraceContext, name: impl Into<Cow<'static, str>>) -> Self {
+        Self::child_of(parent, SpanKind::Producer, name)
+    }
+
     fn child_of(parent: &TraceContext, kind: SpanKind, name: impl Into<Cow<'static, str>>) -> Self {
         Self::begin(parent.child(), kind, false, name, SystemTime::now())
     }

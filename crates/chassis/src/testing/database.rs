@@ -17,9 +17,7 @@ pub const POSTGRES_VAR: &str = "CHASSIS_TEST_POSTGRES_URL";
 /// project machines' server on loopback, trust authentication.
 pub const DEFAULT_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 
-/// The variable that makes a test fail, rather than skip, when a server
-/// it needs cannot be reached (CI sets it: nothing is skipped there).
-pub const REQUIRE_VAR: &str = "CHASSIS_REQUIRE_SERVERS";
+use super::support::REQUIRE_VAR;
 
 /// The engine this test run asks for ([`BACKEND_VAR`]).
 ///

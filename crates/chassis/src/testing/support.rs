@@ -74,6 +74,10 @@ impl Drop for TempDir {
     }
 }
 
+/// The variable that makes a test fail, rather than skip, when a server
+/// it needs cannot be reached (CI sets it: nothing is skipped there).
+pub const REQUIRE_VAR: &str = "CHASSIS_REQUIRE_SERVERS";
+
 /// Polls `check` until it holds, for at most [`EVENTUALLY_WITHIN`] (60 s:
 /// generous, as test machines are busy). The pause between polls grows
 /// from 10 ms to 250 ms.
