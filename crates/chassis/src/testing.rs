@@ -25,7 +25,9 @@
 //! is the check every service's binary must pass (the standard endpoints,
 //! a refused call's access line and audit event with its correlation id, a
 //! clean stop), in one call. [`TempDir`], [`eventually`] and [`refusal`]
-//! are the small pieces every service's tests need.
+//! are the small pieces every service's tests need. [`TcpProxy`] stands
+//! between a service and a real server (a broker, a database) so that a
+//! test can cut the connection and restore it.
 //!
 //! Enable with the `testing` feature, in `[dev-dependencies]` only; it
 //! enables `jwt`, `tls` and `client`.
@@ -63,6 +65,7 @@ mod nats;
 mod otlp;
 mod pki;
 mod process;
+mod proxy;
 mod server;
 mod support;
 mod token_endpoint;
@@ -79,6 +82,7 @@ pub use process::{
     ProcessCheck, READY_WITHIN, ServiceProcess, ServiceProcessBuilder, parse_lines,
     refused_settings,
 };
+pub use proxy::TcpProxy;
 pub use server::TestServer;
 pub use support::{
     EVENTUALLY_WITHIN, REQUIRE_VAR, TempDir, eventually, eventually_within, refusal,

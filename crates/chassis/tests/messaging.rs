@@ -22,7 +22,7 @@ use chassis::{
         Publisher, StaticToken, Subject, Subscription, dead_letter_stream_name, headers,
     },
     permission::AccountId,
-    testing::{TestIssuer, TestNats, eventually},
+    testing::{TcpProxy, TestIssuer, TestNats, eventually},
 };
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -142,7 +142,18 @@ impl World {
     /// A consumer whose handler records what it got, started in the
     /// background.
     fn consumer(&self, config: &MessagingConfig, verifier: Verifier, seen: Seen) -> Consumer {
-        Consumer::builder(self.nats.client(), config, &self.mail, self.subscription())
+        self.consumer_on(self.nats.client(), config, verifier, seen)
+    }
+
+    /// [`consumer`](Self::consumer) on a client of its own.
+    fn consumer_on(
+        &self,
+        client: async_nats::Client,
+        config: &MessagingConfig,
+        verifier: Verifier,
+        seen: Seen,
+    ) -> Consumer {
+        Consumer::builder(client, config, &self.mail, self.subscription())
             .verifier(verifier)
             .auditor(self.auditor.clone())
             .handler(move |m: Message<Value>| {
@@ -958,4 +969,96 @@ async fn undeclared_access_stops_the_build() {
     .handler(|_: Message<Value>| async { Ok(()) })
     .build()
     .unwrap();
+}
+
+/// The connection to the broker drops and comes back: the consumer turns
+/// unready, then resumes, and what was published meanwhile is processed
+/// once; a publish that got no ack while the connection was down is
+/// published again by its relay and dropped as a duplicate if it had
+/// arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_broker_connection_is_resumed_and_nothing_is_lost_or_doubled() {
+    let Some(w) = World::new("connection dropped").await else {
+        return;
+    };
+    let broker: std::net::SocketAddr = w
+        .nats
+        .url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("the test broker's URL is host:port");
+    let proxy = TcpProxy::start(broker).await;
+    let config = fast(&w.nats);
+    let proxied = MessagingConfig::new(&format!("nats://{}", proxy.addr()));
+    let token = w.token(&[&w.grant("acme")]);
+    let direct = w.publisher(&config, &token).await;
+    let through = Publisher::new(
+        proxied.connect(&w.orders).await.unwrap(),
+        &config,
+        &w.orders,
+        &[1],
+        StaticToken::bearer(&token),
+    )
+    .await
+    .unwrap();
+    let seen = Seen::default();
+    let consumer = w.consumer_on(
+        proxied.connect(&w.mail).await.unwrap(),
+        &config,
+        w.issuer.verifier(),
+        seen.clone(),
+    );
+    let (_, ready, _) = consumer.health_check();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(consumer.clone().run(stop.clone()));
+    let event = |id: &str| OutgoingEvent::json(w.subject("acme"), id, &json!({})).unwrap();
+
+    direct.publish(&event("before")).await.unwrap();
+    eventually("the first event processed", || async {
+        seen.count("before") == 1
+    })
+    .await;
+    eventually("ready", || async { ready.check().await.is_ok() }).await;
+
+    proxy.cut();
+    eventually("unready while the broker is out of reach", || async {
+        ready.check().await.is_err()
+    })
+    .await;
+    // The broker itself is up: others publish while this service is cut off.
+    for id in ["during-1", "during-2"] {
+        direct.publish(&event(id)).await.unwrap();
+    }
+    // This service's own publish gets no ack; its relay keeps the event.
+    let unacked = through.publish(&event("unacked")).await;
+    assert!(unacked.is_err(), "no ack through a cut connection");
+    assert_eq!(seen.count("during-1"), 0);
+
+    proxy.restore();
+    // The relay publishes the event again; whether the first attempt
+    // reached the stream or not, it is in the stream once.
+    eventually("the relay's publish acked after the restore", || async {
+        through.publish(&event("unacked")).await.is_ok()
+    })
+    .await;
+    eventually("what was published meanwhile processed", || async {
+        ["during-1", "during-2", "unacked"]
+            .iter()
+            .all(|id| seen.count(id) == 1)
+    })
+    .await;
+    eventually("ready again", || async { ready.check().await.is_ok() }).await;
+    assert!(proxy.connections() >= 4, "both clients reconnected");
+
+    // A last event, after which nothing older can still be in flight.
+    direct.publish(&event("after")).await.unwrap();
+    eventually("the last event processed", || async {
+        seen.count("after") == 1
+    })
+    .await;
+    for id in ["before", "during-1", "during-2", "unacked", "after"] {
+        assert_eq!(seen.count(id), 1, "{id} processed exactly once");
+    }
+    stop.cancel();
+    running.await.unwrap();
 }
