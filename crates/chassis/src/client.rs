@@ -308,12 +308,14 @@ use crate::{
 mod balance;
 mod driver;
 mod error;
+mod pages;
 mod token;
 mod transport;
 
 pub use balance::{EndpointStatus, OutlierDetection};
 pub use driver::{Api, Calls, DriverClient};
 pub use error::{ClientError, RemoteProblem};
+pub use pages::Pages;
 pub use token::{TokenError, TokenSource};
 
 /// Settings of one downstream; see the [defaults](self#defaults).

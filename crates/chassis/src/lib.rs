@@ -33,6 +33,7 @@
 //! | Protection | sheds load fast, limits body size, times requests out, survives panics | [`protect`] |
 //! | Messaging | publishes events from its outbox to NATS JetStream with its own token, the correlation id and the trace; consumes them durably, verifying, authorizing and auditing each message as a call, acknowledging after the work commits, dead-lettering what it refuses or gives up, within an in-flight bound, its lag a metric and a readiness check | `messaging` (feature `nats`) |
 //! | Storage | owns one database, SQLite on one machine or Postgres for replicas, migrated at start-up, checked for readiness; the same handlers on both | `db` (features `sqlite`, `postgres`) |
+//! | Lists | answers every list one page at a time: a stable order, an opaque cursor bound to the list, a bounded `limit`, the next page's link in the body and a `Link` header | [`page`] |
 //! | Identifiers | gives records UUIDv7 ids, ordered by creation time, with a prefix naming their kind | [`id`] |
 //! | Shutdown | on SIGTERM turns unready, drains, stops background work, exits 0 within a deadline | [`shutdown`] |
 //!
@@ -148,6 +149,7 @@ pub mod metrics;
 #[cfg(feature = "otel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
 pub mod otel;
+pub mod page;
 pub mod permission;
 pub mod problem;
 pub mod protect;

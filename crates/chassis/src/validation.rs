@@ -31,6 +31,10 @@
 //!   a JSON Pointer (RFC 6901) to the member, written as a URI fragment
 //!   (`#/data/quantity`), and its `detail` says what the member must be.
 //!   The whole body is `#` (for a body that is not an object).
+//! * **Query parameters** are checked the same way, and named as
+//!   `{"parameter": "limit", "detail": "…"}` ([`FieldError::parameter`]),
+//!   since they have no place in the body to point at; a list's `limit`
+//!   and `cursor` are ([`page`](crate::page)).
 //! * The details describe the rule, never echo the value, so nothing the
 //!   client sent is reflected back, and nothing internal leaks.
 //! * The chassis adds the `correlation_id` as for any problem.
@@ -93,6 +97,8 @@ pub const REASON: &str = "invalid_fields";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     pointer: String,
+    /// The query parameter named, instead of a member of the body.
+    parameter: Option<Cow<'static, str>>,
     detail: Cow<'static, str>,
 }
 
@@ -130,13 +136,35 @@ impl FieldError {
         }
         Self {
             pointer,
+            parameter: None,
             detail: detail.into(),
         }
     }
 
-    /// The member, e.g. `#/data/quantity`.
+    /// The query parameter `name` (`?limit=`) fails its rule, `detail`.
+    /// Its entry in `errors` names it as `parameter` instead of a
+    /// `pointer` into the body: `{"parameter": "limit", "detail": "…"}`.
+    pub fn parameter(
+        name: impl Into<Cow<'static, str>>,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            pointer: String::new(),
+            parameter: Some(name.into()),
+            detail: detail.into(),
+        }
+    }
+
+    /// The member, e.g. `#/data/quantity`; empty for a query parameter
+    /// (see [`parameter_name`](Self::parameter_name)).
     pub fn pointer(&self) -> &str {
         &self.pointer
+    }
+
+    /// The query parameter, for an error made by
+    /// [`parameter`](Self::parameter).
+    pub fn parameter_name(&self) -> Option<&str> {
+        self.parameter.as_deref()
     }
 
     /// What the member must be.
@@ -145,7 +173,10 @@ impl FieldError {
     }
 
     fn to_json(&self) -> Value {
-        json!({ "pointer": self.pointer, "detail": self.detail })
+        match &self.parameter {
+            Some(name) => json!({ "parameter": name, "detail": self.detail }),
+            None => json!({ "pointer": self.pointer, "detail": self.detail }),
+        }
     }
 }
 
@@ -441,6 +472,10 @@ mod tests {
             "#/a%20b/%C3%A9"
         );
         assert_eq!(FieldError::at(&[], "x").pointer(), "#");
+        let p = FieldError::parameter("limit", "x");
+        assert_eq!((p.pointer(), p.parameter_name()), ("", Some("limit")));
+        assert_eq!(FieldError::field("a", "x").parameter_name(), None);
+        assert_eq!(p.to_json(), json!({"parameter": "limit", "detail": "x"}));
         assert_eq!(FieldError::field("", "x").pointer(), "#/");
     }
 

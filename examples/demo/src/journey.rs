@@ -320,8 +320,8 @@ The journey (each service accepts only tokens minted for it: `audience`):
   curl -si {orders}/orders/v1/acme/orders -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
     -H 'idempotency-key: my-first-order' -d '{{"ticket_id":"{ticket}","quantity":2,"email":"alice@example.com"}}'
 
-  # list the orders, then read the confirmation mail
-  curl -s {orders}/orders/v1/acme/orders -H "authorization: Bearer $TOKEN"
+  # list the orders (a page, newest first; follow "next" for more), then read the confirmation mail
+  curl -s "{orders}/orders/v1/acme/orders?limit=20" -H "authorization: Bearer $TOKEN"
   ls {outbox}
 
   # bob may not see acme's orders: 403

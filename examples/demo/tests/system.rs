@@ -79,7 +79,12 @@ async fn orders_killed_mid_flight_loses_nothing_and_reserves_nothing_twice() {
     assert!(replay.replayed);
     assert_eq!(replay.order.id, ids["e2e-3"]);
     assert_eq!(
-        orders.on_behalf_of(&cx).list("acme").await.unwrap().len(),
+        orders
+            .on_behalf_of(&cx)
+            .list_all("acme")
+            .await
+            .unwrap()
+            .len(),
         12
     );
 
@@ -161,14 +166,14 @@ async fn a_crash_before_the_commit_leaves_nothing_and_the_retry_places_one_order
     assert!(
         orders
             .on_behalf_of(&cx)
-            .list("acme")
+            .list_all("acme")
             .await
             .unwrap()
             .is_empty(),
         "nothing half-made"
     );
     let id = place(&orders, &cx, &ticket, "o2").await;
-    let listed = orders.on_behalf_of(&cx).list("acme").await.unwrap();
+    let listed = orders.on_behalf_of(&cx).list_all("acme").await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, id);
     every_order_mailed_once(&e.data, &HashSet::from([id])).await;
@@ -211,7 +216,7 @@ async fn a_crash_after_the_commit_is_answered_by_a_replay() {
         .await
         .expect("the retry is answered");
     assert!(placed.replayed, "the stored answer, not a new order");
-    let listed = orders.on_behalf_of(&cx).list("acme").await.unwrap();
+    let listed = orders.on_behalf_of(&cx).list_all("acme").await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, placed.order.id);
     every_order_mailed_once(&e.data, &HashSet::from([placed.order.id])).await;
@@ -282,7 +287,7 @@ async fn sigterm_under_load_loses_nothing_that_was_accepted() {
     }
     let listed: HashSet<String> = orders
         .on_behalf_of(&cx)
-        .list("acme")
+        .list_all("acme")
         .await
         .unwrap()
         .into_iter()

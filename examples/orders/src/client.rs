@@ -15,7 +15,10 @@
 //! # }
 //! ```
 
-use chassis::client::ClientError;
+use chassis::{
+    client::{ClientError, Pages},
+    page::Page,
+};
 use serde::{Deserialize, Serialize};
 
 /// An order to place.
@@ -72,13 +75,6 @@ pub struct Placed {
     pub replayed: bool,
 }
 
-/// A page of orders.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderList {
-    /// Newest first.
-    pub orders: Vec<Order>,
-}
-
 chassis::driver_client! {
     /// Calls to `orders`: `OrdersClient::new(downstream)`, then `as_service`
     /// or `on_behalf_of` for each call.
@@ -87,7 +83,7 @@ chassis::driver_client! {
     pub struct Calls;
 }
 
-impl Calls<'_> {
+impl<'a> Calls<'a> {
     /// Places an order with an idempotency key (safe to retry with the same
     /// key).
     ///
@@ -127,13 +123,41 @@ impl Calls<'_> {
         self.0.get_json(&path).await
     }
 
-    /// The account's latest orders.
+    /// The first page of the account's orders, newest first, `limit` of
+    /// them (the service's default, 50, when `None`); its `next` leads to
+    /// the rest (see [`pages`](Self::pages)).
+    ///
+    /// # Errors
+    ///
+    /// A [`ClientError`]; 422 `invalid_fields` for a `limit` outside 1 to
+    /// 100.
+    pub async fn list(self, account: &str, limit: Option<u32>) -> Result<Page<Order>, ClientError> {
+        Ok(self.pages(account, limit)?.next().await?.unwrap_or(Page {
+            items: Vec::new(),
+            next: None,
+        }))
+    }
+
+    /// The account's orders page by page, newest first, `limit` each:
+    /// [`Pages::next`] for one page at a time, [`Pages::all`] for every
+    /// order.
+    ///
+    /// # Errors
+    ///
+    /// A [`ClientError`] for an account that cannot be a path segment.
+    pub fn pages(self, account: &str, limit: Option<u32>) -> Result<Pages<'a, Order>, ClientError> {
+        let path = self.0.path("/orders/v1/{}/orders", &[&account])?;
+        Ok(self.0.pages(&path, limit))
+    }
+
+    /// Every order of the account, newest first, following every page.
     ///
     /// # Errors
     ///
     /// A [`ClientError`].
-    pub async fn list(self, account: &str) -> Result<Vec<Order>, ClientError> {
-        let path = self.0.path("/orders/v1/{}/orders", &[&account])?;
-        Ok(self.0.get_json::<OrderList>(&path).await?.orders)
+    pub async fn list_all(self, account: &str) -> Result<Vec<Order>, ClientError> {
+        self.pages(account, Some(chassis::page::MAX_LIMIT))?
+            .all()
+            .await
     }
 }

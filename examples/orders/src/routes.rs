@@ -19,6 +19,7 @@ use chassis::{
     client::{CallContext, ClientError},
     correlation::CorrelationId,
     otel::Span,
+    page::PageRequest,
     permission::AccountId,
     validation::{FieldError, Fields, Invalid, integer, string},
 };
@@ -27,7 +28,7 @@ use serde_json::Value;
 
 use crate::{
     State,
-    client::{NewOrder, Order, OrderList, OrderStatus},
+    client::{NewOrder, Order, OrderStatus},
     idempotency::{self, Claim, Lease, Scope},
     store,
 };
@@ -293,13 +294,18 @@ async fn refused(state: &State, scope: &Scope, lease: Lease, e: ClientError) -> 
     }
 }
 
-/// `GET /orders/v1/{account}/orders`.
+/// `GET /orders/v1/{account}/orders`: one page of the account's orders,
+/// newest first (by `created_at`, then `id`), as the chassis' pagination
+/// standard says (`?limit=` and `?cursor=`, `next` in the body and `Link`).
 pub(crate) async fn list(
     extract::State(state): extract::State<Arc<State>>,
     account: AccountId,
+    page: PageRequest,
 ) -> Response {
-    match store::list(&state.db, account.as_str(), 100).await {
-        Ok(orders) => Json(OrderList { orders }).into_response(),
+    match store::list(&state.db, account.as_str(), page.after(), page.fetch()).await {
+        Ok(orders) => page
+            .page(orders, |o| (o.created_at.clone(), o.id.clone()))
+            .into_response(),
         Err(e) => internal(&e),
     }
 }

@@ -168,19 +168,32 @@ pub(crate) async fn get(
     Ok(row.map(order))
 }
 
-/// An account's orders, newest first, at most `limit`.
+/// An account's orders, newest first (`created_at`, then `id`, both
+/// descending), from strictly after `after` (the sort key of the previous
+/// page's last order), at most `limit`.
 pub(crate) async fn list(
     db: &Database,
     account: &str,
-    limit: u32,
+    after: Option<&(String, String)>,
+    limit: i64,
 ) -> Result<Vec<Order>, sqlx::Error> {
-    let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {ORDER_COLUMNS} FROM orders WHERE account = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
-    )))
-    .bind(account)
-    .bind(i64::from(limit))
-    .fetch_all(db.pool())
-    .await?;
+    // Row values compare alike on SQLite and Postgres.
+    let keyset = if after.is_some() {
+        "AND (created_at, id) < ($3, $4)"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE account = $1 {keyset}
+         ORDER BY created_at DESC, id DESC LIMIT $2"
+    );
+    let mut query = sqlx::query_as::<_, OrderRow>(sqlx::AssertSqlSafe(sql))
+        .bind(account)
+        .bind(limit);
+    if let Some((created_at, id)) = after {
+        query = query.bind(created_at).bind(id);
+    }
+    let rows = query.fetch_all(db.pool()).await?;
     Ok(rows.into_iter().map(order).collect())
 }
 

@@ -38,7 +38,11 @@
 
 use std::fmt;
 
-use chassis::{client::ClientError, permission::AccountId};
+use chassis::{
+    client::{ClientError, Pages},
+    page::Page,
+    permission::AccountId,
+};
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime, format_description::StaticFormatDescription};
 
@@ -183,7 +187,7 @@ chassis::driver_client! {
     pub struct Calls;
 }
 
-impl Calls<'_> {
+impl<'a> Calls<'a> {
     /// `POST /ticketing/v1/{account}/tickets`.
     ///
     /// # Errors
@@ -199,14 +203,55 @@ impl Calls<'_> {
         self.0.post_json(&path, ticket).await
     }
 
-    /// `GET /ticketing/v1/{account}/tickets`: every ticket of the account.
+    /// `GET /ticketing/v1/{account}/tickets`: the first page of the
+    /// account's tickets, oldest first, `limit` of them (the service's
+    /// default, 50, when `None`); its `next` leads to the rest (see
+    /// [`ticket_pages`](Self::ticket_pages)).
+    ///
+    /// # Errors
+    ///
+    /// A [`ClientError`]; 422 `invalid_fields` for a `limit` outside 1 to
+    /// 100.
+    pub async fn list_tickets(
+        self,
+        account: &AccountId,
+        limit: Option<u32>,
+    ) -> Result<Page<Ticket>, ClientError> {
+        Ok(self
+            .ticket_pages(account, limit)?
+            .next()
+            .await?
+            .unwrap_or(Page {
+                items: Vec::new(),
+                next: None,
+            }))
+    }
+
+    /// The account's tickets page by page, oldest first, `limit` each:
+    /// [`Pages::next`] for one page at a time, [`Pages::all`] for every
+    /// ticket.
+    ///
+    /// # Errors
+    ///
+    /// A [`ClientError`] for an account that cannot be a path segment.
+    pub fn ticket_pages(
+        self,
+        account: &AccountId,
+        limit: Option<u32>,
+    ) -> Result<Pages<'a, Ticket>, ClientError> {
+        let path = self.0.path("/ticketing/v1/{}/tickets", &[account])?;
+        Ok(self.0.pages(&path, limit))
+    }
+
+    /// Every ticket of the account, oldest first, following every page.
     ///
     /// # Errors
     ///
     /// A [`ClientError`].
-    pub async fn list_tickets(self, account: &AccountId) -> Result<Vec<Ticket>, ClientError> {
-        let path = self.0.path("/ticketing/v1/{}/tickets", &[account])?;
-        self.0.get_json(&path).await
+    pub async fn all_tickets(self, account: &AccountId) -> Result<Vec<Ticket>, ClientError> {
+        self.ticket_pages(account, Some(chassis::page::MAX_LIMIT))?
+            .all()
+            .await
     }
 
     /// `GET /ticketing/v1/{account}/tickets/{id}`.

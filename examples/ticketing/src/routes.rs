@@ -14,6 +14,7 @@ use chassis::{
     client::CallContext,
     context::TraceContext,
     otel::Span,
+    page::{Page, PageRequest},
     permission::AccountId,
 };
 use http::{HeaderMap, StatusCode};
@@ -25,7 +26,7 @@ use crate::{
     alerts::Alerts,
     client::{Reservation, Ticket},
     error::ApiError,
-    store::Store,
+    store::{self, Store},
     validation,
 };
 
@@ -72,11 +73,17 @@ async fn create_ticket(
     Ok((StatusCode::CREATED, Json(ticket)))
 }
 
+/// One page of the account's tickets, oldest first (by `created_at`, then
+/// `id`), as the chassis' pagination standard says.
 async fn list_tickets(
     account: AccountId,
+    page: PageRequest,
     State(store): State<Store>,
-) -> Result<Json<Vec<Ticket>>, ApiError> {
-    Ok(Json(store.list_tickets(&account).await?))
+) -> Result<Page<Ticket>, ApiError> {
+    let tickets = store
+        .list_tickets(&account, page.after(), page.fetch())
+        .await?;
+    Ok(page.page(tickets, store::sort_key))
 }
 
 async fn get_ticket(

@@ -141,21 +141,38 @@ impl Store {
         Ok(ticket)
     }
 
-    /// The account's tickets, oldest first.
-    pub(crate) async fn list_tickets(&self, account: &AccountId) -> Result<Vec<Ticket>, ApiError> {
+    /// The account's tickets, oldest first (`created_at`, then `id`), from
+    /// strictly after `after` (the [`sort_key`] of the previous page's last
+    /// ticket), at most `limit`.
+    pub(crate) async fn list_tickets(
+        &self,
+        account: &AccountId,
+        after: Option<&(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<Ticket>, ApiError> {
+        // Row values compare alike on SQLite and Postgres.
+        let keyset = if after.is_some() {
+            "AND (t.created_at, t.id) > ($4, $5)"
+        } else {
+            ""
+        };
         let sql = format!(
             "SELECT t.id, t.account, t.name, t.price_minor, t.currency, t.capacity,
                     t.valid_from, t.valid_until, t.created_at,
                     t.capacity - ({IN_USE}) AS available
              FROM tickets t
-             WHERE t.account = $2
-             ORDER BY t.created_at, t.id"
+             WHERE t.account = $2 {keyset}
+             ORDER BY t.created_at, t.id
+             LIMIT $3"
         );
-        let rows: Vec<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let mut query = sqlx::query_as::<_, TicketRow>(sqlx::AssertSqlSafe(sql))
             .bind(timestamp_text(now()))
             .bind(account.as_str())
-            .fetch_all(self.db.pool())
-            .await?;
+            .bind(limit);
+        if let Some((created_at, id)) = after {
+            query = query.bind(created_at).bind(id);
+        }
+        let rows = query.fetch_all(self.db.pool()).await?;
         rows.into_iter().map(TicketRow::into_ticket).collect()
     }
 
@@ -523,6 +540,12 @@ impl ReservationRow {
 fn now() -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(chassis::time::now_millis()) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Where `ticket` sorts in its account's list: `(created_at, id)`, as
+/// stored.
+pub(crate) fn sort_key(ticket: &Ticket) -> (String, String) {
+    (timestamp_text(ticket.created_at), ticket.id.clone())
 }
 
 /// `t` as the database keeps it: the chassis' shown form

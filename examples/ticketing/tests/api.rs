@@ -9,6 +9,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use chassis::{
     client::{CallContext, ClientError, ClientResponse},
+    page::Page,
     permission::AccountId,
 };
 use http::HeaderValue;
@@ -70,8 +71,11 @@ async fn tickets_are_created_listed_and_fetched() {
 
     assert_eq!(calls.get_ticket(&acme(), &pass.id).await.unwrap(), pass);
     assert_eq!(
-        calls.list_tickets(&acme()).await.unwrap(),
-        vec![pass.clone(), week]
+        calls.list_tickets(&acme(), None).await.unwrap(),
+        Page {
+            items: vec![pass.clone(), week],
+            next: None
+        }
     );
 
     // The wire format, as the contract spells it.
@@ -200,7 +204,7 @@ async fn invalid_bodies_are_422_naming_every_field() {
     let tickets = server
         .client()
         .on_behalf_of(&cx)
-        .list_tickets(&acme())
+        .all_tickets(&acme())
         .await
         .unwrap();
     assert!(tickets.is_empty());
@@ -290,7 +294,7 @@ async fn other_accounts_are_403_and_their_ids_404() {
 
     // Alice has no grant in globex.
     let globex = AccountId::parse("globex").unwrap();
-    let (status, problem) = refusal(api.on_behalf_of(&cx).list_tickets(&globex).await);
+    let (status, problem) = refusal(api.on_behalf_of(&cx).list_tickets(&globex, None).await);
     assert_eq!(status, 403);
     assert_eq!(problem["reason"], "forbidden");
     assert_eq!(problem["permission"], "ticketing:globex:view:ticket");
@@ -360,7 +364,7 @@ async fn other_accounts_are_403_and_their_ids_404() {
     not_found(refusal(calls.get_reservation(&initech, &held.id).await));
     not_found(refusal(calls.confirm(&initech, &held.id).await));
     not_found(refusal(calls.release(&initech, &held.id).await));
-    assert!(calls.list_tickets(&initech).await.unwrap().is_empty());
+    assert!(calls.all_tickets(&initech).await.unwrap().is_empty());
 
     // And nothing changed in acme.
     let still = calls.get_reservation(&acme(), &held.id).await.unwrap();

@@ -5,7 +5,7 @@ use std::{fmt, marker::PhantomData, sync::Arc};
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::{CallContext, Caller, ClientError, Downstream, RequestBuilder};
+use super::{CallContext, Caller, ClientError, Downstream, Pages, RequestBuilder};
 
 /// A service's API, as its driver client sees it: the type that holds its
 /// calls. See [`DriverClient`]; [`driver_client!`](crate::driver_client)
@@ -232,6 +232,25 @@ impl<'a> Calls<'a> {
     /// A [`ClientError`]: a refusal is [`ClientError::Status`].
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.get(path).send().await?.json()
+    }
+
+    /// The pages of the list at `path` (see [`page`](crate::page)), `limit`
+    /// items each (the service's default when `None`): read them one at a
+    /// time with [`Pages::next`], or all with [`Pages::all`].
+    ///
+    /// ```no_run
+    /// # use chassis::client::{CallContext, Calls, ClientError, Downstream};
+    /// # async fn f(calls: Calls<'_>) -> Result<(), ClientError> {
+    /// let mut pages = calls.pages::<serde_json::Value>("/orders/v1/acme/orders", Some(40));
+    /// while let Some(page) = pages.next().await? {
+    ///     println!("{} orders", page.items.len());
+    /// }
+    /// let everything = calls.pages::<serde_json::Value>("/orders/v1/acme/orders", None).all().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn pages<T: DeserializeOwned>(&self, path: &str, limit: Option<u32>) -> Pages<'a, T> {
+        Pages::new(*self, path, limit)
     }
 
     /// `POST path` with `body` as JSON, the answer read as JSON. Not

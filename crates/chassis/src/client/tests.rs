@@ -376,3 +376,52 @@ async fn on_behalf_of_forwards_the_callers_token() {
     assert!(matches!(err, ClientError::NoCallerToken { .. }), "{err:?}");
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn pages_follow_next_links_and_refuse_one_that_leaves_the_list() {
+    use crate::page::{Page, PageRequest};
+
+    // Items 0..7, in order, the key being the item itself.
+    async fn numbers(page: PageRequest<(u32,)>) -> Page<u32> {
+        let start = page.after().map_or(0, |(n,)| n + 1);
+        let fetch = u32::try_from(page.fetch()).unwrap();
+        page.page(
+            (start..7).take(usize::try_from(fetch).unwrap()).collect(),
+            |n| (*n,),
+        )
+    }
+    async fn escaping() -> Page<u32> {
+        Page {
+            items: vec![1],
+            next: Some("http://elsewhere.test/steal?limit=1".to_owned()),
+        }
+    }
+    let router = axum::Router::new()
+        .route("/n", axum::routing::get(numbers))
+        .route("/escape", axum::routing::get(escaping));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let d = Downstream::builder("t", &format!("http://{addr}"))
+        .build()
+        .unwrap();
+    let cx = CallContext::background();
+    let calls = Calls::new(&d, d.anonymous(&cx));
+
+    let mut pages = calls.pages::<u32>("/n", Some(3));
+    let mut sizes = Vec::new();
+    while let Some(page) = pages.next().await.unwrap() {
+        sizes.push(page.items.len());
+    }
+    assert_eq!(sizes, [3, 3, 1]);
+    assert!(pages.next().await.unwrap().is_none());
+    assert_eq!(
+        calls.pages::<u32>("/n", None).all().await.unwrap(),
+        (0..7).collect::<Vec<_>>()
+    );
+
+    let err = calls.pages::<u32>("/n", Some(0)).all().await.unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::UNPROCESSABLE_ENTITY));
+    let err = calls.pages::<u32>("/escape", None).all().await.unwrap_err();
+    assert!(matches!(err, ClientError::Decode { .. }), "{err}");
+}
