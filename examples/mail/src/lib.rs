@@ -505,10 +505,14 @@ async fn consume_from(
     let consumer = consume::order_placed(nats, verifier, state)
         .await
         .map_err(|e: MessagingError| AppError::Messaging(e.to_string()))?;
+    // Reported, not critical: the API serves without the broker, and a
+    // consumer waits (not ready) until the publisher's stream exists,
+    // which must not keep this service out of rotation nor make its
+    // start-up wait for the publisher's.
     let (name, check, options) = consumer.health_check();
     let task = format!("consumer {}", consumer.name());
     Ok(builder
-        .health_check(&name, check, options)
+        .health_check(&name, check, options.non_critical())
         .background(&task, move |stop| consumer.run(stop)))
 }
 

@@ -249,10 +249,14 @@ pub async fn app_on(
         let consumer = consume::reservation_confirm(nats, verifier, store.clone())
             .await
             .map_err(|e| AppError::Messaging(e.to_string()))?;
+        // Reported, not critical: the API serves without the broker, and a
+        // consumer waits (not ready) until the publisher's stream exists,
+        // which must not keep this service out of rotation nor make its
+        // start-up wait for the publisher's.
         let (name, check, options) = consumer.health_check();
         let task = format!("consumer {}", consumer.name());
         builder = builder
-            .health_check(&name, check, options)
+            .health_check(&name, check, options.non_critical())
             .background(&task, move |stop| consumer.run(stop));
     }
     Ok(builder
