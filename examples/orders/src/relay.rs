@@ -613,6 +613,34 @@ mod tests {
     }
 
     #[test]
+    fn concurrency_is_a_setting_of_at_least_one() {
+        assert_eq!(RelaySettings::default().concurrency, 16);
+        assert_eq!(
+            read(&[("ORDERS_RELAY_CONCURRENCY", "1")])
+                .unwrap()
+                .concurrency,
+            1
+        );
+        let err = read(&[("ORDERS_RELAY_CONCURRENCY", "0")]).unwrap_err();
+        assert_eq!(err.problems()[0].name, "ORDERS_RELAY_CONCURRENCY");
+    }
+
+    #[test]
+    fn stored_payloads_decode_into_their_event_and_others_are_refused() {
+        let placed = serde_json::json!({
+            "account": "acme", "order_id": "o", "reservation_id": "r",
+            "ticket_id": "t", "quantity": 2, "email": "a@example.com",
+        });
+        assert!(matches!(
+            Event::decode(ORDER_PLACED, &placed),
+            Ok(Event::Placed(OrderPlaced { quantity: 2, .. }))
+        ));
+        assert!(Event::decode(RESERVATION_CONFIRM, &placed).is_ok_and(|e| e.account() == "acme"));
+        assert!(Event::decode(RESERVATION_CONFIRM, &serde_json::json!({"account": 1})).is_err());
+        assert!(Event::decode("order.shipped", &placed).is_err());
+    }
+
+    #[test]
     fn backoff_doubles_within_full_jitter_and_caps() {
         let base = Duration::from_millis(500);
         let max = Duration::from_secs(60);
