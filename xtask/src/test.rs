@@ -6,10 +6,13 @@
 //!    `nats://127.0.0.1:4222`).
 //! 2. Runs `cargo test --workspace --all-features --locked`: every test,
 //!    the exemplars on their embedded default (SQLite), the chassis'
-//!    messaging tests (`--all-features` turns on `nats`) on NATS.
+//!    messaging tests (`--all-features` turns on `nats`) and the demo's
+//!    `tests/messaging.rs` (the exemplars' events through JetStream) on
+//!    NATS.
 //! 3. Runs the exemplars' tests again on PostgreSQL
 //!    (`CHASSIS_TEST_BACKEND=postgres`): the same tests, each service in
-//!    each test on a database of its own.
+//!    each test on a database of its own, and the demo's events through
+//!    JetStream with every service on PostgreSQL.
 //!
 //! A server that cannot be reached is said plainly, with the tests it
 //! keeps from running, and those tests are not run; when
@@ -112,7 +115,7 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
     let nats = Server {
         name: "NATS",
         address: nats_address(&nats_url),
-        needed_by: "the chassis' tests/messaging.rs",
+        needed_by: "the chassis' tests/messaging.rs and the demo's tests/messaging.rs",
     };
 
     let mut not_run = Vec::new();
@@ -156,6 +159,12 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
             args.extend(["-p", crate_name]);
         }
         ok &= cargo(&args, &[("CHASSIS_TEST_BACKEND", "postgres")]);
+        // The exemplars' events through JetStream, every service on
+        // PostgreSQL (NATS required as above).
+        ok &= cargo(
+            &["test", "--locked", "-p", "demo", "--test", "messaging"],
+            &[("CHASSIS_TEST_BACKEND", "postgres")],
+        );
     }
 
     if !not_run.is_empty() {

@@ -1062,3 +1062,82 @@ async fn a_dropped_broker_connection_is_resumed_and_nothing_is_lost_or_doubled()
     stop.cancel();
     running.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_gives_each_system_its_own_streams_on_one_server() {
+    let Some(w) = World::new("prefix").await else {
+        return;
+    };
+    // CHASSIS_NATS_PREFIX, as a service reads it: this test's prefix names
+    // the same services as TestNats does.
+    let env = chassis::config::Env::from_pairs([
+        ("CHASSIS_NATS_URL", w.nats.url()),
+        ("CHASSIS_NATS_PREFIX", w.nats.prefix()),
+        ("CHASSIS_NATS_LAG_POLL_MS", "100"),
+    ]);
+    let mut r = chassis::config::Reader::new(&env);
+    let config = MessagingConfig::read(&mut r).unwrap();
+    r.finish().unwrap();
+    assert_eq!(config.name("orders"), w.orders);
+    assert_eq!(config.name("mail"), w.mail);
+    assert_eq!(w.nats.config().name("orders"), w.orders);
+
+    // Another system on the same server: same services, another prefix.
+    let other = TestNats::or_skip("prefix (other)").await.unwrap();
+    let other_config = other.config();
+    let other_orders = other_config.name("orders");
+    let token = w.issuer.service_token(
+        &other_orders,
+        &[&format!("{}:acme:send:message", other_config.name("mail"))],
+    );
+    let other_publisher = Publisher::new(
+        other.client(),
+        &other_config,
+        &other_orders,
+        &[1],
+        StaticToken::bearer(&token),
+    )
+    .await
+    .unwrap();
+    let other_subject = Subject::new(
+        &other_orders,
+        1,
+        &AccountId::parse("acme").unwrap(),
+        "order.placed",
+    )
+    .unwrap();
+    let theirs = other_publisher
+        .publish(&OutgoingEvent::json(other_subject, "evt-theirs", &json!({})).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(theirs.stream, format!("{other_orders}-events"));
+
+    let publisher = w.publisher(&config, &w.token(&[&w.grant("acme")])).await;
+    let seen = Seen::default();
+    let consumer = w.consumer(&config, w.issuer.verifier(), seen.clone());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(consumer.clone().run(stop.clone()));
+    let ours = OutgoingEvent::json(w.subject("acme"), "evt-ours", &json!({})).unwrap();
+    assert_eq!(
+        publisher.publish(&ours).await.unwrap().stream,
+        format!("{}-events", w.orders)
+    );
+    eventually("ours processed", || async { seen.count("evt-ours") == 1 }).await;
+    // The other system's event stays in its own stream, untouched.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(seen.all().len(), 1, "{:?}", seen.all());
+    stop.cancel();
+    running.await.unwrap();
+
+    // A prefix outside its grammar is a problem of the configuration.
+    for bad in ["Demo", "1demo", "a.b", &"a".repeat(33)] {
+        let env = chassis::config::Env::from_pairs([
+            ("CHASSIS_NATS_URL", "nats://127.0.0.1:4222"),
+            ("CHASSIS_NATS_PREFIX", bad),
+        ]);
+        let mut r = chassis::config::Reader::new(&env);
+        let _ = MessagingConfig::read(&mut r);
+        let e = r.finish().unwrap_err().to_string();
+        assert!(e.contains("CHASSIS_NATS_PREFIX"), "{bad:?}: {e}");
+    }
+}

@@ -32,6 +32,13 @@
 //! its first replica's port plus `10 × i`, all replicas of a service on its
 //! database (see [`system`]). SQLite is one node: `--replicas` above 1
 //! needs `--postgres`.
+//!
+//! `--nats <url>` sets `CHASSIS_NATS_URL` for every service: orders
+//! publishes its outbox events to NATS JetStream, and ticketing and mail
+//! consume them (without it, orders' relay calls them over HTTP). The
+//! demo's streams, subjects and consumers carry a prefix of the data
+//! directory's own (`CHASSIS_NATS_PREFIX`, kept in `<data>/nats-prefix`),
+//! so several demos, and tests, share one server.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -45,7 +52,7 @@ use system::{Layout, System};
 
 /// The command line.
 pub const USAGE: &str =
-    "usage: demo [--smoke | --measure] [--data <dir>] [--postgres <url>] [--replicas <n>]
+    "usage: demo [--smoke | --measure] [--data <dir>] [--postgres <url>] [--replicas <n>] [--nats <url>]
        demo --serve <auth|ticketing|orders|mail>
 
   demo              start the system on 127.0.0.1:8081-8084, data in ./data
@@ -59,7 +66,10 @@ pub const USAGE: &str =
                     service, chassis_demo_<service>, made when missing
   --replicas N      N processes of each service (default 1; more than 1
                     needs --postgres: SQLite is one node); replica i listens
-                    on its first replica's port + 10 x i";
+                    on its first replica's port + 10 x i
+  --nats URL        events go through the NATS JetStream server of URL
+                    (nats://host:port): orders publishes, ticketing and
+                    mail consume; without it, orders calls them over HTTP";
 
 /// How the system runs: how many processes of each service, on which
 /// database engine.
@@ -70,6 +80,8 @@ pub struct Options {
     /// The PostgreSQL server, as the URL of a database on it; `None`:
     /// SQLite files under the data directory.
     pub postgres: Option<String>,
+    /// The NATS JetStream server; `None`: events go over HTTP.
+    pub nats: Option<String>,
 }
 
 impl Default for Options {
@@ -77,9 +89,14 @@ impl Default for Options {
         Self {
             replicas: 1,
             postgres: None,
+            nats: None,
         }
     }
 }
+
+/// The file in the data directory that keeps the demo's prefix on the
+/// broker.
+pub const NATS_PREFIX_FILE: &str = "nats-prefix";
 
 impl Options {
     /// Refuses what cannot run: no replicas, too many, or several on
@@ -99,6 +116,11 @@ impl Options {
         if let Some(url) = &self.postgres {
             postgres::database_url(url, postgres::PREFIX)?;
         }
+        if let Some(url) = &self.nats
+            && !(url.starts_with("nats://") || url.starts_with("tls://"))
+        {
+            return Err("--nats needs a URL, nats://host:port".to_owned());
+        }
         if self.replicas > 1 && self.postgres.is_none() {
             return Err(format!(
                 "--replicas {} needs --postgres <url>: on SQLite each service's database is a \
@@ -107,6 +129,41 @@ impl Options {
             ));
         }
         Ok(())
+    }
+
+    /// What every service's environment gets for the broker: its URL and
+    /// the data directory's prefix (made and kept in
+    /// `<data>/nats-prefix` the first time, so a restarted demo finds its
+    /// streams again); nothing without `--nats`.
+    ///
+    /// # Errors
+    ///
+    /// The prefix file cannot be read or written, or holds no valid
+    /// prefix.
+    pub fn nats_env(&self, data: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+        let Some(url) = &self.nats else {
+            return Ok(Vec::new());
+        };
+        let file = data.join(NATS_PREFIX_FILE);
+        let prefix = match std::fs::read_to_string(&file) {
+            Ok(p) => p.trim().to_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let uuid = chassis::id::uuid_v7().to_string();
+                let p = format!("demo{}", &uuid[uuid.len() - 10..]);
+                std::fs::create_dir_all(data)
+                    .and_then(|()| std::fs::write(&file, &p))
+                    .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+                p
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
+        };
+        if !chassis::permission::is_name(&prefix) || prefix.len() > 32 {
+            return Err(format!("{} holds no valid prefix", file.display()));
+        }
+        Ok(vec![
+            ("CHASSIS_NATS_URL".to_owned(), url.clone()),
+            ("CHASSIS_NATS_PREFIX".to_owned(), prefix),
+        ])
     }
 
     /// `layout` with every service on its database `<prefix>_<service>` on
@@ -181,9 +238,15 @@ async fn start(
     options.check()?;
     let layout = options.databases(layout?, postgres::PREFIX).await?;
     let exe = system::current_exe().map_err(|e| e.to_string())?;
-    System::start_layout(&exe, data, layout, &[])
+    let env = options.nats_env(data)?;
+    System::start_layout(&exe, data, layout, &pairs(&env))
         .await
         .map_err(|e| e.to_string())
+}
+
+/// `(name, value)` pairs borrowed, as [`System::start_layout`] takes them.
+pub fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 /// Starts the system on free ports, runs the journey once, stops it.

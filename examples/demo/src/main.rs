@@ -13,6 +13,8 @@
 //!                      database per service (chassis_demo_<service>)
 //! --replicas <n>       n processes of each service (needs --postgres when
 //!                      more than 1)
+//! --nats <url>         events through NATS JetStream (CHASSIS_NATS_URL for
+//!                      every service) instead of HTTP
 //! demo --serve <name>  run one service in this process (what the demo
 //!                      starts its children with)
 //! ```
@@ -39,6 +41,10 @@ async fn main() -> ExitCode {
                 None => {
                     return usage("--postgres needs a URL (postgres://user@host:port/database)");
                 }
+            },
+            "--nats" => match args.next() {
+                Some(url) => options.nats = Some(url),
+                None => return usage("--nats needs a URL (nats://host:port)"),
             },
             "--replicas" => match args.next().map(|n| n.parse::<usize>()) {
                 Some(Ok(n)) => options.replicas = n,

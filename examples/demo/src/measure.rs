@@ -200,13 +200,15 @@ async fn measure(data: &Path, options: &Options) -> Result<String, String> {
         .databases(Layout::free(&SERVICES.map(|s| (s, n)))?, MEASURE_PREFIX)
         .await?;
     let exe = current_exe().map_err(|e| e.to_string())?;
+    let env = options.nats_env(data)?;
+    let env = crate::pairs(&env);
     // First start: creates the databases, keys and demo users.
-    let mut first = System::start_layout(&exe, data, layout.clone(), &[])
+    let mut first = System::start_layout(&exe, data, layout.clone(), &env)
         .await
         .map_err(|e| e.to_string())?;
     first.stop().await;
     // Second start: what a restart costs.
-    let mut system = System::start_layout(&exe, data, layout, &[])
+    let mut system = System::start_layout(&exe, data, layout, &env)
         .await
         .map_err(|e| e.to_string())?;
     let startup = SERVICES
@@ -314,6 +316,10 @@ async fn measure(data: &Path, options: &Options) -> Result<String, String> {
             if n == 1 { "process" } else { "processes" }
         ),
         None => "SQLite, one process of each service".to_owned(),
+    };
+    let engine = match &options.nats {
+        Some(_) => format!("{engine}; events through NATS JetStream"),
+        None => format!("{engine}; events over HTTP"),
     };
     let pg_line = match pg {
         None => String::new(),

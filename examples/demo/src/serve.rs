@@ -28,21 +28,33 @@ pub async fn run(name: &str) -> ExitCode {
         "ticketing" => {
             let settings = ticketing::Settings::read(&mut r);
             match finish(r) {
-                Ok(()) => ticketing::app(settings).await.map_err(|e| e.to_string()),
+                Ok(()) => ticketing::app_on(
+                    ServiceBuilder::new(ticketing::NAME, 1).config(config),
+                    settings,
+                )
+                .await
+                .map_err(|e| e.to_string()),
                 Err(code) => return code,
             }
         }
         "mail" => {
             let settings = mail::Settings::read(&mut r);
             match finish(r) {
-                Ok(()) => mail::app(settings).await.map_err(|e| e.to_string()),
+                Ok(()) => mail::app_on(ServiceBuilder::new(mail::NAME, 1).config(config), settings)
+                    .await
+                    .map_err(|e| e.to_string()),
                 Err(code) => return code,
             }
         }
         "orders" => {
             let settings = orders::Settings::read(&mut r);
             match finish(r) {
-                Ok(()) => orders::app(settings).await.map_err(|e| e.to_string()),
+                Ok(()) => orders::app_on(
+                    ServiceBuilder::new(orders::NAME, 1).config(config),
+                    settings,
+                )
+                .await
+                .map_err(|e| e.to_string()),
                 Err(code) => return code,
             }
         }
@@ -52,7 +64,9 @@ pub async fn run(name: &str) -> ExitCode {
         }
     };
     match built {
-        Ok(service) => service.config(config).run().await,
+        // The builder carries the configuration: message consumers share
+        // the verifier it makes for the API.
+        Ok(service) => service.run().await,
         Err(e) => {
             eprintln!("{name} cannot start: {e}");
             ExitCode::FAILURE

@@ -49,7 +49,12 @@
 //! | `POST /mail/v1/messages` | `mail::send:message` |
 //! | `GET /mail/v1/messages/{id}` | `mail::view:message` |
 //!
-//! Other services call it through the typed [`client::MailClient`].
+//! Other services call it through the typed [`client::MailClient`]. With
+//! a broker configured (`CHASSIS_NATS_URL`), mail also consumes orders'
+//! `order.placed` events from NATS JetStream, requiring
+//! `mail::send:message` of their publisher, and queues their
+//! confirmations through the same code as `POST /messages` (see
+//! [`consume`]).
 //!
 //! # Example
 //!
@@ -82,6 +87,7 @@ use chassis::{
     config::Reader,
     db::{Database, DbConfig, DbError, Migrations},
     health::{Check, CheckError, CheckOptions},
+    messaging::{MessagingConfig, MessagingError},
 };
 use lettre::Address;
 use tokio::sync::Notify;
@@ -94,6 +100,7 @@ use crate::{
 };
 
 pub mod client;
+pub mod consume;
 pub mod delivery;
 mod format;
 mod job;
@@ -106,6 +113,9 @@ mod transport;
 
 pub use delivery::RetryPolicy;
 pub use transport::{Security, SmtpRelay};
+
+/// The name of the service.
+pub const NAME: &str = "mail";
 
 /// The name of the directory of the file transport, in the data directory.
 pub const OUTBOX_DIR: &str = "outbox";
@@ -138,6 +148,7 @@ const DEPTH_INTERVAL: Duration = Duration::from_secs(1);
 /// | `MAIL_DATABASE_URL` | unset: SQLite | `postgres://…`: the queue lives in that Postgres database, shared by every instance (see [`chassis::db`]) |
 /// | `MAIL_DATA_DIR` | `./data/mail` | SQLite database `mail.db` and the `outbox/` of the file transport |
 /// | `MAIL_DB_POOL_SIZE` | `4` | connections to the database, plus one (SQLite: the readers, the writer being one more) |
+/// | `CHASSIS_NATS_URL` and `CHASSIS_NATS_*` | unset: no broker | consume `order.placed` from NATS JetStream ([`consume`], [`MessagingConfig`]) |
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The SMTP relay; `None` writes files to the outbox directory.
@@ -162,6 +173,9 @@ pub struct Settings {
     pub shutdown_finish: Duration,
     /// The database and data directory.
     pub db: DbConfig,
+    /// The broker to consume `order.placed` from; `None`: jobs arrive over
+    /// HTTP only.
+    pub nats: Option<MessagingConfig>,
 }
 
 /// A whole number within bounds, for settings.
@@ -211,6 +225,7 @@ impl Settings {
             poll: Duration::from_millis(200),
             shutdown_finish: DEFAULT_FINISH,
             db: DbConfig::new(data_dir, "mail.db"),
+            nats: None,
         }
     }
 
@@ -314,6 +329,7 @@ impl Settings {
             poll: Duration::from_millis(poll),
             shutdown_finish: Duration::from_millis(finish),
             db,
+            nats: MessagingConfig::read(r),
         }
     }
 
@@ -339,6 +355,9 @@ pub enum AppError {
     /// The SMTP client could not be set up (e.g. no trusted root for TLS).
     #[error("cannot set up SMTP: {0}")]
     Smtp(String),
+    /// The consumer of `order.placed` could not be set up.
+    #[error("messaging: {0}")]
+    Messaging(String),
     /// The outbox directory could not be created.
     #[error("cannot create the outbox directory {path}: {source}")]
     Outbox {
@@ -356,10 +375,11 @@ pub enum AppError {
 /// # Errors
 ///
 /// When the database cannot be opened or migrated, the outbox directory
-/// cannot be created, or TLS to the relay cannot be set up (no trusted
-/// root at all).
+/// cannot be created, TLS to the relay cannot be set up (no trusted
+/// root at all), or a broker is configured but no token verifier (the
+/// builder needs its configuration, or a verifier, to consume).
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
-    app_on(ServiceBuilder::new("mail", 1), settings).await
+    app_on(ServiceBuilder::new(NAME, 1), settings).await
 }
 
 /// [`app`] on a builder given by the caller, as
@@ -420,6 +440,10 @@ pub async fn app_on(
         wake: wake.clone(),
     };
 
+    let mut builder = builder;
+    if let Some(nats) = &settings.nats {
+        builder = consume_from(builder, nats, state.clone()).await?;
+    }
     let mut builder = builder
         .api(routes::api().with_state(state))
         .health_check("database", db, CheckOptions::default())
@@ -461,6 +485,35 @@ pub async fn app_on(
             }
         })
         .build_info(chassis::build_info!()))
+}
+
+/// Adds the consumer of `order.placed` to `builder`: its readiness check
+/// and its task. It verifies publishers with the service's own verifier.
+async fn consume_from(
+    mut builder: ServiceBuilder,
+    nats: &MessagingConfig,
+    state: AppState,
+) -> Result<ServiceBuilder, AppError> {
+    let verifier = builder
+        .shared_verifier()
+        .map_err(|e| AppError::Messaging(e.to_string()))?
+        .ok_or_else(|| {
+            AppError::Messaging(
+                "consuming messages needs token verification (CHASSIS_AUTH_*)".to_owned(),
+            )
+        })?;
+    let consumer = consume::order_placed(nats, verifier, state)
+        .await
+        .map_err(|e: MessagingError| AppError::Messaging(e.to_string()))?;
+    // Reported, not critical: the API serves without the broker, and a
+    // consumer waits (not ready) until the publisher's stream exists,
+    // which must not keep this service out of rotation nor make its
+    // start-up wait for the publisher's.
+    let (name, check, options) = consumer.health_check();
+    let task = format!("consumer {}", consumer.name());
+    Ok(builder
+        .health_check(&name, check, options.non_critical())
+        .background(&task, move |stop| consumer.run(stop)))
 }
 
 /// Down while any message is dead: they need an operator (fix the cause,

@@ -19,7 +19,8 @@ use tokio::sync::Notify;
 
 use crate::{
     client::{Accepted, MESSAGES_PATH, Message, MessageStatus, is_valid_message_id},
-    job, meters,
+    job::{self, ValidJob},
+    meters,
     store::{Inserted, NewMessage, Row, Store, parse_status},
 };
 
@@ -46,6 +47,39 @@ async fn send(
     Json(body): Json<Value>,
 ) -> Result<Response, Problem> {
     let job = job::validate(&body)?;
+    let (status, new) = accept(&state, &job, &request_id, &trace)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let code = if new {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    let location = HeaderValue::from_str(&format!("{MESSAGES_PATH}/{}", job.message_id))
+        .map_err(|_| Problem::internal())?;
+    Ok((
+        code,
+        [(header::LOCATION, location)],
+        Json(Accepted {
+            message_id: job.message_id,
+            status,
+            duplicate: !new,
+        }),
+    )
+        .into_response())
+}
+
+/// Queues a valid job once per `message_id`, however it arrived (a
+/// request, or an `order.placed` event): the job's correlation id, or
+/// `fallback` (the request's or the message's), is stored with it, and
+/// the worker's send continues `trace`. Its status, and whether it is new
+/// (not a duplicate). Returns once the job is committed.
+pub(crate) async fn accept(
+    state: &AppState,
+    job: &ValidJob,
+    fallback: &CorrelationId,
+    trace: &TraceContext,
+) -> Result<(MessageStatus, bool), sqlx::Error> {
     if job.correlation_id_rejected {
         tracing::warn!(
             message_id = %job.message_id,
@@ -53,7 +87,7 @@ async fn send(
             "the job's correlation_id is not valid; the request's is stored instead"
         );
     }
-    let correlation_id = job.correlation_id.as_ref().unwrap_or(&request_id);
+    let correlation_id = job.correlation_id.as_ref().unwrap_or(fallback);
     let now = chassis::time::now_millis();
     let inserted = state
         .store
@@ -64,15 +98,14 @@ async fn send(
                 template: &job.template,
                 data: &job.data,
                 correlation_id: correlation_id.as_str(),
-                // The worker's send continues this request's trace.
+                // The worker's send continues this trace.
                 traceparent: trace.traceparent().to_str().ok(),
                 tracestate: trace.tracestate().and_then(|v| v.to_str().ok()),
             },
             now,
         )
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let (status, code) = match inserted {
+        .await?;
+    Ok(match inserted {
         Inserted::New => {
             meters::message("queued");
             state.wake.notify_waiters();
@@ -82,7 +115,7 @@ async fn send(
                 job_correlation_id = %correlation_id,
                 "mail job queued"
             );
-            (MessageStatus::Queued, StatusCode::ACCEPTED)
+            (MessageStatus::Queued, true)
         }
         Inserted::Existing { status, differs } => {
             meters::duplicate();
@@ -95,21 +128,9 @@ async fn send(
             } else {
                 tracing::info!(message_id = %job.message_id, status = %status, "duplicate mail job; nothing queued");
             }
-            (status, StatusCode::OK)
+            (status, false)
         }
-    };
-    let location = HeaderValue::from_str(&format!("{MESSAGES_PATH}/{}", job.message_id))
-        .map_err(|_| Problem::internal())?;
-    Ok((
-        code,
-        [(header::LOCATION, location)],
-        Json(Accepted {
-            message_id: job.message_id,
-            status,
-            duplicate: code == StatusCode::OK,
-        }),
-    )
-        .into_response())
+    })
 }
 
 /// A stored message.

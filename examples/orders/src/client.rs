@@ -21,6 +21,10 @@ use chassis::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod events;
+
+pub use events::{OrderPlaced, ReservationConfirm};
+
 /// An order to place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewOrder {

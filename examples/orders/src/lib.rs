@@ -25,7 +25,10 @@
 //! The relay ([`relay`]) delivers the outbox at least once, with backoff,
 //! across restarts, marking an event delivered only after the receiver
 //! acknowledged it; ticketing's confirm and mail's queue are idempotent, so
-//! each event takes effect once.
+//! each event takes effect once. Without a broker it calls ticketing and
+//! mail over HTTP; with `CHASSIS_NATS_URL` set it publishes the events to
+//! NATS JetStream instead (`orders.v1.<account>.<event>`, see
+//! [`client::events`]), where ticketing and mail consume them.
 //!
 //! Permissions: `orders:{account}:create:order` to place,
 //! `orders:{account}:view:order` to read.
@@ -38,6 +41,7 @@ use chassis::{
     config::Reader,
     db::{Database, DbConfig, Migrations},
     health::CheckOptions,
+    messaging::{MessagingConfig, MessagingError, Publisher},
 };
 
 pub mod client;
@@ -48,9 +52,12 @@ mod store;
 
 pub use client::{NewOrder, Order, OrderStatus, OrdersClient};
 
+/// The name of the service.
+pub const NAME: &str = "orders";
+
 /// The service's settings, read from `ORDERS_*` and the chassis'
-/// `CHASSIS_DOWNSTREAM_TICKETING_*`, `CHASSIS_DOWNSTREAM_MAIL_*` and
-/// `CHASSIS_CLIENT_*` variables.
+/// `CHASSIS_DOWNSTREAM_TICKETING_*`, `CHASSIS_DOWNSTREAM_MAIL_*`,
+/// `CHASSIS_CLIENT_*` and `CHASSIS_NATS_*` variables.
 #[derive(Debug)]
 pub struct Settings {
     /// The database.
@@ -67,6 +74,11 @@ pub struct Settings {
     pub ticketing: Downstream,
     /// Calls to mail.
     pub mail: Downstream,
+    /// Orders' own tokens (`CHASSIS_CLIENT_*`): for its calls, and on the
+    /// events it publishes.
+    pub tokens: Option<TokenSource>,
+    /// The broker (`CHASSIS_NATS_*`); `None`: the relay delivers over HTTP.
+    pub nats: Option<MessagingConfig>,
 }
 
 impl Settings {
@@ -92,8 +104,9 @@ impl Settings {
             .token_source(tokens.clone())
             .read(r);
         let mail = Downstream::builder("mail", "http://127.0.0.1:8084")
-            .token_source(tokens)
+            .token_source(tokens.clone())
             .read(r);
+        let nats = MessagingConfig::read(r);
         Self {
             db,
             idempotency_lease: Duration::from_secs(lease.max(1)),
@@ -101,6 +114,8 @@ impl Settings {
             crash,
             ticketing,
             mail,
+            tokens,
+            nats,
         }
     }
 }
@@ -111,6 +126,9 @@ pub enum AppError {
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Database(#[from] chassis::db::DbError),
+    /// The broker could not be set up (its stream not created).
+    #[error("messaging: {0}")]
+    Messaging(#[from] MessagingError),
 }
 
 /// What the handlers and the relay share.
@@ -165,13 +183,15 @@ pub(crate) fn migrations() -> Migrations<'static> {
 }
 
 /// The service: opens and migrates the database, and returns the builder
-/// with the API, the readiness checks and the outbox relay.
+/// with the API, the readiness checks and the outbox relay (publishing to
+/// the broker when one is configured).
 ///
 /// # Errors
 ///
-/// When the database cannot be opened or migrated.
+/// When the database cannot be opened or migrated, or the broker's stream
+/// cannot be created (the broker must be reachable at start-up).
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
-    app_on(ServiceBuilder::new("orders", 1), settings).await
+    app_on(ServiceBuilder::new(NAME, 1), settings).await
 }
 
 /// [`app`] on a builder given by the caller, as
@@ -200,12 +220,14 @@ pub async fn app_on(
             "ORDERS_FAULT_CRASH is set: orders will abort on purpose"
         );
     }
-    let relay = relay::Relay::new(
-        db.clone(),
-        ticketing::client::TicketingClient::new(settings.ticketing),
-        mail::client::MailClient::new(settings.mail),
-        settings.relay,
-    );
+    let transport = match &settings.nats {
+        None => relay::Transport::Http {
+            ticketing: ticketing::client::TicketingClient::new(settings.ticketing.clone()),
+            mail: mail::client::MailClient::new(settings.mail.clone()),
+        },
+        Some(nats) => publish_to(nats, &settings).await?,
+    };
+    let relay = relay::Relay::new(db.clone(), transport, settings.relay);
     let parked = relay.parked_check();
     let non_critical = CheckOptions {
         critical: false,
@@ -221,4 +243,45 @@ pub async fn app_on(
         .health_check("outbox-parked", parked, non_critical)
         .background("outbox-relay", move |stop| relay.run(stop))
         .build_info(chassis::build_info!()))
+}
+
+/// The relay's JetStream transport: orders' stream, and a publisher per
+/// event whose token is for its consumer's audience (that of orders' calls
+/// to it, `CHASSIS_DOWNSTREAM_<NAME>_AUDIENCE`).
+async fn publish_to(
+    nats: &MessagingConfig,
+    settings: &Settings,
+) -> Result<relay::Transport, AppError> {
+    let service = nats.name(NAME);
+    let tokens = settings.tokens.clone().ok_or_else(|| {
+        MessagingError::Token("no client credentials (CHASSIS_CLIENT_*)".to_owned())
+    })?;
+    let client = nats.connect(&service).await?;
+    let for_consumer = |d: &Downstream| match &d.settings().audience {
+        Some(audience) => tokens.for_audience(audience),
+        None => tokens.clone(),
+    };
+    let versions = [client::events::VERSION];
+    let confirm = Publisher::new(
+        client.clone(),
+        nats,
+        &service,
+        &versions,
+        for_consumer(&settings.ticketing),
+    )
+    .await?;
+    let placed = Publisher::new(
+        client,
+        nats,
+        &service,
+        &versions,
+        for_consumer(&settings.mail),
+    )
+    .await?;
+    tracing::info!(stream = %chassis::messaging::stream_name(&service), "outbox events are published to NATS JetStream");
+    Ok(relay::Transport::Nats {
+        confirm,
+        placed,
+        service,
+    })
 }

@@ -1,13 +1,30 @@
 //! The outbox relay: delivers every committed event at least once.
 //!
 //! Each order commits two events with it: `reservation.confirm` (to
-//! ticketing) and `order.placed` (to mail, which sends the confirmation).
-//! The relay polls for due events and delivers each through the receiver's
-//! driver client, as the orders service, carrying the correlation id of the
-//! request that placed the order. An event is marked delivered only after
-//! the receiver acknowledged it; both receivers are idempotent (confirming
-//! twice is harmless; mail deduplicates by the event id), so a delivery
-//! repeated after a crash takes effect once.
+//! ticketing) and `order.placed` (to mail, which sends the confirmation),
+//! with the payloads of [`client::events`](crate::client::events). The
+//! relay polls for due events and sends each through one of two
+//! transports ([`Transport`]), as the orders service, carrying the
+//! correlation id and the trace of the request that placed the order:
+//!
+//! * **HTTP** (the default, no broker): through the receiver's driver
+//!   client (ticketing's confirm, mail's `POST /messages`);
+//! * **JetStream** (when `CHASSIS_NATS_URL` is set): published to
+//!   `orders.v1.<account>.<event>` in the stream `orders-events`, with the
+//!   event id as `Nats-Msg-Id` and orders' own token, for ticketing and
+//!   mail to consume (see [`chassis::messaging`]).
+//!
+//! Only "send one event" differs between them: claiming, leases, retries
+//! and parking below are the same. An event is marked delivered only after
+//! the receiver (or the broker, with a PubAck; a duplicate counts)
+//! acknowledged it; every receiver is idempotent (confirming twice is
+//! harmless; mail deduplicates by the event id; the stream drops an event
+//! id it has seen within its duplicate window), so a delivery repeated
+//! after a crash takes effect once.
+//!
+//! Events are independent, so the relay sends a claimed batch with up to
+//! `ORDERS_RELAY_CONCURRENCY` events in flight at once (one at a time
+//! falls far behind under load: each HTTP delivery waits for its answer).
 //!
 //! # Several instances
 //!
@@ -44,8 +61,12 @@
 //! | `ORDERS_RELAY_RETRY_MAX_MS` | `60000` | longest backoff |
 //! | `ORDERS_RELAY_MAX_ATTEMPTS` | `8` | attempts before a refused event is parked |
 //! | `ORDERS_RELAY_LEASE_MS` | `60000` | how long a relay holds the events it claimed |
+//! | `ORDERS_RELAY_CONCURRENCY` | `16` | events of a claimed batch sent at once (1: one after the other) |
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use chassis::{
     client::{CallContext, ClientError},
@@ -54,15 +75,23 @@ use chassis::{
     correlation::CorrelationId,
     db::Database,
     health::{Check, CheckError},
+    messaging::{MessagingError, OutgoingEvent, Publisher, Subject},
     otel::Span,
     permission::AccountId,
 };
+use futures_util::StreamExt as _;
 use http::StatusCode;
 use mail::client::{MailJob, OrderConfirmation};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::store::{self, OutboxEvent};
+use crate::{
+    client::{
+        OrderPlaced, ReservationConfirm,
+        events::{ORDER_PLACED, RESERVATION_CONFIRM, VERSION},
+    },
+    store::{self, OutboxEvent},
+};
 
 /// The relay's tuning; see the [module docs](self).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +108,8 @@ pub struct RelaySettings {
     pub max_attempts: u32,
     /// How long a relay holds the events it claimed.
     pub lease: Duration,
+    /// Events of a claimed batch sent at once.
+    pub concurrency: usize,
 }
 
 impl Default for RelaySettings {
@@ -90,6 +121,7 @@ impl Default for RelaySettings {
             retry_max: Duration::from_secs(60),
             max_attempts: 8,
             lease: Duration::from_secs(60),
+            concurrency: 16,
         }
     }
 }
@@ -125,6 +157,11 @@ impl RelaySettings {
             ms(d.lease),
             "how long a relay holds the events it claimed, ms",
         );
+        let concurrency: u32 = r.optional(
+            "ORDERS_RELAY_CONCURRENCY",
+            16,
+            "events of a claimed batch sent at once",
+        );
         if lease < 1000 {
             r.problem("ORDERS_RELAY_LEASE_MS", "must be at least 1000");
         }
@@ -132,6 +169,7 @@ impl RelaySettings {
             ("ORDERS_RELAY_POLL_MS", poll == 0),
             ("ORDERS_RELAY_BATCH", batch == 0),
             ("ORDERS_RELAY_MAX_ATTEMPTS", attempts == 0),
+            ("ORDERS_RELAY_CONCURRENCY", concurrency == 0),
         ] {
             if zero {
                 r.problem(name, "must be at least 1");
@@ -144,6 +182,7 @@ impl RelaySettings {
             retry_max: Duration::from_millis(max.max(base)),
             max_attempts: attempts.max(1),
             lease: Duration::from_millis(lease.max(1000)),
+            concurrency: usize::try_from(concurrency.max(1)).unwrap_or(1),
         }
     }
 }
@@ -156,11 +195,74 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration, unit: f64) -> Durati
     bound.mul_f64(unit.clamp(0.0, 1.0))
 }
 
+/// How the relay sends one event: the only part of it that differs with a
+/// broker. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Through the receivers' HTTP APIs, with their driver clients.
+    Http {
+        /// Ticketing, for `reservation.confirm`.
+        ticketing: ticketing::client::TicketingClient,
+        /// Mail, for `order.placed`.
+        mail: mail::client::MailClient,
+    },
+    /// Published to JetStream. One publisher per event, each with orders'
+    /// own token for the audience of the event's consumer (the audience
+    /// orders' calls to it use: a token names the services it is for).
+    Nats {
+        /// Publishes `reservation.confirm`, with a token for ticketing.
+        confirm: Publisher,
+        /// Publishes `order.placed`, with a token for mail.
+        placed: Publisher,
+        /// Orders' name on the broker (`orders`, or `<prefix>-orders` with
+        /// `CHASSIS_NATS_PREFIX`): the first part of every subject.
+        service: String,
+    },
+}
+
+/// An outbox event's payload, decoded.
+enum Event {
+    Confirm(ReservationConfirm),
+    Placed(OrderPlaced),
+}
+
+impl Event {
+    /// Decodes the stored payload of an event of `kind`.
+    fn decode(kind: &str, payload: &serde_json::Value) -> Result<Self, String> {
+        let bad = |e: serde_json::Error| format!("the {kind} event's payload is not valid: {e}");
+        match kind {
+            RESERVATION_CONFIRM => serde::Deserialize::deserialize(payload)
+                .map(Self::Confirm)
+                .map_err(bad),
+            ORDER_PLACED => serde::Deserialize::deserialize(payload)
+                .map(Self::Placed)
+                .map_err(bad),
+            other => Err(format!("unknown event kind {other:?}")),
+        }
+    }
+
+    fn account(&self) -> &str {
+        match self {
+            Self::Confirm(e) => &e.account,
+            Self::Placed(e) => &e.account,
+        }
+    }
+}
+
+/// A delivery refused for good by the relay itself (parked at once on its
+/// last attempt, like a receiver's refusal).
+fn refused(error: String) -> Delivery {
+    Delivery::Later {
+        wait: None,
+        refused: true,
+        error,
+    }
+}
+
 /// Delivers the outbox; see the [module docs](self).
 pub struct Relay {
     db: Database,
-    ticketing: ticketing::client::TicketingClient,
-    mail: mail::client::MailClient,
+    transport: Transport,
     settings: RelaySettings,
     /// This relay's name in `lease_owner`, unique among all relays.
     owner: String,
@@ -188,17 +290,11 @@ enum Delivery {
 }
 
 impl Relay {
-    /// A relay over the outbox in `db`.
-    pub fn new(
-        db: Database,
-        ticketing: ticketing::client::TicketingClient,
-        mail: mail::client::MailClient,
-        settings: RelaySettings,
-    ) -> Self {
+    /// A relay over the outbox in `db`, sending through `transport`.
+    pub fn new(db: Database, transport: Transport, settings: RelaySettings) -> Self {
         Self {
             db,
-            ticketing,
-            mail,
+            transport,
             settings,
             owner: chassis::id::prefixed("relay"),
         }
@@ -214,7 +310,7 @@ impl Relay {
         ParkedCheck(self.db.clone())
     }
 
-    /// Runs until `stop`; the event being delivered when it fires is
+    /// Runs until `stop`; the events being delivered when it fires are
     /// finished first.
     pub async fn run(self, stop: CancellationToken) {
         tracing::info!(owner = %self.owner, "outbox relay started");
@@ -228,16 +324,25 @@ impl Relay {
             let until = now.saturating_add(lease);
             match store::claim_due(&self.db, &self.owner, now, until, self.settings.batch).await {
                 Ok(events) => {
-                    let mut left = false;
-                    for event in events {
-                        // Start a delivery only with half the lease left.
-                        if stop.is_cancelled() || chassis::time::now_millis() > until - lease / 2 {
-                            left = true;
-                            break;
-                        }
-                        self.deliver(event).await;
-                    }
-                    if left {
+                    let left = AtomicBool::new(false);
+                    let me = &self;
+                    futures_util::stream::iter(events)
+                        .for_each_concurrent(self.settings.concurrency, |event| {
+                            let left = &left;
+                            let stop = &stop;
+                            async move {
+                                // Start a delivery only with half the lease left.
+                                if stop.is_cancelled()
+                                    || chassis::time::now_millis() > until - lease / 2
+                                {
+                                    left.store(true, Ordering::Relaxed);
+                                    return;
+                                }
+                                me.deliver(event).await;
+                            }
+                        })
+                        .await;
+                    if left.load(Ordering::Relaxed) {
                         self.give_back().await;
                     }
                 }
@@ -284,8 +389,11 @@ impl Relay {
             event_id = %event.id,
             kind = %event.kind,
         );
-        let cx = CallContext::continuing(id).with_trace(delivery.trace().clone());
-        let outcome = self.send(&cx, &event).instrument(span.clone()).await;
+        let cx = CallContext::continuing(id.clone()).with_trace(delivery.trace().clone());
+        let outcome = self
+            .send(&cx, (&id, delivery.trace()), &event)
+            .instrument(span.clone())
+            .await;
         if !matches!(outcome, Delivery::Done) {
             delivery.set_error("not_delivered");
         }
@@ -342,49 +450,88 @@ impl Relay {
         delivery.end();
     }
 
-    async fn send(&self, cx: &CallContext, event: &OutboxEvent) -> Delivery {
-        let text = |key: &str| event.payload[key].as_str().unwrap_or_default().to_owned();
-        let Ok(account) = AccountId::parse(&text("account")) else {
-            return Delivery::Later {
-                wait: None,
-                refused: true,
-                error: "the event names no valid account".to_owned(),
-            };
+    /// Sends one event through the transport: on HTTP with `cx`, on
+    /// JetStream with the correlation id and the delivery's trace context.
+    async fn send(
+        &self,
+        cx: &CallContext,
+        (id, trace): (&CorrelationId, &TraceContext),
+        event: &OutboxEvent,
+    ) -> Delivery {
+        let decoded = match Event::decode(&event.kind, &event.payload) {
+            Ok(e) => e,
+            Err(error) => return refused(error),
         };
-        let result = match event.kind.as_str() {
-            "reservation.confirm" => self
-                .ticketing
-                .as_service(cx)
-                .confirm(&account, &text("reservation_id"))
-                .await
-                .map(drop),
-            "order.placed" => {
-                let quantity = event.payload["quantity"].as_u64().unwrap_or(0);
-                let confirmation = OrderConfirmation {
-                    account: Some(account.to_string()),
-                    reservation_id: Some(text("reservation_id")),
-                    ..OrderConfirmation::new(
-                        text("order_id"),
-                        text("ticket_id"),
-                        u32::try_from(quantity).unwrap_or(0),
-                    )
-                };
-                let job =
-                    MailJob::order_confirmation(event.id.clone(), text("email"), &confirmation)
-                        .with_correlation_id(event.correlation_id.clone());
-                self.mail.as_service(cx).send(&job).await.map(drop)
-            }
-            other => {
-                return Delivery::Later {
-                    wait: None,
-                    refused: true,
-                    error: format!("unknown event kind {other:?}"),
-                };
-            }
+        let Ok(account) = AccountId::parse(decoded.account()) else {
+            return refused("the event names no valid account".to_owned());
         };
-        match result {
-            Ok(()) => Delivery::Done,
-            Err(e) => classify(&e),
+        match &self.transport {
+            Transport::Http { ticketing, mail } => {
+                let result = match decoded {
+                    Event::Confirm(e) => ticketing
+                        .as_service(cx)
+                        .confirm(&account, &e.reservation_id)
+                        .await
+                        .map(drop),
+                    Event::Placed(e) => {
+                        let confirmation = OrderConfirmation {
+                            account: Some(e.account),
+                            reservation_id: Some(e.reservation_id),
+                            ..OrderConfirmation::new(e.order_id, e.ticket_id, e.quantity)
+                        };
+                        let job =
+                            MailJob::order_confirmation(event.id.clone(), e.email, &confirmation)
+                                .with_correlation_id(event.correlation_id.clone());
+                        mail.as_service(cx).send(&job).await.map(drop)
+                    }
+                };
+                match result {
+                    Ok(()) => Delivery::Done,
+                    Err(e) => classify(&e),
+                }
+            }
+            Transport::Nats {
+                confirm,
+                placed,
+                service,
+            } => {
+                let publisher = match decoded {
+                    Event::Confirm(_) => confirm,
+                    Event::Placed(_) => placed,
+                };
+                let outgoing = Subject::new(service, VERSION, &account, &event.kind)
+                    .map_err(|e| MessagingError::Payload(e.to_string()))
+                    .and_then(|subject| match &decoded {
+                        Event::Confirm(e) => OutgoingEvent::json(subject, &event.id, e),
+                        Event::Placed(e) => OutgoingEvent::json(subject, &event.id, e),
+                    });
+                let outgoing = match outgoing {
+                    Ok(o) => o.correlation_id(id.clone()).trace(trace.clone()),
+                    Err(e) => return refused(e.to_string()),
+                };
+                match publisher.publish(&outgoing).await {
+                    Ok(published) => {
+                        tracing::debug!(
+                            stream = %published.stream,
+                            sequence = published.sequence,
+                            duplicate = published.duplicate,
+                            "event published"
+                        );
+                        Delivery::Done
+                    }
+                    // Invalid payloads or ids do not pass with time.
+                    Err(e @ (MessagingError::Payload(_) | MessagingError::EventId)) => {
+                        refused(e.to_string())
+                    }
+                    // The broker or auth unavailable: retried for as long as
+                    // it takes.
+                    Err(e) => Delivery::Later {
+                        wait: None,
+                        refused: false,
+                        error: e.to_string(),
+                    },
+                }
+            }
         }
     }
 }
@@ -463,6 +610,34 @@ mod tests {
         .unwrap_err();
         let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["ORDERS_RELAY_LEASE_MS", "ORDERS_RELAY_BATCH"]);
+    }
+
+    #[test]
+    fn concurrency_is_a_setting_of_at_least_one() {
+        assert_eq!(RelaySettings::default().concurrency, 16);
+        assert_eq!(
+            read(&[("ORDERS_RELAY_CONCURRENCY", "1")])
+                .unwrap()
+                .concurrency,
+            1
+        );
+        let err = read(&[("ORDERS_RELAY_CONCURRENCY", "0")]).unwrap_err();
+        assert_eq!(err.problems()[0].name, "ORDERS_RELAY_CONCURRENCY");
+    }
+
+    #[test]
+    fn stored_payloads_decode_into_their_event_and_others_are_refused() {
+        let placed = serde_json::json!({
+            "account": "acme", "order_id": "o", "reservation_id": "r",
+            "ticket_id": "t", "quantity": 2, "email": "a@example.com",
+        });
+        assert!(matches!(
+            Event::decode(ORDER_PLACED, &placed),
+            Ok(Event::Placed(OrderPlaced { quantity: 2, .. }))
+        ));
+        assert!(Event::decode(RESERVATION_CONFIRM, &placed).is_ok_and(|e| e.account() == "acme"));
+        assert!(Event::decode(RESERVATION_CONFIRM, &serde_json::json!({"account": 1})).is_err());
+        assert!(Event::decode("order.shipped", &placed).is_err());
     }
 
     #[test]

@@ -6,7 +6,10 @@ use chassis::{
 };
 
 use crate::{
-    client::{Order, OrderStatus},
+    client::{
+        Order, OrderPlaced, OrderStatus, ReservationConfirm,
+        events::{ORDER_PLACED, RESERVATION_CONFIRM},
+    },
     idempotency::{self, Lease, Scope},
 };
 
@@ -103,26 +106,23 @@ async fn place_once(
     .execute(&mut *tx)
     .await?;
     let now = chassis::time::now_millis();
+    // The versioned payloads of `client::events`, as the relay sends them.
+    let confirm = ReservationConfirm {
+        account: order.account.clone(),
+        order_id: order.id.clone(),
+        reservation_id: order.reservation_id.clone(),
+    };
+    let placed = OrderPlaced {
+        account: order.account.clone(),
+        email: order.email.clone(),
+        order_id: order.id.clone(),
+        quantity: order.quantity,
+        reservation_id: order.reservation_id.clone(),
+        ticket_id: order.ticket_id.clone(),
+    };
     let events = [
-        (
-            "reservation.confirm",
-            serde_json::json!({
-                "account": order.account,
-                "reservation_id": order.reservation_id,
-                "order_id": order.id,
-            }),
-        ),
-        (
-            "order.placed",
-            serde_json::json!({
-                "account": order.account,
-                "order_id": order.id,
-                "reservation_id": order.reservation_id,
-                "ticket_id": order.ticket_id,
-                "quantity": order.quantity,
-                "email": order.email,
-            }),
-        ),
+        (RESERVATION_CONFIRM, serde_json::to_string(&confirm)),
+        (ORDER_PLACED, serde_json::to_string(&placed)),
     ];
     for (kind, payload) in events {
         sqlx::query(
@@ -132,7 +132,7 @@ async fn place_once(
         .bind(chassis::id::prefixed("evt"))
         .bind(kind)
         .bind(&order.id)
-        .bind(payload.to_string())
+        .bind(payload.map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
         .bind(correlation_id)
         .bind(trace.traceparent().to_str().ok())
         .bind(trace.tracestate().and_then(|v| v.to_str().ok()))

@@ -441,6 +441,10 @@ async fn with_mail_down_the_relay_stops_calling_it() {
             ("CHASSIS_DOWNSTREAM_MAIL_BREAKER_WINDOW", "4"),
             ("CHASSIS_DOWNSTREAM_MAIL_BREAKER_WAIT_OPEN_MS", "60000"),
             ("CHASSIS_DOWNSTREAM_MAIL_RETRY_MAX_ATTEMPTS", "1"),
+            // One event at a time, so that the calls made before the
+            // breaker opens are counted exactly: with N in flight, up to N
+            // more start before the failures that open it come back.
+            ("ORDERS_RELAY_CONCURRENCY", "1"),
         ],
     )
     .await;

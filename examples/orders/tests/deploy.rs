@@ -65,6 +65,8 @@ fn the_manifest_settings_are_read_by_orders_without_a_problem() {
     let port = int(&container["ports"][0]["containerPort"]);
     assert_eq!(u64::from(config.bind.port()), port);
     assert_eq!(settings.db.backend(), chassis::db::Backend::Postgres);
+    // The scale-out setup publishes its events to JetStream.
+    assert!(settings.nats.is_some(), "CHASSIS_NATS_URL is set");
 
     // Probes on the chassis' endpoints, by the port's name.
     for (probe, path) in [

@@ -13,6 +13,9 @@ pub enum AppError {
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Database(#[from] chassis::db::DbError),
+    /// The consumer of `reservation.confirm` could not be set up.
+    #[error("messaging: {0}")]
+    Messaging(String),
 }
 
 /// Why a request was refused. Each becomes a problem+json answer; the

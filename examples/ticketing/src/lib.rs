@@ -50,6 +50,14 @@
 //! | `TICKETING_DB_POOL_SIZE` | `4` | SQLite: read connections (the writer is one more); Postgres: the pool holds one more |
 //! | `TICKETING_SOLD_OUT_MAIL_TO` | unset | where sold-out notices go; when set, `CHASSIS_CLIENT_*` (this service's own identity) is required and `CHASSIS_DOWNSTREAM_MAIL_*` configures the call |
 //!
+//! # Messages
+//!
+//! With a broker configured (`CHASSIS_NATS_URL` and the other
+//! `CHASSIS_NATS_*` settings of [`chassis::messaging::MessagingConfig`]),
+//! ticketing consumes orders' `reservation.confirm` events from NATS
+//! JetStream, requiring `ticketing:{account}:reserve:ticket` of their
+//! publisher, as the confirm route does; see [`consume`].
+//!
 //! # Calls to other services
 //!
 //! When a hold takes a product's last places, ticketing asks `mail` to
@@ -94,12 +102,14 @@ use chassis::{
     config::Reader,
     db::{Database, DbConfig, Migrations},
     health::CheckOptions,
+    messaging::MessagingConfig,
     shutdown::CancellationToken,
 };
 use sqlx::migrate::Migrator;
 
 mod alerts;
 pub mod client;
+pub mod consume;
 mod error;
 mod routes;
 mod store;
@@ -147,6 +157,9 @@ pub struct Settings {
     /// Sold-out notices to the operators, sent through mail as this
     /// service (`TICKETING_SOLD_OUT_MAIL_TO`; see [`SoldOutNotices`]).
     pub sold_out: Option<SoldOutNotices>,
+    /// The broker to consume `reservation.confirm` from
+    /// (`CHASSIS_NATS_*`); `None`: confirmations arrive over HTTP only.
+    pub nats: Option<MessagingConfig>,
 }
 
 /// What the handlers share; each takes its part with `State<Store>` or
@@ -165,6 +178,7 @@ impl Settings {
             hold: Duration::from_secs(DEFAULT_HOLD_SECS),
             db: DbConfig::new(data_dir, "ticketing.db"),
             sold_out: None,
+            nats: None,
         }
     }
 
@@ -186,6 +200,7 @@ impl Settings {
             hold: Duration::from_secs(hold_secs.clamp(1, MAX_HOLD_SECS)),
             db: DbConfig::read(r, "TICKETING", "ticketing"),
             sold_out: SoldOutNotices::read(r),
+            nats: MessagingConfig::read(r),
         }
     }
 }
@@ -220,6 +235,30 @@ pub async fn app_on(
     .await?;
     let store = Store::new(db.clone(), settings.hold);
     let expiry_interval = settings.hold.min(MAX_EXPIRY_INTERVAL);
+    let mut builder = builder;
+    if let Some(nats) = &settings.nats {
+        // Publishers are verified with the verifier of the API's tokens.
+        let verifier = builder
+            .shared_verifier()
+            .map_err(|e| AppError::Messaging(e.to_string()))?
+            .ok_or_else(|| {
+                AppError::Messaging(
+                    "consuming messages needs token verification (CHASSIS_AUTH_*)".to_owned(),
+                )
+            })?;
+        let consumer = consume::reservation_confirm(nats, verifier, store.clone())
+            .await
+            .map_err(|e| AppError::Messaging(e.to_string()))?;
+        // Reported, not critical: the API serves without the broker, and a
+        // consumer waits (not ready) until the publisher's stream exists,
+        // which must not keep this service out of rotation nor make its
+        // start-up wait for the publisher's.
+        let (name, check, options) = consumer.health_check();
+        let task = format!("consumer {}", consumer.name());
+        builder = builder
+            .health_check(&name, check, options.non_critical())
+            .background(&task, move |stop| consumer.run(stop));
+    }
     Ok(builder
         .api(routes::api().with_state(AppState {
             store: store.clone(),

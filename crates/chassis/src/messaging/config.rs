@@ -17,6 +17,7 @@ use crate::config::{Reader, Secret};
 /// | `CHASSIS_NATS_ACK_WAIT_SECS` | `30` | how long a delivered message may go unacknowledged before the broker delivers it again (a consumer that died) |
 /// | `CHASSIS_NATS_MAX_LAG` | `10000` | a consumer with more messages waiting or unacknowledged than this is not ready |
 /// | `CHASSIS_NATS_LAG_POLL_MS` | `2000` | how often a consumer asks the broker for its lag |
+/// | `CHASSIS_NATS_PREFIX` | unset | a name (`[a-z][a-z0-9_-]{0,31}`) put before every service's name on the broker, `<prefix>-<service>` ([`name`](Self::name)): several systems (test runs, demos) share one server, each with its own streams, subjects and consumers |
 ///
 /// ```
 /// use chassis::config::{Env, Reader};
@@ -57,6 +58,8 @@ pub struct MessagingConfig {
     pub max_lag: u64,
     /// `CHASSIS_NATS_LAG_POLL_MS`.
     pub lag_poll: Duration,
+    /// `CHASSIS_NATS_PREFIX`.
+    pub prefix: Option<String>,
 }
 
 impl fmt::Debug for MessagingConfig {
@@ -71,6 +74,7 @@ impl fmt::Debug for MessagingConfig {
             .field("ack_wait", &self.ack_wait)
             .field("max_lag", &self.max_lag)
             .field("lag_poll", &self.lag_poll)
+            .field("prefix", &self.prefix)
             .finish()
     }
 }
@@ -131,6 +135,38 @@ impl MessagingConfig {
             ack_wait: Duration::from_secs(30),
             max_lag: 10_000,
             lag_poll: Duration::from_secs(2),
+            prefix: None,
+        }
+    }
+
+    /// The longest [`prefix`](Self::prefix).
+    pub const MAX_PREFIX_LEN: usize = 32;
+
+    /// The name service `service` has on the broker: `<prefix>-<service>`
+    /// with a [`prefix`](Self::prefix), `service` without. Give it
+    /// wherever a service is named to the broker (a [`Publisher`]'s
+    /// service and the [`Subject`]s it publishes, a [`Consumer`]'s service
+    /// and its [`Subscription`]'s publisher), so that everything of one
+    /// system carries its prefix: `t1-orders.v1.67000001.order.placed` in
+    /// the stream `t1-orders-events`, dead letters in `t1-mail-dlq`.
+    ///
+    /// ```
+    /// use chassis::messaging::MessagingConfig;
+    ///
+    /// let mut config = MessagingConfig::new("nats://127.0.0.1:4222");
+    /// assert_eq!(config.name("orders"), "orders");
+    /// config.prefix = Some("demo7".to_owned());
+    /// assert_eq!(config.name("orders"), "demo7-orders");
+    /// ```
+    ///
+    /// [`Publisher`]: super::Publisher
+    /// [`Subject`]: super::Subject
+    /// [`Consumer`]: super::Consumer
+    /// [`Subscription`]: super::Subscription
+    pub fn name(&self, service: &str) -> String {
+        match &self.prefix {
+            Some(p) => format!("{p}-{service}"),
+            None => service.to_owned(),
         }
     }
 
@@ -201,6 +237,21 @@ impl MessagingConfig {
         if lag_poll == 0 {
             r.problem("CHASSIS_NATS_LAG_POLL_MS", "must be at least 1");
         }
+        let prefix: Option<String> = r.maybe(
+            "CHASSIS_NATS_PREFIX",
+            "a name before every service's name on the broker, to share a server",
+        );
+        if let Some(p) = &prefix
+            && !(crate::permission::is_name(p) && p.len() <= Self::MAX_PREFIX_LEN)
+        {
+            r.problem(
+                "CHASSIS_NATS_PREFIX",
+                format!(
+                    "must be 1 to {} of [a-z0-9_-], starting with a letter",
+                    Self::MAX_PREFIX_LEN
+                ),
+            );
+        }
         let url = url?;
         if let Err(problem) = check_url(url.expose()) {
             r.problem("CHASSIS_NATS_URL", problem);
@@ -220,6 +271,7 @@ impl MessagingConfig {
             ack_wait: Duration::from_secs(ack_wait.max(1)),
             max_lag,
             lag_poll: Duration::from_millis(lag_poll.max(1)),
+            prefix,
         })
     }
 

@@ -112,6 +112,39 @@ impl ServiceBuilder {
         self
     }
 
+    /// The verifier of the service's tokens, for what else verifies them
+    /// besides the API (a [message consumer](crate::messaging::Consumer)),
+    /// so that both share one verifier and one key cache: the one given
+    /// with [`verifier`](Self::verifier), or one built now from the
+    /// `CHASSIS_AUTH_*` settings of the [`config`](Self::config) given, and
+    /// kept for the API. `Ok(None)` when neither was given.
+    ///
+    /// ```
+    /// # #[cfg(feature = "testing")] {
+    /// use chassis::{ServiceBuilder, testing::TestIssuer};
+    ///
+    /// let issuer = TestIssuer::new();
+    /// let mut builder = ServiceBuilder::new("mail", 1).verifier(issuer.verifier());
+    /// let shared = builder.shared_verifier().unwrap();
+    /// assert!(shared.is_some());
+    /// assert!(ServiceBuilder::new("mail", 1).shared_verifier().unwrap().is_none());
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When the configuration's settings cannot make a verifier.
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+    pub fn shared_verifier(&mut self) -> Result<Option<Verifier>, crate::auth::VerifierError> {
+        if self.verifier.is_none()
+            && let Some(auth) = self.config.as_ref().and_then(|c| c.auth.as_ref())
+        {
+            self.verifier = Some(auth.verifier()?);
+        }
+        Ok(self.verifier.clone())
+    }
+
     /// Sends audit events to `sink` instead of the log (or
     /// `CHASSIS_AUDIT_FILE`).
     pub fn audit_sink(mut self, sink: impl AuditSink) -> Self {

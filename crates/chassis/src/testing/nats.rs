@@ -106,9 +106,13 @@ impl TestNats {
         format!("{}-{name}", self.prefix)
     }
 
-    /// Settings for this server, every default kept.
+    /// Settings for this server, every default kept, with this test's
+    /// prefix (`CHASSIS_NATS_PREFIX`): `config().name("orders")` is
+    /// [`service`](Self::service)`("orders")`.
     pub fn config(&self) -> MessagingConfig {
-        MessagingConfig::new(&self.url)
+        let mut config = MessagingConfig::new(&self.url);
+        config.prefix = Some(self.prefix.clone());
+        config
     }
 
     /// Deletes this test's streams (also done on drop).

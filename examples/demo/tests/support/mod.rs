@@ -54,6 +54,11 @@ impl DerefMut for Running {
 /// One process of each service, on the run's engine: SQLite files in a
 /// fresh data directory, or a fresh PostgreSQL database per service.
 pub async fn start(name: &str) -> Running {
+    start_with_env(name, &[]).await
+}
+
+/// [`start`], with `env` added to every service's environment.
+pub async fn start_with_env(name: &str, env: &[(&str, &str)]) -> Running {
     let databases: Vec<TestDatabase> = SERVICES.iter().map(|_| TestDatabase::new()).collect();
     let mut layout = Layout::from(Ports::free().unwrap());
     for (service, db) in SERVICES.iter().zip(&databases) {
@@ -61,7 +66,7 @@ pub async fn start(name: &str) -> Running {
             layout = layout.postgres(service, url);
         }
     }
-    let system = System::start_layout(&exe(), &temp_dir(name), layout, &[])
+    let system = System::start_layout(&exe(), &temp_dir(name), layout, env)
         .await
         .expect("the system starts");
     Running {
