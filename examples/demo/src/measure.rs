@@ -21,12 +21,24 @@
 //! databases half-way through the load
 //! (`SELECT count(*) FROM pg_stat_activity WHERE datname LIKE 'chassis_demo_%'`).
 //! Numbers per replica are separated by `/`.
+//!
+//! 4. **Events end to end**: once the load ends, the outbox is left to
+//!    drain (at most `DEMO_DRAIN_SECS`, default 300); then, for every
+//!    `order.placed` event, the time from the order's creation (its
+//!    transaction commits a few milliseconds later) to the commit of mail's
+//!    job for it (after which the consumer acknowledges), read from the two
+//!    databases: p50, p99 and the longest, the events consumed per second
+//!    while the load ran, and how long the drain took. With `--nats` the
+//!    events go through JetStream, otherwise through the HTTP relay: the
+//!    same numbers for either transport.
 
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
     time::Duration,
 };
+
+use chassis::db::{Database, DbConfig};
 
 use crate::{
     Options, journey, postgres,
@@ -297,7 +309,9 @@ async fn measure(data: &Path, options: &Options) -> Result<String, String> {
         }
         outs
     };
+    let load_began = chassis::time::now_millis();
     let (outs, (busy, pg)) = tokio::join!(outputs, sampler);
+    let flow = events(data, system.layout(), load_began).await;
     let mut runs = Vec::new();
     for out in outs {
         let out = out.map_err(|e| format!("wrk: {e}"))?;
@@ -338,6 +352,7 @@ async fn measure(data: &Path, options: &Options) -> Result<String, String> {
          resident memory under load: {busy}\n\
          {pg_line}\
          orders placed: {:.2} per second; latency p50 {}, p99 {}{latency_note}; non-2xx answers: {}\n\
+         {flow}\n\
          load: {command}\n\n{}",
         runs.iter().map(|r| r.per_second).sum::<f64>(),
         ms(worst(|r| r.p50_ms)),
@@ -347,6 +362,108 @@ async fn measure(data: &Path, options: &Options) -> Result<String, String> {
             .map(|r| r.text.as_str())
             .collect::<Vec<_>>()
             .join("\n"),
+    ))
+}
+
+/// The orders' and mail's databases, as the services open them.
+async fn open(data: &Path, layout: &Layout, service: &str) -> Result<Database, String> {
+    let config = DbConfig::new(data.join(service), &format!("{service}.db"));
+    let config = match layout.database(service) {
+        Some(url) => config.postgres(url),
+        None => config,
+    };
+    Database::open(&config)
+        .await
+        .map_err(|e| format!("{service}'s database: {e}"))
+}
+
+/// Waits for the outbox to drain, then measures each `order.placed` event
+/// from its order's creation to mail's commit of its job (module docs,
+/// item 4); a line for the report.
+async fn events(data: &Path, layout: &Layout, load_began: i64) -> String {
+    match event_flow(data, layout, load_began).await {
+        Ok(line) => line,
+        Err(e) => format!("events end to end: not measured ({e})"),
+    }
+}
+
+async fn event_flow(data: &Path, layout: &Layout, load_began: i64) -> Result<String, String> {
+    let load_ended = chassis::time::now_millis();
+    let (orders, mail) = (
+        open(data, layout, "orders").await?,
+        open(data, layout, "mail").await?,
+    );
+    let e = |e: sqlx::Error| e.to_string();
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(env_u64("DEMO_DRAIN_SECS", 300));
+    let placed: i64 = loop {
+        let (left, placed): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE delivered_at IS NULL AND parked_at IS NULL),
+                    COUNT(*) FILTER (WHERE kind = 'order.placed')
+             FROM outbox",
+        )
+        .fetch_one(orders.pool())
+        .await
+        .map_err(e)?;
+        let mailed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
+            .fetch_one(mail.pool())
+            .await
+            .map_err(e)?;
+        if left == 0 && mailed >= placed {
+            break placed;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{left} events still in the outbox, {mailed} of {placed} mailed, after the drain's limit"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let drained = chassis::time::now_millis() - load_ended;
+    let created: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, created_at FROM outbox WHERE kind = 'order.placed'")
+            .fetch_all(orders.pool())
+            .await
+            .map_err(e)?;
+    let consumed: std::collections::HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT message_id, created_at FROM messages")
+            .fetch_all(mail.pool())
+            .await
+            .map_err(e)?
+            .into_iter()
+            .collect();
+    orders.close().await;
+    mail.close().await;
+    let mut latencies: Vec<i64> = created
+        .iter()
+        .filter_map(|(id, at)| {
+            let at =
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                    .ok()?;
+            let at = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()?;
+            Some(consumed.get(id)? - at)
+        })
+        .collect();
+    latencies.sort_unstable();
+    let in_load = consumed
+        .values()
+        .filter(|&&at| at >= load_began && at <= load_ended)
+        .count();
+    let secs = (load_ended - load_began) as f64 / 1000.0;
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .map_or_else(|| "-".to_owned(), |ms| format!("{ms} ms"))
+    };
+    Ok(format!(
+        "events end to end: {placed} order.placed (and as many reservation.confirm); \
+         order created -> mail's job committed: p50 {}, p99 {}, max {}; \
+         consumed {:.1} per second while the load ran; drained {:.1} s after it",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        in_load as f64 / secs,
+        drained as f64 / 1000.0,
     ))
 }
 
