@@ -55,7 +55,7 @@
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
-//! | `ORDERS_RELAY_POLL_MS` | `200` | time between polls |
+//! | `ORDERS_RELAY_POLL_MS` | `200` | time between polls (none after a full batch: the next is claimed at once) |
 //! | `ORDERS_RELAY_BATCH` | `32` | events per poll |
 //! | `ORDERS_RELAY_RETRY_BASE_MS` | `500` | first backoff |
 //! | `ORDERS_RELAY_RETRY_MAX_MS` | `60000` | longest backoff |
@@ -315,15 +315,28 @@ impl Relay {
     pub async fn run(self, stop: CancellationToken) {
         tracing::info!(owner = %self.owner, "outbox relay started");
         let lease = i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX / 4);
+        // A full batch means more are due: claim again at once rather than
+        // after the poll interval, so a backlog drains at the speed of
+        // delivery, not at a batch per poll.
+        let mut full = false;
+        let mut counted = tokio::time::Instant::now();
         loop {
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(self.settings.poll) => {}
+            if full {
+                if stop.is_cancelled() {
+                    break;
+                }
+            } else {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(self.settings.poll) => {}
+                }
             }
+            full = false;
             let now = chassis::time::now_millis();
             let until = now.saturating_add(lease);
             match store::claim_due(&self.db, &self.owner, now, until, self.settings.batch).await {
                 Ok(events) => {
+                    full = events.len() >= self.settings.batch as usize;
                     let left = AtomicBool::new(false);
                     let me = &self;
                     futures_util::stream::iter(events)
@@ -348,9 +361,14 @@ impl Relay {
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot claim outbox events"),
             }
-            if let Ok((pending, parked)) = store::outbox_counts(&self.db).await {
-                metrics::gauge!("outbox_pending").set(pending as f64);
-                metrics::gauge!("outbox_parked").set(parked as f64);
+            // Counted once per poll interval, not once per batch: a count
+            // reads every pending row.
+            if counted.elapsed() >= self.settings.poll {
+                counted = tokio::time::Instant::now();
+                if let Ok((pending, parked)) = store::outbox_counts(&self.db).await {
+                    metrics::gauge!("outbox_pending").set(pending as f64);
+                    metrics::gauge!("outbox_parked").set(parked as f64);
+                }
             }
         }
         tracing::info!("outbox relay stopped");
