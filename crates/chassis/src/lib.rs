@@ -54,7 +54,7 @@
 //! #[tokio::main]
 //! async fn main() -> std::process::ExitCode {
 //!     ServiceBuilder::new("hello", 1)
-//!         .api(Api::new().route(api::get("/greetings/{name}", greet).public()))
+//!         .api(Api::new().route(api::get("/greetings/{name}", greet).public().summary("Greet someone").response_as::<String>(200, "text/plain")))
 //!         .build_info(chassis::build_info!())
 //!         .run()
 //!         .await

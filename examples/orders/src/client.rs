@@ -22,7 +22,7 @@ use chassis::{
 use serde::{Deserialize, Serialize};
 
 /// An order to place.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewOrder {
     /// The ticket product, in ticketing.
     pub ticket_id: String,
@@ -33,7 +33,7 @@ pub struct NewOrder {
 }
 
 /// Where an order stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderStatus {
     /// Accepted: the tickets are held, the confirmation is on its way.
@@ -46,7 +46,7 @@ pub enum OrderStatus {
 }
 
 /// An order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Order {
     /// `ord_<uuid v7>`.
     pub id: String,
