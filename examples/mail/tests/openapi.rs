@@ -4,8 +4,8 @@
 
 mod support;
 
-use chassis::testing::{Documented, TempDir, assert_documents, fetch_openapi};
-use support::Server;
+use chassis::testing::{Documented, assert_documents, fetch_openapi};
+use support::{Server, TempDir};
 
 #[tokio::test]
 async fn every_route_is_documented_with_its_permission() {
