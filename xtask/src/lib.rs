@@ -462,6 +462,11 @@ impl NewService {
              routes are under `/{service}/v1`, its permissions are `{service}:{{account}}:<verb>:<noun>`,\n\
              its settings are `{env}_*` and the chassis' `CHASSIS_*`. The crate docs\n\
              (`cargo doc -p {service} --open`) list its API, settings and metrics.\n\n\
+             Every route in `src/routes.rs` documents itself next to its permission\n\
+             (`.summary(..)`, `.body::<T>()`, `.response::<T>(..)`; a route without a\n\
+             documented answer stops the build), and the service serves the OpenAPI 3.1\n\
+             document at `/{service}/v1/openapi.json`; `tests/openapi.rs` lists the\n\
+             routes it must show: keep it in step with the table.\n\n\
              Its data is a SQLite file in `{env}_DATA_DIR` (one instance), or the\n\
              Postgres database `{env}_DATABASE_URL=postgres://...` names (any number\n\
              of instances): the same handlers on both, with the schema in\n\

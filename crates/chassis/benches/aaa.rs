@@ -181,15 +181,25 @@ fn stack(c: &mut Criterion) {
     let t = token(&signers[0]);
     let (core, aaa) = rt.block_on(async {
         let core = ServiceBuilder::new("hello", 1)
-            .api(Api::new().route(api::get("/{account}/items/{id}", item).public()))
+            .api(
+                Api::new().route(
+                    api::get("/{account}/items/{id}", item)
+                        .public()
+                        .undocumented("a test route"),
+                ),
+            )
             .config(Config::default())
             .build()
             .expect("builds")
             .router();
         let aaa = ServiceBuilder::new("hello", 1)
-            .api(Api::new().route(
-                api::get("/{account}/items/{id}", item).requires("hello:{account}:view:item"),
-            ))
+            .api(
+                Api::new().route(
+                    api::get("/{account}/items/{id}", item)
+                        .requires("hello:{account}:view:item")
+                        .undocumented("a test route"),
+                ),
+            )
             .verifier(verifier(&signers, 1024))
             .config(Config::default())
             .build()

@@ -81,7 +81,13 @@ fn bare() -> Router {
 
 fn chassis_core() -> Router {
     chassis::ServiceBuilder::new(SERVICE, 1)
-        .api(Api::new().route(api::get("/items/{id}", item).public()))
+        .api(
+            Api::new().route(
+                api::get("/items/{id}", item)
+                    .public()
+                    .undocumented("a test route"),
+            ),
+        )
         .config(chassis::Config::default())
         .build()
         .expect("the service builds")

@@ -21,6 +21,7 @@
 //! | Health | answers liveness without dependencies and readiness from background checks with hysteresis | [`health`] |
 //! | Errors | answers every error with `application/problem+json` carrying the correlation id, and no internals | [`problem`] |
 //! | Deny by default | declares, next to every API route, the permission it requires or that it is public; undeclared routes stop the build | [`api`] |
+//! | Contracts | documents every API route next to its permission (its body, answers and schemas from the Rust types) and serves the OpenAPI 3.1 document at `/<name>/v<N>/openapi.json`, with each operation's permission as `x-permission` and the chassis' own problem+json answers; undocumented routes stop the build | [`api`] |
 //! | Authentication | verifies a bearer JWT on every non-public call, locally, with keys from the issuer's JWKS | [`auth`] (verification: feature `jwt`) |
 //! | Authorization | checks `service:account:operation:object` permissions against the caller's grants; deny wins; no grant, no access | [`permission`] |
 //! | Audit | writes exactly one audit event per API call, allowed or not, without ever slowing it | [`audit`] |
@@ -54,7 +55,7 @@
 //! #[tokio::main]
 //! async fn main() -> std::process::ExitCode {
 //!     ServiceBuilder::new("hello", 1)
-//!         .api(Api::new().route(api::get("/greetings/{name}", greet).public()))
+//!         .api(Api::new().route(api::get("/greetings/{name}", greet).public().summary("Greet someone").response_as::<String>(200, "text/plain")))
 //!         .build_info(chassis::build_info!())
 //!         .run()
 //!         .await

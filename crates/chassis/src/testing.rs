@@ -62,6 +62,7 @@ use crate::auth::{Key, Verifier};
 mod database;
 #[cfg(feature = "nats")]
 mod nats;
+mod openapi;
 mod otlp;
 mod pki;
 mod process;
@@ -76,6 +77,7 @@ pub use database::{
 };
 #[cfg(feature = "nats")]
 pub use nats::{DEFAULT_NATS, NATS_VAR, TestNats};
+pub use openapi::{Documented, OPENAPI_DIR_VAR, assert_documents, fetch_openapi};
 pub use otlp::{OtlpReceiver, ReceivedEvent, ReceivedSpan};
 pub use pki::{TestCert, TestPki};
 pub use process::{

@@ -163,13 +163,19 @@ fn service(verifier: Verifier, audit: &Memory) -> chassis::Service {
             Api::new()
                 .route(
                     api::get("/{account}/tickets", list)
-                        .requires("ticketing:{account}:view:ticket"),
+                        .requires("ticketing:{account}:view:ticket")
+                        .undocumented("a test route"),
                 )
                 .route(
                     api::delete("/{account}/tickets/{id}", cancel)
-                        .requires("ticketing:{account}:delete:ticket"),
+                        .requires("ticketing:{account}:delete:ticket")
+                        .undocumented("a test route"),
                 )
-                .route(api::get("/status", || async { "open" }).public()),
+                .route(
+                    api::get("/status", || async { "open" })
+                        .public()
+                        .undocumented("a test route"),
+                ),
         )
         .verifier(verifier)
         .audit_sink(audit.clone())
@@ -1569,7 +1575,13 @@ async fn shutdown_flushes_the_audit_queue() {
     }
     let slow = Slow::default();
     let svc = ServiceBuilder::new("flush", 1)
-        .api(Api::new().route(api::get("/ping", || async { "pong" }).public()))
+        .api(
+            Api::new().route(
+                api::get("/ping", || async { "pong" })
+                    .public()
+                    .undocumented("a test route"),
+            ),
+        )
         .audit_sink(slow.clone())
         .config(Config::default())
         .build()
@@ -1733,7 +1745,8 @@ async fn undeclared_methods_are_refused_and_api_layers_see_the_caller() {
         .api(
             Api::new().route(
                 api::Endpoint::new(http::Method::GET, "/{account}/notes", notes)
-                    .requires("ticketing:{account}:view:note"),
+                    .requires("ticketing:{account}:view:note")
+                    .undocumented("a test route"),
             ),
         )
         .api_layer(from_fn(caller))

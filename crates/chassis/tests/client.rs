@@ -827,7 +827,8 @@ async fn the_test_issuers_token_source_serves_both_identities() {
         .api(
             Api::new().route(
                 api::post("/{account}/reservations", || async { "reserved" })
-                    .requires("ticketing:{account}:reserve:ticket"),
+                    .requires("ticketing:{account}:reserve:ticket")
+                    .undocumented("a test route"),
             ),
         )
         .verifier(ticketing_tokens.verifier())

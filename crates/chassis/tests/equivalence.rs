@@ -48,14 +48,23 @@ fn config() -> Config {
 /// request in flight while another is shed.
 fn api(hold: Arc<Notify>) -> Api {
     Api::new()
-        .route(api::get("/items/{id}", || async { "item" }).public())
-        .route(api::post("/items", |body: bytes::Bytes| async move { body }).public())
+        .route(
+            api::get("/items/{id}", || async { "item" })
+                .public()
+                .undocumented("a test route"),
+        )
+        .route(
+            api::post("/items", |body: bytes::Bytes| async move { body })
+                .public()
+                .undocumented("a test route"),
+        )
         .route(
             api::get("/slow", || async {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 "late"
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
         .route(
             api::get("/panic", || async {
@@ -64,7 +73,8 @@ fn api(hold: Arc<Notify>) -> Api {
                 }
                 "unreachable"
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
         .route(
             api::get("/hold", move || {
@@ -74,14 +84,16 @@ fn api(hold: Arc<Notify>) -> Api {
                     "released"
                 }
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
         .route(
             api::get(
                 "/accounts/{account}/things",
                 |p: chassis::auth::Principal| async move { p.subject().to_owned() },
             )
-            .requires(ACCOUNT_READ),
+            .requires(ACCOUNT_READ)
+            .undocumented("a test route"),
         )
 }
 

@@ -70,7 +70,8 @@ async fn front(otel: &[(&str, &str)]) -> (TestServer, Arc<AtomicUsize>) {
                         }
                     },
                 )
-                .public(),
+                .public()
+                .undocumented("a test route"),
             )
             .route(
                 api::get(
@@ -83,7 +84,8 @@ async fn front(otel: &[(&str, &str)]) -> (TestServer, Arc<AtomicUsize>) {
                         }
                     },
                 )
-                .public(),
+                .public()
+                .undocumented("a test route"),
             )
             .with_state((downstream, hits.clone()));
     let builder = ServiceBuilder::new("front", 1)

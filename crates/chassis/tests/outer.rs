@@ -39,7 +39,8 @@ fn api() -> Api {
             "/{account}/orders",
             |Json(v): Json<serde_json::Value>| async move { Json(v) },
         )
-        .requires("shop:{account}:create:order"),
+        .requires("shop:{account}:create:order")
+        .undocumented("a test route"),
     )
 }
 
@@ -147,7 +148,13 @@ async fn a_cors_preflight_is_answered_before_authentication() {
 async fn responses_are_compressed_by_an_outer_layer() {
     let issuer = TestIssuer::new();
     let svc = ServiceBuilder::new("zip", 1)
-        .api(Api::new().route(api::get("/big", || async { "chassis ".repeat(1000) }).public()))
+        .api(
+            Api::new().route(
+                api::get("/big", || async { "chassis ".repeat(1000) })
+                    .public()
+                    .undocumented("a test route"),
+            ),
+        )
         .outer_layer(CompressionLayer::new())
         .verifier(issuer.verifier())
         .config(config())

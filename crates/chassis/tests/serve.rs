@@ -32,7 +32,13 @@ fn config() -> Config {
 #[tokio::test]
 async fn metrics_endpoint_follows_the_contract() {
     let svc = builder("serve-metrics")
-        .api(Api::new().route(api::get("/items/{id}", || async { "item" }).public()))
+        .api(
+            Api::new().route(
+                api::get("/items/{id}", || async { "item" })
+                    .public()
+                    .undocumented("a test route"),
+            ),
+        )
         .config(config())
         .build()
         .unwrap();
@@ -187,7 +193,8 @@ async fn readiness_turns_503_while_in_flight_requests_finish() {
                         "finished"
                     }
                 })
-                .public(),
+                .public()
+                .undocumented("a test route"),
             ),
         )
         .config(cfg)
@@ -236,7 +243,8 @@ async fn shutdown_closes_the_listener_and_waits_for_in_flight_requests() {
                         "finished"
                     }
                 })
-                .public(),
+                .public()
+                .undocumented("a test route"),
             ),
         )
         .background("worker", move |token| async move {
@@ -285,7 +293,8 @@ async fn grace_deadline_cuts_requests_that_never_finish() {
                         std::future::pending::<&'static str>().await
                     }
                 })
-                .public(),
+                .public()
+                .undocumented("a test route"),
             ),
         )
         .config(cfg)
@@ -464,7 +473,8 @@ async fn correlation_over_the_wire() {
                     "/id",
                     |id: chassis::correlation::CorrelationId| async move { id.to_string() },
                 )
-                .public(),
+                .public()
+                .undocumented("a test route"),
             ),
         )
         .config(config())
@@ -521,7 +531,8 @@ async fn run_refuses_protected_routes_without_token_verification() {
         .api(
             chassis::api::Api::new().route(
                 chassis::api::get("/{account}/items", || async { "items" })
-                    .requires("serve-noauth:{account}:view:item"),
+                    .requires("serve-noauth:{account}:view:item")
+                    .undocumented("a test route"),
             ),
         )
         .config(chassis::Config::default())
@@ -541,7 +552,8 @@ async fn handlers_see_the_peer_address_when_asked_for() {
                     info.map_or_else(|| "none".to_owned(), |i| i.0.0.ip().to_string())
                 },
             )
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
     };
     let on = builder("serve-peer")

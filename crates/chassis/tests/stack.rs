@@ -24,14 +24,23 @@ fn config() -> Config {
 
 fn service(name: &str, hold: Arc<Notify>) -> chassis::Service {
     let api = Api::new()
-        .route(api::get("/ok", || async { "ok" }).public())
-        .route(api::get("/items/{id}", || async { "item" }).public())
+        .route(
+            api::get("/ok", || async { "ok" })
+                .public()
+                .undocumented("a test route"),
+        )
+        .route(
+            api::get("/items/{id}", || async { "item" })
+                .public()
+                .undocumented("a test route"),
+        )
         .route(
             api::get("/slow", || async {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 "late"
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
         .route(
             api::get("/panic", || async {
@@ -40,15 +49,21 @@ fn service(name: &str, hold: Arc<Notify>) -> chassis::Service {
                 }
                 "unreachable"
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
-        .route(api::post("/echo", |body: bytes::Bytes| async move { body }).public())
+        .route(
+            api::post("/echo", |body: bytes::Bytes| async move { body })
+                .public()
+                .undocumented("a test route"),
+        )
         .route(
             api::post(
                 "/json",
                 |axum::Json(v): axum::Json<serde_json::Value>| async move { axum::Json(v) },
             )
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
         .route(
             api::get("/hold", move || {
@@ -58,7 +73,8 @@ fn service(name: &str, hold: Arc<Notify>) -> chassis::Service {
                     "released"
                 }
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         );
     ServiceBuilder::new(name, 1)
         .api(api)
@@ -145,7 +161,8 @@ async fn a_limit_above_axums_default_reaches_the_extractors() {
                 api::post("/echo", |body: bytes::Bytes| async move {
                     body.len().to_string()
                 })
-                .public(),
+                .public()
+                .undocumented("a test route"),
             ),
         )
         .config(c)
@@ -324,7 +341,13 @@ async fn api_layers_run_inside_the_protection_layers() {
     }
     use axum::response::IntoResponse;
     let svc = ServiceBuilder::new("stack-i", 1)
-        .api(Api::new().route(api::get("/ok", || async { "ok" }).public()))
+        .api(
+            Api::new().route(
+                api::get("/ok", || async { "ok" })
+                    .public()
+                    .undocumented("a test route"),
+            ),
+        )
         .api_layer(from_fn(gate))
         .config(config())
         .build()
@@ -350,7 +373,11 @@ fn undeclared_routes_stop_the_build() {
     let err = ServiceBuilder::new("stack-j", 1)
         .api(
             Api::new()
-                .route(api::get("/open", || async { "ok" }).public())
+                .route(
+                    api::get("/open", || async { "ok" })
+                        .public()
+                        .undocumented("a test route"),
+                )
                 .route(api::post("/{account}/things", || async { "made" })),
         )
         .config(config())
@@ -371,7 +398,13 @@ async fn configured_faults_hit_api_routes_only() {
         ..chassis::fault::FaultConfig::default()
     });
     let svc = ServiceBuilder::new("stack-k", 1)
-        .api(Api::new().route(api::get("/ok", || async { "ok" }).public()))
+        .api(
+            Api::new().route(
+                api::get("/ok", || async { "ok" })
+                    .public()
+                    .undocumented("a test route"),
+            ),
+        )
         .config(c)
         .build()
         .unwrap();
@@ -414,16 +447,22 @@ async fn the_callers_deadline_shortens_the_timeout_and_every_refusal_is_audited(
                     }
                 },
             )
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
         .route(
             api::get("/slow", || async {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 "late"
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
-        .route(api::post("/echo", |body: bytes::Bytes| async move { body }).public());
+        .route(
+            api::post("/echo", |body: bytes::Bytes| async move { body })
+                .public()
+                .undocumented("a test route"),
+        );
     let svc = ServiceBuilder::new("stack-dl", 1)
         .api(api)
         .config(config())
@@ -535,7 +574,8 @@ async fn a_handlers_5xx_body_goes_to_the_log_never_to_the_client() {
                     })),
                 )
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
         .route(
             api::get("/busy", || async {
@@ -547,7 +587,8 @@ async fn a_handlers_5xx_body_goes_to_the_log_never_to_the_client() {
                     })),
                 )
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
         .route(
             api::get("/problem", || async {
@@ -557,14 +598,16 @@ async fn a_handlers_5xx_body_goes_to_the_log_never_to_the_client() {
                     .with_detail("upstream said password=hunter2")
                     .with_member("sql", "SELECT * FROM users -- hunter2")
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         )
         .route(
             api::get("/long", move || {
                 let long = long.clone();
                 async move { (StatusCode::INTERNAL_SERVER_ERROR, long) }
             })
-            .public(),
+            .public()
+            .undocumented("a test route"),
         );
     let app = ServiceBuilder::new("stack-leak", 1)
         .api(api)
@@ -654,7 +697,8 @@ async fn a_downstream_failure_keeps_the_chassis_reason_code() {
             let d = downstream.clone();
             async move { d.anonymous(&cx).get("/x").send().await.map(|_| "reached") }
         })
-        .public(),
+        .public()
+        .undocumented("a test route"),
     );
     let app = ServiceBuilder::new("stack-down", 1)
         .api(api)
@@ -686,14 +730,28 @@ async fn handlers_take_typed_state_and_apis_with_different_states_merge() {
 
     let counter = Counter(Arc::new(AtomicU32::new(0)));
     let counted = Api::new()
-        .route(api::post("/bumps", bump).public())
+        .route(
+            api::post("/bumps", bump)
+                .public()
+                .undocumented("a test route"),
+        )
         .with_state(counter.clone());
     let greeted = Api::new()
-        .route(api::get("/greeting", greeting).public())
+        .route(
+            api::get("/greeting", greeting)
+                .public()
+                .undocumented("a test route"),
+        )
         .with_state("hello");
     let app = ServiceBuilder::new("stack-state", 1)
         .api(counted.merge(greeted))
-        .api(Api::new().route(api::get("/plain", || async { "plain" }).public()))
+        .api(
+            Api::new().route(
+                api::get("/plain", || async { "plain" })
+                    .public()
+                    .undocumented("a test route"),
+            ),
+        )
         .config(config())
         .build()
         .unwrap()

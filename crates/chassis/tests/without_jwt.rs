@@ -23,10 +23,15 @@ fn protected(name: &str) -> ServiceBuilder {
     ServiceBuilder::new(name, 1)
         .api(
             Api::new()
-                .route(api::get("/status", || async { "open" }).public())
+                .route(
+                    api::get("/status", || async { "open" })
+                        .public()
+                        .undocumented("a test route"),
+                )
                 .route(
                     api::get("/{account}/items", || async { "items" })
-                        .requires(&format!("{name}:{{account}}:view:item")),
+                        .requires(&format!("{name}:{{account}}:view:item"))
+                        .undocumented("a test route"),
                 ),
         )
         .config(Config::default())
@@ -61,7 +66,13 @@ async fn run_exits_70_before_binding() {
 #[tokio::test]
 async fn public_routes_are_served() {
     let app = ServiceBuilder::new("nojwt-public", 1)
-        .api(Api::new().route(api::get("/status", || async { "open" }).public()))
+        .api(
+            Api::new().route(
+                api::get("/status", || async { "open" })
+                    .public()
+                    .undocumented("a test route"),
+            ),
+        )
         .config(Config::default())
         .build()
         .unwrap()

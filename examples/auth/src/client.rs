@@ -55,7 +55,7 @@ pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-e
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// A successful token answer (RFC 6749 §5.1).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenResponse {
     /// The access token: an EdDSA JWT.
     pub access_token: String,
@@ -93,7 +93,7 @@ impl std::fmt::Debug for TokenResponse {
 }
 
 /// An error answer of the token endpoint (RFC 6749 §5.2).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenErrorResponse {
     /// `invalid_request`, `invalid_client`, `invalid_grant`,
     /// `invalid_scope`, `invalid_target`, `unauthorized_client`,
@@ -105,15 +105,74 @@ pub struct TokenErrorResponse {
     pub error_description: Option<String>,
 }
 
+/// The form of `POST /auth/v1/token` (`application/x-www-form-urlencoded`):
+/// which members a grant needs is RFC 6749's (§4.3 `password`, §4.4
+/// `client_credentials`, §6 `refresh_token`) and RFC 8693's (token
+/// exchange). The client authenticates with HTTP Basic or with
+/// `client_id`/`client_secret` in the form.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenRequest {
+    /// `password`, `client_credentials`, `refresh_token` or
+    /// [`TOKEN_EXCHANGE_GRANT`].
+    pub grant_type: String,
+    /// The user (password grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The user's password (password grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// The client, when not given by HTTP Basic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The client's secret, when not given by HTTP Basic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    /// The refresh token (refresh grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    /// Grants asked for, space-separated: a subset of the subject's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// The service the token is for (its `aud`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// The token exchanged (token exchange).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_token: Option<String>,
+    /// [`ACCESS_TOKEN_TYPE`] (token exchange).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_token_type: Option<String>,
+    /// [`ACCESS_TOKEN_TYPE`] when given (token exchange).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_token_type: Option<String>,
+}
+
+/// The body of `PUT /auth/v1/{clients,users}/{name}/grants`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NewGrants {
+    /// Permission grants (`service:account:operation:object`, `*`
+    /// segments, `!` to deny), replacing the subject's.
+    pub grants: Vec<String>,
+}
+
+/// The body of `POST /auth/v1/clients`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NewClient {
+    /// The client id: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+    pub client_id: String,
+    /// Its grants.
+    pub grants: Vec<String>,
+}
+
 /// The public signing keys (RFC 7517 JWK Set).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Jwks {
     /// The current key first, then the retired ones still published.
     pub keys: Vec<Jwk>,
 }
 
 /// One public Ed25519 signing key (RFC 8037).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Jwk {
     /// Always `OKP`.
     pub kty: String,
@@ -132,7 +191,7 @@ pub struct Jwk {
 
 /// The OpenID Connect discovery document (OpenID Connect Discovery 1.0
 /// §3, RFC 8414 §2), at [`DISCOVERY_PATH`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OpenIdConfiguration {
     /// Exactly `AUTH_ISSUER`: the `iss` of every token.
     pub issuer: String,
@@ -154,7 +213,7 @@ pub struct OpenIdConfiguration {
 }
 
 /// The answer of `POST /auth/v1/keys/rotate`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RotatedKey {
     /// The new current key.
     pub kid: String,
@@ -163,7 +222,7 @@ pub struct RotatedKey {
 }
 
 /// A user's or client's grants, as the admin API shows them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubjectGrants {
     /// `user` or `client`.
     pub kind: String,
@@ -178,7 +237,7 @@ pub struct SubjectGrants {
 
 /// The answer of `POST /auth/v1/clients`: the new client, with its secret,
 /// which is shown this once and stored only as a hash.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisteredClient {
     /// The client id.
     pub client_id: String,

@@ -14,7 +14,7 @@ use http::StatusCode;
 use serde::Serialize;
 
 /// The answer to a greeting.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Greeting {
     /// The greeting text.
     pub message: String,
@@ -34,6 +34,15 @@ async fn greet(Path(name): Path<String>) -> Result<Json<Greeting>, Problem> {
 /// The service: `GET /hello/v1/greetings/{name}`.
 pub fn service() -> ServiceBuilder {
     ServiceBuilder::new("hello", 1)
-        .api(Api::new().route(api::get("/greetings/{name}", greet).public()))
+        .api(
+            Api::new().route(
+                api::get("/greetings/{name}", greet)
+                    .public()
+                    .summary("Greet someone")
+                    .param("name", "Who to greet, at most 64 characters.")
+                    .response::<Greeting>(200)
+                    .problem(400, "The name is longer than 64 characters."),
+            ),
+        )
         .build_info(chassis::build_info!())
 }

@@ -70,7 +70,7 @@ pub fn is_valid_message_id(id: &str) -> bool {
 }
 
 /// A mail job, the body of `POST /mail/v1/messages`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MailJob {
     /// The caller's id for this mail (e.g. the event id of an outbox row):
     /// 1-128 characters of `[A-Za-z0-9._~:-]`. A second job with the same
@@ -207,7 +207,7 @@ impl MailJob {
 }
 
 /// Where a message is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageStatus {
     /// Waiting for a worker (first attempt, or a retry after its backoff).
@@ -259,7 +259,7 @@ impl FromStr for MessageStatus {
 
 /// The answer to a send: the job is stored (202), or was stored before
 /// (200).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Accepted {
     /// The job's `message_id`.
     pub message_id: String,
@@ -272,7 +272,7 @@ pub struct Accepted {
 }
 
 /// A stored message, the body of `GET /mail/v1/messages/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Message {
     /// The job's `message_id`.
     pub message_id: String,

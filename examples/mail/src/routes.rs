@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::{
-    client::{Accepted, MESSAGES_PATH, Message, MessageStatus, is_valid_message_id},
+    client::{Accepted, MESSAGES_PATH, MailJob, Message, MessageStatus, is_valid_message_id},
     job::{self, ValidJob},
     meters,
     store::{Inserted, NewMessage, Row, Store, parse_status},
@@ -35,8 +35,23 @@ pub(crate) struct AppState {
 /// The routes, under `/mail/v1`.
 pub(crate) fn api() -> Api<AppState> {
     Api::new()
-        .route(api::post("/messages", send).requires("mail::send:message"))
-        .route(api::get("/messages/{id}", get).requires("mail::view:message"))
+        .route(
+            api::post("/messages", send)
+                .requires("mail::send:message")
+                .summary("Queue a mail, once per `message_id`")
+                .description("202 when queued; 200 when a job with this `message_id` exists (`duplicate: true`), which stands.")
+                .body::<MailJob>()
+                .response::<Accepted>(202)
+                .response::<Accepted>(200),
+        )
+        .route(
+            api::get("/messages/{id}", get)
+                .requires("mail::view:message")
+                .summary("A queued, sent or dead-lettered mail")
+                .operation_id("get_message")
+                .param("id", "The job's `message_id`.")
+                .response::<Message>(200),
+        )
 }
 
 /// Stores a job, once per `message_id`.

@@ -26,7 +26,7 @@ pub mod events;
 pub use events::{OrderPlaced, ReservationConfirm};
 
 /// An order to place.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewOrder {
     /// The ticket product, in ticketing.
     pub ticket_id: String,
@@ -37,7 +37,7 @@ pub struct NewOrder {
 }
 
 /// Where an order stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderStatus {
     /// Accepted: the tickets are held, the confirmation is on its way.
@@ -50,7 +50,7 @@ pub enum OrderStatus {
 }
 
 /// An order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Order {
     /// `ord_<uuid v7>`.
     pub id: String,

@@ -36,9 +36,30 @@ use crate::{
 /// The routes, under `/orders/v1`.
 pub(crate) fn api() -> Api<Arc<State>> {
     Api::new()
-        .route(api::post("/{account}/orders", place).requires("orders:{account}:create:order"))
-        .route(api::get("/{account}/orders", list).requires("orders:{account}:view:order"))
-        .route(api::get("/{account}/orders/{id}", get).requires("orders:{account}:view:order"))
+        .route(
+            api::post("/{account}/orders", place)
+                .requires("orders:{account}:create:order")
+                .summary("Place an order")
+                .description("Reserves the tickets in ticketing, then records the order and its `order.placed` event in one transaction. A retry with the same `Idempotency-Key` gets the first answer again, with `Idempotent-Replayed: true`.")
+                .header("Idempotency-Key", true, "1 to 255 of `A-Z a-z 0-9 . _ ~ : -`, unique per order the caller means.")
+                .body::<NewOrder>()
+                .response::<Order>(201)
+                .problem(409, "`sold_out`: not enough tickets left; `idempotency_key_in_use`: a request with this key is running (see `Retry-After`)."),
+        )
+        .route(
+            api::get("/{account}/orders", list)
+                .requires("orders:{account}:view:order")
+                .summary("List the account's orders, newest first")
+                .page::<Order>(),
+        )
+        .route(
+            api::get("/{account}/orders/{id}", get)
+                .requires("orders:{account}:view:order")
+                .summary("An order")
+                .operation_id("get_order")
+                .param("id", "The order's id, `ord_<uuid v7>`.")
+                .response::<Order>(200),
+        )
 }
 
 /// The route template, part of every fingerprint.

@@ -53,7 +53,7 @@ pub(crate) const DATE_FORMAT: StaticFormatDescription =
 time::serde::format_description!(iso_date, Date, DATE_FORMAT);
 
 /// A ticket product: what customers buy, with its capacity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Ticket {
     /// `tkt_<uuid v7>`.
     pub id: String,
@@ -71,17 +71,20 @@ pub struct Ticket {
     pub available: u32,
     /// First day the ticket is valid.
     #[serde(with = "iso_date")]
+    #[schema(value_type = String, format = Date)]
     pub valid_from: Date,
     /// Last day the ticket is valid.
     #[serde(with = "iso_date")]
+    #[schema(value_type = String, format = Date)]
     pub valid_until: Date,
     /// When it was created (RFC 3339, UTC).
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
 }
 
 /// What `create_ticket` takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewTicket {
     /// Display name, 1 to 100 characters.
     pub name: String,
@@ -93,14 +96,16 @@ pub struct NewTicket {
     pub capacity: u32,
     /// First day the ticket is valid.
     #[serde(with = "iso_date")]
+    #[schema(value_type = String, format = Date)]
     pub valid_from: Date,
     /// Last day the ticket is valid, not before `valid_from`.
     #[serde(with = "iso_date")]
+    #[schema(value_type = String, format = Date)]
     pub valid_until: Date,
 }
 
 /// Places of one ticket, held until `expires_at` unless confirmed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Reservation {
     /// `rsv_<uuid v7>`.
     pub id: String,
@@ -114,14 +119,16 @@ pub struct Reservation {
     pub status: ReservationStatus,
     /// When a held reservation stops holding its places (RFC 3339, UTC).
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub expires_at: OffsetDateTime,
     /// When it was made (RFC 3339, UTC).
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
 }
 
 /// What `reserve` takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewReservation {
     /// The ticket to reserve, of the same account.
     pub ticket_id: String,
@@ -131,7 +138,7 @@ pub struct NewReservation {
 
 /// The life of a reservation: `held`, then `confirmed`, `released` or
 /// `expired`, each final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReservationStatus {
     /// Holds its places until it expires.

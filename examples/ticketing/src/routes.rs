@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::{
     AppState,
     alerts::Alerts,
-    client::{Reservation, Ticket},
+    client::{NewReservation, NewTicket, Reservation, Ticket},
     error::ApiError,
     store::{self, Store},
     validation,
@@ -32,28 +32,63 @@ use crate::{
 
 /// The routes, under `/ticketing/v1`.
 pub(crate) fn api() -> Api<AppState> {
+    let ticket_id = "The ticket's id, `tkt_<uuid v7>`.";
+    let reservation_id = "The reservation's id, `rsv_<uuid v7>`.";
+    let not_held = "`reservation_expired`, `reservation_released` or `reservation_confirmed`: the reservation's status does not allow it.";
     Api::new()
         .route(
-            post("/{account}/tickets", create_ticket).requires("ticketing:{account}:create:ticket"),
+            post("/{account}/tickets", create_ticket)
+                .requires("ticketing:{account}:create:ticket")
+                .summary("Create a ticket product")
+                .body::<NewTicket>()
+                .response::<Ticket>(201),
         )
-        .route(get("/{account}/tickets", list_tickets).requires("ticketing:{account}:view:ticket"))
         .route(
-            get("/{account}/tickets/{id}", get_ticket).requires("ticketing:{account}:view:ticket"),
+            get("/{account}/tickets", list_tickets)
+                .requires("ticketing:{account}:view:ticket")
+                .summary("List the account's tickets, oldest first")
+                .page::<Ticket>(),
         )
         .route(
-            post("/{account}/reservations", reserve).requires("ticketing:{account}:reserve:ticket"),
+            get("/{account}/tickets/{id}", get_ticket)
+                .requires("ticketing:{account}:view:ticket")
+                .summary("A ticket")
+                .param("id", ticket_id)
+                .response::<Ticket>(200),
+        )
+        .route(
+            post("/{account}/reservations", reserve)
+                .requires("ticketing:{account}:reserve:ticket")
+                .summary("Hold places of a ticket")
+                .description("201 with a new reservation; 200 with the earlier one when the `Idempotency-Key` was seen before in this account.")
+                .header("Idempotency-Key", true, "1 to 255 of `A-Z a-z 0-9 . _ ~ : -`; a retry with the same key gets the same reservation.")
+                .body::<NewReservation>()
+                .response::<Reservation>(201)
+                .response::<Reservation>(200)
+                .problem(409, "`sold_out`: fewer places left than asked for (`available` says how many)."),
         )
         .route(
             get("/{account}/reservations/{id}", get_reservation)
-                .requires("ticketing:{account}:view:ticket"),
+                .requires("ticketing:{account}:view:ticket")
+                .summary("A reservation")
+                .param("id", reservation_id)
+                .response::<Reservation>(200),
         )
         .route(
             post("/{account}/reservations/{id}/confirm", confirm)
-                .requires("ticketing:{account}:reserve:ticket"),
+                .requires("ticketing:{account}:reserve:ticket")
+                .summary("Confirm a held reservation")
+                .param("id", reservation_id)
+                .response::<Reservation>(200)
+                .problem(409, not_held),
         )
         .route(
             post("/{account}/reservations/{id}/release", release)
-                .requires("ticketing:{account}:reserve:ticket"),
+                .requires("ticketing:{account}:reserve:ticket")
+                .summary("Release a held reservation")
+                .param("id", reservation_id)
+                .response::<Reservation>(200)
+                .problem(409, not_held),
         )
 }
 

@@ -1,4 +1,4 @@
-//! The API route table: every route says who may call it.
+//! The API route table: every route says who may call it, and how.
 //!
 //! # The standard
 //!
@@ -39,27 +39,98 @@
 //! | public route | the handler's answer | `allow`, `public` |
 //! | a method the path does not declare | 405 with `Allow` | `rejected`, `method_not_allowed` |
 //!
+//! # The contract: every route documented
+//!
+//! **Undocumented by default, as denied by default.** Each route declares,
+//! next to its permission, what a client needs to call it: a summary, its
+//! request body, its answers and their schemas, derived from the Rust types
+//! with `#[derive(utoipa::ToSchema)]`. A route that documents no success
+//! answer stops the build, and one message names every such route; a route
+//! that cannot be documented yet says why with
+//! [`.undocumented("why")`](Endpoint::undocumented), which stays visible in
+//! the document.
+//!
+//! Each service serves its **OpenAPI 3.1** document at
+//! `GET /<name>/v<N>/openapi.json`: public (no token), not audited, built
+//! once when the service is built. `info` names the service, its package
+//! version ([`build_info!`](crate::build_info)) and `x-api-version`; the
+//! paths are the full paths (`/orders/v1/{account}/orders`) under one
+//! relative server, `/`. To each operation the chassis adds what it answers
+//! itself, as `application/problem+json` with the `Problem` schema (the
+//! members [`Problem`](crate::problem::Problem) writes, with
+//! `correlation_id`):
+//!
+//! | answer | on |
+//! |---|---|
+//! | `x-permission`: the template, e.g. `orders:{account}:create:order`, also the first line of the description | routes that require one |
+//! | `x-permission: public`, and "**Public**" in the description | public routes |
+//! | the `bearer` (JWT) security scheme; 401 with `WWW-Authenticate`, 403 naming the permission | routes that require one |
+//! | 404 | paths with parameters (an account outside its grammar, an unknown id) |
+//! | 400 (unreadable body), 413 (too large) | routes that take a body |
+//! | 422, `ValidationProblem` (`reason: invalid_fields`, `errors`: see [`validation`](crate::validation)) | routes that take a body or query parameters |
+//! | 500; 503 with `Retry-After` (load shedding, keys unavailable); 504 (timeout) | every route |
+//!
+//! A route's own answer for a status (e.g. its 404 described) replaces
+//! the chassis' generic one. The operation id is the handler's function
+//! name when that handler serves one route (method and path otherwise), or
+//! [`.operation_id(..)`](Endpoint::operation_id); ids are unique.
+//!
+//! ## Why declared in the route table
+//!
+//! utoipa-axum puts the documentation in a `#[utoipa::path(..)]` attribute
+//! on each handler, repeating its method and path; aide infers it from the
+//! handler's extractor and response types through traits each type must
+//! implement. Here the documentation sits in the route table, next to
+//! `.requires(..)`, where the access is declared and checked, so that one
+//! line shows a route's method, path, permission and contract, and the same
+//! build check that denies an undeclared route refuses an undocumented one.
+//! The schemas still come from the types (utoipa's `ToSchema` derive). The
+//! types are named explicitly because handlers often read a body as JSON
+//! to validate every field at once ([`validation`](crate::validation)),
+//! and their extractor types then say nothing of its schema.
+//!
 //! # Example
 //!
-//! A service with three routes:
+//! A service with four routes, and its document:
 //!
 //! ```
-//! use axum::Json;
+//! use axum::{Json, http::StatusCode};
 //! use chassis::{
 //!     api::{self, Api, Authz},
-//!     auth::Principal,
 //!     permission::{AccountId, Permission},
+//!     page::{Page, PageRequest},
 //! };
+//! use serde::{Deserialize, Serialize};
 //!
-//! async fn list(account: AccountId) -> Json<Vec<String>> {
-//!     Json(vec![format!("tickets of {account}")])
+//! /// A lift ticket.
+//! #[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
+//! struct Ticket {
+//!     /// `tkt_<uuid>`.
+//!     id: String,
+//!     /// Display name.
+//!     name: String,
 //! }
 //!
-//! async fn cancel(account: AccountId, authz: Authz) -> Result<&'static str, api::Forbidden> {
+//! /// What creating a ticket takes.
+//! #[derive(Deserialize, utoipa::ToSchema)]
+//! struct NewTicket {
+//!     /// Display name, 1 to 100 characters.
+//!     name: String,
+//! }
+//!
+//! async fn create(account: AccountId, Json(new): Json<NewTicket>) -> (StatusCode, Json<Ticket>) {
+//!     (StatusCode::CREATED, Json(Ticket { id: format!("tkt_{account}"), name: new.name }))
+//! }
+//!
+//! async fn list(page: PageRequest) -> Page<Ticket> {
+//!     page.page(Vec::new(), |t: &Ticket| (String::new(), t.id.clone()))
+//! }
+//!
+//! async fn cancel(account: AccountId, authz: Authz) -> Result<StatusCode, api::Forbidden> {
 //!     // A resource-level check, recorded in the same audit event.
 //!     let owner_only = Permission::new("ticketing", Some(&account), "cancel", "own-ticket").unwrap();
 //!     authz.check(&owner_only)?;
-//!     Ok("cancelled")
+//!     Ok(StatusCode::NO_CONTENT)
 //! }
 //!
 //! async fn status() -> &'static str {
@@ -67,9 +138,56 @@
 //! }
 //!
 //! let api: Api = Api::new()
-//!     .route(api::get("/{account}/tickets", list).requires("ticketing:{account}:view:ticket"))
-//!     .route(api::delete("/{account}/tickets/{id}", cancel).requires("ticketing:{account}:delete:ticket"))
-//!     .route(api::get("/status", status).public());
+//!     .route(
+//!         api::post("/{account}/tickets", create)
+//!             .requires("ticketing:{account}:create:ticket")
+//!             .summary("Create a ticket")
+//!             .body::<NewTicket>()
+//!             .response::<Ticket>(201),
+//!     )
+//!     .route(
+//!         api::get("/{account}/tickets", list)
+//!             .requires("ticketing:{account}:view:ticket")
+//!             .summary("List tickets, oldest first")
+//!             .page::<Ticket>(),
+//!     )
+//!     .route(
+//!         api::delete("/{account}/tickets/{id}", cancel)
+//!             .requires("ticketing:{account}:delete:ticket")
+//!             .summary("Cancel a ticket")
+//!             .param("id", "The ticket's id.")
+//!             .response_empty(204, "Cancelled."),
+//!     )
+//!     .route(
+//!         api::get("/status", status)
+//!             .public()
+//!             .summary("Whether sales are open")
+//!             .response_as::<String>(200, "text/plain"),
+//!     );
+//! # #[cfg(feature = "testing")]
+//! # {
+//! # use tower::ServiceExt;
+//! # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//! # rt.block_on(async {
+//! let app = chassis::ServiceBuilder::new("ticketing", 1)
+//!     .api(api)
+//!     .verifier(chassis::testing::TestIssuer::new().verifier())
+//!     .config(chassis::Config::default())
+//!     .build()
+//!     .unwrap()
+//!     .router();
+//! let req = http::Request::get("/ticketing/v1/openapi.json").body(axum::body::Body::empty()).unwrap();
+//! let res = app.oneshot(req).await.unwrap();
+//! let body = chassis::problem::body_bytes(res.into_body()).await;
+//! let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+//! let create = &doc["paths"]["/ticketing/v1/{account}/tickets"]["post"];
+//! assert_eq!(create["x-permission"], "ticketing:{account}:create:ticket");
+//! assert_eq!(create["responses"]["201"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/Ticket");
+//! assert_eq!(create["responses"]["403"]["content"]["application/problem+json"]["schema"]["$ref"], "#/components/schemas/Problem");
+//! assert_eq!(doc["paths"]["/ticketing/v1/status"]["get"]["x-permission"], "public");
+//! # });
+//! # }
+//! # #[cfg(not(feature = "testing"))]
 //! # let _ = api;
 //! ```
 
@@ -88,12 +206,16 @@ use http::Method;
 use crate::{auth::Verifier, protect::CatchPanicLayer};
 
 mod authz;
+mod doc;
 mod guard;
+mod openapi;
 
 pub use authz::{Authz, Forbidden};
+use doc::Doc;
 pub(crate) use guard::GuardLayer;
 use guard::{Access, Declared};
 pub use guard::{Guard, GuardFuture};
+pub(crate) use openapi::{ApiDoc, DOCUMENT_TYPE as OPENAPI_TYPE, PATH as OPENAPI_PATH};
 
 /// One route: a method, a path, a handler and its access declaration.
 ///
@@ -106,6 +228,7 @@ pub struct Endpoint<S = ()> {
     path: String,
     router: MethodRouter<S>,
     access: Option<Result<Access, String>>,
+    doc: Doc,
 }
 
 impl<S> fmt::Debug for Endpoint<S> {
@@ -127,6 +250,7 @@ impl<S> Endpoint<S> {
             path: path.to_owned(),
             router,
             access: None,
+            doc: Doc::default(),
         }
     }
 
@@ -173,7 +297,9 @@ macro_rules! method_fn {
             T: 'static,
             S: Clone + Send + Sync + 'static,
         {
-            Endpoint::new(Method::$method, path, on(filter(&Method::$method), handler))
+            let mut e = Endpoint::new(Method::$method, path, on(filter(&Method::$method), handler));
+            e.doc = Doc::for_handler(std::any::type_name::<H>());
+            e
         }
     };
 }
@@ -207,7 +333,7 @@ method_fn!(delete, DELETE);
 /// }
 ///
 /// let api: Api = Api::new()
-///     .route(api::get("/greeting", greet).public())
+///     .route(api::get("/greeting", greet).public().response_as::<String>(200, "text/plain"))
 ///     .with_state(Greeter { greeting: "hello" });
 /// # chassis::ServiceBuilder::new("doc", 1).api(api).build().unwrap();
 /// ```
@@ -266,6 +392,7 @@ where
                     path: e.path,
                     router: e.router.with_state(state.clone()),
                     access: e.access,
+                    doc: e.doc,
                 })
                 .collect(),
         }
@@ -281,29 +408,48 @@ impl Api {
             .any(|e| matches!(e.access, Some(Ok(Access::Permission(_)))))
     }
 
-    /// The API's paths, each with its handlers and its guard; or every
-    /// problem, each naming its route. The service builder wraps each path
-    /// in its layers once: every layer level axum adds boxes the route
-    /// again, which costs a clone and an allocation on every request.
+    /// The API's paths, each with its handlers and its guard, and its
+    /// OpenAPI operations; or every problem, each naming its route. The
+    /// service builder wraps each path in its layers once: every layer
+    /// level axum adds boxes the route again, which costs a clone and an
+    /// allocation on every request.
     pub(crate) fn build(
         self,
         prefix: &str,
         verifier: Option<&Verifier>,
-    ) -> Result<Vec<ApiPath>, Vec<String>> {
+    ) -> Result<(Vec<ApiPath>, ApiDoc), Vec<String>> {
         let mut problems = Vec::new();
         let mut seen = HashSet::new();
         let mut paths: Vec<(String, MethodRouter, Vec<Declared>)> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
+        let mut document = ApiDoc::default();
+        let mut operation_ids: HashMap<String, String> = HashMap::new();
+        // A handler's name is the operation id of the one route it serves;
+        // a handler that serves several leaves each its method and path.
+        let mut handlers: HashMap<String, usize> = HashMap::new();
+        for e in &self.endpoints {
+            if let Some(h) = &e.doc.handler {
+                *handlers.entry(h.clone()).or_default() += 1;
+            }
+        }
         for e in self.endpoints {
             let name = format!("{} {prefix}{}", e.method, e.path);
             if !e.path.starts_with('/') {
                 problems.push(format!("{name}: the path must start with `/`"));
                 continue;
             }
+            if e.path == openapi::PATH {
+                problems.push(format!(
+                    "{name}: the path is the service's OpenAPI document, which the chassis serves"
+                ));
+                continue;
+            }
             if !seen.insert((e.method.clone(), e.path.clone())) {
                 problems.push(format!("{name}: declared twice"));
                 continue;
             }
+            let params = path_params(&e.path);
+            problems.extend(document_problems(&name, &e.doc, &params));
             let access = match e.access {
                 None => {
                     problems.push(format!(
@@ -318,7 +464,6 @@ impl Api {
                 Some(Ok(a)) => a,
             };
             if let Access::Permission(t) = &access {
-                let params = path_params(&e.path);
                 for p in t.params() {
                     if !params.contains(p) {
                         problems.push(format!(
@@ -337,6 +482,32 @@ impl Api {
             } else {
                 format!("{prefix}{}", e.path)
             };
+            if let Some(method) = doc::http_method(&e.method) {
+                let mut d = e.doc;
+                if d.handler.as_ref().is_some_and(|h| handlers[h] > 1) {
+                    d.handler = None;
+                }
+                if let Err(p) = document.add_schemas(std::mem::take(&mut d.schemas)) {
+                    problems.push(format!("{name}: {p}"));
+                }
+                let op = openapi::operation(
+                    &e.path,
+                    &access,
+                    d,
+                    openapi::default_operation_id(&e.method, &e.path),
+                );
+                if let Some(id) = &op.operation_id {
+                    match operation_ids.get(id) {
+                        Some(other) => problems.push(format!(
+                            "{name}: operation id `{id}` is also {other}'s; name one with `.operation_id(..)`"
+                        )),
+                        None => {
+                            operation_ids.insert(id.clone(), name.clone());
+                        }
+                    }
+                }
+                document.add(&openapi::template(&full), method, op);
+            }
             let declared = (e.method, Arc::new(access));
             match index.get(&full) {
                 Some(&i) => {
@@ -353,15 +524,40 @@ impl Api {
         if !problems.is_empty() {
             return Err(problems);
         }
-        Ok(paths
+        let paths = paths
             .into_iter()
             .map(|(path, router, methods)| ApiPath {
                 path,
                 router,
                 guard: GuardLayer::new(methods, verifier.cloned()),
             })
-            .collect())
+            .collect();
+        Ok((paths, document))
     }
+}
+
+/// What is wrong with a route's documentation: no success answer (unless it
+/// says why it is undocumented), mistakes in its declaration, a described
+/// parameter the path does not have.
+fn document_problems(name: &str, doc: &Doc, params: &HashSet<&str>) -> Vec<String> {
+    let mut problems: Vec<String> = doc
+        .problems
+        .iter()
+        .map(|p| format!("{name}: {p}"))
+        .collect();
+    if doc.undocumented.is_none() && !doc.has_success() {
+        problems.push(format!(
+            "{name}: documents no success answer (`.response::<T>(status)`, `.page::<T>()`, `.response_empty(status, ..)`, or `.undocumented(\"why\")`); API routes are undocumented by default"
+        ));
+    }
+    for (p, _) in &doc.params {
+        if !params.contains(p.as_str()) {
+            problems.push(format!(
+                "{name}: describes `{{{p}}}`, which is not a path parameter"
+            ));
+        }
+    }
+    problems
 }
 
 // === impl Api: by hand ===
@@ -388,7 +584,7 @@ impl Api {
     /// use chassis::{correlation::SetCorrelationIdLayer, problem::EnsureProblemLayer};
     /// use tower::ServiceBuilder;
     ///
-    /// let api = Api::new().route(api::get("/items/{id}", || async { "item" }).public());
+    /// let api = Api::new().route(api::get("/items/{id}", || async { "item" }).public().response_as::<String>(200, "text/plain"));
     /// let app = api
     ///     .into_router("/hello/v1", None)
     ///     .unwrap()
@@ -401,7 +597,7 @@ impl Api {
         verifier: Option<&Verifier>,
     ) -> Result<axum::Router, Vec<String>> {
         let mut router = axum::Router::new();
-        for path in self.build(prefix, verifier)? {
+        for path in self.build(prefix, verifier)?.0 {
             let guard = path.guard_layer();
             router = router.route(&path.path, path.router.layer(guard));
         }
@@ -443,10 +639,7 @@ impl ApiPath {
 
 /// Names of the `{param}` segments of a route path.
 fn path_params(path: &str) -> HashSet<&str> {
-    path.split('/')
-        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
-        .map(|p| p.trim_start_matches('*'))
-        .collect()
+    openapi::path_params(path).into_iter().collect()
 }
 
 #[cfg(test)]

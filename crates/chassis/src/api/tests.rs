@@ -98,7 +98,7 @@ fn undeclared_routes_fail_the_build_by_name() {
 
 #[test]
 fn public_only_apis_need_no_verifier() {
-    let api = Api::new().route(get("/status", ok).public());
+    let api = Api::new().route(get("/status", ok).public().response::<String>(200));
     assert!(api.build("/x/v1", None).is_ok());
 }
 
@@ -106,4 +106,115 @@ fn public_only_apis_need_no_verifier() {
 fn path_params_are_found() {
     let p = path_params("/{account}/tickets/{id}/{*rest}");
     assert!(p.contains("account") && p.contains("id") && p.contains("rest"));
+}
+
+#[test]
+fn undocumented_routes_fail_the_build_all_at_once() {
+    let api = Api::new()
+        .route(get("/a", ok).public())
+        .route(get("/b", ok).public().summary("only a summary"))
+        .route(
+            get("/c", ok)
+                .public()
+                .response_as::<String>(200, "text/plain"),
+        )
+        .route(
+            get("/d", ok)
+                .public()
+                .undocumented("a probe for the load balancer"),
+        )
+        .route(
+            get("/e/{id}", ok)
+                .public()
+                .param("name", "not in the path")
+                .response_empty(204, "done")
+                .response_empty(204, "twice"),
+        )
+        .route(
+            get("/openapi.json", ok)
+                .public()
+                .response_empty(204, "mine"),
+        );
+    let problems = api.build("/x/v1", None).unwrap_err();
+    let text = problems.join("\n");
+    for route in ["GET /x/v1/a", "GET /x/v1/b"] {
+        assert!(
+            text.contains(&format!("{route}: documents no success answer")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("GET /x/v1/e/{id}: describes `{name}`, which is not a path parameter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("GET /x/v1/e/{id}: response 204 is documented twice"),
+        "{text}"
+    );
+    assert!(
+        text.contains("GET /x/v1/openapi.json: the path is the service's OpenAPI document"),
+        "{text}"
+    );
+    assert!(!text.contains("/x/v1/c"), "{text}");
+    assert!(!text.contains("/x/v1/d:"), "{text}");
+    assert_eq!(problems.len(), 5, "{text}");
+}
+
+async fn list() -> &'static str {
+    "[]"
+}
+
+#[test]
+fn operation_ids_are_the_handlers_names_and_unique() {
+    let api = Api::new()
+        .route(get("/a", list).public().response::<String>(200))
+        .route(get("/b", list).public().response::<String>(200))
+        .route(get("/c", || async { "c" }).public().response::<String>(200));
+    let (_, doc) = api.build("/x/v1", None).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&doc.render("x", 1, "")).unwrap();
+    // One handler for two routes: each is named by its method and path.
+    assert_eq!(doc["paths"]["/x/v1/a"]["get"]["operationId"], "get_a");
+    assert_eq!(doc["paths"]["/x/v1/b"]["get"]["operationId"], "get_b");
+    assert_eq!(doc["info"]["version"], "unversioned");
+    let problems = Api::new()
+        .route(get("/a", list).public().response::<String>(200))
+        .route(
+            get("/b", ok)
+                .public()
+                .operation_id("list")
+                .response::<String>(200),
+        )
+        .build("/x/v1", None)
+        .unwrap_err();
+    assert_eq!(
+        problems,
+        [
+            "GET /x/v1/b: operation id `list` is also GET /x/v1/a's; name one with `.operation_id(..)`"
+        ]
+    );
+    let api = Api::new()
+        .route(get("/a", list).public().response::<String>(200))
+        .route(
+            get("/b", ok)
+                .public()
+                .operation_id("list_b")
+                .response::<String>(200),
+        )
+        .route(
+            get("/c/{*rest}", || async { "c" })
+                .public()
+                .response::<String>(200),
+        );
+    let (_, doc) = api.build("/x/v1", None).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&doc.render("x", 1, "1.2.3")).unwrap();
+    assert_eq!(doc["paths"]["/x/v1/a"]["get"]["operationId"], "list");
+    assert_eq!(doc["paths"]["/x/v1/b"]["get"]["operationId"], "list_b");
+    // A closure has no name: its method and path; a catch-all is a plain
+    // parameter in the document.
+    assert_eq!(
+        doc["paths"]["/x/v1/c/{rest}"]["get"]["operationId"],
+        "get_c_rest"
+    );
+    assert_eq!(doc["info"]["version"], "1.2.3");
+    assert_eq!(doc["openapi"], "3.1.0");
 }

@@ -15,7 +15,7 @@ use super::{
     BuildInfo, Service,
     endpoints::{
         Info, Readiness, health_permission, info_endpoint, metrics_endpoint, not_found,
-        ready_endpoint,
+        openapi_endpoint, ready_endpoint,
     },
     run::TaskFn,
     stack::{self, ApiLayer, FrontLayer, ProtectLayer},
@@ -205,7 +205,7 @@ impl ServiceBuilder {
     ///     res
     /// });
     /// let service = ServiceBuilder::new("shop", 1)
-    ///     .api(Api::new().route(api::get("/items", || async { "[]" }).public()))
+    ///     .api(Api::new().route(api::get("/items", || async { "[]" }).public().response::<Vec<String>>(200)))
     ///     .outer_layer(stamp)
     ///     .config(chassis::Config::default())
     ///     .build()
@@ -326,7 +326,7 @@ impl ServiceBuilder {
             },
             (None, None) => None,
         };
-        let (Some(api), true) = (api, problems.is_empty()) else {
+        let (Some((api, document)), true) = (api, problems.is_empty()) else {
             return Err(BuildError { problems });
         };
 
@@ -337,6 +337,8 @@ impl ServiceBuilder {
             auditor.unwrap_or_else(|| Auditor::new(&self.name, LogSink, config.audit_queue));
         let build = self.build_info.unwrap_or_default();
         let package_version = build.version;
+        // Built once; every request for it is a clone of the bytes.
+        let document = document.render(&self.name, self.version, build.version);
         let info = Arc::new(Info {
             service: self.name.clone(),
             api_version: self.version,
@@ -375,6 +377,10 @@ impl ServiceBuilder {
                 get(metrics_endpoint).with_state(prometheus.clone()),
             )
             .route("/info", get(info_endpoint).with_state(info))
+            .route(
+                &format!("{prefix}{}", crate::api::OPENAPI_PATH),
+                get(openapi_endpoint).with_state(document),
+            )
             .fallback(not_found);
         let router = stack::mount(
             api,

@@ -83,6 +83,15 @@ impl Readiness {
     }
 }
 
+/// `GET /<name>/v<N>/openapi.json`: the document built with the service.
+pub(super) async fn openapi_endpoint(State(document): State<bytes::Bytes>) -> Response {
+    (
+        [(http::header::CONTENT_TYPE, crate::api::OPENAPI_TYPE)],
+        document,
+    )
+        .into_response()
+}
+
 pub(super) async fn metrics_endpoint(State(handle): State<PrometheusHandle>) -> Response {
     (
         [(

@@ -33,7 +33,7 @@
 //! #[tokio::main]
 //! async fn main() -> std::process::ExitCode {
 //!     ServiceBuilder::new("hello", 1)
-//!         .api(Api::new().route(api::get("/greetings/{name}", greet).public()))
+//!         .api(Api::new().route(api::get("/greetings/{name}", greet).public().summary("Greet someone").response_as::<String>(200, "text/plain")))
 //!         .build_info(chassis::build_info!())
 //!         .run()
 //!         .await
@@ -51,7 +51,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let service = ServiceBuilder::new("hello", 1)
-//!     .api(Api::new().route(api::get("/greetings", || async { "hello" }).public()))
+//!     .api(Api::new().route(api::get("/greetings", || async { "hello" }).public().response_as::<String>(200, "text/plain")))
 //!     .config(Config::default())
 //!     .build()
 //!     .unwrap();

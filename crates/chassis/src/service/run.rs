@@ -125,7 +125,7 @@ impl ServiceBuilder {
     ///                 tracing::info!(%address, "setting up");
     ///                 let greeting = settings.greeting;
     ///                 Ok::<_, std::io::Error>(builder.api(Api::new().route(
-    ///                     api::get("/greeting", move || async move { greeting }).public(),
+    ///                     api::get("/greeting", move || async move { greeting }).public().response_as::<String>(200, "text/plain"),
     ///                 )))
     ///             },
     ///         )

@@ -20,7 +20,7 @@ use crate::{ServiceBuilder, client::Downstream, service::ServeError};
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let builder = ServiceBuilder::new("hello", 1)
-///     .api(Api::new().route(api::get("/hi", || async { "hi" }).public()))
+///     .api(Api::new().route(api::get("/hi", || async { "hi" }).public().response_as::<String>(200, "text/plain")))
 ///     .config(chassis::Config::default());
 /// let server = TestServer::start(builder).await;
 /// let downstream = server.downstream();

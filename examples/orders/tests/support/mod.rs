@@ -7,6 +7,9 @@
 
 use std::{net::SocketAddr, path::Path};
 
+// Re-exported so that a test file takes all its helpers from `support`; a
+// file that uses some of them must not fail `-D warnings` over the others.
+#[allow(unused_imports)]
 pub use chassis::testing::{TempDir, eventually};
 use chassis::{
     ServiceBuilder,
