@@ -8,7 +8,10 @@
 //!    the exemplars on their embedded default (SQLite), the chassis'
 //!    messaging tests (`--all-features` turns on `nats`) and the demo's
 //!    `tests/messaging.rs` (the exemplars' events through JetStream) on
-//!    NATS.
+//!    NATS; the demo's proofs on both servers run here, once: replicas on
+//!    PostgreSQL killed at random (`tests/replicas.rs`) and nothing lost
+//!    under chaos through JetStream (`tests/chaos_nats.rs`, about 40 s:
+//!    publishers and consumers killed, the broker connection cut).
 //! 3. Runs the exemplars' tests again on PostgreSQL
 //!    (`CHASSIS_TEST_BACKEND=postgres`): the same tests, each service in
 //!    each test on a database of its own, and the demo's events through
@@ -107,7 +110,8 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
     let postgres = Server {
         name: "PostgreSQL",
         address: postgres_address(&postgres_url),
-        needed_by: "the exemplars' tests on PostgreSQL and the chassis' tests/postgres.rs",
+        needed_by: "the exemplars' tests on PostgreSQL, the chassis' tests/postgres.rs and the \
+                    demo's tests/replicas.rs and tests/chaos_nats.rs",
     };
 
     let nats_url = std::env::var("CHASSIS_TEST_NATS_URL")
@@ -115,7 +119,8 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
     let nats = Server {
         name: "NATS",
         address: nats_address(&nats_url),
-        needed_by: "the chassis' tests/messaging.rs and the demo's tests/messaging.rs",
+        needed_by: "the chassis' tests/messaging.rs and the demo's tests/messaging.rs and \
+                    tests/chaos_nats.rs",
     };
 
     let mut not_run = Vec::new();

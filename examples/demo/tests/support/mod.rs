@@ -10,6 +10,8 @@ use std::{
     time::Duration,
 };
 
+pub mod chaos;
+
 use chassis::{
     auth::Verifier,
     client::{CallContext, Downstream},
