@@ -175,3 +175,72 @@ async fn responses_are_compressed_by_an_outer_layer() {
     assert!(!plain.headers.contains_key("content-encoding"));
     assert_eq!(plain.text(), "chassis ".repeat(1000));
 }
+
+/// What a service audits outside its API (a message consumer's decisions)
+/// goes to the same `CHASSIS_AUDIT_FILE` as its API calls, through the one
+/// auditor `shared_auditor` hands out before the build.
+#[tokio::test]
+async fn the_shared_auditor_writes_where_the_api_calls_are_audited() {
+    let dir = chassis::testing::TempDir::new("shared-auditor");
+    let file = dir.path().join("audit.jsonl");
+    let mut c = config();
+    c.audit_file = Some(file.clone());
+    let issuer = TestIssuer::new();
+    let mut builder = ServiceBuilder::new("shop", 1)
+        .api(api())
+        .verifier(issuer.verifier())
+        .config(c);
+    let auditor = builder.shared_auditor().unwrap();
+    auditor.record(AuditEvent {
+        service: "shop".into(),
+        ..AuditEvent::example()
+    });
+    let svc = builder.build().unwrap();
+    let running = start(svc).await;
+    let answer = send(
+        Method::POST,
+        &running.url("/shop/v1/acme/orders"),
+        &[("x-correlation-id", "shared-1")],
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 401, "{}", answer.text());
+    let lines = || {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    chassis::testing::eventually("both events in the file", || async {
+        auditor.flush();
+        lines().len() == 2
+    })
+    .await;
+    let lines = lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"correlation_id\":\"example\"")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"correlation_id\":\"shared-1\"")),
+        "{lines:?}"
+    );
+
+    // A file that cannot be opened is an error naming it.
+    let mut c = config();
+    c.audit_file = Some(dir.path().join("missing").join("audit.jsonl"));
+    let e = ServiceBuilder::new("shop", 1)
+        .config(c)
+        .shared_auditor()
+        .unwrap_err();
+    assert!(
+        e.contains("CHASSIS_AUDIT_FILE") && e.contains("missing"),
+        "{e}"
+    );
+}

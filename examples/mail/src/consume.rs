@@ -20,7 +20,7 @@
 //! broker's backoff (`database`).
 
 use chassis::{
-    audit::{Auditor, LogSink},
+    audit::Auditor,
     auth::Verifier,
     messaging::{Consumer, HandlerError, Message, MessagingConfig, MessagingError, Subscription},
 };
@@ -65,6 +65,7 @@ pub struct OrderPlaced {
 pub(crate) async fn order_placed(
     nats: &MessagingConfig,
     verifier: Verifier,
+    auditor: Auditor,
     state: AppState,
 ) -> Result<Consumer, MessagingError> {
     let client = nats.connect(&nats.name(crate::NAME)).await?;
@@ -75,11 +76,7 @@ pub(crate) async fn order_placed(
         Subscription::new(&nats.name(PUBLISHER), 1, "order.placed").requires(SEND),
     )
     .verifier(verifier)
-    .auditor(Auditor::new(
-        crate::NAME,
-        LogSink,
-        chassis::audit::DEFAULT_QUEUE,
-    ))
+    .auditor(auditor)
     .handler(move |m: Message<OrderPlaced>| {
         let state = state.clone();
         async move { handle(&state, m).await }

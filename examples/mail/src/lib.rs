@@ -502,7 +502,9 @@ async fn consume_from(
                 "consuming messages needs token verification (CHASSIS_AUTH_*)".to_owned(),
             )
         })?;
-    let consumer = consume::order_placed(nats, verifier, state)
+    // Its decisions go where the API's calls are audited.
+    let auditor = builder.shared_auditor().map_err(AppError::Messaging)?;
+    let consumer = consume::order_placed(nats, verifier, auditor, state)
         .await
         .map_err(|e: MessagingError| AppError::Messaging(e.to_string()))?;
     // Reported, not critical: the API serves without the broker, and a

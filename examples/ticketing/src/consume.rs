@@ -20,7 +20,7 @@
 //! backoff (`database`).
 
 use chassis::{
-    audit::{Auditor, LogSink},
+    audit::Auditor,
     auth::Verifier,
     messaging::{Consumer, HandlerError, Message, MessagingConfig, MessagingError, Subscription},
     otel::Span,
@@ -53,6 +53,7 @@ pub struct ReservationConfirm {
 pub(crate) async fn reservation_confirm(
     nats: &MessagingConfig,
     verifier: Verifier,
+    auditor: Auditor,
     store: Store,
 ) -> Result<Consumer, MessagingError> {
     let client = nats.connect(&nats.name(crate::NAME)).await?;
@@ -63,11 +64,7 @@ pub(crate) async fn reservation_confirm(
         Subscription::new(&nats.name(PUBLISHER), 1, "reservation.confirm").requires(RESERVE),
     )
     .verifier(verifier)
-    .auditor(Auditor::new(
-        crate::NAME,
-        LogSink,
-        chassis::audit::DEFAULT_QUEUE,
-    ))
+    .auditor(auditor)
     .handler(move |m: Message<ReservationConfirm>| {
         let store = store.clone();
         async move { handle(&store, m).await }

@@ -246,7 +246,9 @@ pub async fn app_on(
                     "consuming messages needs token verification (CHASSIS_AUTH_*)".to_owned(),
                 )
             })?;
-        let consumer = consume::reservation_confirm(nats, verifier, store.clone())
+        // Its decisions go where the API's calls are audited.
+        let auditor = builder.shared_auditor().map_err(AppError::Messaging)?;
+        let consumer = consume::reservation_confirm(nats, verifier, auditor, store.clone())
             .await
             .map_err(|e| AppError::Messaging(e.to_string()))?;
         // Reported, not critical: the API serves without the broker, and a

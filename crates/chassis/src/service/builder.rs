@@ -48,6 +48,7 @@ pub struct ServiceBuilder {
     build_info: Option<BuildInfo>,
     pub(super) verifier: Option<Verifier>,
     audit_sink: Option<MakeAuditor>,
+    auditor: Option<Auditor>,
     peer_addresses: bool,
 }
 
@@ -90,6 +91,7 @@ impl ServiceBuilder {
             build_info: None,
             verifier: None,
             audit_sink: None,
+            auditor: None,
             peer_addresses: false,
         }
     }
@@ -143,6 +145,46 @@ impl ServiceBuilder {
             self.verifier = Some(auth.verifier()?);
         }
         Ok(self.verifier.clone())
+    }
+
+    /// The service's [`Auditor`], made now, for what the service audits
+    /// outside its API (a message consumer's decisions): the same one the
+    /// API's calls are audited by once built, writing to the
+    /// [`audit_sink`](Self::audit_sink), else `CHASSIS_AUDIT_FILE` of the
+    /// [`config`](Self::config), else the log. Call it after those two.
+    ///
+    /// ```
+    /// use chassis::ServiceBuilder;
+    ///
+    /// let mut builder = ServiceBuilder::new("mail", 1);
+    /// let auditor = builder.shared_auditor().unwrap();
+    /// assert_eq!(&**auditor.service(), "mail");
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When `CHASSIS_AUDIT_FILE` cannot be opened: the message says which
+    /// file and why.
+    pub fn shared_auditor(&mut self) -> Result<Auditor, String> {
+        if let Some(auditor) = &self.auditor {
+            return Ok(auditor.clone());
+        }
+        let (file, queue) = match &self.config {
+            Some(c) => (c.audit_file.clone(), c.audit_queue),
+            None => (None, crate::audit::DEFAULT_QUEUE),
+        };
+        let auditor = match (self.audit_sink.take(), file) {
+            (Some(make), _) => make(&self.name, queue),
+            (None, Some(path)) => {
+                let sink = crate::audit::FileSink::open(&path).map_err(|e| {
+                    format!("CHASSIS_AUDIT_FILE: cannot open {}: {e}", path.display())
+                })?;
+                Auditor::new(&self.name, sink, queue)
+            }
+            (None, None) => Auditor::new(&self.name, LogSink, queue),
+        };
+        self.auditor = Some(auditor.clone());
+        Ok(auditor)
     }
 
     /// Sends audit events to `sink` instead of the log (or
@@ -312,9 +354,10 @@ impl ServiceBuilder {
                 None
             }
         };
-        let auditor = match (self.audit_sink, &config.audit_file) {
-            (Some(make), _) => Some(make(&self.name, config.audit_queue)),
-            (None, Some(path)) => match crate::audit::FileSink::open(path) {
+        let auditor = match (self.auditor, self.audit_sink, &config.audit_file) {
+            (Some(shared), ..) => Some(shared),
+            (None, Some(make), _) => Some(make(&self.name, config.audit_queue)),
+            (None, None, Some(path)) => match crate::audit::FileSink::open(path) {
                 Ok(sink) => Some(Auditor::new(&self.name, sink, config.audit_queue)),
                 Err(e) => {
                     problems.push(format!(
@@ -324,7 +367,7 @@ impl ServiceBuilder {
                     None
                 }
             },
-            (None, None) => None,
+            (None, None, None) => None,
         };
         let (Some((api, document)), true) = (api, problems.is_empty()) else {
             return Err(BuildError { problems });
