@@ -207,6 +207,9 @@ use crate::{auth::Verifier, protect::CatchPanicLayer};
 
 mod authz;
 mod doc;
+#[cfg(feature = "docs-ui")]
+#[cfg_attr(docsrs, doc(cfg(feature = "docs-ui")))]
+pub mod docs_ui;
 mod guard;
 mod openapi;
 
@@ -216,6 +219,10 @@ pub(crate) use guard::GuardLayer;
 use guard::{Access, Declared};
 pub use guard::{Guard, GuardFuture};
 pub(crate) use openapi::{ApiDoc, DOCUMENT_TYPE as OPENAPI_TYPE, PATH as OPENAPI_PATH};
+
+/// The docs page's path under the API prefix ([`docs_ui`]); reserved, as
+/// the document's, with or without the `docs-ui` feature.
+const DOCS_PATH: &str = "/docs";
 
 /// One route: a method, a path, a handler and its access declaration.
 ///
@@ -441,6 +448,12 @@ impl Api {
             if e.path == openapi::PATH {
                 problems.push(format!(
                     "{name}: the path is the service's OpenAPI document, which the chassis serves"
+                ));
+                continue;
+            }
+            if e.path == DOCS_PATH || e.path.starts_with(&format!("{DOCS_PATH}/")) {
+                problems.push(format!(
+                    "{name}: the path is reserved for the service's docs page, which the chassis serves"
                 ));
                 continue;
             }
