@@ -70,6 +70,13 @@
 //! | 422, `ValidationProblem` (`reason: invalid_fields`, `errors`: see [`validation`](crate::validation)) | routes that take a body or query parameters |
 //! | 500; 503 with `Retry-After` (load shedding, keys unavailable); 504 (timeout) | every route |
 //!
+//! Beside the document, at `GET /<name>/v<N>/docs`, a page renders it for
+//! people: Swagger UI, every asset served by the service itself, public and
+//! not audited as the document is (the [`docs_ui`] module, feature
+//! `docs-ui`, on by default; without it that path answers 404). The
+//! paths `/openapi.json`, `/docs` and those under `/docs/` are the
+//! chassis': a route table that declares one does not build.
+//!
 //! A route's own answer for a status (e.g. its 404 described) replaces
 //! the chassis' generic one. The operation id is the handler's function
 //! name when that handler serves one route (method and path otherwise), or

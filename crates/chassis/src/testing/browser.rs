@@ -49,7 +49,8 @@ const BROWSER_OWN_HOSTS: [&str; 3] = ["google.com", "googleapis.com", "gstatic.c
 /// let page = browser.load("http://127.0.0.1:8080/hello/v1/docs").await;
 /// assert!(page.dom.contains("opblock"), "{}", page.dom);
 /// assert!(page.left_loopback.is_empty(), "{:?}", page.left_loopback);
-/// browser.screenshot("http://127.0.0.1:8080/hello/v1/docs", "target/docs-ui/hello.png".as_ref()).await;
+/// let png = Browser::screenshot_path("hello");
+/// browser.screenshot("http://127.0.0.1:8080/hello/v1/docs", &png).await;
 /// # }
 /// ```
 #[derive(Debug, Clone)]
@@ -138,6 +139,21 @@ impl Browser {
         }
     }
 
+    /// Where a test saves a screenshot for review:
+    /// `<target>/docs-ui/<name>.png`, `<target>` being `CARGO_TARGET_DIR`
+    /// or else the folder the test binary was built in
+    /// (`<target>/<profile>/deps/`).
+    pub fn screenshot_path(name: &str) -> PathBuf {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let exe = std::env::current_exe().ok()?;
+                Some(exe.parent()?.parent()?.parent()?.to_owned())
+            })
+            .unwrap_or_else(|| PathBuf::from("target"));
+        target.join("docs-ui").join(format!("{name}.png"))
+    }
+
     /// The binary it runs.
     pub fn program(&self) -> &Path {
         &self.program
@@ -193,6 +209,46 @@ impl Browser {
             loaded.console
         );
         loaded
+    }
+
+    /// The check every docs page must pass, in one call: loads `url`,
+    /// asserts that the rendered DOM shows each of `shown` (paths,
+    /// summaries, schema names), that the console is empty (no script
+    /// error, nothing refused by the Content-Security-Policy) and that no
+    /// request tried to leave loopback; then saves a screenshot at
+    /// [`screenshot_path(name)`](Self::screenshot_path), prints where, and
+    /// returns what the page did.
+    ///
+    /// # Panics
+    ///
+    /// When a check fails (the message shows the DOM, the console or the
+    /// requests), or as [`screenshot`](Self::screenshot).
+    pub async fn check_page(&self, url: &str, shown: &[&str], name: &str) -> Loaded {
+        let page = self.load(url).await;
+        for s in shown {
+            assert!(page.dom.contains(s), "`{s}` not in {url}:\n{}", page.dom);
+        }
+        assert!(
+            page.console.is_empty(),
+            "the console of {url}: {:#?}",
+            page.console
+        );
+        assert!(
+            page.left_loopback.is_empty(),
+            "requests off loopback from {url}: {:#?}",
+            page.left_loopback
+        );
+        let png = Self::screenshot_path(name);
+        let shot = self.screenshot(url, &png).await;
+        assert!(shot.left_loopback.is_empty(), "{:#?}", shot.left_loopback);
+        #[allow(
+            clippy::print_stdout,
+            reason = "the test's output names the screenshot for review"
+        )]
+        {
+            println!("screenshot of {url}: {}", png.display());
+        }
+        page
     }
 
     async fn run(&self, url: &str, action: &[&str]) -> Loaded {
