@@ -17,6 +17,9 @@
 //!    each test on a database of its own, and the demo's events through
 //!    JetStream with every service on PostgreSQL.
 //!
+//! Chromium (`CHASSIS_CHROMIUM`, or on `PATH`) renders the docs pages in
+//! their browser tests; like a server, a missing one is said plainly.
+//!
 //! A server that cannot be reached is said plainly, with the tests it
 //! keeps from running, and those tests are not run; when
 //! `CHASSIS_REQUIRE_SERVERS` is set (CI sets it), the run fails at once
@@ -55,6 +58,21 @@ impl Server {
         }
         Some(last)
     }
+}
+
+/// The browser the docs pages' tests run (as `chassis::testing::Browser`
+/// finds it): `CHASSIS_CHROMIUM`, or `chromium`, `chromium-browser` or
+/// `google-chrome` on `PATH`.
+fn chromium() -> Option<String> {
+    if let Some(path) = std::env::var_os("CHASSIS_CHROMIUM") {
+        let path = std::path::PathBuf::from(path);
+        return path.is_file().then(|| path.display().to_string());
+    }
+    let dirs = std::env::var_os("PATH")?;
+    std::env::split_paths(&dirs)
+        .flat_map(|dir| ["chromium", "chromium-browser", "google-chrome"].map(|n| dir.join(n)))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
 }
 
 /// `host:port` of the first server of a `nats://` URL (4222 when it names
@@ -131,6 +149,20 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
                 "{} at {} cannot be reached ({why}): {} cannot run",
                 nats.name, nats.address, nats.needed_by
             );
+            if required {
+                eprintln!("error: {line}; CHASSIS_REQUIRE_SERVERS is set, so nothing is skipped");
+                return ExitCode::FAILURE;
+            }
+            not_run.push(line);
+        }
+    }
+    match chromium() {
+        Some(path) => println!("Chromium: {path}"),
+        None => {
+            let line = "Chromium is not installed (Debian: `apt-get install -y chromium`, or set \
+                        CHASSIS_CHROMIUM): the docs pages' browser tests (the chassis' \
+                        tests/docs_ui.rs, orders' tests/docs_ui.rs) cannot run"
+                .to_owned();
             if required {
                 eprintln!("error: {line}; CHASSIS_REQUIRE_SERVERS is set, so nothing is skipped");
                 return ExitCode::FAILURE;

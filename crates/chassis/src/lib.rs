@@ -21,7 +21,7 @@
 //! | Health | answers liveness without dependencies and readiness from background checks with hysteresis | [`health`] |
 //! | Errors | answers every error with `application/problem+json` carrying the correlation id, and no internals | [`problem`] |
 //! | Deny by default | declares, next to every API route, the permission it requires or that it is public; undeclared routes stop the build | [`api`] |
-//! | Contracts | documents every API route next to its permission (its body, answers and schemas from the Rust types) and serves the OpenAPI 3.1 document at `/<name>/v<N>/openapi.json`, with each operation's permission as `x-permission` and the chassis' own problem+json answers; undocumented routes stop the build | [`api`] |
+//! | Contracts | documents every API route next to its permission (its body, answers and schemas from the Rust types) and serves the OpenAPI 3.1 document at `/<name>/v<N>/openapi.json`, with each operation's permission as `x-permission` and the chassis' own problem+json answers, and a page that renders it at `/<name>/v<N>/docs` from its own assets; undocumented routes stop the build | [`api`], [`api::docs_ui`] (feature `docs-ui`) |
 //! | Authentication | verifies a bearer JWT on every non-public call, locally, with keys from the issuer's JWKS | [`auth`] (verification: feature `jwt`) |
 //! | Authorization | checks `service:account:operation:object` permissions against the caller's grants; deny wins; no grant, no access | [`permission`] |
 //! | Audit | writes exactly one audit event per API call, allowed or not, without ever slowing it | [`audit`] |
@@ -78,6 +78,7 @@
 //! | `sqlite` | no | `db`: one database per service through sqlx's `Any` driver; SQLite in WAL mode with one writer connection and read-only readers, migrations at start-up, a readiness check |
 //! | `postgres` | no | `db` on Postgres as well, chosen by `<PREFIX>_DATABASE_URL` (enables `sqlite`, the embedded default) |
 //! | `nats` | no | `messaging`: events over NATS JetStream (`CHASSIS_NATS_*`), a `Publisher` for outbox relays and durable `Consumer`s with the same authentication, permissions, audit, correlation and tracing as API routes, dead letters, lag metrics and readiness; enables `jwt`, `client` and `otel`; pulls in async-nats |
+//! | `docs-ui` | yes | [`api::docs_ui`]: the docs page at `/<name>/v<N>/docs`, Swagger UI with every asset in the crate (about 490 KB, gzip-compressed) and served by the service, under a strict Content-Security-Policy; without it the page is not served (404); pulls in flate2 |
 //! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it, a token endpoint, a test PKI, an OTLP collector on loopback (`OtlpReceiver`), and the harness for a service's binary (`ServiceProcess`, `ProcessCheck`, `TempDir`, `eventually`), and with `nats` a NATS server per test (`TestNats`), for tests (dev-dependencies only); enables `jwt`, `tls`, `client` and `otel` |
 //!
 //! The defaults are `["process-metrics", "jwt", "client", "otel"]`. Everything else
@@ -115,7 +116,12 @@
 // build has them all. A build without some documents what it has, and its
 // links to the rest stay text.
 #![cfg_attr(
-    not(all(feature = "jwt", feature = "client", feature = "tls")),
+    not(all(
+        feature = "jwt",
+        feature = "client",
+        feature = "tls",
+        feature = "docs-ui"
+    )),
     allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)
 )]
 #![deny(missing_docs)]

@@ -27,7 +27,10 @@
 //! clean stop), in one call. [`TempDir`], [`eventually`] and [`refusal`]
 //! are the small pieces every service's tests need. [`TcpProxy`] stands
 //! between a service and a real server (a broker, a database) so that a
-//! test can cut the connection and restore it.
+//! test can cut the connection and restore it. [`Browser`]
+//! runs headless Chromium on a page (the docs page, see
+//! [`api::docs_ui`](crate::api::docs_ui)) and reports its rendered DOM,
+//! its console and every request that tried to leave loopback.
 //!
 //! Enable with the `testing` feature, in `[dev-dependencies]` only; it
 //! enables `jwt`, `tls` and `client`.
@@ -58,6 +61,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{Key, Verifier};
 
+mod browser;
 #[cfg(feature = "postgres")]
 mod database;
 #[cfg(feature = "nats")]
@@ -71,6 +75,7 @@ mod server;
 mod support;
 mod token_endpoint;
 
+pub use browser::{BROWSER_WITHIN, Browser, CHROMIUM_VAR, Loaded};
 #[cfg(feature = "postgres")]
 pub use database::{
     BACKEND_VAR, DEFAULT_POSTGRES, POSTGRES_VAR, TestDatabase, TestPostgres, test_backend,

@@ -29,9 +29,9 @@ fn config() -> Config {
     c
 }
 
-#[tokio::test]
-async fn metrics_endpoint_follows_the_contract() {
-    let svc = builder("serve-metrics")
+/// A service named `name` with one public route, `GET /items/{id}`.
+fn items_service(name: &str) -> chassis::Service {
+    builder(name)
         .api(
             Api::new().route(
                 api::get("/items/{id}", || async { "item" })
@@ -41,8 +41,12 @@ async fn metrics_endpoint_follows_the_contract() {
         )
         .config(config())
         .build()
-        .unwrap();
-    let running = start(svc).await;
+        .unwrap()
+}
+
+#[tokio::test]
+async fn metrics_endpoint_follows_the_contract() {
+    let running = start(items_service("serve-metrics")).await;
     assert_eq!(
         get(&running.url("/serve-metrics/v1/items/1")).await.status,
         200
@@ -172,6 +176,31 @@ fn parse(text: &str) -> Vec<Series> {
             (name, labels, value.parse().unwrap_or(f64::NAN))
         })
         .collect()
+}
+
+/// The docs page beside the document: served with the `docs-ui` feature
+/// (no token asked, as for the document), a 404 problem without it.
+#[tokio::test]
+async fn the_docs_page_is_served_with_its_feature_only() {
+    let running = start(items_service("serve-docs")).await;
+    let page = get(&running.url("/serve-docs/v1/docs")).await;
+    let slash = get(&running.url("/serve-docs/v1/docs/")).await;
+    if cfg!(feature = "docs-ui") {
+        assert_eq!(page.status, 200);
+        assert_eq!(page.headers["content-type"], "text/html; charset=utf-8");
+        assert!(
+            page.text().contains("swagger-ui-bundle.js"),
+            "{}",
+            page.text()
+        );
+        assert_eq!(slash.status, 308);
+        assert_eq!(slash.headers["location"], "../docs");
+    } else {
+        for answer in [page, slash] {
+            assert_eq!(answer.status, 404);
+            assert_eq!(answer.headers["content-type"], "application/problem+json");
+        }
+    }
 }
 
 #[tokio::test]

@@ -295,6 +295,11 @@ pub fn instructions(e: &Endpoints, intro: &Intro, layout: &Layout) -> String {
   orders     {orders}
   mail       {mail}      (sent mail: {outbox})
   each one:  /health/live  /health/ready  /metrics  /info{replicas}
+  API docs:  {auth}/auth/v1/docs
+             {ticketing}/ticketing/v1/docs
+             {orders}/orders/v1/docs
+             {mail}/mail/v1/docs
+             (each page renders the service's /<name>/v1/openapi.json; open one in a browser)
   logs:      {logs}
   grants:    {grants}
              (users, service clients and their grants: an edit reaches the next token)

@@ -70,6 +70,13 @@
 //! | 422, `ValidationProblem` (`reason: invalid_fields`, `errors`: see [`validation`](crate::validation)) | routes that take a body or query parameters |
 //! | 500; 503 with `Retry-After` (load shedding, keys unavailable); 504 (timeout) | every route |
 //!
+//! Beside the document, at `GET /<name>/v<N>/docs`, a page renders it for
+//! people: Swagger UI, every asset served by the service itself, public and
+//! not audited as the document is (the [`docs_ui`] module, feature
+//! `docs-ui`, on by default; without it that path answers 404). The
+//! paths `/openapi.json`, `/docs` and those under `/docs/` are the
+//! chassis': a route table that declares one does not build.
+//!
 //! A route's own answer for a status (e.g. its 404 described) replaces
 //! the chassis' generic one. The operation id is the handler's function
 //! name when that handler serves one route (method and path otherwise), or
@@ -207,6 +214,9 @@ use crate::{auth::Verifier, protect::CatchPanicLayer};
 
 mod authz;
 mod doc;
+#[cfg(feature = "docs-ui")]
+#[cfg_attr(docsrs, doc(cfg(feature = "docs-ui")))]
+pub mod docs_ui;
 mod guard;
 mod openapi;
 
@@ -216,6 +226,10 @@ pub(crate) use guard::GuardLayer;
 use guard::{Access, Declared};
 pub use guard::{Guard, GuardFuture};
 pub(crate) use openapi::{ApiDoc, DOCUMENT_TYPE as OPENAPI_TYPE, PATH as OPENAPI_PATH};
+
+/// The docs page's path under the API prefix ([`docs_ui`]); reserved, as
+/// the document's, with or without the `docs-ui` feature.
+const DOCS_PATH: &str = "/docs";
 
 /// One route: a method, a path, a handler and its access declaration.
 ///
@@ -441,6 +455,12 @@ impl Api {
             if e.path == openapi::PATH {
                 problems.push(format!(
                     "{name}: the path is the service's OpenAPI document, which the chassis serves"
+                ));
+                continue;
+            }
+            if e.path == DOCS_PATH || e.path.starts_with(&format!("{DOCS_PATH}/")) {
+                problems.push(format!(
+                    "{name}: the path is reserved for the service's docs page, which the chassis serves"
                 ));
                 continue;
             }

@@ -425,6 +425,12 @@ impl ServiceBuilder {
                 get(openapi_endpoint).with_state(document),
             )
             .fallback(not_found);
+        // The page that renders the document, beside it (public, not audited).
+        #[cfg(feature = "docs-ui")]
+        let standard = standard.merge(crate::api::docs_ui::router(
+            &prefix,
+            crate::api::OPENAPI_PATH.trim_start_matches('/'),
+        ));
         let router = stack::mount(
             api,
             standard,
