@@ -365,10 +365,8 @@ impl ServiceBuilder {
         }
         let mut versions = vec![(ApiVersion::new(self.version), self.api)];
         versions.extend(self.versions);
-        let versions = version::resolve(&self.name, versions).unwrap_or_else(|e| {
-            problems.extend(e);
-            Vec::new()
-        });
+        let (versions, version_problems) = version::resolve(&self.name, versions);
+        problems.extend(version_problems);
         let config = match self.config {
             Some(c) => c,
             None => Config::from_env(&Env::process()).unwrap_or_else(|e| {

@@ -212,11 +212,13 @@ impl Served {
 }
 
 /// Checks the versions of a service called `name` and resolves each one's
-/// prefix, successor and headers; or every problem.
+/// prefix, successor and headers, oldest first; with every problem found
+/// (the versions are resolved anyway, so that their routes are checked
+/// too and every problem is listed at once).
 pub(super) fn resolve<A>(
     name: &str,
     versions: Vec<(ApiVersion, A)>,
-) -> Result<Vec<(Served, A)>, Vec<String>> {
+) -> (Vec<(Served, A)>, Vec<String>) {
     let mut problems: Vec<String> = Vec::new();
     for (v, _) in &versions {
         problems.extend(v.problems());
@@ -232,9 +234,6 @@ pub(super) fn resolve<A>(
                 pair[0]
             ));
         }
-    }
-    if !problems.is_empty() {
-        return Err(problems);
     }
     let current: Vec<u32> = versions
         .iter()
@@ -267,7 +266,7 @@ pub(super) fn resolve<A>(
         })
         .collect();
     served.sort_by_key(|(s, _)| s.version.number);
-    Ok(served)
+    (served, problems)
 }
 
 /// The headers of a deprecated version's answers, made once.
@@ -418,7 +417,7 @@ mod tests {
 
     #[test]
     fn every_problem_of_the_versions_is_listed() {
-        let err = resolve(
+        let (_, err) = resolve(
             "orders",
             vec![
                 (ApiVersion::new(0), ()),
@@ -433,8 +432,7 @@ mod tests {
                     (),
                 ),
             ],
-        )
-        .unwrap_err();
+        );
         let text = err.join("\n");
         assert_eq!(err.len(), 5, "{text}");
         for expected in [
@@ -450,7 +448,7 @@ mod tests {
 
     #[test]
     fn a_deprecated_version_names_its_newest_current_successor() {
-        let served = resolve(
+        let (served, problems) = resolve(
             "orders",
             vec![
                 (ApiVersion::new(3), ()),
@@ -463,8 +461,8 @@ mod tests {
                 ),
                 (ApiVersion::new(2).deprecated(at(1_700_000_000)), ()),
             ],
-        )
-        .unwrap();
+        );
+        assert!(problems.is_empty(), "{problems:?}");
         let numbers: Vec<u32> = served.iter().map(|(s, _)| s.version.number).collect();
         assert_eq!(numbers, [1, 2, 3]);
         let mut headers = HeaderMap::new();
