@@ -420,3 +420,43 @@ fn every_problem_with_the_versions_is_listed_at_once() {
         "{text}"
     );
 }
+
+/// A driver client says once that the version it calls is deprecated, and
+/// its calls succeed as always.
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_of_a_deprecated_version_is_told_once() {
+    let (logs, _guard) = support::Logs::capture("client");
+    let shop = shop("told").await;
+    let downstream = shop.server.downstream();
+    let cx = chassis::client::CallContext::background();
+    for _ in 0..3 {
+        let res = downstream
+            .anonymous(&cx)
+            .get("/told/v1/status")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let current = downstream
+        .anonymous(&cx)
+        .get("/told/v2/openapi.json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(current.status(), 200);
+    let warned: Vec<serde_json::Value> = logs
+        .lines()
+        .iter()
+        .filter(|l| l.contains("is deprecated"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    let w = &warned[0];
+    assert_eq!(w["level"], "WARN", "{w}");
+    assert_eq!(w["downstream"], "test");
+    assert_eq!(w["deprecation"], "@1796083200");
+    assert_eq!(w["sunset"], "Wed, 30 Jun 2027 23:59:59 GMT");
+    assert_eq!(w["link"], V1_LINK.replace("/shop/v2/", "/told/v2/"));
+    shop.server.stop().await;
+}
