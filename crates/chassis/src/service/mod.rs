@@ -119,9 +119,12 @@
 //! `deprecated_at`, `sunset_at`, `successor` for an old one).
 //!
 //! **Clients** should watch for `Deprecation` on any answer: log it or
-//! count it, and plan the move before `Sunset`. A driver client built with
-//! [`driver_client!`](crate::driver_client) keeps working against a
-//! deprecated version; its tests are where the headers are first seen.
+//! count it, and plan the move before `Sunset`. The chassis' own
+//! [client](crate::client) does the first: the first answer with
+//! `Deprecation` from a downstream is named in a warning (with its `Sunset`
+//! and successor), and the call succeeds as always; a driver client built
+//! with [`driver_client!`](crate::driver_client) keeps working against a
+//! deprecated version until its sunset.
 //!
 //! # Ordering
 //!
