@@ -15,6 +15,7 @@
 //! | `trace_id`, `span_id` | `0193…`, `9f3c…` (the W3C trace id and the call's server span, which find its spans) |
 //! | `subject`, `subject_kind` | `ann`, `user` (or `anonymous`) |
 //! | `method`, `route` | `POST`, `/ticketing/v1/{account}/tickets` (the template) |
+//! | `api_version` | `1`: the API version the call was made to (see [`ApiVersion`](crate::service::ApiVersion)); absent for a message, or where the stack was composed by hand without [`AuditLayer::api_version`] |
 //! | `account` | `67000001` (the validated one) |
 //! | `permission` | `ticketing:67000001:create:ticket` |
 //! | `decision`, `reason` | `allow` / `deny` / `unauthenticated` / `rejected`, and the reason code |
@@ -140,6 +141,11 @@ pub struct AuditEvent {
     pub method: Method,
     /// The route template.
     pub route: AuditRoute,
+    /// The API version called (`1` for `/ticketing/v1/...`), so that calls
+    /// to a deprecated version are found by who made them; `None` for a
+    /// message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<u32>,
     /// The validated account, if the route has one.
     pub account: Option<AccountId>,
     /// The permission required, if one was.
@@ -220,6 +226,7 @@ impl AuditEvent {
             subject_kind: "user",
             method: Method::POST,
             route: AuditRoute::Static("/ticketing/v1/{account}/tickets"),
+            api_version: Some(1),
             account: AccountId::parse("67000001").ok(),
             permission: "ticketing:67000001:create:ticket".parse().ok(),
             decision: AuditDecision::Allow,
@@ -352,6 +359,10 @@ fn log_line(lines: &crate::log_line::JsonLines, buf: &mut Vec<u8>, e: &AuditEven
         AuditRoute::Static(_) | AuditRoute::Shared(_) => false,
     };
     write_field(buf, ",\"route\":\"", e.route.as_str(), !route_clean);
+    if let Some(v) = e.api_version {
+        buf.extend_from_slice(b",\"api_version\":");
+        write_u64(buf, u64::from(v));
+    }
     if let Some(account) = &e.account {
         write_field(buf, ",\"account\":\"", account.as_str(), false);
     }
@@ -695,12 +706,25 @@ fn drain(q: &Queue, sink: &dyn AuditSink, dropped: &metrics::Counter) {
 #[derive(Debug, Clone)]
 pub struct AuditLayer {
     auditor: Auditor,
+    api_version: Option<u32>,
 }
 
 impl AuditLayer {
     /// Records into `auditor`.
     pub fn new(auditor: Auditor) -> Self {
-        Self { auditor }
+        Self {
+            auditor,
+            api_version: None,
+        }
+    }
+
+    /// Records `version` as the `api_version` of every call, for a layer
+    /// around the routes of that version (the service builder puts one
+    /// around each version's routes).
+    #[must_use]
+    pub fn api_version(mut self, version: u32) -> Self {
+        self.api_version = Some(version);
+        self
     }
 }
 
@@ -711,6 +735,7 @@ impl<S> Layer<S> for AuditLayer {
         Audit {
             inner,
             auditor: self.auditor.clone(),
+            api_version: self.api_version,
         }
     }
 }
@@ -720,6 +745,7 @@ impl<S> Layer<S> for AuditLayer {
 pub struct Audit<S> {
     inner: S,
     auditor: Auditor,
+    api_version: Option<u32>,
 }
 
 impl<S> Audit<S> {
@@ -740,7 +766,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let pending = Pending::begin(&self.auditor, &mut req);
+        let pending = Pending::begin(&self.auditor, self.api_version, &mut req);
         ResponseFuture {
             inner: self.inner.call(req),
             pending: Some(pending),
@@ -754,6 +780,7 @@ pub(crate) struct Pending {
     start: Instant,
     method: Method,
     route: Option<MatchedPath>,
+    api_version: Option<u32>,
     correlation_id: Option<CorrelationId>,
     trace_id: Option<HexId<32>>,
     span_id: Option<HexId<16>>,
@@ -764,8 +791,12 @@ pub(crate) struct Pending {
 
 impl Pending {
     /// Starts auditing `req`: its [`AuditNote`] goes into the request for the
-    /// guard to fill in.
-    pub(crate) fn begin<B>(auditor: &Auditor, req: &mut Request<B>) -> Self {
+    /// guard to fill in; `api_version` is the version of the route's API.
+    pub(crate) fn begin<B>(
+        auditor: &Auditor,
+        api_version: Option<u32>,
+        req: &mut Request<B>,
+    ) -> Self {
         let method = req.method().clone();
         let route = req.extensions().get::<MatchedPath>().cloned();
         let (start, correlation_id, trace_id, span_id, note) = RequestContext::with(req, |ctx| {
@@ -781,6 +812,7 @@ impl Pending {
             start,
             method,
             route,
+            api_version,
             correlation_id,
             trace_id,
             span_id,
@@ -831,6 +863,7 @@ impl Drop for Pending {
                 .route
                 .take()
                 .map_or(AuditRoute::Static("unmatched"), AuditRoute::Matched),
+            api_version: self.api_version,
             account: note.account,
             permission: note.permission,
             decision,
@@ -964,7 +997,7 @@ mod tests {
                 "trace_id": "abababababababababababababababab",
                 "span_id": "cdcdcdcdcdcdcdcd",
                 "subject": "ann", "subject_kind": "user", "method": "POST",
-                "route": "/ticketing/v1/{account}/tickets", "account": "67000001",
+                "route": "/ticketing/v1/{account}/tickets", "api_version": 1, "account": "67000001",
                 "permission": "ticketing:67000001:create:ticket", "decision": "allow",
                 "status": 201, "latency_ms": 12.346, "mutation": true,
             })
@@ -1002,6 +1035,7 @@ mod tests {
         let event = AuditEvent {
             method: Method::from_bytes(b"MESSAGE").unwrap(),
             route: AuditRoute::Shared("orders.v1.*.order.placed".into()),
+            api_version: None,
             subject: "orders".into(),
             subject_kind: "service",
             permission: "mail:67000001:send:message".parse().ok(),

@@ -71,6 +71,12 @@
 //! to be unavailable or cannot be reached, 504 for a timeout, 502 otherwise)
 //! that does not reveal the downstream's answer.
 //!
+//! A downstream that answers with `Deprecation` (RFC 9745: the version of
+//! its API this client calls is deprecated, see
+//! [`ApiVersion`](crate::service::ApiVersion)) is named in a warning, once
+//! per [`Downstream`] for the life of the process, with its `Sunset` and
+//! `Link` (where to move): the call itself succeeds as always.
+//!
 //! # Defaults
 //!
 //! Every setting can be set in code on the [`DownstreamBuilder`] and
@@ -281,7 +287,14 @@
 //! # }
 //! ```
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::extract::FromRequestParts;
 use bytes::Bytes;
@@ -879,6 +892,7 @@ impl DownstreamBuilder {
                 bulkhead,
                 balancer,
                 stack,
+                deprecation_noticed: AtomicBool::new(false),
             }),
         })
     }
@@ -1043,6 +1057,8 @@ struct Inner {
     /// The addresses, when there are several (or a `dns+` name).
     balancer: Option<balance::Balancer>,
     stack: Stack,
+    /// Whether an answer said the API called is deprecated (warned once).
+    deprecation_noticed: AtomicBool,
 }
 
 /// A client for one downstream service; see the [module docs](self).
@@ -1143,6 +1159,36 @@ impl Downstream {
             cx,
             identity: Identity::None,
         }
+    }
+
+    /// Warns, the first time only, that an answer said the API this client
+    /// calls is deprecated (`Deprecation`), with its sunset and where to
+    /// move.
+    fn notice_deprecation(&self, headers: &http::HeaderMap) {
+        let Some(deprecation) = headers.get("deprecation") else {
+            return;
+        };
+        if self.inner.deprecation_noticed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let text = |v: Option<&HeaderValue>| {
+            v.and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let links: Vec<&str> = headers
+            .get_all(header::LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter(|l| l.contains("successor-version") || l.contains("\"deprecation\""))
+            .collect();
+        tracing::warn!(
+            downstream = %self.inner.name,
+            deprecation = %text(Some(deprecation)),
+            sunset = %text(headers.get("sunset")),
+            link = %links.join(", "),
+            "the downstream's API version called is deprecated: move to its successor before its sunset"
+        );
     }
 
     fn uri(&self, path_and_query: &str) -> Result<Uri, ClientError> {
@@ -1411,6 +1457,9 @@ impl RequestBuilder<'_> {
             Err(_) => None,
         };
         record(downstream.name(), &method, status, start.elapsed());
+        if let Ok(res) = &result {
+            downstream.notice_deprecation(&res.headers);
+        }
         if let Err(e) = &result {
             tracing::warn!(downstream = downstream.name(), method = %method, error = %e, "downstream call failed");
         }

@@ -14,6 +14,16 @@
 //! |---|---|---|
 //! | `http_server_request_duration_seconds` | histogram | `service`, `http_request_method`, `http_route`, `http_response_status_code` |
 //! | `http_server_active_requests` | gauge | `service`, `http_request_method` |
+//! | `http_server_deprecated_requests_total` | counter | `service`, `api_version`, `http_route` |
+//!
+//! The version of a call is in its route (`/orders/v1/...`); a call to a
+//! [deprecated version](crate::service::ApiVersion) is also counted in
+//! `http_server_deprecated_requests_total`, so that "who still calls v1"
+//! is one query (`sum by (http_route) (rate(...[1h]))`) and an alert can
+//! watch it fall to zero before the sunset. The series exist only for
+//! deprecated versions, and the count is a handle resolved when the
+//! service is built: the routes of current versions pay nothing. A 404
+//! under a deprecated prefix is counted with `http_route="unmatched"`.
 //!
 //! Methods outside the standard set are labelled `_OTHER` (OpenTelemetry's
 //! rule, again against cardinality). Requests that are shed, time out or panic
@@ -64,6 +74,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const HTTP_SERVER_REQUEST_DURATION: &str = "http_server_request_duration_seconds";
 /// Name of the server in-flight requests gauge.
 pub const HTTP_SERVER_ACTIVE_REQUESTS: &str = "http_server_active_requests";
+/// Name of the counter of requests to a deprecated API version, labelled
+/// `service`, `api_version` and `http_route` (see
+/// [`ApiVersion`](crate::service::ApiVersion)).
+pub const HTTP_SERVER_DEPRECATED_REQUESTS: &str = "http_server_deprecated_requests_total";
 /// Name of the client request duration histogram.
 pub const HTTP_CLIENT_REQUEST_DURATION: &str = "http_client_request_duration_seconds";
 /// Name of the gauge of a downstream's addresses by `state` (`healthy`,
@@ -153,6 +167,10 @@ fn describe() {
     metrics::describe_gauge!(
         HTTP_SERVER_ACTIVE_REQUESTS,
         "Number of active HTTP server requests."
+    );
+    metrics::describe_counter!(
+        HTTP_SERVER_DEPRECATED_REQUESTS,
+        "Requests to a deprecated API version, by version and route: who still has to move."
     );
     metrics::describe_gauge!(
         HTTP_CLIENT_ENDPOINTS,

@@ -6,17 +6,13 @@
 
 mod support;
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{Router, body::Body};
 use chassis::{
     Config, ServiceBuilder,
     api::{self, Api},
-    audit::{AuditEvent, AuditLayer, AuditSink, Auditor},
+    audit::{AuditLayer, Auditor},
     correlation::SetCorrelationIdLayer,
     metrics::HttpMetrics,
     problem::EnsureProblemLayer,
@@ -28,6 +24,7 @@ use http::{Method, Request, header};
 use http_body_util::BodyExt;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use serde_json::Value;
+use support::Events;
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
@@ -97,17 +94,6 @@ fn api(hold: Arc<Notify>) -> Api {
         )
 }
 
-/// Audit events, kept in memory.
-#[derive(Clone, Default)]
-struct Events(Arc<Mutex<Vec<AuditEvent>>>);
-
-impl AuditSink for Events {
-    fn write(&self, events: &[AuditEvent]) -> std::io::Result<()> {
-        self.0.lock().unwrap().extend_from_slice(events);
-        Ok(())
-    }
-}
-
 /// The builder's stack.
 fn built(issuer: &TestIssuer, events: Events, hold: Arc<Notify>) -> (Router, Auditor) {
     let svc = ServiceBuilder::new(NAME, 1)
@@ -133,7 +119,7 @@ fn by_hand(issuer: &TestIssuer, events: Events, hold: Arc<Notify>) -> (Router, A
         // problem step rewrites.
         .route_layer(
             tower::ServiceBuilder::new()
-                .layer(AuditLayer::new(auditor.clone()))
+                .layer(AuditLayer::new(auditor.clone()).api_version(1))
                 .layer(LoadShedLayer::new(c.max_concurrent_requests))
                 .layer(BodyLimitLayer::new(c.max_body_bytes))
                 .layer(RequestTimeoutLayer::new(c.request_timeout)),

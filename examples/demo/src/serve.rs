@@ -50,7 +50,7 @@ pub async fn run(name: &str) -> ExitCode {
             let settings = orders::Settings::read(&mut r);
             match finish(r) {
                 Ok(()) => orders::app_on(
-                    ServiceBuilder::new(orders::NAME, 1).config(config),
+                    ServiceBuilder::new(orders::NAME, orders::API_VERSION).config(config),
                     settings,
                 )
                 .await

@@ -22,6 +22,7 @@ use chassis::{
 use serde::{Deserialize, Serialize};
 
 pub mod events;
+pub mod v2;
 
 pub use events::{OrderPlaced, ReservationConfirm};
 
@@ -87,6 +88,27 @@ chassis::driver_client! {
     pub struct Calls;
 }
 
+/// Posts `order` to `path` with `idempotency_key`: the order answered,
+/// and whether the answer was a replay. Both versions' `place`.
+pub(crate) async fn place_at<T: serde::de::DeserializeOwned>(
+    calls: chassis::client::Calls<'_>,
+    path: &str,
+    order: &impl Serialize,
+    idempotency_key: &str,
+) -> Result<(T, bool), ClientError> {
+    let res = calls
+        .post(path)
+        .idempotency_key(idempotency_key)
+        .json(order)
+        .send()
+        .await?;
+    let replayed = res
+        .headers()
+        .get(crate::idempotency::REPLAYED)
+        .is_some_and(|v| v == "true");
+    Ok((res.json()?, replayed))
+}
+
 impl<'a> Calls<'a> {
     /// Places an order with an idempotency key (safe to retry with the same
     /// key).
@@ -101,20 +123,8 @@ impl<'a> Calls<'a> {
         idempotency_key: &str,
     ) -> Result<Placed, ClientError> {
         let path = self.0.path("/orders/v1/{}/orders", &[&account])?;
-        let res = self
-            .0
-            .post(&path)
-            .idempotency_key(idempotency_key)
-            .json(order)
-            .send()
-            .await?;
-        Ok(Placed {
-            order: res.json()?,
-            replayed: res
-                .headers()
-                .get(crate::idempotency::REPLAYED)
-                .is_some_and(|v| v == "true"),
-        })
+        let (order, replayed) = place_at(self.0, &path, order, idempotency_key).await?;
+        Ok(Placed { order, replayed })
     }
 
     /// An order.

@@ -8,7 +8,17 @@
 //! claims are conditional writes) and deliver each event from one relay at
 //! a time (the outbox is leased, see [`relay`]).
 //!
-//! How an order is placed (`POST /orders/v1/{account}/orders`):
+//! Its API has two versions, served side by side on the same data: **v2**
+//! (`/orders/v2`, current), where an order holds `lines` and a `contact`
+//! ([`client::v2`]), and **v1** (`/orders/v1`), its first shape, kept for
+//! the clients that have not moved yet, deprecated: every v1 answer
+//! carries `Deprecation`, `Sunset` and a `Link` to v2's document (see
+//! [`chassis::service`], "API versions"). The dates are settings
+//! (`ORDERS_V1_DEPRECATED`, `ORDERS_V1_SUNSET`, see [`Settings::v1`]); once
+//! `http_server_deprecated_requests_total{service="orders"}` stays at zero,
+//! a release removes v1.
+//!
+//! How an order is placed (`POST /orders/v2/{account}/orders`, or v1's):
 //!
 //! 1. the `Idempotency-Key` is claimed for (account, caller, key) in the
 //!    database, or the stored answer is replayed ([`idempotency`]);
@@ -42,6 +52,8 @@ use chassis::{
     db::{Database, DbConfig, Migrations},
     health::CheckOptions,
     messaging::{MessagingConfig, MessagingError, Publisher},
+    service::ApiVersion,
+    time::Timestamp,
 };
 
 pub mod client;
@@ -54,6 +66,17 @@ pub use client::{NewOrder, Order, OrderStatus, OrdersClient};
 
 /// The name of the service.
 pub const NAME: &str = "orders";
+
+/// The current version of its API; v1 is served beside it, deprecated.
+pub const API_VERSION: u32 = 2;
+
+/// When v1 was deprecated, the day v2 shipped (`ORDERS_V1_DEPRECATED`
+/// overrides it): 2026-12-01T00:00:00Z.
+pub const V1_DEPRECATED: &str = "2026-12-01T00:00:00Z";
+
+/// When v1 is expected to stop answering (`ORDERS_V1_SUNSET` overrides
+/// it): seven months after v2, 2027-06-30T23:59:59Z.
+pub const V1_SUNSET: &str = "2027-06-30T23:59:59Z";
 
 /// The service's settings, read from `ORDERS_*` and the chassis'
 /// `CHASSIS_DOWNSTREAM_TICKETING_*`, `CHASSIS_DOWNSTREAM_MAIL_*`,
@@ -79,6 +102,12 @@ pub struct Settings {
     pub tokens: Option<TokenSource>,
     /// The broker (`CHASSIS_NATS_*`); `None`: the relay delivers over HTTP.
     pub nats: Option<MessagingConfig>,
+    /// Version 1 of the API, deprecated since `ORDERS_V1_DEPRECATED`
+    /// (default [`V1_DEPRECATED`]) with its sunset at `ORDERS_V1_SUNSET`
+    /// (default [`V1_SUNSET`]), both RFC 3339 times or dates, and the
+    /// migration guide of `ORDERS_V1_DEPRECATION_LINK` (a URI, none by
+    /// default) as its `rel="deprecation"` link.
+    pub v1: ApiVersion,
 }
 
 impl Settings {
@@ -107,6 +136,24 @@ impl Settings {
             .token_source(tokens.clone())
             .read(r);
         let nats = MessagingConfig::read(r);
+        let default = |s: &str| s.parse::<Timestamp>().expect("a valid default");
+        let deprecated = r.optional(
+            "ORDERS_V1_DEPRECATED",
+            default(V1_DEPRECATED),
+            "when API v1 was deprecated, RFC 3339 or a date",
+        );
+        let sunset = r.optional(
+            "ORDERS_V1_SUNSET",
+            default(V1_SUNSET),
+            "when API v1 stops answering, RFC 3339 or a date",
+        );
+        let mut v1 = ApiVersion::new(1).deprecated(deprecated.0).sunset(sunset.0);
+        if let Some(link) = r.maybe::<String>(
+            "ORDERS_V1_DEPRECATION_LINK",
+            "a URI explaining the move from API v1 to v2",
+        ) {
+            v1 = v1.deprecation_link(&link);
+        }
         Self {
             db,
             idempotency_lease: Duration::from_secs(lease.max(1)),
@@ -116,6 +163,7 @@ impl Settings {
             mail,
             tokens,
             nats,
+            v1,
         }
     }
 }
@@ -191,12 +239,14 @@ pub(crate) fn migrations() -> Migrations<'static> {
 /// When the database cannot be opened or migrated, or the broker's stream
 /// cannot be created (the broker must be reachable at start-up).
 pub async fn app(settings: Settings) -> Result<ServiceBuilder, AppError> {
-    app_on(ServiceBuilder::new(NAME, 1), settings).await
+    app_on(ServiceBuilder::new(NAME, API_VERSION), settings).await
 }
 
 /// [`app`] on a builder given by the caller, as
 /// [`ServiceBuilder::run_with`] hands one over (with the chassis'
-/// configuration set and logging started).
+/// configuration set and logging started): one made with
+/// `ServiceBuilder::new(NAME, API_VERSION)`, to which v2's routes are
+/// added, and v1's beside them.
 ///
 /// # Errors
 ///
@@ -233,9 +283,12 @@ pub async fn app_on(
         critical: false,
         ..CheckOptions::default()
     };
-    let api = routes::api().with_state(Arc::new(state));
+    let state = Arc::new(state);
+    let v1 = routes::api().with_state(state.clone());
+    let v2 = routes::v2::api().with_state(state);
     Ok(builder
-        .api(api)
+        .api(v2)
+        .version(settings.v1.clone(), v1)
         .health_check("database-writes", db.write_check(), CheckOptions::default())
         .health_check("database", db, CheckOptions::default())
         .health_check("ticketing-breaker", ticketing_breaker, non_critical)

@@ -9,7 +9,7 @@ use chassis::ServiceBuilder;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    ServiceBuilder::new("orders", 1)
+    ServiceBuilder::new(orders::NAME, orders::API_VERSION)
         .run_with(
             |r, _config| orders::Settings::read(r),
             |builder, settings, _address| orders::app_on(builder, settings),

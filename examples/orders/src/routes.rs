@@ -3,6 +3,10 @@
 //! By the time a handler runs, the chassis has authenticated the caller,
 //! checked the route's permission for the account in the path, and
 //! recorded the call for audit.
+//!
+//! These are version 1's routes, deprecated since v2 ([`v2`]) and served
+//! beside it on the same data; placing an order is one piece of code for
+//! both, given each version's [`Shape`] ([`Version`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -33,18 +37,59 @@ use crate::{
     store,
 };
 
+pub(crate) mod v2;
+
+/// What placing an order differs in from one version to another.
+pub(crate) struct Shape {
+    /// The route template, part of every idempotency fingerprint, so that a
+    /// key used with one version is not replayed in another's shape.
+    pub(crate) route: &'static str,
+    /// `/orders/v<N>`, for the `Location` of a new order.
+    pub(crate) prefix: &'static str,
+    /// The request body, checked.
+    pub(crate) validate: fn(&Value) -> Result<NewOrder, Invalid>,
+    /// The answer's body.
+    pub(crate) render: fn(&Order) -> String,
+}
+
+/// A version of the API, as [`place`] takes it.
+pub(crate) trait Version: Send + Sync + 'static {
+    /// How it places an order.
+    const SHAPE: Shape;
+}
+
+/// Version 1.
+pub(crate) enum V1 {}
+
+impl Version for V1 {
+    const SHAPE: Shape = Shape {
+        route: PLACE_ROUTE,
+        prefix: "/orders/v1",
+        validate,
+        render: |order| serde_json::to_string(order).unwrap_or_default(),
+    };
+}
+
+/// What placing an order says of itself, in every version.
+pub(crate) const PLACE_DESCRIPTION: &str = "Reserves the tickets in ticketing, then records the order and its `order.placed` event in one transaction. A retry with the same `Idempotency-Key` gets the first answer again, with `Idempotent-Replayed: true`.";
+/// The `Idempotency-Key` header of placing an order.
+pub(crate) const IDEMPOTENCY_KEY: &str =
+    "1 to 255 of `A-Z a-z 0-9 . _ ~ : -`, unique per order the caller means.";
+/// The 409 of placing an order.
+pub(crate) const PLACE_CONFLICT: &str = "`sold_out`: not enough tickets left; `idempotency_key_in_use`: a request with this key is running (see `Retry-After`).";
+
 /// The routes, under `/orders/v1`.
 pub(crate) fn api() -> Api<Arc<State>> {
     Api::new()
         .route(
-            api::post("/{account}/orders", place)
+            api::post("/{account}/orders", place::<V1>)
                 .requires("orders:{account}:create:order")
                 .summary("Place an order")
-                .description("Reserves the tickets in ticketing, then records the order and its `order.placed` event in one transaction. A retry with the same `Idempotency-Key` gets the first answer again, with `Idempotent-Replayed: true`.")
-                .header("Idempotency-Key", true, "1 to 255 of `A-Z a-z 0-9 . _ ~ : -`, unique per order the caller means.")
+                .description(PLACE_DESCRIPTION)
+                .header("Idempotency-Key", true, IDEMPOTENCY_KEY)
                 .body::<NewOrder>()
                 .response::<Order>(201)
-                .problem(409, "`sold_out`: not enough tickets left; `idempotency_key_in_use`: a request with this key is running (see `Retry-After`)."),
+                .problem(409, PLACE_CONFLICT),
         )
         .route(
             api::get("/{account}/orders", list)
@@ -72,7 +117,7 @@ fn internal(e: &sqlx::Error) -> Response {
 }
 
 /// Checks a new order; every problem at once.
-fn validate(body: &Value) -> Result<NewOrder, Invalid> {
+pub(crate) fn validate(body: &Value) -> Result<NewOrder, Invalid> {
     let mut f = Fields::of(body)?;
     let ticket_id = f.required("ticket_id", |v| {
         let s = string(v)?;
@@ -136,8 +181,9 @@ fn replay(status: u16, body: String) -> Response {
         .into_response()
 }
 
-/// `POST /orders/v1/{account}/orders`.
-pub(crate) async fn place(
+/// `POST /orders/v<N>/{account}/orders`: places an order as version `V`
+/// takes and shows it.
+pub(crate) async fn place<V: Version>(
     extract::State(state): extract::State<Arc<State>>,
     account: AccountId,
     principal: Principal,
@@ -146,6 +192,7 @@ pub(crate) async fn place(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let shape = &V::SHAPE;
     let key = match idempotency::key_of(&headers) {
         Ok(k) => k,
         Err(detail) => {
@@ -159,7 +206,7 @@ pub(crate) async fn place(
             .with_detail("The body must be a JSON object.")
             .into_response();
     };
-    let new = match validate(&json) {
+    let new = match (shape.validate)(&json) {
         Ok(n) => n,
         Err(invalid) => return invalid.into_response(),
     };
@@ -168,7 +215,7 @@ pub(crate) async fn place(
         principal: principal.subject().to_owned(),
         key,
     };
-    let fingerprint = idempotency::fingerprint("POST", PLACE_ROUTE, &scope.account, &json);
+    let fingerprint = idempotency::fingerprint("POST", shape.route, &scope.account, &json);
     let system = state.db.backend().system_name();
     let mut claiming = Span::storage(cx.correlation().trace(), system, "claim key");
     let claim = idempotency::claim(&state.db, &scope, &fingerprint, state.lease).await;
@@ -218,7 +265,7 @@ pub(crate) async fn place(
         status: OrderStatus::Placed,
         created_at: chassis::time::now_rfc3339(),
     };
-    let body = serde_json::to_string(&order).unwrap_or_default();
+    let body = (shape.render)(&order);
     // The transaction is a span of its own; the outbox events it writes
     // carry it, and their delivery continues the trace from there.
     let mut span = Span::storage(cx.correlation().trace(), system, "place order");
@@ -253,7 +300,7 @@ pub(crate) async fn place(
     crate::CrashPoint::reached(state.crash, crate::CrashPoint::AfterCommit);
     tracing::info!(order_id = %order.id, account = %order.account, "order placed");
     metrics::counter!("orders_placed_total").increment(1);
-    let location = format!("/orders/v1/{}/orders/{}", order.account, order.id);
+    let location = format!("{}/{}/orders/{}", shape.prefix, order.account, order.id);
     (
         StatusCode::CREATED,
         [

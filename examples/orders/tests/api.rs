@@ -11,26 +11,7 @@ use serde_json::json;
 use support::{Answer, System, eventually, login, send};
 
 async fn product(sys: &System, token: &str, capacity: u32) -> String {
-    let a = send(
-        "POST",
-        &format!("{}/ticketing/v1/acme/tickets", sys.ticketing.url()),
-        &[
-            ("authorization", &format!("Bearer {token}")),
-            ("content-type", "application/json"),
-        ],
-        &json!({
-            "name": "Day pass",
-            "price_minor": 4500,
-            "currency": "EUR",
-            "capacity": capacity,
-            "valid_from": "2026-12-01",
-            "valid_until": "2027-04-30",
-        })
-        .to_string(),
-    )
-    .await;
-    assert_eq!(a.status, 201, "{:?}", a.body);
-    a.body["id"].as_str().unwrap().to_owned()
+    support::product(sys, token, "acme", capacity).await
 }
 
 async fn available(sys: &System, token: &str, ticket: &str) -> u64 {

@@ -12,64 +12,18 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
 };
 
-use chassis::{
-    auth::Verifier,
-    client::{CallContext, Downstream},
-    page::Page,
-};
+use chassis::{client::CallContext, page::Page};
 use orders::{NewOrder, Order, OrdersClient};
-use serde_json::{Value, json};
-use support::{AUDIENCE, Answer, ISSUER, System, eventually, login, send};
-
-/// A ticket product with `capacity` places in `account`, created with
-/// `token`.
-async fn product(sys: &System, token: &str, account: &str, capacity: u32) -> String {
-    let a = send(
-        "POST",
-        &format!("{}/ticketing/v1/{account}/tickets", sys.ticketing.url()),
-        &[
-            ("authorization", &format!("Bearer {token}")),
-            ("content-type", "application/json"),
-        ],
-        &json!({
-            "name": "Day pass",
-            "price_minor": 4500,
-            "currency": "EUR",
-            "capacity": capacity,
-            "valid_from": "2026-12-01",
-            "valid_until": "2027-04-30",
-        })
-        .to_string(),
-    )
-    .await;
-    assert_eq!(a.status, 201, "{:?}", a.body);
-    a.body["id"].as_str().unwrap().to_owned()
-}
+use serde_json::Value;
+use support::{Answer, System, eventually, login, product, send};
 
 /// The orders client, and the context of calls on behalf of `user`.
 async fn client(sys: &System, user: &str) -> (OrdersClient, CallContext) {
     let token = login(&sys.auth.url(), user).await;
-    let verifier = Verifier::builder()
-        .jwks(
-            ISSUER,
-            AUDIENCE,
-            &format!("{}/auth/v1/jwks", sys.auth.url()),
-        )
-        .build()
-        .unwrap();
-    let principal = verifier.verify_token(&token).await.unwrap();
-    let downstream = Downstream::builder("orders", &sys.orders.url())
-        .attempt_timeout(Duration::from_secs(30))
-        .deadline(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    (
-        OrdersClient::new(downstream),
-        CallContext::background().with_principal(principal),
-    )
+    let (downstream, cx) = support::orders_on_behalf_of(sys, &token).await;
+    (OrdersClient::new(downstream), cx)
 }
 
 /// Places one order of one place of `ticket`, with a fresh key.

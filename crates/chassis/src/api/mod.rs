@@ -96,6 +96,21 @@
 //! to validate every field at once ([`validation`](crate::validation)),
 //! and their extractor types then say nothing of its schema.
 //!
+//! # Versions
+//!
+//! An `Api` is the route table of one version. A service that serves two
+//! (a v2, and the v1 its clients still call) gives each its own `Api`
+//! ([`ServiceBuilder::version`](crate::ServiceBuilder::version)): each is
+//! built under its own prefix, with its own permission templates (v2 may
+//! rename an operation, and a grant for it then does not open v1), its own
+//! audit (`api_version` in each event) and its own document at
+//! `/<name>/v<N>/openapi.json`. A deprecated version's document marks
+//! every operation `deprecated: true` and says in `info` since when, its
+//! sunset (`x-sunset`) and its successor; its answers carry `Deprecation`,
+//! `Sunset` and a `Link` to the successor's document, so a client learns
+//! of the move from any call. The [service module](crate::service#api-versions)
+//! says when to make a v2 and how long v1 lives.
+//!
 //! # Example
 //!
 //! A service with four routes, and its document:
@@ -225,7 +240,9 @@ use doc::Doc;
 pub(crate) use guard::GuardLayer;
 use guard::{Access, Declared};
 pub use guard::{Guard, GuardFuture};
-pub(crate) use openapi::{ApiDoc, DOCUMENT_TYPE as OPENAPI_TYPE, PATH as OPENAPI_PATH};
+pub(crate) use openapi::{
+    ApiDoc, DOCUMENT_TYPE as OPENAPI_TYPE, Deprecation as DocDeprecation, PATH as OPENAPI_PATH,
+};
 
 /// The docs page's path under the API prefix ([`docs_ui`]); reserved, as
 /// the document's, with or without the `docs-ui` feature.

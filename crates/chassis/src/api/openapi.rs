@@ -75,24 +75,70 @@ impl ApiDoc {
 
     /// The document as JSON: `info` names the service, its package
     /// `version` and `api_version`; the one server is relative (`/`), since
-    /// the paths are full paths.
-    pub(crate) fn render(self, service: &str, api_version: u32, version: &str) -> Bytes {
+    /// the paths are full paths. A deprecated version's operations are all
+    /// `deprecated: true`, and its `info` says since when, its sunset and
+    /// its successor (`x-deprecated-at`, `x-sunset`, `x-successor`).
+    pub(crate) fn render(
+        mut self,
+        service: &str,
+        api_version: u32,
+        version: &str,
+        deprecation: Option<&Deprecation>,
+    ) -> Bytes {
         let version = if version.is_empty() {
             "unversioned"
         } else {
             version
         };
-        let info_ext: Extensions = [("x-api-version", serde_json::Value::from(api_version))]
+        let mut info_ext: Extensions = [("x-api-version", serde_json::Value::from(api_version))]
             .into_iter()
             .collect();
+        let mut description = format!(
+            "Version {api_version} of the `{service}` API, under `/{service}/v{api_version}`. \
+             Each operation names the permission it requires in `x-permission` \
+             (`public` when it requires none); every error is `application/problem+json`."
+        );
+        if let Some(d) = deprecation {
+            let at = |t| crate::time::rfc3339_millis(crate::time::unix_millis(t));
+            description.push_str(&format!(
+                "\n\n**Deprecated** since {}: every answer carries `Deprecation`",
+                at(d.since)
+            ));
+            info_ext.insert("x-deprecated-at".to_owned(), at(d.since).into());
+            if let Some(sunset) = d.sunset {
+                description.push_str(&format!(
+                    " and `Sunset`; this version stops answering after {}",
+                    at(sunset)
+                ));
+                info_ext.insert("x-sunset".to_owned(), at(sunset).into());
+            }
+            description.push('.');
+            if let Some(successor) = &d.successor {
+                description.push_str(&format!(" Its successor is described at `{successor}`."));
+                info_ext.insert("x-successor".to_owned(), successor.clone().into());
+            }
+            for item in self.paths.paths.values_mut() {
+                for op in [
+                    &mut item.get,
+                    &mut item.put,
+                    &mut item.post,
+                    &mut item.delete,
+                    &mut item.options,
+                    &mut item.head,
+                    &mut item.patch,
+                    &mut item.trace,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    op.deprecated = Some(utoipa::openapi::Deprecated::True);
+                }
+            }
+        }
         let info = InfoBuilder::new()
             .title(service)
             .version(version)
-            .description(Some(format!(
-                "Version {api_version} of the `{service}` API, under `/{service}/v{api_version}`. \
-                 Each operation names the permission it requires in `x-permission` \
-                 (`public` when it requires none); every error is `application/problem+json`."
-            )))
+            .description(Some(description))
             .extensions(Some(info_ext))
             .build();
         let mut components = ComponentsBuilder::new()
@@ -122,6 +168,17 @@ impl ApiDoc {
         // Serializing types made of strings, maps and numbers does not fail.
         Bytes::from(doc.to_json().expect("an OpenAPI document serializes"))
     }
+}
+
+/// What the document of a deprecated version says of it.
+#[derive(Debug, Clone)]
+pub(crate) struct Deprecation {
+    /// Deprecated since.
+    pub(crate) since: std::time::SystemTime,
+    /// Stops answering after, if said.
+    pub(crate) sunset: Option<std::time::SystemTime>,
+    /// The path of the successor's document, if there is one.
+    pub(crate) successor: Option<String>,
 }
 
 /// The operation of one route: what it documents, then what the chassis

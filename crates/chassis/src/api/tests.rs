@@ -171,7 +171,7 @@ fn operation_ids_are_the_handlers_names_and_unique() {
         .route(get("/b", list).public().response::<String>(200))
         .route(get("/c", || async { "c" }).public().response::<String>(200));
     let (_, doc) = api.build("/x/v1", None).unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&doc.render("x", 1, "")).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&doc.render("x", 1, "", None)).unwrap();
     // One handler for two routes: each is named by its method and path.
     assert_eq!(doc["paths"]["/x/v1/a"]["get"]["operationId"], "get_a");
     assert_eq!(doc["paths"]["/x/v1/b"]["get"]["operationId"], "get_b");
@@ -206,7 +206,8 @@ fn operation_ids_are_the_handlers_names_and_unique() {
                 .response::<String>(200),
         );
     let (_, doc) = api.build("/x/v1", None).unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&doc.render("x", 1, "1.2.3")).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_slice(&doc.render("x", 1, "1.2.3", None)).unwrap();
     assert_eq!(doc["paths"]["/x/v1/a"]["get"]["operationId"], "list");
     assert_eq!(doc["paths"]["/x/v1/b"]["get"]["operationId"], "list_b");
     // A closure has no name: its method and path; a catch-all is a plain

@@ -912,6 +912,7 @@ impl Inner {
             subject_kind,
             method: Method::from_bytes(b"MESSAGE").expect("a valid method token"),
             route: AuditRoute::Shared(self.pattern.clone()),
+            api_version: None,
             account: facts.parsed.as_ref().map(|s| s.account().clone()),
             permission: facts.permission,
             decision,

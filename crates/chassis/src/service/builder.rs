@@ -15,13 +15,14 @@ use super::{
     BuildInfo, Service,
     endpoints::{
         Info, Readiness, health_permission, info_endpoint, metrics_endpoint, not_found,
-        openapi_endpoint, ready_endpoint,
+        not_found_under, openapi_endpoint, ready_endpoint,
     },
     run::TaskFn,
     stack::{self, ApiLayer, FrontLayer, ProtectLayer},
+    version::{self, ApiVersion},
 };
 use crate::{
-    api::Api,
+    api::{Api, DocDeprecation, OPENAPI_PATH},
     audit::{AuditSink, Auditor, LogSink},
     auth::Verifier,
     config::{Config, Env},
@@ -40,6 +41,8 @@ pub struct ServiceBuilder {
     pub(super) name: String,
     version: u32,
     pub(super) api: Api,
+    /// The other versions served beside `version`, as given.
+    versions: Vec<(ApiVersion, Api)>,
     api_layers: Vec<ApiLayer>,
     outer_layers: Vec<ApiLayer>,
     health: Health,
@@ -83,6 +86,7 @@ impl ServiceBuilder {
             name: name.to_owned(),
             version,
             api: Api::new(),
+            versions: Vec::new(),
             api_layers: Vec::new(),
             outer_layers: Vec::new(),
             health: Health::new(),
@@ -96,13 +100,51 @@ impl ServiceBuilder {
         }
     }
 
-    /// Adds API routes, mounted under `/<name>/v<version>`. Every route
+    /// Adds API routes to the current version (the one [`new`](Self::new)
+    /// names), mounted under `/<name>/v<version>`. Every route
     /// declares its access (see [`crate::api`]). Handlers that take
     /// [`State<S>`](axum::extract::State) get it from
     /// [`Api::with_state`](crate::api::Api::with_state), called before this.
     pub fn api(mut self, api: Api) -> Self {
         self.api = self.api.merge(api);
         self
+    }
+
+    /// Serves another version of the API beside the current one, under
+    /// `/<name>/v<N>`, with its own routes, permissions and OpenAPI document
+    /// (`/<name>/v<N>/openapi.json`): typically the previous version, kept
+    /// for the clients that have not moved yet, deprecated with a sunset
+    /// (see the [module docs](super#api-versions)). A bare number is a
+    /// version that is not deprecated. Each version is given once; the
+    /// current one's routes are added with [`api`](Self::api).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use chassis::{ServiceBuilder, api::{self, Api}, service::ApiVersion};
+    ///
+    /// let route = || api::get("/status", || async { "open" }).public().response_as::<String>(200, "text/plain");
+    /// let since = SystemTime::now();
+    /// let service = ServiceBuilder::new("shop", 2)
+    ///     .api(Api::new().route(route()))
+    ///     .version(
+    ///         ApiVersion::new(1).deprecated(since).sunset(since + Duration::from_secs(180 * 86_400)),
+    ///         Api::new().route(route()),
+    ///     )
+    ///     .config(chassis::Config::default())
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = service;
+    /// ```
+    pub fn version(mut self, version: impl Into<ApiVersion>, api: Api) -> Self {
+        self.versions.push((version.into(), api));
+        self
+    }
+
+    /// Whether a route of any version requires a permission (and so a token
+    /// verifier).
+    #[cfg(feature = "jwt")]
+    pub(super) fn requires_auth(&self) -> bool {
+        self.api.requires_auth() || self.versions.iter().any(|(_, api)| api.requires_auth())
     }
 
     /// Verifies tokens with `verifier` instead of one built from
@@ -306,7 +348,8 @@ impl ServiceBuilder {
     ///
     /// # Errors
     ///
-    /// Every problem at once: an invalid name, a version of 0, an API route
+    /// Every problem at once: an invalid name, a version of 0, a version
+    /// given twice, a sunset without a deprecation or before it, an API route
     /// that declares no access or an invalid one, a route that requires a
     /// permission when no token verifier is configured (in a build without
     /// the `jwt` feature, always: the message then names the feature), or
@@ -320,9 +363,10 @@ impl ServiceBuilder {
                 self.name.escape_default()
             ));
         }
-        if self.version == 0 {
-            problems.push("API version must be at least 1".to_owned());
-        }
+        let mut versions = vec![(ApiVersion::new(self.version), self.api)];
+        versions.extend(self.versions);
+        let (versions, version_problems) = version::resolve(&self.name, versions);
+        problems.extend(version_problems);
         let config = match self.config {
             Some(c) => c,
             None => Config::from_env(&Env::process()).unwrap_or_else(|e| {
@@ -346,14 +390,13 @@ impl ServiceBuilder {
         // refuses a route that requires a permission, naming the feature.
         #[cfg(not(feature = "jwt"))]
         let verifier = self.verifier;
-        let prefix = format!("/{}/v{}", self.name, self.version);
-        let api = match self.api.build(&prefix, verifier.as_ref()) {
-            Ok(api) => Some(api),
-            Err(e) => {
-                problems.extend(e);
-                None
+        let mut apis = Vec::new();
+        for (served, api) in versions {
+            match api.build(&served.prefix, verifier.as_ref()) {
+                Ok((paths, document)) => apis.push((served, paths, document)),
+                Err(e) => problems.extend(e),
             }
-        };
+        }
         let auditor = match (self.auditor, self.audit_sink, &config.audit_file) {
             (Some(shared), ..) => Some(shared),
             (None, Some(make), _) => Some(make(&self.name, config.audit_queue)),
@@ -369,9 +412,9 @@ impl ServiceBuilder {
             },
             (None, None, None) => None,
         };
-        let (Some((api, document)), true) = (api, problems.is_empty()) else {
+        if !problems.is_empty() {
             return Err(BuildError { problems });
-        };
+        }
 
         let prometheus = crate::metrics::install_recorder();
         let metrics = HttpMetrics::new(self.name.clone());
@@ -380,11 +423,10 @@ impl ServiceBuilder {
             auditor.unwrap_or_else(|| Auditor::new(&self.name, LogSink, config.audit_queue));
         let build = self.build_info.unwrap_or_default();
         let package_version = build.version;
-        // Built once; every request for it is a clone of the bytes.
-        let document = document.render(&self.name, self.version, build.version);
         let info = Arc::new(Info {
             service: self.name.clone(),
             api_version: self.version,
+            versions: apis.iter().map(|(served, ..)| served.info()).collect(),
             build,
             started: SystemTime::now(),
             started_mono: Instant::now(),
@@ -405,7 +447,7 @@ impl ServiceBuilder {
         #[cfg(not(feature = "jwt"))]
         let tasks = self.tasks;
 
-        let standard = Router::new()
+        let mut standard = Router::new()
             .route("/health/live", get(crate::health::live))
             .route(
                 "/health/ready",
@@ -419,25 +461,73 @@ impl ServiceBuilder {
                 "/metrics",
                 get(metrics_endpoint).with_state(prometheus.clone()),
             )
-            .route("/info", get(info_endpoint).with_state(info))
-            .route(
-                &format!("{prefix}{}", crate::api::OPENAPI_PATH),
+            .route("/info", get(info_endpoint).with_state(info));
+        // The standard routes of each version, under its prefix; those of a
+        // deprecated version carry its headers too (not counted: they are
+        // read by tools, not called by clients).
+        let mut mounted = Vec::new();
+        let mut deprecated = Vec::new();
+        for (served, paths, document) in apis {
+            let v = &served.version;
+            if let Some(sunset) = v.sunset_at().filter(|t| *t < SystemTime::now()) {
+                tracing::warn!(
+                    api_version = v.number(),
+                    sunset = %crate::time::rfc3339_millis(crate::time::unix_millis(sunset)),
+                    "this API version is past its sunset and still served"
+                );
+            }
+            let doc_deprecation = v.deprecated_at().map(|since| DocDeprecation {
+                since,
+                sunset: v.sunset_at(),
+                successor: served
+                    .successor
+                    .map(|n| format!("/{}/v{n}{OPENAPI_PATH}", self.name)),
+            });
+            // Built once; every request for it is a clone of the bytes.
+            let document = document.render(
+                &self.name,
+                v.number(),
+                package_version,
+                doc_deprecation.as_ref(),
+            );
+            let mut routes = Router::new().route(
+                &format!("{}{OPENAPI_PATH}", served.prefix),
                 get(openapi_endpoint).with_state(document),
-            )
-            .fallback(not_found);
-        // The page that renders the document, beside it (public, not audited).
-        #[cfg(feature = "docs-ui")]
-        let standard = standard.merge(crate::api::docs_ui::router(
-            &prefix,
-            crate::api::OPENAPI_PATH.trim_start_matches('/'),
-        ));
+            );
+            // The page that renders the document, beside it (public, not
+            // audited).
+            #[cfg(feature = "docs-ui")]
+            {
+                routes = routes.merge(crate::api::docs_ui::router(
+                    &served.prefix,
+                    OPENAPI_PATH.trim_start_matches('/'),
+                ));
+            }
+            if let Some(notice) = served.notice_layer() {
+                routes = routes.layer(notice);
+            }
+            if let Some(layer) = served.layer(&self.name, crate::metrics::UNMATCHED) {
+                deprecated.push((served.prefix.clone(), layer));
+            }
+            standard = standard.merge(routes);
+            mounted.push((served, paths));
+        }
+        // A path under a deprecated version's prefix that matches nothing
+        // is answered with its headers; without one, the plain 404.
+        let standard = if deprecated.is_empty() {
+            standard.fallback(not_found)
+        } else {
+            let deprecated = Arc::new(deprecated);
+            standard.fallback(move |uri: http::Uri| not_found_under(deprecated.clone(), uri))
+        };
         let router = stack::mount(
-            api,
+            mounted,
             standard,
             &stack::Layers {
                 front: FrontLayer { metrics },
                 protect: ProtectLayer {
                     auditor: auditor.clone(),
+                    api_version: None,
                     shed: shed.clone(),
                     max_body: config.max_body_bytes,
                     timeout: config.request_timeout,

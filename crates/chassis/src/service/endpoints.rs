@@ -11,11 +11,29 @@ use axum::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::time::Instant;
 
-use super::BuildInfo;
+use super::{BuildInfo, version::DeprecatedLayer};
 use crate::{auth::Verifier, health::Health, permission::Permission, problem::Problem};
 
 pub(super) async fn not_found() -> Problem {
     Problem::not_found()
+}
+
+/// The 404 of a service that serves a deprecated version: under its
+/// prefix, with its headers (and counted), as its routes answer.
+pub(super) async fn not_found_under(
+    deprecated: Arc<Vec<(String, DeprecatedLayer)>>,
+    uri: http::Uri,
+) -> Response {
+    let mut res = Problem::not_found().into_response();
+    let path = uri.path();
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    if let Some((_, layer)) = deprecated.iter().find(|(prefix, _)| under(prefix)) {
+        layer.mark(&mut res);
+    }
+    res
 }
 
 /// The permission that lets a caller read the detail view of readiness,
@@ -107,6 +125,8 @@ pub(super) async fn metrics_endpoint(State(handle): State<PrometheusHandle>) -> 
 pub(super) struct Info {
     pub(super) service: String,
     pub(super) api_version: u32,
+    /// What each version served says of itself, oldest first.
+    pub(super) versions: Vec<serde_json::Value>,
     pub(super) build: BuildInfo,
     pub(super) started: SystemTime,
     pub(super) started_mono: Instant,
@@ -121,6 +141,7 @@ pub(super) async fn info_endpoint(State(info): State<Arc<Info>>) -> Response {
         "service": info.service,
         "api_version": info.api_version,
         "api_prefix": format!("/{}/v{}", info.service, info.api_version),
+        "api_versions": info.versions,
         "build": info.build,
         "chassis_version": env!("CARGO_PKG_VERSION"),
         "started_at_unix": started,

@@ -65,6 +65,67 @@
 //! # }
 //! ```
 //!
+//! # API versions
+//!
+//! A service serves one **current** version of its API
+//! ([`ServiceBuilder::new`]'s number, routes added with
+//! [`api`](ServiceBuilder::api)) and may serve older ones beside it, each
+//! with [`version`](ServiceBuilder::version): its own prefix
+//! `/<name>/v<N>`, route table, permission templates, audit and OpenAPI
+//! document. The same route in two versions is two routes.
+//!
+//! **When to make a v2.** Only for a change an existing client could
+//! break on: a field removed, renamed or retyped, a new required field in
+//! a request, a changed meaning, stricter validation. A new optional field,
+//! a new route or a new error code with an existing status is added to the
+//! current version. A v2 serves the same data as v1 (one store, two
+//! shapes), so a client can move one call at a time, and what v2 creates v1
+//! can still read.
+//!
+//! **How long v1 lives.** Deprecate v1 when v2 ships
+//! ([`ApiVersion::deprecated`]), and give it a sunset
+//! ([`ApiVersion::sunset`]) far enough out for every known client to move:
+//! six months is a usual floor for clients outside the team, and longer for
+//! clients that ship to devices. The dates are the service's (its
+//! settings, e.g. `ORDERS_V1_SUNSET` in the orders exemplar), never the
+//! chassis'. Watch `http_server_deprecated_requests_total` and the audit
+//! events' `api_version` (who still calls it) fall to zero; then a release
+//! removes the version. The chassis keeps serving a version past its sunset
+//! (and logs a warning at start): turning it off is a decision, not a
+//! timer.
+//!
+//! **What a deprecated version answers.** Every answer of its routes
+//! (errors too: 401, 403, 404, 405, 413, 422, 503, 504, and a 404 for a
+//! path under its prefix that matches nothing) and of its OpenAPI document
+//! carries, precomputed at build:
+//!
+//! | header | example | standard |
+//! |---|---|---|
+//! | `Deprecation` | `@1796083200` (a structured-field date: seconds since the epoch) | RFC 9745 |
+//! | `Sunset` | `Wed, 30 Jun 2027 23:59:59 GMT` (an HTTP-date), when given | RFC 8594 |
+//! | `Link` | `</orders/v2/openapi.json>; rel="successor-version"; type="application/json"` | RFC 5829 |
+//! | | `<https://docs.example.com/orders/v1-to-v2>; rel="deprecation"`, when given ([`ApiVersion::deprecation_link`]) | RFC 9745 §3 |
+//!
+//! The successor is the newest version above it that is not deprecated
+//! (so v1 points past a deprecated v2 to v3), linked by its OpenAPI
+//! document: a per-route successor is not known (v2 may have reshaped the
+//! routes), and the document is what a developer or a tool reads to move.
+//! The `Link` is appended, so a page's own `rel="next"` stays. A version
+//! that is not deprecated gets none of these headers and no extra layer.
+//! Its document marks every operation `deprecated: true`, and its `info`
+//! says since when, the sunset and the successor (`x-deprecated-at`,
+//! `x-sunset`, `x-successor`). `/info` lists every version served
+//! (`api_versions`: `version`, `prefix`, `openapi`, `deprecated`, and
+//! `deprecated_at`, `sunset_at`, `successor` for an old one).
+//!
+//! **Clients** should watch for `Deprecation` on any answer: log it or
+//! count it, and plan the move before `Sunset`. The chassis' own
+//! [client](crate::client) does the first: the first answer with
+//! `Deprecation` from a downstream is named in a warning (with its `Sunset`
+//! and successor), and the call succeeds as always; a driver client built
+//! with [`driver_client!`](crate::driver_client) keeps working against a
+//! deprecated version until its sunset.
+//!
 //! # Ordering
 //!
 //! Outermost first, for every request:
@@ -107,8 +168,10 @@ mod endpoints;
 mod info;
 mod run;
 mod stack;
+mod version;
 
 pub use builder::{BuildError, ServiceBuilder};
 pub use endpoints::health_permission;
 pub use info::BuildInfo;
 pub use run::{EXIT_SOFTWARE, ServeError, Service};
+pub use version::ApiVersion;

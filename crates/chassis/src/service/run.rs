@@ -185,7 +185,7 @@ impl ServiceBuilder {
         #[cfg(feature = "jwt")]
         if builder.config.as_ref().is_some_and(|c| c.auth.is_none())
             && builder.verifier.is_none()
-            && builder.api.requires_auth()
+            && builder.requires_auth()
         {
             // A deployment problem, not a programming one: say which setting.
             let e = crate::config::ConfigError::new(vec![crate::config::ConfigProblem {

@@ -32,6 +32,12 @@
 //! when configured, the guard (8) and the panic catcher (9), the service's
 //! own layers, the handlers; the standard endpoints and the fallback get
 //! [`Front`] only.
+//!
+//! The routes of a deprecated API version get one more step, outermost,
+//! in the same level: [`DeprecatedLayer`](super::version::DeprecatedLayer)
+//! puts `Deprecation`, `Sunset` and `Link` on every answer (errors of the
+//! steps inside included) and counts the call. The routes of other versions
+//! are composed without it, so they pay nothing for it.
 
 use std::{convert::Infallible, future::Future, pin::Pin, time::Duration};
 
@@ -43,6 +49,7 @@ use axum::{
 };
 use tower::{Layer, ServiceBuilder as Stack, layer::util::Identity};
 
+use super::version::Served;
 use crate::{
     api::{ApiPath, Guard},
     audit::{self, Auditor},
@@ -75,14 +82,18 @@ pub(super) struct Layers<'a> {
     pub(super) around_handlers: &'a [ApiLayer],
 }
 
-/// The application: each API path with its handlers inside the whole
-/// stack, and `standard` (the standard endpoints and the fallback) inside
-/// [`Front`].
+/// The application: each API path of each version with its handlers
+/// inside the whole stack, and `standard` (the standard endpoints and the
+/// fallback) inside [`Front`].
 ///
 /// Every layer level axum adds boxes the route again, which costs a clone
 /// and an allocation per request; so each API path gets all of its layers
 /// as one level, and the other routes the first three.
-pub(super) fn mount(api: Vec<ApiPath>, standard: Router, layers: &Layers<'_>) -> Router {
+pub(super) fn mount(
+    api: Vec<(Served, Vec<ApiPath>)>,
+    standard: Router,
+    layers: &Layers<'_>,
+) -> Router {
     // axum's extractors have a limit of their own, 2 MiB by default; it
     // is raised only when ours is higher, since setting it costs an
     // extension insert on every request.
@@ -104,7 +115,7 @@ pub(super) fn mount(api: Vec<ApiPath>, standard: Router, layers: &Layers<'_>) ->
 
 /// Each API path inside the whole stack, with `optional` (the extractor
 /// limit and the faults, or nothing) between the protection and the guard.
-fn mount_api<L>(api: Vec<ApiPath>, optional: L, layers: &Layers<'_>) -> Router
+fn mount_api<L>(api: Vec<(Served, Vec<ApiPath>)>, optional: L, layers: &Layers<'_>) -> Router
 where
     L: Layer<Guard<CatchPanic<Route>>> + Clone + Send + Sync + 'static,
     L::Service: tower::Service<Request, Response = Response, Error = Infallible>
@@ -115,27 +126,42 @@ where
     <L::Service as tower::Service<Request>>::Future: Send + 'static,
 {
     let mut router = Router::new();
-    for path in api {
-        let inner = Stack::new()
-            .layer(layers.protect.clone())
-            .layer(optional.clone())
-            .layer(path.guard_layer());
-        let mut handlers = path.router;
-        for layer in layers.around_handlers.iter().rev() {
-            handlers = layer(handlers);
-        }
-        let handlers = if layers.outer.is_empty() {
-            handlers.layer(Stack::new().layer(layers.front.clone()).layer(inner))
-        } else {
-            // The service's outer layers sit between the front and the
-            // rest: one more level per route.
-            let mut guarded = handlers.layer(inner);
-            for layer in layers.outer.iter().rev() {
-                guarded = layer(guarded);
-            }
-            guarded.layer(layers.front.clone())
+    let service = layers.front.metrics.service();
+    for (served, paths) in api {
+        let protect = ProtectLayer {
+            api_version: Some(served.version.number()),
+            ..layers.protect.clone()
         };
-        router = router.route(&path.path, handlers);
+        for path in paths {
+            let inner = Stack::new()
+                .layer(protect.clone())
+                .layer(optional.clone())
+                .layer(path.guard_layer());
+            let mut handlers = path.router;
+            for layer in layers.around_handlers.iter().rev() {
+                handlers = layer(handlers);
+            }
+            let front = layers.front.clone();
+            let deprecated = served.layer(service, &path.path);
+            let handlers = if layers.outer.is_empty() {
+                match deprecated {
+                    None => handlers.layer(Stack::new().layer(front).layer(inner)),
+                    Some(d) => handlers.layer(Stack::new().layer(d).layer(front).layer(inner)),
+                }
+            } else {
+                // The service's outer layers sit between the front and the
+                // rest: one more level per route.
+                let mut guarded = handlers.layer(inner);
+                for layer in layers.outer.iter().rev() {
+                    guarded = layer(guarded);
+                }
+                match deprecated {
+                    None => guarded.layer(front),
+                    Some(d) => guarded.layer(Stack::new().layer(d).layer(front)),
+                }
+            };
+            router = router.route(&path.path, handlers);
+        }
     }
     router
 }
@@ -207,6 +233,8 @@ where
 #[derive(Clone)]
 pub(super) struct ProtectLayer {
     pub(super) auditor: Auditor,
+    /// The API version of the routes it is around, for their audit events.
+    pub(super) api_version: Option<u32>,
     pub(super) shed: LoadShedLayer,
     pub(super) max_body: usize,
     pub(super) timeout: Duration,
@@ -247,7 +275,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<axum::body::Body>) -> Self::Future {
-        let pending = audit::Pending::begin(&self.layer.auditor, &mut req);
+        let pending = audit::Pending::begin(&self.layer.auditor, self.layer.api_version, &mut req);
         let answer = |response, pending| ProtectFuture {
             kind: protect::Kind::Ready {
                 response: Some(response),

@@ -5,8 +5,9 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 /// The variable naming a directory where [`fetch_openapi`] also writes
-/// each document it reads, as `<service>.json`, for a validator to check
-/// (`.ci/run` does).
+/// each document it reads, for a validator to check (`.ci/run` does): the
+/// current version's as `<service>.json`, an older version's (served
+/// beside it) as `<service>-v<N>.json`.
 pub const OPENAPI_DIR_VAR: &str = "CHASSIS_OPENAPI_DIR";
 
 /// One route as its service's document must show it.
@@ -28,7 +29,9 @@ pub struct Documented {
 
 /// Reads `GET <base>/<service>/v<version>/openapi.json` over a real
 /// connection, without a token, and checks that it is served as JSON; when
-/// [`OPENAPI_DIR_VAR`] is set, writes it there as `<service>.json` too.
+/// [`OPENAPI_DIR_VAR`] is set, writes it there too (as `<service>.json`
+/// when `version` is the current one that `/info` names, else as
+/// `<service>-v<version>.json`).
 ///
 /// # Panics
 ///
@@ -55,9 +58,21 @@ pub async fn fetch_openapi(base: &str, service: &str, version: u32) -> Value {
         .expect("the body")
         .to_bytes();
     if let Some(dir) = std::env::var_os(OPENAPI_DIR_VAR) {
+        let info = client
+            .get(format!("{base}/info").parse().expect("a valid URL"))
+            .await
+            .unwrap_or_else(|e| panic!("GET {base}/info: {e}"));
+        let info: Value =
+            serde_json::from_slice(&info.into_body().collect().await.expect("/info").to_bytes())
+                .expect("/info is JSON");
+        let name = if info["api_version"] == version {
+            format!("{service}.json")
+        } else {
+            format!("{service}-v{version}.json")
+        };
         let dir = std::path::PathBuf::from(dir);
         std::fs::create_dir_all(&dir).expect("the documents' directory");
-        std::fs::write(dir.join(format!("{service}.json")), &body).expect("the document written");
+        std::fs::write(dir.join(name), &body).expect("the document written");
     }
     serde_json::from_slice(&body).expect("the document is JSON")
 }

@@ -156,3 +156,14 @@ impl Logs {
             .collect()
     }
 }
+
+/// Audit events, kept in memory: a sink for the builder's `audit_sink`.
+#[derive(Clone, Default)]
+pub struct Events(pub Arc<std::sync::Mutex<Vec<chassis::audit::AuditEvent>>>);
+
+impl chassis::audit::AuditSink for Events {
+    fn write(&self, events: &[chassis::audit::AuditEvent]) -> std::io::Result<()> {
+        self.0.lock().unwrap().extend_from_slice(events);
+        Ok(())
+    }
+}

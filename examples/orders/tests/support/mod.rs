@@ -381,3 +381,54 @@ async fn start_mail(dir: &Path, db: &TestDatabase, auth: &str, addr: SocketAddr)
     )
     .await
 }
+
+/// A ticket product with `capacity` places in `account`, created in
+/// ticketing with `token`.
+pub async fn product(sys: &System, token: &str, account: &str, capacity: u32) -> String {
+    let a = send(
+        "POST",
+        &format!("{}/ticketing/v1/{account}/tickets", sys.ticketing.url()),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "application/json"),
+        ],
+        &serde_json::json!({
+            "name": "Day pass",
+            "price_minor": 4500,
+            "currency": "EUR",
+            "capacity": capacity,
+            "valid_from": "2026-12-01",
+            "valid_until": "2027-04-30",
+        })
+        .to_string(),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    a.body["id"].as_str().unwrap().to_owned()
+}
+
+/// A client's way to orders (one attempt of up to 30 s), and the context
+/// of calls on behalf of `token`'s user, verified with auth's keys.
+pub async fn orders_on_behalf_of(
+    sys: &System,
+    token: &str,
+) -> (Downstream, chassis::client::CallContext) {
+    let verifier = chassis::auth::Verifier::builder()
+        .jwks(
+            ISSUER,
+            AUDIENCE,
+            &format!("{}/auth/v1/jwks", sys.auth.url()),
+        )
+        .build()
+        .unwrap();
+    let principal = verifier.verify_token(token).await.unwrap();
+    let downstream = Downstream::builder("orders", &sys.orders.url())
+        .attempt_timeout(std::time::Duration::from_secs(30))
+        .deadline(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+    (
+        downstream,
+        chassis::client::CallContext::background().with_principal(principal),
+    )
+}
