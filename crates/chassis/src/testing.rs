@@ -27,7 +27,10 @@
 //! clean stop), in one call. [`TempDir`], [`eventually`] and [`refusal`]
 //! are the small pieces every service's tests need. [`TcpProxy`] stands
 //! between a service and a real server (a broker, a database) so that a
-//! test can cut the connection and restore it.
+//! test can cut the connection and restore it. With the `contract`
+//! feature, [`contract`] records what a consumer's driver client relies on
+//! and checks it against the provider's document (consumer-driven
+//! contracts).
 //!
 //! Enable with the `testing` feature, in `[dev-dependencies]` only; it
 //! enables `jwt`, `tls` and `client`.
@@ -58,6 +61,9 @@ use serde_json::{Value, json};
 
 use crate::auth::{Key, Verifier};
 
+#[cfg(feature = "contract")]
+#[cfg_attr(docsrs, doc(cfg(feature = "contract")))]
+pub mod contract;
 #[cfg(feature = "postgres")]
 mod database;
 #[cfg(feature = "nats")]
