@@ -11,15 +11,9 @@ use chassis::{
     config::{Env, Reader},
     permission::AccountId,
 };
-use support::{Data, Server, alice, day_pass, eventually, mail::Mail, refusal, settings};
-use ticketing::client::NewReservation;
-
-fn reservation(ticket_id: &str, quantity: u32) -> NewReservation {
-    NewReservation {
-        ticket_id: ticket_id.to_owned(),
-        quantity,
-    }
-}
+use support::{
+    Data, Server, alice, day_pass, eventually, mail::Mail, refusal, reservation, settings,
+};
 
 #[tokio::test]
 async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {

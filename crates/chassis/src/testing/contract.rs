@@ -436,6 +436,28 @@ impl Contract {
         problems
     }
 
+    /// The breaches, as text, that `change` to one of the provider's
+    /// documents would make: for a test that a kind of change is caught,
+    /// or to try a planned change against the consumers' contracts.
+    ///
+    /// ```
+    /// # use chassis::testing::contract::Contract;
+    /// # let contract = Contract { consumer: "school".into(), provider: "lessons".into(), interactions: vec![] };
+    /// # let document = serde_json::json!({"paths": {}});
+    /// let found = contract.breaches_if(&document, |d| {
+    ///     d["paths"].as_object_mut().unwrap().remove("/lessons/v1/{account}/lessons/{id}");
+    /// });
+    /// assert!(found.is_empty(), "this consumer does not call it");
+    /// ```
+    pub fn breaches_if(&self, document: &Value, change: impl FnOnce(&mut Value)) -> Vec<String> {
+        let mut changed = document.clone();
+        change(&mut changed);
+        self.check(&[changed])
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
     /// Checks this contract against the documents served by the provider
     /// at `base` (one for each API version the contract calls), as the
     /// consumer's test does with the provider it has just called.

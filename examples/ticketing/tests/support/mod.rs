@@ -151,6 +151,14 @@ pub async fn alice() -> CallContext {
 }
 
 /// A valid ticket with `capacity` places.
+/// A reservation of `quantity` places of `ticket_id`.
+pub fn reservation(ticket_id: &str, quantity: u32) -> ticketing::client::NewReservation {
+    ticketing::client::NewReservation {
+        ticket_id: ticket_id.to_owned(),
+        quantity,
+    }
+}
+
 pub fn day_pass(capacity: u32) -> NewTicket {
     NewTicket {
         name: "Day pass".to_owned(),
