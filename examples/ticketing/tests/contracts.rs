@@ -17,7 +17,9 @@ use chassis::{
     },
 };
 use serde_json::json;
-use support::{Data, Server, alice, day_pass, eventually, mail::Mail, reservation, settings};
+use support::{
+    Data, Server, alice, day_pass, eventually, mail::Mail, reservation, sell_out_again, settings,
+};
 
 /// Where the system's contracts are committed.
 fn contracts() -> PathBuf {
@@ -154,16 +156,7 @@ async fn ticketings_calls_to_mail_are_its_committed_contract() {
         .reserve(&acme, &reservation(&ticket.id, 1), "first")
         .await
         .unwrap();
-    calls
-        .on_behalf_of(&alice)
-        .release(&acme, &held.id)
-        .await
-        .unwrap();
-    calls
-        .on_behalf_of(&alice)
-        .reserve(&acme, &reservation(&ticket.id, 1), "again")
-        .await
-        .unwrap();
+    sell_out_again(&calls, &alice, &acme, &ticket.id, &held.id).await;
     eventually("both notices asked for", || async {
         recorder.calls().len() == 2
     })

@@ -12,7 +12,8 @@ use chassis::{
     permission::AccountId,
 };
 use support::{
-    Data, Server, alice, day_pass, eventually, mail::Mail, refusal, reservation, settings,
+    Data, Server, alice, day_pass, eventually, mail::Mail, refusal, reservation, sell_out_again,
+    settings,
 };
 
 #[tokio::test]
@@ -57,16 +58,7 @@ async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
 
     // Sold out again after a release: mail has this product's notice
     // already, so no second one is queued.
-    calls
-        .on_behalf_of(&alice)
-        .release(&acme, &last.id)
-        .await
-        .unwrap();
-    calls
-        .on_behalf_of(&alice)
-        .reserve(&acme, &reservation(&ticket.id, 1), "again")
-        .await
-        .unwrap();
+    sell_out_again(&calls, &alice, &acme, &ticket.id, &last.id).await;
     let notices = "ticketing_sold_out_notices_total";
     let sent = server.metric(notices, r#"outcome="sent""#).await;
     assert_eq!(sent.as_deref(), Some("1"));

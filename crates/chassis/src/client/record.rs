@@ -91,11 +91,6 @@ impl Recorder {
         self.lock().calls.clone()
     }
 
-    /// Forgets the calls recorded so far (the templates stay known).
-    pub fn clear(&self) {
-        self.lock().calls.clear();
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
