@@ -66,6 +66,13 @@ async fn orders_calls_to_ticketing_and_mail_are_its_committed_contracts() {
         sys.mails().iter().any(|m| m.contains(&id))
     })
     .await;
+    eventually("the reservation confirmed", || async {
+        to_ticketing
+            .calls()
+            .iter()
+            .any(|c| c.template.ends_with("/confirm") && c.status == 200)
+    })
+    .await;
     let sold_out = call("POST", orders.clone(), "k-2", order(1, &ticket)).await;
     assert_eq!(sold_out.status, 409, "{:?}", sold_out.body);
     let unknown = call(
