@@ -322,6 +322,8 @@ mod balance;
 mod driver;
 mod error;
 mod pages;
+#[cfg(feature = "contract")]
+pub(crate) mod record;
 mod token;
 mod transport;
 
@@ -329,6 +331,9 @@ pub use balance::{EndpointStatus, OutlierDetection};
 pub use driver::{Api, Calls, DriverClient};
 pub use error::{ClientError, RemoteProblem};
 pub use pages::Pages;
+#[cfg(feature = "contract")]
+#[cfg_attr(docsrs, doc(cfg(feature = "contract")))]
+pub use record::{RecordedCall, Recorder};
 pub use token::{TokenError, TokenSource};
 
 /// Settings of one downstream; see the [defaults](self#defaults).
@@ -893,6 +898,8 @@ impl DownstreamBuilder {
                 balancer,
                 stack,
                 deprecation_noticed: AtomicBool::new(false),
+                #[cfg(feature = "contract")]
+                recorder: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -1059,6 +1066,9 @@ struct Inner {
     stack: Stack,
     /// Whether an answer said the API called is deprecated (warned once).
     deprecation_noticed: AtomicBool,
+    /// Where its calls are recorded, in a contract test.
+    #[cfg(feature = "contract")]
+    recorder: std::sync::OnceLock<Recorder>,
 }
 
 /// A client for one downstream service; see the [module docs](self).
@@ -1130,6 +1140,22 @@ impl Downstream {
                 in_flight: 0,
             }],
         }
+    }
+
+    /// Records every call made through this downstream and its clones
+    /// from now on into `recorder` (see [`Recorder`]), for a contract test;
+    /// `false` when it already records into another one (which it keeps).
+    #[cfg(feature = "contract")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "contract")))]
+    pub fn record_into(&self, recorder: &Recorder) -> bool {
+        let kept = self.inner.recorder.get_or_init(|| recorder.clone());
+        kept.same(recorder)
+    }
+
+    /// The recorder of its calls, if any.
+    #[cfg(feature = "contract")]
+    pub(crate) fn recorder(&self) -> Option<&Recorder> {
+        self.inner.recorder.get()
     }
 
     /// Calls made with the service's own identity, from the
@@ -1571,6 +1597,12 @@ impl RequestBuilder<'_> {
             });
         }
 
+        #[cfg(feature = "contract")]
+        let recording = downstream.recorder().map(|r| {
+            let sent = uri.path_and_query().map_or("", |pq| pq.as_str());
+            let path = sent.strip_prefix(&*inner.prefix).unwrap_or(sent).to_owned();
+            (r, path, self.method.clone(), self.body.clone())
+        });
         let mut req = Request::new(Full::new(self.body));
         *req.method_mut() = self.method;
         *req.uri_mut() = uri;
@@ -1598,12 +1630,19 @@ impl RequestBuilder<'_> {
             }
         };
         let (parts, body) = res.into_parts();
+        #[cfg(feature = "contract")]
+        let recorded = recording.map(|(recorder, path, method, request)| {
+            let index = recorder.record(name, &method, &path, &request, parts.status, &body);
+            (recorder.clone(), index)
+        });
         if parts.status.is_success() {
             Ok(ClientResponse {
                 status: parts.status,
                 headers: parts.headers,
                 body,
                 downstream: name.clone(),
+                #[cfg(feature = "contract")]
+                recorded,
             })
         } else {
             Err(ClientError::from_status(
@@ -1638,6 +1677,9 @@ pub struct ClientResponse {
     headers: http::HeaderMap,
     body: Bytes,
     downstream: Arc<str>,
+    /// The recorder and index of this call, in a contract test.
+    #[cfg(feature = "contract")]
+    recorded: Option<(Recorder, usize)>,
 }
 
 impl ClientResponse {
@@ -1658,10 +1700,15 @@ impl ClientResponse {
 
     /// The body, parsed as JSON into `T`.
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ClientError> {
-        serde_json::from_slice(&self.body).map_err(|e| ClientError::Decode {
+        let value = serde_json::from_slice(&self.body).map_err(|e| ClientError::Decode {
             downstream: self.downstream.clone(),
             message: e.to_string(),
-        })
+        })?;
+        #[cfg(feature = "contract")]
+        if let Some((recorder, index)) = &self.recorded {
+            recorder.probe::<T>(*index, &self.body);
+        }
+        Ok(value)
     }
 }
 

@@ -80,6 +80,7 @@
 //! | `nats` | no | `messaging`: events over NATS JetStream (`CHASSIS_NATS_*`), a `Publisher` for outbox relays and durable `Consumer`s with the same authentication, permissions, audit, correlation and tracing as API routes, dead letters, lag metrics and readiness; enables `jwt`, `client` and `otel`; pulls in async-nats |
 //! | `docs-ui` | yes | [`api::docs_ui`]: the docs page at `/<name>/v<N>/docs`, Swagger UI with every asset in the crate (about 490 KB, gzip-compressed) and served by the service, under a strict Content-Security-Policy; without it the page is not served (404); pulls in flate2 |
 //! | `testing` | no | `testing`: a fixed-key token issuer, the verifier that trusts it, a token endpoint, a test PKI, an OTLP collector on loopback (`OtlpReceiver`), and the harness for a service's binary (`ServiceProcess`, `ProcessCheck`, `TempDir`, `eventually`), and with `nats` a NATS server per test (`TestNats`), for tests (dev-dependencies only); enables `jwt`, `tls`, `client` and `otel` |
+//! | `contract` | no | `testing::contract`: consumer-driven contracts, a driver client's calls recorded against the real provider (`Recorder`, `Downstream::record_into`) into a committed contract, and a provider's OpenAPI documents checked against every contract naming it; for tests (dev-dependencies only); enables `testing`; pulls in jsonschema |
 //!
 //! The defaults are `["process-metrics", "jwt", "client", "otel"]`. Everything else
 //! is what the service builder needs, so it is always built: the route

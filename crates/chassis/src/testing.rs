@@ -30,7 +30,10 @@
 //! test can cut the connection and restore it. [`Browser`]
 //! runs headless Chromium on a page (the docs page, see
 //! [`api::docs_ui`](crate::api::docs_ui)) and reports its rendered DOM,
-//! its console and every request that tried to leave loopback.
+//! its console and every request that tried to leave loopback. With the
+//! `contract` feature, [`contract`] records what a consumer's driver client relies on
+//! and checks it against the provider's document (consumer-driven
+//! contracts).
 //!
 //! Enable with the `testing` feature, in `[dev-dependencies]` only; it
 //! enables `jwt`, `tls` and `client`.
@@ -62,6 +65,9 @@ use serde_json::{Value, json};
 use crate::auth::{Key, Verifier};
 
 mod browser;
+#[cfg(feature = "contract")]
+#[cfg_attr(docsrs, doc(cfg(feature = "contract")))]
+pub mod contract;
 #[cfg(feature = "postgres")]
 mod database;
 #[cfg(feature = "nats")]

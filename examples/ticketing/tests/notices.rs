@@ -11,15 +11,10 @@ use chassis::{
     config::{Env, Reader},
     permission::AccountId,
 };
-use support::{Data, Server, alice, day_pass, eventually, mail::Mail, refusal, settings};
-use ticketing::client::NewReservation;
-
-fn reservation(ticket_id: &str, quantity: u32) -> NewReservation {
-    NewReservation {
-        ticket_id: ticket_id.to_owned(),
-        quantity,
-    }
-}
+use support::{
+    Data, Server, alice, day_pass, eventually, mail::Mail, refusal, reservation, sell_out_again,
+    settings,
+};
 
 #[tokio::test]
 async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
@@ -63,16 +58,7 @@ async fn the_hold_that_takes_the_last_places_tells_the_operators_once() {
 
     // Sold out again after a release: mail has this product's notice
     // already, so no second one is queued.
-    calls
-        .on_behalf_of(&alice)
-        .release(&acme, &last.id)
-        .await
-        .unwrap();
-    calls
-        .on_behalf_of(&alice)
-        .reserve(&acme, &reservation(&ticket.id, 1), "again")
-        .await
-        .unwrap();
+    sell_out_again(&calls, &alice, &acme, &ticket.id, &last.id).await;
     let notices = "ticketing_sold_out_notices_total";
     let sent = server.metric(notices, r#"outcome="sent""#).await;
     assert_eq!(sent.as_deref(), Some("1"));

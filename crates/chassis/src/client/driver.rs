@@ -202,6 +202,10 @@ impl<'a> Calls<'a> {
                 segments.len()
             )));
         }
+        #[cfg(feature = "contract")]
+        if let Some(recorder) = self.downstream.recorder() {
+            recorder.template(&path, template);
+        }
         Ok(path)
     }
 

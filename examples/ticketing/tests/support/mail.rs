@@ -42,6 +42,11 @@ impl Mail {
         }
     }
 
+    /// Its base URL, `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        self.server.url("")
+    }
+
     /// Notices to `ops@acme.example` through this mail, made with this
     /// service's own token holding `grants`: what
     /// `TICKETING_SOLD_OUT_MAIL_TO` and `CHASSIS_CLIENT_*` give it when

@@ -151,6 +151,31 @@ pub async fn alice() -> CallContext {
 }
 
 /// A valid ticket with `capacity` places.
+/// Releases the hold `held` of one place of `ticket`, then holds that
+/// place again as `cx`: the product sells out a second time.
+pub async fn sell_out_again(
+    calls: &TicketingClient,
+    cx: &CallContext,
+    account: &chassis::permission::AccountId,
+    ticket: &str,
+    held: &str,
+) {
+    calls.on_behalf_of(cx).release(account, held).await.unwrap();
+    calls
+        .on_behalf_of(cx)
+        .reserve(account, &reservation(ticket, 1), "again")
+        .await
+        .unwrap();
+}
+
+/// A reservation of `quantity` places of `ticket_id`.
+pub fn reservation(ticket_id: &str, quantity: u32) -> ticketing::client::NewReservation {
+    ticketing::client::NewReservation {
+        ticket_id: ticket_id.to_owned(),
+        quantity,
+    }
+}
+
 pub fn day_pass(capacity: u32) -> NewTicket {
     NewTicket {
         name: "Day pass".to_owned(),
