@@ -27,7 +27,9 @@
 //! clean stop), in one call. [`TempDir`], [`eventually`] and [`refusal`]
 //! are the small pieces every service's tests need. [`TcpProxy`] stands
 //! between a service and a real server (a broker, a database) so that a
-//! test can cut the connection and restore it.
+//! test can cut the connection and restore it. [`Schemathesis`] runs
+//! property-based tests of a running service against its own OpenAPI
+//! document: every check, a fixed seed, a bounded number of cases.
 //!
 //! Enable with the `testing` feature, in `[dev-dependencies]` only; it
 //! enables `jwt`, `tls` and `client`.
@@ -67,6 +69,7 @@ mod otlp;
 mod pki;
 mod process;
 mod proxy;
+mod schemathesis;
 mod server;
 mod support;
 mod token_endpoint;
@@ -85,6 +88,10 @@ pub use process::{
     refused_settings,
 };
 pub use proxy::TcpProxy;
+pub use schemathesis::{
+    SCHEMATHESIS_MAX_EXAMPLES, SCHEMATHESIS_SEED, SCHEMATHESIS_VAR, SCHEMATHESIS_WITHIN,
+    Schemathesis,
+};
 pub use server::TestServer;
 pub use support::{
     EVENTUALLY_WITHIN, REQUIRE_VAR, TempDir, eventually, eventually_within, refusal,

@@ -41,10 +41,11 @@ pub(crate) fn api() -> Api<Arc<State>> {
                 .requires("orders:{account}:create:order")
                 .summary("Place an order")
                 .description("Reserves the tickets in ticketing, then records the order and its `order.placed` event in one transaction. A retry with the same `Idempotency-Key` gets the first answer again, with `Idempotent-Replayed: true`.")
-                .header("Idempotency-Key", true, "1 to 255 of `A-Z a-z 0-9 . _ ~ : -`, unique per order the caller means.")
+                .header_matching("Idempotency-Key", true, "^[A-Za-z0-9._~:-]{1,255}$", "1 to 255 of `A-Z a-z 0-9 . _ ~ : -`, unique per order the caller means.")
                 .body::<NewOrder>()
                 .response::<Order>(201)
-                .problem(409, "`sold_out`: not enough tickets left; `idempotency_key_in_use`: a request with this key is running (see `Retry-After`)."),
+                .problem(409, "`sold_out`: not enough tickets left; `idempotency_key_in_use`: a request with this key is running (see `Retry-After`).")
+                .problem(422, "`invalid_fields`: `errors` names each invalid field (`no such ticket` for a ticket ticketing does not have); `idempotency_key_reused`: this `Idempotency-Key` was used for a different order."),
         )
         .route(
             api::get("/{account}/orders", list)
