@@ -89,8 +89,8 @@ pub use process::{
 };
 pub use proxy::TcpProxy;
 pub use schemathesis::{
-    SCHEMATHESIS_MAX_EXAMPLES, SCHEMATHESIS_SEED, SCHEMATHESIS_VAR, SCHEMATHESIS_WITHIN,
-    Schemathesis,
+    SCHEMATHESIS_MAX_EXAMPLES, SCHEMATHESIS_MAX_EXAMPLES_VAR, SCHEMATHESIS_SEED,
+    SCHEMATHESIS_SEED_VAR, SCHEMATHESIS_VAR, SCHEMATHESIS_WITHIN, Schemathesis,
 };
 pub use server::TestServer;
 pub use support::{

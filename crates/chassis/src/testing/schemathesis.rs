@@ -22,6 +22,13 @@ pub const SCHEMATHESIS_VAR: &str = "CHASSIS_SCHEMATHESIS";
 /// once is found again (`st` prints it, with each case's replay command).
 pub const SCHEMATHESIS_SEED: u64 = 19;
 
+/// The variable that sets another seed for a run (to explore: each seed
+/// generates other cases).
+pub const SCHEMATHESIS_SEED_VAR: &str = "CHASSIS_SCHEMATHESIS_SEED";
+
+/// The variable that sets another number of cases per operation and phase.
+pub const SCHEMATHESIS_MAX_EXAMPLES_VAR: &str = "CHASSIS_SCHEMATHESIS_MAX_EXAMPLES";
+
 /// How many cases schemathesis generates per operation and phase unless
 /// told otherwise.
 pub const SCHEMATHESIS_MAX_EXAMPLES: u32 = 40;
@@ -62,15 +69,23 @@ pub struct Schemathesis {
 
 impl Schemathesis {
     /// A run against the document of version `version` of `service`
-    /// served at `base` (`http://127.0.0.1:PORT`).
+    /// served at `base` (`http://127.0.0.1:PORT`), with
+    /// [`SCHEMATHESIS_SEED`] and [`SCHEMATHESIS_MAX_EXAMPLES`] unless
+    /// [`SCHEMATHESIS_SEED_VAR`] or [`SCHEMATHESIS_MAX_EXAMPLES_VAR`] say
+    /// otherwise.
+    ///
+    /// # Panics
+    ///
+    /// When one of those variables is set but not a number.
     pub fn new(base: &str, service: &str, version: u32) -> Self {
         Self {
             url: format!("{base}/{service}/v{version}/openapi.json"),
             token: None,
             account: None,
             config: String::new(),
-            seed: SCHEMATHESIS_SEED,
-            max_examples: SCHEMATHESIS_MAX_EXAMPLES,
+            seed: number_from(SCHEMATHESIS_SEED_VAR).unwrap_or(SCHEMATHESIS_SEED),
+            max_examples: number_from(SCHEMATHESIS_MAX_EXAMPLES_VAR)
+                .unwrap_or(SCHEMATHESIS_MAX_EXAMPLES),
             within: SCHEMATHESIS_WITHIN,
         }
     }
@@ -249,6 +264,17 @@ impl Schemathesis {
             ),
         }
     }
+}
+
+/// The number in variable `name`, when it is set.
+fn number_from<T: std::str::FromStr>(name: &str) -> Option<T> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+    )
 }
 
 /// `s` as a TOML basic string.
