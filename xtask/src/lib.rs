@@ -466,7 +466,10 @@ impl NewService {
              (`.summary(..)`, `.body::<T>()`, `.response::<T>(..)`; a route without a\n\
              documented answer stops the build), and the service serves the OpenAPI 3.1\n\
              document at `/{service}/v1/openapi.json`; `tests/openapi.rs` lists the\n\
-             routes it must show: keep it in step with the table.\n\n\
+             routes it must show: keep it in step with the table. `tests/schemathesis.rs`\n\
+             holds the running service to that document, property-based, when\n\
+             `CHASSIS_SCHEMATHESIS` names schemathesis (`.ci/schemathesis` installs it;\n\
+             `docs/contracts.md`).\n\n\
              Its data is a SQLite file in `{env}_DATA_DIR` (one instance), or the\n\
              Postgres database `{env}_DATABASE_URL=postgres://...` names (any number\n\
              of instances): the same handlers on both, with the schema in\n\

@@ -20,6 +20,11 @@
 //! Chromium (`CHASSIS_CHROMIUM`, or on `PATH`) renders the docs pages in
 //! their browser tests; like a server, a missing one is said plainly.
 //!
+//! The exemplars' property-based API tests (`tests/schemathesis.rs`) run
+//! only when `CHASSIS_SCHEMATHESIS` names schemathesis' `st`; otherwise
+//! they are listed as not run (`.ci/schemathesis` installs it and runs
+//! them, as CI does).
+//!
 //! A server that cannot be reached is said plainly, with the tests it
 //! keeps from running, and those tests are not run; when
 //! `CHASSIS_REQUIRE_SERVERS` is set (CI sets it), the run fails at once
@@ -204,6 +209,15 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
         );
     }
 
+    if std::env::var_os("CHASSIS_SCHEMATHESIS").is_none() {
+        // Not a server: a tool `.ci/schemathesis` installs, and CI runs
+        // these tests in a step of their own.
+        not_run.push(
+            "CHASSIS_SCHEMATHESIS is not set: the exemplars' tests/schemathesis.rs skipped; \
+             `.ci/schemathesis` installs schemathesis and runs them (docs/contracts.md)"
+                .to_owned(),
+        );
+    }
     if !not_run.is_empty() {
         println!("\nNOT RUN:");
         for line in &not_run {

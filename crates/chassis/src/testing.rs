@@ -34,6 +34,9 @@
 //! `contract` feature, [`contract`] records what a consumer's driver client relies on
 //! and checks it against the provider's document (consumer-driven
 //! contracts).
+//! [`Schemathesis`] runs property-based tests of a running service against
+//! its own OpenAPI document: every check, a fixed seed, a bounded number
+//! of cases.
 //!
 //! Enable with the `testing` feature, in `[dev-dependencies]` only; it
 //! enables `jwt`, `tls` and `client`.
@@ -77,6 +80,7 @@ mod otlp;
 mod pki;
 mod process;
 mod proxy;
+mod schemathesis;
 mod server;
 mod support;
 mod token_endpoint;
@@ -96,6 +100,10 @@ pub use process::{
     refused_settings,
 };
 pub use proxy::TcpProxy;
+pub use schemathesis::{
+    SCHEMATHESIS_MAX_EXAMPLES, SCHEMATHESIS_MAX_EXAMPLES_VAR, SCHEMATHESIS_SEED,
+    SCHEMATHESIS_SEED_VAR, SCHEMATHESIS_VAR, SCHEMATHESIS_WITHIN, Schemathesis,
+};
 pub use server::TestServer;
 pub use support::{
     EVENTUALLY_WITHIN, REQUIRE_VAR, TempDir, eventually, eventually_within, refusal,

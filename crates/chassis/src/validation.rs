@@ -396,11 +396,24 @@ pub fn string(value: &Value) -> Result<&str, &'static str> {
 
 /// The value as a whole number, or `"must be a whole number"`.
 ///
+/// A number with a zero fraction (`3.0`, `1e2`) is a whole number, as JSON
+/// Schema's `integer` says: a client that writes every number as a float
+/// is not refused for it.
+///
 /// # Errors
 ///
-/// When it is not a JSON integer that fits an `i64`.
+/// When it is not a JSON number with a zero fraction that fits an `i64`.
 pub fn integer(value: &Value) -> Result<i64, &'static str> {
-    value.as_i64().ok_or("must be a whole number")
+    value
+        .as_i64()
+        .or_else(|| {
+            // 2^63 is exact as an f64; within the range, the cast is exact.
+            let f = value.as_f64()?;
+            let bound = 2f64.powi(63);
+            #[allow(clippy::cast_possible_truncation)]
+            (f.fract() == 0.0 && (-bound..bound).contains(&f)).then_some(f as i64)
+        })
+        .ok_or("must be a whole number")
 }
 
 /// The value as a boolean, or `"must be true or false"`.
@@ -417,6 +430,15 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_whole_number_may_be_written_as_a_float() {
+        assert_eq!(integer(&json!(184.0)), Ok(184));
+        assert_eq!(integer(&json!(-3)), Ok(-3));
+        assert_eq!(integer(&json!(1.5)), Err("must be a whole number"));
+        assert_eq!(integer(&json!(1e300)), Err("must be a whole number"));
+        assert_eq!(integer(&json!("1")), Err("must be a whole number"));
+    }
 
     #[test]
     fn every_problem_is_collected_in_order() {

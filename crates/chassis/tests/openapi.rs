@@ -60,7 +60,12 @@ fn api() -> Api {
             api::post("/{account}/orders", place)
                 .requires("shop:{account}:create:order")
                 .summary("Place an order")
-                .header("Idempotency-Key", true, "Makes a retry safe.")
+                .header_matching(
+                    "Idempotency-Key",
+                    true,
+                    "^[A-Za-z0-9._~:-]{1,255}$",
+                    "Makes a retry safe.",
+                )
                 .body::<NewOrder>()
                 .response::<Order>(201)
                 .problem(409, "`sold_out`: not enough places left."),
@@ -164,11 +169,11 @@ async fn the_chassis_adds_its_own_answers_as_problems() {
     assert_eq!(
         statuses(place),
         [
-            "201", "400", "401", "403", "404", "409", "413", "422", "500", "503", "504"
+            "201", "400", "401", "403", "404", "409", "413", "415", "422", "500", "503", "504"
         ]
     );
     for status in [
-        "400", "401", "403", "404", "409", "413", "500", "503", "504",
+        "400", "401", "403", "404", "409", "413", "415", "500", "503", "504",
     ] {
         assert_eq!(
             place["responses"][status]["content"]["application/problem+json"]["schema"]["$ref"],
@@ -195,6 +200,11 @@ async fn the_chassis_adds_its_own_answers_as_problems() {
         .map(|p| (p["name"].as_str().unwrap(), p["in"].as_str().unwrap()))
         .collect();
     assert_eq!(params, [("account", "path"), ("Idempotency-Key", "header")]);
+    assert_eq!(
+        place["parameters"][1]["schema"]["pattern"],
+        "^[A-Za-z0-9._~:-]{1,255}$"
+    );
+    assert_eq!(place["parameters"][1]["required"], true);
     assert_eq!(
         place["parameters"][0]["schema"]["pattern"],
         "^[A-Za-z0-9_-]{1,64}$"

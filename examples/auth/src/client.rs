@@ -114,6 +114,9 @@ pub struct TokenErrorResponse {
 pub struct TokenRequest {
     /// `password`, `client_credentials`, `refresh_token` or
     /// [`TOKEN_EXCHANGE_GRANT`].
+    #[schema(
+        pattern = "^(password|client_credentials|refresh_token|urn:ietf:params:oauth:grant-type:token-exchange)$"
+    )]
     pub grant_type: String,
     /// The user (password grant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -147,20 +150,44 @@ pub struct TokenRequest {
     pub requested_token_type: Option<String>,
 }
 
+/// A grant as the permission grammar has it: four segments, each a name or
+/// `*` (the account may be empty), with `!` before a deny.
+const GRANT_PATTERN: &str = "^!?(\\*|[a-z][a-z0-9_-]{0,63}):(\\*|[A-Za-z0-9_-]{0,64}):(\\*|[a-z][a-z0-9_-]{0,63}):(\\*|[a-z][a-z0-9_-]{0,63})$";
+
+/// The schema of a list of grants: each a [`GRANT_PATTERN`], at most
+/// [`MAX_GRANTS`](chassis::permission::MAX_GRANTS) of them.
+fn grant_list() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(GRANT_PATTERN)),
+        )
+        .max_items(Some(chassis::permission::MAX_GRANTS))
+        .description(Some(
+            "Permission grants (`service:account:operation:object`, `*` segments, `!` to deny).",
+        ))
+        .build()
+}
+
 /// The body of `PUT /auth/v1/{clients,users}/{name}/grants`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewGrants {
     /// Permission grants (`service:account:operation:object`, `*`
     /// segments, `!` to deny), replacing the subject's.
+    #[schema(schema_with = grant_list)]
     pub grants: Vec<String>,
 }
 
 /// The body of `POST /auth/v1/clients`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewClient {
-    /// The client id: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+    /// The client id: 1 to 128 of `A-Z a-z 0-9 . _ @ -`.
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,128}$")]
     pub client_id: String,
     /// Its grants.
+    #[schema(schema_with = grant_list)]
     pub grants: Vec<String>,
 }
 

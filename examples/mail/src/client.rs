@@ -75,10 +75,12 @@ pub struct MailJob {
     /// The caller's id for this mail (e.g. the event id of an outbox row):
     /// 1-128 characters of `[A-Za-z0-9._~:-]`. A second job with the same
     /// id is not queued again.
+    #[schema(pattern = "^[A-Za-z0-9._~:-]{1,128}$")]
     pub message_id: String,
     /// The recipient's address.
     pub to: String,
-    /// The template, e.g. [`ORDER_CONFIRMATION`].
+    /// The template: [`ORDER_CONFIRMATION`] or [`SOLD_OUT`].
+    #[schema(pattern = "^(order_confirmation|sold_out)$")]
     pub template: String,
     /// What the template shows; for [`ORDER_CONFIRMATION`], an
     /// [`OrderConfirmation`].

@@ -29,11 +29,19 @@ pub use events::{OrderPlaced, ReservationConfirm};
 /// An order to place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewOrder {
-    /// The ticket product, in ticketing.
+    /// The ticket product, in ticketing: 1 to 64 of `A-Z a-z 0-9 _ -`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub ticket_id: String,
     /// How many, 1 to 100.
+    #[schema(minimum = 1, maximum = 100)]
     pub quantity: u32,
-    /// Where the confirmation goes.
+    /// Where the confirmation goes: `local@domain`, printable ASCII, the
+    /// domain with a dot inside it, at most 254 characters (mail checks it
+    /// fully).
+    #[schema(
+        max_length = 254,
+        pattern = "^[!-~]+@[!-\\-/-?A-~][!-?A-~]*\\.[!-?A-~]*[!-\\-/-?A-~]$"
+    )]
     pub email: String,
 }
 

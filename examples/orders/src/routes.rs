@@ -75,6 +75,11 @@ pub(crate) const PLACE_DESCRIPTION: &str = "Reserves the tickets in ticketing, t
 /// The `Idempotency-Key` header of placing an order.
 pub(crate) const IDEMPOTENCY_KEY: &str =
     "1 to 255 of `A-Z a-z 0-9 . _ ~ : -`, unique per order the caller means.";
+/// The grammar of the `Idempotency-Key` header, as a JSON Schema pattern.
+pub(crate) const IDEMPOTENCY_KEY_PATTERN: &str = "^[A-Za-z0-9._~:-]{1,255}$";
+/// The 422 of placing an order: the chassis' validation answer, and a key
+/// reused for a different order.
+pub(crate) const PLACE_UNPROCESSABLE: &str = "`invalid_fields`: `errors` names each invalid field (`no such ticket` for a ticket ticketing does not have); `idempotency_key_reused`: this `Idempotency-Key` was used for a different order.";
 /// The 409 of placing an order.
 pub(crate) const PLACE_CONFLICT: &str = "`sold_out`: not enough tickets left; `idempotency_key_in_use`: a request with this key is running (see `Retry-After`).";
 
@@ -86,10 +91,16 @@ pub(crate) fn api() -> Api<Arc<State>> {
                 .requires("orders:{account}:create:order")
                 .summary("Place an order")
                 .description(PLACE_DESCRIPTION)
-                .header("Idempotency-Key", true, IDEMPOTENCY_KEY)
+                .header_matching(
+                    "Idempotency-Key",
+                    true,
+                    IDEMPOTENCY_KEY_PATTERN,
+                    IDEMPOTENCY_KEY,
+                )
                 .body::<NewOrder>()
                 .response::<Order>(201)
-                .problem(409, PLACE_CONFLICT),
+                .problem(409, PLACE_CONFLICT)
+                .problem(422, PLACE_UNPROCESSABLE),
         )
         .route(
             api::get("/{account}/orders", list)

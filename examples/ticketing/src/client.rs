@@ -86,13 +86,21 @@ pub struct Ticket {
 /// What `create_ticket` takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewTicket {
-    /// Display name, 1 to 100 characters.
+    /// Display name, 1 to 100 characters, not only white space.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "[^\\t-\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+    )]
     pub name: String,
     /// Price in minor units, at least 0.
+    #[schema(minimum = 0)]
     pub price_minor: i64,
     /// Three capital letters.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     /// Places in all, 1 to 1 000 000.
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub capacity: u32,
     /// First day the ticket is valid.
     #[serde(with = "iso_date")]
@@ -130,9 +138,12 @@ pub struct Reservation {
 /// What `reserve` takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewReservation {
-    /// The ticket to reserve, of the same account.
+    /// The ticket to reserve, of the same account: 1 to 64 of
+    /// `A-Z a-z 0-9 _ -`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub ticket_id: String,
     /// Places, 1 to 100.
+    #[schema(minimum = 1, maximum = 100)]
     pub quantity: u32,
 }
 

@@ -30,6 +30,9 @@ use crate::{
     validation,
 };
 
+/// What an `Idempotency-Key` may be.
+const IDEMPOTENCY_KEY: &str = "^[A-Za-z0-9._~:-]{1,255}$";
+
 /// The routes, under `/ticketing/v1`.
 pub(crate) fn api() -> Api<AppState> {
     let ticket_id = "The ticket's id, `tkt_<uuid v7>`.";
@@ -61,11 +64,12 @@ pub(crate) fn api() -> Api<AppState> {
                 .requires("ticketing:{account}:reserve:ticket")
                 .summary("Hold places of a ticket")
                 .description("201 with a new reservation; 200 with the earlier one when the `Idempotency-Key` was seen before in this account.")
-                .header("Idempotency-Key", true, "1 to 255 of `A-Z a-z 0-9 . _ ~ : -`; a retry with the same key gets the same reservation.")
+                .header_matching("Idempotency-Key", false, IDEMPOTENCY_KEY, "1 to 255 of `A-Z a-z 0-9 . _ ~ : -`; a retry with the same key gets the same reservation.")
                 .body::<NewReservation>()
                 .response::<Reservation>(201)
                 .response::<Reservation>(200)
-                .problem(409, "`sold_out`: fewer places left than asked for (`available` says how many)."),
+                .problem(409, "`sold_out`: fewer places left than asked for (`available` says how many).")
+                .problem(422, "`invalid_fields`: `errors` names each invalid field; `idempotency_key_reused`: this `Idempotency-Key` was used for a different reservation."),
         )
         .route(
             get("/{account}/reservations/{id}", get_reservation)

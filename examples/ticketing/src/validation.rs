@@ -73,10 +73,11 @@ pub(crate) fn new_reservation(body: &Value) -> Result<NewReservation, Invalid> {
     let mut f = Fields::of(body)?;
     let ticket_id = f.required("ticket_id", |v| {
         let s = string(v)?;
-        (1..=128)
-            .contains(&s.len())
-            .then(|| s.to_owned())
-            .ok_or("must be a ticket id")
+        let ok = (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        ok.then(|| s.to_owned())
+            .ok_or("must be a ticket id: 1-64 characters of [A-Za-z0-9_-]")
     });
     let quantity = f.required("quantity", |v| {
         let n = integer(v)?;

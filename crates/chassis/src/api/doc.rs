@@ -203,7 +203,31 @@ impl<S> Endpoint<S> {
     }
 
     /// A request header the operation reads (e.g. `Idempotency-Key`).
-    pub fn header(mut self, name: &str, required: bool, description: &str) -> Self {
+    pub fn header(self, name: &str, required: bool, description: &str) -> Self {
+        self.header_with(name, required, None, description)
+    }
+
+    /// A request header whose value must match `pattern` (an ECMA-262
+    /// regular expression, anchored with `^…$` for a whole value), e.g.
+    /// `^[A-Za-z0-9._~:-]{1,255}$` for an `Idempotency-Key`: a client, or a
+    /// test generator, then knows which values the service refuses.
+    pub fn header_matching(
+        self,
+        name: &str,
+        required: bool,
+        pattern: &str,
+        description: &str,
+    ) -> Self {
+        self.header_with(name, required, Some(pattern), description)
+    }
+
+    fn header_with(
+        mut self,
+        name: &str,
+        required: bool,
+        pattern: Option<&str>,
+        description: &str,
+    ) -> Self {
         self.doc.parameters.push(
             ParameterBuilder::new()
                 .name(name)
@@ -214,7 +238,11 @@ impl<S> Endpoint<S> {
                     Required::False
                 })
                 .description(Some(description))
-                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(pattern),
+                ))
                 .build(),
         );
         self

@@ -66,7 +66,7 @@
 //! | `x-permission: public`, and "**Public**" in the description | public routes |
 //! | the `bearer` (JWT) security scheme; 401 with `WWW-Authenticate`, 403 naming the permission | routes that require one |
 //! | 404 | paths with parameters (an account outside its grammar, an unknown id) |
-//! | 400 (unreadable body), 413 (too large) | routes that take a body |
+//! | 400 (unreadable body), 413 (too large), 415 (no or another `Content-Type`) | routes that take a body |
 //! | 422, `ValidationProblem` (`reason: invalid_fields`, `errors`: see [`validation`](crate::validation)) | routes that take a body or query parameters |
 //! | 500; 503 with `Retry-After` (load shedding, keys unavailable); 504 (timeout) | every route |
 //!

@@ -299,6 +299,15 @@ pub(super) fn operation(path: &str, access: &Access, doc: Doc, default_id: Strin
             problem_response("The body is larger than the service accepts.", false),
         ));
     }
+    if has_body {
+        chassis.push((
+            415,
+            problem_response(
+                "The body's `Content-Type` is missing or not the documented media type.",
+                false,
+            ),
+        ));
+    }
     if has_body || doc.query {
         chassis.push((
             422,

@@ -38,16 +38,24 @@ pub use super::OrderStatus;
 /// One line of an order: a ticket product and how many.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OrderLine {
-    /// The ticket product, in ticketing.
+    /// The ticket product, in ticketing: 1 to 64 of `A-Z a-z 0-9 _ -`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub ticket_id: String,
     /// How many, 1 to 100.
+    #[schema(minimum = 1, maximum = 100)]
     pub quantity: u32,
 }
 
 /// Whom an order's messages go to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Contact {
-    /// Where the confirmation goes.
+    /// Where the confirmation goes: `local@domain`, printable ASCII, the
+    /// domain with a dot inside it, at most 254 characters (mail checks it
+    /// fully).
+    #[schema(
+        max_length = 254,
+        pattern = "^[!-~]+@[!-\\-/-?A-~][!-?A-~]*\\.[!-?A-~]*[!-\\-/-?A-~]$"
+    )]
     pub email: String,
 }
 
@@ -55,6 +63,7 @@ pub struct Contact {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewOrder {
     /// What is ordered: exactly one line for now.
+    #[schema(min_items = 1, max_items = 1)]
     pub lines: Vec<OrderLine>,
     /// Whom to confirm it to.
     pub contact: Contact,

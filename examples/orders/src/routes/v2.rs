@@ -17,7 +17,10 @@ use chassis::{
 };
 use serde_json::{Value, json};
 
-use super::{IDEMPOTENCY_KEY, PLACE_CONFLICT, PLACE_DESCRIPTION, Shape, Version, place};
+use super::{
+    IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_PATTERN, PLACE_CONFLICT, PLACE_DESCRIPTION,
+    PLACE_UNPROCESSABLE, Shape, Version, place,
+};
 use crate::{
     State,
     client::{
@@ -50,10 +53,16 @@ pub(crate) fn api() -> Api<Arc<State>> {
                 .requires("orders:{account}:create:order")
                 .summary("Place an order")
                 .description(PLACE_DESCRIPTION)
-                .header("Idempotency-Key", true, IDEMPOTENCY_KEY)
+                .header_matching(
+                    "Idempotency-Key",
+                    true,
+                    IDEMPOTENCY_KEY_PATTERN,
+                    IDEMPOTENCY_KEY,
+                )
                 .body::<NewOrderV2>()
                 .response::<Order>(201)
-                .problem(409, PLACE_CONFLICT),
+                .problem(409, PLACE_CONFLICT)
+                .problem(422, PLACE_UNPROCESSABLE),
         )
         .route(
             api::get("/{account}/orders", list)
