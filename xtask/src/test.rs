@@ -17,13 +17,19 @@
 //!    each test on a database of its own, and the demo's events through
 //!    JetStream with every service on PostgreSQL.
 //!
-//! Chromium (`CHASSIS_CHROMIUM`, or on `PATH`) renders the docs pages in
-//! their browser tests; like a server, a missing one is said plainly.
+//! Two tools are installed when missing, so that this one command runs
+//! every test on a fresh machine:
 //!
-//! The exemplars' property-based API tests (`tests/schemathesis.rs`) run
-//! only when `CHASSIS_SCHEMATHESIS` names schemathesis' `st`; otherwise
-//! they are listed as not run (`.ci/schemathesis` installs it and runs
-//! them, as CI does).
+//! - Chromium (`CHASSIS_CHROMIUM`, or on `PATH`), which renders the docs
+//!   pages in their browser tests: Debian's `chromium` package, with
+//!   `apt-get`, when the run is root's; otherwise, like a server, a
+//!   missing one is said plainly.
+//! - schemathesis, for the exemplars' property-based API tests
+//!   (`tests/schemathesis.rs`): `.ci/schemathesis --install` puts a pinned
+//!   version in a virtualenv under the target directory, and
+//!   `CHASSIS_SCHEMATHESIS` names its `st` for the tests (a value already
+//!   set is used as it is). They run in both passes below, SQLite and
+//!   PostgreSQL.
 //!
 //! A server that cannot be reached is said plainly, with the tests it
 //! keeps from running, and those tests are not run; when
@@ -82,6 +88,65 @@ fn chromium() -> Option<String> {
 
 /// `host:port` of the first server of a `nats://` URL (4222 when it names
 /// no port).
+/// Installs Debian's `chromium` package when the run is root's and
+/// `apt-get` is there; says why not otherwise.
+fn install_chromium() -> Result<(), String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !root {
+        return Err("installing it needs root".to_owned());
+    }
+    println!("Chromium: installing Debian's chromium package");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let install = [
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "chromium",
+    ];
+    // The package lists of a new machine may be stale: refreshed once.
+    if apt(&install) || (apt(&["update", "-qq"]) && apt(&install)) {
+        Ok(())
+    } else {
+        Err("`apt-get install chromium` failed".to_owned())
+    }
+}
+
+/// schemathesis' `st`: `CHASSIS_SCHEMATHESIS`, or the one
+/// `.ci/schemathesis --install` installs (pinned, under the target
+/// directory).
+fn schemathesis() -> Result<String, String> {
+    if let Ok(st) = std::env::var("CHASSIS_SCHEMATHESIS") {
+        return Ok(st);
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no workspace root")?
+        .to_owned();
+    println!("schemathesis: installing the pinned version (.ci/schemathesis --install)");
+    let out = Command::new(root.join(".ci/schemathesis"))
+        .arg("--install")
+        .current_dir(&root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run .ci/schemathesis: {e}"))?;
+    let st = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if out.status.success() && !st.is_empty() {
+        Ok(st)
+    } else {
+        Err("`.ci/schemathesis --install` failed (it needs python3 with venv and PyPI)".to_owned())
+    }
+}
+
 fn nats_address(url: &str) -> String {
     let first = url.split(',').next().unwrap_or_default().trim();
     let rest = first.split_once("://").map_or(first, |(_, rest)| rest);
@@ -161,13 +226,18 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
             not_run.push(line);
         }
     }
-    match chromium() {
-        Some(path) => println!("Chromium: {path}"),
-        None => {
-            let line = "Chromium is not installed (Debian: `apt-get install -y chromium`, or set \
-                        CHASSIS_CHROMIUM): the docs pages' browser tests (the chassis' \
-                        tests/docs_ui.rs, orders' tests/docs_ui.rs) cannot run"
-                .to_owned();
+    let found = chromium().map_or_else(
+        || install_chromium().and_then(|()| chromium().ok_or("not found after".to_owned())),
+        Ok,
+    );
+    match found {
+        Ok(path) => println!("Chromium: {path}"),
+        Err(why) => {
+            let line = format!(
+                "Chromium is not installed ({why}; Debian: `apt-get install -y chromium`, or \
+                 set CHASSIS_CHROMIUM): the docs pages' browser tests (the chassis' \
+                 tests/docs_ui.rs, orders' tests/docs_ui.rs) cannot run"
+            );
             if required {
                 eprintln!("error: {line}; CHASSIS_REQUIRE_SERVERS is set, so nothing is skipped");
                 return ExitCode::FAILURE;
@@ -194,13 +264,42 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
         }
     };
 
-    let mut ok = cargo(&["test", "--workspace", "--all-features", "--locked"], &[]);
+    let st = match schemathesis() {
+        Ok(st) => {
+            println!("schemathesis: {st}");
+            Some(st)
+        }
+        Err(why) => {
+            let line = format!(
+                "schemathesis is not installed ({why}): the exemplars' tests/schemathesis.rs \
+                 skip (docs/contracts.md)"
+            );
+            if required {
+                eprintln!("error: {line}; CHASSIS_REQUIRE_SERVERS is set, so nothing is skipped");
+                return ExitCode::FAILURE;
+            }
+            not_run.push(line);
+            None
+        }
+    };
+    let tools: Vec<(&str, &str)> = st
+        .as_deref()
+        .map(|st| ("CHASSIS_SCHEMATHESIS", st))
+        .into_iter()
+        .collect();
+
+    let mut ok = cargo(
+        &["test", "--workspace", "--all-features", "--locked"],
+        &tools,
+    );
     if postgres_up {
         let mut args = vec!["test", "--locked"];
         for crate_name in STATEFUL {
             args.extend(["-p", crate_name]);
         }
-        ok &= cargo(&args, &[("CHASSIS_TEST_BACKEND", "postgres")]);
+        let mut env = vec![("CHASSIS_TEST_BACKEND", "postgres")];
+        env.extend(&tools);
+        ok &= cargo(&args, &env);
         // The exemplars' events through JetStream, every service on
         // PostgreSQL (NATS required as above).
         ok &= cargo(
@@ -209,15 +308,6 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
         );
     }
 
-    if std::env::var_os("CHASSIS_SCHEMATHESIS").is_none() {
-        // Not a server: a tool `.ci/schemathesis` installs, and CI runs
-        // these tests in a step of their own.
-        not_run.push(
-            "CHASSIS_SCHEMATHESIS is not set: the exemplars' tests/schemathesis.rs skipped; \
-             `.ci/schemathesis` installs schemathesis and runs them (docs/contracts.md)"
-                .to_owned(),
-        );
-    }
     if !not_run.is_empty() {
         println!("\nNOT RUN:");
         for line in &not_run {
