@@ -338,6 +338,12 @@ impl NewService {
             if relative == Path::new("README.md") {
                 continue;
             }
+            // Its contract tests name the template's own consumers and
+            // providers and their committed contracts (`contracts/`); a new
+            // service records its own when it first calls another.
+            if relative == Path::new("tests/contracts.rs") {
+                continue;
+            }
             let target = self.into.join(rename(
                 &relative.to_string_lossy(),
                 "",
@@ -468,8 +474,12 @@ impl NewService {
              document at `/{service}/v1/openapi.json`; `tests/openapi.rs` lists the\n\
              routes it must show: keep it in step with the table. `tests/schemathesis.rs`\n\
              holds the running service to that document, property-based, when\n\
-             `CHASSIS_SCHEMATHESIS` names schemathesis (`.ci/schemathesis` installs it;\n\
-             `docs/contracts.md`).\n\n\
+             `CHASSIS_SCHEMATHESIS` names schemathesis (`cargo xtask test` installs it;\n\
+             `docs/contracts.md`). When it calls another service through that service's\n\
+             driver client, record what it relies on as a consumer-driven contract\n\
+             (`chassis::testing::contract`; docs/system.md, \"Contracts between the\n\
+             services\"): the template's `tests/contracts.rs` is not copied, since it\n\
+             names the template's own contracts.\n\n\
              Its data is a SQLite file in `{env}_DATA_DIR` (one instance), or the\n\
              Postgres database `{env}_DATABASE_URL=postgres://...` names (any number\n\
              of instances): the same handlers on both, with the schema in\n\
