@@ -297,9 +297,9 @@ pub fn instructions(e: &Endpoints, intro: &Intro, layout: &Layout) -> String {
   each one:  /health/live  /health/ready  /metrics  /info{replicas}
   API docs:  {auth}/auth/v1/docs
              {ticketing}/ticketing/v1/docs
-             {orders}/orders/v1/docs
+             {orders}/orders/v2/docs   (v1, deprecated: {orders}/orders/v1/docs)
              {mail}/mail/v1/docs
-             (each page renders the service's /<name>/v1/openapi.json; open one in a browser)
+             (each page renders its version's openapi.json beside it; open one in a browser)
   logs:      {logs}
   grants:    {grants}
              (users, service clients and their grants: an edit reaches the next token)
